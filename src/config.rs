@@ -1,0 +1,298 @@
+//! One typed [`Config`], from command-line flags and the environment variables ztunnel uses
+//! (so that l4mesh is a drop-in), validated before anything starts. Tests build `Config` directly.
+//! It is serialisable so that it can be dumped at startup (and later by `/config_dump`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+use crate::telemetry::LogFormat;
+
+/// How l4mesh serves workloads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyMode {
+    /// One l4mesh per workload, inside its network namespace.
+    Dedicated,
+    /// One l4mesh per node for every pod, with namespaces from istio-cni (not available yet).
+    Shared,
+}
+
+/// Where the mesh state comes from.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Source {
+    /// The local config file shipped inside the binary (`examples/local-default.yaml`).
+    EmbeddedDefault,
+    /// A local config file, watched and re-applied on change.
+    File(PathBuf),
+}
+
+/// `<namespace>/<name>/<service account>` of the workload a dedicated-mode l4mesh serves.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct WorkloadInfo {
+    pub namespace: String,
+    pub name: String,
+    pub service_account: String,
+}
+
+impl std::str::FromStr for WorkloadInfo {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.split('/').collect::<Vec<_>>().as_slice() {
+            [ns, name, sa] if !ns.is_empty() && !name.is_empty() && !sa.is_empty() => Ok(Self {
+                namespace: (*ns).into(),
+                name: (*name).into(),
+                service_account: (*sa).into(),
+            }),
+            _ => Err(format!(
+                "expected <namespace>/<name>/<service account>, found {s:?}"
+            )),
+        }
+    }
+}
+
+/// The effective configuration of a running l4mesh.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Config {
+    pub source: Source,
+    pub proxy_mode: ProxyMode,
+    pub workload_info: Option<WorkloadInfo>,
+    pub node_name: String,
+    pub network: String,
+    pub cluster_id: String,
+    pub trust_domain: String,
+    pub outbound_addr: SocketAddr,
+    pub inbound_plaintext_addr: SocketAddr,
+    /// `None` disables the SOCKS5 listener.
+    pub socks5_addr: Option<SocketAddr>,
+    pub packet_mark: u32,
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    pub worker_threads: usize,
+    pub log_format: LogFormat,
+}
+
+mod humantime_serde {
+    pub fn serialize<S: serde::Serializer>(
+        d: &std::time::Duration,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format!("{d:?}"))
+    }
+}
+
+impl Config {
+    /// A configuration for running on loopback: every listener on an ephemeral port of `ip`, the
+    /// embedded default as the source. Tests and examples start from it.
+    pub fn local(ip: std::net::IpAddr) -> Self {
+        Self {
+            source: Source::EmbeddedDefault,
+            proxy_mode: ProxyMode::Dedicated,
+            workload_info: None,
+            node_name: String::new(),
+            network: String::new(),
+            cluster_id: "Kubernetes".into(),
+            trust_domain: "cluster.local".into(),
+            outbound_addr: SocketAddr::new(ip, 0),
+            inbound_plaintext_addr: SocketAddr::new(ip, 0),
+            socks5_addr: Some(SocketAddr::new(ip, 0)),
+            packet_mark: 1337,
+            connect_timeout: Duration::from_secs(10),
+            worker_threads: 2,
+            log_format: LogFormat::Plain,
+        }
+    }
+}
+
+/// Why the configuration cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("XDS_ADDRESS is set ({0:?}) but this build of l4mesh has no xDS client yet; unset XDS_ADDRESS and use LOCAL_XDS_PATH (or nothing, for the embedded default)")]
+    XdsUnsupported(String),
+    #[error("PROXY_MODE=shared is not supported yet; use PROXY_MODE=dedicated")]
+    SharedUnsupported,
+    #[error("ZTUNNEL_WORKER_THREADS must be at least 1, found 0")]
+    NoWorkers,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .map_or((s, "s"), |i| (&s[..i], &s[i..]));
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("expected a duration such as 500ms, 10s or 5m, found {s:?}"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => {
+            return Err(format!(
+                "expected a unit of ms, s, m or h in {s:?}, found {unit:?}"
+            ))
+        }
+    };
+    if !secs.is_finite() || secs < 0.0 {
+        return Err(format!("expected a non-negative duration, found {s:?}"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn parse_bool(s: &str) -> Result<bool, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "1" | "true" | "on" | "yes" => Ok(true),
+        "0" | "false" | "off" | "no" => Ok(false),
+        _ => Err(format!("expected true or false, found {s:?}")),
+    }
+}
+
+/// l4mesh: an L4 node proxy for Istio's ambient mesh.
+///
+/// With no options it runs on its embedded default mesh (no control plane): try
+/// `curl --socks5-hostname 127.0.0.1:15080 http://echo.default.svc.cluster.local/`
+/// after starting a backend with `python3 -m http.server 8080 --bind 127.0.0.2`.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about)]
+pub struct Args {
+    /// Local config file (ztunnel's LOCAL_XDS_PATH YAML format), watched and re-applied on change.
+    /// Without it (and without XDS_ADDRESS) the embedded default mesh is used.
+    #[arg(long, env = "LOCAL_XDS_PATH")]
+    pub local_xds_path: Option<PathBuf>,
+    /// Control-plane address (istiod or xds-testserver); not supported by this build yet, must be empty.
+    #[arg(long, env = "XDS_ADDRESS", default_value = "")]
+    pub xds_address: String,
+    /// `dedicated` (one l4mesh per workload) or `shared` (one per node; not available yet).
+    #[arg(long, env = "PROXY_MODE", value_enum, default_value = "dedicated")]
+    pub proxy_mode: ProxyMode,
+    /// In dedicated mode, the served workload as <namespace>/<name>/<service account>.
+    #[arg(long, env = "PROXY_WORKLOAD_INFO")]
+    pub proxy_workload_info: Option<WorkloadInfo>,
+    /// This node's name; inbound traffic is accepted only for workloads whose `node` equals it.
+    #[arg(long, env = "NODE_NAME", default_value = "")]
+    pub node_name: String,
+    /// The network of this node's workloads (Istio multi-network); empty is the default network.
+    #[arg(long, env = "NETWORK", default_value = "")]
+    pub network: String,
+    /// Cluster id sent to the control plane.
+    #[arg(long, env = "CLUSTER_ID", default_value = "Kubernetes")]
+    pub cluster_id: String,
+    /// Trust domain of SPIFFE identities.
+    #[arg(long, env = "TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
+    /// Outbound capture listener (where redirected outbound traffic arrives).
+    #[arg(long, env = "L4MESH_OUTBOUND_ADDR", default_value = "127.0.0.1:15001")]
+    pub outbound_addr: SocketAddr,
+    /// Inbound plaintext capture listener.
+    #[arg(
+        long,
+        env = "L4MESH_INBOUND_PLAINTEXT_ADDR",
+        default_value = "0.0.0.0:15006"
+    )]
+    pub inbound_plaintext_addr: SocketAddr,
+    /// Enables the SOCKS5 listener.
+    #[arg(long, env = "UNSTABLE_ENABLE_SOCKS5", default_value = "true", value_parser = parse_bool, action = clap::ArgAction::Set)]
+    pub enable_socks5: bool,
+    /// SOCKS5 listener address (localhost only by default).
+    #[arg(long, env = "L4MESH_SOCKS5_ADDR", default_value = "127.0.0.1:15080")]
+    pub socks5_addr: SocketAddr,
+    /// SO_MARK set on every socket l4mesh opens, so that redirection rules skip them (0 = none).
+    #[arg(long, env = "PACKET_MARK", default_value_t = 1337)]
+    pub packet_mark: u32,
+    /// How long to wait for an upstream TCP connection (e.g. 500ms, 10s).
+    #[arg(long, env = "CONNECT_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub connect_timeout: Duration,
+    /// Threads of the data-plane runtime.
+    #[arg(long, env = "ZTUNNEL_WORKER_THREADS", default_value_t = 2)]
+    pub worker_threads: usize,
+    /// Log format: plain or json. The level comes from RUST_LOG (default info).
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "plain")]
+    pub log_format: LogFormat,
+}
+
+impl Args {
+    /// Validates the flags into a [`Config`].
+    pub fn into_config(self) -> Result<Config, ConfigError> {
+        if !self.xds_address.trim().is_empty() {
+            return Err(ConfigError::XdsUnsupported(self.xds_address));
+        }
+        if self.proxy_mode == ProxyMode::Shared {
+            return Err(ConfigError::SharedUnsupported);
+        }
+        if self.worker_threads == 0 {
+            return Err(ConfigError::NoWorkers);
+        }
+        Ok(Config {
+            source: self
+                .local_xds_path
+                .map_or(Source::EmbeddedDefault, Source::File),
+            proxy_mode: self.proxy_mode,
+            workload_info: self.proxy_workload_info,
+            node_name: self.node_name,
+            network: self.network,
+            cluster_id: self.cluster_id,
+            trust_domain: self.trust_domain,
+            outbound_addr: self.outbound_addr,
+            inbound_plaintext_addr: self.inbound_plaintext_addr,
+            socks5_addr: self.enable_socks5.then_some(self.socks5_addr),
+            packet_mark: self.packet_mark,
+            connect_timeout: self.connect_timeout,
+            worker_threads: self.worker_threads,
+            log_format: self.log_format,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("5"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("ten").is_err());
+        assert!(parse_duration("5d").is_err());
+    }
+
+    #[test]
+    fn flags_into_config() {
+        let args = Args::try_parse_from([
+            "l4mesh",
+            "--node-name",
+            "n1",
+            "--enable-socks5",
+            "false",
+            "--proxy-workload-info",
+            "default/client/sa",
+        ])
+        .unwrap();
+        let c = args.into_config().unwrap();
+        assert_eq!(c.node_name, "n1");
+        assert_eq!(c.socks5_addr, None);
+        assert_eq!(c.workload_info.unwrap().service_account, "sa");
+        assert_eq!(c.source, Source::EmbeddedDefault);
+    }
+
+    #[test]
+    fn bad_flags_are_named() {
+        let e = Args::try_parse_from(["l4mesh", "--proxy-workload-info", "a/b"]).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("<namespace>/<name>/<service account>"),
+            "{e}"
+        );
+        let e = Args::try_parse_from(["l4mesh", "--xds-address", "istiod:15012"])
+            .unwrap()
+            .into_config()
+            .unwrap_err();
+        assert!(e.to_string().contains("XDS_ADDRESS"), "{e}");
+    }
+}

@@ -1,0 +1,74 @@
+//! The data plane: listeners that accept connections, choose an upstream from the store snapshot,
+//! connect, and copy bytes both ways until close, then write one access-log line.
+//!
+//! Listeners: outbound capture (15001), SOCKS5 (15080) feeding the same outbound logic, inbound
+//! plaintext capture (15006). Every listener follows one lifecycle: the caller binds the socket (a
+//! port conflict fails startup), wraps it with `new`, reads `address()`, then awaits `run()`.
+//! This module does not interpret application bytes.
+
+mod access;
+pub mod copy;
+mod error;
+mod inbound_plain;
+mod outbound;
+pub mod route;
+mod socks5;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use crate::socket::UpstreamOptions;
+use crate::store::Store;
+
+pub use error::{Blame, ProxyError};
+pub use inbound_plain::InboundPlain;
+pub use outbound::Outbound;
+pub use socks5::Socks5;
+
+/// What every connection handler needs, shared by all listeners.
+pub struct ProxyCtx {
+    pub store: Arc<Store>,
+    /// The network this node's workloads are on (`NETWORK`); keys every address lookup.
+    pub network: Arc<str>,
+    /// This node's name (`NODE_NAME`): inbound connections are only for workloads on it.
+    pub node_name: String,
+    pub upstream: UpstreamOptions,
+    /// The addresses l4mesh's own listeners are bound to, to refuse connections that would loop.
+    pub own_addrs: Vec<SocketAddr>,
+}
+
+impl ProxyCtx {
+    /// Whether `dst` is one of l4mesh's own listeners (a connection to it would loop forever).
+    pub fn is_own_listener(&self, dst: SocketAddr) -> bool {
+        self.own_addrs.iter().any(|l| {
+            l.port() == dst.port()
+                && (l.ip() == dst.ip()
+                    || dst.ip().is_loopback()
+                    || dst.ip().is_unspecified()
+                    || l.ip().is_unspecified() && dst.ip().is_loopback())
+        })
+    }
+}
+
+/// Accepts connections forever, spawning `handle` for each; a failed accept (e.g. out of file
+/// descriptors) is logged and retried after a short pause instead of killing the listener.
+async fn accept_loop<F, Fut>(listener: tokio::net::TcpListener, name: &'static str, handle: F)
+where
+    F: Fn(tokio::net::TcpStream, SocketAddr) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                if let Err(e) = crate::socket::tune_accepted(&stream) {
+                    tracing::debug!(listener = name, %peer, error = %e, "could not tune accepted socket");
+                }
+                tokio::spawn(handle(stream, peer));
+            }
+            Err(e) => {
+                tracing::warn!(listener = name, error = %e, "accept failed; retrying in 50ms");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}

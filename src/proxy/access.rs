@@ -1,0 +1,88 @@
+//! The access log: one line per connection at close, on the tracing target `access`.
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use super::copy::Transferred;
+use super::route::Upstream;
+use super::ProxyError;
+
+/// What is known of a connection, filled in as it progresses.
+pub(crate) struct ConnLog {
+    pub direction: &'static str,
+    pub listener: &'static str,
+    pub src: SocketAddr,
+    pub dst: SocketAddr,
+    pub start: Instant,
+    pub src_workload: Option<String>,
+    pub upstream: Option<Upstream>,
+}
+
+impl ConnLog {
+    pub fn new(
+        direction: &'static str,
+        listener: &'static str,
+        src: SocketAddr,
+        dst: SocketAddr,
+    ) -> Self {
+        Self {
+            direction,
+            listener,
+            src,
+            dst,
+            start: Instant::now(),
+            src_workload: None,
+            upstream: None,
+        }
+    }
+
+    pub fn finish(&self, t: Transferred, err: Option<&ProxyError>) {
+        let up = self.upstream.as_ref();
+        let upstream_addr = up.map(|u| u.addr.to_string());
+        let dst_workload = up.and_then(|u| u.workload.as_ref());
+        let service = up
+            .and_then(|u| u.service.as_ref())
+            .map(|s| s.hostname.as_str());
+        let duration_ms = self.start.elapsed().as_millis() as u64;
+        match err {
+            None => tracing::info!(
+                target: "access",
+                direction = self.direction,
+                listener = self.listener,
+                src.addr = %self.src,
+                src.workload = self.src_workload.as_deref(),
+                dst.addr = %self.dst,
+                dst.upstream = upstream_addr.as_deref(),
+                dst.service = service,
+                dst.workload = dst_workload.map(|w| w.name.as_str()),
+                dst.namespace = dst_workload.map(|w| w.namespace.as_str()),
+                bytes_sent = t.sent,
+                bytes_recv = t.received,
+                duration_ms,
+                "connection complete"
+            ),
+            Some(e) => {
+                let (flag, blame) = e.classify();
+                tracing::warn!(
+                    target: "access",
+                    direction = self.direction,
+                    listener = self.listener,
+                    src.addr = %self.src,
+                    src.workload = self.src_workload.as_deref(),
+                    dst.addr = %self.dst,
+                    dst.upstream = upstream_addr.as_deref(),
+                    dst.service = service,
+                    dst.workload = dst_workload.map(|w| w.name.as_str()),
+                    dst.namespace = dst_workload.map(|w| w.namespace.as_str()),
+                    bytes_sent = t.sent,
+                    bytes_recv = t.received,
+                    duration_ms,
+                    response_flags = flag,
+                    blame = ?blame,
+                    error = %e,
+                    "connection failed"
+                )
+            }
+        }
+    }
+}

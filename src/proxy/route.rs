@@ -1,0 +1,225 @@
+//! Choosing the upstream of an outbound connection from its original destination: a service VIP
+//! becomes a load-balanced endpoint (with the port mapped to the endpoint's target port), a workload
+//! IP that workload, anything else a passthrough. Pure: the caller passes the snapshot and the RNG.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use rand::Rng;
+
+use crate::model::{
+    HealthPolicy, LoadBalancing, LoadBalancingMode, NetworkAddr, RoutingScope, Service, ServiceKey,
+    TunnelProtocol, Workload, WorkloadStatus,
+};
+use crate::store::Snapshot;
+
+/// Where an outbound connection goes.
+#[derive(Clone, Debug)]
+pub struct Upstream {
+    /// The address to connect to (the endpoint's IP and target port, or the original destination).
+    pub addr: SocketAddr,
+    /// The destination workload, when the destination is in the mesh.
+    pub workload: Option<Arc<Workload>>,
+    /// The service the client addressed, when it dialled a VIP.
+    pub service: Option<Arc<Service>>,
+    pub kind: UpstreamKind,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UpstreamKind {
+    /// A mesh workload reached over plain TCP (its protocol is TCP).
+    Tcp,
+    /// A mesh workload that expects an HBONE tunnel.
+    Hbone,
+    /// Not in the mesh (or a PASSTHROUGH service): straight to the original destination.
+    Passthrough,
+}
+
+/// Why no upstream could be chosen. The client connection is closed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RouteError {
+    #[error("service {service} has no healthy endpoint for port {port} (are its pods ready? is the workload's `services` map listing it?)")]
+    NoHealthyEndpoint { service: ServiceKey, port: u16 },
+    #[error("service {service} does not expose port {port}: expected one of {known:?}")]
+    UnknownServicePort {
+        service: ServiceKey,
+        port: u16,
+        known: Vec<u16>,
+    },
+}
+
+/// Resolves the upstream for a connection from `src` (the client workload, if known) to `dst`.
+pub fn route(
+    snapshot: &Snapshot,
+    network: &Arc<str>,
+    src: Option<&Workload>,
+    dst: SocketAddr,
+    rng: &mut impl Rng,
+) -> Result<Upstream, RouteError> {
+    let key = NetworkAddr::new(network.clone(), dst.ip());
+    if let Some(svc) = snapshot.service_by_vip(&key) {
+        return route_service(snapshot, svc, src, dst, rng);
+    }
+    if let Some(wl) = snapshot.workload_by_addr(&key) {
+        return Ok(Upstream {
+            addr: dst,
+            kind: kind_of(wl),
+            workload: Some(wl.clone()),
+            service: None,
+        });
+    }
+    Ok(Upstream {
+        addr: dst,
+        workload: None,
+        service: None,
+        kind: UpstreamKind::Passthrough,
+    })
+}
+
+fn kind_of(wl: &Workload) -> UpstreamKind {
+    match wl.protocol {
+        TunnelProtocol::Hbone => UpstreamKind::Hbone,
+        TunnelProtocol::Tcp | TunnelProtocol::LegacyIstioMtls => UpstreamKind::Tcp,
+    }
+}
+
+fn route_service(
+    snapshot: &Snapshot,
+    svc: &Arc<Service>,
+    src: Option<&Workload>,
+    dst: SocketAddr,
+    rng: &mut impl Rng,
+) -> Result<Upstream, RouteError> {
+    let port = dst.port();
+    if svc.load_balancing.mode == LoadBalancingMode::Passthrough {
+        return Ok(Upstream {
+            addr: dst,
+            workload: None,
+            service: Some(svc.clone()),
+            kind: UpstreamKind::Passthrough,
+        });
+    }
+    let svc_target = svc.ports.get(&port).copied();
+    let key = svc.key();
+    let mut candidates: Vec<Candidate<'_>> = Vec::new();
+    let mut any_port_mapping = svc_target.is_some();
+    for (wl, ep) in snapshot.endpoints(&key) {
+        let target = match ep.ports.get(&port).copied() {
+            Some(t) if t != 0 => Some(t),
+            _ => svc_target.filter(|t| *t != 0),
+        };
+        any_port_mapping |= ep.ports.contains_key(&port);
+        let (Some(target), Some(ip)) = (target, pick_ip(wl, dst.ip())) else {
+            continue;
+        };
+        candidates.push(Candidate { wl, ip, target });
+    }
+    if !any_port_mapping {
+        return Err(RouteError::UnknownServicePort {
+            service: key,
+            port,
+            known: svc.ports.keys().copied().collect(),
+        });
+    }
+    let chosen = select(&candidates, &svc.load_balancing, src, rng)
+        .ok_or(RouteError::NoHealthyEndpoint { service: key, port })?;
+    let c = &candidates[chosen];
+    Ok(Upstream {
+        addr: SocketAddr::new(c.ip, c.target),
+        kind: kind_of(c.wl),
+        workload: Some(c.wl.clone()),
+        service: Some(svc.clone()),
+    })
+}
+
+/// The workload address of the same family as the VIP, else its first one.
+fn pick_ip(wl: &Workload, like: IpAddr) -> Option<IpAddr> {
+    wl.addresses
+        .iter()
+        .find(|a| a.is_ipv4() == like.is_ipv4())
+        .or(wl.addresses.first())
+        .copied()
+}
+
+/// An endpoint eligible for a connection: its workload, address and target port.
+pub struct Candidate<'a> {
+    pub wl: &'a Arc<Workload>,
+    pub ip: IpAddr,
+    pub target: u16,
+}
+
+/// Picks an endpoint (an index into `candidates`) with Istio's load-balancing semantics:
+/// unhealthy endpoints are skipped unless the health policy allows all; with routing preferences,
+/// endpoints are ranked by how many leading scopes they share with the client (STRICT keeps only
+/// full matches, FAILOVER the best rank present); among the survivors, weighted random by capacity.
+pub fn select(
+    candidates: &[Candidate<'_>],
+    lb: &LoadBalancing,
+    src: Option<&Workload>,
+    rng: &mut impl Rng,
+) -> Option<usize> {
+    let ranked: Vec<(usize, usize)> = candidates
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| {
+            lb.health_policy == HealthPolicy::AllowAll || c.wl.status == WorkloadStatus::Healthy
+        })
+        .filter_map(|(i, c)| {
+            let rank = rank(&lb.routing_preference, src, c.wl);
+            if lb.mode == LoadBalancingMode::Strict && rank != lb.routing_preference.len() {
+                return None;
+            }
+            Some((i, rank))
+        })
+        .collect();
+    let best = ranked.iter().map(|(_, r)| *r).max()?;
+    let pool: Vec<usize> = ranked
+        .iter()
+        .filter(|(_, r)| *r == best)
+        .map(|(i, _)| *i)
+        .collect();
+    weighted(&pool, candidates, rng)
+}
+
+/// How many leading routing-preference scopes `wl` shares with the client.
+fn rank(prefs: &[RoutingScope], src: Option<&Workload>, wl: &Workload) -> usize {
+    let Some(src) = src else {
+        return 0;
+    };
+    prefs
+        .iter()
+        .take_while(|scope| match scope {
+            RoutingScope::Region => src.locality.region == wl.locality.region,
+            RoutingScope::Zone => src.locality.zone == wl.locality.zone,
+            RoutingScope::Subzone => src.locality.subzone == wl.locality.subzone,
+            RoutingScope::Node => src.node == wl.node,
+            RoutingScope::Cluster => src.cluster_id == wl.cluster_id,
+            RoutingScope::Network => src.network == wl.network,
+        })
+        .count()
+}
+
+fn weighted(pool: &[usize], candidates: &[Candidate<'_>], rng: &mut impl Rng) -> Option<usize> {
+    if pool.is_empty() {
+        return None;
+    }
+    let total: u64 = pool
+        .iter()
+        .map(|i| u64::from(candidates[*i].wl.capacity))
+        .sum();
+    if total == 0 {
+        return Some(pool[rng.random_range(0..pool.len())]);
+    }
+    let mut pick = rng.random_range(0..total);
+    for i in pool {
+        let w = u64::from(candidates[*i].wl.capacity);
+        if pick < w {
+            return Some(*i);
+        }
+        pick -= w;
+    }
+    pool.last().copied()
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,130 @@
+//! The one place that talks to the kernel's socket options: original destination of a redirected
+//! connection (`SO_ORIGINAL_DST`), the packet mark that keeps the proxy's own sockets out of the
+//! redirection rules (`SO_MARK`), `TCP_NODELAY` and keepalive on upstream sockets.
+#![allow(unsafe_code)]
+
+use std::io;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use socket2::{Domain, Socket, TcpKeepalive, Type};
+use tokio::net::{TcpSocket, TcpStream};
+
+/// `SO_ORIGINAL_DST` / `IP6T_SO_ORIGINAL_DST` from `<linux/netfilter_ipv4.h>` and `_ipv6.h`.
+const SO_ORIGINAL_DST: libc::c_int = 80;
+
+/// The destination a client dialled before iptables/nftables `REDIRECT` sent it to the proxy.
+/// Fails with `ENOENT` when the connection was not redirected.
+pub fn original_dst(stream: &TcpStream) -> io::Result<SocketAddr> {
+    let fd = stream.as_raw_fd();
+    match stream.local_addr()? {
+        SocketAddr::V4(_) => {
+            let mut addr: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+            let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            // SAFETY: `addr` is a valid, writable sockaddr_in and `len` holds its size.
+            let rc = unsafe {
+                libc::getsockopt(
+                    fd,
+                    libc::SOL_IP,
+                    SO_ORIGINAL_DST,
+                    (&mut addr as *mut libc::sockaddr_in).cast(),
+                    &mut len,
+                )
+            };
+            if rc != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let ip = Ipv4Addr::from(u32::from_be(addr.sin_addr.s_addr));
+            Ok(SocketAddr::V4(SocketAddrV4::new(
+                ip,
+                u16::from_be(addr.sin_port),
+            )))
+        }
+        SocketAddr::V6(_) => {
+            let mut addr: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
+            let mut len = std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t;
+            // SAFETY: `addr` is a valid, writable sockaddr_in6 and `len` holds its size.
+            let rc = unsafe {
+                libc::getsockopt(
+                    fd,
+                    libc::SOL_IPV6,
+                    SO_ORIGINAL_DST,
+                    (&mut addr as *mut libc::sockaddr_in6).cast(),
+                    &mut len,
+                )
+            };
+            if rc != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let ip = Ipv6Addr::from(addr.sin6_addr.s6_addr);
+            let v6 = SocketAddrV6::new(ip, u16::from_be(addr.sin6_port), 0, 0);
+            Ok(match v6.ip().to_ipv4_mapped() {
+                Some(v4) => SocketAddr::V4(SocketAddrV4::new(v4, v6.port())),
+                None => SocketAddr::V6(v6),
+            })
+        }
+    }
+}
+
+/// The destination to use for an accepted connection: the original one if it was redirected, else
+/// the address the client dialled (the listener's own address when nothing redirected it).
+pub fn destination(stream: &TcpStream) -> io::Result<SocketAddr> {
+    match original_dst(stream) {
+        Ok(a) => Ok(a),
+        Err(_) => stream.local_addr(),
+    }
+}
+
+/// Options for sockets the proxy opens towards upstreams.
+#[derive(Clone, Debug)]
+pub struct UpstreamOptions {
+    /// `SO_MARK` so that redirection rules skip the proxy's own traffic; 0 = do not mark.
+    pub mark: u32,
+    pub connect_timeout: Duration,
+}
+
+static MARK_WARNED: AtomicBool = AtomicBool::new(false);
+
+/// Opens a TCP connection with the mark, `TCP_NODELAY` and keepalive set, bounded by the timeout.
+pub async fn connect(dst: SocketAddr, opts: &UpstreamOptions) -> io::Result<TcpStream> {
+    let socket = Socket::new(Domain::for_address(dst), Type::STREAM, None)?;
+    if opts.mark != 0 {
+        if let Err(e) = socket.set_mark(opts.mark) {
+            // Without CAP_NET_ADMIN the mark cannot be set; fine outside a capture setup.
+            if !MARK_WARNED.swap(true, Ordering::Relaxed) {
+                tracing::warn!(mark = opts.mark, error = %e,
+                    "cannot set SO_MARK on upstream sockets (needs CAP_NET_ADMIN); traffic capture rules cannot tell proxy traffic apart");
+            }
+        }
+    }
+    socket.set_nonblocking(true)?;
+    socket.set_tcp_nodelay(true)?;
+    set_keepalive(&socket)?;
+    let socket = TcpSocket::from_std_stream(socket.into());
+    match tokio::time::timeout(opts.connect_timeout, socket.connect(dst)).await {
+        Ok(r) => r,
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!(
+                "connect to {dst} timed out after {:?}",
+                opts.connect_timeout
+            ),
+        )),
+    }
+}
+
+fn set_keepalive(socket: &Socket) -> io::Result<()> {
+    let ka = TcpKeepalive::new()
+        .with_time(Duration::from_secs(180))
+        .with_interval(Duration::from_secs(180))
+        .with_retries(9);
+    socket.set_tcp_keepalive(&ka)
+}
+
+/// Applied to accepted downstream connections.
+pub fn tune_accepted(stream: &TcpStream) -> io::Result<()> {
+    stream.set_nodelay(true)?;
+    set_keepalive(&socket2::SockRef::from(stream))
+}

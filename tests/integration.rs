@@ -1,0 +1,10 @@
+//! Integration tests: l4mesh started in-process on 127.0.0.0/8 addresses with real TCP backends.
+//! One test binary with modules links once.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod integration {
+    mod capture;
+    pub mod harness;
+    mod local_mode;
+    pub mod netns;
+}

@@ -1,0 +1,137 @@
+//! Transparent capture with real iptables REDIRECT rules inside network namespaces: the outbound
+//! listener finds the original destination with SO_ORIGINAL_DST, the inbound plaintext listener
+//! forwards to the local workload, and the proxy's own (marked) sockets are not captured again.
+
+use super::netns::*;
+
+const MESH: &str = r#"
+workloads:
+- uid: cluster1//v1/Pod/default/pod
+  name: pod
+  namespace: default
+  serviceAccount: pod
+  workloadIps: ["10.237.0.2"]
+  protocol: TCP
+- uid: cluster1//v1/Pod/default/peer
+  name: peer
+  namespace: default
+  serviceAccount: peer
+  node: other-node
+  workloadIps: ["10.237.0.1"]
+  protocol: TCP
+  services:
+    "default/echo.default.svc.cluster.local": { 80: 8080 }
+services:
+- name: echo
+  namespace: default
+  hostname: echo.default.svc.cluster.local
+  vips: ["/10.237.9.1"]
+  ports: { 80: 8080 }
+"#;
+
+#[test]
+fn iptables_redirect_outbound_and_inbound() {
+    if !privileged("iptables_redirect_outbound_and_inbound") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("mesh.yaml");
+    std::fs::write(&cfg, MESH).unwrap();
+
+    // "pod" runs l4mesh; "peer" is another host reachable over a veth pair.
+    let mut pod = Netns::new("pod");
+    let mut peer = Netns::new("peer");
+    pod.link(
+        &peer,
+        &format!("{}", std::process::id() % 100000),
+        "10.237.0.2/24",
+        "10.237.0.1/24",
+    );
+    // The VIP range is routed towards the peer (it is never reached: the proxy rewrites it).
+    pod.exec(&["ip", "route", "add", "10.237.9.0/24", "via", "10.237.0.1"]);
+
+    // Capture rules, as a pod's would be: marked (proxy) traffic is left alone; outbound TCP to the
+    // mesh goes to 15001; inbound TCP from the veth goes to 15006.
+    for rule in [
+        "-t nat -A OUTPUT -p tcp -m mark --mark 1337 -j RETURN",
+        "-t nat -A OUTPUT -p tcp -d 10.237.0.0/16 -j REDIRECT --to-ports 15001",
+        "-t nat -A PREROUTING -p tcp -i va-+ -j REDIRECT --to-ports 15006",
+    ] {
+        let mut args = vec!["iptables"];
+        args.extend(rule.split(' '));
+        pod.exec(&args);
+    }
+
+    peer.spawn(
+        &["python3", "-c", ECHO_PY, "10.237.0.1", "8080", "peer"],
+        &[],
+        "ready",
+    );
+    pod.spawn(
+        &["python3", "-c", ECHO_PY, "10.237.0.2", "9000", "pod"],
+        &[],
+        "ready",
+    );
+    let bin = env!("CARGO_BIN_EXE_l4mesh");
+    let log = pod.spawn(
+        &[bin],
+        &[
+            ("LOCAL_XDS_PATH", cfg.to_str().unwrap()),
+            ("RUST_LOG", "info"),
+            ("L4MESH_INBOUND_PLAINTEXT_ADDR", "0.0.0.0:15006"),
+            ("UNSTABLE_ENABLE_SOCKS5", "false"),
+        ],
+        "listening",
+    );
+
+    // Outbound: the app dials the VIP; captured, load-balanced to the peer's endpoint on 8080.
+    let (ok, out, err) = pod.output(&["python3", "-c", CLIENT_PY, "10.237.9.1", "80", "to-vip"]);
+    assert!(
+        ok,
+        "client via VIP failed: {out} {err}\nl4mesh log:\n{}",
+        log.all()
+    );
+    assert_eq!(out.trim(), "peer:10.237.0.2:to-vip");
+    let line = log
+        .wait_for(&["access", "10.237.9.1:80", "10.237.0.1:8080"])
+        .unwrap_or_else(|| panic!("no access-log line for the VIP connection:\n{}", log.all()));
+    assert!(line.contains("echo.default.svc.cluster.local"), "{line}");
+
+    // Outbound to a workload IP directly, and the proxy's own upstream socket was not re-captured
+    // (it would have looped back into 15001 and been refused).
+    let (ok, out, _) = pod.output(&["python3", "-c", CLIENT_PY, "10.237.0.1", "8080", "to-pod"]);
+    assert!(ok, "{out}");
+    assert_eq!(out.trim(), "peer:10.237.0.2:to-pod");
+
+    // Inbound: the peer dials the pod's app port; captured on 15006, forwarded to the workload.
+    let (ok, out, err) =
+        peer.output(&["python3", "-c", CLIENT_PY, "10.237.0.2", "9000", "inbound"]);
+    assert!(
+        ok,
+        "inbound failed: {out} {err}\nl4mesh log:\n{}",
+        log.all()
+    );
+    assert!(
+        out.trim().starts_with("pod:") && out.trim().ends_with(":inbound"),
+        "{out}"
+    );
+    log.wait_for(&["access", "inbound", "10.237.0.2:9000"])
+        .unwrap_or_else(|| panic!("no inbound access-log line:\n{}", log.all()));
+
+    // Inbound to an address that is not a workload of this node: refused, reason logged.
+    pod.exec(&[
+        "ip",
+        "addr",
+        "add",
+        "10.237.0.3/24",
+        "dev",
+        &format!("va-{}", std::process::id() % 100000),
+    ]);
+    let (ok, _, _) = peer.output(&["python3", "-c", CLIENT_PY, "10.237.0.3", "9000", "nobody"]);
+    assert!(
+        !ok,
+        "a connection to a non-workload address must not be forwarded"
+    );
+    log.wait_for(&["no workload on this node"])
+        .unwrap_or_else(|| panic!("no refusal logged:\n{}", log.all()));
+}

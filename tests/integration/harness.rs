@@ -1,0 +1,141 @@
+//! Test harness: backends that identify themselves, a SOCKS5 client, and an l4mesh started
+//! in-process on a local config file the test can rewrite.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+use l4mesh::config::{Config, Source};
+
+pub const TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A TCP backend that answers each connection, once the client half-closed, with
+/// `<name>:<everything it read>` and then closes.
+pub struct Backend {
+    pub addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Backend {
+    pub async fn start(addr: &str, name: &str) -> Backend {
+        let l = TcpListener::bind(addr).await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let name = name.to_owned();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut s, _)) = l.accept().await else {
+                    return;
+                };
+                let name = name.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    if s.read_to_end(&mut buf).await.is_ok() {
+                        let mut out = format!("{name}:").into_bytes();
+                        out.extend_from_slice(&buf);
+                        let _ = s.write_all(&out).await;
+                        let _ = s.shutdown().await;
+                    }
+                });
+            }
+        });
+        Backend { addr, task }
+    }
+}
+
+/// Opens a SOCKS5 CONNECT through `proxy` to `dst` (an IP:port or a host name); returns the stream
+/// on success or the SOCKS5 reply code on refusal.
+pub async fn socks5_connect(proxy: SocketAddr, host: &str, port: u16) -> Result<TcpStream, u8> {
+    let mut s = TcpStream::connect(proxy).await.unwrap();
+    s.write_all(&[5, 1, 0]).await.unwrap();
+    let mut r = [0u8; 2];
+    s.read_exact(&mut r).await.unwrap();
+    assert_eq!(r, [5, 0], "SOCKS5 method selection");
+    let mut req = vec![5, 1, 0];
+    match host.parse::<IpAddr>() {
+        Ok(IpAddr::V4(a)) => {
+            req.push(1);
+            req.extend_from_slice(&a.octets());
+        }
+        Ok(IpAddr::V6(a)) => {
+            req.push(4);
+            req.extend_from_slice(&a.octets());
+        }
+        Err(_) => {
+            req.push(3);
+            req.push(host.len() as u8);
+            req.extend_from_slice(host.as_bytes());
+        }
+    }
+    req.extend_from_slice(&port.to_be_bytes());
+    s.write_all(&req).await.unwrap();
+    let mut rep = [0u8; 10];
+    s.read_exact(&mut rep).await.unwrap();
+    if rep[1] == 0 {
+        Ok(s)
+    } else {
+        Err(rep[1])
+    }
+}
+
+/// Sends `msg`, half-closes, and reads the whole answer.
+pub async fn exchange(mut s: TcpStream, msg: &str) -> String {
+    tokio::time::timeout(TIMEOUT, async move {
+        s.write_all(msg.as_bytes()).await.unwrap();
+        s.shutdown().await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    })
+    .await
+    .expect("exchange timed out")
+}
+
+/// An l4mesh running in-process on a config file in a temporary directory.
+pub struct Mesh {
+    pub running: l4mesh::app::Running,
+    pub config_path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Mesh {
+    /// Starts l4mesh with its listeners on ephemeral ports of `ip`, on the config `yaml`.
+    pub async fn start(ip: &str, yaml: &str) -> Mesh {
+        l4mesh::telemetry::init(l4mesh::telemetry::LogFormat::Plain);
+        let dir = tempfile::tempdir().unwrap();
+        let config_path = dir.path().join("mesh.yaml");
+        std::fs::write(&config_path, yaml).unwrap();
+        let mut config = Config::local(ip.parse().unwrap());
+        config.source = Source::File(config_path.clone());
+        config.connect_timeout = Duration::from_secs(2);
+        let running = l4mesh::app::start(&config).await.unwrap();
+        Mesh {
+            running,
+            config_path,
+            _dir: dir,
+        }
+    }
+
+    pub fn socks(&self) -> SocketAddr {
+        self.running.socks5.unwrap()
+    }
+
+    /// Rewrites the config file and waits until the store published a new version.
+    pub async fn rewrite(&self, yaml: &str) -> bool {
+        let mut rx = self.running.store.subscribe();
+        rx.borrow_and_update();
+        std::fs::write(&self.config_path, yaml).unwrap();
+        tokio::time::timeout(Duration::from_secs(3), rx.changed())
+            .await
+            .is_ok()
+    }
+}

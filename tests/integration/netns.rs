@@ -1,0 +1,240 @@
+//! A throwaway network topology for privileged tests: network namespaces joined by veth pairs,
+//! processes started inside them, all removed on drop (even when the test fails).
+//! Tests using it call [`privileged`] first and skip with a clear message when not root.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Whether privileged tests can run here; prints why not when they cannot.
+pub fn privileged(test: &str) -> bool {
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false);
+    let tools = ["ip", "iptables", "python3"].iter().all(|t| {
+        Command::new("sh")
+            .args(["-c", &format!("command -v {t}")])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+    });
+    if !root || !tools {
+        eprintln!("SKIPPED {test}: needs root and ip, iptables, python3 (scripts/test.sh installs them; run it as root)");
+        return false;
+    }
+    true
+}
+
+fn run(args: &[&str]) {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .expect("spawn");
+    assert!(
+        out.status.success(),
+        "{:?} failed: {}",
+        args,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A network namespace, deleted on drop (which also removes its veth ends and rules).
+pub struct Netns {
+    pub name: String,
+    children: Vec<Child>,
+}
+
+impl Netns {
+    pub fn new(tag: &str) -> Netns {
+        let name = format!("l4m-{tag}-{}", std::process::id());
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        run(&["ip", "netns", "add", &name]);
+        let ns = Netns {
+            name,
+            children: Vec::new(),
+        };
+        ns.exec(&["ip", "link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// Runs a command inside the namespace and asserts it succeeded.
+    pub fn exec(&self, args: &[&str]) {
+        let mut full = vec!["ip", "netns", "exec", &self.name];
+        full.extend_from_slice(args);
+        run(&full);
+    }
+
+    /// Runs a command inside the namespace and returns (success, stdout, stderr).
+    pub fn output(&self, args: &[&str]) -> (bool, String, String) {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.name])
+            .args(args)
+            .output()
+            .expect("spawn");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// Starts a long-running process in the namespace; it is killed on drop. Waits until a line of
+    /// its stdout or stderr contains `ready` (or 10 s pass), and keeps collecting its output.
+    pub fn spawn(&mut self, args: &[&str], envs: &[(&str, &str)], ready: &str) -> Output {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.name])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn in netns");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = mpsc::channel();
+        for stream in [
+            child
+                .stdout
+                .take()
+                .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+            child
+                .stderr
+                .take()
+                .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let lines = lines.clone();
+            let tx = tx.clone();
+            let ready = ready.to_owned();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    if line.contains(&ready) {
+                        let _ = tx.send(());
+                    }
+                    lines.lock().unwrap().push(line);
+                }
+            });
+        }
+        self.children.push(child);
+        if rx.recv_timeout(Duration::from_secs(10)).is_err() {
+            panic!(
+                "{args:?} did not print {ready:?} within 10s; output: {:#?}",
+                lines.lock().unwrap()
+            );
+        }
+        Output { lines }
+    }
+
+    /// Joins this namespace to `other` with a veth pair, addressing both ends on a /24.
+    pub fn link(&self, other: &Netns, tag: &str, my_cidr: &str, other_cidr: &str) {
+        let a = format!("va-{tag}");
+        let b = format!("vb-{tag}");
+        run(&[
+            "ip",
+            "link",
+            "add",
+            &a,
+            "netns",
+            &self.name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &b,
+            "netns",
+            &other.name,
+        ]);
+        self.exec(&["ip", "addr", "add", my_cidr, "dev", &a]);
+        self.exec(&["ip", "link", "set", &a, "up"]);
+        other.exec(&["ip", "addr", "add", other_cidr, "dev", &b]);
+        other.exec(&["ip", "link", "set", &b, "up"]);
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
+
+/// The collected output lines of a spawned process.
+pub struct Output {
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Output {
+    /// Waits up to 5 s for a line containing every one of `needles`.
+    pub fn wait_for(&self, needles: &[&str]) -> Option<String> {
+        for _ in 0..100 {
+            if let Some(l) = self
+                .lines
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|l| needles.iter().all(|n| l.contains(n)))
+            {
+                return Some(l.clone());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    pub fn all(&self) -> String {
+        self.lines.lock().unwrap().join("\n")
+    }
+}
+
+/// A TCP server (python) that answers each connection, after the client's FIN, with
+/// `<name>:<peer ip>:<data>`. Prints `ready` once listening.
+pub const ECHO_PY: &str = r#"
+import socket, sys
+ip, port, name = sys.argv[1], int(sys.argv[2]), sys.argv[3].encode()
+s = socket.socket(socket.AF_INET6 if ':' in ip else socket.AF_INET)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((ip, port)); s.listen(64)
+print('ready', flush=True)
+while True:
+    c, a = s.accept()
+    c.settimeout(5)
+    data = b''
+    try:
+        while True:
+            chunk = c.recv(65536)
+            if not chunk: break
+            data += chunk
+        c.sendall(name + b':' + a[0].encode() + b':' + data)
+    except OSError:
+        pass
+    c.close()
+"#;
+
+/// A TCP client (python): sends argv[3], half-closes, prints the answer; exits 1 on failure.
+pub const CLIENT_PY: &str = r#"
+import socket, sys
+ip, port, msg = sys.argv[1], int(sys.argv[2]), sys.argv[3].encode()
+try:
+    c = socket.create_connection((ip, port), timeout=5)
+    c.sendall(msg); c.shutdown(socket.SHUT_WR)
+    out = b''
+    while True:
+        chunk = c.recv(65536)
+        if not chunk: break
+        out += chunk
+    print(out.decode())
+    sys.exit(0 if out else 1)
+except OSError as e:
+    print('error:', e); sys.exit(1)
+"#;
