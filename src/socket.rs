@@ -128,3 +128,71 @@ pub fn tune_accepted(stream: &TcpStream) -> io::Result<()> {
     stream.set_nodelay(true)?;
     set_keepalive(&socket2::SockRef::from(stream))
 }
+
+/// A kernel pipe used to move bytes between two sockets with `splice(2)`, so that a plaintext
+/// TCP↔TCP copy never passes through user space.
+pub struct Pipe {
+    r: std::os::fd::OwnedFd,
+    w: std::os::fd::OwnedFd,
+}
+
+impl Pipe {
+    /// A non-blocking pipe; `size` asks the kernel for a larger buffer (best effort).
+    pub fn new(size: usize) -> io::Result<Pipe> {
+        use std::os::fd::FromRawFd;
+        let mut fds = [0 as libc::c_int; 2];
+        // SAFETY: `fds` is a valid array of two ints for pipe2 to fill.
+        let rc = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: pipe2 succeeded, so both descriptors are open and owned by nobody else.
+        let (r, w) = unsafe {
+            (
+                std::os::fd::OwnedFd::from_raw_fd(fds[0]),
+                std::os::fd::OwnedFd::from_raw_fd(fds[1]),
+            )
+        };
+        let size = libc::c_int::try_from(size).unwrap_or(libc::c_int::MAX);
+        // SAFETY: F_SETPIPE_SZ on a pipe fd we own; failure only leaves the default size.
+        unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, size) };
+        Ok(Pipe { r, w })
+    }
+
+    /// Moves up to `len` bytes from the socket `from` into the pipe. `Ok(0)` is end of stream.
+    pub fn fill_from(&self, from: &impl AsRawFd, len: usize) -> io::Result<usize> {
+        splice(from.as_raw_fd(), self.w.as_raw_fd(), len)
+    }
+
+    /// Moves up to `len` bytes from the pipe into the socket `to`.
+    pub fn drain_to(&self, to: &impl AsRawFd, len: usize) -> io::Result<usize> {
+        splice(self.r.as_raw_fd(), to.as_raw_fd(), len)
+    }
+}
+
+fn splice(from: libc::c_int, to: libc::c_int, len: usize) -> io::Result<usize> {
+    // SAFETY: both fds are open for the duration of the call; null offsets are valid for
+    // sockets and pipes.
+    let n = unsafe {
+        libc::splice(
+            from,
+            std::ptr::null_mut(),
+            to,
+            std::ptr::null_mut(),
+            len,
+            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
+/// Half-closes the write side of a socket (propagates a FIN).
+pub fn shutdown_write(stream: &TcpStream) -> io::Result<()> {
+    match socket2::SockRef::from(stream).shutdown(std::net::Shutdown::Write) {
+        Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
+        r => r,
+    }
+}

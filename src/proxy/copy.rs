@@ -3,7 +3,8 @@
 //! Each direction has its own buffer that starts small (an idle connection costs little) and grows
 //! when reads fill it (a bulk transfer gets large reads and few syscalls). End of stream in one
 //! direction is propagated as a half-close (`shutdown(SHUT_WR)`), and the other direction keeps
-//! flowing until it ends too. An error in either direction ends both.
+//! flowing until it ends too. An error in either direction ends both. Between two TCP sockets the
+//! bytes move with `splice(2)` through a kernel pipe (made lazily, at the first byte) instead.
 
 use std::io;
 
@@ -102,12 +103,113 @@ where
     (t, result)
 }
 
-/// [`bidirectional`] for two TCP streams, without locks or extra tasks.
+/// Bytes moved per `splice` call and the pipe size asked of the kernel.
+const SPLICE_CHUNK: usize = 1 << 20;
+
+/// Copies between two TCP streams. On Linux the bytes move socket → pipe → socket with
+/// `splice(2)` and never enter user space; if a pipe cannot be had (out of file descriptors), the
+/// buffered copy takes over.
 pub async fn tcp(
     down: &mut tokio::net::TcpStream,
     up: &mut tokio::net::TcpStream,
 ) -> (Transferred, Result<(), CopyError>) {
-    let (mut dr, mut dw) = down.split();
-    let (mut ur, mut uw) = up.split();
-    bidirectional(&mut dr, &mut dw, &mut ur, &mut uw).await
+    let mut t = Transferred::default();
+    let down = &*down;
+    let up = &*up;
+    let result = {
+        let to_up = splice_one_way(down, up, &mut t.sent);
+        let to_down = splice_one_way(up, down, &mut t.received);
+        tokio::pin!(to_up, to_down);
+        let (mut up_done, mut down_done) = (false, false);
+        loop {
+            tokio::select! {
+                r = &mut to_up, if !up_done => match r {
+                    Ok(()) => up_done = true,
+                    Err(Side::Read(e)) => break Err(CopyError::DownstreamRead(e)),
+                    Err(Side::Write(e)) => break Err(CopyError::UpstreamWrite(e)),
+                },
+                r = &mut to_down, if !down_done => match r {
+                    Ok(()) => down_done = true,
+                    Err(Side::Read(e)) => break Err(CopyError::UpstreamRead(e)),
+                    Err(Side::Write(e)) => break Err(CopyError::DownstreamWrite(e)),
+                },
+            }
+            if up_done && down_done {
+                break Ok(());
+            }
+        }
+    };
+    (t, result)
+}
+
+async fn splice_one_way(
+    r: &tokio::net::TcpStream,
+    w: &tokio::net::TcpStream,
+    counter: &mut u64,
+) -> Result<(), Side> {
+    use tokio::io::Interest;
+    // An idle connection holds no pipe: it is made when the first bytes arrive.
+    r.readable().await.map_err(Side::Read)?;
+    let pipe = match crate::socket::Pipe::new(SPLICE_CHUNK) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::debug!(error = %e, "no pipe for splice; using the buffered copy");
+            return buffered_one_way(r, w, counter).await;
+        }
+    };
+    loop {
+        let n = r
+            .async_io(Interest::READABLE, || pipe.fill_from(r, SPLICE_CHUNK))
+            .await
+            .map_err(Side::Read)?;
+        if n == 0 {
+            crate::socket::shutdown_write(w).map_err(Side::Write)?;
+            return Ok(());
+        }
+        let mut left = n;
+        while left > 0 {
+            let m = w
+                .async_io(Interest::WRITABLE, || pipe.drain_to(w, left))
+                .await
+                .map_err(Side::Write)?;
+            left -= m;
+            *counter += m as u64;
+        }
+    }
+}
+
+/// The user-space fallback of [`splice_one_way`], on shared references to the streams.
+async fn buffered_one_way(
+    r: &tokio::net::TcpStream,
+    w: &tokio::net::TcpStream,
+    counter: &mut u64,
+) -> Result<(), Side> {
+    let mut step = 0;
+    let mut buf = vec![0u8; STEPS[0]];
+    loop {
+        r.readable().await.map_err(Side::Read)?;
+        let n = match r.try_read(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(Side::Read(e)),
+        };
+        if n == 0 {
+            crate::socket::shutdown_write(w).map_err(Side::Write)?;
+            return Ok(());
+        }
+        let mut off = 0;
+        while off < n {
+            w.writable().await.map_err(Side::Write)?;
+            match w.try_write(&buf[off..n]) {
+                Ok(m) => off += m,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(Side::Write(e)),
+            }
+        }
+        *counter += n as u64;
+        if n == buf.len() && step + 1 < STEPS.len() {
+            step += 1;
+            buf = vec![0u8; STEPS[step]];
+        }
+    }
 }
