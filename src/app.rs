@@ -11,8 +11,10 @@ use tokio::task::JoinHandle;
 use crate::config::{Config, Source};
 use crate::localconfig::{self, LocalConfigError};
 use crate::proxy::{InboundPlain, Outbound, ProxyCtx, Socks5};
+use crate::readiness::Readiness;
 use crate::socket::UpstreamOptions;
 use crate::store::Store;
+use crate::xds::{XdsClient, XdsMetrics};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -33,7 +35,11 @@ pub struct Running {
     pub outbound: SocketAddr,
     pub inbound_plaintext: SocketAddr,
     pub socks5: Option<SocketAddr>,
+    pub readiness_addr: Option<SocketAddr>,
     pub store: Arc<Store>,
+    pub readiness: Readiness,
+    /// Present when the state comes from a control plane.
+    pub xds_metrics: Option<Arc<XdsMetrics>>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -63,16 +69,38 @@ async fn bind(
 /// Starts l4mesh on the current tokio runtime. Ready to serve when it returns.
 pub async fn start(config: &Config) -> Result<Running, AppError> {
     let store = Arc::new(Store::new());
+    let readiness = Readiness::new();
     let mut tasks = Vec::new();
-    let batch = match &config.source {
-        Source::EmbeddedDefault => localconfig::parse(localconfig::EMBEDDED_DEFAULT)?,
-        Source::File(path) => localconfig::load(path)?,
-    };
-    let stats = store.apply(batch);
-    let (w, s, p) = store.load().counts();
-    tracing::info!(source = ?config.source, workloads = w, services = s, policies = p, version = stats.version, "mesh state loaded");
-    if let Source::File(path) = &config.source {
-        tasks.push(localconfig::watch(path.clone(), store.clone())?);
+    let mut on_demand = None;
+    let mut xds_metrics = None;
+    match &config.source {
+        Source::EmbeddedDefault | Source::File(_) => {
+            let batch = match &config.source {
+                Source::File(path) => localconfig::load(path)?,
+                _ => localconfig::parse(localconfig::EMBEDDED_DEFAULT)?,
+            };
+            let stats = store.apply(batch);
+            let (w, s, p) = store.load().counts();
+            tracing::info!(source = ?config.source, workloads = w, services = s, policies = p, version = stats.version, "mesh state loaded");
+            if let Source::File(path) = &config.source {
+                tasks.push(localconfig::watch(path.clone(), store.clone())?);
+            }
+        }
+        Source::Xds(settings) => {
+            let (client, od, metrics) = XdsClient::new(
+                settings.clone(),
+                &config.cluster_id,
+                &config.node_name,
+                store.clone(),
+                &readiness,
+            );
+            if settings.on_demand {
+                on_demand = Some(od);
+            }
+            xds_metrics = Some(metrics);
+            tracing::info!(address = %settings.address, on_demand = settings.on_demand, "following the control plane");
+            tasks.push(tokio::spawn(client.run()));
+        }
     }
 
     let outbound_l = bind("outbound", "outbound-addr", config.outbound_addr).await?;
@@ -110,8 +138,17 @@ pub async fn start(config: &Config) -> Result<Running, AppError> {
         (Some(l), Some(a)) => Some(local(l, "socks5", "socks5-addr", a)?),
         _ => None,
     };
+    let readiness_l = match config.readiness_addr {
+        Some(a) => Some(bind("readiness", "readiness-addr", a).await?),
+        None => None,
+    };
+    let readiness_addr = match (&readiness_l, config.readiness_addr) {
+        (Some(l), Some(a)) => Some(local(l, "readiness", "readiness-addr", a)?),
+        _ => None,
+    };
     let mut own_addrs = vec![outbound, inbound_plaintext];
     own_addrs.extend(socks5);
+    own_addrs.extend(readiness_addr);
     let ctx = Arc::new(ProxyCtx {
         store: store.clone(),
         network: config.network.as_str().into(),
@@ -121,20 +158,36 @@ pub async fn start(config: &Config) -> Result<Running, AppError> {
             connect_timeout: config.connect_timeout,
         },
         own_addrs,
+        on_demand,
     });
-    tasks.push(tokio::spawn(Outbound::new(outbound_l, ctx.clone()).run()));
-    tasks.push(tokio::spawn(
-        InboundPlain::new(inbound_l, ctx.clone()).run(),
-    ));
-    if let Some(l) = socks_l {
-        tasks.push(tokio::spawn(Socks5::new(l, ctx.clone()).run()));
+    if let Some(l) = readiness_l {
+        tasks.push(tokio::spawn(crate::readiness::serve(l, readiness.clone())));
     }
-    tracing::info!(%outbound, %inbound_plaintext, socks5 = ?socks5, "listening");
+    // Listeners are bound (so a port conflict fails startup) but accept only once the mesh state
+    // is known: connections wait in the backlog meanwhile instead of being misrouted.
+    let gate = readiness.clone();
+    let outbound_task = Outbound::new(outbound_l, ctx.clone());
+    let inbound_task = InboundPlain::new(inbound_l, ctx.clone());
+    let socks_task = socks_l.map(|l| Socks5::new(l, ctx.clone()));
+    tasks.push(tokio::spawn(async move {
+        gate.wait().await;
+        let mut set = tokio::task::JoinSet::new();
+        set.spawn(outbound_task.run());
+        set.spawn(inbound_task.run());
+        if let Some(s) = socks_task {
+            set.spawn(s.run());
+        }
+        while set.join_next().await.is_some() {}
+    }));
+    tracing::info!(%outbound, %inbound_plaintext, socks5 = ?socks5, readiness = ?readiness_addr, "listening");
     Ok(Running {
         outbound,
         inbound_plaintext,
         socks5,
+        readiness_addr,
         store,
+        readiness,
+        xds_metrics,
         tasks,
     })
 }

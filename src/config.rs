@@ -9,6 +9,7 @@ use std::time::Duration;
 use clap::Parser;
 
 use crate::telemetry::LogFormat;
+pub use crate::xds::{RootCa, XdsSettings};
 
 /// How l4mesh serves workloads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
@@ -28,6 +29,8 @@ pub enum Source {
     EmbeddedDefault,
     /// A local config file, watched and re-applied on change.
     File(PathBuf),
+    /// A delta-xDS control plane (istiod or xds-testserver).
+    Xds(XdsSettings),
 }
 
 /// `<namespace>/<name>/<service account>` of the workload a dedicated-mode l4mesh serves.
@@ -69,20 +72,13 @@ pub struct Config {
     pub inbound_plaintext_addr: SocketAddr,
     /// `None` disables the SOCKS5 listener.
     pub socks5_addr: Option<SocketAddr>,
+    /// `GET /healthz/ready`; `None` disables the readiness server.
+    pub readiness_addr: Option<SocketAddr>,
     pub packet_mark: u32,
-    #[serde(with = "humantime_serde")]
+    #[serde(serialize_with = "crate::model::serialize_duration")]
     pub connect_timeout: Duration,
     pub worker_threads: usize,
     pub log_format: LogFormat,
-}
-
-mod humantime_serde {
-    pub fn serialize<S: serde::Serializer>(
-        d: &std::time::Duration,
-        s: S,
-    ) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&format!("{d:?}"))
-    }
 }
 
 impl Config {
@@ -100,6 +96,7 @@ impl Config {
             outbound_addr: SocketAddr::new(ip, 0),
             inbound_plaintext_addr: SocketAddr::new(ip, 0),
             socks5_addr: Some(SocketAddr::new(ip, 0)),
+            readiness_addr: Some(SocketAddr::new(ip, 0)),
             packet_mark: 1337,
             connect_timeout: Duration::from_secs(10),
             worker_threads: 2,
@@ -111,8 +108,10 @@ impl Config {
 /// Why the configuration cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("XDS_ADDRESS is set ({0:?}) but this build of l4mesh has no xDS client yet; unset XDS_ADDRESS and use LOCAL_XDS_PATH (or nothing, for the embedded default)")]
-    XdsUnsupported(String),
+    #[error("both XDS_ADDRESS ({0:?}) and LOCAL_XDS_PATH ({1:?}) are set; expected one source of mesh state")]
+    TwoSources(String, PathBuf),
+    #[error("XDS_ADDRESS must start with http:// or https://, found {0:?}")]
+    XdsScheme(String),
     #[error("PROXY_MODE=shared is not supported yet; use PROXY_MODE=dedicated")]
     SharedUnsupported,
     #[error("ZTUNNEL_WORKER_THREADS must be at least 1, found 0")]
@@ -164,9 +163,33 @@ pub struct Args {
     /// Without it (and without XDS_ADDRESS) the embedded default mesh is used.
     #[arg(long, env = "LOCAL_XDS_PATH")]
     pub local_xds_path: Option<PathBuf>,
-    /// Control-plane address (istiod or xds-testserver); not supported by this build yet, must be empty.
+    /// Control-plane address: https://istiod.istio-system.svc:15012, or http://127.0.0.1:15010 for a
+    /// local xds-testserver. Empty: no control plane.
     #[arg(long, env = "XDS_ADDRESS", default_value = "")]
     pub xds_address: String,
+    /// Trust root of the control plane's certificate: a PEM file, inline PEM, or SYSTEM.
+    #[arg(long, env = "XDS_ROOT_CA")]
+    pub xds_root_ca: Option<String>,
+    /// Token file sent to the control plane as `authorization: Bearer` (re-read on each connect).
+    #[arg(
+        long,
+        env = "AUTH_TOKEN",
+        default_value = "./var/run/secrets/tokens/istio-token"
+    )]
+    pub auth_token: PathBuf,
+    /// Pod name, namespace and IP of this l4mesh (they make up the xDS node id).
+    #[arg(long, env = "POD_NAME", default_value = "l4mesh")]
+    pub pod_name: String,
+    #[arg(long, env = "POD_NAMESPACE", default_value = "istio-system")]
+    pub pod_namespace: String,
+    #[arg(long, env = "INSTANCE_IP", default_value = "127.0.0.1")]
+    pub instance_ip: String,
+    /// Subscribe to addresses on demand (the first connection to an unknown IP asks for it).
+    #[arg(long, env = "XDS_ON_DEMAND", default_value = "false", value_parser = parse_bool, action = clap::ArgAction::Set)]
+    pub xds_on_demand: bool,
+    /// How long a connection to an unknown IP waits for the on-demand answer.
+    #[arg(long, env = "XDS_ON_DEMAND_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
+    pub xds_on_demand_timeout: Duration,
     /// `dedicated` (one l4mesh per workload) or `shared` (one per node; not available yet).
     #[arg(long, env = "PROXY_MODE", value_enum, default_value = "dedicated")]
     pub proxy_mode: ProxyMode,
@@ -201,6 +224,9 @@ pub struct Args {
     /// SOCKS5 listener address (localhost only by default).
     #[arg(long, env = "L4MESH_SOCKS5_ADDR", default_value = "127.0.0.1:15080")]
     pub socks5_addr: SocketAddr,
+    /// Readiness server (`GET /healthz/ready`).
+    #[arg(long, env = "L4MESH_READINESS_ADDR", default_value = "0.0.0.0:15021")]
+    pub readiness_addr: SocketAddr,
     /// SO_MARK set on every socket l4mesh opens, so that redirection rules skip them (0 = none).
     #[arg(long, env = "PACKET_MARK", default_value_t = 1337)]
     pub packet_mark: u32,
@@ -218,9 +244,31 @@ pub struct Args {
 impl Args {
     /// Validates the flags into a [`Config`].
     pub fn into_config(self) -> Result<Config, ConfigError> {
-        if !self.xds_address.trim().is_empty() {
-            return Err(ConfigError::XdsUnsupported(self.xds_address));
-        }
+        let xds = self.xds_address.trim().to_owned();
+        let source = match (xds.is_empty(), self.local_xds_path) {
+            (true, None) => Source::EmbeddedDefault,
+            (true, Some(p)) => Source::File(p),
+            (false, Some(p)) => return Err(ConfigError::TwoSources(xds, p)),
+            (false, None) => {
+                if !xds.starts_with("http://") && !xds.starts_with("https://") {
+                    return Err(ConfigError::XdsScheme(xds));
+                }
+                let meta = std::env::vars()
+                    .filter_map(|(k, v)| Some((k.strip_prefix("ISTIO_META_")?.to_owned(), v)))
+                    .collect();
+                Source::Xds(XdsSettings {
+                    address: xds,
+                    root_ca: self.xds_root_ca.as_deref().map(RootCa::parse),
+                    auth_token: Some(self.auth_token),
+                    pod_name: self.pod_name,
+                    pod_namespace: self.pod_namespace,
+                    instance_ip: self.instance_ip,
+                    meta,
+                    on_demand: self.xds_on_demand,
+                    on_demand_timeout: self.xds_on_demand_timeout,
+                })
+            }
+        };
         if self.proxy_mode == ProxyMode::Shared {
             return Err(ConfigError::SharedUnsupported);
         }
@@ -228,9 +276,7 @@ impl Args {
             return Err(ConfigError::NoWorkers);
         }
         Ok(Config {
-            source: self
-                .local_xds_path
-                .map_or(Source::EmbeddedDefault, Source::File),
+            source,
             proxy_mode: self.proxy_mode,
             workload_info: self.proxy_workload_info,
             node_name: self.node_name,
@@ -240,6 +286,7 @@ impl Args {
             outbound_addr: self.outbound_addr,
             inbound_plaintext_addr: self.inbound_plaintext_addr,
             socks5_addr: self.enable_socks5.then_some(self.socks5_addr),
+            readiness_addr: Some(self.readiness_addr),
             packet_mark: self.packet_mark,
             connect_timeout: self.connect_timeout,
             worker_threads: self.worker_threads,
@@ -293,6 +340,46 @@ mod tests {
             .unwrap()
             .into_config()
             .unwrap_err();
-        assert!(e.to_string().contains("XDS_ADDRESS"), "{e}");
+        assert!(e.to_string().contains("http:// or https://"), "{e}");
+        let e = Args::try_parse_from([
+            "l4mesh",
+            "--xds-address",
+            "http://127.0.0.1:15010",
+            "--local-xds-path",
+            "/tmp/x.yaml",
+        ])
+        .unwrap()
+        .into_config()
+        .unwrap_err();
+        assert!(e.to_string().contains("one source"), "{e}");
+    }
+
+    #[test]
+    fn xds_source() {
+        let c = Args::try_parse_from([
+            "l4mesh",
+            "--xds-address",
+            "https://istiod.istio-system.svc:15012",
+            "--xds-root-ca",
+            "SYSTEM",
+        ])
+        .unwrap()
+        .into_config()
+        .unwrap();
+        match c.source {
+            Source::Xds(x) => {
+                assert_eq!(x.root_ca, Some(RootCa::System));
+                assert_eq!(x.address, "https://istiod.istio-system.svc:15012");
+            }
+            other => panic!("expected xDS, got {other:?}"),
+        }
+        assert_eq!(
+            RootCa::parse("/etc/root.pem"),
+            RootCa::File("/etc/root.pem".into())
+        );
+        assert!(matches!(
+            RootCa::parse("-----BEGIN CERTIFICATE-----\nx"),
+            RootCa::Pem(_)
+        ));
     }
 }

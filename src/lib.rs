@@ -1,11 +1,12 @@
 //! l4mesh: an L4 node proxy for Istio's ambient mesh.
 //!
 //! Module map, with the layering rule: imports point down this list, never up.
-//! 1. [`socket`], [`telemetry`] — basics (the only `unsafe`/libc lives in `socket`);
+//! 1. [`socket`], [`telemetry`], [`readiness`] — basics (the only `unsafe`/libc lives in `socket`);
 //! 2. [`proto`], [`model`] — generated wire types, and the plain domain types validated from them;
 //! 3. [`store`], [`localconfig`] — the lock-free snapshot of the mesh, and the YAML file that feeds it;
-//! 4. [`proxy`] — the data plane: listeners, routing, copying bytes;
-//! 5. [`config`], [`app`] — typed configuration and the composition root.
+//! 4. [`xds`] — the delta-xDS client that feeds the store from a control plane;
+//! 5. [`proxy`] — the data plane: listeners, routing, copying bytes;
+//! 6. [`config`], [`app`] — typed configuration and the composition root.
 //!
 //! `model`, `store` and `proxy::route` do no I/O and are tested with plain `#[test]`s.
 
@@ -15,6 +16,8 @@ pub mod localconfig;
 pub mod model;
 pub mod proto;
 pub mod proxy;
+pub mod readiness;
 pub mod socket;
 pub mod store;
 pub mod telemetry;
+pub mod xds;

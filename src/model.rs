@@ -51,3 +51,11 @@ impl fmt::Display for NetworkAddr {
         write!(f, "{}/{}", self.network, self.ip)
     }
 }
+
+/// Serialises a duration as `"10s"`-style text in configuration dumps.
+pub fn serialize_duration<S: serde::Serializer>(
+    d: &std::time::Duration,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format!("{d:?}"))
+}

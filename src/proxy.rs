@@ -35,6 +35,8 @@ pub struct ProxyCtx {
     pub upstream: UpstreamOptions,
     /// The addresses l4mesh's own listeners are bound to, to refuse connections that would loop.
     pub own_addrs: Vec<SocketAddr>,
+    /// In on-demand xDS mode: asks the control plane about unknown destinations.
+    pub on_demand: Option<crate::xds::OnDemand>,
 }
 
 impl ProxyCtx {

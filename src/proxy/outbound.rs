@@ -59,6 +59,10 @@ pub(super) async fn open(ctx: &ProxyCtx, log: &mut ConnLog) -> Result<TcpStream,
     if ctx.is_own_listener(log.dst) {
         return Err(ProxyError::Loop { dst: log.dst });
     }
+    if let Some(od) = &ctx.on_demand {
+        let addr = NetworkAddr::new(ctx.network.clone(), log.dst.ip());
+        od.resolve(&addr).await;
+    }
     let upstream = resolve(ctx, log)?;
     let addr = upstream.addr;
     let kind = upstream.kind;
