@@ -20,5 +20,5 @@ if ((${#need_apt[@]})); then
 fi
 
 echo "== fmt";    cargo fmt --all -- --check
-echo "== clippy"; cargo clippy --all-targets -- -D warnings
-echo "== tests";  cargo test --all-targets
+echo "== clippy"; cargo clippy --workspace --all-targets -- -D warnings
+echo "== tests";  cargo test --workspace --all-targets

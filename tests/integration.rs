@@ -7,4 +7,5 @@ mod integration {
     pub mod harness;
     mod local_mode;
     pub mod netns;
+    mod xds;
 }
