@@ -71,6 +71,31 @@ fn socks5(proxy: SocketAddr, dst: SocketAddr) -> TcpStream {
     s
 }
 
+/// CPU seconds (user + system) used so far by process `pid`.
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// Runs a case and returns (Gbit/s, proxy CPU utilisation in % of one core).
+fn run_measured(
+    pid: Option<u32>,
+    streams: usize,
+    secs: f64,
+    count: &AtomicU64,
+    connect: &dyn Fn() -> TcpStream,
+) -> (f64, f64) {
+    let c0 = pid.map(cpu_secs).unwrap_or(0.0);
+    let t0 = Instant::now();
+    let g = run(streams, secs, count, connect);
+    let cpu = pid.map(|p| (cpu_secs(p) - c0) / t0.elapsed().as_secs_f64() * 100.0);
+    (g, cpu.unwrap_or(0.0))
+}
+
 /// Pushes data over `streams` connections for `secs`; returns Gbit/s measured at the sink.
 fn run(streams: usize, secs: f64, count: &AtomicU64, connect: &dyn Fn() -> TcpStream) -> f64 {
     let stop = Arc::new(AtomicBool::new(false));
@@ -212,31 +237,32 @@ fn main() {
         "plain TCP throughput, Gbit/s ({secs}s per case; proxy on core 1, client+sink on core 0)"
     );
     println!(
-        "{:<10} {:>10} {:>10} {:>8} {:>10} {:>8}",
-        "streams", "direct", "l4mesh", "ratio", "envoy", "ratio"
+        "{:<8} {:>8} {:>8} {:>6} {:>6} {:>8} {:>6} {:>6}",
+        "streams", "direct", "l4mesh", "ratio", "cpu%", "envoy", "ratio", "cpu%"
     );
     for streams in [1, 4] {
-        let direct = run(streams, secs, &count, &|| {
-            TcpStream::connect(target).unwrap()
-        });
-        let mesh = run(streams, secs, &count, &|| socks5(socks, target));
-        let (e, er) = match &envoy {
-            Some((_, addr)) => {
-                let e = run(streams, secs, &count, &|| {
+        let direct = run(streams, secs, &count, &|| TcpStream::connect(target).unwrap());
+        let (mesh, mcpu) =
+            run_measured(Some(l4.0.id()), streams, secs, &count, &|| socks5(socks, target));
+        let (e, er, ecpu) = match &envoy {
+            Some((p, addr)) => {
+                let (e, c) = run_measured(Some(p.0.id()), streams, secs, &count, &|| {
                     TcpStream::connect(*addr).unwrap()
                 });
-                (format!("{e:.2}"), format!("{:.2}", e / direct))
+                (format!("{e:.2}"), format!("{:.2}", e / direct), format!("{c:.0}"))
             }
-            None => ("n/a".into(), "n/a".into()),
+            None => ("n/a".into(), "n/a".into(), "n/a".into()),
         };
         println!(
-            "{:<10} {:>10.2} {:>10.2} {:>8.2} {:>10} {:>8}",
+            "{:<8} {:>8.2} {:>8.2} {:>6.2} {:>6.0} {:>8} {:>6} {:>6}",
             streams,
             direct,
             mesh,
             mesh / direct,
+            mcpu,
             e,
-            er
+            er,
+            ecpu
         );
     }
     drop(l4);

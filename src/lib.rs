@@ -11,6 +11,7 @@
 //! `model`, `store` and `proxy::route` do no I/O and are tested with plain `#[test]`s.
 
 pub mod app;
+pub mod identity;
 pub mod config;
 pub mod localconfig;
 pub mod model;

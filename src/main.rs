@@ -8,6 +8,11 @@ static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 fn main() -> std::process::ExitCode {
     let args = l4mesh::config::Args::parse();
     l4mesh::telemetry::init(args.log_format);
+    // Give freed memory back to the OS in the background (jemalloc otherwise returns it only when
+    // the allocator is busy): after a large xDS sync, an idle proxy shrinks back.
+    if let Err(e) = tikv_jemalloc_ctl::background_thread::write(true) {
+        tracing::debug!(error = %e, "jemalloc background purging unavailable");
+    }
     let config = match args.into_config() {
         Ok(c) => c,
         Err(e) => {

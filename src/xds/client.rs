@@ -250,11 +250,13 @@ impl XdsClient {
         resp: DeltaDiscoveryResponse,
     ) -> crate::proto::envoy::discovery::DeltaDiscoveryRequest {
         let known = TYPES.contains(&resp.type_url.as_str());
+        let bytes = resp.encoded_len();
+        let resources = resp.resources.len();
         {
             let mut m = lock(&self.metrics.messages);
             let e = m.entry(resp.type_url.clone()).or_default();
             e.0 += 1;
-            e.1 += resp.encoded_len() as u64;
+            e.1 += bytes as u64;
         }
         let rejected = if known {
             let (batch, rejected) = response_to_batch(&resp);
@@ -272,7 +274,7 @@ impl XdsClient {
         }
         if known {
             if let Some(token) = self.ready.remove(resp.type_url.as_str()) {
-                tracing::info!(type_url = %resp.type_url, "first xDS response applied");
+                tracing::info!(type_url = %resp.type_url, resources, bytes, "first xDS response applied");
                 token.done();
             }
             let now = SystemTime::now()

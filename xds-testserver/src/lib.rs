@@ -28,6 +28,8 @@ mod server;
 mod state;
 mod tls;
 mod watch;
+#[cfg(test)]
+mod scratch_bench;
 
 use std::fmt;
 use std::net::{Ipv4Addr, SocketAddr};
