@@ -8,7 +8,8 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
-use crate::config::{Config, Source};
+use crate::config::{CaSource, Config, Source};
+use crate::identity::{CaClient, LocalCa, SecretManager};
 use crate::localconfig::{self, LocalConfigError};
 use crate::proxy::{InboundPlain, Outbound, ProxyCtx, Socks5};
 use crate::readiness::Readiness;
@@ -26,6 +27,8 @@ pub enum AppError {
         #[source]
         source: std::io::Error,
     },
+    #[error("creating the local CA: {0}")]
+    LocalCa(#[from] crate::identity::CaError),
     #[error("loading the local config: {0}")]
     LocalConfig(#[from] LocalConfigError),
 }
@@ -40,6 +43,8 @@ pub struct Running {
     pub readiness: Readiness,
     /// Present when the state comes from a control plane.
     pub xds_metrics: Option<Arc<XdsMetrics>>,
+    /// The certificates of this node's identities.
+    pub secrets: Arc<SecretManager>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -102,6 +107,30 @@ pub async fn start(config: &Config) -> Result<Running, AppError> {
             tasks.push(tokio::spawn(client.run()));
         }
     }
+
+    let ca = match &config.ca {
+        CaSource::Local { ttl } => CaClient::Local {
+            ca: Arc::new(LocalCa::generate(&config.trust_domain)?),
+            ttl: *ttl,
+        },
+        CaSource::Istio(s) => CaClient::Istio(s.clone()),
+    };
+    tracing::info!(ca = ?ca, "certificate authority");
+    let secrets = SecretManager::new(ca);
+    let only = match (&config.ca, &config.workload_info) {
+        (_, Some(w)) => Some(crate::model::SpiffeId::new(
+            &config.trust_domain,
+            &w.namespace,
+            &w.service_account,
+        )),
+        _ => None,
+    };
+    tasks.push(tokio::spawn(crate::identity::follow_store(
+        store.clone(),
+        config.node_name.clone(),
+        only,
+        secrets.clone(),
+    )));
 
     let outbound_l = bind("outbound", "outbound-addr", config.outbound_addr).await?;
     let inbound_l = bind(
@@ -188,6 +217,7 @@ pub async fn start(config: &Config) -> Result<Running, AppError> {
         store,
         readiness,
         xds_metrics,
+        secrets,
         tasks,
     })
 }

@@ -33,6 +33,19 @@ pub enum Source {
     Xds(XdsSettings),
 }
 
+/// Where workload certificates come from.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CaSource {
+    /// A self-signed CA inside l4mesh (`FAKE_CA=true`, the default without a control plane).
+    Local {
+        #[serde(serialize_with = "crate::model::serialize_duration")]
+        ttl: Duration,
+    },
+    /// Istio's CA (istiod or xds-testserver).
+    Istio(crate::identity::IstioCaSettings),
+}
+
 /// `<namespace>/<name>/<service account>` of the workload a dedicated-mode l4mesh serves.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct WorkloadInfo {
@@ -62,6 +75,7 @@ impl std::str::FromStr for WorkloadInfo {
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Config {
     pub source: Source,
+    pub ca: CaSource,
     pub proxy_mode: ProxyMode,
     pub workload_info: Option<WorkloadInfo>,
     pub node_name: String,
@@ -87,6 +101,9 @@ impl Config {
     pub fn local(ip: std::net::IpAddr) -> Self {
         Self {
             source: Source::EmbeddedDefault,
+            ca: CaSource::Local {
+                ttl: Duration::from_secs(86400),
+            },
             proxy_mode: ProxyMode::Dedicated,
             workload_info: None,
             node_name: String::new(),
@@ -114,6 +131,10 @@ pub enum ConfigError {
     XdsScheme(String),
     #[error("PROXY_MODE=shared is not supported yet; use PROXY_MODE=dedicated")]
     SharedUnsupported,
+    #[error("FAKE_CA=false but no CA_ADDRESS or XDS_ADDRESS is set; expected a CA to ask for certificates")]
+    NoCa,
+    #[error("CA_ADDRESS must start with http:// or https://, found {0:?}")]
+    CaScheme(String),
     #[error("ZTUNNEL_WORKER_THREADS must be at least 1, found 0")]
     NoWorkers,
 }
@@ -224,6 +245,18 @@ pub struct Args {
     /// SOCKS5 listener address (localhost only by default).
     #[arg(long, env = "L4MESH_SOCKS5_ADDR", default_value = "127.0.0.1:15080")]
     pub socks5_addr: SocketAddr,
+    /// Istio CA address for workload certificates; defaults to XDS_ADDRESS when a control plane is set.
+    #[arg(long, env = "CA_ADDRESS", default_value = "")]
+    pub ca_address: String,
+    /// Trust root of the CA server (and the mesh root): PEM file, inline PEM, or SYSTEM; defaults to XDS_ROOT_CA.
+    #[arg(long, env = "CA_ROOT_CA")]
+    pub ca_root_ca: Option<String>,
+    /// Use a self-signed CA inside l4mesh instead of a CA server (default: true without a control plane).
+    #[arg(long, env = "FAKE_CA", value_parser = parse_bool, action = clap::ArgAction::Set)]
+    pub fake_ca: Option<bool>,
+    /// Requested certificate validity (e.g. 24h); renewal happens at half of it.
+    #[arg(long, env = "SECRET_TTL", default_value = "24h", value_parser = parse_duration)]
+    pub secret_ttl: Duration,
     /// Readiness server (`GET /healthz/ready`).
     #[arg(long, env = "L4MESH_READINESS_ADDR", default_value = "0.0.0.0:15021")]
     pub readiness_addr: SocketAddr,
@@ -259,7 +292,7 @@ impl Args {
                 Source::Xds(XdsSettings {
                     address: xds,
                     root_ca: self.xds_root_ca.as_deref().map(RootCa::parse),
-                    auth_token: Some(self.auth_token),
+                    auth_token: Some(self.auth_token.clone()),
                     pod_name: self.pod_name,
                     pod_namespace: self.pod_namespace,
                     instance_ip: self.instance_ip,
@@ -275,8 +308,43 @@ impl Args {
         if self.worker_threads == 0 {
             return Err(ConfigError::NoWorkers);
         }
+        let own_identity = self.proxy_workload_info.as_ref().map(|w| {
+            crate::model::SpiffeId::new(&self.trust_domain, &w.namespace, &w.service_account)
+        });
+        let ca_address = if !self.ca_address.trim().is_empty() {
+            Some(self.ca_address.trim().to_owned())
+        } else if let Source::Xds(x) = &source {
+            Some(x.address.clone())
+        } else {
+            None
+        };
+        let ca = match (self.fake_ca, ca_address) {
+            (Some(true), _) | (None, None) => CaSource::Local {
+                ttl: self.secret_ttl,
+            },
+            (Some(false), None) => return Err(ConfigError::NoCa),
+            (_, Some(address)) => {
+                if !address.starts_with("http://") && !address.starts_with("https://") {
+                    return Err(ConfigError::CaScheme(address));
+                }
+                let root = self
+                    .ca_root_ca
+                    .as_deref()
+                    .or(self.xds_root_ca.as_deref())
+                    .map(RootCa::parse);
+                CaSource::Istio(crate::identity::IstioCaSettings {
+                    address,
+                    root_ca: root,
+                    auth_token: Some(self.auth_token.clone()),
+                    cluster_id: self.cluster_id.clone(),
+                    ttl: self.secret_ttl,
+                    own_identity,
+                })
+            }
+        };
         Ok(Config {
             source,
+            ca,
             proxy_mode: self.proxy_mode,
             workload_info: self.proxy_workload_info,
             node_name: self.node_name,

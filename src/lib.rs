@@ -4,15 +4,18 @@
 //! 1. [`socket`], [`telemetry`], [`readiness`] — basics (the only `unsafe`/libc lives in `socket`);
 //! 2. [`proto`], [`model`] — generated wire types, and the plain domain types validated from them;
 //! 3. [`store`], [`localconfig`] — the lock-free snapshot of the mesh, and the YAML file that feeds it;
-//! 4. [`xds`] — the delta-xDS client that feeds the store from a control plane;
-//! 5. [`proxy`] — the data plane: listeners, routing, copying bytes;
-//! 6. [`config`], [`app`] — typed configuration and the composition root.
+//! 4. [`control_plane`], [`xds`], [`identity`] — the gRPC channel to istiod, the delta-xDS client
+//!    that feeds the store, workload certificates;
+//! 5. [`tls`] — rustls configurations with SPIFFE verification (HBONE's mutual TLS);
+//! 6. [`proxy`] — the data plane: listeners, routing, copying bytes;
+//! 7. [`config`], [`app`] — typed configuration and the composition root.
 //!
 //! `model`, `store` and `proxy::route` do no I/O and are tested with plain `#[test]`s.
 
 pub mod app;
-pub mod identity;
 pub mod config;
+pub mod control_plane;
+pub mod identity;
 pub mod localconfig;
 pub mod model;
 pub mod proto;
@@ -21,4 +24,5 @@ pub mod readiness;
 pub mod socket;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 pub mod xds;

@@ -22,6 +22,8 @@ pub enum CertError {
     Untrusted(String),
     #[error("private key is not a PKCS#8 PEM key: {0}")]
     Key(String),
+    #[error("the returned leaf does not fit the key the CSR was made with: {0}")]
+    KeyMismatch(String),
 }
 
 /// A certificate for one identity, ready for rustls.
@@ -55,7 +57,9 @@ impl WorkloadCert {
 
 /// Half-way between `not_before` and `not_after`.
 pub fn refresh_at(not_before: SystemTime, not_after: SystemTime) -> SystemTime {
-    let life = not_after.duration_since(not_before).unwrap_or(Duration::ZERO);
+    let life = not_after
+        .duration_since(not_before)
+        .unwrap_or(Duration::ZERO);
     not_before + life / 2
 }
 
@@ -73,8 +77,7 @@ pub fn pem_certs(pem: &str) -> Result<Vec<CertificateDer<'static>>, CertError> {
 /// The SPIFFE identity and validity of a DER certificate.
 pub fn leaf_facts(der: &[u8]) -> Result<(SpiffeId, SystemTime, SystemTime), CertError> {
     use x509_parser::prelude::*;
-    let (_, cert) =
-        X509Certificate::from_der(der).map_err(|e| CertError::Parse(e.to_string()))?;
+    let (_, cert) = X509Certificate::from_der(der).map_err(|e| CertError::Parse(e.to_string()))?;
     let mut ids = Vec::new();
     if let Ok(Some(san)) = cert.subject_alternative_name() {
         for name in &san.value.general_names {
@@ -93,7 +96,11 @@ pub fn leaf_facts(der: &[u8]) -> Result<(SpiffeId, SystemTime, SystemTime), Cert
     };
     let secs = |t: i64| UNIX_EPOCH + Duration::from_secs(u64::try_from(t).unwrap_or(0));
     let v = cert.validity();
-    Ok((id, secs(v.not_before.timestamp()), secs(v.not_after.timestamp())))
+    Ok((
+        id,
+        secs(v.not_before.timestamp()),
+        secs(v.not_after.timestamp()),
+    ))
 }
 
 #[cfg(test)]

@@ -10,11 +10,11 @@ use prost::Message;
 use rand::Rng;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 use super::convert::response_to_batch;
 use super::protocol::{Protocol, TYPES};
-use super::settings::{RootCa, XdsSettings};
+use super::settings::XdsSettings;
+use crate::control_plane::{self, error_chain as chain, ChannelError};
 use crate::model::NetworkAddr;
 use crate::proto::envoy::discovery::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use crate::proto::envoy::discovery::{DeltaDiscoveryResponse, Node};
@@ -47,6 +47,16 @@ pub enum XdsError {
     },
     #[error("the control plane at {address} closed the stream")]
     Closed { address: String },
+}
+
+impl From<ChannelError> for XdsError {
+    fn from(e: ChannelError) -> Self {
+        match e {
+            ChannelError::Address { address, reason } => XdsError::Address { address, reason },
+            ChannelError::RootCa { path, source } => XdsError::RootCa { path, source },
+            ChannelError::Connect { address, detail } => XdsError::Connect { address, detail },
+        }
+    }
 }
 
 impl XdsError {
@@ -188,10 +198,13 @@ impl XdsClient {
 
     async fn session(&mut self, got_response: &mut bool) -> XdsError {
         let address = self.settings.address.clone();
-        let channel = match self.connect().await {
-            Ok(c) => c,
-            Err(e) => return e,
-        };
+        let channel =
+            match control_plane::connect(&self.settings.address, self.settings.root_ca.as_ref())
+                .await
+            {
+                Ok(c) => c,
+                Err(e) => return e.into(),
+            };
         let mut client =
             AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(256 << 20);
         let (tx, rx) = mpsc::channel(64);
@@ -200,19 +213,11 @@ impl XdsClient {
             let _ = tx.try_send(req);
         }
         let mut request = tonic::Request::new(ReceiverStream::new(rx));
-        if let Some(token) = self.token() {
-            match format!("Bearer {token}").parse() {
-                Ok(v) => {
-                    request.metadata_mut().insert("authorization", v);
-                }
-                Err(_) => {
-                    tracing::warn!("AUTH_TOKEN holds characters not allowed in a header; not sent")
-                }
-            }
-        }
-        if let Ok(v) = self.cluster_id.parse() {
-            request.metadata_mut().insert("clusterid", v);
-        }
+        control_plane::add_credentials(
+            &mut request,
+            self.settings.auth_token.as_deref(),
+            &self.cluster_id,
+        );
         let mut stream = match client.delta_aggregated_resources(request).await {
             Ok(r) => r.into_inner(),
             Err(status) => return status_error(&address, status),
@@ -285,60 +290,6 @@ impl XdsClient {
         }
         ack
     }
-
-    fn token(&self) -> Option<String> {
-        let path = self.settings.auth_token.as_ref()?;
-        match std::fs::read_to_string(path) {
-            Ok(t) if !t.trim().is_empty() => Some(t.trim().to_owned()),
-            Ok(_) => {
-                tracing::warn!(path = %path.display(), "AUTH_TOKEN file is empty; connecting without a token");
-                None
-            }
-            Err(e) => {
-                tracing::debug!(path = %path.display(), error = %e, "no AUTH_TOKEN file; connecting without a token");
-                None
-            }
-        }
-    }
-
-    async fn connect(&self) -> Result<Channel, XdsError> {
-        let address = &self.settings.address;
-        let bad = |reason: String| XdsError::Address {
-            address: address.clone(),
-            reason,
-        };
-        let mut ep = Endpoint::from_shared(address.clone())
-            .map_err(|e| bad(e.to_string()))?
-            .connect_timeout(Duration::from_secs(5))
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_timeout(Duration::from_secs(10))
-            .keep_alive_while_idle(true);
-        if address.starts_with("https://") {
-            let host = ep
-                .uri()
-                .host()
-                .unwrap_or_default()
-                .trim_matches(['[', ']'])
-                .to_owned();
-            let mut tls = ClientTlsConfig::new().domain_name(host);
-            tls = match &self.settings.root_ca {
-                None | Some(RootCa::System) => tls.with_native_roots(),
-                Some(RootCa::Pem(pem)) => tls.ca_certificate(Certificate::from_pem(pem)),
-                Some(RootCa::File(path)) => {
-                    let pem = std::fs::read(path).map_err(|source| XdsError::RootCa {
-                        path: path.display().to_string(),
-                        source,
-                    })?;
-                    tls.ca_certificate(Certificate::from_pem(pem))
-                }
-            };
-            ep = ep.tls_config(tls).map_err(|e| bad(chain(&e)))?;
-        }
-        ep.connect().await.map_err(|e| XdsError::Connect {
-            address: address.clone(),
-            detail: chain(&e),
-        })
-    }
 }
 
 fn status_error(address: &str, status: tonic::Status) -> XdsError {
@@ -356,21 +307,6 @@ fn status_error(address: &str, status: tonic::Status) -> XdsError {
             status: Box::new(status),
         },
     }
-}
-
-/// An error with all its sources, so that "invalid peer certificate: UnknownIssuer" reaches the log.
-fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let t = c.to_string();
-        if !s.contains(&t) {
-            s.push_str(": ");
-            s.push_str(&t);
-        }
-        cur = c.source();
-    }
-    s
 }
 
 fn jitter(d: Duration) -> Duration {

@@ -2,33 +2,9 @@
 //! owns (`config` builds it from flags and environment).
 
 use std::path::PathBuf;
+
+pub use crate::control_plane::RootCa;
 use std::time::Duration;
-
-/// Where the trust root for the control plane's certificate comes from (`XDS_ROOT_CA`).
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum RootCa {
-    /// The operating system's trust store (`SYSTEM`).
-    System,
-    /// A PEM file.
-    File(PathBuf),
-    /// PEM text given inline.
-    Pem(String),
-}
-
-impl RootCa {
-    /// `SYSTEM`, inline PEM (starts with `-----BEGIN`), or a file path.
-    pub fn parse(s: &str) -> RootCa {
-        let t = s.trim();
-        if t.eq_ignore_ascii_case("SYSTEM") {
-            RootCa::System
-        } else if t.starts_with("-----BEGIN") {
-            RootCa::Pem(t.to_owned())
-        } else {
-            RootCa::File(PathBuf::from(t))
-        }
-    }
-}
 
 /// How to reach and identify to the control plane.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]

@@ -1,0 +1,140 @@
+//! The gRPC channel to the control plane (istiod or xds-testserver), shared by the xDS client and
+//! the CA client: TLS with the configured trust root (or plaintext for `http://`), and the
+//! per-call credentials istiod expects (`authorization: Bearer <token>`, `clusterid`).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+
+/// Where the trust root for the control plane's certificate comes from (`XDS_ROOT_CA`).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RootCa {
+    /// The operating system's trust store (`SYSTEM`).
+    System,
+    /// A PEM file.
+    File(PathBuf),
+    /// PEM text given inline.
+    Pem(String),
+}
+
+impl RootCa {
+    /// `SYSTEM`, inline PEM (starts with `-----BEGIN`), or a file path.
+    pub fn parse(s: &str) -> RootCa {
+        let t = s.trim();
+        if t.eq_ignore_ascii_case("SYSTEM") {
+            RootCa::System
+        } else if t.starts_with("-----BEGIN") {
+            RootCa::Pem(t.to_owned())
+        } else {
+            RootCa::File(PathBuf::from(t))
+        }
+    }
+}
+
+/// Why a channel could not be opened; the text says what to check.
+#[derive(Debug, thiserror::Error)]
+pub enum ChannelError {
+    #[error("invalid control-plane address {address:?}: {reason}")]
+    Address { address: String, reason: String },
+    #[error("reading the control plane's root certificate {path}: {source}")]
+    RootCa {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("connecting to the control plane at {address} failed: {detail} (is it running and reachable? for https, is the configured root the one that signed its certificate?)")]
+    Connect { address: String, detail: String },
+}
+
+/// Opens a channel to `address` (`https://` with TLS verified against `root_ca`, or `http://`).
+pub async fn connect(address: &str, root_ca: Option<&RootCa>) -> Result<Channel, ChannelError> {
+    let bad = |reason: String| ChannelError::Address {
+        address: address.to_owned(),
+        reason,
+    };
+    let mut ep = Endpoint::from_shared(address.to_owned())
+        .map_err(|e| bad(e.to_string()))?
+        .connect_timeout(Duration::from_secs(5))
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .keep_alive_while_idle(true);
+    if address.starts_with("https://") {
+        let host = ep
+            .uri()
+            .host()
+            .unwrap_or_default()
+            .trim_matches(['[', ']'])
+            .to_owned();
+        let mut tls = ClientTlsConfig::new().domain_name(host);
+        tls = match root_ca {
+            None | Some(RootCa::System) => tls.with_native_roots(),
+            Some(RootCa::Pem(pem)) => tls.ca_certificate(Certificate::from_pem(pem)),
+            Some(RootCa::File(path)) => {
+                let pem = std::fs::read(path).map_err(|source| ChannelError::RootCa {
+                    path: path.display().to_string(),
+                    source,
+                })?;
+                tls.ca_certificate(Certificate::from_pem(pem))
+            }
+        };
+        ep = ep.tls_config(tls).map_err(|e| bad(error_chain(&e)))?;
+    }
+    ep.connect().await.map_err(|e| ChannelError::Connect {
+        address: address.to_owned(),
+        detail: error_chain(&e),
+    })
+}
+
+/// Reads the token file (re-read on every call: Kubernetes rotates it). No file, no token.
+pub fn read_token(path: Option<&Path>) -> Option<String> {
+    let path = path?;
+    match std::fs::read_to_string(path) {
+        Ok(t) if !t.trim().is_empty() => Some(t.trim().to_owned()),
+        Ok(_) => {
+            tracing::warn!(path = %path.display(), "AUTH_TOKEN file is empty; connecting without a token");
+            None
+        }
+        Err(e) => {
+            tracing::debug!(path = %path.display(), error = %e, "no AUTH_TOKEN file; connecting without a token");
+            None
+        }
+    }
+}
+
+/// Adds `authorization: Bearer <token>` (when a token file is readable) and `clusterid`.
+pub fn add_credentials<T>(
+    req: &mut tonic::Request<T>,
+    token_file: Option<&Path>,
+    cluster_id: &str,
+) {
+    if let Some(token) = read_token(token_file) {
+        match format!("Bearer {token}").parse() {
+            Ok(v) => {
+                req.metadata_mut().insert("authorization", v);
+            }
+            Err(_) => {
+                tracing::warn!("AUTH_TOKEN holds characters not allowed in a header; not sent")
+            }
+        }
+    }
+    if let Ok(v) = cluster_id.parse() {
+        req.metadata_mut().insert("clusterid", v);
+    }
+}
+
+/// An error with all its sources, so that "invalid peer certificate: UnknownIssuer" reaches the log.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let t = c.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        cur = c.source();
+    }
+    s
+}

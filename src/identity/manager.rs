@@ -1,0 +1,276 @@
+//! One certificate per identity, kept fresh: fetched on first need (or prefetched when a workload
+//! of this node appears), renewed at half its lifetime, retried with backoff on CA failure while the
+//! current certificate stays in use until it expires. Concurrent requests for one identity share
+//! one fetch (one worker task per identity publishes into a watch channel).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use super::ca_client::CaClient;
+use super::cert::WorkloadCert;
+use crate::model::SpiffeId;
+
+const RETRY_MIN: Duration = Duration::from_millis(200);
+const RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// The state of one identity's certificate, observable for operators.
+#[derive(Clone, Debug)]
+pub enum CertState {
+    Initializing,
+    Available(Arc<WorkloadCert>),
+    /// The last fetch failed; `current` is still served while valid.
+    Unavailable {
+        error: String,
+        current: Option<Arc<WorkloadCert>>,
+    },
+}
+
+impl CertState {
+    /// The certificate to use now, if any is valid.
+    pub fn usable(&self, now: SystemTime) -> Option<Arc<WorkloadCert>> {
+        match self {
+            CertState::Available(c) => Some(c.clone()),
+            CertState::Unavailable {
+                current: Some(c), ..
+            } if c.is_valid_at(now) => Some(c.clone()),
+            _ => None,
+        }
+    }
+}
+
+/// A summary for `/config_dump` and metrics.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct CertStatus {
+    pub identity: String,
+    /// `initializing`, `available` or `unavailable`.
+    pub state: &'static str,
+    pub error: Option<String>,
+    /// Seconds since the Unix epoch.
+    pub expiry: Option<u64>,
+}
+
+/// Why no certificate could be had.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("no certificate for {identity}: {reason}")]
+pub struct NoCertificate {
+    pub identity: SpiffeId,
+    pub reason: String,
+}
+
+struct Entry {
+    state: watch::Receiver<CertState>,
+    worker: JoinHandle<()>,
+}
+
+impl Drop for Entry {
+    fn drop(&mut self) {
+        self.worker.abort();
+    }
+}
+
+/// The certificate manager.
+pub struct SecretManager {
+    ca: CaClient,
+    entries: Mutex<HashMap<SpiffeId, Entry>>,
+}
+
+impl SecretManager {
+    pub fn new(ca: CaClient) -> Arc<Self> {
+        Arc::new(Self {
+            ca,
+            entries: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SpiffeId, Entry>> {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts keeping a certificate for `id` (no-op if already kept). Needs a tokio runtime.
+    pub fn prefetch(&self, id: &SpiffeId) -> watch::Receiver<CertState> {
+        let mut entries = self.lock();
+        if let Some(e) = entries.get(id) {
+            return e.state.clone();
+        }
+        let (tx, rx) = watch::channel(CertState::Initializing);
+        let worker = tokio::spawn(keep_fresh(self.ca.clone(), id.clone(), tx));
+        entries.insert(
+            id.clone(),
+            Entry {
+                state: rx.clone(),
+                worker,
+            },
+        );
+        rx
+    }
+
+    /// The current certificate for `id`, waiting for the first fetch if needed. Fails when the CA
+    /// could not issue one and no valid one is held.
+    pub async fn fetch(&self, id: &SpiffeId) -> Result<Arc<WorkloadCert>, NoCertificate> {
+        let mut rx = self.prefetch(id);
+        loop {
+            let state = rx.borrow_and_update().clone();
+            match state {
+                CertState::Initializing => {}
+                s => {
+                    if let Some(c) = s.usable(SystemTime::now()) {
+                        return Ok(c);
+                    }
+                    if let CertState::Unavailable { error, .. } = s {
+                        return Err(NoCertificate {
+                            identity: id.clone(),
+                            reason: error,
+                        });
+                    }
+                }
+            }
+            if rx.changed().await.is_err() {
+                return Err(NoCertificate {
+                    identity: id.clone(),
+                    reason: "the identity was dropped while waiting".into(),
+                });
+            }
+        }
+    }
+
+    /// The certificate to use now, without waiting.
+    pub fn current(&self, id: &SpiffeId) -> Option<Arc<WorkloadCert>> {
+        let entries = self.lock();
+        let state = entries.get(id)?.state.borrow().clone();
+        state.usable(SystemTime::now())
+    }
+
+    /// Stops keeping `id` (its workloads left the node).
+    pub fn forget(&self, id: &SpiffeId) {
+        self.lock().remove(id);
+    }
+
+    /// Keeps exactly `ids`: prefetches new ones, forgets the others.
+    pub fn retain(&self, ids: &[SpiffeId]) {
+        let stale: Vec<SpiffeId> = self
+            .lock()
+            .keys()
+            .filter(|k| !ids.contains(k))
+            .cloned()
+            .collect();
+        for id in stale {
+            tracing::info!(identity = %id, "dropping the certificate of an identity no longer on this node");
+            self.forget(&id);
+        }
+        for id in ids {
+            self.prefetch(id);
+        }
+    }
+
+    /// Every identity kept, with its state and expiry.
+    pub fn status(&self) -> Vec<CertStatus> {
+        let entries = self.lock();
+        let mut out: Vec<CertStatus> = entries
+            .iter()
+            .map(|(id, e)| {
+                let state = e.state.borrow().clone();
+                let expiry = |c: &WorkloadCert| {
+                    c.not_after
+                        .duration_since(SystemTime::UNIX_EPOCH)
+                        .ok()
+                        .map(|d| d.as_secs())
+                };
+                let (name, error, exp) = match &state {
+                    CertState::Initializing => ("initializing", None, None),
+                    CertState::Available(c) => ("available", None, expiry(c)),
+                    CertState::Unavailable { error, current } => (
+                        "unavailable",
+                        Some(error.clone()),
+                        current.as_deref().and_then(expiry),
+                    ),
+                };
+                CertStatus {
+                    identity: id.to_string(),
+                    state: name,
+                    error,
+                    expiry: exp,
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.identity.cmp(&b.identity));
+        out
+    }
+}
+
+/// Fetches, publishes, sleeps until half-life, repeats; on failure keeps the current certificate
+/// and retries with backoff (never sleeping past the moment it must be renewed).
+async fn keep_fresh(ca: CaClient, id: SpiffeId, tx: watch::Sender<CertState>) {
+    let mut retry = RETRY_MIN;
+    loop {
+        match ca.fetch(&id).await {
+            Ok(cert) => {
+                let cert = Arc::new(cert);
+                // Half of the remaining life at receipt: CAs backdate not_before for clock skew,
+                // which would otherwise make short-lived certificates renew at once.
+                let now = SystemTime::now();
+                let start = cert.not_before.max(now);
+                let wait = super::cert::refresh_at(start, cert.not_after)
+                    .duration_since(now)
+                    .unwrap_or(Duration::ZERO);
+                tracing::info!(identity = %id, expires_in = ?cert.not_after.duration_since(SystemTime::now()).unwrap_or_default(), renew_in = ?wait, "certificate issued");
+                tx.send_replace(CertState::Available(cert));
+                retry = RETRY_MIN;
+                tokio::time::sleep(wait.max(Duration::from_millis(100))).await;
+            }
+            Err(e) => {
+                let current = tx.borrow().usable(SystemTime::now());
+                tracing::warn!(identity = %id, error = %e, retry_in = ?retry, still_serving = current.is_some(), "certificate fetch failed");
+                tx.send_replace(CertState::Unavailable {
+                    error: e.to_string(),
+                    current,
+                });
+                tokio::time::sleep(retry).await;
+                retry = (retry * 2).min(RETRY_MAX);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::LocalCa;
+
+    fn manager(ttl: Duration) -> Arc<SecretManager> {
+        let ca = Arc::new(LocalCa::generate("cluster.local").unwrap());
+        SecretManager::new(CaClient::Local { ca, ttl })
+    }
+
+    #[tokio::test]
+    async fn concurrent_fetches_share_one_certificate() {
+        let m = manager(Duration::from_secs(3600));
+        let id: SpiffeId = "spiffe://cluster.local/ns/a/sa/b".parse().unwrap();
+        let (c1, c2) = tokio::join!(m.fetch(&id), m.fetch(&id));
+        let (c1, c2) = (c1.unwrap(), c2.unwrap());
+        assert!(Arc::ptr_eq(&c1, &c2), "one fetch for both callers");
+        assert_eq!(c1.identity, id);
+        let st = m.status();
+        assert_eq!(st.len(), 1);
+        assert_eq!(st[0].state, "available");
+        assert!(st[0].expiry.is_some());
+    }
+
+    #[tokio::test]
+    async fn renews_at_half_life_and_forgets() {
+        let m = manager(Duration::from_secs(2));
+        let id: SpiffeId = "spiffe://cluster.local/ns/a/sa/b".parse().unwrap();
+        let first = m.fetch(&id).await.unwrap();
+        // Renewal is due ~1 s after issue; well before the 2 s expiry a new one is current.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let second = m.current(&id).unwrap();
+        assert!(!Arc::ptr_eq(&first, &second), "renewed before expiry");
+        assert!(second.not_after > first.not_after);
+        m.retain(&[]);
+        assert!(m.current(&id).is_none());
+        assert!(m.status().is_empty());
+    }
+}
