@@ -241,15 +241,22 @@ fn main() {
         "streams", "direct", "l4mesh", "ratio", "cpu%", "envoy", "ratio", "cpu%"
     );
     for streams in [1, 4] {
-        let direct = run(streams, secs, &count, &|| TcpStream::connect(target).unwrap());
-        let (mesh, mcpu) =
-            run_measured(Some(l4.0.id()), streams, secs, &count, &|| socks5(socks, target));
+        let direct = run(streams, secs, &count, &|| {
+            TcpStream::connect(target).unwrap()
+        });
+        let (mesh, mcpu) = run_measured(Some(l4.0.id()), streams, secs, &count, &|| {
+            socks5(socks, target)
+        });
         let (e, er, ecpu) = match &envoy {
             Some((p, addr)) => {
                 let (e, c) = run_measured(Some(p.0.id()), streams, secs, &count, &|| {
                     TcpStream::connect(*addr).unwrap()
                 });
-                (format!("{e:.2}"), format!("{:.2}", e / direct), format!("{c:.0}"))
+                (
+                    format!("{e:.2}"),
+                    format!("{:.2}", e / direct),
+                    format!("{c:.0}"),
+                )
             }
             None => ("n/a".into(), "n/a".into(), "n/a".into()),
         };

@@ -43,7 +43,9 @@ fn state(workloads: u32, services: u32) -> String {
 }
 
 fn ready(addr: &str) -> bool {
-    let Ok(mut s) = TcpStream::connect(addr) else { return false };
+    let Ok(mut s) = TcpStream::connect(addr) else {
+        return false;
+    };
     let _ = s.write_all(b"GET /healthz/ready HTTP/1.0\r\n\r\n");
     let mut out = String::new();
     let _ = s.read_to_string(&mut out);
@@ -83,9 +85,14 @@ fn main() {
     let yaml = state(n, services);
     let t = Instant::now();
     let ts = rt
-        .block_on(Handle::start(xds_testserver::Config::new(StateSource::Yaml(yaml))))
+        .block_on(Handle::start(xds_testserver::Config::new(
+            StateSource::Yaml(yaml),
+        )))
         .unwrap();
-    println!("testserver loaded {n} workloads + {services} services in {:.2?}", t.elapsed());
+    println!(
+        "testserver loaded {n} workloads + {services} services in {:.2?}",
+        t.elapsed()
+    );
     let url = format!("http://{}", ts.addr());
 
     // 1. A separate l4mesh process syncing from scratch.
@@ -109,15 +116,25 @@ fn main() {
         let mut bytes = 0u64;
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             if line.contains("first xDS response applied") {
-                if let Some(b) = line.split("bytes=").nth(1).and_then(|r| r.split_whitespace().next()) {
-                    bytes += b.trim_matches(|c: char| !c.is_ascii_digit()).parse::<u64>().unwrap_or(0);
+                if let Some(b) = line
+                    .split("bytes=")
+                    .nth(1)
+                    .and_then(|r| r.split_whitespace().next())
+                {
+                    bytes += b
+                        .trim_matches(|c: char| !c.is_ascii_digit())
+                        .parse::<u64>()
+                        .unwrap_or(0);
                 }
             }
         }
         bytes
     });
     while !ready(readiness) {
-        assert!(t.elapsed() < Duration::from_secs(120), "l4mesh never became ready");
+        assert!(
+            t.elapsed() < Duration::from_secs(120),
+            "l4mesh never became ready"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
     let sync = t.elapsed();

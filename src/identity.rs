@@ -36,8 +36,7 @@ pub async fn follow_store(
             None => {
                 let snap = store.load();
                 let mut ids: Vec<SpiffeId> = snap
-                    .workloads()
-                    .filter(|w| w.node == node_name)
+                    .workloads_on_node(&node_name)
                     .map(|w| w.identity())
                     .collect();
                 ids.sort();

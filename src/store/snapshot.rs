@@ -21,6 +21,8 @@ pub struct Snapshot {
     /// and hostnames can be shared (a reused pod IP, host-network pods, one external host declared in
     /// two namespaces), so removing one holder falls back to another (see [`index_add`]).
     workload_by_addr: HashMap<NetworkAddr, Vec<WorkloadUid>>,
+    /// Node name → its workloads: what a node proxy serves inbound and holds certificates for.
+    workloads_by_node: HashMap<Arc<str>, HashSet<WorkloadUid>>,
     services: HashMap<ServiceKey, Arc<Service>>,
     service_by_vip: HashMap<NetworkAddr, Vec<ServiceKey>>,
     service_by_host: HashMap<Arc<str>, Vec<ServiceKey>>,
@@ -105,6 +107,18 @@ impl Snapshot {
             .chain(selected)
     }
 
+    /// The workloads whose `node` is `node` (cost proportional to their number, not the mesh's).
+    pub fn workloads_on_node<'a>(
+        &'a self,
+        node: &str,
+    ) -> impl Iterator<Item = &'a Arc<Workload>> + 'a {
+        self.workloads_by_node
+            .get(node)
+            .into_iter()
+            .flat_map(|s| s.iter())
+            .filter_map(|uid| self.workloads.get(uid))
+    }
+
     pub fn workloads(&self) -> impl Iterator<Item = &Arc<Workload>> {
         self.workloads.values()
     }
@@ -163,6 +177,14 @@ impl Snapshot {
             eps.insert(w.uid.clone(), ep);
             self.endpoints.insert(svc.clone(), eps);
         }
+        let node: Arc<str> = w.node.as_str().into();
+        let mut on_node = self
+            .workloads_by_node
+            .get(&node)
+            .cloned()
+            .unwrap_or_default();
+        on_node.insert(w.uid.clone());
+        self.workloads_by_node.insert(node, on_node);
         self.workloads.insert(w.uid.clone(), Arc::new(w));
     }
 
@@ -172,6 +194,12 @@ impl Snapshot {
         };
         for addr in old.network_addrs() {
             index_remove(&mut self.workload_by_addr, &addr, uid);
+        }
+        if let Some(on_node) = self.workloads_by_node.get_mut(old.node.as_str()) {
+            on_node.remove(uid);
+            if on_node.is_empty() {
+                self.workloads_by_node.remove(old.node.as_str());
+            }
         }
         for svc in old.services.keys() {
             if let Some(eps) = self.endpoints.get_mut(svc) {

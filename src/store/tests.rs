@@ -955,3 +955,45 @@ fn services_sharing_a_hostname_or_vip_survive_each_others_removal() {
     assert!(snap.service_by_hostname("api.example.com").is_none());
     assert!(snap.service_by_vip(&addr("240.240.0.1")).is_none());
 }
+
+#[test]
+fn workloads_on_node_follow_upserts_and_removals() {
+    use crate::proto::istio::workload as pw;
+    let wl = |name: &str, node: &str| {
+        Workload::try_from(pw::Workload {
+            uid: format!("c//v1/Pod/ns/{name}"),
+            name: name.into(),
+            namespace: "ns".into(),
+            node: node.into(),
+            ..Default::default()
+        })
+        .unwrap()
+    };
+    let store = Store::new();
+    store.apply(Batch {
+        upserts: vec![
+            Upsert::Workload(wl("a", "n1")),
+            Upsert::Workload(wl("b", "n1")),
+            Upsert::Workload(wl("c", "n2")),
+        ],
+        ..Default::default()
+    });
+    let names = |node: &str| {
+        let mut v: Vec<String> = store
+            .load()
+            .workloads_on_node(node)
+            .map(|w| w.name.clone())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(names("n1"), vec!["a", "b"]);
+    // Moving b to n2, removing a.
+    store.apply(Batch {
+        upserts: vec![Upsert::Workload(wl("b", "n2"))],
+        removals: vec![Removal::Address("c//v1/Pod/ns/a".into())],
+        ..Default::default()
+    });
+    assert!(names("n1").is_empty());
+    assert_eq!(names("n2"), vec!["b", "c"]);
+}

@@ -8,9 +8,11 @@
 //! admin API; every change is pushed to every connected client as a delta.
 //!
 //! Module map:
-//! - `state`: the resources served, their content-hash versions and the address index (pure);
+//! - `state`: the resources served, their content-hash versions, the address index and the log of
+//!   recent changes, in persistent maps (pure);
 //! - `protocol`: per-stream delta bookkeeping: subscriptions, what the client holds, nonces,
-//!   ACK/NACK, the response for a state change (pure, unit-tested without sockets);
+//!   ACK/NACK, the response for a state change, computed from the changed names (pure, unit-tested
+//!   without sockets);
 //! - `ads`: the tonic service and the per-stream task around `protocol`;
 //! - `clients`: the registry of connected and recently disconnected clients and of NACKs;
 //! - `admin`: the axum admin API; `watch`: the file watch; `tls`: the mesh CA and serving certificate;
@@ -28,8 +30,6 @@ mod server;
 mod state;
 mod tls;
 mod watch;
-#[cfg(test)]
-mod scratch_bench;
 
 use std::fmt;
 use std::net::{Ipv4Addr, SocketAddr};

@@ -16,18 +16,28 @@
 //! - The first request of each type is always answered, even when there is nothing to send, so that
 //!   a client knows its initial sync is done; later requests are answered only when there is a delta.
 //!
-//! Not here: sockets, locks, clocks (time is an argument), logging, authentication.
+//! Cost: a type remembers the id of the state it last synced to; a later state of the same history
+//! is caught up from its change log, so a change of k resources (or a request (un)subscribing k
+//! names) costs O(k · log N), and an ACK O(resources it acknowledges). A full diff (O(N)) is done on
+//! the first request of a type, when the wildcard is (un)subscribed, and for a state of another
+//! history ([`State::replace`], a stream too far behind), e.g. a file reload or `set_state_yaml`.
+//!
+//! Not here: sockets, locks, clocks (time is an argument), logging, authentication; the per-type
+//! bookkeeping itself is in `type_state`.
 
 #[cfg(test)]
+mod incremental_tests;
+#[cfg(test)]
 mod tests;
+mod type_state;
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::BTreeMap;
 
-use l4mesh::proto::envoy::discovery::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource};
-use prost_types::Any;
+use l4mesh::proto::envoy::discovery::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
 
 use crate::state::State;
 use crate::Kind;
+use type_state::{Delta, Sent, Touched, TypeState};
 
 /// Responses kept awaiting an ACK per type; older ones are forgotten (a client that never ACKs).
 const MAX_OUTSTANDING: usize = 64;
@@ -94,190 +104,6 @@ pub(crate) struct Output {
     pub events: Vec<Event>,
 }
 
-/// One response awaiting its ACK: what it changed.
-#[derive(Clone, Debug)]
-struct Sent {
-    nonce: String,
-    upserts: Vec<(String, String)>,
-    removals: Vec<String>,
-}
-
-#[derive(Clone, Debug, Default)]
-struct TypeState {
-    wildcard: bool,
-    names: BTreeSet<String>,
-    /// Name → version the client holds (or was sent).
-    held: BTreeMap<String, String>,
-    /// Aliases each held resource was last sent with.
-    sent_aliases: BTreeMap<String, BTreeSet<String>>,
-    /// Name → version the client ACKed.
-    acked: BTreeMap<String, String>,
-    outstanding: VecDeque<Sent>,
-    last_acked_nonce: Option<String>,
-    nacks: VecDeque<NackInfo>,
-    responses_sent: u64,
-    acks: u64,
-}
-
-/// The delta: resources to send and names to remove.
-struct Delta {
-    resources: Vec<Resource>,
-    removed: Vec<String>,
-}
-
-impl TypeState {
-    /// Applies a subscription change.
-    fn subscribe(&mut self, req: &DeltaDiscoveryRequest, first: bool) {
-        if first && req.resource_names_subscribe.is_empty() {
-            self.wildcard = true;
-        }
-        for name in &req.resource_names_subscribe {
-            if name == "*" {
-                self.wildcard = true;
-            } else {
-                self.names.insert(name.clone());
-            }
-        }
-        for name in &req.resource_names_unsubscribe {
-            if name == "*" {
-                self.wildcard = false;
-            } else {
-                self.names.remove(name);
-            }
-        }
-        if first {
-            for (name, version) in &req.initial_resource_versions {
-                self.held.insert(name.clone(), version.clone());
-                if !self.wildcard {
-                    self.names.insert(name.clone());
-                }
-            }
-        }
-    }
-
-    /// Handles `response_nonce` / `error_detail`.
-    fn ack(&mut self, kind: Kind, req: &DeltaDiscoveryRequest, now_unix_ms: u64) -> Option<Event> {
-        if req.response_nonce.is_empty() {
-            return None;
-        }
-        let nonce = req.response_nonce.clone();
-        let sent = self
-            .outstanding
-            .iter()
-            .position(|s| s.nonce == nonce)
-            .and_then(|i| self.outstanding.remove(i));
-        if let Some(status) = &req.error_detail {
-            let resources = sent.map_or_else(Vec::new, |s| {
-                s.upserts
-                    .into_iter()
-                    .map(|(name, _)| name)
-                    .chain(s.removals)
-                    .collect()
-            });
-            let nack = NackInfo {
-                nonce,
-                code: status.code,
-                message: status.message.clone(),
-                time_unix_ms: now_unix_ms,
-                resources,
-            };
-            if self.nacks.len() == MAX_NACKS {
-                self.nacks.pop_front();
-            }
-            self.nacks.push_back(nack.clone());
-            return Some(Event::Nack { kind, nack });
-        }
-        let Some(sent) = sent else {
-            return Some(Event::UnknownNonce { kind, nonce });
-        };
-        for (name, version) in sent.upserts {
-            self.acked.insert(name, version);
-        }
-        for name in sent.removals {
-            self.acked.remove(&name);
-        }
-        self.acks += 1;
-        self.last_acked_nonce = Some(nonce.clone());
-        Some(Event::Ack { kind, nonce })
-    }
-
-    /// What the client should receive to match `state`, recorded as held.
-    fn delta(&mut self, kind: Kind, state: &State) -> Delta {
-        // Canonical name → the subscribed aliases that resolve to it.
-        let mut interest: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-        if self.wildcard {
-            for e in state.entries(kind) {
-                interest.insert(e.name.clone(), BTreeSet::new());
-            }
-        }
-        for name in &self.names {
-            if let Some(e) = state.resolve(kind, name) {
-                let aliases = interest.entry(e.name.clone()).or_default();
-                if *name != e.name {
-                    aliases.insert(name.clone());
-                }
-            }
-        }
-        let mut resources = Vec::new();
-        for (name, aliases) in interest.iter() {
-            let Some(entry) = state.get(kind, name) else {
-                continue;
-            };
-            let known_aliases = self.sent_aliases.get(name);
-            let new_alias = aliases
-                .iter()
-                .any(|a| !known_aliases.is_some_and(|k| k.contains(a)));
-            let outdated = self.held.get(name) != Some(&entry.version);
-            if outdated || new_alias {
-                resources.push(Resource {
-                    name: name.clone(),
-                    aliases: aliases.iter().cloned().collect(),
-                    version: entry.version.clone(),
-                    resource: Some(Any {
-                        type_url: kind.type_url().to_owned(),
-                        value: entry.value.clone(),
-                    }),
-                    ttl: None,
-                    cache_control: None,
-                });
-                self.held.insert(name.clone(), entry.version.clone());
-            }
-            self.sent_aliases.insert(name.clone(), aliases.clone());
-        }
-        let removed: Vec<String> = self
-            .held
-            .keys()
-            .filter(|h| !interest.contains_key(*h))
-            .cloned()
-            .collect();
-        for name in &removed {
-            self.held.remove(name);
-            self.sent_aliases.remove(name);
-        }
-        Delta { resources, removed }
-    }
-
-    fn info(&self, kind: Kind) -> TypeInfo {
-        let acked = self
-            .held
-            .iter()
-            .filter(|(name, version)| self.acked.get(*name) == Some(version))
-            .count();
-        TypeInfo {
-            type_url: kind.type_url().to_owned(),
-            wildcard: self.wildcard,
-            subscribed: self.names.iter().cloned().collect(),
-            held: self.held.len(),
-            acked,
-            last_acked_nonce: self.last_acked_nonce.clone(),
-            pending_nonces: self.outstanding.iter().map(|s| s.nonce.clone()).collect(),
-            responses_sent: self.responses_sent,
-            acks: self.acks,
-            nacks: self.nacks.iter().cloned().collect(),
-        }
-    }
-}
-
 /// The delta-xDS state of one stream.
 #[derive(Debug)]
 pub(crate) struct StreamState {
@@ -326,8 +152,8 @@ impl StreamState {
         let first = !self.types.contains_key(&kind);
         let ts = self.types.entry(kind).or_default();
         out.events.extend(ts.ack(kind, req, now_unix_ms));
-        ts.subscribe(req, first);
-        let delta = ts.delta(kind, state);
+        let touched = ts.subscribe(kind, req, first);
+        let delta = ts.sync(kind, state, touched);
         out.responses
             .extend(self.respond(kind, state, delta, first));
         out
@@ -339,7 +165,7 @@ impl StreamState {
         let mut responses = Vec::new();
         for kind in kinds {
             if let Some(ts) = self.types.get_mut(&kind) {
-                let delta = ts.delta(kind, state);
+                let delta = ts.sync(kind, state, Touched::Names(Vec::new()));
                 responses.extend(self.respond(kind, state, delta, false));
             }
         }

@@ -76,7 +76,8 @@ impl Shared {
         self.next_client_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Applies `f` to a copy of the state and publishes it when `f` says it changed something.
+    /// Applies `f` to a copy of the state (O(1): its maps are persistent) and publishes it when `f`
+    /// says it changed something.
     fn modify(&self, f: impl FnOnce(&mut State) -> bool) -> bool {
         self.state.send_if_modified(|current| {
             let mut next = State::clone(current);

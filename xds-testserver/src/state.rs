@@ -1,6 +1,6 @@
 //! The resources the server serves: per [`Kind`], a map from resource name to the encoded `Any`
 //! value and its version, plus the index that resolves on-demand names (`<network>/<ip>`) to the
-//! workload or service holding that address.
+//! workload or service holding that address, and a log of the most recent changes.
 //!
 //! Invariants: a version is the FNV-1a 64 hash (hex) of the exact bytes served, so it is the same
 //! across server restarts for the same content; encoding is deterministic (the one protobuf map,
@@ -8,22 +8,41 @@
 //! l4mesh's own parser and model conversions, so the server never serves a file l4mesh would refuse
 //! (use [`State::put_raw`] for that on purpose).
 //!
+//! Cost: the maps are persistent (`imbl`), so cloning a state is O(1) and a change of k resources
+//! costs O(k · log N), index and system version included. Every state has an id, fresh for each
+//! change and shared by clones; the log says, per change, which names may now look different to a
+//! subscriber (the resources changed, and the resources an address alias resolved to before or
+//! after), so that a stream in sync with an older id can catch up by recomputing only those names
+//! ([`State::changes_since`]). [`State::replace`] starts a new history: streams diff everything then.
+//!
 //! Not here: who holds what (see `protocol`), I/O, locking.
 
+mod encode;
 #[cfg(test)]
 pub(crate) mod tests;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use imbl::{OrdMap, Vector};
 use l4mesh::localconfig::{LocalConfig, LocalConfigError};
-use l4mesh::proto::istio::security as psec;
-use l4mesh::proto::istio::workload as pw;
-use prost::Message;
+
+pub(crate) use encode::version_of;
 
 use crate::Kind;
+
+/// Changes kept in a state's log; a stream further behind diffs everything.
+const MAX_LOG: usize = 1024;
+
+/// Source of state ids: unique within the process, increasing along a history.
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+fn fresh_id() -> u64 {
+    NEXT_ID.fetch_add(1, Ordering::Relaxed)
+}
 
 /// One resource as served.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -61,36 +80,111 @@ impl Entry {
     }
 }
 
+/// The resources holding one `<network>/<ip>`.
+#[derive(Clone, Debug, Default)]
+struct Holders {
+    workloads: BTreeSet<String>,
+    services: BTreeSet<String>,
+}
+
+impl Holders {
+    /// The resource the address resolves to: a workload IP wins over a VIP (ztunnel's lookup order
+    /// for an address is workloads, then services); among equals, the greatest name.
+    fn winner(&self) -> Option<&String> {
+        self.workloads.last().or_else(|| self.services.last())
+    }
+
+    fn set(&mut self, origin: Origin) -> Option<&mut BTreeSet<String>> {
+        match origin {
+            Origin::Workload => Some(&mut self.workloads),
+            Origin::Service => Some(&mut self.services),
+            Origin::Policy | Origin::Raw => None,
+        }
+    }
+}
+
 /// The resources of one kind.
 #[derive(Clone, Debug, Default)]
 struct KindState {
-    resources: BTreeMap<String, Arc<Entry>>,
-    /// `<network>/<ip>` → resource name; workloads win over services on a shared address.
-    by_address: BTreeMap<String, String>,
-    /// Hash of every (name, version): the `system_version_info` of responses.
+    resources: OrdMap<String, Arc<Entry>>,
+    /// `<network>/<ip>` → the resources holding it.
+    by_address: OrdMap<String, Holders>,
+    /// Wrapping sum of the [`encode::entry_share`] of every resource.
+    share_sum: u64,
+    /// `share_sum` in hex: the `system_version_info` of responses.
     system_version: String,
 }
 
 impl KindState {
-    fn reindex(&mut self) {
-        self.by_address.clear();
-        // Services first, then workloads overwrite: a workload IP wins over a VIP (ztunnel's lookup
-        // order for an address is workloads, then services).
-        for origin in [Origin::Service, Origin::Workload] {
-            for e in self.resources.values().filter(|e| e.origin == origin) {
-                for a in &e.addresses {
-                    self.by_address.insert(a.clone(), e.name.clone());
-                }
+    /// Puts `entry` in place of any resource of its name; adds the names it affects to `changed`.
+    fn insert(&mut self, entry: Arc<Entry>, changed: &mut BTreeSet<String>) {
+        let name = entry.name.clone();
+        if let Some(old) = self.resources.insert(name.clone(), entry.clone()) {
+            self.unindex(&old, changed);
+        }
+        self.index(&entry, changed);
+        changed.insert(name);
+    }
+
+    /// Removes the resource `name`, if any; adds the names it affects to `changed`.
+    fn remove(&mut self, name: &str, changed: &mut BTreeSet<String>) -> bool {
+        let Some(old) = self.resources.remove(name) else {
+            return false;
+        };
+        self.unindex(&old, changed);
+        changed.insert(name.to_owned());
+        true
+    }
+
+    fn index(&mut self, e: &Entry, changed: &mut BTreeSet<String>) {
+        self.share_sum = self
+            .share_sum
+            .wrapping_add(encode::entry_share(&e.name, &e.version));
+        for a in &e.addresses {
+            let holders = self.by_address.entry(a.clone()).or_default();
+            changed.extend(holders.winner().cloned());
+            if let Some(set) = holders.set(e.origin) {
+                set.insert(e.name.clone());
+            }
+            changed.extend(holders.winner().cloned());
+        }
+    }
+
+    fn unindex(&mut self, e: &Entry, changed: &mut BTreeSet<String>) {
+        self.share_sum = self
+            .share_sum
+            .wrapping_sub(encode::entry_share(&e.name, &e.version));
+        for a in &e.addresses {
+            let Some(holders) = self.by_address.get_mut(a) else {
+                continue;
+            };
+            changed.extend(holders.winner().cloned());
+            if let Some(set) = holders.set(e.origin) {
+                set.remove(&e.name);
+            }
+            changed.extend(holders.winner().cloned());
+            if holders.winner().is_none() {
+                self.by_address.remove(a);
             }
         }
-        let mut h = Fnv::new();
-        for e in self.resources.values() {
-            h.write(e.name.as_bytes());
-            h.write(&[0]);
-            h.write(e.version.as_bytes());
-            h.write(&[0]);
-        }
-        self.system_version = h.hex();
+    }
+
+    /// The resource an address key resolves to.
+    fn by_key(&self, key: &str) -> Option<&Arc<Entry>> {
+        let name = self.by_address.get(key)?.winner()?;
+        self.resources.get(name)
+    }
+
+    /// Completes a change: a changed name that is itself an address alias stood for (and may stand
+    /// for again) whatever that address resolves to; and the system version moves.
+    fn settle(&mut self, kind: Kind, changed: &mut BTreeSet<String>) {
+        let targets: Vec<String> = changed
+            .iter()
+            .filter_map(|n| self.by_key(&address_key(kind, n)?))
+            .map(|e| e.name.clone())
+            .collect();
+        changed.extend(targets);
+        self.system_version = format!("{:016x}", self.share_sum);
     }
 }
 
@@ -128,12 +222,12 @@ impl Resources {
     fn from_config(config: &LocalConfig) -> Self {
         let mut out = Vec::new();
         for address in config.addresses() {
-            if let Some(entry) = address_entry(address) {
+            if let Some(entry) = encode::address_entry(address) {
                 out.push((Kind::Address, entry));
             }
         }
         for policy in config.authorizations() {
-            out.push((Kind::Authorization, policy_entry(policy)));
+            out.push((Kind::Authorization, encode::policy_entry(policy)));
         }
         Self(out)
     }
@@ -144,80 +238,132 @@ impl Resources {
     }
 }
 
-/// Everything served, of both kinds. Cheap to clone (entries are shared).
+/// One change in a [`State`]'s log: from the state `parent` to the next one in the log (or to the
+/// state holding the log, for the last).
+#[derive(Debug, Default)]
+struct Change {
+    parent: u64,
+    /// Per kind ([`Kind::ALL`] order), the names that may look different to a subscriber.
+    names: [BTreeSet<String>; 2],
+}
+
+fn slot(kind: Kind) -> usize {
+    match kind {
+        Kind::Address => 0,
+        Kind::Authorization => 1,
+    }
+}
+
+/// Everything served, of both kinds. Cheap to clone (persistent maps, shared entries).
 #[derive(Clone, Debug)]
 pub(crate) struct State {
-    address: KindState,
-    authorization: KindState,
+    kinds: [KindState; 2],
+    /// Fresh for every change; clones share it.
+    id: u64,
+    /// The most recent changes, oldest first; the last one leads to `id`.
+    log: Vector<Arc<Change>>,
 }
 
 impl Default for State {
     fn default() -> Self {
         let mut s = Self {
-            address: KindState::default(),
-            authorization: KindState::default(),
+            kinds: Default::default(),
+            id: fresh_id(),
+            log: Vector::new(),
         };
-        s.address.reindex();
-        s.authorization.reindex();
+        s.apply(Resources::default());
         s
     }
 }
 
 impl State {
-    /// A state holding exactly `resources`.
+    /// A state holding exactly `resources`, with a history of its own.
     pub fn new(resources: Resources) -> Self {
         let mut s = Self::default();
-        s.upsert(resources);
+        s.apply(resources);
         s
     }
 
     fn kind(&self, kind: Kind) -> &KindState {
-        match kind {
-            Kind::Address => &self.address,
-            Kind::Authorization => &self.authorization,
-        }
+        &self.kinds[slot(kind)]
     }
 
-    fn kind_mut(&mut self, kind: Kind) -> &mut KindState {
-        match kind {
-            Kind::Address => &mut self.address,
-            Kind::Authorization => &mut self.authorization,
+    /// Puts `resources` in and settles the indexes, without recording a change.
+    fn apply(&mut self, resources: Resources) -> [BTreeSet<String>; 2] {
+        let mut names: [BTreeSet<String>; 2] = Default::default();
+        for (kind, entry) in resources.0 {
+            self.kinds[slot(kind)].insert(Arc::new(entry), &mut names[slot(kind)]);
         }
+        for kind in Kind::ALL {
+            self.kinds[slot(kind)].settle(kind, &mut names[slot(kind)]);
+        }
+        names
     }
 
-    /// Replaces everything with `resources`.
+    /// Records a change of `names` as the step to a fresh id.
+    fn commit(&mut self, names: [BTreeSet<String>; 2]) {
+        let id = fresh_id();
+        self.log.push_back(Arc::new(Change {
+            parent: self.id,
+            names,
+        }));
+        if self.log.len() > MAX_LOG {
+            self.log.pop_front();
+        }
+        self.id = id;
+    }
+
+    /// This state's id: two states with the same id have the same content.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The names of `kind` that may look different to a subscriber in this state than in the state
+    /// `since` (an earlier id of this history); `None` when `since` is not in the log (another
+    /// history, before a [`State::replace`], or too old): then only a full diff will do.
+    pub fn changes_since(&self, kind: Kind, since: u64) -> Option<BTreeSet<String>> {
+        if since == self.id {
+            return Some(BTreeSet::new());
+        }
+        let start = self.log.binary_search_by(|c| c.parent.cmp(&since)).ok()?;
+        let mut names = BTreeSet::new();
+        for change in self.log.iter().skip(start) {
+            names.extend(change.names[slot(kind)].iter().cloned());
+        }
+        Some(names)
+    }
+
+    /// Replaces everything with `resources`; a new history starts.
     pub fn replace(&mut self, resources: Resources) {
         *self = Self::new(resources);
     }
 
     /// Adds or replaces each of `resources` by name; the others stay.
     pub fn upsert(&mut self, resources: Resources) {
-        for (kind, entry) in resources.0 {
-            self.kind_mut(kind)
-                .resources
-                .insert(entry.name.clone(), Arc::new(entry));
-        }
-        for kind in Kind::ALL {
-            self.kind_mut(kind).reindex();
-        }
+        let names = self.apply(resources);
+        self.commit(names);
     }
 
     /// Removes one resource; false when there was none of that name.
     pub fn remove(&mut self, kind: Kind, name: &str) -> bool {
-        let k = self.kind_mut(kind);
-        let removed = k.resources.remove(name).is_some();
-        if removed {
-            k.reindex();
+        let mut names: [BTreeSet<String>; 2] = Default::default();
+        let k = &mut self.kinds[slot(kind)];
+        if !k.remove(name, &mut names[slot(kind)]) {
+            return false;
         }
-        removed
+        k.settle(kind, &mut names[slot(kind)]);
+        self.commit(names);
+        true
     }
 
     /// Serves `value` as the `Any.value` of resource `name`, whatever it contains.
     pub fn put_raw(&mut self, kind: Kind, name: &str, value: Vec<u8>) {
-        let k = self.kind_mut(kind);
+        let mut names: [BTreeSet<String>; 2] = Default::default();
         let entry = Entry::new(name.to_owned(), value, Vec::new(), Origin::Raw);
-        k.resources.insert(name.to_owned(), Arc::new(entry));
-        k.reindex();
+        let k = &mut self.kinds[slot(kind)];
+        k.insert(Arc::new(entry), &mut names[slot(kind)]);
+        k.settle(kind, &mut names[slot(kind)]);
+        self.commit(names);
     }
 
     /// The resource named exactly `name`.
@@ -232,14 +378,7 @@ impl State {
         if let Some(e) = k.resources.get(name) {
             return Some(e);
         }
-        if kind != Kind::Address {
-            return None;
-        }
-        let (network, ip) = name.split_once('/')?;
-        let ip: IpAddr = ip.parse().ok()?;
-        // Normalise the IP's spelling (`::ffff:…`, leading zeros in IPv6) as the index does.
-        let canonical = k.by_address.get(&network_addr(network, ip))?;
-        k.resources.get(canonical)
+        k.by_key(&address_key(kind, name)?)
     }
 
     /// Every resource of `kind`, by name.
@@ -247,7 +386,7 @@ impl State {
         self.kind(kind).resources.values()
     }
 
-    /// The hash of every (name, version) of `kind`: same content, same value, across restarts.
+    /// A hash of every (name, version) of `kind`: same content, same value, across restarts.
     pub fn system_version(&self, kind: Kind) -> &str {
         &self.kind(kind).system_version
     }
@@ -268,6 +407,17 @@ impl State {
     }
 }
 
+/// The address-index key an on-demand name of `kind` stands for: `<network>/<ip>` with the IP
+/// spelled canonically (`::ffff:…`, leading zeros in IPv6), for Address names of that form only.
+pub(crate) fn address_key(kind: Kind, name: &str) -> Option<String> {
+    if kind != Kind::Address {
+        return None;
+    }
+    let (network, ip) = name.split_once('/')?;
+    let ip: IpAddr = ip.parse().ok()?;
+    Some(encode::network_addr(network, ip))
+}
+
 /// The served state in short: per kind, the system version and every resource name → version.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct StateSummary {
@@ -284,125 +434,4 @@ pub struct KindSummary {
     pub system_version: String,
     /// Resource name → version.
     pub resources: BTreeMap<String, String>,
-}
-
-fn network_addr(network: &str, ip: IpAddr) -> String {
-    format!("{network}/{ip}")
-}
-
-fn ip_of(bytes: &[u8]) -> Option<IpAddr> {
-    match bytes.len() {
-        4 => <[u8; 4]>::try_from(bytes).ok().map(IpAddr::from),
-        16 => <[u8; 16]>::try_from(bytes).ok().map(IpAddr::from),
-        _ => None,
-    }
-}
-
-fn address_entry(address: &pw::Address) -> Option<Entry> {
-    match address.r#type.as_ref()? {
-        pw::address::Type::Workload(w) => {
-            let addresses = w
-                .addresses
-                .iter()
-                .filter_map(|a| ip_of(a))
-                .map(|ip| network_addr(&w.network, ip))
-                .collect();
-            let value = encode_workload_address(w);
-            Some(Entry::new(
-                w.uid.clone(),
-                value,
-                addresses,
-                Origin::Workload,
-            ))
-        }
-        pw::address::Type::Service(s) => {
-            let addresses = s
-                .addresses
-                .iter()
-                .filter_map(|a| Some(network_addr(&a.network, ip_of(&a.address)?)))
-                .collect();
-            let name = format!("{}/{}", s.namespace, s.hostname);
-            Some(Entry::new(
-                name,
-                address.encode_to_vec(),
-                addresses,
-                Origin::Service,
-            ))
-        }
-    }
-}
-
-fn policy_entry(policy: &psec::Authorization) -> Entry {
-    let name = format!("{}/{}", policy.namespace, policy.name);
-    Entry::new(name, policy.encode_to_vec(), Vec::new(), Origin::Policy)
-}
-
-/// `istio.workload.Address{workload}` encoded deterministically: prost writes a map field in the
-/// `HashMap`'s (random) order, so `services` is left out of the message and appended in key order.
-/// Field order does not matter to a protobuf decoder; the bytes decode to the same message.
-fn encode_workload_address(workload: &pw::Workload) -> Vec<u8> {
-    let mut rest = workload.clone();
-    let services: BTreeMap<String, pw::PortList> =
-        std::mem::take(&mut rest.services).into_iter().collect();
-    let mut bytes = rest.encode_to_vec();
-    let services = ServicesField {
-        services: services
-            .into_iter()
-            .map(|(key, value)| ServicesEntry {
-                key,
-                value: Some(value),
-            })
-            .collect(),
-    };
-    bytes.extend(services.encode_to_vec());
-    AddressWorkloadBytes { workload: bytes }.encode_to_vec()
-}
-
-/// `istio.workload.Address` with field 1 (`workload`) as already-encoded bytes (same wire format).
-#[derive(Clone, PartialEq, prost::Message)]
-struct AddressWorkloadBytes {
-    #[prost(bytes = "vec", tag = "1")]
-    workload: Vec<u8>,
-}
-
-/// `Workload.services` (field 22) as a list of map entries, which is its wire format.
-#[derive(Clone, PartialEq, prost::Message)]
-struct ServicesField {
-    #[prost(message, repeated, tag = "22")]
-    services: Vec<ServicesEntry>,
-}
-
-#[derive(Clone, PartialEq, prost::Message)]
-struct ServicesEntry {
-    #[prost(string, tag = "1")]
-    key: String,
-    #[prost(message, optional, tag = "2")]
-    value: Option<pw::PortList>,
-}
-
-/// The version of a value: FNV-1a 64 of its bytes, as 16 hex digits.
-pub(crate) fn version_of(bytes: &[u8]) -> String {
-    let mut h = Fnv::new();
-    h.write(bytes);
-    h.hex()
-}
-
-/// FNV-1a, 64 bits: tiny, stable across runs and platforms (unlike `std`'s `DefaultHasher`).
-struct Fnv(u64);
-
-impl Fnv {
-    fn new() -> Self {
-        Self(0xcbf2_9ce4_8422_2325)
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 ^= u64::from(*b);
-            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-    }
-
-    fn hex(&self) -> String {
-        format!("{:016x}", self.0)
-    }
 }

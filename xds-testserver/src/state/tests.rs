@@ -213,3 +213,36 @@ fn file_errors_name_the_file() {
         .to_string();
     assert!(err.contains("missing.yaml"), "{err}");
 }
+
+#[test]
+fn changes_since_names_what_changed_within_one_history() {
+    let s = state();
+    let echo = "cluster1//v1/Pod/default/echo";
+    assert_eq!(
+        s.changes_since(Kind::Address, s.id()),
+        Some(BTreeSet::new())
+    );
+    let mut next = s.clone();
+    assert_eq!(next.id(), s.id(), "clones share the id");
+    assert!(next.remove(Kind::Address, echo));
+    next.put_raw(Kind::Authorization, "default/raw", vec![1]);
+    assert_ne!(next.id(), s.id());
+    let changed = next.changes_since(Kind::Address, s.id()).unwrap();
+    assert_eq!(changed, BTreeSet::from([echo.to_owned()]));
+    let changed = next.changes_since(Kind::Authorization, s.id()).unwrap();
+    assert_eq!(changed, BTreeSet::from(["default/raw".to_owned()]));
+    // Moving 127.0.1.1 off the client makes the VIP holder (the service) answer to it again.
+    let moved = "workloads:\n- {uid: \"cluster1//v1/Pod/default/client\", name: client, \
+                 namespace: default, workloadIps: [\"127.0.1.2\"]}\n";
+    let mut moved_state = s.clone();
+    moved_state.upsert(Resources::from_yaml(moved).unwrap());
+    let changed = moved_state.changes_since(Kind::Address, s.id()).unwrap();
+    assert!(changed.contains("cluster1//v1/Pod/default/client"));
+    assert!(changed.contains("default/echo.default.svc.cluster.local"));
+    // Another history, a diverged branch, or a replaced state: unknown, so a full diff.
+    assert_eq!(next.changes_since(Kind::Address, state().id()), None);
+    assert_eq!(next.changes_since(Kind::Address, moved_state.id()), None);
+    let mut replaced = next.clone();
+    replaced.replace(Resources::default());
+    assert_eq!(replaced.changes_since(Kind::Address, next.id()), None);
+}
