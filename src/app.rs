@@ -11,7 +11,7 @@ use tokio::task::JoinHandle;
 use crate::config::{CaSource, Config, Source};
 use crate::identity::{CaClient, LocalCa, SecretManager};
 use crate::localconfig::{self, LocalConfigError};
-use crate::proxy::{InboundPlain, Outbound, ProxyCtx, Socks5};
+use crate::proxy::{Listener, ProxyCtx, Role};
 use crate::readiness::Readiness;
 use crate::socket::UpstreamOptions;
 use crate::store::Store;
@@ -195,9 +195,9 @@ pub async fn start(config: &Config) -> Result<Running, AppError> {
     // Listeners are bound (so a port conflict fails startup) but accept only once the mesh state
     // is known: connections wait in the backlog meanwhile instead of being misrouted.
     let gate = readiness.clone();
-    let outbound_task = Outbound::new(outbound_l, ctx.clone());
-    let inbound_task = InboundPlain::new(inbound_l, ctx.clone());
-    let socks_task = socks_l.map(|l| Socks5::new(l, ctx.clone()));
+    let outbound_task = Listener::new(outbound_l, ctx.clone(), Role::Outbound);
+    let inbound_task = Listener::new(inbound_l, ctx.clone(), Role::InboundPlaintext);
+    let socks_task = socks_l.map(|l| Listener::new(l, ctx.clone(), Role::Socks5));
     tasks.push(tokio::spawn(async move {
         gate.wait().await;
         let mut set = tokio::task::JoinSet::new();

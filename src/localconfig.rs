@@ -49,6 +49,8 @@ mod raw;
 mod tests;
 mod watch;
 
+pub use watch::FileWatch;
+
 use std::collections::HashMap;
 use std::hash::Hash;
 use std::path::{Path, PathBuf};

@@ -21,9 +21,6 @@ use crate::socket::UpstreamOptions;
 use crate::store::Store;
 
 pub use error::{Blame, ProxyError};
-pub use inbound_plain::InboundPlain;
-pub use outbound::Outbound;
-pub use socks5::Socks5;
 
 /// What every connection handler needs, shared by all listeners.
 pub struct ProxyCtx {
@@ -49,6 +46,64 @@ impl ProxyCtx {
                     || dst.ip().is_unspecified()
                     || l.ip().is_unspecified() && dst.ip().is_loopback())
         })
+    }
+}
+
+/// Which path a listener's connections take.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Redirected outbound traffic (15001).
+    Outbound,
+    /// Redirected inbound plaintext traffic (15006).
+    InboundPlaintext,
+    /// SOCKS5 front end of the outbound path (15080).
+    Socks5,
+}
+
+impl Role {
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Outbound => "outbound",
+            Role::InboundPlaintext => "inbound_plaintext",
+            Role::Socks5 => "socks5",
+        }
+    }
+}
+
+/// A bound listener and the path its connections take.
+pub struct Listener {
+    listener: tokio::net::TcpListener,
+    ctx: Arc<ProxyCtx>,
+    role: Role,
+}
+
+impl Listener {
+    pub fn new(listener: tokio::net::TcpListener, ctx: Arc<ProxyCtx>, role: Role) -> Self {
+        Self {
+            listener,
+            ctx,
+            role,
+        }
+    }
+
+    pub fn address(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves connections until the task is dropped.
+    pub async fn run(self) {
+        let (ctx, role) = (self.ctx, self.role);
+        accept_loop(self.listener, role.name(), move |stream, peer| {
+            let ctx = ctx.clone();
+            async move {
+                match role {
+                    Role::Outbound => outbound::serve(&ctx, stream, peer).await,
+                    Role::InboundPlaintext => inbound_plain::serve(&ctx, stream, peer).await,
+                    Role::Socks5 => socks5::serve(&ctx, stream, peer).await,
+                }
+            }
+        })
+        .await
     }
 }
 

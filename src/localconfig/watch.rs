@@ -18,42 +18,83 @@ use crate::store::{Batch, Store, Upsert};
 /// Quiet time after the last event before re-reading: editors save in several steps.
 const DEBOUNCE: Duration = Duration::from_millis(100);
 
-pub(super) fn spawn(path: PathBuf, store: Arc<Store>) -> Result<JoinHandle<()>, LocalConfigError> {
-    let err = |reason: String| LocalConfigError::Watch {
-        path: path.clone(),
-        reason,
-    };
-    let runtime = tokio::runtime::Handle::try_current().map_err(|e| err(e.to_string()))?;
-    let name = path
-        .file_name()
-        .ok_or_else(|| err("the path does not end in a file name".into()))?
-        .to_owned();
-    // The directory, not the file: a save by rename replaces the file's inode, and a watch on the old
-    // inode would go quiet.
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
-        _ => PathBuf::from("."),
-    };
-    // Capacity 1: a pending signal already stands for every change until the next read.
-    let (tx, rx) = mpsc::channel(1);
-    let mut watcher = notify::recommended_watcher(move |res: notify::Result<Event>| {
-        let relevant = match &res {
-            Ok(event) => is_relevant(event, &name),
-            Err(e) => {
-                warn!(error = %e, "local config watch error; re-reading the file");
-                true
-            }
+/// Notifications that a file may have changed: debounced, robust to editors that replace the
+/// file by rename and to Kubernetes ConfigMap symlink swaps. Shared with xds-testserver, which
+/// watches its state file the same way.
+pub struct FileWatch {
+    path: PathBuf,
+    // Dropping it ends the notifications.
+    _watcher: RecommendedWatcher,
+    rx: mpsc::Receiver<()>,
+}
+
+impl FileWatch {
+    /// Starts watching `path` (its directory, filtered on its name).
+    pub fn new(path: &Path) -> Result<FileWatch, LocalConfigError> {
+        let err = |reason: String| LocalConfigError::Watch {
+            path: path.to_owned(),
+            reason,
         };
-        if relevant {
-            // Full means a reload is already pending; it will see this change too.
-            let _ = tx.try_send(());
+        let name = path
+            .file_name()
+            .ok_or_else(|| err("the path does not end in a file name".into()))?
+            .to_owned();
+        // The directory, not the file: a save by rename replaces the file's inode, and a watch on
+        // the old inode would go quiet.
+        let dir = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+            _ => PathBuf::from("."),
+        };
+        // Capacity 1: a pending signal already stands for every change until the next read.
+        let (tx, rx) = mpsc::channel(1);
+        let mut watcher = notify::recommended_watcher(move |res: notify::Result<Event>| {
+            let relevant = match &res {
+                Ok(event) => is_relevant(event, &name),
+                Err(e) => {
+                    warn!(error = %e, "file watch error; re-reading the file");
+                    true
+                }
+            };
+            if relevant {
+                // Full means a reload is already pending; it will see this change too.
+                let _ = tx.try_send(());
+            }
+        })
+        .map_err(|e| err(e.to_string()))?;
+        watcher
+            .watch(&dir, RecursiveMode::NonRecursive)
+            .map_err(|e| err(format!("watching {}: {e}", dir.display())))?;
+        Ok(FileWatch {
+            path: path.to_owned(),
+            _watcher: watcher,
+            rx,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Resolves after a change once the file has been quiet for a moment; `None` if the watch ended.
+    pub async fn changed(&mut self) -> Option<()> {
+        self.rx.recv().await?;
+        loop {
+            match tokio::time::timeout(DEBOUNCE, self.rx.recv()).await {
+                Ok(Some(())) => continue,
+                Ok(None) => return None,
+                Err(_quiet) => return Some(()),
+            }
         }
-    })
-    .map_err(|e| err(e.to_string()))?;
-    watcher
-        .watch(&dir, RecursiveMode::NonRecursive)
-        .map_err(|e| err(format!("watching {}: {e}", dir.display())))?;
-    Ok(runtime.spawn(run(path, store, watcher, rx)))
+    }
+}
+
+pub(super) fn spawn(path: PathBuf, store: Arc<Store>) -> Result<JoinHandle<()>, LocalConfigError> {
+    let runtime = tokio::runtime::Handle::try_current().map_err(|e| LocalConfigError::Watch {
+        path: path.clone(),
+        reason: e.to_string(),
+    })?;
+    let watch = FileWatch::new(&path)?;
+    Ok(runtime.spawn(run(watch, store)))
 }
 
 /// Whether an event in the directory may have changed the file.
@@ -73,25 +114,11 @@ fn is_relevant(event: &Event, name: &OsStr) -> bool {
         }))
 }
 
-async fn run(
-    path: PathBuf,
-    store: Arc<Store>,
-    watcher: RecommendedWatcher,
-    mut rx: mpsc::Receiver<()>,
-) {
-    // Owned by the task: aborting the task drops it, which ends the notifications.
-    let _watcher = watcher;
+async fn run(mut watch: FileWatch, store: Arc<Store>) {
     // The text last applied, to skip events that did not change it (touch, our own reads).
     let mut applied: Option<String> = None;
-    while rx.recv().await.is_some() {
-        loop {
-            match tokio::time::timeout(DEBOUNCE, rx.recv()).await {
-                Ok(Some(())) => continue,
-                Ok(None) => return,
-                Err(_quiet) => break,
-            }
-        }
-        reload(&path, &store, &mut applied).await;
+    while watch.changed().await.is_some() {
+        reload(watch.path(), &store, &mut applied).await;
     }
 }
 

@@ -44,27 +44,19 @@ impl ConnLog {
             .and_then(|u| u.service.as_ref())
             .map(|s| s.hostname.as_str());
         let duration_ms = self.start.elapsed().as_millis() as u64;
-        match err {
-            None => tracing::info!(
-                target: "access",
-                direction = self.direction,
-                listener = self.listener,
-                src.addr = %self.src,
-                src.workload = self.src_workload.as_deref(),
-                dst.addr = %self.dst,
-                dst.upstream = upstream_addr.as_deref(),
-                dst.service = service,
-                dst.workload = dst_workload.map(|w| w.name.as_str()),
-                dst.namespace = dst_workload.map(|w| w.namespace.as_str()),
-                bytes_sent = t.sent,
-                bytes_recv = t.received,
-                duration_ms,
-                "connection complete"
-            ),
+        let (flag, blame, error) = match err {
+            None => ("-", None, None),
             Some(e) => {
                 let (flag, blame) = e.classify();
-                tracing::warn!(
+                (flag, Some(blame), Some(e.to_string()))
+            }
+        };
+        // One set of fields; the level says whether it went well.
+        macro_rules! access_line {
+            ($level:expr, $msg:literal) => {
+                tracing::event!(
                     target: "access",
+                    $level,
                     direction = self.direction,
                     listener = self.listener,
                     src.addr = %self.src,
@@ -78,11 +70,16 @@ impl ConnLog {
                     bytes_recv = t.received,
                     duration_ms,
                     response_flags = flag,
-                    blame = ?blame,
-                    error = %e,
-                    "connection failed"
+                    blame = blame.map(|b| format!("{b:?}")),
+                    error = error.as_deref(),
+                    $msg
                 )
-            }
+            };
+        }
+        if err.is_none() {
+            access_line!(tracing::Level::INFO, "connection complete");
+        } else {
+            access_line!(tracing::Level::WARN, "connection failed");
         }
     }
 }

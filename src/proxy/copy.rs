@@ -77,30 +77,38 @@ where
     UW: AsyncWrite + Unpin + ?Sized,
 {
     let mut t = Transferred::default();
-    let result = {
-        let up = one_way(down_r, up_w, &mut t.sent);
-        let down = one_way(up_r, down_w, &mut t.received);
-        tokio::pin!(up, down);
-        let (mut up_done, mut down_done) = (false, false);
-        loop {
-            tokio::select! {
-                r = &mut up, if !up_done => match r {
-                    Ok(()) => up_done = true,
-                    Err(Side::Read(e)) => break Err(CopyError::DownstreamRead(e)),
-                    Err(Side::Write(e)) => break Err(CopyError::UpstreamWrite(e)),
-                },
-                r = &mut down, if !down_done => match r {
-                    Ok(()) => down_done = true,
-                    Err(Side::Read(e)) => break Err(CopyError::UpstreamRead(e)),
-                    Err(Side::Write(e)) => break Err(CopyError::DownstreamWrite(e)),
-                },
-            }
-            if up_done && down_done {
-                break Ok(());
-            }
-        }
-    };
+    let result = both_ways(
+        one_way(down_r, up_w, &mut t.sent),
+        one_way(up_r, down_w, &mut t.received),
+    )
+    .await;
     (t, result)
+}
+
+/// Drives both directions until both ended cleanly or one failed (which ends both).
+async fn both_ways(
+    to_up: impl std::future::Future<Output = Result<(), Side>>,
+    to_down: impl std::future::Future<Output = Result<(), Side>>,
+) -> Result<(), CopyError> {
+    tokio::pin!(to_up, to_down);
+    let (mut up_done, mut down_done) = (false, false);
+    loop {
+        tokio::select! {
+            r = &mut to_up, if !up_done => match r {
+                Ok(()) => up_done = true,
+                Err(Side::Read(e)) => return Err(CopyError::DownstreamRead(e)),
+                Err(Side::Write(e)) => return Err(CopyError::UpstreamWrite(e)),
+            },
+            r = &mut to_down, if !down_done => match r {
+                Ok(()) => down_done = true,
+                Err(Side::Read(e)) => return Err(CopyError::UpstreamRead(e)),
+                Err(Side::Write(e)) => return Err(CopyError::DownstreamWrite(e)),
+            },
+        }
+        if up_done && down_done {
+            return Ok(());
+        }
+    }
 }
 
 /// Bytes moved per `splice` call and the pipe size asked of the kernel.
@@ -114,31 +122,12 @@ pub async fn tcp(
     up: &mut tokio::net::TcpStream,
 ) -> (Transferred, Result<(), CopyError>) {
     let mut t = Transferred::default();
-    let down = &*down;
-    let up = &*up;
-    let result = {
-        let to_up = splice_one_way(down, up, &mut t.sent);
-        let to_down = splice_one_way(up, down, &mut t.received);
-        tokio::pin!(to_up, to_down);
-        let (mut up_done, mut down_done) = (false, false);
-        loop {
-            tokio::select! {
-                r = &mut to_up, if !up_done => match r {
-                    Ok(()) => up_done = true,
-                    Err(Side::Read(e)) => break Err(CopyError::DownstreamRead(e)),
-                    Err(Side::Write(e)) => break Err(CopyError::UpstreamWrite(e)),
-                },
-                r = &mut to_down, if !down_done => match r {
-                    Ok(()) => down_done = true,
-                    Err(Side::Read(e)) => break Err(CopyError::UpstreamRead(e)),
-                    Err(Side::Write(e)) => break Err(CopyError::DownstreamWrite(e)),
-                },
-            }
-            if up_done && down_done {
-                break Ok(());
-            }
-        }
-    };
+    let (down, up) = (&*down, &*up);
+    let result = both_ways(
+        splice_one_way(down, up, &mut t.sent),
+        splice_one_way(up, down, &mut t.received),
+    )
+    .await;
     (t, result)
 }
 

@@ -3,9 +3,8 @@
 //! hooks in here once the RBAC engine lands.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 use super::access::ConnLog;
 use super::copy::Transferred;
@@ -13,32 +12,7 @@ use super::route::{Upstream, UpstreamKind};
 use super::{outbound, ProxyCtx, ProxyError};
 use crate::model::NetworkAddr;
 
-/// The inbound plaintext capture listener.
-pub struct InboundPlain {
-    listener: TcpListener,
-    ctx: Arc<ProxyCtx>,
-}
-
-impl InboundPlain {
-    pub fn new(listener: TcpListener, ctx: Arc<ProxyCtx>) -> Self {
-        Self { listener, ctx }
-    }
-
-    pub fn address(&self) -> std::io::Result<SocketAddr> {
-        self.listener.local_addr()
-    }
-
-    pub async fn run(self) {
-        let ctx = self.ctx;
-        super::accept_loop(self.listener, "inbound_plaintext", move |stream, peer| {
-            let ctx = ctx.clone();
-            async move { serve(&ctx, stream, peer).await }
-        })
-        .await
-    }
-}
-
-async fn serve(ctx: &ProxyCtx, down: TcpStream, src: SocketAddr) {
+pub(super) async fn serve(ctx: &ProxyCtx, down: TcpStream, src: SocketAddr) {
     let dst = match crate::socket::destination(&down) {
         Ok(d) => d,
         Err(e) => {

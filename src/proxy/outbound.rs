@@ -2,9 +2,8 @@
 //! goes to the upstream its original destination resolves to. Phases: resolve → connect → copy.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 use super::access::ConnLog;
 use super::copy::{self, Transferred};
@@ -12,32 +11,7 @@ use super::route::{self, Upstream, UpstreamKind};
 use super::{ProxyCtx, ProxyError};
 use crate::model::NetworkAddr;
 
-/// The outbound capture listener (15001).
-pub struct Outbound {
-    listener: TcpListener,
-    ctx: Arc<ProxyCtx>,
-}
-
-impl Outbound {
-    pub fn new(listener: TcpListener, ctx: Arc<ProxyCtx>) -> Self {
-        Self { listener, ctx }
-    }
-
-    pub fn address(&self) -> std::io::Result<SocketAddr> {
-        self.listener.local_addr()
-    }
-
-    pub async fn run(self) {
-        let ctx = self.ctx;
-        super::accept_loop(self.listener, "outbound", move |stream, peer| {
-            let ctx = ctx.clone();
-            async move { serve(&ctx, stream, peer).await }
-        })
-        .await
-    }
-}
-
-async fn serve(ctx: &ProxyCtx, down: TcpStream, src: SocketAddr) {
+pub(super) async fn serve(ctx: &ProxyCtx, down: TcpStream, src: SocketAddr) {
     let dst = match crate::socket::destination(&down) {
         Ok(d) => d,
         Err(e) => {

@@ -4,11 +4,10 @@
 //! through the system resolver.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 use super::access::ConnLog;
 use super::copy::Transferred;
@@ -24,32 +23,7 @@ const REP_REFUSED: u8 = 0x05;
 const REP_CMD_UNSUPPORTED: u8 = 0x07;
 const REP_ATYP_UNSUPPORTED: u8 = 0x08;
 
-/// The SOCKS5 listener (15080, localhost by default).
-pub struct Socks5 {
-    listener: TcpListener,
-    ctx: Arc<ProxyCtx>,
-}
-
-impl Socks5 {
-    pub fn new(listener: TcpListener, ctx: Arc<ProxyCtx>) -> Self {
-        Self { listener, ctx }
-    }
-
-    pub fn address(&self) -> std::io::Result<SocketAddr> {
-        self.listener.local_addr()
-    }
-
-    pub async fn run(self) {
-        let ctx = self.ctx;
-        super::accept_loop(self.listener, "socks5", move |stream, peer| {
-            let ctx = ctx.clone();
-            async move { serve(&ctx, stream, peer).await }
-        })
-        .await
-    }
-}
-
-async fn serve(ctx: &ProxyCtx, mut down: TcpStream, src: SocketAddr) {
+pub(super) async fn serve(ctx: &ProxyCtx, mut down: TcpStream, src: SocketAddr) {
     let dst = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(ctx, &mut down)).await {
         Ok(Ok(dst)) => dst,
         Ok(Err((e, rep))) => {
