@@ -28,7 +28,7 @@ use rustls::server::{NoServerSessionStorage, ResolvesServerCert, WebPkiClientVer
 use rustls::{ClientConfig, CommonState, NamedGroup, RootCertStore, ServerConfig};
 use rustls_pki_types::CertificateDer;
 
-use crate::identity::{leaf_facts, CertError, WorkloadCert};
+use crate::identity::{leaf_facts, CertError, SecretManager, WorkloadCert};
 use crate::model::SpiffeId;
 
 pub use resolve::{CertifiedKeyCache, SourceResolver};
@@ -149,6 +149,26 @@ pub fn provider() -> Arc<CryptoProvider> {
         kx_groups,
         ..base
     })
+}
+
+/// The current certificate of one identity, as the certificate manager keeps it: a rotation
+/// shows up at the next handshake.
+#[derive(Debug)]
+pub struct ManagedCert {
+    secrets: Arc<SecretManager>,
+    identity: SpiffeId,
+}
+
+impl ManagedCert {
+    pub fn new(secrets: Arc<SecretManager>, identity: SpiffeId) -> Arc<Self> {
+        Arc::new(Self { secrets, identity })
+    }
+}
+
+impl CertSource for ManagedCert {
+    fn current(&self) -> Option<Arc<WorkloadCert>> {
+        self.secrets.current(&self.identity)
+    }
 }
 
 /// The client side of HBONE: presents `source`'s current certificate, and accepts a server whose

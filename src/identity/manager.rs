@@ -61,6 +61,7 @@ pub struct NoCertificate {
     pub reason: String,
 }
 
+#[derive(Debug)]
 struct Entry {
     state: watch::Receiver<CertState>,
     worker: JoinHandle<()>,
@@ -73,6 +74,7 @@ impl Drop for Entry {
 }
 
 /// The certificate manager.
+#[derive(Debug)]
 pub struct SecretManager {
     ca: CaClient,
     entries: Mutex<HashMap<SpiffeId, Entry>>,

@@ -6,6 +6,7 @@
 //! | `GET /clients` | connected and recently disconnected clients, per type (JSON) |
 //! | `GET /nacks` | every NACK received (JSON) |
 //! | `GET /state` | resource names and versions per type (JSON) |
+//! | `GET /ca` | the CA: trust domain, maximum validity, allowed identities, counts of certificates issued and requests refused, the last refusal, the root (JSON) |
 //! | `PUT /state` | replace the whole state with the body (local-config YAML) |
 //! | `POST /resources` | add or replace every resource of the body (local-config YAML) |
 //! | `DELETE /resources/{address,authorization}/{*name}` | remove one resource |
@@ -14,7 +15,8 @@
 //! A refused request answers 400 with a text body saying what was wrong; a removal of a resource
 //! that does not exist answers 404. Success answers 200 with a short text.
 //!
-//! Not here: authentication (bind it to loopback), the state rules (`server::Shared`).
+//! Not here: authentication (bind it to loopback), the state rules (`server::Shared`), the CA
+//! policy (`ca`).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -33,6 +35,7 @@ const INDEX: &str = "xds-testserver admin API
 GET    /clients                                connected and recent clients (JSON)
 GET    /nacks                                  NACKs received (JSON)
 GET    /state                                  resource names and versions (JSON)
+GET    /ca                                     CA settings, issued/refused counts, root (JSON)
 PUT    /state                                  replace the state (body: local-config YAML)
 POST   /resources                              upsert resources (body: local-config YAML)
 DELETE /resources/address/{name}               remove a workload (uid) or service (namespace/hostname)
@@ -47,6 +50,7 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/clients", get(clients))
         .route("/nacks", get(nacks))
         .route("/state", get(get_state).put(put_state))
+        .route("/ca", get(get_ca))
         .route("/resources", post(post_resources))
         .route("/resources/{kind}/{*name}", delete(delete_resource))
         .route("/raw", post(post_raw))
@@ -71,6 +75,10 @@ async fn nacks(State(shared): Shr) -> Response {
 
 async fn get_state(State(shared): Shr) -> Response {
     Json(shared.summary()).into_response()
+}
+
+async fn get_ca(State(shared): Shr) -> Response {
+    Json(shared.ca.info()).into_response()
 }
 
 async fn put_state(State(shared): Shr, body: Bytes) -> Response {

@@ -2,7 +2,8 @@
 //! stream around the pure [`StreamState`]: requests and state changes in, responses out, events
 //! logged and reported to the client registry.
 //!
-//! Not here: the delta rules themselves (`protocol`), TLS (the transport does it).
+//! Not here: the delta rules themselves (`protocol`), TLS (the transport does it), the CA service
+//! (`ca`, which shares the token check).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -75,8 +76,9 @@ impl AggregatedDiscoveryService for Ads {
     }
 }
 
-/// `Ok` when no token is required or the metadata carries `authorization: Bearer <token>`.
-fn check_token(expected: Option<&str>, metadata: &MetadataMap) -> Result<(), Status> {
+/// `Ok` when no token is required or the metadata carries `authorization: Bearer <token>` (for the
+/// CA service too).
+pub(crate) fn check_token(expected: Option<&str>, metadata: &MetadataMap) -> Result<(), Status> {
     let Some(expected) = expected else {
         return Ok(());
     };

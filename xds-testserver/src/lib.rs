@@ -7,6 +7,11 @@
 //! from a string or a watched file, and can be changed at run time through [`Handle`] or the HTTP
 //! admin API; every change is pushed to every connected client as a delta.
 //!
+//! It is also the mesh's certificate authority: `istio.v1.auth.IstioCertificateService/CreateCertificate`
+//! on the same gRPC port, signing workload CSRs with l4mesh's own [`l4mesh::identity::LocalCa`] for
+//! the identities of the workloads served (and any [`Config::allowed_identities`]). The same CA signs
+//! the gRPC serving certificate when TLS is on, so one root ([`Handle::root_cert_pem`]) verifies both.
+//!
 //! Module map:
 //! - `state`: the resources served, their content-hash versions, the address index and the log of
 //!   recent changes, in persistent maps (pure);
@@ -15,15 +20,20 @@
 //!   without sockets);
 //! - `ads`: the tonic service and the per-stream task around `protocol`;
 //! - `clients`: the registry of connected and recently disconnected clients and of NACKs;
-//! - `admin`: the axum admin API; `watch`: the file watch; `tls`: the mesh CA and serving certificate;
+//! - `ca`: the mesh CA's setup, its signing policy (who may obtain which identity, for how long;
+//!   pure) and the tonic `IstioCertificateService`;
+//! - `admin`: the axum admin API; `watch`: the file watch; `tls`: the generated root and the
+//!   serving certificate;
 //! - `server`: [`Handle`], which binds, serves and stops all of the above.
 //!
-//! Not here: the Istio CA (`CreateCertificate`), state-of-the-world xDS (`StreamAggregatedResources`
-//! answers `UNIMPLEMENTED`), other type URLs, Kubernetes, client certificates (mTLS), and any
-//! persistence: the state lives in memory.
+//! Not here: state-of-the-world xDS (`StreamAggregatedResources` answers `UNIMPLEMENTED`), other type
+//! URLs, Kubernetes, client certificates (mTLS: a CSR is authorized by the bearer token and the
+//! served state, not by the caller's node), CA rotation, and any persistence: the state lives in
+//! memory.
 
 mod admin;
 mod ads;
+mod ca;
 mod clients;
 mod protocol;
 mod server;
@@ -35,10 +45,13 @@ use std::fmt;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::time::Duration;
 
+use l4mesh::identity::CaError;
 use l4mesh::localconfig::LocalConfigError;
 use l4mesh::proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
 
+pub use ca::CaStats;
 pub use clients::{ClientInfo, Nack};
 pub use protocol::{NackInfo, TypeInfo};
 pub use server::Handle;
@@ -55,13 +68,24 @@ pub enum StateSource {
     File(PathBuf),
 }
 
-/// A CA certificate and its private key, both PEM, to sign the serving certificate with.
-#[derive(Clone)]
+/// The trust domain when none is configured.
+pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+
+/// The longest validity the CA signs for when none is configured: 24 h, Istio's default.
+pub const DEFAULT_MAX_CERT_TTL: Duration = Duration::from_secs(86_400);
+
+/// A plug-in mesh CA (istiod's "plug in your own CA certificates"): a root or intermediate
+/// certificate, its private key, and the chain from it up to the root, all PEM.
+#[derive(Clone, Default)]
 pub struct CaPem {
-    /// The CA certificate (PEM). It is what clients must trust ([`Handle::root_cert_pem`]).
+    /// The CA certificate that signs: a self-signed root, or an intermediate.
     pub cert_pem: String,
-    /// The CA's private key (PEM, PKCS#8 or SEC1).
+    /// The CA's private key (PEM, PKCS#8 or SEC1 EC key).
     pub key_pem: String,
+    /// For an intermediate, the certificates above it up to and including the root (it may start
+    /// with `cert_pem` itself); empty for a root. The root is what clients must trust
+    /// ([`Handle::root_cert_pem`]).
+    pub chain_pem: String,
 }
 
 impl fmt::Debug for CaPem {
@@ -69,21 +93,18 @@ impl fmt::Debug for CaPem {
         f.debug_struct("CaPem")
             .field("cert_pem", &self.cert_pem)
             .field("key_pem", &"<redacted>")
+            .field("chain_pem", &self.chain_pem)
             .finish()
     }
 }
 
-/// TLS for the gRPC listener: a serving certificate signed by the server's mesh CA.
+/// TLS for the gRPC listener: a serving certificate signed by the server's mesh CA ([`Config::ca`]).
 #[derive(Clone, Debug, Default)]
 pub struct TlsConfig {
-    /// The mesh CA. `None` generates a fresh ECDSA P-256 root for this run.
-    pub ca: Option<CaPem>,
     /// Extra subject alternative names (DNS names or IPs) for the serving certificate, besides
     /// `localhost`, `istiod.istio-system.svc` and the listen IP (127.0.0.1 and ::1 when the listen IP
     /// is unspecified).
     pub sans: Vec<String>,
-    /// Where to write the root certificate (PEM), for clients that read it from a file.
-    pub root_cert_out: Option<PathBuf>,
 }
 
 /// Everything [`Handle::start`] needs.
@@ -97,13 +118,27 @@ pub struct Config {
     pub state: StateSource,
     /// TLS on the gRPC listener; `None` serves plaintext.
     pub tls: Option<TlsConfig>,
-    /// When set, every xDS stream must carry `authorization: Bearer <token>`, or is refused with
-    /// `UNAUTHENTICATED`.
+    /// When set, every xDS stream and every `CreateCertificate` call must carry
+    /// `authorization: Bearer <token>`, or is refused with `UNAUTHENTICATED`.
     pub token: Option<String>,
+    /// The mesh CA, which signs workload certificates and the serving certificate. `None` generates
+    /// a fresh ECDSA P-256 root for this run.
+    pub ca: Option<CaPem>,
+    /// Where to write the mesh root certificate (PEM) at start, for clients that read it from a file.
+    pub root_cert_out: Option<PathBuf>,
+    /// The trust domain of the mesh: the CA signs only identities `spiffe://<trust_domain>/...`.
+    /// Default [`DEFAULT_TRUST_DOMAIN`].
+    pub trust_domain: String,
+    /// The longest validity the CA signs for (a request for more, or for 0, gets this). At least one
+    /// second. Default [`DEFAULT_MAX_CERT_TTL`].
+    pub max_cert_ttl: Duration,
+    /// SPIFFE IDs the CA signs for besides those of the served workloads (in the trust domain).
+    pub allowed_identities: Vec<String>,
 }
 
 impl Config {
-    /// Plaintext gRPC and the admin API on ephemeral ports of 127.0.0.1, no token: the usual test setup.
+    /// Plaintext gRPC and the admin API on ephemeral ports of 127.0.0.1, no token, a generated CA for
+    /// `cluster.local` signing for the served workloads for up to 24 h: the usual test setup.
     pub fn new(state: StateSource) -> Self {
         let local = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
         Self {
@@ -112,6 +147,11 @@ impl Config {
             state,
             tls: None,
             token: None,
+            ca: None,
+            root_cert_out: None,
+            trust_domain: DEFAULT_TRUST_DOMAIN.to_owned(),
+            max_cert_ttl: DEFAULT_MAX_CERT_TTL,
+            allowed_identities: Vec::new(),
         }
     }
 }
@@ -124,6 +164,11 @@ impl fmt::Debug for Config {
             .field("state", &self.state)
             .field("tls", &self.tls)
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("ca", &self.ca)
+            .field("root_cert_out", &self.root_cert_out)
+            .field("trust_domain", &self.trust_domain)
+            .field("max_cert_ttl", &self.max_cert_ttl)
+            .field("allowed_identities", &self.allowed_identities)
             .finish()
     }
 }
@@ -198,9 +243,15 @@ pub enum Error {
         /// The socket error.
         source: std::io::Error,
     },
-    /// The CA or serving certificate could not be loaded or made.
+    /// The serving certificate could not be made.
     #[error("TLS setup: {0}")]
     Tls(String),
+    /// The plug-in CA is unusable (not a CA, key mismatch, broken chain, invalid trust domain).
+    #[error("mesh CA: {0}")]
+    Ca(#[from] CaError),
+    /// A CA setting is invalid, or a root could not be generated.
+    #[error("mesh CA setup: {0}")]
+    CaSetup(String),
     /// The root certificate could not be written to `--root-cert-out`.
     #[error("cannot write the root certificate to {}: {source}", .path.display())]
     WriteRootCert {

@@ -1,9 +1,11 @@
 //! [`Handle`]: binds the gRPC and admin listeners, serves them, watches the state file, and offers
 //! the state operations that the admin API and tests use. `Shared` is what every task holds: the
 //! current state (a `watch` channel that also wakes every stream on a change), the client registry,
-//! the token and the shutdown signal.
+//! the token, the mesh CA and the shutdown signal. Both gRPC services, delta ADS and the Istio CA,
+//! are served on the one gRPC listener.
 //!
-//! Not here: the protocol (`protocol`), the per-stream loop (`ads`), the HTTP routes (`admin`).
+//! Not here: the protocol (`protocol`), the per-stream loop (`ads`), the CA policy (`ca`), the
+//! HTTP routes (`admin`).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -11,12 +13,14 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use l4mesh::proto::envoy::discovery::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
+use l4mesh::proto::istio::ca::istio_certificate_service_server::IstioCertificateServiceServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 use tracing::{info, warn};
 
+use crate::ca::{CaService, CaStats, MeshCa};
 use crate::clients::{ClientInfo, Nack, Registry};
 use crate::state::{Resources, State, StateSummary};
 use crate::{admin, ads, tls, watch as file_watch, Config, Error, Kind, StateSource};
@@ -28,8 +32,10 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 pub(crate) struct Shared {
     state: watch::Sender<Arc<State>>,
     clients: Mutex<Registry>,
-    /// The bearer token every stream must present, if any.
+    /// The bearer token every stream and CA request must present, if any.
     pub token: Option<String>,
+    /// The mesh CA.
+    pub ca: MeshCa,
     shutdown: watch::Sender<bool>,
     /// Unique to this server run, so nonces never repeat across restarts.
     pub nonce_prefix: String,
@@ -37,7 +43,7 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    fn new(state: State, token: Option<String>) -> Self {
+    fn new(state: State, token: Option<String>, ca: MeshCa) -> Self {
         let boot = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_nanos())
@@ -46,6 +52,7 @@ impl Shared {
             state: watch::Sender::new(Arc::new(state)),
             clients: Mutex::new(Registry::default()),
             token,
+            ca,
             shutdown: watch::Sender::new(false),
             nonce_prefix: format!("{:x}", boot & 0xffff_ffff_ffff),
             next_client_id: AtomicU64::new(1),
@@ -55,6 +62,11 @@ impl Shared {
     /// Follows the state: the stream tasks wait on this for changes.
     pub fn subscribe_state(&self) -> watch::Receiver<Arc<State>> {
         self.state.subscribe()
+    }
+
+    /// The current state.
+    pub fn current_state(&self) -> Arc<State> {
+        self.state.borrow().clone()
     }
 
     /// Completes when the server is shutting down.
@@ -145,22 +157,27 @@ pub struct Handle {
     shared: Arc<Shared>,
     addr: SocketAddr,
     admin_addr: Option<SocketAddr>,
-    root_cert_pem: Option<String>,
     tasks: Vec<JoinHandle<()>>,
 }
 
 impl Handle {
     /// Loads the state, binds the listeners (port 0 picks an ephemeral port), and serves until
-    /// [`Handle::shutdown`]. Fails on an invalid state, a listener that cannot be bound, TLS material
-    /// that cannot be loaded or written, or a state file that cannot be watched. Must be called within
-    /// a tokio runtime.
+    /// [`Handle::shutdown`]. Fails on an invalid state, an unusable CA or CA setting, a root that
+    /// cannot be written, a serving certificate that cannot be made, a listener that cannot be bound,
+    /// or a state file that cannot be watched. Must be called within a tokio runtime.
     pub async fn start(config: Config) -> Result<Handle, Error> {
         let resources = match &config.state {
             StateSource::Yaml(yaml) => Resources::from_yaml(yaml)?,
             StateSource::File(path) => Resources::from_file(path)?,
         };
+        let (ca, ca_pem) = MeshCa::setup(&config)?;
         let tls = match &config.tls {
-            Some(tls_config) => Some(tls::build(tls_config, config.listen.ip())?),
+            Some(tls_config) => Some(tls::serving(
+                tls_config,
+                &ca_pem,
+                &ca.root_der(),
+                config.listen.ip(),
+            )?),
             None => None,
         };
         let listener = TcpListener::bind(config.listen)
@@ -197,7 +214,7 @@ impl Handle {
             resources.count(Kind::Address),
             resources.count(Kind::Authorization),
         );
-        let shared = Arc::new(Shared::new(State::new(resources), config.token.clone()));
+        let shared = Arc::new(Shared::new(State::new(resources), config.token.clone(), ca));
 
         let mut tasks = Vec::new();
         if let StateSource::File(path) = &config.state {
@@ -205,18 +222,20 @@ impl Handle {
         }
 
         let mut builder = tonic::transport::Server::builder();
-        let root_cert_pem = match tls {
-            Some(tls) => {
-                builder = builder
-                    .tls_config(tls.server)
-                    .map_err(|e| Error::Tls(e.to_string()))?;
-                Some(tls.root_pem)
-            }
-            None => None,
-        };
-        let service = AggregatedDiscoveryServiceServer::new(ads::Ads::new(shared.clone()));
+        let serves_tls = tls.is_some();
+        if let Some(tls) = tls {
+            builder = builder
+                .tls_config(tls)
+                .map_err(|e| Error::Tls(e.to_string()))?;
+        }
         let stopped = shared.stopped();
-        let router = builder.add_service(service);
+        let router = builder
+            .add_service(AggregatedDiscoveryServiceServer::new(ads::Ads::new(
+                shared.clone(),
+            )))
+            .add_service(IstioCertificateServiceServer::new(CaService::new(
+                shared.clone(),
+            )));
         tasks.push(tokio::spawn(async move {
             let incoming = TcpListenerStream::new(listener);
             if let Err(e) = router.serve_with_incoming_shutdown(incoming, stopped).await {
@@ -240,17 +259,18 @@ impl Handle {
         info!(
             %addr,
             admin = ?admin_addr,
-            tls = root_cert_pem.is_some(),
+            tls = serves_tls,
             token = shared.token.is_some(),
+            trust_domain = shared.ca.trust_domain(),
+            ca = if shared.ca.plugged_in() { "plug-in" } else { "generated" },
             addresses,
             policies,
-            "xds-testserver serving delta ADS"
+            "xds-testserver serving delta ADS and the Istio CA"
         );
         Ok(Handle {
             shared,
             addr,
             admin_addr,
-            root_cert_pem,
             tasks,
         })
     }
@@ -265,9 +285,16 @@ impl Handle {
         self.admin_addr
     }
 
-    /// The mesh root certificate (PEM) that signs the serving certificate, when serving TLS.
+    /// The mesh root certificate (PEM): workload certificates and, with TLS, the serving certificate
+    /// chain to it. Always `Some` (the CA exists with or without TLS); an `Option` for the callers
+    /// written when it existed with TLS only.
     pub fn root_cert_pem(&self) -> Option<String> {
-        self.root_cert_pem.clone()
+        Some(self.shared.ca.root_pem())
+    }
+
+    /// Certificates signed and requests refused so far by the CA.
+    pub fn ca_stats(&self) -> CaStats {
+        self.shared.ca.stats()
     }
 
     /// Replaces the whole state with the YAML (local-config format) and pushes the differences.

@@ -5,6 +5,8 @@
 mod testserver {
     mod admin;
     mod ads;
+    mod ca;
+    mod ca_binary;
     pub mod common;
     mod tls;
 }

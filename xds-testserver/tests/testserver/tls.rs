@@ -10,10 +10,9 @@ const TOKEN: &str = "s3cr3t-token";
 async fn tls_server(out: Option<std::path::PathBuf>) -> Handle {
     let mut config = Config::new(StateSource::Yaml(YAML.to_owned()));
     config.tls = Some(TlsConfig {
-        ca: None,
         sans: vec!["xds.example.test".into()],
-        root_cert_out: out,
     });
+    config.root_cert_out = out;
     config.token = Some(TOKEN.to_owned());
     Handle::start(config).await.unwrap()
 }
