@@ -5,13 +5,25 @@ use clap::Parser;
 #[global_allocator]
 static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
+/// jemalloc's `malloc_conf`, read at its initialisation: purge freed pages in a background thread,
+/// and return them with MADV_DONTNEED (muzzy decay 0) rather than MADV_FREE, which the kernel counts
+/// in RSS until memory pressure. After a large xDS sync, an idle proxy shrinks back within seconds.
+#[repr(transparent)]
+pub struct MallocConf(*const u8);
+// SAFETY: a pointer to an immutable, 'static, NUL-terminated string.
+#[allow(unsafe_code)]
+unsafe impl Sync for MallocConf {}
+#[allow(unsafe_code)]
+#[export_name = "_rjem_malloc_conf"]
+pub static MALLOC_CONF: MallocConf =
+    MallocConf(b"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0\0".as_ptr());
+
 fn main() -> std::process::ExitCode {
     let args = l4mesh::config::Args::parse();
     l4mesh::telemetry::init(args.log_format);
-    // Give freed memory back to the OS in the background (jemalloc otherwise returns it only when
-    // the allocator is busy): after a large xDS sync, an idle proxy shrinks back.
-    if let Err(e) = tikv_jemalloc_ctl::background_thread::write(true) {
-        tracing::debug!(error = %e, "jemalloc background purging unavailable");
+    match tikv_jemalloc_ctl::background_thread::read() {
+        Ok(true) => {}
+        other => tracing::debug!(state = ?other, "jemalloc background purging is off"),
     }
     let config = match args.into_config() {
         Ok(c) => c,
