@@ -17,6 +17,14 @@ use std::time::{Duration, Instant};
 use l4mesh::config::{Config, Source, XdsSettings};
 use xds_testserver::{Handle, StateSource};
 
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+fn allocated() -> u64 {
+    let _ = tikv_jemalloc_ctl::epoch::advance();
+    tikv_jemalloc_ctl::stats::allocated::read().unwrap_or(0) as u64
+}
+
 fn state(workloads: u32, services: u32) -> String {
     let mut y = String::with_capacity(workloads as usize * 300);
     y.push_str("workloads:\n");
@@ -158,10 +166,19 @@ fn main() {
         let mut config = Config::local("127.0.0.1".parse().unwrap());
         config.source = Source::Xds(XdsSettings::plaintext(&url));
         config.readiness_addr = None;
+        let before = allocated();
         let running = l4mesh::app::start(&config).await.unwrap();
         tokio::time::timeout(Duration::from_secs(120), running.readiness.wait())
             .await
             .expect("in-process l4mesh never became ready");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let held = allocated().saturating_sub(before);
+        let (w, s, _) = running.store.load().counts();
+        println!(
+            "in-process l4mesh after sync holds {:.1} MiB (allocated), {} bytes per resource",
+            held as f64 / 1048576.0,
+            held / (w + s).max(1) as u64
+        );
         let mut rx = running.store.subscribe();
         let mut lat = Vec::new();
         for i in 0..200u32 {
