@@ -15,8 +15,11 @@ pub struct MallocConf(*const u8);
 unsafe impl Sync for MallocConf {}
 #[allow(unsafe_code)]
 #[export_name = "_rjem_malloc_conf"]
-pub static MALLOC_CONF: MallocConf =
-    MallocConf(b"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0\0".as_ptr());
+pub static MALLOC_CONF: MallocConf = MallocConf(
+    c"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0"
+        .as_ptr()
+        .cast(),
+);
 
 fn main() -> std::process::ExitCode {
     let args = l4mesh::config::Args::parse();
