@@ -38,6 +38,7 @@ pub struct Running {
     pub outbound: SocketAddr,
     pub inbound_plaintext: SocketAddr,
     pub socks5: Option<SocketAddr>,
+    pub hbone: SocketAddr,
     pub readiness_addr: Option<SocketAddr>,
     pub store: Arc<Store>,
     pub readiness: Readiness,
@@ -45,6 +46,8 @@ pub struct Running {
     pub xds_metrics: Option<Arc<XdsMetrics>>,
     /// The certificates of this node's identities.
     pub secrets: Arc<SecretManager>,
+    /// What every connection handler shares (HBONE counters among it).
+    pub proxy: Arc<ProxyCtx>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -125,6 +128,7 @@ pub async fn start(config: &Config) -> Result<Running, AppError> {
         )),
         _ => None,
     };
+    let own_identity = only.clone();
     tasks.push(tokio::spawn(crate::identity::follow_store(
         store.clone(),
         config.node_name.clone(),
@@ -139,6 +143,7 @@ pub async fn start(config: &Config) -> Result<Running, AppError> {
         config.inbound_plaintext_addr,
     )
     .await?;
+    let hbone_l = bind("inbound HBONE", "hbone-addr", config.hbone_addr).await?;
     let socks_l = match config.socks5_addr {
         Some(a) => Some(bind("socks5", "socks5-addr", a).await?),
         None => None,
@@ -163,6 +168,7 @@ pub async fn start(config: &Config) -> Result<Running, AppError> {
         "inbound-plaintext-addr",
         config.inbound_plaintext_addr,
     )?;
+    let hbone = local(&hbone_l, "inbound HBONE", "hbone-addr", config.hbone_addr)?;
     let socks5 = match (&socks_l, config.socks5_addr) {
         (Some(l), Some(a)) => Some(local(l, "socks5", "socks5-addr", a)?),
         _ => None,
@@ -175,7 +181,7 @@ pub async fn start(config: &Config) -> Result<Running, AppError> {
         (Some(l), Some(a)) => Some(local(l, "readiness", "readiness-addr", a)?),
         _ => None,
     };
-    let mut own_addrs = vec![outbound, inbound_plaintext];
+    let mut own_addrs = vec![outbound, inbound_plaintext, hbone];
     own_addrs.extend(socks5);
     own_addrs.extend(readiness_addr);
     let ctx = Arc::new(ProxyCtx {
@@ -188,6 +194,9 @@ pub async fn start(config: &Config) -> Result<Running, AppError> {
         },
         own_addrs,
         on_demand,
+        secrets: secrets.clone(),
+        own_identity,
+        hbone: Default::default(),
     });
     if let Some(l) = readiness_l {
         tasks.push(tokio::spawn(crate::readiness::serve(l, readiness.clone())));
@@ -198,26 +207,30 @@ pub async fn start(config: &Config) -> Result<Running, AppError> {
     let outbound_task = Listener::new(outbound_l, ctx.clone(), Role::Outbound);
     let inbound_task = Listener::new(inbound_l, ctx.clone(), Role::InboundPlaintext);
     let socks_task = socks_l.map(|l| Listener::new(l, ctx.clone(), Role::Socks5));
+    let hbone_task = Listener::new(hbone_l, ctx.clone(), Role::InboundHbone);
     tasks.push(tokio::spawn(async move {
         gate.wait().await;
         let mut set = tokio::task::JoinSet::new();
         set.spawn(outbound_task.run());
         set.spawn(inbound_task.run());
+        set.spawn(hbone_task.run());
         if let Some(s) = socks_task {
             set.spawn(s.run());
         }
         while set.join_next().await.is_some() {}
     }));
-    tracing::info!(%outbound, %inbound_plaintext, socks5 = ?socks5, readiness = ?readiness_addr, "listening");
+    tracing::info!(%outbound, %inbound_plaintext, %hbone, socks5 = ?socks5, readiness = ?readiness_addr, "listening");
     Ok(Running {
         outbound,
         inbound_plaintext,
         socks5,
+        hbone,
         readiness_addr,
         store,
         readiness,
         xds_metrics,
         secrets,
+        proxy: ctx,
         tasks,
     })
 }

@@ -86,6 +86,8 @@ pub struct Config {
     pub inbound_plaintext_addr: SocketAddr,
     /// `None` disables the SOCKS5 listener.
     pub socks5_addr: Option<SocketAddr>,
+    /// Inbound HBONE listener (mutual TLS + HTTP/2 CONNECT from other mesh proxies).
+    pub hbone_addr: SocketAddr,
     /// `GET /healthz/ready`; `None` disables the readiness server.
     pub readiness_addr: Option<SocketAddr>,
     pub packet_mark: u32,
@@ -113,6 +115,7 @@ impl Config {
             outbound_addr: SocketAddr::new(ip, 0),
             inbound_plaintext_addr: SocketAddr::new(ip, 0),
             socks5_addr: Some(SocketAddr::new(ip, 0)),
+            hbone_addr: SocketAddr::new(ip, 0),
             readiness_addr: Some(SocketAddr::new(ip, 0)),
             packet_mark: 1337,
             connect_timeout: Duration::from_secs(10),
@@ -239,6 +242,9 @@ pub struct Args {
         default_value = "0.0.0.0:15006"
     )]
     pub inbound_plaintext_addr: SocketAddr,
+    /// Inbound HBONE listener (tunnels from other mesh proxies; peers dial port 15008).
+    #[arg(long, env = "L4MESH_HBONE_ADDR", default_value = "0.0.0.0:15008")]
+    pub hbone_addr: SocketAddr,
     /// Enables the SOCKS5 listener.
     #[arg(long, env = "UNSTABLE_ENABLE_SOCKS5", default_value = "true", value_parser = parse_bool, action = clap::ArgAction::Set)]
     pub enable_socks5: bool,
@@ -354,6 +360,7 @@ impl Args {
             outbound_addr: self.outbound_addr,
             inbound_plaintext_addr: self.inbound_plaintext_addr,
             socks5_addr: self.enable_socks5.then_some(self.socks5_addr),
+            hbone_addr: self.hbone_addr,
             readiness_addr: Some(self.readiness_addr),
             packet_mark: self.packet_mark,
             connect_timeout: self.connect_timeout,
@@ -394,6 +401,10 @@ mod tests {
         assert_eq!(c.socks5_addr, None);
         assert_eq!(c.workload_info.unwrap().service_account, "sa");
         assert_eq!(c.source, Source::EmbeddedDefault);
+        assert_eq!(c.hbone_addr, "0.0.0.0:15008".parse().unwrap());
+        let moved = Args::try_parse_from(["l4mesh", "--hbone-addr", "10.0.0.1:15009"]).unwrap();
+        let c = moved.into_config().unwrap();
+        assert_eq!(c.hbone_addr, "10.0.0.1:15009".parse().unwrap());
     }
 
     #[test]

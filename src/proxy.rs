@@ -2,25 +2,32 @@
 //! connect, and copy bytes both ways until close, then write one access-log line.
 //!
 //! Listeners: outbound capture (15001), SOCKS5 (15080) feeding the same outbound logic, inbound
-//! plaintext capture (15006). Every listener follows one lifecycle: the caller binds the socket (a
+//! plaintext capture (15006), inbound HBONE (15008). Every listener follows one lifecycle: the caller binds the socket (a
 //! port conflict fails startup), wraps it with `new`, reads `address()`, then awaits `run()`.
 //! This module does not interpret application bytes.
 
 mod access;
 pub mod copy;
 mod error;
+pub mod h2io;
+pub mod hbone;
+mod inbound_hbone;
 mod inbound_plain;
 mod outbound;
+mod pool;
 pub mod route;
 mod socks5;
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use crate::identity::SecretManager;
 use crate::socket::UpstreamOptions;
 use crate::store::Store;
 
 pub use error::{Blame, ProxyError};
+pub use inbound_hbone::{authorize, Decision};
 
 /// What every connection handler needs, shared by all listeners.
 pub struct ProxyCtx {
@@ -34,6 +41,42 @@ pub struct ProxyCtx {
     pub own_addrs: Vec<SocketAddr>,
     /// In on-demand xDS mode: asks the control plane about unknown destinations.
     pub on_demand: Option<crate::xds::OnDemand>,
+    /// The certificates of this node's identities (HBONE presents them on both ends).
+    pub secrets: Arc<SecretManager>,
+    /// The identity of this l4mesh's own workload (dedicated mode): the source identity of
+    /// outbound tunnels from clients that are not known workloads.
+    pub own_identity: Option<crate::model::SpiffeId>,
+    /// Shared HBONE state: server TLS configs, the tunnel pool, counters.
+    pub hbone: HboneState,
+}
+
+/// HBONE state shared by all connections of one l4mesh.
+#[derive(Default)]
+pub struct HboneState {
+    server_configs: inbound_hbone::ServerConfigs,
+    pool: pool::Pool,
+    inbound_tls: AtomicU64,
+    outbound_tls: AtomicU64,
+}
+
+impl HboneState {
+    /// TLS connections accepted by the inbound HBONE listener (each carries many tunnels).
+    pub fn inbound_tls_connections(&self) -> u64 {
+        self.inbound_tls.load(Ordering::Relaxed)
+    }
+
+    /// TLS connections opened by outbound HBONE (pooled: fewer than tunnels).
+    pub fn outbound_tls_connections(&self) -> u64 {
+        self.outbound_tls.load(Ordering::Relaxed)
+    }
+
+    fn count_inbound(&self) {
+        self.inbound_tls.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn count_outbound(&self) {
+        self.outbound_tls.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 impl ProxyCtx {
@@ -58,6 +101,8 @@ pub enum Role {
     InboundPlaintext,
     /// SOCKS5 front end of the outbound path (15080).
     Socks5,
+    /// HBONE tunnels from other mesh proxies (15008).
+    InboundHbone,
 }
 
 impl Role {
@@ -66,6 +111,7 @@ impl Role {
             Role::Outbound => "outbound",
             Role::InboundPlaintext => "inbound_plaintext",
             Role::Socks5 => "socks5",
+            Role::InboundHbone => "inbound_hbone",
         }
     }
 }
@@ -100,6 +146,7 @@ impl Listener {
                     Role::Outbound => outbound::serve(&ctx, stream, peer).await,
                     Role::InboundPlaintext => inbound_plain::serve(&ctx, stream, peer).await,
                     Role::Socks5 => socks5::serve(&ctx, stream, peer).await,
+                    Role::InboundHbone => inbound_hbone::serve(ctx, stream, peer).await,
                 }
             }
         })

@@ -5,6 +5,7 @@
 mod integration {
     mod capture;
     pub mod harness;
+    mod hbone;
     mod identity;
     mod local_mode;
     pub mod netns;

@@ -16,6 +16,10 @@ pub(crate) struct ConnLog {
     pub start: Instant,
     pub src_workload: Option<String>,
     pub upstream: Option<Upstream>,
+    /// The SPIFFE ID the peer proved (inbound HBONE).
+    pub src_identity: Option<String>,
+    /// The CONNECT status answered (inbound) or received (outbound HBONE).
+    pub status: Option<u16>,
 }
 
 impl ConnLog {
@@ -33,6 +37,8 @@ impl ConnLog {
             start: Instant::now(),
             src_workload: None,
             upstream: None,
+            src_identity: None,
+            status: None,
         }
     }
 
@@ -61,11 +67,13 @@ impl ConnLog {
                     listener = self.listener,
                     src.addr = %self.src,
                     src.workload = self.src_workload.as_deref(),
+                    src.identity = self.src_identity.as_deref(),
                     dst.addr = %self.dst,
                     dst.upstream = upstream_addr.as_deref(),
                     dst.service = service,
                     dst.workload = dst_workload.map(|w| w.name.as_str()),
                     dst.namespace = dst_workload.map(|w| w.namespace.as_str()),
+                    hbone.status = self.status,
                     bytes_sent = t.sent,
                     bytes_recv = t.received,
                     duration_ms,

@@ -31,10 +31,32 @@ pub enum ProxyError {
         #[source]
         source: io::Error,
     },
-    #[error("destination {dst} is workload {workload}, which only accepts HBONE tunnels, and this l4mesh has no HBONE support yet; set the workload's protocol to TCP to reach it in plaintext")]
-    HboneUnavailable { dst: SocketAddr, workload: String },
     #[error("inbound connection to {dst}: no workload on this node (NODE_NAME {node:?}) has that address; expected the address of a local workload")]
     NotLocalWorkload { dst: SocketAddr, node: String },
+    #[error(transparent)]
+    Refused(#[from] super::hbone::Outcome),
+    #[error("TLS handshake with {addr}: {source} (do both sides trust the same mesh root? is the peer's identity the expected one?)")]
+    Tls {
+        addr: SocketAddr,
+        /// Whether we were the server (the client is to blame) or the client.
+        inbound: bool,
+        #[source]
+        source: io::Error,
+    },
+    #[error(transparent)]
+    TlsSetup(#[from] crate::tls::TlsError),
+    #[error(transparent)]
+    Certificate(#[from] crate::identity::NoCertificate),
+    #[error("HBONE: {0}")]
+    HboneHandshake(String),
+    #[error("HBONE peer {peer} answered the CONNECT to {dst} with status {status} (400: not a workload of that node; 401: denied by its policy; 503: the workload did not accept the connection)")]
+    HboneStatus {
+        peer: SocketAddr,
+        dst: SocketAddr,
+        status: u16,
+    },
+    #[error("no identity to open an HBONE tunnel from {src}: the source is not a known workload and this l4mesh has no workload identity of its own (set PROXY_WORKLOAD_INFO in dedicated mode)")]
+    NoSourceIdentity { src: SocketAddr },
     #[error("SOCKS5 handshake: {0}")]
     Socks5(String),
     #[error(transparent)]
@@ -49,9 +71,20 @@ impl ProxyError {
             ProxyError::Loop { .. } => ("NR", Blame::Downstream),
             ProxyError::Route(_) => ("UH", Blame::ControlPlane),
             ProxyError::Connect { .. } => ("UF", Blame::Upstream),
-            ProxyError::HboneUnavailable { .. } => ("NR", Blame::Internal),
             ProxyError::NotLocalWorkload { .. } => ("NR", Blame::Downstream),
             ProxyError::Socks5(_) => ("DPE", Blame::Downstream),
+            ProxyError::Refused(o) => match o {
+                super::hbone::Outcome::Denied(_) => ("RBAC", Blame::Policy),
+                super::hbone::Outcome::NoUpstream(_) => ("UF", Blame::Upstream),
+                _ => ("DPE", Blame::Downstream),
+            },
+            ProxyError::Tls { inbound: true, .. } => ("DPE", Blame::Downstream),
+            ProxyError::Tls { .. } => ("UF", Blame::Upstream),
+            ProxyError::TlsSetup(_) | ProxyError::Certificate(_) => ("NR", Blame::Internal),
+            ProxyError::HboneHandshake(_) => ("DPE", Blame::Downstream),
+            ProxyError::HboneStatus { status: 401, .. } => ("RBAC", Blame::Policy),
+            ProxyError::HboneStatus { .. } => ("UF", Blame::Upstream),
+            ProxyError::NoSourceIdentity { .. } => ("NR", Blame::Internal),
             ProxyError::Copy(CopyError::DownstreamRead(_) | CopyError::DownstreamWrite(_)) => {
                 ("DC", Blame::Downstream)
             }

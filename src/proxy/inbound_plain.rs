@@ -29,7 +29,7 @@ pub(super) async fn serve(ctx: &ProxyCtx, down: TcpStream, src: SocketAddr) {
     }
 }
 
-async fn open(ctx: &ProxyCtx, log: &mut ConnLog) -> Result<TcpStream, ProxyError> {
+async fn open(ctx: &ProxyCtx, log: &mut ConnLog) -> Result<outbound::UpConn, ProxyError> {
     let dst = log.dst;
     if ctx.is_own_listener(dst) {
         return Err(ProxyError::Loop { dst });
@@ -53,5 +53,6 @@ async fn open(ctx: &ProxyCtx, log: &mut ConnLog) -> Result<TcpStream, ProxyError
     });
     crate::socket::connect(dst, &ctx.upstream)
         .await
+        .map(outbound::UpConn::Tcp)
         .map_err(|source| ProxyError::Connect { addr: dst, source })
 }

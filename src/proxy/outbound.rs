@@ -7,9 +7,17 @@ use tokio::net::TcpStream;
 
 use super::access::ConnLog;
 use super::copy::{self, Transferred};
+use super::hbone;
+use super::pool::{PoolKey, Tunnel};
 use super::route::{self, Upstream, UpstreamKind};
 use super::{ProxyCtx, ProxyError};
-use crate::model::NetworkAddr;
+use crate::model::{NetworkAddr, SpiffeId, Workload};
+
+/// An opened upstream: a TCP connection, or an HBONE tunnel to the destination's node.
+pub(super) enum UpConn {
+    Tcp(TcpStream),
+    Tunnel(Box<Tunnel>),
+}
 
 pub(super) async fn serve(ctx: &ProxyCtx, down: TcpStream, src: SocketAddr) {
     let dst = match crate::socket::destination(&down) {
@@ -29,7 +37,7 @@ pub(super) async fn serve(ctx: &ProxyCtx, down: TcpStream, src: SocketAddr) {
 }
 
 /// Resolves and connects the upstream for `log.dst`, recording what was chosen in `log`.
-pub(super) async fn open(ctx: &ProxyCtx, log: &mut ConnLog) -> Result<TcpStream, ProxyError> {
+pub(super) async fn open(ctx: &ProxyCtx, log: &mut ConnLog) -> Result<UpConn, ProxyError> {
     if ctx.is_own_listener(log.dst) {
         return Err(ProxyError::Loop { dst: log.dst });
     }
@@ -37,27 +45,78 @@ pub(super) async fn open(ctx: &ProxyCtx, log: &mut ConnLog) -> Result<TcpStream,
         let addr = NetworkAddr::new(ctx.network.clone(), log.dst.ip());
         od.resolve(&addr).await;
     }
-    let upstream = resolve(ctx, log)?;
+    let (upstream, src_wl) = resolve(ctx, log)?;
     let addr = upstream.addr;
     let kind = upstream.kind;
-    let workload = upstream.workload.as_ref().map(|w| w.uid.to_string());
+    let tunnel = (kind == UpstreamKind::Hbone)
+        .then(|| tunnel_key(ctx, log.src, &upstream, src_wl.as_deref()));
     log.upstream = Some(upstream);
-    if kind == UpstreamKind::Hbone {
-        return Err(ProxyError::HboneUnavailable {
-            dst: addr,
-            workload: workload.unwrap_or_default(),
-        });
+    if let Some(key) = tunnel {
+        let key = key?;
+        let req = hbone::connect_request(addr, log.src, src_wl.as_deref(), &mut rand::rng())
+            .map_err(|e| ProxyError::HboneHandshake(format!("building the CONNECT: {e}")))?;
+        // Bounds the handshakes and the wait for the answer; dropping the future on timeout
+        // releases the pool key's lock.
+        let limit = ctx.upstream.connect_timeout;
+        let t = match tokio::time::timeout(limit, ctx.hbone.pool.tunnel(ctx, &key, req)).await {
+            Ok(t) => t,
+            Err(_) => Err(ProxyError::HboneHandshake(format!(
+                "no tunnel to {addr} via {} within {limit:?} (is the peer's HBONE port reachable?)",
+                key.addr
+            ))),
+        };
+        log.status = match &t {
+            Ok(t) => Some(t.status),
+            Err(ProxyError::HboneStatus { status, .. }) => Some(*status),
+            Err(_) => None,
+        };
+        return Ok(UpConn::Tunnel(Box::new(t?)));
     }
     if ctx.is_own_listener(addr) {
         return Err(ProxyError::Loop { dst: addr });
     }
     crate::socket::connect(addr, &ctx.upstream)
         .await
+        .map(UpConn::Tcp)
         .map_err(|source| ProxyError::Connect { addr, source })
 }
 
+/// The pool key of a tunnel to `up`: the source identity (the client's workload, else this
+/// l4mesh's own), the identities the server may prove, and `<workload ip>:15008`.
+fn tunnel_key(
+    ctx: &ProxyCtx,
+    src: SocketAddr,
+    up: &Upstream,
+    src_wl: Option<&Workload>,
+) -> Result<PoolKey, ProxyError> {
+    let src_id = src_wl
+        .map(Workload::identity)
+        .or_else(|| ctx.own_identity.clone())
+        .ok_or(ProxyError::NoSourceIdentity { src })?;
+    let mut expected: Vec<SpiffeId> = up.workload.iter().map(|w| w.identity()).collect();
+    if let Some(svc) = &up.service {
+        for san in &svc.subject_alt_names {
+            match san.parse::<SpiffeId>() {
+                Ok(id) if !expected.contains(&id) => expected.push(id),
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::debug!(service = %svc.hostname, %san, error = %e, "ignoring a subject_alt_name that is not a SPIFFE ID")
+                }
+            }
+        }
+    }
+    Ok(PoolKey {
+        src: src_id,
+        expected,
+        addr: SocketAddr::new(up.addr.ip(), hbone::HBONE_PORT),
+    })
+}
+
 /// Takes the snapshot once, picks the upstream, and keeps only the entities it needs.
-fn resolve(ctx: &ProxyCtx, log: &mut ConnLog) -> Result<Upstream, ProxyError> {
+fn resolve(
+    ctx: &ProxyCtx,
+    log: &mut ConnLog,
+) -> Result<(Upstream, Option<std::sync::Arc<Workload>>), ProxyError> {
     let snapshot = ctx.store.load();
     let src_wl = snapshot
         .workload_by_addr(&NetworkAddr::new(ctx.network.clone(), log.src.ip()))
@@ -73,11 +132,22 @@ fn resolve(ctx: &ProxyCtx, log: &mut ConnLog) -> Result<Upstream, ProxyError> {
         &mut rand::rng(),
     )?;
     tracing::debug!(src = %log.src, dst = %log.dst, upstream = %up.addr, kind = ?up.kind, "outbound route");
-    Ok(up)
+    Ok((up, src_wl))
 }
 
 /// Copies both ways until close and writes the access-log line.
-pub(super) async fn relay(mut down: TcpStream, mut up: TcpStream, log: &ConnLog) {
-    let (t, r) = copy::tcp(&mut down, &mut up).await;
+pub(super) async fn relay(mut down: TcpStream, up: UpConn, log: &ConnLog) {
+    let (t, r) = match up {
+        UpConn::Tcp(mut up) => copy::tcp(&mut down, &mut up).await,
+        UpConn::Tunnel(mut tunnel) => {
+            let (mut dr, mut dw) = down.split();
+            let Tunnel { recv, send, .. } = &mut *tunnel;
+            let res = copy::bidirectional(&mut dr, &mut dw, recv, send).await;
+            if res.1.is_err() {
+                send.reset(h2::Reason::CANCEL);
+            }
+            res
+        }
+    };
     log.finish(t, r.err().map(ProxyError::from).as_ref());
 }

@@ -55,7 +55,23 @@ impl Backend {
 /// Opens a SOCKS5 CONNECT through `proxy` to `dst` (an IP:port or a host name); returns the stream
 /// on success or the SOCKS5 reply code on refusal.
 pub async fn socks5_connect(proxy: SocketAddr, host: &str, port: u16) -> Result<TcpStream, u8> {
-    let mut s = TcpStream::connect(proxy).await.unwrap();
+    socks5_handshake(TcpStream::connect(proxy).await.unwrap(), host, port).await
+}
+
+/// [`socks5_connect`] from the source address `src` (so that l4mesh sees the client as the
+/// workload with that IP).
+pub async fn socks5_connect_from(
+    src: IpAddr,
+    proxy: SocketAddr,
+    host: &str,
+    port: u16,
+) -> Result<TcpStream, u8> {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::new(src, 0)).unwrap();
+    socks5_handshake(socket.connect(proxy).await.unwrap(), host, port).await
+}
+
+async fn socks5_handshake(mut s: TcpStream, host: &str, port: u16) -> Result<TcpStream, u8> {
     s.write_all(&[5, 1, 0]).await.unwrap();
     let mut r = [0u8; 2];
     s.read_exact(&mut r).await.unwrap();

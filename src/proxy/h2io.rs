@@ -1,0 +1,195 @@
+//! An HTTP/2 stream as a byte stream: [`H2Recv`] is `AsyncRead` over a `RecvStream`, [`H2Send`] is
+//! `AsyncWrite` over a `SendStream`, so `copy::bidirectional` copies between TCP and a tunnel.
+//!
+//! Flow control follows the bytes: receive capacity is released as the reader consumes data (a
+//! slow reader stops the peer instead of buffering without bound), and a write reserves send
+//! capacity and waits for the peer's window before handing a chunk to h2. `poll_shutdown` sends
+//! END_STREAM (the TCP half-close); the end of the `RecvStream` reads as EOF.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::{Buf, Bytes};
+use h2::{Reason, RecvStream, SendStream};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Largest chunk one write asks capacity for (the maximum DATA frame size).
+const MAX_CHUNK: usize = super::hbone::settings::MAX_FRAME_SIZE as usize;
+
+fn to_io(e: h2::Error) -> io::Error {
+    if e.is_io() {
+        if let Some(io) = e.into_io() {
+            return io;
+        }
+        return io::Error::other("HTTP/2 connection I/O failed");
+    }
+    let kind = if e.is_reset() || e.is_go_away() {
+        io::ErrorKind::ConnectionReset
+    } else {
+        io::ErrorKind::Other
+    };
+    io::Error::new(kind, e)
+}
+
+/// The receiving half of a tunnel stream.
+pub struct H2Recv {
+    recv: RecvStream,
+    /// Received but not yet read; its length is still held against the peer's window.
+    pending: Bytes,
+    eof: bool,
+}
+
+impl H2Recv {
+    pub fn new(recv: RecvStream) -> Self {
+        Self {
+            recv,
+            pending: Bytes::new(),
+            eof: false,
+        }
+    }
+}
+
+impl AsyncRead for H2Recv {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        while this.pending.is_empty() {
+            if this.eof {
+                return Poll::Ready(Ok(()));
+            }
+            match ready!(this.recv.poll_data(cx)) {
+                None => this.eof = true,
+                Some(Ok(data)) => this.pending = data,
+                // A reset with NO_ERROR after the peer is done is a clean end.
+                Some(Err(e)) if e.reason() == Some(Reason::NO_ERROR) => this.eof = true,
+                Some(Err(e)) => return Poll::Ready(Err(to_io(e))),
+            }
+        }
+        let n = this.pending.len().min(buf.remaining());
+        buf.put_slice(&this.pending[..n]);
+        this.pending.advance(n);
+        // The bytes left h2's hands: let the peer send that much more.
+        this.recv
+            .flow_control()
+            .release_capacity(n)
+            .map_err(to_io)?;
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// The sending half of a tunnel stream.
+pub struct H2Send {
+    send: SendStream<Bytes>,
+    shut: bool,
+}
+
+impl H2Send {
+    pub fn new(send: SendStream<Bytes>) -> Self {
+        Self { send, shut: false }
+    }
+
+    /// Resets the stream (the peer sees the tunnel fail, not a clean end).
+    pub fn reset(&mut self, reason: Reason) {
+        self.send.send_reset(reason);
+    }
+}
+
+impl AsyncWrite for H2Send {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        let this = &mut *self;
+        if this.shut {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "write after shutdown of the tunnel stream",
+            )));
+        }
+        let want = buf.len().min(MAX_CHUNK);
+        this.send.reserve_capacity(want);
+        // `poll_capacity` only reports increases: use what is assigned already first.
+        let mut have = this.send.capacity();
+        while have == 0 {
+            match this.send.poll_capacity(cx) {
+                Poll::Ready(Some(Ok(n))) => have = n,
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(to_io(e))),
+                Poll::Ready(None) => {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::BrokenPipe,
+                        "the tunnel stream is closed for sending",
+                    )))
+                }
+                Poll::Pending => {
+                    // Waiting for window: notice a reset by the peer meanwhile.
+                    if let Poll::Ready(r) = this.send.poll_reset(cx) {
+                        let e = match r {
+                            Ok(reason) => io::Error::new(
+                                io::ErrorKind::ConnectionReset,
+                                format!("the peer reset the tunnel stream ({reason})"),
+                            ),
+                            Err(e) => to_io(e),
+                        };
+                        return Poll::Ready(Err(e));
+                    }
+                    return Poll::Pending;
+                }
+            }
+        }
+        let n = have.min(want);
+        this.send
+            .send_data(Bytes::copy_from_slice(&buf[..n]), false)
+            .map_err(to_io)?;
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // The connection task writes frames as soon as they are queued.
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if !self.shut {
+            self.shut = true;
+            self.send.reserve_capacity(0);
+            self.send.send_data(Bytes::new(), true).map_err(to_io)?;
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// The HTTP/2 server settings of an HBONE listener (wire-facts §3).
+pub fn server_builder() -> h2::server::Builder {
+    use super::hbone::settings as s;
+    let mut b = h2::server::Builder::new();
+    b.max_concurrent_streams(s::MAX_CONCURRENT_STREAMS)
+        .max_header_list_size(s::MAX_HEADER_LIST_SIZE)
+        .initial_window_size(s::STREAM_WINDOW)
+        .initial_connection_window_size(s::CONNECTION_WINDOW)
+        .max_frame_size(s::MAX_FRAME_SIZE);
+    b
+}
+
+/// The HTTP/2 client settings of an HBONE connection (wire-facts §3).
+pub fn client_builder() -> h2::client::Builder {
+    use super::hbone::settings as s;
+    let mut b = h2::client::Builder::new();
+    b.max_header_list_size(s::MAX_HEADER_LIST_SIZE)
+        .initial_window_size(s::STREAM_WINDOW)
+        .initial_connection_window_size(s::CONNECTION_WINDOW)
+        .max_frame_size(s::MAX_FRAME_SIZE)
+        .enable_push(false);
+    b
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests;

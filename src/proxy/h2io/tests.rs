@@ -1,0 +1,98 @@
+//! The adapter over an in-memory HTTP/2 connection: echo, 10 MB both ways, half-close.
+
+use std::net::SocketAddr;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::*;
+
+/// A server on one end of a duplex pipe that echoes each CONNECT stream after answering 200;
+/// returns the client's `SendRequest`.
+async fn echo_pair() -> h2::client::SendRequest<Bytes> {
+    let (c, s) = tokio::io::duplex(1 << 20);
+    tokio::spawn(async move {
+        let mut conn = server_builder().handshake::<_, Bytes>(s).await.unwrap();
+        while let Some(Ok((req, mut respond))) = conn.accept().await {
+            tokio::spawn(async move {
+                let resp = http::Response::new(());
+                let send = respond.send_response(resp, false).unwrap();
+                let (mut r, mut w) = (H2Recv::new(req.into_body()), H2Send::new(send));
+                tokio::io::copy(&mut r, &mut w).await.unwrap();
+                w.shutdown().await.unwrap();
+            });
+        }
+    });
+    let (send_req, conn) = client_builder().handshake(c).await.unwrap();
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    send_req
+}
+
+async fn open(client: &mut h2::client::SendRequest<Bytes>) -> (H2Recv, H2Send) {
+    let target: SocketAddr = "10.0.0.1:80".parse().unwrap();
+    let req = crate::proxy::hbone::connect_request(
+        target,
+        "10.0.0.2:1".parse().unwrap(),
+        None,
+        &mut rand::rng(),
+    )
+    .unwrap();
+    let c = client.clone().ready().await.unwrap();
+    *client = c;
+    let (resp, send) = client.send_request(req, false).unwrap();
+    let resp = resp.await.unwrap();
+    assert_eq!(resp.status(), 200);
+    (H2Recv::new(resp.into_body()), H2Send::new(send))
+}
+
+#[tokio::test]
+async fn echo_and_half_close() {
+    let mut client = echo_pair().await;
+    let (mut r, mut w) = open(&mut client).await;
+    w.write_all(b"hello").await.unwrap();
+    let mut buf = [0u8; 5];
+    r.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"hello");
+    // Half-close: the server sees EOF, finishes its copy, and closes its side.
+    w.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    r.read_to_end(&mut rest).await.unwrap();
+    assert!(rest.is_empty());
+    assert!(w.write_all(b"late").await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_megabytes_both_ways() {
+    let mut client = echo_pair().await;
+    let (mut r, mut w) = open(&mut client).await;
+    let data: Vec<u8> = (0..10 * 1024 * 1024u32)
+        .map(|i| (i * 7 % 251) as u8)
+        .collect();
+    let expected = data.clone();
+    let writer = tokio::spawn(async move {
+        for chunk in data.chunks(100_000) {
+            w.write_all(chunk).await.unwrap();
+        }
+        w.shutdown().await.unwrap();
+    });
+    let mut got = Vec::with_capacity(expected.len());
+    r.read_to_end(&mut got).await.unwrap();
+    writer.await.unwrap();
+    assert_eq!(got.len(), expected.len());
+    assert!(got == expected, "bytes came back intact");
+}
+
+#[tokio::test]
+async fn streams_share_one_connection() {
+    let mut client = echo_pair().await;
+    let mut a = open(&mut client).await;
+    let mut b = open(&mut client).await;
+    a.1.write_all(b"a").await.unwrap();
+    b.1.write_all(b"b").await.unwrap();
+    let mut buf = [0u8; 1];
+    b.0.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"b");
+    a.0.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"a");
+}

@@ -1,0 +1,276 @@
+//! HBONE's CONNECT on the wire (wire-facts §3), pure: the request a client sends, the validation a
+//! server applies to a request, and the status each outcome maps to. No I/O here; the listeners and
+//! the pool use these so that both ends agree on every header.
+
+use std::net::SocketAddr;
+
+use http::{Method, Request, StatusCode};
+
+use crate::model::{Workload, WorkloadType};
+
+/// The port HBONE servers listen on.
+pub const HBONE_PORT: u16 = 15008;
+
+/// HTTP/2 settings of both ends (wire-facts §3, ztunnel's defaults).
+pub mod settings {
+    /// Streams one connection carries at once (ztunnel: 100).
+    pub const MAX_CONCURRENT_STREAMS: u32 = 100;
+    /// Largest header block accepted: CONNECT headers are small, anything bigger is abuse.
+    pub const MAX_HEADER_LIST_SIZE: u32 = 16 * 1024;
+    /// Per-stream flow-control window.
+    pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+    /// Per-connection flow-control window.
+    pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+    /// Largest DATA frame.
+    pub const MAX_FRAME_SIZE: u32 = 1024 * 1024;
+}
+
+/// Why a CONNECT was refused, or that it was accepted; each maps to the status HBONE peers expect.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Outcome {
+    #[error("accepted")]
+    Ok,
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    #[error("authority {authority} is not a workload on this node")]
+    AuthorityMismatch { authority: SocketAddr },
+    #[error("denied by policy: {0}")]
+    Denied(String),
+    #[error("no upstream: {0}")]
+    NoUpstream(String),
+}
+
+impl Outcome {
+    /// The `:status` answered for this outcome.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Outcome::Ok => StatusCode::OK,
+            Outcome::BadRequest(_) | Outcome::AuthorityMismatch { .. } => StatusCode::BAD_REQUEST,
+            Outcome::Denied(_) => StatusCode::UNAUTHORIZED,
+            Outcome::NoUpstream(_) => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+}
+
+/// The `baggage` header (W3C) describing the source workload, so the peer's telemetry can name it.
+pub fn baggage(wl: &Workload) -> String {
+    let kind = match wl.workload_type {
+        WorkloadType::Deployment => "deployment",
+        WorkloadType::CronJob => "cronjob",
+        WorkloadType::Pod => "pod",
+        WorkloadType::Job => "job",
+    };
+    let workload_name = if wl.workload_name.is_empty() {
+        &wl.name
+    } else {
+        &wl.workload_name
+    };
+    let mut parts = Vec::with_capacity(5);
+    let mut push = |k: String, v: &str| {
+        // Values are Kubernetes names (no `,`/`;`/`=`); anything else would break the list.
+        if !v.is_empty() && !v.contains([',', ';', '=', ' ']) {
+            parts.push(format!("{k}={v}"));
+        }
+    };
+    push("k8s.cluster.name".into(), &wl.cluster_id);
+    push("k8s.namespace.name".into(), &wl.namespace);
+    push(format!("k8s.{kind}.name"), workload_name);
+    push("service.name".into(), &wl.canonical_name);
+    push("service.version".into(), &wl.canonical_revision);
+    parts.join(",")
+}
+
+/// The `forwarded` header (RFC 7239) naming the original client; IPv6 in brackets.
+pub fn forwarded(client: SocketAddr) -> String {
+    // `SocketAddr`'s Display already brackets IPv6 (`[::1]:80`).
+    format!("for=\"{client}\"")
+}
+
+/// A fresh W3C `traceparent` (version 00, random trace and span ids, not sampled).
+pub fn traceparent(rng: &mut impl rand::Rng) -> String {
+    let trace: u128 = rng.random::<u128>().max(1);
+    let span: u64 = rng.random::<u64>().max(1);
+    format!("00-{trace:032x}-{span:016x}-00")
+}
+
+/// The classic CONNECT request (only `:method` and `:authority` as pseudo-headers) for a tunnel to
+/// `target`, from `client` (the application's address), with `src`'s metadata when known.
+pub fn connect_request(
+    target: SocketAddr,
+    client: SocketAddr,
+    src: Option<&Workload>,
+    rng: &mut impl rand::Rng,
+) -> Result<Request<()>, http::Error> {
+    // An authority-form URI: h2 sends `:authority` and neither `:scheme` nor `:path`.
+    let mut b = Request::builder()
+        .method(Method::CONNECT)
+        .uri(target.to_string())
+        .header("forwarded", forwarded(client))
+        .header("traceparent", traceparent(rng));
+    if let Some(wl) = src {
+        let bag = baggage(wl);
+        if !bag.is_empty() {
+            b = b.header("baggage", bag);
+        }
+    }
+    b.body(())
+}
+
+/// Checks a request a server received: CONNECT with an `ip:port` authority. Returns the target.
+pub fn validate<B>(req: &Request<B>) -> Result<SocketAddr, Outcome> {
+    if req.method() != Method::CONNECT {
+        return Err(Outcome::BadRequest(format!(
+            "method {} is not CONNECT: an HBONE server only tunnels",
+            req.method()
+        )));
+    }
+    let authority = req
+        .uri()
+        .authority()
+        .ok_or_else(|| Outcome::BadRequest("CONNECT without :authority".into()))?;
+    authority.as_str().parse::<SocketAddr>().map_err(|_| {
+        Outcome::BadRequest(format!(
+            "authority {:?} is not ip:port (hostnames are not supported)",
+            authority.as_str()
+        ))
+    })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    fn workload() -> Workload {
+        let yaml = r#"
+workloads:
+- uid: c//v1/Pod/ns1/web-1
+  name: web-1
+  namespace: ns1
+  serviceAccount: web
+  workloadIps: ["10.0.0.1"]
+  workloadType: deployment
+  workloadName: web
+  canonicalName: web-svc
+  canonicalRevision: v2
+  clusterId: cluster1
+"#;
+        let batch = crate::localconfig::parse(yaml).unwrap();
+        let store = crate::store::Store::new();
+        store.apply(batch);
+        let snap = store.load();
+        let addr = crate::model::NetworkAddr::new(
+            std::sync::Arc::<str>::from(""),
+            "10.0.0.1".parse().unwrap(),
+        );
+        (**snap.workload_by_addr(&addr).unwrap()).clone()
+    }
+
+    fn rng() -> rand::rngs::SmallRng {
+        rand::rngs::SmallRng::seed_from_u64(7)
+    }
+
+    #[test]
+    fn baggage_names_the_source() {
+        assert_eq!(
+            baggage(&workload()),
+            "k8s.cluster.name=cluster1,k8s.namespace.name=ns1,k8s.deployment.name=web,\
+             service.name=web-svc,service.version=v2"
+        );
+    }
+
+    #[test]
+    fn forwarded_brackets_ipv6() {
+        assert_eq!(
+            forwarded("10.1.2.3:4567".parse().unwrap()),
+            "for=\"10.1.2.3:4567\""
+        );
+        assert_eq!(
+            forwarded("[fd00::1]:80".parse().unwrap()),
+            "for=\"[fd00::1]:80\""
+        );
+    }
+
+    #[test]
+    fn traceparent_is_w3c() {
+        let t = traceparent(&mut rng());
+        let parts: Vec<&str> = t.split('-').collect();
+        assert_eq!(parts.len(), 4);
+        assert_eq!(
+            (parts[0], parts[1].len(), parts[2].len(), parts[3]),
+            ("00", 32, 16, "00")
+        );
+        assert!(parts[1..3]
+            .iter()
+            .all(|p| p.chars().all(|c| c.is_ascii_hexdigit())));
+    }
+
+    #[test]
+    fn connect_request_is_classic_connect() {
+        let wl = workload();
+        let req = connect_request(
+            "10.0.0.2:8080".parse().unwrap(),
+            "10.0.0.1:34567".parse().unwrap(),
+            Some(&wl),
+            &mut rng(),
+        )
+        .unwrap();
+        assert_eq!(req.method(), Method::CONNECT);
+        assert_eq!(req.uri().authority().unwrap().as_str(), "10.0.0.2:8080");
+        assert!(req.uri().scheme().is_none());
+        assert!(req.uri().path_and_query().is_none());
+        let h = req.headers();
+        assert_eq!(h["forwarded"], "for=\"10.0.0.1:34567\"");
+        assert!(h["baggage"]
+            .to_str()
+            .unwrap()
+            .contains("k8s.namespace.name=ns1"));
+        assert!(h["traceparent"].to_str().unwrap().starts_with("00-"));
+        assert_eq!(validate(&req).unwrap(), "10.0.0.2:8080".parse().unwrap());
+
+        let anon = connect_request(
+            "[fd00::2]:80".parse().unwrap(),
+            "[fd00::1]:1".parse().unwrap(),
+            None,
+            &mut rng(),
+        )
+        .unwrap();
+        assert!(!anon.headers().contains_key("baggage"));
+        assert_eq!(validate(&anon).unwrap(), "[fd00::2]:80".parse().unwrap());
+    }
+
+    #[test]
+    fn validation_refuses_with_400() {
+        let get = Request::get("http://10.0.0.2:80/").body(()).unwrap();
+        let e = validate(&get).unwrap_err();
+        assert_eq!(e.status(), StatusCode::BAD_REQUEST);
+        let no_auth = Request::builder()
+            .method(Method::CONNECT)
+            .uri("/x")
+            .body(())
+            .unwrap();
+        assert_eq!(validate(&no_auth).unwrap_err().status(), 400);
+        let host = Request::builder()
+            .method(Method::CONNECT)
+            .uri("web.ns1.svc:80")
+            .body(())
+            .unwrap();
+        assert_eq!(validate(&host).unwrap_err().status(), 400);
+        let no_port = Request::builder()
+            .method(Method::CONNECT)
+            .uri("10.0.0.2")
+            .body(())
+            .unwrap();
+        assert_eq!(validate(&no_port).unwrap_err().status(), 400);
+    }
+
+    #[test]
+    fn outcomes_map_to_statuses() {
+        assert_eq!(Outcome::Ok.status(), 200);
+        let a = "1.2.3.4:5".parse().unwrap();
+        assert_eq!(Outcome::AuthorityMismatch { authority: a }.status(), 400);
+        assert_eq!(Outcome::Denied("x".into()).status(), 401);
+        assert_eq!(Outcome::NoUpstream("x".into()).status(), 503);
+    }
+}

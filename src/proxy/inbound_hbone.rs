@@ -1,0 +1,234 @@
+//! The inbound HBONE path (15008): mutual TLS with the certificate of the workload that was
+//! dialled, HTTP/2, and per CONNECT stream: validate, authorize, connect to the local workload,
+//! answer 200, copy both ways, one access-log line.
+//!
+//! The certificate is chosen by the destination IP of the TCP connection (no SNI, wire-facts §3):
+//! a connection to an address that is not a workload of this node is closed before TLS.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use bytes::Bytes;
+use rustls::ServerConfig;
+use rustls_pki_types::CertificateDer;
+use tokio::net::TcpStream;
+
+use super::access::ConnLog;
+use super::copy::{self, Transferred};
+use super::h2io::{self, H2Recv, H2Send};
+use super::hbone::{self, Outcome};
+use super::route::{Upstream, UpstreamKind};
+use super::{ProxyCtx, ProxyError};
+use crate::model::{NetworkAddr, SpiffeId, Workload};
+use crate::tls::{self, ManagedCert, SourceResolver};
+
+/// How long a client has to complete the TLS and HTTP/2 handshakes.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Server TLS configs, one per local identity, built once (the certificate itself is looked up
+/// per handshake, so rotation needs no rebuild; a change of roots does).
+#[derive(Default)]
+pub struct ServerConfigs {
+    by_identity: Mutex<HashMap<SpiffeId, Built>>,
+}
+
+/// A server config and the roots it was built with.
+type Built = (Vec<CertificateDer<'static>>, Arc<ServerConfig>);
+
+impl ServerConfigs {
+    async fn get(&self, ctx: &ProxyCtx, wl: &Workload) -> Result<Arc<ServerConfig>, ProxyError> {
+        let id = wl.identity();
+        let cert = ctx.secrets.fetch(&id).await?;
+        let lock = || {
+            self.by_identity
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+        };
+        if let Some((roots, cfg)) = lock().get(&id) {
+            if *roots == cert.roots {
+                return Ok(cfg.clone());
+            }
+        }
+        let resolver = SourceResolver::new(ManagedCert::new(ctx.secrets.clone(), id.clone()));
+        let cfg = tls::server_config(Arc::new(resolver), cert.roots.clone(), &wl.trust_domain)?;
+        lock().insert(id, (cert.roots.clone(), cfg.clone()));
+        Ok(cfg)
+    }
+}
+
+/// What the authorization hook decided for one tunnel.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decision {
+    Allow,
+    Deny(String),
+}
+
+/// The authorization hook: may `peer` (the client's proven identity), connecting from `src`,
+/// reach `dst` on workload `wl`? Allows everything until the RBAC engine plugs in here.
+pub fn authorize(_peer: &SpiffeId, _src: SocketAddr, _wl: &Workload, _dst: SocketAddr) -> Decision {
+    Decision::Allow
+}
+
+/// The local workload with address `ip`, if any.
+fn local_workload(ctx: &ProxyCtx, ip: std::net::IpAddr) -> Option<Arc<Workload>> {
+    let snapshot = ctx.store.load();
+    snapshot
+        .workload_by_addr(&NetworkAddr::new(ctx.network.clone(), ip))
+        .filter(|w| w.node == ctx.node_name)
+        .cloned()
+}
+
+pub(super) async fn serve(ctx: Arc<ProxyCtx>, tcp: TcpStream, src: SocketAddr) {
+    let dialled = match crate::socket::destination(&tcp) {
+        Ok(d) => d,
+        Err(e) => {
+            let local = tcp.local_addr().unwrap_or(src);
+            ConnLog::new("inbound", "inbound_hbone", src, local)
+                .finish(Transferred::default(), Some(&ProxyError::OrigDst(e)));
+            return;
+        }
+    };
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&ctx, tcp, dialled)).await {
+        Ok(Ok((conn, peer))) => serve_h2(ctx, conn, src, dialled, peer).await,
+        Ok(Err(e)) => ConnLog::new("inbound", "inbound_hbone", src, dialled)
+            .finish(Transferred::default(), Some(&e)),
+        Err(_) => ConnLog::new("inbound", "inbound_hbone", src, dialled).finish(
+            Transferred::default(),
+            Some(&ProxyError::HboneHandshake(format!(
+                "the client did not complete the handshakes within {HANDSHAKE_TIMEOUT:?}"
+            ))),
+        ),
+    }
+}
+
+type ServerConn = h2::server::Connection<tokio_rustls::server::TlsStream<TcpStream>, Bytes>;
+
+/// TLS with the dialled workload's certificate, then HTTP/2; returns the connection and the
+/// client's proven identity.
+async fn handshake(
+    ctx: &ProxyCtx,
+    tcp: TcpStream,
+    dialled: SocketAddr,
+) -> Result<(ServerConn, SpiffeId), ProxyError> {
+    let wl = local_workload(ctx, dialled.ip()).ok_or_else(|| ProxyError::NotLocalWorkload {
+        dst: dialled,
+        node: ctx.node_name.clone(),
+    })?;
+    let cfg = ctx.hbone.server_configs.get(ctx, &wl).await?;
+    let tls = tokio_rustls::TlsAcceptor::from(cfg)
+        .accept(tcp)
+        .await
+        .map_err(|e| ProxyError::Tls {
+            addr: dialled,
+            inbound: true,
+            source: e,
+        })?;
+    let peer = tls::peer_identity(tls.get_ref().1)?;
+    ctx.hbone.count_inbound();
+    let conn = h2io::server_builder()
+        .handshake(tls)
+        .await
+        .map_err(|e| ProxyError::HboneHandshake(e.to_string()))?;
+    Ok((conn, peer))
+}
+
+async fn serve_h2(
+    ctx: Arc<ProxyCtx>,
+    mut conn: ServerConn,
+    src: SocketAddr,
+    dialled: SocketAddr,
+    peer: SpiffeId,
+) {
+    let peer = Arc::new(peer);
+    while let Some(next) = conn.accept().await {
+        match next {
+            Ok((req, respond)) => {
+                let (ctx, peer) = (ctx.clone(), peer.clone());
+                tokio::spawn(async move { stream(&ctx, req, respond, src, dialled, &peer).await });
+            }
+            Err(e) => {
+                tracing::debug!(%src, %dialled, error = %e, "HBONE connection ended");
+                return;
+            }
+        }
+    }
+}
+
+/// One CONNECT stream, from validation to the access-log line.
+async fn stream(
+    ctx: &ProxyCtx,
+    req: http::Request<h2::RecvStream>,
+    mut respond: h2::server::SendResponse<Bytes>,
+    src: SocketAddr,
+    dialled: SocketAddr,
+    peer: &SpiffeId,
+) {
+    let mut log = ConnLog::new("inbound", "inbound_hbone", src, dialled);
+    log.src_identity = Some(peer.to_string());
+    let mut up = match open(ctx, &req, peer, &mut log).await {
+        Ok(up) => up,
+        Err(e) => {
+            let status = match &e {
+                ProxyError::Refused(o) => o.status(),
+                ProxyError::Connect { .. } => http::StatusCode::SERVICE_UNAVAILABLE,
+                _ => http::StatusCode::BAD_REQUEST,
+            };
+            log.status = Some(status.as_u16());
+            let mut resp = http::Response::new(());
+            *resp.status_mut() = status;
+            let _ = respond.send_response(resp, true);
+            log.finish(Transferred::default(), Some(&e));
+            return;
+        }
+    };
+    // Answer before any data: the client sends nothing until it sees the 200.
+    let send = match respond.send_response(http::Response::new(()), false) {
+        Ok(s) => s,
+        Err(e) => {
+            let e = ProxyError::HboneHandshake(format!("answering the CONNECT: {e}"));
+            log.finish(Transferred::default(), Some(&e));
+            return;
+        }
+    };
+    log.status = Some(200);
+    let (mut tr, mut tw) = (H2Recv::new(req.into_body()), H2Send::new(send));
+    let (mut ur, mut uw) = up.split();
+    let (t, r) = copy::bidirectional(&mut tr, &mut tw, &mut ur, &mut uw).await;
+    if r.is_err() {
+        tw.reset(h2::Reason::CANCEL);
+    }
+    log.finish(t, r.err().map(ProxyError::from).as_ref());
+}
+
+/// Validates the request, authorizes it, and connects to the local workload it names.
+async fn open(
+    ctx: &ProxyCtx,
+    req: &http::Request<h2::RecvStream>,
+    peer: &SpiffeId,
+    log: &mut ConnLog,
+) -> Result<TcpStream, ProxyError> {
+    let target = hbone::validate(req)?;
+    log.dst = target;
+    if ctx.is_own_listener(target) {
+        return Err(ProxyError::Loop { dst: target });
+    }
+    let wl =
+        local_workload(ctx, target.ip()).ok_or(Outcome::AuthorityMismatch { authority: target })?;
+    log.upstream = Some(Upstream {
+        addr: target,
+        workload: Some(wl.clone()),
+        service: None,
+        kind: UpstreamKind::Tcp,
+    });
+    if let Decision::Deny(why) = authorize(peer, log.src, &wl, target) {
+        return Err(Outcome::Denied(why).into());
+    }
+    crate::socket::connect(target, &ctx.upstream)
+        .await
+        .map_err(|source| ProxyError::Connect {
+            addr: target,
+            source,
+        })
+}

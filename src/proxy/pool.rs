@@ -1,0 +1,308 @@
+//! Outbound HBONE connections, pooled: tunnels (HTTP/2 streams) share one TLS+HTTP/2 connection
+//! per (source identity, expected destination identities, destination address).
+//!
+//! Concurrent first requests for a key open one connection: each key has its own async lock, held
+//! across that key's handshake only (the map lock is held for a lookup, never across I/O). A
+//! connection takes at most [`MAX_STREAMS`] tunnels at once; then, or when it died, the next
+//! request opens a replacement (the old one keeps serving its streams until they end).
+//!
+//! Each connection's driver task also sends a keepalive PING every [`Liveness::ping_interval`] (one
+//! left unanswered at the next tick marks the connection dead) and closes it once it carried no
+//! stream for [`Liveness::idle`]. A request that fails on a pooled connection anyway is retried once
+//! on a fresh one.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use h2::client::SendRequest;
+use rustls_pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::h2io::{self, H2Recv, H2Send};
+use super::{ProxyCtx, ProxyError};
+use crate::model::SpiffeId;
+use crate::tls::{self, ManagedCert};
+
+/// Tunnels one pooled connection carries at once (ztunnel's default).
+pub const MAX_STREAMS: usize = 100;
+
+/// What a pooled connection is for.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub struct PoolKey {
+    /// The identity whose certificate the client presents.
+    pub src: SpiffeId,
+    /// The identities the server may prove (workload identity, service SANs).
+    pub expected: Vec<SpiffeId>,
+    /// `<workload ip>:15008`.
+    pub addr: SocketAddr,
+}
+
+/// An open tunnel: both halves, and the pool slot it holds until dropped.
+pub struct Tunnel {
+    pub recv: H2Recv,
+    pub send: H2Send,
+    pub status: u16,
+    _guard: StreamGuard,
+}
+
+/// Counts a stream against its connection's limit until dropped.
+struct StreamGuard(Arc<AtomicUsize>);
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[derive(Clone)]
+struct Conn {
+    send: SendRequest<Bytes>,
+    active: Arc<AtomicUsize>,
+    dead: Arc<AtomicBool>,
+}
+
+impl Conn {
+    /// Takes a stream slot if the connection is alive and below the limit.
+    fn take(&self) -> Option<(SendRequest<Bytes>, StreamGuard)> {
+        if self.dead.load(Ordering::Acquire) {
+            return None;
+        }
+        let prev = self.active.fetch_add(1, Ordering::AcqRel);
+        let guard = StreamGuard(self.active.clone());
+        if prev >= MAX_STREAMS {
+            return None; // the guard gives the slot back
+        }
+        Some((self.send.clone(), guard))
+    }
+}
+
+/// The pool of one l4mesh.
+#[derive(Default)]
+pub struct Pool {
+    slots: Mutex<HashMap<PoolKey, Arc<tokio::sync::Mutex<Option<Conn>>>>>,
+}
+
+impl Pool {
+    fn slot(&self, key: &PoolKey) -> Arc<tokio::sync::Mutex<Option<Conn>>> {
+        let mut slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
+        slots.entry(key.clone()).or_default().clone()
+    }
+
+    /// Forgets keys whose connection died (or never opened), so the map does not grow with every
+    /// destination ever seen. Runs when a connection is opened (rare); a slot in use is kept.
+    fn prune(&self) {
+        let mut slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
+        slots.retain(|_, slot| match slot.try_lock() {
+            Ok(conn) => conn
+                .as_ref()
+                .is_some_and(|c| !c.dead.load(Ordering::Acquire)),
+            Err(_) => true,
+        });
+    }
+
+    /// A stream slot on a live connection for `key`, opening one if needed. `fresh` forces a new
+    /// connection (the last one failed a request).
+    async fn acquire(
+        &self,
+        ctx: &ProxyCtx,
+        key: &PoolKey,
+        fresh: bool,
+    ) -> Result<(SendRequest<Bytes>, StreamGuard), ProxyError> {
+        let slot = self.slot(key);
+        let mut current = slot.lock().await;
+        if !fresh {
+            if let Some(taken) = current.as_ref().and_then(Conn::take) {
+                return Ok(taken);
+            }
+        }
+        self.prune();
+        let conn = connect(ctx, key).await?;
+        let taken = conn.take().ok_or_else(|| {
+            ProxyError::HboneHandshake(format!("new connection to {} died at once", key.addr))
+        })?;
+        *current = Some(conn);
+        Ok(taken)
+    }
+
+    /// Opens a CONNECT tunnel with `req` over a pooled connection; the peer must answer 200.
+    pub async fn tunnel(
+        &self,
+        ctx: &ProxyCtx,
+        key: &PoolKey,
+        req: http::Request<()>,
+    ) -> Result<Tunnel, ProxyError> {
+        let dst = req
+            .uri()
+            .authority()
+            .and_then(|a| a.as_str().parse().ok())
+            .unwrap_or(key.addr);
+        let mut fresh = false;
+        loop {
+            let (send, guard) = self.acquire(ctx, key, fresh).await?;
+            match request(send, req.clone()).await {
+                Ok((status, recv, send)) if status == 200 => {
+                    return Ok(Tunnel {
+                        recv: H2Recv::new(recv),
+                        send: H2Send::new(send),
+                        status,
+                        _guard: guard,
+                    })
+                }
+                Ok((status, ..)) => {
+                    return Err(ProxyError::HboneStatus {
+                        peer: key.addr,
+                        dst,
+                        status,
+                    })
+                }
+                // A failure at the connection level (closed, GOAWAY, stream refused) on a
+                // pooled connection: retry once on a fresh one.
+                Err(e) if !fresh && retryable(&e) => {
+                    tracing::debug!(addr = %key.addr, error = %e, "pooled HBONE connection failed; reconnecting");
+                    fresh = true;
+                }
+                Err(e) => {
+                    return Err(ProxyError::HboneHandshake(format!(
+                        "CONNECT to {dst} via {}: {e}",
+                        key.addr
+                    )))
+                }
+            }
+        }
+    }
+}
+
+/// Whether a failed request says nothing about the tunnel itself, only about the connection.
+fn retryable(e: &h2::Error) -> bool {
+    e.is_io() || e.is_go_away() || !e.is_remote() || e.reason() == Some(h2::Reason::REFUSED_STREAM)
+}
+
+async fn request(
+    send: SendRequest<Bytes>,
+    req: http::Request<()>,
+) -> Result<(u16, h2::RecvStream, h2::SendStream<Bytes>), h2::Error> {
+    let mut send = send.ready().await?;
+    let (resp, stream) = send.send_request(req, false)?;
+    let resp = resp.await?;
+    let status = resp.status().as_u16();
+    Ok((status, resp.into_body(), stream))
+}
+
+/// Opens a TLS+HTTP/2 connection for `key` and spawns its driver.
+async fn connect(ctx: &ProxyCtx, key: &PoolKey) -> Result<Conn, ProxyError> {
+    let cert = ctx.secrets.fetch(&key.src).await?;
+    let cfg = tls::client_config(
+        ManagedCert::new(ctx.secrets.clone(), key.src.clone()),
+        cert.roots.clone(),
+        key.expected.clone(),
+    )?;
+    let tcp = crate::socket::connect(key.addr, &ctx.upstream)
+        .await
+        .map_err(|source| ProxyError::Connect {
+            addr: key.addr,
+            source,
+        })?;
+    let tls = tokio_rustls::TlsConnector::from(cfg)
+        .connect(ServerName::IpAddress(key.addr.ip().into()), tcp)
+        .await
+        .map_err(|source| ProxyError::Tls {
+            addr: key.addr,
+            inbound: false,
+            source,
+        })?;
+    let (send, conn) = h2io::client_builder()
+        .handshake(tls)
+        .await
+        .map_err(|e| ProxyError::HboneHandshake(format!("HTTP/2 with {}: {e}", key.addr)))?;
+    ctx.hbone.count_outbound();
+    let (active, dead) = (
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    tokio::spawn(keep(
+        conn,
+        active.clone(),
+        dead.clone(),
+        Liveness::default(),
+        key.addr,
+    ));
+    Ok(Conn { send, active, dead })
+}
+
+/// When a pooled connection is given up (wire-facts §3: ztunnel's defaults).
+#[derive(Clone, Copy, Debug)]
+pub struct Liveness {
+    /// A PING is sent this often; one still unanswered at the next tick means the peer is gone.
+    pub ping_interval: Duration,
+    /// A connection that carried no stream for this long is closed (checked at each tick).
+    pub idle: Duration,
+}
+
+impl Default for Liveness {
+    fn default() -> Self {
+        Self {
+            ping_interval: Duration::from_secs(10),
+            idle: Duration::from_secs(300),
+        }
+    }
+}
+
+/// Drives `conn` until it ends, misses a PING, or stays idle too long; then marks it `dead` so
+/// the pool never hands it out again.
+async fn keep<T>(
+    mut conn: h2::client::Connection<T, Bytes>,
+    active: Arc<AtomicUsize>,
+    dead: Arc<AtomicBool>,
+    live: Liveness,
+    addr: SocketAddr,
+) where
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut pings = conn.ping_pong();
+    tokio::pin!(conn);
+    let start = tokio::time::Instant::now() + live.ping_interval;
+    let mut tick = tokio::time::interval_at(start, live.ping_interval);
+    let mut ping_sent = false;
+    let mut idle_since: Option<Instant> = None;
+    let why = loop {
+        let pong = std::future::poll_fn(|cx| match pings.as_mut() {
+            Some(p) if ping_sent => p.poll_pong(cx),
+            _ => std::task::Poll::Pending,
+        });
+        tokio::select! {
+            r = &mut conn => break match r {
+                Ok(()) => "closed".to_string(),
+                Err(e) => e.to_string(),
+            },
+            r = pong => match r {
+                Ok(_) => ping_sent = false,
+                Err(e) => break format!("keepalive: {e}"),
+            },
+            _ = tick.tick() => {
+                if ping_sent {
+                    break format!("keepalive PING unanswered for {:?}", live.ping_interval);
+                }
+                if let Some(p) = pings.as_mut() {
+                    ping_sent = p.send_ping(h2::Ping::opaque()).is_ok();
+                }
+                if active.load(Ordering::Acquire) == 0 {
+                    if idle_since.get_or_insert_with(Instant::now).elapsed() >= live.idle {
+                        break format!("idle for {:?}", live.idle);
+                    }
+                } else {
+                    idle_since = None;
+                }
+            }
+        }
+    };
+    dead.store(true, Ordering::Release);
+    tracing::debug!(%addr, reason = %why, "HBONE connection released");
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests;

@@ -1,0 +1,85 @@
+//! The driver of a pooled connection over an in-memory HTTP/2 pair: idle release, keepalive.
+
+use std::time::Duration;
+
+use super::*;
+use crate::proxy::h2io;
+
+const FAST: Liveness = Liveness {
+    ping_interval: Duration::from_millis(50),
+    idle: Duration::from_millis(200),
+};
+
+/// A client connection driven by `keep`, to a server that answers (polls its connection) only if
+/// `answering`. Returns the dead flag, the server task, and the request handle (dropping every
+/// handle ends a client connection, as when the pool replaced it).
+async fn kept(
+    answering: bool,
+    busy: bool,
+    live: Liveness,
+) -> (
+    Arc<AtomicBool>,
+    tokio::task::JoinHandle<()>,
+    SendRequest<Bytes>,
+) {
+    let (c, s) = tokio::io::duplex(1 << 16);
+    let server = tokio::spawn(async move {
+        let mut conn = h2io::server_builder()
+            .handshake::<_, Bytes>(s)
+            .await
+            .unwrap();
+        if answering {
+            while conn.accept().await.is_some() {}
+        } else {
+            std::future::pending::<()>().await;
+        }
+    });
+    let (send, conn) = h2io::client_builder().handshake(c).await.unwrap();
+    let active = Arc::new(AtomicUsize::new(usize::from(busy)));
+    let dead = Arc::new(AtomicBool::new(false));
+    let addr = "127.0.0.1:15008".parse().unwrap();
+    tokio::spawn(keep(conn, active, dead.clone(), live, addr));
+    (dead, server, send)
+}
+
+#[tokio::test]
+async fn idle_connection_is_released() {
+    let (dead, _server, _send) = kept(true, false, FAST).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(dead.load(Ordering::Acquire));
+}
+
+#[tokio::test]
+async fn busy_connection_with_a_live_peer_stays() {
+    // Pings every 250 ms (slack for a loaded machine), well past the idle time.
+    let live = Liveness {
+        ping_interval: Duration::from_millis(250),
+        ..FAST
+    };
+    let (dead, _server, _send) = kept(true, true, live).await;
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    assert!(!dead.load(Ordering::Acquire));
+}
+
+#[tokio::test]
+async fn unanswered_ping_marks_dead() {
+    let (dead, _server, _send) = kept(false, true, FAST).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(dead.load(Ordering::Acquire));
+}
+
+#[tokio::test]
+async fn closed_peer_marks_dead() {
+    let (dead, server, _send) = kept(true, true, FAST).await;
+    server.abort();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(dead.load(Ordering::Acquire));
+}
+
+#[tokio::test]
+async fn dropping_every_handle_ends_the_connection() {
+    let (dead, _server, send) = kept(true, true, FAST).await;
+    drop(send);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(dead.load(Ordering::Acquire));
+}

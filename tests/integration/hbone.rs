@@ -1,0 +1,314 @@
+//! HBONE between two l4mesh instances in-process, each on its own node with its own workload,
+//! both following one xds-testserver (xDS and CA): client → A's SOCKS5 → HBONE (mutual TLS,
+//! HTTP/2 CONNECT) → B's inbound listener → backend on B's workload IP.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use l4mesh::config::{CaSource, Config, Source, XdsSettings};
+use l4mesh::identity::IstioCaSettings;
+use xds_testserver::{Handle, StateSource};
+
+use super::harness::{exchange, socks5_connect_from, Backend};
+
+/// Backends listen on fixed ports below the ephemeral range: an ephemeral backend port could equal
+/// one of l4mesh's own (ephemeral) listener ports, which the loop guard refuses on loopback.
+const BACKEND_PORT: u16 = 18080;
+/// A port nothing listens on.
+const CLOSED_PORT: u16 = 18099;
+
+/// Each test has its own addresses (`127.43.<n>.x`), so that their HBONE listeners (all on port
+/// 15008) do not collide.
+fn state(n: u8) -> String {
+    format!(
+        r#"
+workloads:
+- uid: cluster1//v1/Pod/default/a
+  name: a
+  namespace: default
+  serviceAccount: client
+  workloadIps: ["127.43.{n}.1"]
+  protocol: HBONE
+  node: node-a
+- uid: cluster1//v1/Pod/default/b
+  name: b
+  namespace: default
+  serviceAccount: server
+  workloadIps: ["127.43.{n}.2"]
+  protocol: HBONE
+  node: node-b
+  services:
+    "default/echo.default.svc.cluster.local": {{ 80: {BACKEND_PORT} }}
+services:
+- name: echo
+  namespace: default
+  hostname: echo.default.svc.cluster.local
+  vips: ["/127.43.{n}.100"]
+  ports: {{ 80: {BACKEND_PORT} }}
+  subjectAltNames: ["spiffe://cluster.local/ns/default/sa/server"]
+"#
+    )
+}
+
+async fn node(ts: &Handle, listen_ip: &str, node: &str, hbone: &str) -> l4mesh::app::Running {
+    let url = format!("http://{}", ts.addr());
+    let mut config = Config::local(listen_ip.parse().unwrap());
+    config.node_name = node.into();
+    config.hbone_addr = SocketAddr::new(hbone.parse().unwrap(), 15008);
+    // Generous: the tests run in parallel on a small machine, in debug builds.
+    config.connect_timeout = Duration::from_secs(5);
+    config.source = Source::Xds(XdsSettings::plaintext(&url));
+    config.ca = CaSource::Istio(IstioCaSettings {
+        address: url,
+        root_ca: None,
+        auth_token: None,
+        cluster_id: "Kubernetes".into(),
+        ttl: Duration::from_secs(3600),
+        own_identity: None,
+    });
+    l4mesh::app::start(&config).await.unwrap()
+}
+
+struct Mesh {
+    a: l4mesh::app::Running,
+    b: l4mesh::app::Running,
+    /// A's workload IP (the client's source address).
+    a_ip: IpAddr,
+    /// B's workload IP (where the backends listen).
+    b_wl: String,
+    _ts: Handle,
+}
+
+async fn mesh(n: u8) -> Mesh {
+    l4mesh::telemetry::init(l4mesh::telemetry::LogFormat::Plain);
+    let mut c = xds_testserver::Config::new(StateSource::Yaml(state(n)));
+    c.listen = "127.0.0.1:0".parse().unwrap();
+    let ts = Handle::start(c).await.unwrap();
+    let (a_wl, b_wl) = (format!("127.43.{n}.1"), format!("127.43.{n}.2"));
+    let a = node(&ts, &format!("127.43.{n}.11"), "node-a", &a_wl).await;
+    let b = node(&ts, &format!("127.43.{n}.12"), "node-b", &b_wl).await;
+    Mesh {
+        a,
+        b,
+        a_ip: a_wl.parse().unwrap(),
+        b_wl,
+        _ts: ts,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tunnels_between_two_nodes_share_one_connection() {
+    let m = mesh(1).await;
+    let backend = Backend::start(&format!("{}:{BACKEND_PORT}", m.b_wl), "b").await;
+    let port = backend.addr.port();
+
+    // Concurrent first requests for one key open one connection.
+    let mut tasks = Vec::new();
+    for i in 0..64 {
+        let (socks, a_ip, b_wl) = (m.a.socks5.unwrap(), m.a_ip, m.b_wl.clone());
+        tasks.push(tokio::spawn(async move {
+            let s = socks5_connect_from(a_ip, socks, &b_wl, port)
+                .await
+                .expect("tunnel accepted");
+            exchange(s, &format!("hello {i}")).await
+        }));
+    }
+    for (i, t) in tasks.into_iter().enumerate() {
+        assert_eq!(t.await.unwrap(), format!("b:hello {i}"));
+    }
+    // A later connection reuses it.
+    let s = socks5_connect_from(m.a_ip, m.a.socks5.unwrap(), &m.b_wl, port)
+        .await
+        .unwrap();
+    assert_eq!(exchange(s, "again").await, "b:again");
+    assert_eq!(m.a.proxy.hbone.outbound_tls_connections(), 1);
+    assert_eq!(m.b.proxy.hbone.inbound_tls_connections(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_megabytes_both_ways_with_half_close() {
+    let m = mesh(2).await;
+    let backend = Backend::start(&format!("{}:{BACKEND_PORT}", m.b_wl), "b").await;
+    let mut s = socks5_connect_from(m.a_ip, m.a.socks5.unwrap(), &m.b_wl, backend.addr.port())
+        .await
+        .unwrap();
+    let data: Vec<u8> = (0..10 * 1024 * 1024u32)
+        .map(|i| (i.wrapping_mul(31) % 253) as u8)
+        .collect();
+    let got = tokio::time::timeout(Duration::from_secs(60), async {
+        s.write_all(&data).await.unwrap();
+        // The backend answers only after it saw our half-close through the tunnel.
+        s.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).await.unwrap();
+        got
+    })
+    .await
+    .expect("transfer timed out");
+    assert_eq!(&got[..2], b"b:");
+    assert_eq!(got.len() - 2, data.len());
+    assert!(got[2..] == data[..], "bytes crossed intact");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_down_is_refused_through_the_tunnel() {
+    let m = mesh(3).await;
+    // A port on B's workload IP that nothing listens on: B answers 503, A refuses the client.
+    let closed = CLOSED_PORT;
+    let r = socks5_connect_from(m.a_ip, m.a.socks5.unwrap(), &m.b_wl, closed).await;
+    assert!(r.is_err(), "a refused tunnel is refused to the client");
+    // The TLS connection itself stays usable.
+    let backend = Backend::start(&format!("{}:{BACKEND_PORT}", m.b_wl), "b").await;
+    let s = socks5_connect_from(m.a_ip, m.a.socks5.unwrap(), &m.b_wl, backend.addr.port())
+        .await
+        .unwrap();
+    assert_eq!(exchange(s, "ok").await, "b:ok");
+    assert_eq!(m.b.proxy.hbone.inbound_tls_connections(), 1);
+}
+
+fn id(sa: &str) -> l4mesh::model::SpiffeId {
+    format!("spiffe://cluster.local/ns/default/sa/{sa}")
+        .parse()
+        .unwrap()
+}
+
+/// A raw HBONE client to B's listener, presenting `client`'s certificate and expecting `server`.
+async fn raw_client(
+    m: &Mesh,
+    client: &str,
+    server: &str,
+) -> Result<h2::client::SendRequest<bytes::Bytes>, std::io::Error> {
+    use std::sync::Arc;
+    let secrets =
+        l4mesh::identity::SecretManager::new(l4mesh::identity::CaClient::Istio(IstioCaSettings {
+            address: format!("http://{}", m._ts.addr()),
+            root_ca: None,
+            auth_token: None,
+            cluster_id: "Kubernetes".into(),
+            ttl: Duration::from_secs(3600),
+            own_identity: None,
+        }));
+    let cert = secrets.fetch(&id(client)).await.unwrap();
+    let cfg = l4mesh::tls::client_config(
+        l4mesh::tls::ManagedCert::new(secrets.clone(), id(client)),
+        cert.roots.clone(),
+        vec![id(server)],
+    )
+    .unwrap();
+    let addr = m.b.hbone;
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let name = rustls_pki_types::ServerName::IpAddress(addr.ip().into());
+    let tls = tokio_rustls::TlsConnector::from(Arc::<rustls::ClientConfig>::clone(&cfg))
+        .connect(name, tcp)
+        .await?;
+    let (send, conn) = h2::client::handshake(tls)
+        .await
+        .map_err(std::io::Error::other)?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(send)
+}
+
+async fn status_of(
+    send: &mut h2::client::SendRequest<bytes::Bytes>,
+    req: http::Request<()>,
+) -> u16 {
+    let mut ready = send.clone().ready().await.unwrap();
+    let (resp, _stream) = ready.send_request(req, false).unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(5), resp)
+        .await
+        .unwrap()
+        .unwrap();
+    resp.status().as_u16()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbound_refusals() {
+    let m = mesh(4).await;
+    let mut send = raw_client(&m, "client", "server").await.unwrap();
+    let connect = |authority: String| {
+        http::Request::builder()
+            .method(http::Method::CONNECT)
+            .uri(authority)
+            .body(())
+            .unwrap()
+    };
+    // A's workload is not on B's node.
+    let a_port = SocketAddr::new(m.a_ip, 80).to_string();
+    assert_eq!(status_of(&mut send, connect(a_port)).await, 400);
+    // Not a CONNECT.
+    let get = http::Request::get(format!("http://{}:80/", m.b_wl))
+        .body(())
+        .unwrap();
+    assert_eq!(status_of(&mut send, get).await, 400);
+    // A hostname authority is not supported.
+    assert_eq!(
+        status_of(&mut send, connect("b.default:80".into())).await,
+        400
+    );
+    // Nothing listens there: 503.
+    let closed = CLOSED_PORT;
+    let target = format!("{}:{closed}", m.b_wl);
+    assert_eq!(status_of(&mut send, connect(target)).await, 503);
+
+    // The client refuses a server that proves another identity.
+    let err = raw_client(&m, "client", "someone-else").await.err();
+    assert!(
+        err.is_some(),
+        "handshake with the wrong server identity fails"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_vip_goes_through_the_tunnel() {
+    let m = mesh(5).await;
+    let _backend = Backend::start(&format!("{}:{BACKEND_PORT}", m.b_wl), "b").await;
+    let vip = "127.43.5.100";
+    let s = socks5_connect_from(m.a_ip, m.a.socks5.unwrap(), vip, 80)
+        .await
+        .unwrap();
+    assert_eq!(exchange(s, "via vip").await, "b:via vip");
+    assert_eq!(m.b.proxy.hbone.inbound_tls_connections(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_connection_makes_room_on_a_new_one() {
+    let m = mesh(6).await;
+    let backend = Backend::start(&format!("{}:{BACKEND_PORT}", m.b_wl), "b").await;
+    let port = backend.addr.port();
+    // 120 tunnels held open at once: 100 fit on the first connection, the rest on a second.
+    let mut open = Vec::new();
+    for i in 0..120 {
+        let s = socks5_connect_from(m.a_ip, m.a.socks5.unwrap(), &m.b_wl, port)
+            .await
+            .unwrap_or_else(|rep| panic!("tunnel #{i} refused with SOCKS5 reply {rep}"));
+        open.push(s);
+    }
+    assert_eq!(m.a.proxy.hbone.outbound_tls_connections(), 2);
+    let replies = futures_all(
+        open.into_iter()
+            .enumerate()
+            .map(|(i, s)| async move { (i, exchange(s, &format!("n{i}")).await) }),
+    )
+    .await;
+    for (i, reply) in replies {
+        assert_eq!(reply, format!("b:n{i}"));
+    }
+}
+
+async fn futures_all<F: std::future::Future + Send + 'static>(
+    fs: impl Iterator<Item = F>,
+) -> Vec<F::Output>
+where
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = fs.map(tokio::spawn).collect();
+    let mut out = Vec::new();
+    for h in handles {
+        out.push(h.await.unwrap());
+    }
+    out
+}
