@@ -80,12 +80,14 @@ impl HboneState {
 }
 
 impl ProxyCtx {
-    /// Whether `dst` is one of l4mesh's own listeners (a connection to it would loop forever).
+    /// Whether `dst` is one of l4mesh's own listeners (a connection to it would loop forever): the
+    /// same address, or a loopback address for a wildcard listener. A listener bound to one IP is
+    /// not hit by the same port on another IP. Together with capture listeners refusing traffic that
+    /// was not redirected, this stops every loop, including via a wildcard listener and a pod IP.
     pub fn is_own_listener(&self, dst: SocketAddr) -> bool {
         self.own_addrs.iter().any(|l| {
             l.port() == dst.port()
                 && (l.ip() == dst.ip()
-                    || dst.ip().is_loopback()
                     || dst.ip().is_unspecified()
                     || l.ip().is_unspecified() && dst.ip().is_loopback())
         })

@@ -21,6 +21,12 @@ pub enum Blame {
 pub enum ProxyError {
     #[error("could not read the original destination of the connection: {0}")]
     OrigDst(#[source] io::Error),
+    #[error("connection to {local} was not redirected by the capture rules ({source}); capture listeners only take redirected traffic (is l4mesh's own traffic unmarked, or is a client dialling the port directly?)")]
+    NotRedirected {
+        local: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
     #[error("destination {dst} is one of l4mesh's own listeners; refusing the connection so that it does not loop (was the traffic redirected twice, or dialled directly?)")]
     Loop { dst: SocketAddr },
     #[error(transparent)]
@@ -68,6 +74,7 @@ impl ProxyError {
     pub fn classify(&self) -> (&'static str, Blame) {
         match self {
             ProxyError::OrigDst(_) => ("NR", Blame::Internal),
+            ProxyError::NotRedirected { .. } => ("NR", Blame::Downstream),
             ProxyError::Loop { .. } => ("NR", Blame::Downstream),
             ProxyError::Route(_) => ("UH", Blame::ControlPlane),
             ProxyError::Connect { .. } => ("UF", Blame::Upstream),

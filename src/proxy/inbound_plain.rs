@@ -13,12 +13,16 @@ use super::{outbound, ProxyCtx, ProxyError};
 use crate::model::NetworkAddr;
 
 pub(super) async fn serve(ctx: &ProxyCtx, down: TcpStream, src: SocketAddr) {
-    let dst = match crate::socket::destination(&down) {
+    // A capture listener only takes redirected traffic: a connection dialled straight at it is a
+    // loop (l4mesh's own unmarked traffic) or a misuse, and is refused.
+    let dst = match crate::socket::original_dst(&down) {
         Ok(d) => d,
         Err(e) => {
             let local = down.local_addr().unwrap_or(src);
-            ConnLog::new("inbound", "inbound_plaintext", src, local)
-                .finish(Transferred::default(), Some(&ProxyError::OrigDst(e)));
+            ConnLog::new("inbound", "inbound_plaintext", src, local).finish(
+                Transferred::default(),
+                Some(&ProxyError::NotRedirected { local, source: e }),
+            );
             return;
         }
     };
