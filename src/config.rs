@@ -95,6 +95,8 @@ pub struct Config {
     pub connect_timeout: Duration,
     pub worker_threads: usize,
     pub log_format: LogFormat,
+    /// HTTP/2 windows, frame size and HBONE pool limits.
+    pub h2: crate::proxy::H2Tuning,
 }
 
 impl Config {
@@ -121,6 +123,7 @@ impl Config {
             connect_timeout: Duration::from_secs(10),
             worker_threads: 2,
             log_format: LogFormat::Plain,
+            h2: crate::proxy::H2Tuning::default(),
         }
     }
 }
@@ -140,6 +143,39 @@ pub enum ConfigError {
     CaScheme(String),
     #[error("ZTUNNEL_WORKER_THREADS must be at least 1, found 0")]
     NoWorkers,
+    #[error("POOL_MAX_STREAMS_PER_CONNECTION must be at least 1, found 0")]
+    NoStreams,
+    #[error("HTTP2_FRAME_SIZE must be between {MIN_FRAME} and {MAX_FRAME} bytes (HTTP/2's limits, RFC 9113 §4.2), found {0}")]
+    FrameSize(u32),
+    #[error(
+        "{name} must be between 1 and {MAX_WINDOW} bytes (HTTP/2's largest window), found {value}"
+    )]
+    Window { name: &'static str, value: u32 },
+}
+
+/// HTTP/2's bounds on SETTINGS_MAX_FRAME_SIZE and on flow-control windows.
+const MIN_FRAME: u32 = 16 * 1024;
+const MAX_FRAME: u32 = 16 * 1024 * 1024 - 1;
+const MAX_WINDOW: u32 = (1 << 31) - 1;
+
+/// Checks the HTTP/2 tuning against the protocol's limits: h2 would panic or the peer would
+/// reset the connection on values outside them, so they fail at startup instead.
+pub fn validate_h2(t: &crate::proxy::H2Tuning) -> Result<(), ConfigError> {
+    if t.max_streams_per_connection == 0 {
+        return Err(ConfigError::NoStreams);
+    }
+    if !(MIN_FRAME..=MAX_FRAME).contains(&t.frame_size) {
+        return Err(ConfigError::FrameSize(t.frame_size));
+    }
+    for (name, value) in [
+        ("HTTP2_STREAM_WINDOW_SIZE", t.stream_window),
+        ("HTTP2_CONNECTION_WINDOW_SIZE", t.connection_window),
+    ] {
+        if value == 0 || value > MAX_WINDOW {
+            return Err(ConfigError::Window { name, value });
+        }
+    }
+    Ok(())
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -278,6 +314,21 @@ pub struct Args {
     /// Log format: plain or json. The level comes from RUST_LOG (default info).
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "plain")]
     pub log_format: LogFormat,
+    /// HBONE tunnels one pooled outbound connection carries at once (at least 1).
+    #[arg(long, env = "POOL_MAX_STREAMS_PER_CONNECTION", default_value_t = 100)]
+    pub pool_max_streams_per_connection: u32,
+    /// A pooled HBONE connection that carried no tunnel this long is closed (e.g. 30s, 5m).
+    #[arg(long, env = "POOL_UNUSED_RELEASE_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
+    pub pool_unused_release_timeout: Duration,
+    /// HTTP/2 per-stream flow-control window in bytes (1..=2^31-1; default 4 MiB).
+    #[arg(long, env = "HTTP2_STREAM_WINDOW_SIZE", default_value_t = 4 * 1024 * 1024)]
+    pub http2_stream_window_size: u32,
+    /// HTTP/2 per-connection flow-control window in bytes (1..=2^31-1; default 16 MiB).
+    #[arg(long, env = "HTTP2_CONNECTION_WINDOW_SIZE", default_value_t = 16 * 1024 * 1024)]
+    pub http2_connection_window_size: u32,
+    /// Largest HTTP/2 frame accepted, in bytes (16384..=16777215; default 1 MiB).
+    #[arg(long, env = "HTTP2_FRAME_SIZE", default_value_t = 1024 * 1024)]
+    pub http2_frame_size: u32,
 }
 
 impl Args {
@@ -314,6 +365,14 @@ impl Args {
         if self.worker_threads == 0 {
             return Err(ConfigError::NoWorkers);
         }
+        let h2 = crate::proxy::H2Tuning {
+            max_streams_per_connection: self.pool_max_streams_per_connection,
+            unused_release_timeout: self.pool_unused_release_timeout,
+            stream_window: self.http2_stream_window_size,
+            connection_window: self.http2_connection_window_size,
+            frame_size: self.http2_frame_size,
+        };
+        validate_h2(&h2)?;
         let own_identity = self.proxy_workload_info.as_ref().map(|w| {
             crate::model::SpiffeId::new(&self.trust_domain, &w.namespace, &w.service_account)
         });
@@ -366,99 +425,10 @@ impl Args {
             connect_timeout: self.connect_timeout,
             worker_threads: self.worker_threads,
             log_format: self.log_format,
+            h2,
         })
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
-        assert_eq!(parse_duration("5"), Ok(Duration::from_secs(5)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert!(parse_duration("ten").is_err());
-        assert!(parse_duration("5d").is_err());
-    }
-
-    #[test]
-    fn flags_into_config() {
-        let args = Args::try_parse_from([
-            "l4mesh",
-            "--node-name",
-            "n1",
-            "--enable-socks5",
-            "false",
-            "--proxy-workload-info",
-            "default/client/sa",
-        ])
-        .unwrap();
-        let c = args.into_config().unwrap();
-        assert_eq!(c.node_name, "n1");
-        assert_eq!(c.socks5_addr, None);
-        assert_eq!(c.workload_info.unwrap().service_account, "sa");
-        assert_eq!(c.source, Source::EmbeddedDefault);
-        assert_eq!(c.hbone_addr, "0.0.0.0:15008".parse().unwrap());
-        let moved = Args::try_parse_from(["l4mesh", "--hbone-addr", "10.0.0.1:15009"]).unwrap();
-        let c = moved.into_config().unwrap();
-        assert_eq!(c.hbone_addr, "10.0.0.1:15009".parse().unwrap());
-    }
-
-    #[test]
-    fn bad_flags_are_named() {
-        let e = Args::try_parse_from(["l4mesh", "--proxy-workload-info", "a/b"]).unwrap_err();
-        assert!(
-            e.to_string()
-                .contains("<namespace>/<name>/<service account>"),
-            "{e}"
-        );
-        let e = Args::try_parse_from(["l4mesh", "--xds-address", "istiod:15012"])
-            .unwrap()
-            .into_config()
-            .unwrap_err();
-        assert!(e.to_string().contains("http:// or https://"), "{e}");
-        let e = Args::try_parse_from([
-            "l4mesh",
-            "--xds-address",
-            "http://127.0.0.1:15010",
-            "--local-xds-path",
-            "/tmp/x.yaml",
-        ])
-        .unwrap()
-        .into_config()
-        .unwrap_err();
-        assert!(e.to_string().contains("one source"), "{e}");
-    }
-
-    #[test]
-    fn xds_source() {
-        let c = Args::try_parse_from([
-            "l4mesh",
-            "--xds-address",
-            "https://istiod.istio-system.svc:15012",
-            "--xds-root-ca",
-            "SYSTEM",
-        ])
-        .unwrap()
-        .into_config()
-        .unwrap();
-        match c.source {
-            Source::Xds(x) => {
-                assert_eq!(x.root_ca, Some(RootCa::System));
-                assert_eq!(x.address, "https://istiod.istio-system.svc:15012");
-            }
-            other => panic!("expected xDS, got {other:?}"),
-        }
-        assert_eq!(
-            RootCa::parse("/etc/root.pem"),
-            RootCa::File("/etc/root.pem".into())
-        );
-        assert!(matches!(
-            RootCa::parse("-----BEGIN CERTIFICATE-----\nx"),
-            RootCa::Pem(_)
-        ));
-    }
-}
+mod tests;

@@ -27,6 +27,7 @@ use crate::socket::UpstreamOptions;
 use crate::store::Store;
 
 pub use error::{Blame, ProxyError};
+pub use h2io::Tuning as H2Tuning;
 pub use inbound_hbone::{authorize, Decision};
 
 /// What every connection handler needs, shared by all listeners.
@@ -46,6 +47,8 @@ pub struct ProxyCtx {
     /// The identity of this l4mesh's own workload (dedicated mode): the source identity of
     /// outbound tunnels from clients that are not known workloads.
     pub own_identity: Option<crate::model::SpiffeId>,
+    /// HTTP/2 windows, frame size and pool limits of both HBONE ends.
+    pub h2: H2Tuning,
     /// Shared HBONE state: server TLS configs, the tunnel pool, counters.
     pub hbone: HboneState,
 }
@@ -57,6 +60,8 @@ pub struct HboneState {
     pool: pool::Pool,
     inbound_tls: AtomicU64,
     outbound_tls: AtomicU64,
+    /// Per-tunnel counters (opened, failed, bytes, CONNECT statuses).
+    pub tunnels: Arc<access::TunnelCounters>,
 }
 
 impl HboneState {

@@ -4,10 +4,12 @@
 
 mod integration {
     mod capture;
+    mod envoy;
     pub mod harness;
     mod hbone;
     mod identity;
     mod local_mode;
     pub mod netns;
+    mod waypoint;
     mod xds;
 }

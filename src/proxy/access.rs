@@ -1,11 +1,64 @@
 //! The access log: one line per connection at close, on the tracing target `access`.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use super::copy::Transferred;
 use super::route::Upstream;
 use super::ProxyError;
+
+/// Counters of HBONE tunnels, per direction, kept until the metrics endpoint exports them.
+#[derive(Debug, Default)]
+pub struct TunnelCounters {
+    pub inbound_opened: AtomicU64,
+    pub outbound_opened: AtomicU64,
+    pub inbound_failed: AtomicU64,
+    pub outbound_failed: AtomicU64,
+    /// Bytes client → server, over tunnels of each direction.
+    pub inbound_bytes_sent: AtomicU64,
+    pub inbound_bytes_received: AtomicU64,
+    pub outbound_bytes_sent: AtomicU64,
+    pub outbound_bytes_received: AtomicU64,
+    /// CONNECT answers by status (200, 400, 401, 503…), both directions.
+    pub by_status: Mutex<BTreeMap<u16, u64>>,
+}
+
+impl TunnelCounters {
+    fn record(&self, inbound: bool, t: Transferred, status: Option<u16>, ok: bool) {
+        let (opened, failed, sent, received) = if inbound {
+            (
+                &self.inbound_opened,
+                &self.inbound_failed,
+                &self.inbound_bytes_sent,
+                &self.inbound_bytes_received,
+            )
+        } else {
+            (
+                &self.outbound_opened,
+                &self.outbound_failed,
+                &self.outbound_bytes_sent,
+                &self.outbound_bytes_received,
+            )
+        };
+        opened.fetch_add(1, Ordering::Relaxed);
+        if !ok {
+            failed.fetch_add(1, Ordering::Relaxed);
+        }
+        sent.fetch_add(t.sent, Ordering::Relaxed);
+        received.fetch_add(t.received, Ordering::Relaxed);
+        if let Some(s) = status {
+            *self
+                .by_status
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(s)
+                .or_default() += 1;
+        }
+    }
+}
 
 /// What is known of a connection, filled in as it progresses.
 pub(crate) struct ConnLog {
@@ -16,10 +69,15 @@ pub(crate) struct ConnLog {
     pub start: Instant,
     pub src_workload: Option<String>,
     pub upstream: Option<Upstream>,
-    /// The SPIFFE ID the peer proved (inbound HBONE).
+    /// The SPIFFE ID the peer proved (inbound HBONE), or this side's (outbound HBONE).
     pub src_identity: Option<String>,
+    /// Outbound HBONE: the identities the server had to prove (its certificate was verified
+    /// against them); inbound: the destination workload's identity.
+    pub dst_identity: Option<String>,
     /// The CONNECT status answered (inbound) or received (outbound HBONE).
     pub status: Option<u16>,
+    /// Set on HBONE connections: where the tunnel is counted at close.
+    pub counters: Option<Arc<TunnelCounters>>,
 }
 
 impl ConnLog {
@@ -38,13 +96,22 @@ impl ConnLog {
             src_workload: None,
             upstream: None,
             src_identity: None,
+            dst_identity: None,
             status: None,
+            counters: None,
         }
     }
 
     pub fn finish(&self, t: Transferred, err: Option<&ProxyError>) {
+        if let Some(c) = &self.counters {
+            c.record(self.direction == "inbound", t, self.status, err.is_none());
+        }
         let up = self.upstream.as_ref();
         let upstream_addr = up.map(|u| u.addr.to_string());
+        // Through a waypoint, `dst.upstream` stays what was dialled (the tunnel's authority).
+        let waypoint = up
+            .and_then(|u| u.waypoint.as_ref())
+            .map(|w| format!("{}/{}@{}", w.workload.namespace, w.workload.name, w.addr));
         let dst_workload = up.and_then(|u| u.workload.as_ref());
         let service = up
             .and_then(|u| u.service.as_ref())
@@ -68,11 +135,13 @@ impl ConnLog {
                     src.addr = %self.src,
                     src.workload = self.src_workload.as_deref(),
                     src.identity = self.src_identity.as_deref(),
+                    dst.identity = self.dst_identity.as_deref(),
                     dst.addr = %self.dst,
                     dst.upstream = upstream_addr.as_deref(),
                     dst.service = service,
                     dst.workload = dst_workload.map(|w| w.name.as_str()),
                     dst.namespace = dst_workload.map(|w| w.namespace.as_str()),
+                    dst.waypoint = waypoint.as_deref(),
                     hbone.status = self.status,
                     bytes_sent = t.sent,
                     bytes_recv = t.received,

@@ -14,8 +14,38 @@ use bytes::{Buf, Bytes};
 use h2::{Reason, RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// Largest chunk one write asks capacity for (the maximum DATA frame size).
-const MAX_CHUNK: usize = super::hbone::settings::MAX_FRAME_SIZE as usize;
+/// Largest chunk one write asks send capacity for. Independent of the negotiated frame size: h2
+/// splits a chunk into frames itself; this only bounds how much one write holds at once.
+const MAX_CHUNK: usize = 1024 * 1024;
+
+/// HTTP/2 and pool tuning (ztunnel's `POOL_*` and `HTTP2_*` settings; defaults from wire-facts §3).
+/// Validated by the config layer before it gets here.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Tuning {
+    /// Tunnels one pooled outbound connection carries at once (`POOL_MAX_STREAMS_PER_CONNECTION`).
+    pub max_streams_per_connection: u32,
+    /// A pooled connection that carried no stream this long is closed (`POOL_UNUSED_RELEASE_TIMEOUT`).
+    #[serde(serialize_with = "crate::model::serialize_duration")]
+    pub unused_release_timeout: std::time::Duration,
+    /// Per-stream flow-control window, both ends (`HTTP2_STREAM_WINDOW_SIZE`).
+    pub stream_window: u32,
+    /// Per-connection flow-control window, both ends (`HTTP2_CONNECTION_WINDOW_SIZE`).
+    pub connection_window: u32,
+    /// Largest frame this end accepts (`HTTP2_FRAME_SIZE`).
+    pub frame_size: u32,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Self {
+            max_streams_per_connection: 100,
+            unused_release_timeout: std::time::Duration::from_secs(300),
+            stream_window: 4 * 1024 * 1024,
+            connection_window: 16 * 1024 * 1024,
+            frame_size: 1024 * 1024,
+        }
+    }
+}
 
 fn to_io(e: h2::Error) -> io::Error {
     if e.is_io() {
@@ -167,25 +197,25 @@ impl AsyncWrite for H2Send {
 }
 
 /// The HTTP/2 server settings of an HBONE listener (wire-facts §3).
-pub fn server_builder() -> h2::server::Builder {
+pub fn server_builder(t: &Tuning) -> h2::server::Builder {
     use super::hbone::settings as s;
     let mut b = h2::server::Builder::new();
     b.max_concurrent_streams(s::MAX_CONCURRENT_STREAMS)
         .max_header_list_size(s::MAX_HEADER_LIST_SIZE)
-        .initial_window_size(s::STREAM_WINDOW)
-        .initial_connection_window_size(s::CONNECTION_WINDOW)
-        .max_frame_size(s::MAX_FRAME_SIZE);
+        .initial_window_size(t.stream_window)
+        .initial_connection_window_size(t.connection_window)
+        .max_frame_size(t.frame_size);
     b
 }
 
 /// The HTTP/2 client settings of an HBONE connection (wire-facts §3).
-pub fn client_builder() -> h2::client::Builder {
+pub fn client_builder(t: &Tuning) -> h2::client::Builder {
     use super::hbone::settings as s;
     let mut b = h2::client::Builder::new();
     b.max_header_list_size(s::MAX_HEADER_LIST_SIZE)
-        .initial_window_size(s::STREAM_WINDOW)
-        .initial_connection_window_size(s::CONNECTION_WINDOW)
-        .max_frame_size(s::MAX_FRAME_SIZE)
+        .initial_window_size(t.stream_window)
+        .initial_connection_window_size(t.connection_window)
+        .max_frame_size(t.frame_size)
         .enable_push(false);
     b
 }

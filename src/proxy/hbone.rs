@@ -11,18 +11,14 @@ use crate::model::{Workload, WorkloadType};
 /// The port HBONE servers listen on.
 pub const HBONE_PORT: u16 = 15008;
 
-/// HTTP/2 settings of both ends (wire-facts §3, ztunnel's defaults).
+/// Fixed HTTP/2 settings of both ends (wire-facts §3); the tunable ones are in
+/// [`super::h2io::Tuning`].
 pub mod settings {
-    /// Streams one connection carries at once (ztunnel: 100).
+    /// Streams one inbound connection carries at once (ztunnel: 100). Not tied to
+    /// `POOL_MAX_STREAMS_PER_CONNECTION`, which limits this end's own outbound connections.
     pub const MAX_CONCURRENT_STREAMS: u32 = 100;
     /// Largest header block accepted: CONNECT headers are small, anything bigger is abuse.
     pub const MAX_HEADER_LIST_SIZE: u32 = 16 * 1024;
-    /// Per-stream flow-control window.
-    pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
-    /// Per-connection flow-control window.
-    pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
-    /// Largest DATA frame.
-    pub const MAX_FRAME_SIZE: u32 = 1024 * 1024;
 }
 
 /// Why a CONNECT was refused, or that it was accepted; each maps to the status HBONE peers expect.

@@ -19,7 +19,7 @@ use super::access::ConnLog;
 use super::copy::{self, Transferred};
 use super::h2io::{self, H2Recv, H2Send};
 use super::hbone::{self, Outcome};
-use super::route::{Upstream, UpstreamKind};
+use super::route::{waypoint, Upstream, UpstreamKind};
 use super::{ProxyCtx, ProxyError};
 use crate::model::{NetworkAddr, SpiffeId, Workload};
 use crate::tls::{self, ManagedCert, SourceResolver};
@@ -127,7 +127,7 @@ async fn handshake(
         })?;
     let peer = tls::peer_identity(tls.get_ref().1)?;
     ctx.hbone.count_inbound();
-    let conn = h2io::server_builder()
+    let conn = h2io::server_builder(&ctx.h2)
         .handshake(tls)
         .await
         .map_err(|e| ProxyError::HboneHandshake(e.to_string()))?;
@@ -167,7 +167,8 @@ async fn stream(
 ) {
     let mut log = ConnLog::new("inbound", "inbound_hbone", src, dialled);
     log.src_identity = Some(peer.to_string());
-    let mut up = match open(ctx, &req, peer, &mut log).await {
+    log.counters = Some(ctx.hbone.tunnels.clone());
+    let mut up = match open(ctx, &req, peer, dialled, &mut log).await {
         Ok(up) => up,
         Err(e) => {
             let status = match &e {
@@ -207,6 +208,7 @@ async fn open(
     ctx: &ProxyCtx,
     req: &http::Request<h2::RecvStream>,
     peer: &SpiffeId,
+    dialled: SocketAddr,
     log: &mut ConnLog,
 ) -> Result<TcpStream, ProxyError> {
     let target = hbone::validate(req)?;
@@ -216,12 +218,18 @@ async fn open(
     }
     let wl =
         local_workload(ctx, target.ip()).ok_or(Outcome::AuthorityMismatch { authority: target })?;
+    log.dst_identity = Some(wl.identity().to_string());
     log.upstream = Some(Upstream {
         addr: target,
         workload: Some(wl.clone()),
         service: None,
         kind: UpstreamKind::Tcp,
+        waypoint: None,
     });
+    if let Decision::Deny(why) = waypoint_rule(ctx, peer, dialled, &wl) {
+        tracing::warn!(peer = %peer, workload = %format!("{}/{}", wl.namespace, wl.name), "{why}");
+        return Err(Outcome::Denied(why).into());
+    }
     if let Decision::Deny(why) = authorize(peer, log.src, &wl, target) {
         return Err(Outcome::Denied(why).into());
     }
@@ -231,4 +239,33 @@ async fn open(
             addr: target,
             source,
         })
+}
+
+/// A workload with a waypoint takes tunnels only from that waypoint's identity, so that its policy
+/// cannot be bypassed. A tunnel dialled on the waypoint itself (the client sent it to the waypoint,
+/// which serves the destination on this node) is the waypoint's own traffic and passes.
+fn waypoint_rule(ctx: &ProxyCtx, peer: &SpiffeId, dialled: SocketAddr, wl: &Workload) -> Decision {
+    let Some(gw) = &wl.waypoint else {
+        return Decision::Allow;
+    };
+    let snapshot = ctx.store.load();
+    if local_workload(ctx, dialled.ip()).is_some_and(|d| waypoint::is_waypoint(&snapshot, gw, &d)) {
+        return Decision::Allow;
+    }
+    let ids = waypoint::identities(&snapshot, gw);
+    if ids.contains(peer) {
+        return Decision::Allow;
+    }
+    let expected = if ids.is_empty() {
+        "its waypoint, which is not in the mesh state".to_string()
+    } else {
+        ids.iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(" or ")
+    };
+    Decision::Deny(format!(
+        "workload {}/{} has a waypoint: tunnels must come from {expected}, not from {peer}",
+        wl.namespace, wl.name
+    ))
 }

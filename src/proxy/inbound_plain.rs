@@ -54,6 +54,7 @@ async fn open(ctx: &ProxyCtx, log: &mut ConnLog) -> Result<outbound::UpConn, Pro
         workload: Some(workload),
         service: None,
         kind: UpstreamKind::Tcp,
+        waypoint: None,
     });
     crate::socket::connect(dst, &ctx.upstream)
         .await

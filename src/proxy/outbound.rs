@@ -57,6 +57,15 @@ pub(super) async fn open(ctx: &ProxyCtx, log: &mut ConnLog) -> Result<UpConn, Pr
     log.upstream = Some(upstream);
     if let Some(key) = tunnel {
         let key = key?;
+        log.counters = Some(ctx.hbone.tunnels.clone());
+        log.src_identity = Some(key.src.to_string());
+        log.dst_identity = Some(
+            key.expected
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(","),
+        );
         let req = hbone::connect_request(addr, log.src, src_wl.as_deref(), &mut rand::rng())
             .map_err(|e| ProxyError::HboneHandshake(format!("building the CONNECT: {e}")))?;
         // Bounds the handshakes and the wait for the answer; dropping the future on timeout
@@ -86,7 +95,8 @@ pub(super) async fn open(ctx: &ProxyCtx, log: &mut ConnLog) -> Result<UpConn, Pr
 }
 
 /// The pool key of a tunnel to `up`: the source identity (the client's workload, else this
-/// l4mesh's own), the identities the server may prove, and `<workload ip>:15008`.
+/// l4mesh's own), the identities the server may prove, and `<workload ip>:15008`. Through a
+/// waypoint: the waypoint's identity only, and `<waypoint ip>:<its HBONE port>`.
 fn tunnel_key(
     ctx: &ProxyCtx,
     src: SocketAddr,
@@ -97,6 +107,13 @@ fn tunnel_key(
         .map(Workload::identity)
         .or_else(|| ctx.own_identity.clone())
         .ok_or(ProxyError::NoSourceIdentity { src })?;
+    if let Some(wp) = &up.waypoint {
+        return Ok(PoolKey {
+            src: src_id,
+            expected: vec![wp.workload.identity()],
+            addr: wp.addr,
+        });
+    }
     let mut expected: Vec<SpiffeId> = up.workload.iter().map(|w| w.identity()).collect();
     if let Some(svc) = &up.service {
         for san in &svc.subject_alt_names {
@@ -135,7 +152,8 @@ fn resolve(
         log.dst,
         &mut rand::rng(),
     )?;
-    tracing::debug!(src = %log.src, dst = %log.dst, upstream = %up.addr, kind = ?up.kind, "outbound route");
+    let waypoint = up.waypoint.as_ref().map(|w| w.addr);
+    tracing::debug!(src = %log.src, dst = %log.dst, upstream = %up.addr, kind = ?up.kind, ?waypoint, "outbound route");
     Ok((up, src_wl))
 }
 

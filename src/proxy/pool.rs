@@ -3,7 +3,7 @@
 //!
 //! Concurrent first requests for a key open one connection: each key has its own async lock, held
 //! across that key's handshake only (the map lock is held for a lookup, never across I/O). A
-//! connection takes at most [`MAX_STREAMS`] tunnels at once; then, or when it died, the next
+//! connection takes at most `POOL_MAX_STREAMS_PER_CONNECTION` tunnels at once; then, or when it died, the next
 //! request opens a replacement (the old one keeps serving its streams until they end).
 //!
 //! Each connection's driver task also sends a keepalive PING every [`Liveness::ping_interval`] (one
@@ -26,9 +26,6 @@ use super::h2io::{self, H2Recv, H2Send};
 use super::{ProxyCtx, ProxyError};
 use crate::model::SpiffeId;
 use crate::tls::{self, ManagedCert};
-
-/// Tunnels one pooled connection carries at once (ztunnel's default).
-pub const MAX_STREAMS: usize = 100;
 
 /// What a pooled connection is for.
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
@@ -63,6 +60,8 @@ struct Conn {
     send: SendRequest<Bytes>,
     active: Arc<AtomicUsize>,
     dead: Arc<AtomicBool>,
+    /// Streams it takes at once (`POOL_MAX_STREAMS_PER_CONNECTION`).
+    max: usize,
 }
 
 impl Conn {
@@ -73,7 +72,7 @@ impl Conn {
         }
         let prev = self.active.fetch_add(1, Ordering::AcqRel);
         let guard = StreamGuard(self.active.clone());
-        if prev >= MAX_STREAMS {
+        if prev >= self.max {
             return None; // the guard gives the slot back
         }
         Some((self.send.clone(), guard))
@@ -214,7 +213,7 @@ async fn connect(ctx: &ProxyCtx, key: &PoolKey) -> Result<Conn, ProxyError> {
             inbound: false,
             source,
         })?;
-    let (send, conn) = h2io::client_builder()
+    let (send, conn) = h2io::client_builder(&ctx.h2)
         .handshake(tls)
         .await
         .map_err(|e| ProxyError::HboneHandshake(format!("HTTP/2 with {}: {e}", key.addr)))?;
@@ -227,13 +226,23 @@ async fn connect(ctx: &ProxyCtx, key: &PoolKey) -> Result<Conn, ProxyError> {
         conn,
         active.clone(),
         dead.clone(),
-        Liveness::default(),
+        Liveness {
+            idle: ctx.h2.unused_release_timeout,
+            ..Liveness::default()
+        },
         key.addr,
     ));
-    Ok(Conn { send, active, dead })
+    let max = usize::try_from(ctx.h2.max_streams_per_connection).unwrap_or(usize::MAX);
+    Ok(Conn {
+        send,
+        active,
+        dead,
+        max,
+    })
 }
 
-/// When a pooled connection is given up (wire-facts §3: ztunnel's defaults).
+/// When a pooled connection is given up (wire-facts §3: ztunnel's defaults; `idle` comes from
+/// `POOL_UNUSED_RELEASE_TIMEOUT`).
 #[derive(Clone, Copy, Debug)]
 pub struct Liveness {
     /// A PING is sent this often; one still unanswered at the next tick means the peer is gone.

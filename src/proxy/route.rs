@@ -1,6 +1,10 @@
 //! Choosing the upstream of an outbound connection from its original destination: a service VIP
 //! becomes a load-balanced endpoint (with the port mapped to the endpoint's target port), a workload
-//! IP that workload, anything else a passthrough. Pure: the caller passes the snapshot and the RNG.
+//! IP that workload, anything else a passthrough. A service (or, dialled directly, a workload) with a
+//! waypoint goes to the waypoint instead ([`waypoint`]). Pure: the caller passes the snapshot and
+//! the RNG.
+
+pub mod waypoint;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -12,6 +16,7 @@ use crate::model::{
     TunnelProtocol, Workload, WorkloadStatus,
 };
 use crate::store::Snapshot;
+pub use waypoint::Waypoint;
 
 /// Where an outbound connection goes.
 #[derive(Clone, Debug)]
@@ -23,6 +28,9 @@ pub struct Upstream {
     /// The service the client addressed, when it dialled a VIP.
     pub service: Option<Arc<Service>>,
     pub kind: UpstreamKind,
+    /// Set when the connection goes through a waypoint: the tunnel is opened to it (kind HBONE),
+    /// and `addr` is the original destination, sent as the `:authority`.
+    pub waypoint: Option<Waypoint>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -46,6 +54,10 @@ pub enum RouteError {
         port: u16,
         known: Vec<u16>,
     },
+    #[error("the waypoint {waypoint} of {owner} is not in the mesh state: expected a workload at that address or a service with that hostname (is the waypoint deployed, and has the control plane sent it?)")]
+    WaypointUnknown { owner: String, waypoint: String },
+    #[error("the waypoint {waypoint} of {owner} has no healthy endpoint (are the waypoint's pods ready?)")]
+    WaypointNoEndpoint { owner: String, waypoint: String },
 }
 
 /// Resolves the upstream for a connection from `src` (the client workload, if known) to `dst`.
@@ -58,14 +70,27 @@ pub fn route(
 ) -> Result<Upstream, RouteError> {
     let key = NetworkAddr::new(network.clone(), dst.ip());
     if let Some(svc) = snapshot.service_by_vip(&key) {
+        if let Some(gw) = &svc.waypoint {
+            let owner = format!("service {}", svc.key());
+            if let Some(wp) = waypoint::resolve(snapshot, gw, &owner, src, dst, rng)? {
+                return Ok(via(wp, dst, None, Some(svc.clone())));
+            }
+        }
         return route_service(snapshot, svc, src, dst, rng);
     }
     if let Some(wl) = snapshot.workload_by_addr(&key) {
+        if let Some(gw) = &wl.waypoint {
+            let owner = format!("workload {}/{}", wl.namespace, wl.name);
+            if let Some(wp) = waypoint::resolve(snapshot, gw, &owner, src, dst, rng)? {
+                return Ok(via(wp, dst, Some(wl.clone()), None));
+            }
+        }
         return Ok(Upstream {
             addr: dst,
             kind: kind_of(wl),
             workload: Some(wl.clone()),
             service: None,
+            waypoint: None,
         });
     }
     Ok(Upstream {
@@ -73,7 +98,25 @@ pub fn route(
         workload: None,
         service: None,
         kind: UpstreamKind::Passthrough,
+        waypoint: None,
     })
+}
+
+/// An upstream through waypoint `wp`: the authority stays the original destination `dst` (the
+/// waypoint applies its policy to what the client dialled, then routes it itself).
+fn via(
+    wp: Waypoint,
+    dst: SocketAddr,
+    workload: Option<Arc<Workload>>,
+    service: Option<Arc<Service>>,
+) -> Upstream {
+    Upstream {
+        addr: dst,
+        workload,
+        service,
+        kind: UpstreamKind::Hbone,
+        waypoint: Some(wp),
+    }
 }
 
 fn kind_of(wl: &Workload) -> UpstreamKind {
@@ -97,6 +140,7 @@ fn route_service(
             workload: None,
             service: Some(svc.clone()),
             kind: UpstreamKind::Passthrough,
+            waypoint: None,
         });
     }
     let svc_target = svc.ports.get(&port).copied();
@@ -129,6 +173,7 @@ fn route_service(
         kind: kind_of(c.wl),
         workload: Some(c.wl.clone()),
         service: Some(svc.clone()),
+        waypoint: None,
     })
 }
 

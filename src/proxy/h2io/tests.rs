@@ -9,9 +9,13 @@ use super::*;
 /// A server on one end of a duplex pipe that echoes each CONNECT stream after answering 200;
 /// returns the client's `SendRequest`.
 async fn echo_pair() -> h2::client::SendRequest<Bytes> {
+    echo_pair_tuned(Tuning::default()).await
+}
+
+async fn echo_pair_tuned(t: Tuning) -> h2::client::SendRequest<Bytes> {
     let (c, s) = tokio::io::duplex(1 << 20);
     tokio::spawn(async move {
-        let mut conn = server_builder().handshake::<_, Bytes>(s).await.unwrap();
+        let mut conn = server_builder(&t).handshake::<_, Bytes>(s).await.unwrap();
         while let Some(Ok((req, mut respond))) = conn.accept().await {
             tokio::spawn(async move {
                 let resp = http::Response::new(());
@@ -22,7 +26,7 @@ async fn echo_pair() -> h2::client::SendRequest<Bytes> {
             });
         }
     });
-    let (send_req, conn) = client_builder().handshake(c).await.unwrap();
+    let (send_req, conn) = client_builder(&t).handshake(c).await.unwrap();
     tokio::spawn(async move {
         let _ = conn.await;
     });
@@ -95,4 +99,28 @@ async fn streams_share_one_connection() {
     assert_eq!(&buf, b"b");
     a.0.read_exact(&mut buf).await.unwrap();
     assert_eq!(&buf, b"a");
+}
+
+/// The smallest frame size and windows far below a write's chunk: flow control still moves
+/// every byte (the tuning reaches both builders).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smallest_frames_and_tiny_windows_carry_a_megabyte() {
+    let mut client = echo_pair_tuned(Tuning {
+        frame_size: 16 * 1024,
+        stream_window: 20_000,
+        connection_window: 70_000,
+        ..Tuning::default()
+    })
+    .await;
+    let (mut r, mut w) = open(&mut client).await;
+    let data: Vec<u8> = (0..1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+    let sent = data.clone();
+    let writer = tokio::spawn(async move {
+        w.write_all(&sent).await.unwrap();
+        w.shutdown().await.unwrap();
+    });
+    let mut got = Vec::new();
+    r.read_to_end(&mut got).await.unwrap();
+    writer.await.unwrap();
+    assert!(got == data, "bytes crossed intact");
 }

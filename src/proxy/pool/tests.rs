@@ -24,7 +24,7 @@ async fn kept(
 ) {
     let (c, s) = tokio::io::duplex(1 << 16);
     let server = tokio::spawn(async move {
-        let mut conn = h2io::server_builder()
+        let mut conn = h2io::server_builder(&Default::default())
             .handshake::<_, Bytes>(s)
             .await
             .unwrap();
@@ -34,7 +34,10 @@ async fn kept(
             std::future::pending::<()>().await;
         }
     });
-    let (send, conn) = h2io::client_builder().handshake(c).await.unwrap();
+    let (send, conn) = h2io::client_builder(&Default::default())
+        .handshake(c)
+        .await
+        .unwrap();
     let active = Arc::new(AtomicUsize::new(usize::from(busy)));
     let dead = Arc::new(AtomicBool::new(false));
     let addr = "127.0.0.1:15008".parse().unwrap();
@@ -82,4 +85,33 @@ async fn dropping_every_handle_ends_the_connection() {
     drop(send);
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(dead.load(Ordering::Acquire));
+}
+
+#[tokio::test]
+async fn a_connection_takes_at_most_its_configured_streams() {
+    let (dead, _server, send) = kept(true, true, FAST).await;
+    let conn = Conn {
+        send,
+        active: Arc::new(AtomicUsize::new(0)),
+        dead: dead.clone(),
+        max: 2,
+    };
+    let first = conn.take().expect("slot 1");
+    let _second = conn.take().expect("slot 2");
+    assert!(
+        conn.take().is_none(),
+        "POOL_MAX_STREAMS_PER_CONNECTION reached"
+    );
+    assert_eq!(
+        conn.active.load(Ordering::Acquire),
+        2,
+        "a refused take gives its slot back"
+    );
+    drop(first);
+    assert!(conn.take().is_some(), "a finished stream frees its slot");
+    dead.store(true, Ordering::Release);
+    assert!(
+        conn.take().is_none(),
+        "a dead connection is never handed out"
+    );
 }

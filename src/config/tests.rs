@@ -1,0 +1,142 @@
+//! Flags and environment into `Config`: parsing, defaults, and the errors for bad values.
+
+use super::*;
+
+#[test]
+fn durations() {
+    assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+    assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+    assert_eq!(parse_duration("5"), Ok(Duration::from_secs(5)));
+    assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+    assert!(parse_duration("ten").is_err());
+    assert!(parse_duration("5d").is_err());
+}
+
+#[test]
+fn flags_into_config() {
+    let args = Args::try_parse_from([
+        "l4mesh",
+        "--node-name",
+        "n1",
+        "--enable-socks5",
+        "false",
+        "--proxy-workload-info",
+        "default/client/sa",
+    ])
+    .unwrap();
+    let c = args.into_config().unwrap();
+    assert_eq!(c.node_name, "n1");
+    assert_eq!(c.socks5_addr, None);
+    assert_eq!(c.workload_info.unwrap().service_account, "sa");
+    assert_eq!(c.source, Source::EmbeddedDefault);
+    assert_eq!(c.hbone_addr, "0.0.0.0:15008".parse().unwrap());
+    let moved = Args::try_parse_from(["l4mesh", "--hbone-addr", "10.0.0.1:15009"]).unwrap();
+    let c = moved.into_config().unwrap();
+    assert_eq!(c.hbone_addr, "10.0.0.1:15009".parse().unwrap());
+}
+
+#[test]
+fn bad_flags_are_named() {
+    let e = Args::try_parse_from(["l4mesh", "--proxy-workload-info", "a/b"]).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("<namespace>/<name>/<service account>"),
+        "{e}"
+    );
+    let e = Args::try_parse_from(["l4mesh", "--xds-address", "istiod:15012"])
+        .unwrap()
+        .into_config()
+        .unwrap_err();
+    assert!(e.to_string().contains("http:// or https://"), "{e}");
+    let e = Args::try_parse_from([
+        "l4mesh",
+        "--xds-address",
+        "http://127.0.0.1:15010",
+        "--local-xds-path",
+        "/tmp/x.yaml",
+    ])
+    .unwrap()
+    .into_config()
+    .unwrap_err();
+    assert!(e.to_string().contains("one source"), "{e}");
+}
+
+#[test]
+fn h2_tuning_flags_and_limits() {
+    let c = Args::try_parse_from(["l4mesh"])
+        .unwrap()
+        .into_config()
+        .unwrap();
+    assert_eq!(c.h2, crate::proxy::H2Tuning::default());
+    let c = Args::try_parse_from([
+        "l4mesh",
+        "--pool-max-streams-per-connection",
+        "7",
+        "--pool-unused-release-timeout",
+        "30s",
+        "--http2-frame-size",
+        "16384",
+        "--http2-stream-window-size",
+        "2147483647",
+    ])
+    .unwrap()
+    .into_config()
+    .unwrap();
+    assert_eq!(c.h2.max_streams_per_connection, 7);
+    assert_eq!(c.h2.unused_release_timeout, Duration::from_secs(30));
+    assert_eq!(c.h2.frame_size, 16384);
+    assert_eq!(c.h2.stream_window, (1 << 31) - 1);
+    let refused = |flags: &[&str]| {
+        let mut argv = vec!["l4mesh"];
+        argv.extend_from_slice(flags);
+        Args::try_parse_from(argv)
+            .unwrap()
+            .into_config()
+            .unwrap_err()
+            .to_string()
+    };
+    let e = refused(&["--pool-max-streams-per-connection", "0"]);
+    assert!(e.contains("POOL_MAX_STREAMS_PER_CONNECTION"), "{e}");
+    for bad in ["16383", "16777216"] {
+        let e = refused(&["--http2-frame-size", bad]);
+        assert!(e.contains("HTTP2_FRAME_SIZE") && e.contains(bad), "{e}");
+    }
+    assert!(validate_h2(&crate::proxy::H2Tuning {
+        frame_size: 16 * 1024 * 1024 - 1,
+        ..Default::default()
+    })
+    .is_ok());
+    let e = refused(&["--http2-connection-window-size", "2147483648"]);
+    assert!(e.contains("HTTP2_CONNECTION_WINDOW_SIZE"), "{e}");
+    let e = refused(&["--http2-stream-window-size", "0"]);
+    assert!(e.contains("HTTP2_STREAM_WINDOW_SIZE"), "{e}");
+}
+
+#[test]
+fn xds_source() {
+    let c = Args::try_parse_from([
+        "l4mesh",
+        "--xds-address",
+        "https://istiod.istio-system.svc:15012",
+        "--xds-root-ca",
+        "SYSTEM",
+    ])
+    .unwrap()
+    .into_config()
+    .unwrap();
+    match c.source {
+        Source::Xds(x) => {
+            assert_eq!(x.root_ca, Some(RootCa::System));
+            assert_eq!(x.address, "https://istiod.istio-system.svc:15012");
+        }
+        other => panic!("expected xDS, got {other:?}"),
+    }
+    assert_eq!(
+        RootCa::parse("/etc/root.pem"),
+        RootCa::File("/etc/root.pem".into())
+    );
+    assert!(matches!(
+        RootCa::parse("-----BEGIN CERTIFICATE-----\nx"),
+        RootCa::Pem(_)
+    ));
+}

@@ -1,0 +1,118 @@
+//! Waypoints: a destination service (or, without a service, a workload) whose `waypoint` is set is
+//! reached through that waypoint over HBONE, with the original destination as the authority. Pure,
+//! like the rest of routing: resolution reads the snapshot only.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use rand::Rng;
+
+use super::{pick_ip, select, Candidate, RouteError};
+use crate::model::{GatewayAddress, GatewayDestination, SpiffeId, Workload};
+use crate::store::Snapshot;
+
+/// The waypoint a connection goes through instead of its destination.
+#[derive(Clone, Debug)]
+pub struct Waypoint {
+    /// The waypoint workload: the tunnel must prove its identity.
+    pub workload: Arc<Workload>,
+    /// `<waypoint ip>:<hbone_mtls_port>`, where the tunnel is opened.
+    pub addr: SocketAddr,
+}
+
+/// Resolves `gw` (the waypoint of `owner`, named in errors) for a connection from `src` to `dst`.
+/// `None` when the client is the waypoint itself: its own traffic to the destination must not be
+/// sent back to it.
+pub(super) fn resolve(
+    snapshot: &Snapshot,
+    gw: &GatewayAddress,
+    owner: &str,
+    src: Option<&Workload>,
+    dst: SocketAddr,
+    rng: &mut impl Rng,
+) -> Result<Option<Waypoint>, RouteError> {
+    let wl = match &gw.destination {
+        GatewayDestination::Address(na) => {
+            snapshot
+                .workload_by_addr(na)
+                .cloned()
+                .ok_or_else(|| RouteError::WaypointUnknown {
+                    owner: owner.to_owned(),
+                    waypoint: na.to_string(),
+                })?
+        }
+        GatewayDestination::Hostname(key) => {
+            let svc = snapshot
+                .service(key)
+                .ok_or_else(|| RouteError::WaypointUnknown {
+                    owner: owner.to_owned(),
+                    waypoint: key.to_string(),
+                })?;
+            // The waypoint service's VIP stands for its endpoints: pick one the way a VIP is
+            // load-balanced (the port is the HBONE port, so every endpoint qualifies).
+            let candidates: Vec<Candidate<'_>> = snapshot
+                .endpoints(key)
+                .filter_map(|(wl, _)| {
+                    Some(Candidate {
+                        wl,
+                        ip: pick_ip(wl, dst.ip())?,
+                        target: gw.hbone_mtls_port,
+                    })
+                })
+                .collect();
+            let i = select(&candidates, &svc.load_balancing, src, rng).ok_or_else(|| {
+                RouteError::WaypointNoEndpoint {
+                    owner: owner.to_owned(),
+                    waypoint: key.to_string(),
+                }
+            })?;
+            candidates[i].wl.clone()
+        }
+    };
+    if src.is_some_and(|s| s.uid == wl.uid) {
+        return Ok(None);
+    }
+    let ip = match &gw.destination {
+        GatewayDestination::Address(na) => Some(na.ip),
+        GatewayDestination::Hostname(_) => pick_ip(&wl, dst.ip()),
+    }
+    .ok_or_else(|| RouteError::WaypointNoEndpoint {
+        owner: owner.to_owned(),
+        waypoint: format!("{}/{}", wl.namespace, wl.name),
+    })?;
+    Ok(Some(Waypoint {
+        addr: SocketAddr::new(ip, gw.hbone_mtls_port),
+        workload: wl,
+    }))
+}
+
+/// The identities a waypoint may prove: the workload at its address, or every endpoint of its
+/// service. Empty when the waypoint is unknown (the inbound check then refuses: fail closed).
+pub fn identities(snapshot: &Snapshot, gw: &GatewayAddress) -> Vec<SpiffeId> {
+    let mut ids: Vec<SpiffeId> = match &gw.destination {
+        GatewayDestination::Address(na) => snapshot
+            .workload_by_addr(na)
+            .map(|w| w.identity())
+            .into_iter()
+            .collect(),
+        GatewayDestination::Hostname(key) => {
+            snapshot.endpoints(key).map(|(w, _)| w.identity()).collect()
+        }
+    };
+    ids.dedup();
+    ids
+}
+
+/// Whether `wl` is the waypoint `gw` (by address, or as an endpoint of the waypoint service).
+pub fn is_waypoint(snapshot: &Snapshot, gw: &GatewayAddress, wl: &Workload) -> bool {
+    match &gw.destination {
+        GatewayDestination::Address(na) => snapshot
+            .workload_by_addr(na)
+            .is_some_and(|w| w.uid == wl.uid),
+        GatewayDestination::Hostname(key) => snapshot.endpoints(key).any(|(w, _)| w.uid == wl.uid),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests;
