@@ -82,8 +82,14 @@ struct Mesh {
 }
 
 async fn mesh(n: u8) -> Mesh {
+    mesh_with_ca(n, None).await
+}
+
+/// A mesh whose CA is `ca` (plug-in CA material) when given.
+async fn mesh_with_ca(n: u8, ca: Option<xds_testserver::CaPem>) -> Mesh {
     l4mesh::telemetry::init(l4mesh::telemetry::LogFormat::Plain);
     let mut c = xds_testserver::Config::new(StateSource::Yaml(state(n)));
+    c.ca = ca;
     c.listen = "127.0.0.1:0".parse().unwrap();
     let ts = Handle::start(c).await.unwrap();
     let (a_wl, b_wl) = (format!("127.43.{n}.1"), format!("127.43.{n}.2"));
@@ -128,16 +134,16 @@ async fn tunnels_between_two_nodes_share_one_connection() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ten_megabytes_both_ways_with_half_close() {
+async fn hundred_megabytes_both_ways_with_half_close() {
     let m = mesh(2).await;
     let backend = Backend::start(&format!("{}:{BACKEND_PORT}", m.b_wl), "b").await;
     let mut s = socks5_connect_from(m.a_ip, m.a.socks5.unwrap(), &m.b_wl, backend.addr.port())
         .await
         .unwrap();
-    let data: Vec<u8> = (0..10 * 1024 * 1024u32)
+    let data: Vec<u8> = (0..100 * 1024 * 1024u32)
         .map(|i| (i.wrapping_mul(31) % 253) as u8)
         .collect();
-    let got = tokio::time::timeout(Duration::from_secs(60), async {
+    let got = tokio::time::timeout(Duration::from_secs(180), async {
         s.write_all(&data).await.unwrap();
         // The backend answers only after it saw our half-close through the tunnel.
         s.shutdown().await.unwrap();
@@ -150,6 +156,23 @@ async fn ten_megabytes_both_ways_with_half_close() {
     assert_eq!(&got[..2], b"b:");
     assert_eq!(got.len() - 2, data.len());
     assert!(got[2..] == data[..], "bytes crossed intact");
+    // Counted as one tunnel each side, with the bytes.
+    use std::sync::atomic::Ordering::Relaxed;
+    let (ta, tb) = (&m.a.proxy.hbone.tunnels, &m.b.proxy.hbone.tunnels);
+    for _ in 0..100 {
+        if tb.inbound_opened.load(Relaxed) == 1 && ta.outbound_opened.load(Relaxed) == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(ta.outbound_opened.load(Relaxed), 1);
+    assert_eq!(ta.outbound_bytes_sent.load(Relaxed), data.len() as u64);
+    assert_eq!(tb.inbound_opened.load(Relaxed), 1);
+    assert_eq!(
+        tb.inbound_bytes_received.load(Relaxed),
+        data.len() as u64 + 2
+    );
+    assert_eq!(tb.by_status.lock().unwrap().get(&200), Some(&1));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -311,4 +334,108 @@ where
         out.push(h.await.unwrap());
     }
     out
+}
+
+/// A client certificate from the mesh root but another trust domain: the handshake fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_from_another_trust_domain_is_refused() {
+    use std::sync::Arc;
+    // A CA whose key the test holds, plugged into the testserver, so that it can mint a foreign
+    // identity under the same root.
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+    ];
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "test mesh root");
+    let root = params.self_signed(&key).unwrap();
+    let (cert_pem, key_pem) = (root.pem(), key.serialize_pem());
+    let m = mesh_with_ca(
+        7,
+        Some(xds_testserver::CaPem {
+            cert_pem: cert_pem.clone(),
+            key_pem: key_pem.clone(),
+            chain_pem: String::new(),
+        }),
+    )
+    .await;
+    let ca = l4mesh::identity::LocalCa::from_pem(&cert_pem, &key_pem, "", "cluster.local").unwrap();
+    let foreign: l4mesh::model::SpiffeId = "spiffe://other.domain/ns/default/sa/client"
+        .parse()
+        .unwrap();
+    let cert = Arc::new(ca.issue(&foreign, Duration::from_secs(3600)).unwrap());
+
+    #[derive(Debug)]
+    struct Fixed(Arc<l4mesh::identity::WorkloadCert>);
+    impl l4mesh::tls::CertSource for Fixed {
+        fn current(&self) -> Option<Arc<l4mesh::identity::WorkloadCert>> {
+            Some(self.0.clone())
+        }
+    }
+    let cfg = l4mesh::tls::client_config(
+        Arc::new(Fixed(cert.clone())),
+        ca.roots(),
+        vec![id("server")],
+    )
+    .unwrap();
+    let addr = m.b.hbone;
+    let name = rustls_pki_types::ServerName::IpAddress(addr.ip().into());
+    // TLS 1.3: the client may finish its side before the server's refusal arrives; the refusal
+    // shows at the latest when HTTP/2 starts.
+    let refused = refused_tunnel(cfg, addr, name, &m.b_wl).await;
+    assert!(
+        refused,
+        "a client from another trust domain must not get a tunnel"
+    );
+    assert_eq!(
+        m.b.proxy
+            .hbone
+            .tunnels
+            .inbound_opened
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+}
+
+/// Whether a TLS + HTTP/2 + CONNECT attempt with `cfg` fails at any step.
+async fn refused_tunnel(
+    cfg: std::sync::Arc<rustls::ClientConfig>,
+    addr: SocketAddr,
+    name: rustls_pki_types::ServerName<'static>,
+    b_wl: &str,
+) -> bool {
+    let Ok(tcp) = tokio::net::TcpStream::connect(addr).await else {
+        return true;
+    };
+    let Ok(tls) = tokio_rustls::TlsConnector::from(cfg)
+        .connect(name, tcp)
+        .await
+    else {
+        return true;
+    };
+    let Ok(Ok((send, conn))) =
+        tokio::time::timeout(Duration::from_secs(5), h2::client::handshake(tls)).await
+    else {
+        return true;
+    };
+    tokio::spawn(conn);
+    let Ok(mut send) = send.ready().await else {
+        return true;
+    };
+    let req = http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri(format!("{b_wl}:{BACKEND_PORT}"))
+        .body(())
+        .unwrap();
+    let Ok((resp, _)) = send.send_request(req, false) else {
+        return true;
+    };
+    !matches!(
+        tokio::time::timeout(Duration::from_secs(5), resp).await,
+        Ok(Ok(r)) if r.status() == 200
+    )
 }
