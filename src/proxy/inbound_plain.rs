@@ -49,6 +49,15 @@ async fn open(ctx: &ProxyCtx, log: &mut ConnLog) -> Result<outbound::UpConn, Pro
             node: ctx.node_name.clone(),
         })?
     };
+    // A workload behind a waypoint takes traffic only from its waypoint, over HBONE: plaintext
+    // proves no identity, so it would bypass the waypoint's policy.
+    if workload.waypoint.is_some() {
+        return Err(super::hbone::Outcome::Denied(format!(
+            "workload {}/{} has a waypoint; plaintext inbound traffic would bypass it (expected HBONE from the waypoint)",
+            workload.namespace, workload.name
+        ))
+        .into());
+    }
     log.upstream = Some(Upstream {
         addr: dst,
         workload: Some(workload),

@@ -21,6 +21,13 @@ workloads:
   protocol: TCP
   services:
     "default/echo.default.svc.cluster.local": { 80: 8080 }
+- uid: cluster1//v1/Pod/default/walled
+  name: walled
+  namespace: default
+  serviceAccount: walled
+  workloadIps: ["10.237.0.4"]
+  protocol: HBONE
+  waypoint: { destination: "/10.237.0.1", hboneMtlsPort: 15008 }
 services:
 - name: echo
   namespace: default
@@ -134,4 +141,21 @@ fn iptables_redirect_outbound_and_inbound() {
     );
     log.wait_for(&["no workload on this node"])
         .unwrap_or_else(|| panic!("no refusal logged:\n{}", log.all()));
+
+    // Inbound plaintext to a workload behind a waypoint: refused (it would bypass the waypoint).
+    pod.exec(&[
+        "ip",
+        "addr",
+        "add",
+        "10.237.0.4/24",
+        "dev",
+        &format!("va-{}", std::process::id() % 100000),
+    ]);
+    let (ok, _, _) = peer.output(&["python3", "-c", CLIENT_PY, "10.237.0.4", "9000", "bypass"]);
+    assert!(
+        !ok,
+        "plaintext to a workload behind a waypoint must not be forwarded"
+    );
+    log.wait_for(&["has a waypoint"])
+        .unwrap_or_else(|| panic!("no waypoint refusal logged:\n{}", log.all()));
 }
