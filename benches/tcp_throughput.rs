@@ -6,9 +6,12 @@
 //! Client and sink run on core 0, the proxy on core 1.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+use common::{wait_port, which, Proc};
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -127,24 +130,6 @@ fn run(streams: usize, secs: f64, count: &AtomicU64, connect: &dyn Fn() -> TcpSt
     bytes as f64 * 8.0 / elapsed / 1e9
 }
 
-struct Proc(Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn wait_port(addr: SocketAddr) {
-    for _ in 0..100 {
-        if TcpStream::connect(addr).is_ok() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("{addr} never came up");
-}
-
 fn start_l4mesh() -> (Proc, SocketAddr) {
     let socks: SocketAddr = "127.0.0.1:25080".parse().unwrap();
     let child = Command::new("taskset")
@@ -210,14 +195,6 @@ fn start_envoy(target: SocketAddr) -> Option<(Proc, SocketAddr)> {
     let p = Proc(child);
     wait_port(listen);
     Some((p, listen))
-}
-
-fn which(bin: &str) -> Option<std::path::PathBuf> {
-    std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|p| p.join(bin))
-            .find(|p| p.is_file())
-    })
 }
 
 fn main() {

@@ -8,6 +8,9 @@
 //! Run: `cargo bench --bench xds_sync` (env XDS_BENCH_WORKLOADS to change the size).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+use common::rss_kib;
+
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -58,17 +61,6 @@ fn ready(addr: &str) -> bool {
     let mut out = String::new();
     let _ = s.read_to_string(&mut out);
     out.starts_with("HTTP/1.0 200") || out.starts_with("HTTP/1.1 200")
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
 }
 
 fn percentile(v: &mut [Duration], p: f64) -> Duration {
