@@ -198,7 +198,10 @@ pub async fn start(config: &Config) -> Result<Running, AppError> {
         own_identity,
         h2: config.h2,
         hbone: Default::default(),
+        conns: Default::default(),
     });
+    // Closes established inbound connections that a policy change now denies.
+    tasks.push(tokio::spawn(ctx.conns.clone().follow(store.clone())));
     if let Some(l) = readiness_l {
         tasks.push(tokio::spawn(crate::readiness::serve(l, readiness.clone())));
     }

@@ -3,14 +3,15 @@
 //! Module map, with the layering rule: imports point down this list, never up.
 //! 1. [`socket`], [`telemetry`], [`readiness`] — basics (the only `unsafe`/libc lives in `socket`);
 //! 2. [`proto`], [`model`] — generated wire types, and the plain domain types validated from them;
-//! 3. [`store`], [`localconfig`] — the lock-free snapshot of the mesh, and the YAML file that feeds it;
+//! 3. [`store`], [`localconfig`], [`rbac`] — the lock-free snapshot of the mesh, the YAML file that
+//!    feeds it, and L4 authorization evaluated against a snapshot;
 //! 4. [`control_plane`], [`xds`], [`identity`] — the gRPC channel to istiod, the delta-xDS client
 //!    that feeds the store, workload certificates;
 //! 5. [`tls`] — rustls configurations with SPIFFE verification (HBONE's mutual TLS);
 //! 6. [`proxy`] — the data plane: listeners, routing, copying bytes;
 //! 7. [`config`], [`app`] — typed configuration and the composition root.
 //!
-//! `model`, `store` and `proxy::route` do no I/O and are tested with plain `#[test]`s.
+//! `model`, `store`, `rbac` and `proxy::route` do no I/O and are tested with plain `#[test]`s.
 
 pub mod app;
 pub mod config;
@@ -20,6 +21,7 @@ pub mod localconfig;
 pub mod model;
 pub mod proto;
 pub mod proxy;
+pub mod rbac;
 pub mod readiness;
 pub mod socket;
 pub mod store;

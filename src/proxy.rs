@@ -7,6 +7,7 @@
 //! This module does not interpret application bytes.
 
 mod access;
+pub mod conn_tracker;
 pub mod copy;
 mod error;
 pub mod h2io;
@@ -26,9 +27,9 @@ use crate::identity::SecretManager;
 use crate::socket::UpstreamOptions;
 use crate::store::Store;
 
+pub use conn_tracker::ConnTracker;
 pub use error::{Blame, ProxyError};
 pub use h2io::Tuning as H2Tuning;
-pub use inbound_hbone::{authorize, Decision};
 
 /// What every connection handler needs, shared by all listeners.
 pub struct ProxyCtx {
@@ -51,6 +52,8 @@ pub struct ProxyCtx {
     pub h2: H2Tuning,
     /// Shared HBONE state: server TLS configs, the tunnel pool, counters.
     pub hbone: HboneState,
+    /// Established inbound connections, re-checked when the policies change.
+    pub conns: Arc<ConnTracker>,
 }
 
 /// HBONE state shared by all connections of one l4mesh.
@@ -96,6 +99,53 @@ impl ProxyCtx {
                     || dst.ip().is_unspecified()
                     || l.ip().is_unspecified() && dst.ip().is_loopback())
         })
+    }
+}
+
+/// Authorizes an inbound connection to the local workload `wl` and, if allowed, tracks it for
+/// live re-checks. Every decision is logged at debug with the policy that made it.
+///
+/// The snapshot may change between the evaluation and the registration; a re-check after
+/// registering closes that window (a later change is the tracker's job).
+pub(crate) fn admit(
+    ctx: &ProxyCtx,
+    wl: &crate::model::Workload,
+    conn: crate::rbac::ConnCtx,
+) -> Result<conn_tracker::Registration, ProxyError> {
+    let snapshot = ctx.store.load();
+    decide(&snapshot, wl, &conn)?;
+    let reg = ctx.conns.register(conn.clone(), wl.uid.clone());
+    let now = ctx.store.load();
+    if now.version() != snapshot.version() {
+        if let Some(wl) = now.workload(&wl.uid) {
+            decide(&now, wl, &conn)?;
+        }
+    }
+    Ok(reg)
+}
+
+fn decide(
+    snapshot: &crate::store::Snapshot,
+    wl: &crate::model::Workload,
+    conn: &crate::rbac::ConnCtx,
+) -> Result<(), ProxyError> {
+    let d = crate::rbac::evaluate(snapshot, wl, conn);
+    tracing::debug!(
+        peer = conn.peer.as_ref().map(|p| p.to_string()).as_deref(),
+        src = %conn.src_ip,
+        dst = %SocketAddr::new(conn.dst_ip, conn.dst_port),
+        workload = %wl.uid,
+        allowed = d.is_allow(),
+        policy = d.policy().map(|p| p.to_string()).as_deref(),
+        dry_run = ?d.dry_run,
+        "authorization decision"
+    );
+    match d.verdict {
+        crate::rbac::Verdict::Allow { .. } => Ok(()),
+        crate::rbac::Verdict::Deny { policy, reason } => Err(ProxyError::Rbac {
+            policy: policy.to_string(),
+            reason: reason.as_str(),
+        }),
     }
 }
 

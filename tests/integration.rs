@@ -10,6 +10,7 @@ mod integration {
     mod identity;
     mod local_mode;
     pub mod netns;
+    mod rbac;
     mod waypoint;
     mod xds;
 }

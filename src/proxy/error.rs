@@ -63,6 +63,16 @@ pub enum ProxyError {
     },
     #[error("no identity to open an HBONE tunnel from {src}: the source is not a known workload and this l4mesh has no workload identity of its own (set PROXY_WORKLOAD_INFO in dedicated mode)")]
     NoSourceIdentity { src: SocketAddr },
+    #[error("denied by authorization policy {policy}: {reason} (list the policies applying to the destination workload in the config dump; the access log flag is RBAC)")]
+    Rbac {
+        policy: String,
+        reason: &'static str,
+    },
+    #[error("closed: after a policy change, authorization policy {policy} denies this established connection ({reason})")]
+    Revoked {
+        policy: String,
+        reason: &'static str,
+    },
     #[error("SOCKS5 handshake: {0}")]
     Socks5(String),
     #[error(transparent)]
@@ -80,6 +90,7 @@ impl ProxyError {
             ProxyError::Connect { .. } => ("UF", Blame::Upstream),
             ProxyError::NotLocalWorkload { .. } => ("NR", Blame::Downstream),
             ProxyError::Socks5(_) => ("DPE", Blame::Downstream),
+            ProxyError::Rbac { .. } | ProxyError::Revoked { .. } => ("RBAC", Blame::Policy),
             ProxyError::Refused(o) => match o {
                 super::hbone::Outcome::Denied(_) => ("RBAC", Blame::Policy),
                 super::hbone::Outcome::NoUpstream(_) => ("UF", Blame::Upstream),

@@ -1,6 +1,7 @@
 //! The inbound HBONE path (15008): mutual TLS with the certificate of the workload that was
-//! dialled, HTTP/2, and per CONNECT stream: validate, authorize, connect to the local workload,
-//! answer 200, copy both ways, one access-log line.
+//! dialled, HTTP/2, and per CONNECT stream: validate, authorize (`rbac`; 401 on deny), connect to
+//! the local workload, answer 200, copy both ways until close or until a policy change revokes the
+//! tunnel, one access-log line.
 //!
 //! The certificate is chosen by the destination IP of the TCP connection (no SNI, wire-facts §3):
 //! a connection to an address that is not a workload of this node is closed before TLS.
@@ -16,12 +17,14 @@ use rustls_pki_types::CertificateDer;
 use tokio::net::TcpStream;
 
 use super::access::ConnLog;
+use super::conn_tracker::Registration;
 use super::copy::{self, Transferred};
 use super::h2io::{self, H2Recv, H2Send};
 use super::hbone::{self, Outcome};
 use super::route::{waypoint, Upstream, UpstreamKind};
 use super::{ProxyCtx, ProxyError};
 use crate::model::{NetworkAddr, SpiffeId, Workload};
+use crate::rbac::ConnCtx;
 use crate::tls::{self, ManagedCert, SourceResolver};
 
 /// How long a client has to complete the TLS and HTTP/2 handshakes.
@@ -58,17 +61,11 @@ impl ServerConfigs {
     }
 }
 
-/// What the authorization hook decided for one tunnel.
+/// What the waypoint rule decided for one tunnel.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Decision {
+enum Decision {
     Allow,
     Deny(String),
-}
-
-/// The authorization hook: may `peer` (the client's proven identity), connecting from `src`,
-/// reach `dst` on workload `wl`? Allows everything until the RBAC engine plugs in here.
-pub fn authorize(_peer: &SpiffeId, _src: SocketAddr, _wl: &Workload, _dst: SocketAddr) -> Decision {
-    Decision::Allow
 }
 
 /// The local workload with address `ip`, if any.
@@ -168,11 +165,12 @@ async fn stream(
     let mut log = ConnLog::new("inbound", "inbound_hbone", src, dialled);
     log.src_identity = Some(peer.to_string());
     log.counters = Some(ctx.hbone.tunnels.clone());
-    let mut up = match open(ctx, &req, peer, dialled, &mut log).await {
+    let (mut up, mut reg) = match open(ctx, &req, peer, dialled, &mut log).await {
         Ok(up) => up,
         Err(e) => {
             let status = match &e {
                 ProxyError::Refused(o) => o.status(),
+                ProxyError::Rbac { .. } => http::StatusCode::UNAUTHORIZED,
                 ProxyError::Connect { .. } => http::StatusCode::SERVICE_UNAVAILABLE,
                 _ => http::StatusCode::BAD_REQUEST,
             };
@@ -196,21 +194,27 @@ async fn stream(
     log.status = Some(200);
     let (mut tr, mut tw) = (H2Recv::new(req.into_body()), H2Send::new(send));
     let (mut ur, mut uw) = up.split();
-    let (t, r) = copy::bidirectional(&mut tr, &mut tw, &mut ur, &mut uw).await;
+    // A policy change that now denies the tunnel ends the copy; the bytes moved so far are not
+    // counted then (the copy future owns the counters).
+    let (t, r) = tokio::select! {
+        (t, r) = copy::bidirectional(&mut tr, &mut tw, &mut ur, &mut uw) => (t, r.map_err(ProxyError::from)),
+        rev = reg.revoked() => (Transferred::default(), Err(ProxyError::Revoked { policy: rev.policy, reason: rev.reason })),
+    };
     if r.is_err() {
         tw.reset(h2::Reason::CANCEL);
     }
-    log.finish(t, r.err().map(ProxyError::from).as_ref());
+    log.finish(t, r.err().as_ref());
 }
 
-/// Validates the request, authorizes it, and connects to the local workload it names.
+/// Validates the request, authorizes it (tracking it for live re-checks), and connects to the
+/// local workload it names.
 async fn open(
     ctx: &ProxyCtx,
     req: &http::Request<h2::RecvStream>,
     peer: &SpiffeId,
     dialled: SocketAddr,
     log: &mut ConnLog,
-) -> Result<TcpStream, ProxyError> {
+) -> Result<(TcpStream, Registration), ProxyError> {
     let target = hbone::validate(req)?;
     log.dst = target;
     if ctx.is_own_listener(target) {
@@ -230,15 +234,20 @@ async fn open(
         tracing::warn!(peer = %peer, workload = %format!("{}/{}", wl.namespace, wl.name), "{why}");
         return Err(Outcome::Denied(why).into());
     }
-    if let Decision::Deny(why) = authorize(peer, log.src, &wl, target) {
-        return Err(Outcome::Denied(why).into());
-    }
-    crate::socket::connect(target, &ctx.upstream)
+    let conn = ConnCtx {
+        peer: Some(peer.clone()),
+        src_ip: log.src.ip(),
+        dst_ip: target.ip(),
+        dst_port: target.port(),
+    };
+    let reg = super::admit(ctx, &wl, conn)?;
+    let up = crate::socket::connect(target, &ctx.upstream)
         .await
         .map_err(|source| ProxyError::Connect {
             addr: target,
             source,
-        })
+        })?;
+    Ok((up, reg))
 }
 
 /// A workload with a waypoint takes tunnels only from that waypoint's identity, so that its policy

@@ -1,16 +1,19 @@
 //! The inbound plaintext path (15006): a connection redirected to a workload of this node from
-//! outside the mesh (or from a non-HBONE peer) is forwarded to that workload. Policy enforcement
-//! hooks in here once the RBAC engine lands.
+//! outside the mesh (or from a non-HBONE peer) is forwarded to that workload if its policies allow
+//! a peer without identity (`rbac`); a denied connection is closed without connecting upstream, and
+//! an established one is closed when a policy change denies it.
 
 use std::net::SocketAddr;
 
 use tokio::net::TcpStream;
 
 use super::access::ConnLog;
-use super::copy::Transferred;
+use super::conn_tracker::Registration;
+use super::copy::{self, Transferred};
 use super::route::{Upstream, UpstreamKind};
-use super::{outbound, ProxyCtx, ProxyError};
+use super::{ProxyCtx, ProxyError};
 use crate::model::NetworkAddr;
+use crate::rbac::ConnCtx;
 
 pub(super) async fn serve(ctx: &ProxyCtx, down: TcpStream, src: SocketAddr) {
     // A capture listener only takes redirected traffic: a connection dialled straight at it is a
@@ -27,13 +30,19 @@ pub(super) async fn serve(ctx: &ProxyCtx, down: TcpStream, src: SocketAddr) {
         }
     };
     let mut log = ConnLog::new("inbound", "inbound_plaintext", src, dst);
-    match open(ctx, &mut log).await {
-        Ok(up) => outbound::relay(down, up, &log).await,
-        Err(e) => log.finish(Transferred::default(), Some(&e)),
-    }
+    let (mut down, (mut up, mut reg)) = match open(ctx, &mut log).await {
+        Ok(up) => (down, up),
+        Err(e) => return log.finish(Transferred::default(), Some(&e)),
+    };
+    // A revocation ends the copy; the bytes moved so far are not counted then.
+    let (t, r) = tokio::select! {
+        (t, r) = copy::tcp(&mut down, &mut up) => (t, r.map_err(ProxyError::from)),
+        rev = reg.revoked() => (Transferred::default(), Err(ProxyError::Revoked { policy: rev.policy, reason: rev.reason })),
+    };
+    log.finish(t, r.err().as_ref());
 }
 
-async fn open(ctx: &ProxyCtx, log: &mut ConnLog) -> Result<outbound::UpConn, ProxyError> {
+async fn open(ctx: &ProxyCtx, log: &mut ConnLog) -> Result<(TcpStream, Registration), ProxyError> {
     let dst = log.dst;
     if ctx.is_own_listener(dst) {
         return Err(ProxyError::Loop { dst });
@@ -60,13 +69,20 @@ async fn open(ctx: &ProxyCtx, log: &mut ConnLog) -> Result<outbound::UpConn, Pro
     }
     log.upstream = Some(Upstream {
         addr: dst,
-        workload: Some(workload),
+        workload: Some(workload.clone()),
         service: None,
         kind: UpstreamKind::Tcp,
         waypoint: None,
     });
-    crate::socket::connect(dst, &ctx.upstream)
+    let conn = ConnCtx {
+        peer: None,
+        src_ip: log.src.ip(),
+        dst_ip: dst.ip(),
+        dst_port: dst.port(),
+    };
+    let reg = super::admit(ctx, &workload, conn)?;
+    let up = crate::socket::connect(dst, &ctx.upstream)
         .await
-        .map(outbound::UpConn::Tcp)
-        .map_err(|source| ProxyError::Connect { addr: dst, source })
+        .map_err(|source| ProxyError::Connect { addr: dst, source })?;
+    Ok((up, reg))
 }

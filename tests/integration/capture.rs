@@ -34,6 +34,32 @@ services:
   hostname: echo.default.svc.cluster.local
   vips: ["/10.237.9.1"]
   ports: { 80: 8080 }
+policies:
+- name: deny-9001
+  namespace: default
+  scope: Namespace
+  action: Deny
+  rules: [[[ { destinationPorts: [9001] } ]]]
+"#;
+
+/// Appended to `MESH` (policies is its last list): denies the port of the established connection.
+const DENY_9000: &str = r#"- name: deny-9000
+  namespace: default
+  scope: Namespace
+  action: Deny
+  rules: [[[ { destinationPorts: [9000] } ]]]
+"#;
+
+/// A client that connects, says so, and reports when the connection is closed under it.
+const HOLD_PY: &str = r#"
+import socket, sys
+c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+print('connected', flush=True)
+c.settimeout(20)
+try:
+    print('closed', c.recv(1), flush=True)
+except OSError as e:
+    print('closed', e, flush=True)
 "#;
 
 #[test]
@@ -158,4 +184,33 @@ fn iptables_redirect_outbound_and_inbound() {
     );
     log.wait_for(&["has a waypoint"])
         .unwrap_or_else(|| panic!("no waypoint refusal logged:\n{}", log.all()));
+
+    // Inbound plaintext denied by an L4 policy (a listening app on 9001): closed without
+    // connecting upstream, the policy named in the access log.
+    pod.spawn(
+        &["python3", "-c", ECHO_PY, "10.237.0.2", "9001", "pod"],
+        &[],
+        "ready",
+    );
+    let (ok, out, _) = peer.output(&["python3", "-c", CLIENT_PY, "10.237.0.2", "9001", "denied"]);
+    assert!(
+        !ok,
+        "a connection denied by policy must not be forwarded: {out}"
+    );
+    log.wait_for(&["access", "RBAC", "default/deny-9001"])
+        .unwrap_or_else(|| panic!("no RBAC denial logged:\n{}", log.all()));
+
+    // A DENY written to the config file closes an established plaintext connection.
+    let hold = peer.spawn(
+        &["python3", "-c", HOLD_PY, "10.237.0.2", "9000"],
+        &[],
+        "connected",
+    );
+    // Let l4mesh admit the connection before the policy lands (else it is refused, not closed).
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    std::fs::write(&cfg, format!("{MESH}{DENY_9000}")).unwrap();
+    hold.wait_for(&["closed"])
+        .unwrap_or_else(|| panic!("the established connection stayed open:\n{}", log.all()));
+    log.wait_for(&["denies an established connection", "default/deny-9000"])
+        .unwrap_or_else(|| panic!("no revocation logged:\n{}", log.all()));
 }
