@@ -29,8 +29,10 @@ pub struct Snapshot {
     /// Per service key, whether or not the service is known yet: a workload may arrive first.
     endpoints: HashMap<ServiceKey, HashMap<WorkloadUid, Arc<Endpoint>>>,
     policies: HashMap<PolicyKey, Arc<Authorization>>,
-    policies_by_ns: HashMap<Arc<str>, HashSet<PolicyKey>>,
-    global_policies: HashSet<PolicyKey>,
+    /// The policies themselves (not keys), so that evaluating a connection walks them without a
+    /// lookup per policy.
+    policies_by_ns: HashMap<Arc<str>, HashMap<PolicyKey, Arc<Authorization>>>,
+    global_policies: HashMap<PolicyKey, Arc<Authorization>>,
 }
 
 impl Snapshot {
@@ -95,16 +97,12 @@ impl Snapshot {
             .policies_by_ns
             .get(workload.namespace.as_str())
             .into_iter()
-            .flat_map(|s| s.iter());
+            .flat_map(|s| s.values());
         let selected = workload.authorization_policies.iter().filter_map(|k| {
             let p = self.policies.get(&PolicyKey(k.as_str().into()))?;
             (p.scope == PolicyScope::WorkloadSelector).then_some(p)
         });
-        self.global_policies
-            .iter()
-            .chain(ns)
-            .filter_map(|k| self.policies.get(k))
-            .chain(selected)
+        self.global_policies.values().chain(ns).chain(selected)
     }
 
     /// The workloads whose `node` is `node` (cost proportional to their number, not the mesh's).
@@ -236,19 +234,20 @@ impl Snapshot {
     fn upsert_policy(&mut self, p: Authorization) {
         let key = p.key();
         self.remove_policy(&key);
+        let p = Arc::new(p);
         match p.scope {
             PolicyScope::Global => {
-                self.global_policies.insert(key.clone());
+                self.global_policies.insert(key.clone(), p.clone());
             }
             PolicyScope::Namespace => {
                 let ns: Arc<str> = p.namespace.as_str().into();
                 let mut set = self.policies_by_ns.get(&ns).cloned().unwrap_or_default();
-                set.insert(key.clone());
+                set.insert(key.clone(), p.clone());
                 self.policies_by_ns.insert(ns, set);
             }
             PolicyScope::WorkloadSelector => {}
         }
-        self.policies.insert(key, Arc::new(p));
+        self.policies.insert(key, p);
     }
 
     fn remove_policy(&mut self, key: &PolicyKey) -> bool {
