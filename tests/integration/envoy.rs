@@ -16,11 +16,10 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use l4mesh::config::{CaSource, Config, Source, XdsSettings};
-use l4mesh::identity::{CaClient, IstioCaSettings, WorkloadCert};
+use l4mesh::identity::{CaClient, WorkloadCert};
 use xds_testserver::{Handle, StateSource};
 
-use super::harness::{exchange, socks5_connect_from, Backend};
+use super::harness::{exchange, mesh_node as node, socks5_connect_from, testserver_ca, Backend};
 
 const BACKEND_PORT: u16 = 18080;
 /// Envoy's plaintext listener (originating role).
@@ -59,17 +58,6 @@ workloads:
     )
 }
 
-fn ca_settings(ts: &Handle) -> IstioCaSettings {
-    IstioCaSettings {
-        address: format!("http://{}", ts.addr()),
-        root_ca: None,
-        auth_token: None,
-        cluster_id: "Kubernetes".into(),
-        ttl: Duration::from_secs(3600),
-        own_identity: None,
-    }
-}
-
 async fn xds(n: u8) -> Handle {
     l4mesh::telemetry::init(l4mesh::telemetry::LogFormat::Plain);
     let mut c = xds_testserver::Config::new(StateSource::Yaml(state(n)));
@@ -77,16 +65,6 @@ async fn xds(n: u8) -> Handle {
     // Envoy's own identity (originating role) is no workload's.
     c.allowed_identities = vec![spiffe(ENVOY_SA)];
     Handle::start(c).await.unwrap()
-}
-
-async fn node(ts: &Handle, listen_ip: &str, node: &str, hbone: &str) -> l4mesh::app::Running {
-    let mut config = Config::local(listen_ip.parse().unwrap());
-    config.node_name = node.into();
-    config.hbone_addr = SocketAddr::new(hbone.parse().unwrap(), 15008);
-    config.connect_timeout = Duration::from_secs(5);
-    config.source = Source::Xds(XdsSettings::plaintext(&format!("http://{}", ts.addr())));
-    config.ca = CaSource::Istio(ca_settings(ts));
-    l4mesh::app::start(&config).await.unwrap()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -130,7 +108,7 @@ struct Pems {
 /// Asks the mesh CA for a certificate for `sa` and writes it, its key and the root to `dir`.
 async fn issue_pems(ts: &Handle, sa: &str, dir: &Path) -> Pems {
     let id = spiffe(sa).parse().unwrap();
-    let cert: WorkloadCert = CaClient::Istio(ca_settings(ts))
+    let cert: WorkloadCert = CaClient::Istio(testserver_ca(ts))
         .fetch(&id)
         .await
         .expect("the mesh CA issues Envoy's certificate");

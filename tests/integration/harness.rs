@@ -155,3 +155,36 @@ impl Mesh {
             .is_ok()
     }
 }
+
+/// Settings for the Istio CA of an in-process xds-testserver (plaintext, no token).
+pub fn testserver_ca(ts: &xds_testserver::Handle) -> l4mesh::identity::IstioCaSettings {
+    l4mesh::identity::IstioCaSettings {
+        address: format!("http://{}", ts.addr()),
+        root_ca: None,
+        auth_token: None,
+        cluster_id: "Kubernetes".into(),
+        ttl: Duration::from_secs(3600),
+        own_identity: None,
+    }
+}
+
+/// An l4mesh on node `node`, with its listeners on ephemeral ports of `listen_ip` and HBONE on
+/// `hbone_ip:15008`, following `ts` for xDS and certificates.
+pub async fn mesh_node(
+    ts: &xds_testserver::Handle,
+    listen_ip: impl AsRef<str>,
+    node: &str,
+    hbone_ip: impl AsRef<str>,
+) -> l4mesh::app::Running {
+    let mut config = Config::local(listen_ip.as_ref().parse().unwrap());
+    config.node_name = node.into();
+    config.hbone_addr = SocketAddr::new(hbone_ip.as_ref().parse().unwrap(), 15008);
+    // Generous: the tests run in parallel on a small machine, in debug builds.
+    config.connect_timeout = Duration::from_secs(5);
+    config.source = Source::Xds(l4mesh::config::XdsSettings::plaintext(&format!(
+        "http://{}",
+        ts.addr()
+    )));
+    config.ca = l4mesh::config::CaSource::Istio(testserver_ca(ts));
+    l4mesh::app::start(&config).await.unwrap()
+}

@@ -7,11 +7,9 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use l4mesh::config::{CaSource, Config, Source, XdsSettings};
-use l4mesh::identity::IstioCaSettings;
 use xds_testserver::{Handle, StateSource};
 
-use super::harness::{exchange, socks5_connect_from, Backend};
+use super::harness::{exchange, mesh_node as node, socks5_connect_from, testserver_ca, Backend};
 
 /// Backends listen on fixed ports below the ephemeral range: an ephemeral backend port could equal
 /// one of l4mesh's own (ephemeral) listener ports, which the loop guard refuses on loopback.
@@ -50,25 +48,6 @@ services:
   subjectAltNames: ["spiffe://cluster.local/ns/default/sa/server"]
 "#
     )
-}
-
-async fn node(ts: &Handle, listen_ip: &str, node: &str, hbone: &str) -> l4mesh::app::Running {
-    let url = format!("http://{}", ts.addr());
-    let mut config = Config::local(listen_ip.parse().unwrap());
-    config.node_name = node.into();
-    config.hbone_addr = SocketAddr::new(hbone.parse().unwrap(), 15008);
-    // Generous: the tests run in parallel on a small machine, in debug builds.
-    config.connect_timeout = Duration::from_secs(5);
-    config.source = Source::Xds(XdsSettings::plaintext(&url));
-    config.ca = CaSource::Istio(IstioCaSettings {
-        address: url,
-        root_ca: None,
-        auth_token: None,
-        cluster_id: "Kubernetes".into(),
-        ttl: Duration::from_secs(3600),
-        own_identity: None,
-    });
-    l4mesh::app::start(&config).await.unwrap()
 }
 
 struct Mesh {
@@ -204,15 +183,9 @@ async fn raw_client(
     server: &str,
 ) -> Result<h2::client::SendRequest<bytes::Bytes>, std::io::Error> {
     use std::sync::Arc;
-    let secrets =
-        l4mesh::identity::SecretManager::new(l4mesh::identity::CaClient::Istio(IstioCaSettings {
-            address: format!("http://{}", m._ts.addr()),
-            root_ca: None,
-            auth_token: None,
-            cluster_id: "Kubernetes".into(),
-            ttl: Duration::from_secs(3600),
-            own_identity: None,
-        }));
+    let secrets = l4mesh::identity::SecretManager::new(l4mesh::identity::CaClient::Istio(
+        testserver_ca(&m._ts),
+    ));
     let cert = secrets.fetch(&id(client)).await.unwrap();
     let cfg = l4mesh::tls::client_config(
         l4mesh::tls::ManagedCert::new(secrets.clone(), id(client)),

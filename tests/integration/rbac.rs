@@ -3,17 +3,14 @@
 //! tunnel gets 401 (and A refuses the client), and a policy pushed while a tunnel is open closes
 //! it promptly while an unaffected tunnel stays open. Addresses: `127.48.<n>.x`.
 
-use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use tokio::io::AsyncReadExt;
 
-use l4mesh::config::{CaSource, Config, Source, XdsSettings};
-use l4mesh::identity::IstioCaSettings;
 use xds_testserver::{Handle, StateSource};
 
-use super::harness::{exchange, socks5_connect_from, Backend};
+use super::harness::{exchange, mesh_node as node, socks5_connect_from, Backend};
 
 /// Backend ports below the ephemeral range (see `hbone.rs`): one stays allowed, one gets denied.
 const ALLOWED_PORT: u16 = 18080;
@@ -55,24 +52,6 @@ policies:
         destinationPorts: [{DENIED_PORT}]
 "#
     )
-}
-
-async fn node(ts: &Handle, listen_ip: &str, node: &str, hbone: &str) -> l4mesh::app::Running {
-    let url = format!("http://{}", ts.addr());
-    let mut config = Config::local(listen_ip.parse().unwrap());
-    config.node_name = node.into();
-    config.hbone_addr = SocketAddr::new(hbone.parse().unwrap(), 15008);
-    config.connect_timeout = Duration::from_secs(5);
-    config.source = Source::Xds(XdsSettings::plaintext(&url));
-    config.ca = CaSource::Istio(IstioCaSettings {
-        address: url,
-        root_ca: None,
-        auth_token: None,
-        cluster_id: "Kubernetes".into(),
-        ttl: Duration::from_secs(3600),
-        own_identity: None,
-    });
-    l4mesh::app::start(&config).await.unwrap()
 }
 
 struct Mesh {

@@ -6,15 +6,13 @@
 //! that node): A must send the tunnel to `w`, with `d`'s `ip:port` as the authority, and W forwards
 //! it. A real waypoint (Envoy) would route the authority anywhere; that path is Envoy's, not ours.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use l4mesh::config::{CaSource, Config, Source, XdsSettings};
-use l4mesh::identity::IstioCaSettings;
 use xds_testserver::{Handle, StateSource};
 
-use super::harness::{exchange, socks5_connect_from, Backend};
+use super::harness::{exchange, mesh_node as node, socks5_connect_from, testserver_ca, Backend};
 
 /// Below the ephemeral range, like hbone.rs (an ephemeral port could equal an l4mesh listener's).
 const BACKEND_PORT: u16 = 18080;
@@ -67,27 +65,6 @@ services:
     )
 }
 
-fn ca(ts: &Handle) -> IstioCaSettings {
-    IstioCaSettings {
-        address: format!("http://{}", ts.addr()),
-        root_ca: None,
-        auth_token: None,
-        cluster_id: "Kubernetes".into(),
-        ttl: Duration::from_secs(3600),
-        own_identity: None,
-    }
-}
-
-async fn node(ts: &Handle, listen_ip: String, node: &str, hbone: String) -> l4mesh::app::Running {
-    let mut config = Config::local(listen_ip.parse().unwrap());
-    config.node_name = node.into();
-    config.hbone_addr = SocketAddr::new(hbone.parse().unwrap(), 15008);
-    config.connect_timeout = Duration::from_secs(5);
-    config.source = Source::Xds(XdsSettings::plaintext(&format!("http://{}", ts.addr())));
-    config.ca = CaSource::Istio(ca(ts));
-    l4mesh::app::start(&config).await.unwrap()
-}
-
 struct Mesh {
     a: l4mesh::app::Running,
     b: l4mesh::app::Running,
@@ -127,8 +104,9 @@ fn id(sa: &str) -> l4mesh::model::SpiffeId {
 /// The status B answers to a CONNECT for `authority`, from a raw HBONE client presenting
 /// `client`'s certificate.
 async fn raw_connect(m: &Mesh, client: &str, authority: String) -> u16 {
-    let secrets =
-        l4mesh::identity::SecretManager::new(l4mesh::identity::CaClient::Istio(ca(&m.ts)));
+    let secrets = l4mesh::identity::SecretManager::new(l4mesh::identity::CaClient::Istio(
+        testserver_ca(&m.ts),
+    ));
     let cert = secrets.fetch(&id(client)).await.unwrap();
     let cfg = l4mesh::tls::client_config(
         l4mesh::tls::ManagedCert::new(secrets.clone(), id(client)),
