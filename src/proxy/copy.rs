@@ -33,6 +33,9 @@ pub enum CopyError {
     UpstreamRead(#[source] io::Error),
     #[error("writing to the upstream failed: {0}")]
     UpstreamWrite(#[source] io::Error),
+    /// The caller's stop signal fired (a policy change now denies the connection).
+    #[error("stopped before the end of the stream")]
+    Stopped,
 }
 
 enum Side {
@@ -76,10 +79,29 @@ where
     UR: AsyncRead + Unpin + ?Sized,
     UW: AsyncWrite + Unpin + ?Sized,
 {
+    bidirectional_until(down_r, down_w, up_r, up_w, std::future::pending()).await
+}
+
+/// [`bidirectional`], ended early with [`CopyError::Stopped`] when `stop` resolves; the bytes
+/// moved until then are still reported.
+pub async fn bidirectional_until<DR, DW, UR, UW>(
+    down_r: &mut DR,
+    down_w: &mut DW,
+    up_r: &mut UR,
+    up_w: &mut UW,
+    stop: impl std::future::Future<Output = ()>,
+) -> (Transferred, Result<(), CopyError>)
+where
+    DR: AsyncRead + Unpin + ?Sized,
+    DW: AsyncWrite + Unpin + ?Sized,
+    UR: AsyncRead + Unpin + ?Sized,
+    UW: AsyncWrite + Unpin + ?Sized,
+{
     let mut t = Transferred::default();
     let result = both_ways(
         one_way(down_r, up_w, &mut t.sent),
         one_way(up_r, down_w, &mut t.received),
+        stop,
     )
     .await;
     (t, result)
@@ -89,11 +111,13 @@ where
 async fn both_ways(
     to_up: impl std::future::Future<Output = Result<(), Side>>,
     to_down: impl std::future::Future<Output = Result<(), Side>>,
+    stop: impl std::future::Future<Output = ()>,
 ) -> Result<(), CopyError> {
-    tokio::pin!(to_up, to_down);
+    tokio::pin!(to_up, to_down, stop);
     let (mut up_done, mut down_done) = (false, false);
     loop {
         tokio::select! {
+            () = &mut stop => return Err(CopyError::Stopped),
             r = &mut to_up, if !up_done => match r {
                 Ok(()) => up_done = true,
                 Err(Side::Read(e)) => return Err(CopyError::DownstreamRead(e)),
@@ -121,11 +145,21 @@ pub async fn tcp(
     down: &mut tokio::net::TcpStream,
     up: &mut tokio::net::TcpStream,
 ) -> (Transferred, Result<(), CopyError>) {
+    tcp_until(down, up, std::future::pending()).await
+}
+
+/// [`tcp`], ended early with [`CopyError::Stopped`] when `stop` resolves.
+pub async fn tcp_until(
+    down: &mut tokio::net::TcpStream,
+    up: &mut tokio::net::TcpStream,
+    stop: impl std::future::Future<Output = ()>,
+) -> (Transferred, Result<(), CopyError>) {
     let mut t = Transferred::default();
     let (down, up) = (&*down, &*up);
     let result = both_ways(
         splice_one_way(down, up, &mut t.sent),
         splice_one_way(up, down, &mut t.received),
+        stop,
     )
     .await;
     (t, result)

@@ -109,6 +109,7 @@ impl ProxyError {
             ProxyError::Copy(CopyError::UpstreamRead(_) | CopyError::UpstreamWrite(_)) => {
                 ("UC", Blame::Upstream)
             }
+            ProxyError::Copy(CopyError::Stopped) => ("RBAC", Blame::Policy),
         }
     }
 }

@@ -194,11 +194,19 @@ async fn stream(
     log.status = Some(200);
     let (mut tr, mut tw) = (H2Recv::new(req.into_body()), H2Send::new(send));
     let (mut ur, mut uw) = up.split();
-    // A policy change that now denies the tunnel ends the copy; the bytes moved so far are not
-    // counted then (the copy future owns the counters).
-    let (t, r) = tokio::select! {
-        (t, r) = copy::bidirectional(&mut tr, &mut tw, &mut ur, &mut uw) => (t, r.map_err(ProxyError::from)),
-        rev = reg.revoked() => (Transferred::default(), Err(ProxyError::Revoked { policy: rev.policy, reason: rev.reason })),
+    // A policy change that now denies the tunnel ends the copy; the bytes moved until then are
+    // still reported.
+    let mut revocation = None;
+    let (t, r) = copy::bidirectional_until(&mut tr, &mut tw, &mut ur, &mut uw, async {
+        revocation = Some(reg.revoked().await);
+    })
+    .await;
+    let r = match (r, revocation) {
+        (Err(copy::CopyError::Stopped), Some(rev)) => Err(ProxyError::Revoked {
+            policy: rev.policy,
+            reason: rev.reason,
+        }),
+        (r, _) => r.map_err(ProxyError::from),
     };
     if r.is_err() {
         tw.reset(h2::Reason::CANCEL);

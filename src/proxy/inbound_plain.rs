@@ -34,10 +34,18 @@ pub(super) async fn serve(ctx: &ProxyCtx, down: TcpStream, src: SocketAddr) {
         Ok(up) => (down, up),
         Err(e) => return log.finish(Transferred::default(), Some(&e)),
     };
-    // A revocation ends the copy; the bytes moved so far are not counted then.
-    let (t, r) = tokio::select! {
-        (t, r) = copy::tcp(&mut down, &mut up) => (t, r.map_err(ProxyError::from)),
-        rev = reg.revoked() => (Transferred::default(), Err(ProxyError::Revoked { policy: rev.policy, reason: rev.reason })),
+    // A revocation ends the copy; the bytes moved until then are still reported.
+    let mut revocation = None;
+    let (t, r) = copy::tcp_until(&mut down, &mut up, async {
+        revocation = Some(reg.revoked().await);
+    })
+    .await;
+    let r = match (r, revocation) {
+        (Err(copy::CopyError::Stopped), Some(rev)) => Err(ProxyError::Revoked {
+            policy: rev.policy,
+            reason: rev.reason,
+        }),
+        (r, _) => r.map_err(ProxyError::from),
     };
     log.finish(t, r.err().as_ref());
 }
