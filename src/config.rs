@@ -219,6 +219,9 @@ fn parse_bool(s: &str) -> Result<bool, String> {
 #[derive(Parser, Debug)]
 #[command(version, about, long_about)]
 pub struct Args {
+    /// Without a subcommand l4mesh runs the proxy.
+    #[command(subcommand)]
+    pub command: Option<Command>,
     /// Local config file (ztunnel's LOCAL_XDS_PATH YAML format), watched and re-applied on change.
     /// Without it (and without XDS_ADDRESS) the embedded default mesh is used.
     #[arg(long, env = "LOCAL_XDS_PATH")]
@@ -329,6 +332,17 @@ pub struct Args {
     /// Largest HTTP/2 frame accepted, in bytes (16384..=16777215; default 1 MiB).
     #[arg(long, env = "HTTP2_FRAME_SIZE", default_value_t = 1024 * 1024)]
     pub http2_frame_size: u32,
+}
+
+/// Subcommands besides running the proxy.
+#[derive(clap::Subcommand, Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// Installs or removes the traffic-capture rules of a pod's network namespace (dedicated mode;
+    /// run as root inside the namespace).
+    Redirect {
+        #[command(subcommand)]
+        action: crate::redirect::RedirectCommand,
+    },
 }
 
 impl Args {

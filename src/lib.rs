@@ -1,7 +1,8 @@
 //! l4mesh: an L4 node proxy for Istio's ambient mesh.
 //!
 //! Module map, with the layering rule: imports point down this list, never up.
-//! 1. [`socket`], [`telemetry`], [`readiness`] — basics (the only `unsafe`/libc lives in `socket`);
+//! 1. [`socket`], [`telemetry`], [`readiness`], [`redirect`] — basics (the only `unsafe`/libc lives
+//!    in `socket`; the only `std::process::Command` in `redirect`, the capture-rules subcommand);
 //! 2. [`proto`], [`model`] — generated wire types, and the plain domain types validated from them;
 //! 3. [`store`], [`localconfig`], [`rbac`] — the lock-free snapshot of the mesh, the YAML file that
 //!    feeds it, and L4 authorization evaluated against a snapshot;
@@ -23,6 +24,7 @@ pub mod proto;
 pub mod proxy;
 pub mod rbac;
 pub mod readiness;
+pub mod redirect;
 pub mod socket;
 pub mod store;
 pub mod telemetry;

@@ -24,6 +24,15 @@ pub static MALLOC_CONF: MallocConf = MallocConf(
 fn main() -> std::process::ExitCode {
     let args = l4mesh::config::Args::parse();
     l4mesh::telemetry::init(args.log_format);
+    if let Some(l4mesh::config::Command::Redirect { action }) = &args.command {
+        return match l4mesh::redirect::run(action) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!("l4mesh redirect failed: {e}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
     match tikv_jemalloc_ctl::background_thread::read() {
         Ok(true) => {}
         other => tracing::debug!(state = ?other, "jemalloc background purging is off"),

@@ -11,6 +11,7 @@ mod integration {
     mod local_mode;
     pub mod netns;
     mod rbac;
+    mod redirect;
     mod waypoint;
     mod xds;
 }

@@ -1,0 +1,400 @@
+//! `l4mesh redirect install|remove`: the capture rules of a pod's network namespace in dedicated
+//! mode, with an iptables or an nftables backend.
+//!
+//! - outbound TCP → `REDIRECT` to 15001 (the outbound listener reads `SO_ORIGINAL_DST`);
+//! - inbound TCP to the pod → `REDIRECT` to 15006, except the HBONE port 15008;
+//! - packets carrying the packet mark (l4mesh's own sockets, `SO_MARK`), loopback traffic
+//!   (`-o lo` / `-i lo`, which includes the pod talking to its own IP) and excluded ports are
+//!   left alone.
+//!
+//! Rule generation is pure ([`install_plan`], [`remove_plan`]) and unit-tested; [`run`] is the thin
+//! layer that executes the commands. All of l4mesh's `std::process::Command` use is in this module.
+
+use std::fmt;
+
+/// Where outbound TCP is redirected (the outbound capture listener).
+pub const OUTBOUND_PORT: u16 = 15001;
+/// Where inbound TCP is redirected (the inbound plaintext capture listener).
+pub const INBOUND_PORT: u16 = 15006;
+/// The HBONE port: inbound tunnels reach l4mesh directly, never redirected.
+pub const HBONE_PORT: u16 = 15008;
+/// iptables chains (nat table) owned by l4mesh.
+pub const IPT_OUTPUT_CHAIN: &str = "L4MESH_OUTPUT";
+pub const IPT_PREROUTING_CHAIN: &str = "L4MESH_PREROUTING";
+/// nftables table (family inet: IPv4 and IPv6) owned by l4mesh.
+pub const NFT_TABLE: &str = "l4mesh";
+
+/// Which firewall tool writes the rules.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Backend {
+    /// `iptables` (IPv4, nat table): chains L4MESH_OUTPUT / L4MESH_PREROUTING.
+    Iptables,
+    /// `nft`: table `inet l4mesh` (IPv4 and IPv6) with nat chains on the output and prerouting hooks.
+    Nftables,
+}
+
+/// `l4mesh redirect …`
+#[derive(clap::Subcommand, Debug, Clone, PartialEq, Eq)]
+pub enum RedirectCommand {
+    /// Installs the capture rules (removing any previous ones first).
+    Install(RedirectArgs),
+    /// Removes every rule `install` created; succeeds when none is installed.
+    Remove(RedirectArgs),
+}
+
+/// Options of `l4mesh redirect install|remove`.
+#[derive(clap::Args, Debug, Clone, PartialEq, Eq)]
+pub struct RedirectArgs {
+    /// iptables or nftables; default nftables when `nft` is on PATH, else iptables.
+    #[arg(long, value_enum)]
+    pub backend: Option<Backend>,
+    /// Packets with this mark (l4mesh's own sockets) are never redirected; must match l4mesh's.
+    #[arg(long, env = "PACKET_MARK", default_value_t = 1337, value_parser = clap::value_parser!(u32).range(1..))]
+    pub packet_mark: u32,
+    /// Inbound destination ports left alone (comma list). The default keeps kubelet's probes of
+    /// the readiness (15021) and metrics (15020) ports off the proxy path, as istio-cni does;
+    /// HBONE (15008) is always left alone.
+    #[arg(long, value_delimiter = ',', default_values_t = [15020u16, 15021])]
+    pub exclude_inbound_ports: Vec<u16>,
+    /// Outbound destination ports left alone (comma list).
+    #[arg(long, value_delimiter = ',')]
+    pub exclude_outbound_ports: Vec<u16>,
+}
+
+/// What the rules do, independent of the backend.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rules {
+    pub packet_mark: u32,
+    pub exclude_inbound_ports: Vec<u16>,
+    pub exclude_outbound_ports: Vec<u16>,
+}
+
+impl From<&RedirectArgs> for Rules {
+    fn from(a: &RedirectArgs) -> Self {
+        let dedup = |v: &[u16]| {
+            let mut v = v.to_vec();
+            v.sort_unstable();
+            v.dedup();
+            v
+        };
+        Self {
+            packet_mark: a.packet_mark,
+            exclude_inbound_ports: dedup(&a.exclude_inbound_ports),
+            exclude_outbound_ports: dedup(&a.exclude_outbound_ports),
+        }
+    }
+}
+
+/// One command to run: program, arguments, optional standard input.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Cmd {
+    pub program: String,
+    pub args: Vec<String>,
+    pub stdin: Option<String>,
+}
+
+impl Cmd {
+    fn new(program: &str, args: &[&str]) -> Self {
+        Self {
+            program: program.into(),
+            args: args.iter().map(|s| (*s).to_owned()).collect(),
+            stdin: None,
+        }
+    }
+
+    fn iptables(args: &str) -> Self {
+        Self {
+            program: "iptables".into(),
+            args: args.split_whitespace().map(str::to_owned).collect(),
+            stdin: None,
+        }
+    }
+}
+
+impl fmt::Display for Cmd {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.program)?;
+        for a in &self.args {
+            write!(f, " {a}")?;
+        }
+        if self.stdin.is_some() {
+            write!(f, " (script on stdin)")?;
+        }
+        Ok(())
+    }
+}
+
+/// The command that lists what is installed; its output feeds [`remove_plan`].
+pub fn list_cmd(backend: Backend) -> Cmd {
+    match backend {
+        Backend::Iptables => Cmd::iptables("-t nat -S"),
+        Backend::Nftables => Cmd::new("nft", &["list", "tables"]),
+    }
+}
+
+/// The commands that remove l4mesh's rules, given the output of [`list_cmd`]: only what l4mesh
+/// created (its chains / table and the jumps into them), nothing when nothing is installed.
+pub fn remove_plan(backend: Backend, listing: &str) -> Vec<Cmd> {
+    match backend {
+        Backend::Iptables => {
+            let ours = [IPT_OUTPUT_CHAIN, IPT_PREROUTING_CHAIN];
+            let mut cmds = Vec::new();
+            for line in listing.lines() {
+                let words: Vec<&str> = line.split_whitespace().collect();
+                if let ["-A", chain @ ("OUTPUT" | "PREROUTING"), rest @ ..] = words.as_slice() {
+                    if rest
+                        .windows(2)
+                        .any(|w| w[0] == "-j" && ours.contains(&w[1]))
+                    {
+                        let mut args = vec!["-t", "nat", "-D", chain];
+                        args.extend_from_slice(rest);
+                        cmds.push(Cmd::new("iptables", &args));
+                    }
+                }
+            }
+            for chain in ours {
+                let declared = listing
+                    .lines()
+                    .any(|l| l.split_whitespace().eq(["-N", chain]));
+                if declared {
+                    cmds.push(Cmd::new("iptables", &["-t", "nat", "-F", chain]));
+                    cmds.push(Cmd::new("iptables", &["-t", "nat", "-X", chain]));
+                }
+            }
+            cmds
+        }
+        Backend::Nftables => {
+            let present = listing
+                .lines()
+                .any(|l| l.split_whitespace().eq(["table", "inet", NFT_TABLE]));
+            if present {
+                vec![Cmd::new("nft", &["delete", "table", "inet", NFT_TABLE])]
+            } else {
+                Vec::new()
+            }
+        }
+    }
+}
+
+/// The commands that install the rules (run after [`remove_plan`], which makes `install`
+/// idempotent). nftables is one atomic script; iptables is a sequence of commands.
+pub fn install_plan(backend: Backend, rules: &Rules) -> Vec<Cmd> {
+    match backend {
+        Backend::Iptables => iptables_install(rules),
+        Backend::Nftables => {
+            let mut cmd = Cmd::new("nft", &["-f", "-"]);
+            cmd.stdin = Some(nft_script(rules));
+            vec![cmd]
+        }
+    }
+}
+
+fn iptables_install(r: &Rules) -> Vec<Cmd> {
+    let (out, pre) = (IPT_OUTPUT_CHAIN, IPT_PREROUTING_CHAIN);
+    let mark = r.packet_mark;
+    let mut v = vec![
+        Cmd::iptables(&format!("-t nat -N {out}")),
+        Cmd::iptables(&format!("-t nat -A {out} -m mark --mark {mark} -j RETURN")),
+        Cmd::iptables(&format!("-t nat -A {out} -o lo -j RETURN")),
+    ];
+    for p in &r.exclude_outbound_ports {
+        v.push(Cmd::iptables(&format!(
+            "-t nat -A {out} -p tcp --dport {p} -j RETURN"
+        )));
+    }
+    v.push(Cmd::iptables(&format!(
+        "-t nat -A {out} -p tcp -j REDIRECT --to-ports {OUTBOUND_PORT}"
+    )));
+    v.extend([
+        Cmd::iptables(&format!("-t nat -N {pre}")),
+        Cmd::iptables(&format!("-t nat -A {pre} -m mark --mark {mark} -j RETURN")),
+        Cmd::iptables(&format!("-t nat -A {pre} -i lo -j RETURN")),
+        Cmd::iptables(&format!(
+            "-t nat -A {pre} -p tcp --dport {HBONE_PORT} -j RETURN"
+        )),
+    ]);
+    for p in &r.exclude_inbound_ports {
+        v.push(Cmd::iptables(&format!(
+            "-t nat -A {pre} -p tcp --dport {p} -j RETURN"
+        )));
+    }
+    v.extend([
+        Cmd::iptables(&format!(
+            "-t nat -A {pre} -p tcp -j REDIRECT --to-ports {INBOUND_PORT}"
+        )),
+        Cmd::iptables(&format!("-t nat -A OUTPUT -p tcp -j {out}")),
+        Cmd::iptables(&format!("-t nat -A PREROUTING -p tcp -j {pre}")),
+    ]);
+    v
+}
+
+fn nft_ports(ports: &[u16]) -> String {
+    match ports {
+        [p] => p.to_string(),
+        _ => format!(
+            "{{ {} }}",
+            ports
+                .iter()
+                .map(u16::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+}
+
+/// The nftables script: (re)creates `table inet l4mesh` in one transaction (the `add`/`delete`
+/// pair makes it idempotent).
+pub fn nft_script(r: &Rules) -> String {
+    let mark = r.packet_mark;
+    let mut s = format!("add table inet {NFT_TABLE}\ndelete table inet {NFT_TABLE}\n");
+    s.push_str(&format!("table inet {NFT_TABLE} {{\n"));
+    s.push_str("  chain output {\n    type nat hook output priority -100; policy accept;\n");
+    s.push_str(&format!("    meta mark {mark} return\n"));
+    s.push_str("    oifname \"lo\" return\n");
+    if !r.exclude_outbound_ports.is_empty() {
+        s.push_str(&format!(
+            "    tcp dport {} return\n",
+            nft_ports(&r.exclude_outbound_ports)
+        ));
+    }
+    s.push_str(&format!(
+        "    meta l4proto tcp redirect to :{OUTBOUND_PORT}\n  }}\n"
+    ));
+    s.push_str(
+        "  chain prerouting {\n    type nat hook prerouting priority -100; policy accept;\n",
+    );
+    s.push_str(&format!("    meta mark {mark} return\n"));
+    s.push_str("    iifname \"lo\" return\n");
+    s.push_str(&format!("    tcp dport {HBONE_PORT} return\n"));
+    if !r.exclude_inbound_ports.is_empty() {
+        s.push_str(&format!(
+            "    tcp dport {} return\n",
+            nft_ports(&r.exclude_inbound_ports)
+        ));
+    }
+    s.push_str(&format!(
+        "    meta l4proto tcp redirect to :{INBOUND_PORT}\n  }}\n}}\n"
+    ));
+    s
+}
+
+/// The default backend: nftables when `nft` is on PATH, else iptables.
+pub fn default_backend() -> Backend {
+    let found = std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|d| d.join("nft").is_file()));
+    if found {
+        Backend::Nftables
+    } else {
+        Backend::Iptables
+    }
+}
+
+/// A command that could not be run or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RedirectError {
+    #[error("could not run `{cmd}`: {source} (hint: {hint})")]
+    Spawn {
+        cmd: String,
+        source: std::io::Error,
+        hint: String,
+    },
+    #[error("`{cmd}` failed with {status}: {stderr} (hint: {hint})")]
+    Failed {
+        cmd: String,
+        status: std::process::ExitStatus,
+        stderr: String,
+        hint: String,
+    },
+}
+
+fn hint(cmd: &Cmd, stderr: &str, spawn: Option<&std::io::Error>) -> String {
+    let other = if cmd.program == "nft" {
+        "--backend iptables"
+    } else {
+        "--backend nftables"
+    };
+    if spawn.is_some_and(|e| e.kind() == std::io::ErrorKind::NotFound) {
+        return format!("is {} installed and on PATH? or try {other}", cmd.program);
+    }
+    let s = stderr.to_ascii_lowercase();
+    if s.contains("permission denied") || s.contains("operation not permitted") {
+        return "not root? run as root (CAP_NET_ADMIN) inside the pod's network namespace, e.g. `ip netns exec <ns> l4mesh redirect install`".into();
+    }
+    if s.contains("no such file") || s.contains("not supported") || s.contains("protocol") {
+        return format!("the kernel may lack the nat/redirect modules; or try {other}");
+    }
+    format!("run `{cmd}` by hand to see more; or try {other}")
+}
+
+/// Runs one command, returning its stdout.
+fn exec(cmd: &Cmd) -> Result<String, RedirectError> {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let spawn_err = |e: std::io::Error| RedirectError::Spawn {
+        cmd: cmd.to_string(),
+        hint: hint(cmd, "", Some(&e)),
+        source: e,
+    };
+    let mut child = Command::new(&cmd.program)
+        .args(&cmd.args)
+        .stdin(if cmd.stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(spawn_err)?;
+    if let (Some(input), Some(mut stdin)) = (&cmd.stdin, child.stdin.take()) {
+        stdin.write_all(input.as_bytes()).map_err(spawn_err)?;
+    }
+    let out = child.wait_with_output().map_err(spawn_err)?;
+    let stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+    if !out.status.success() {
+        return Err(RedirectError::Failed {
+            cmd: cmd.to_string(),
+            status: out.status,
+            hint: hint(cmd, &stderr, None),
+            stderr,
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Removes l4mesh's rules of `backend`; returns how many commands it ran.
+fn remove(backend: Backend) -> Result<usize, RedirectError> {
+    let listing = exec(&list_cmd(backend))?;
+    let plan = remove_plan(backend, &listing);
+    for cmd in &plan {
+        exec(cmd)?;
+    }
+    Ok(plan.len())
+}
+
+/// Executes `l4mesh redirect install|remove`.
+pub fn run(command: &RedirectCommand) -> Result<(), RedirectError> {
+    match command {
+        RedirectCommand::Install(args) => {
+            let backend = args.backend.unwrap_or_else(default_backend);
+            remove(backend)?;
+            for cmd in install_plan(backend, &Rules::from(args)) {
+                if let Err(e) = exec(&cmd) {
+                    // Leave nothing half-installed.
+                    let _ = remove(backend);
+                    return Err(e);
+                }
+            }
+            tracing::info!(?backend, mark = args.packet_mark, "capture rules installed");
+        }
+        RedirectCommand::Remove(args) => {
+            let backend = args.backend.unwrap_or_else(default_backend);
+            let n = remove(backend)?;
+            tracing::info!(?backend, commands = n, "capture rules removed");
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;
