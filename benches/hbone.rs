@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use l4mesh::identity::{CaClient, IstioCaSettings, WorkloadCert};
+use l4mesh::identity::{der_to_pem, CaClient, IstioCaSettings, WorkloadCert};
 use xds_testserver::{Handle, StateSource};
 
 const A_IP: &str = "127.45.1.1";
@@ -83,42 +83,19 @@ fn ready(addr: &str) -> bool {
     out.contains(" 200 ")
 }
 
-fn b64(data: &[u8]) -> String {
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for c in data.chunks(3) {
-        let n = (u32::from(c[0]) << 16)
-            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
-            | u32::from(*c.get(2).unwrap_or(&0));
-        for i in 0..4 {
-            if i <= c.len() {
-                out.push(T[((n >> (18 - 6 * i)) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
-fn pem(label: &str, der: &[u8]) -> String {
-    let body = b64(der);
-    let lines: Vec<&str> = body
-        .as_bytes()
-        .chunks(64)
-        .map(|c| std::str::from_utf8(c).unwrap())
-        .collect();
-    format!(
-        "-----BEGIN {label}-----\n{}\n-----END {label}-----\n",
-        lines.join("\n")
-    )
-}
-
 /// Writes cert chain, key and root PEM files for an Envoy; returns their paths.
 fn envoy_files(dir: &std::path::Path, name: &str, cert: &WorkloadCert) -> [String; 3] {
-    let chain: String = cert.chain.iter().map(|c| pem("CERTIFICATE", c)).collect();
-    let root: String = cert.roots.iter().map(|c| pem("CERTIFICATE", c)).collect();
-    let key = pem("PRIVATE KEY", cert.key.secret_pkcs8_der());
+    let chain: String = cert
+        .chain
+        .iter()
+        .map(|c| der_to_pem("CERTIFICATE", c))
+        .collect();
+    let root: String = cert
+        .roots
+        .iter()
+        .map(|c| der_to_pem("CERTIFICATE", c))
+        .collect();
+    let key = der_to_pem("PRIVATE KEY", cert.key.secret_pkcs8_der());
     let p = |f: &str| dir.join(format!("{name}-{f}")).display().to_string();
     std::fs::write(p("chain.pem"), chain).unwrap();
     std::fs::write(p("key.pem"), key).unwrap();

@@ -12,7 +12,7 @@ mod manager;
 
 pub use ca_client::{CaClient, FetchError, IstioCaSettings};
 pub use cert::{leaf_facts, pem_certs, refresh_at, CertError, WorkloadCert};
-pub use local_ca::{csr_for, workload_cert_from_chain, CaError, LocalCa};
+pub use local_ca::{csr_for, der_to_pem, workload_cert_from_chain, CaError, LocalCa};
 pub use manager::{CertState, CertStatus, NoCertificate, SecretManager};
 
 use std::sync::Arc;

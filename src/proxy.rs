@@ -88,6 +88,19 @@ impl HboneState {
 }
 
 impl ProxyCtx {
+    /// The workload of this node with address `ip` on this node's network: the only destinations
+    /// the inbound paths serve.
+    pub fn local_workload(
+        &self,
+        snapshot: &crate::store::Snapshot,
+        ip: std::net::IpAddr,
+    ) -> Option<Arc<crate::model::Workload>> {
+        snapshot
+            .workload_by_addr(&crate::model::NetworkAddr::new(self.network.clone(), ip))
+            .filter(|w| w.node == self.node_name)
+            .cloned()
+    }
+
     /// Whether `dst` is one of l4mesh's own listeners (a connection to it would loop forever): the
     /// same address, or a loopback address for a wildcard listener. A listener bound to one IP is
     /// not hit by the same port on another IP. Together with capture listeners refusing traffic that
@@ -105,15 +118,16 @@ impl ProxyCtx {
 /// Authorizes an inbound connection to the local workload `wl` and, if allowed, tracks it for
 /// live re-checks. Every decision is logged at debug with the policy that made it.
 ///
-/// The snapshot may change between the evaluation and the registration; a re-check after
-/// registering closes that window (a later change is the tracker's job).
+/// `snapshot` is the one the caller took for this connection. The store may change between the
+/// evaluation and the registration; a re-check after registering closes that window (a later
+/// change is the tracker's job).
 pub(crate) fn admit(
     ctx: &ProxyCtx,
+    snapshot: &crate::store::Snapshot,
     wl: &crate::model::Workload,
     conn: crate::rbac::ConnCtx,
 ) -> Result<conn_tracker::Registration, ProxyError> {
-    let snapshot = ctx.store.load();
-    decide(&snapshot, wl, &conn)?;
+    decide(snapshot, wl, &conn)?;
     let reg = ctx.conns.register(conn.clone(), wl.uid.clone());
     let now = ctx.store.load();
     if now.version() != snapshot.version() {

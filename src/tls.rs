@@ -129,8 +129,14 @@ fn one_of(ids: &[SpiffeId]) -> String {
 }
 
 /// The crypto provider of every HBONE config: aws-lc-rs restricted to the suites and groups of
-/// wire-facts §3.
+/// wire-facts §3. Built once; callers share it.
 pub fn provider() -> Arc<CryptoProvider> {
+    static PROVIDER: std::sync::LazyLock<Arc<CryptoProvider>> =
+        std::sync::LazyLock::new(build_provider);
+    PROVIDER.clone()
+}
+
+fn build_provider() -> Arc<CryptoProvider> {
     let base = aws_lc_rs::default_provider();
     let preferred = [
         NamedGroup::X25519MLKEM768,

@@ -44,11 +44,6 @@ impl WorkloadCert {
         PrivateKeyDer::Pkcs8(self.key.clone_key())
     }
 
-    /// When to renew: half-way through the validity (Istio's rule), never before `now`.
-    pub fn refresh_at(&self) -> SystemTime {
-        refresh_at(self.not_before, self.not_after)
-    }
-
     /// Whether the certificate is within its validity period at `now`.
     pub fn is_valid_at(&self, now: SystemTime) -> bool {
         now >= self.not_before && now < self.not_after

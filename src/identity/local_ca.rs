@@ -176,9 +176,12 @@ impl LocalCa {
         let ca = LocalCa {
             trust_domain: trust_domain.to_owned(),
             issuer,
-            intermediates_pem: intermediates.iter().map(|c| der_to_pem(c)).collect(),
+            intermediates_pem: intermediates
+                .iter()
+                .map(|c| der_to_pem("CERTIFICATE", c))
+                .collect(),
             intermediates,
-            root_pem: der_to_pem(&root),
+            root_pem: der_to_pem("CERTIFICATE", &root),
             root,
         };
         ca.self_test()?;
@@ -470,7 +473,9 @@ fn random_serial() -> SerialNumber {
 }
 
 /// PEM text of a DER certificate (64-column base64, as every PEM reader expects).
-fn der_to_pem(der: &[u8]) -> String {
+/// PEM text of one DER object (`label`: `CERTIFICATE`, `PRIVATE KEY`…), for tools that read files
+/// (Envoy, operators).
+pub fn der_to_pem(label: &str, der: &[u8]) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut b64 = Vec::with_capacity(der.len().div_ceil(3) * 4);
     for chunk in der.chunks(3) {
@@ -486,12 +491,12 @@ fn der_to_pem(der: &[u8]) -> String {
             });
         }
     }
-    let mut pem = String::from("-----BEGIN CERTIFICATE-----\n");
+    let mut pem = format!("-----BEGIN {label}-----\n");
     for line in b64.chunks(64) {
         pem.push_str(&String::from_utf8_lossy(line));
         pem.push('\n');
     }
-    pem.push_str("-----END CERTIFICATE-----\n");
+    pem.push_str(&format!("-----END {label}-----\n"));
     pem
 }
 

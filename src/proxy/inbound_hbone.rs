@@ -23,8 +23,9 @@ use super::h2io::{self, H2Recv, H2Send};
 use super::hbone::{self, Outcome};
 use super::route::{waypoint, Upstream, UpstreamKind};
 use super::{ProxyCtx, ProxyError};
-use crate::model::{NetworkAddr, SpiffeId, Workload};
+use crate::model::{SpiffeId, Workload};
 use crate::rbac::ConnCtx;
+use crate::store::Snapshot;
 use crate::tls::{self, ManagedCert, SourceResolver};
 
 /// How long a client has to complete the TLS and HTTP/2 handshakes.
@@ -68,15 +69,6 @@ enum Decision {
     Deny(String),
 }
 
-/// The local workload with address `ip`, if any.
-fn local_workload(ctx: &ProxyCtx, ip: std::net::IpAddr) -> Option<Arc<Workload>> {
-    let snapshot = ctx.store.load();
-    snapshot
-        .workload_by_addr(&NetworkAddr::new(ctx.network.clone(), ip))
-        .filter(|w| w.node == ctx.node_name)
-        .cloned()
-}
-
 pub(super) async fn serve(ctx: Arc<ProxyCtx>, tcp: TcpStream, src: SocketAddr) {
     let dialled = match crate::socket::destination(&tcp) {
         Ok(d) => d,
@@ -109,10 +101,12 @@ async fn handshake(
     tcp: TcpStream,
     dialled: SocketAddr,
 ) -> Result<(ServerConn, SpiffeId), ProxyError> {
-    let wl = local_workload(ctx, dialled.ip()).ok_or_else(|| ProxyError::NotLocalWorkload {
-        dst: dialled,
-        node: ctx.node_name.clone(),
-    })?;
+    let wl = ctx
+        .local_workload(&ctx.store.load(), dialled.ip())
+        .ok_or_else(|| ProxyError::NotLocalWorkload {
+            dst: dialled,
+            node: ctx.node_name.clone(),
+        })?;
     let cfg = ctx.hbone.server_configs.get(ctx, &wl).await?;
     let tls = tokio_rustls::TlsAcceptor::from(cfg)
         .accept(tcp)
@@ -228,8 +222,11 @@ async fn open(
     if ctx.is_own_listener(target) {
         return Err(ProxyError::Loop { dst: target });
     }
-    let wl =
-        local_workload(ctx, target.ip()).ok_or(Outcome::AuthorityMismatch { authority: target })?;
+    // One snapshot for every decision about this stream.
+    let snapshot = ctx.store.load();
+    let wl = ctx
+        .local_workload(&snapshot, target.ip())
+        .ok_or(Outcome::AuthorityMismatch { authority: target })?;
     log.dst_identity = Some(wl.identity().to_string());
     log.upstream = Some(Upstream {
         addr: target,
@@ -238,7 +235,7 @@ async fn open(
         kind: UpstreamKind::Tcp,
         waypoint: None,
     });
-    if let Decision::Deny(why) = waypoint_rule(ctx, peer, dialled, &wl) {
+    if let Decision::Deny(why) = waypoint_rule(ctx, &snapshot, peer, dialled, &wl) {
         tracing::warn!(peer = %peer, workload = %format!("{}/{}", wl.namespace, wl.name), "{why}");
         return Err(Outcome::Denied(why).into());
     }
@@ -248,7 +245,8 @@ async fn open(
         dst_ip: target.ip(),
         dst_port: target.port(),
     };
-    let reg = super::admit(ctx, &wl, conn)?;
+    let reg = super::admit(ctx, &snapshot, &wl, conn)?;
+    drop(snapshot);
     let up = crate::socket::connect(target, &ctx.upstream)
         .await
         .map_err(|source| ProxyError::Connect {
@@ -261,15 +259,23 @@ async fn open(
 /// A workload with a waypoint takes tunnels only from that waypoint's identity, so that its policy
 /// cannot be bypassed. A tunnel dialled on the waypoint itself (the client sent it to the waypoint,
 /// which serves the destination on this node) is the waypoint's own traffic and passes.
-fn waypoint_rule(ctx: &ProxyCtx, peer: &SpiffeId, dialled: SocketAddr, wl: &Workload) -> Decision {
+fn waypoint_rule(
+    ctx: &ProxyCtx,
+    snapshot: &Snapshot,
+    peer: &SpiffeId,
+    dialled: SocketAddr,
+    wl: &Workload,
+) -> Decision {
     let Some(gw) = &wl.waypoint else {
         return Decision::Allow;
     };
-    let snapshot = ctx.store.load();
-    if local_workload(ctx, dialled.ip()).is_some_and(|d| waypoint::is_waypoint(&snapshot, gw, &d)) {
+    if ctx
+        .local_workload(snapshot, dialled.ip())
+        .is_some_and(|d| waypoint::is_waypoint(snapshot, gw, &d))
+    {
         return Decision::Allow;
     }
-    let ids = waypoint::identities(&snapshot, gw);
+    let ids = waypoint::identities(snapshot, gw);
     if ids.contains(peer) {
         return Decision::Allow;
     }

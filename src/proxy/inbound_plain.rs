@@ -12,7 +12,6 @@ use super::conn_tracker::Registration;
 use super::copy::{self, Transferred};
 use super::route::{Upstream, UpstreamKind};
 use super::{ProxyCtx, ProxyError};
-use crate::model::NetworkAddr;
 use crate::rbac::ConnCtx;
 
 pub(super) async fn serve(ctx: &ProxyCtx, down: TcpStream, src: SocketAddr) {
@@ -55,17 +54,13 @@ async fn open(ctx: &ProxyCtx, log: &mut ConnLog) -> Result<(TcpStream, Registrat
     if ctx.is_own_listener(dst) {
         return Err(ProxyError::Loop { dst });
     }
-    let workload = {
-        let snapshot = ctx.store.load();
-        let wl = snapshot
-            .workload_by_addr(&NetworkAddr::new(ctx.network.clone(), dst.ip()))
-            .filter(|w| w.node == ctx.node_name)
-            .cloned();
-        wl.ok_or_else(|| ProxyError::NotLocalWorkload {
-            dst,
-            node: ctx.node_name.clone(),
-        })?
-    };
+    let snapshot = ctx.store.load();
+    let workload =
+        ctx.local_workload(&snapshot, dst.ip())
+            .ok_or_else(|| ProxyError::NotLocalWorkload {
+                dst,
+                node: ctx.node_name.clone(),
+            })?;
     // A workload behind a waypoint takes traffic only from its waypoint, over HBONE: plaintext
     // proves no identity, so it would bypass the waypoint's policy.
     if workload.waypoint.is_some() {
@@ -88,7 +83,8 @@ async fn open(ctx: &ProxyCtx, log: &mut ConnLog) -> Result<(TcpStream, Registrat
         dst_ip: dst.ip(),
         dst_port: dst.port(),
     };
-    let reg = super::admit(ctx, &workload, conn)?;
+    let reg = super::admit(ctx, &snapshot, &workload, conn)?;
+    drop(snapshot);
     let up = crate::socket::connect(dst, &ctx.upstream)
         .await
         .map_err(|source| ProxyError::Connect { addr: dst, source })?;

@@ -88,6 +88,10 @@ pub struct Pool {
 impl Pool {
     fn slot(&self, key: &PoolKey) -> Arc<tokio::sync::Mutex<Option<Conn>>> {
         let mut slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
+        // The key holds identities: clone it only when the slot is new, not on every tunnel.
+        if let Some(slot) = slots.get(key) {
+            return slot.clone();
+        }
         slots.entry(key.clone()).or_default().clone()
     }
 

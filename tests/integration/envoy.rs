@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use l4mesh::identity::{CaClient, WorkloadCert};
+use l4mesh::identity::{der_to_pem, CaClient, WorkloadCert};
 use xds_testserver::{Handle, StateSource};
 
 use super::harness::{exchange, mesh_node as node, socks5_connect_from, testserver_ca, Backend};
@@ -70,34 +70,6 @@ async fn xds(n: u8) -> Handle {
 // ---------------------------------------------------------------------------------------------
 // Certificates as PEM files for Envoy.
 
-fn base64(data: &[u8]) -> String {
-    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
-    for c in data.chunks(3) {
-        let b = [c[0], *c.get(1).unwrap_or(&0), *c.get(2).unwrap_or(&0)];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= c.len() {
-                out.push(A[(n >> (18 - 6 * i) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
-fn pem(label: &str, der: &[u8]) -> String {
-    let b = base64(der);
-    let mut out = format!("-----BEGIN {label}-----\n");
-    for line in b.as_bytes().chunks(64) {
-        out.push_str(std::str::from_utf8(line).unwrap());
-        out.push('\n');
-    }
-    out.push_str(&format!("-----END {label}-----\n"));
-    out
-}
-
 /// Paths of the PEM files Envoy reads.
 struct Pems {
     chain: PathBuf,
@@ -112,9 +84,17 @@ async fn issue_pems(ts: &Handle, sa: &str, dir: &Path) -> Pems {
         .fetch(&id)
         .await
         .expect("the mesh CA issues Envoy's certificate");
-    let chain: String = cert.chain.iter().map(|c| pem("CERTIFICATE", c)).collect();
-    let root: String = cert.roots.iter().map(|c| pem("CERTIFICATE", c)).collect();
-    let key = pem("PRIVATE KEY", cert.key.secret_pkcs8_der());
+    let chain: String = cert
+        .chain
+        .iter()
+        .map(|c| der_to_pem("CERTIFICATE", c))
+        .collect();
+    let root: String = cert
+        .roots
+        .iter()
+        .map(|c| der_to_pem("CERTIFICATE", c))
+        .collect();
+    let key = der_to_pem("PRIVATE KEY", cert.key.secret_pkcs8_der());
     let p = Pems {
         chain: dir.join("chain.pem"),
         key: dir.join("key.pem"),

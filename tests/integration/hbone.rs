@@ -336,6 +336,8 @@ async fn client_from_another_trust_domain_is_refused() {
         }),
     )
     .await;
+    // A live backend: without it a 503 would also count as "refused", whatever the handshake did.
+    let _backend = Backend::start(&format!("{}:{BACKEND_PORT}", m.b_wl), "b").await;
     let ca = l4mesh::identity::LocalCa::from_pem(&cert_pem, &key_pem, "", "cluster.local").unwrap();
     let foreign: l4mesh::model::SpiffeId = "spiffe://other.domain/ns/default/sa/client"
         .parse()

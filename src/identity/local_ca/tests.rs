@@ -204,8 +204,13 @@ fn from_pem_errors_say_what_is_wrong() {
     // A workload certificate is not a CA.
     let leaf = ca.issue(&id("a", "b"), Duration::from_secs(60)).unwrap();
     let leaf_key = KeyPair::try_from(&leaf.key).unwrap().serialize_pem();
-    let err =
-        LocalCa::from_pem(&der_to_pem(&leaf.chain[0]), &leaf_key, "", "cluster.local").unwrap_err();
+    let err = LocalCa::from_pem(
+        &der_to_pem("CERTIFICATE", &leaf.chain[0]),
+        &leaf_key,
+        "",
+        "cluster.local",
+    )
+    .unwrap_err();
     assert!(matches!(err, CaError::NotCa { .. }), "{err}");
     assert!(err.to_string().contains("CA:TRUE"), "{err}");
 }
