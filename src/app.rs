@@ -31,6 +31,8 @@ pub enum AppError {
     LocalCa(#[from] crate::identity::CaError),
     #[error("loading the local config: {0}")]
     LocalConfig(#[from] LocalConfigError),
+    #[error("starting OpenTelemetry export: {0}")]
+    Otel(#[from] crate::otel::OtelError),
 }
 
 /// A started l4mesh: its bound addresses and store, and the tasks serving them (aborted on drop).
@@ -199,6 +201,10 @@ pub async fn start(config: &Config) -> Result<Running, AppError> {
         h2: config.h2,
         hbone: Default::default(),
         conns: Default::default(),
+        otel: match &config.otel {
+            Some(o) => Some(crate::otel::Otel::new(o, &config.node_name)?),
+            None => None,
+        },
     });
     // Closes established inbound connections that a policy change now denies.
     tasks.push(tokio::spawn(ctx.conns.clone().follow(store.clone())));
@@ -250,6 +256,9 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         let running = start(&config).await?;
         let sig = wait_for_signal().await;
         tracing::info!(signal = sig, "shutting down");
+        if let Some(otel) = running.proxy.otel.clone() {
+            otel.shutdown().await;
+        }
         drop(running);
         Ok(())
     })

@@ -97,6 +97,8 @@ pub struct Config {
     pub log_format: LogFormat,
     /// HTTP/2 windows, frame size and HBONE pool limits.
     pub h2: crate::proxy::H2Tuning,
+    /// OpenTelemetry traces and access-log records over OTLP gRPC; `None` = off.
+    pub otel: Option<crate::otel::OtelSettings>,
 }
 
 impl Config {
@@ -124,6 +126,7 @@ impl Config {
             worker_threads: 2,
             log_format: LogFormat::Plain,
             h2: crate::proxy::H2Tuning::default(),
+            otel: None,
         }
     }
 }
@@ -151,6 +154,8 @@ pub enum ConfigError {
         "{name} must be between 1 and {MAX_WINDOW} bytes (HTTP/2's largest window), found {value}"
     )]
     Window { name: &'static str, value: u32 },
+    #[error(transparent)]
+    Otel(#[from] crate::otel::SettingsError),
 }
 
 /// HTTP/2's bounds on SETTINGS_MAX_FRAME_SIZE and on flow-control windows.
@@ -332,6 +337,18 @@ pub struct Args {
     /// Largest HTTP/2 frame accepted, in bytes (16384..=16777215; default 1 MiB).
     #[arg(long, env = "HTTP2_FRAME_SIZE", default_value_t = 1024 * 1024)]
     pub http2_frame_size: u32,
+    /// OTLP gRPC collector for traces and access-log records (http://host:4317); empty: off.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", default_value = "")]
+    pub otel_exporter_otlp_endpoint: String,
+    /// Share of new traces sampled (0..=1); connections arriving with a traceparent follow it.
+    #[arg(long, env = "OTEL_TRACES_SAMPLER_ARG", default_value_t = 1.0)]
+    pub otel_traces_sampler_arg: f64,
+    /// `service.name` of the exported resource.
+    #[arg(long, env = "OTEL_SERVICE_NAME", default_value = "l4mesh")]
+    pub otel_service_name: String,
+    /// Milliseconds finished spans and records wait to be exported in one batch.
+    #[arg(long, env = "OTEL_BSP_SCHEDULE_DELAY", default_value_t = 5000)]
+    pub otel_bsp_schedule_delay: u64,
 }
 
 /// Subcommands besides running the proxy.
@@ -387,6 +404,19 @@ impl Args {
             frame_size: self.http2_frame_size,
         };
         validate_h2(&h2)?;
+        let otel_endpoint = self.otel_exporter_otlp_endpoint.trim();
+        let otel = if otel_endpoint.is_empty() {
+            None
+        } else {
+            let s = crate::otel::OtelSettings {
+                endpoint: otel_endpoint.to_owned(),
+                sampler_ratio: self.otel_traces_sampler_arg,
+                service_name: self.otel_service_name.trim().to_owned(),
+                schedule_delay: Duration::from_millis(self.otel_bsp_schedule_delay),
+            };
+            s.validate()?;
+            Some(s)
+        };
         let own_identity = self.proxy_workload_info.as_ref().map(|w| {
             crate::model::SpiffeId::new(&self.trust_domain, &w.namespace, &w.service_account)
         });
@@ -440,6 +470,7 @@ impl Args {
             worker_threads: self.worker_threads,
             log_format: self.log_format,
             h2,
+            otel,
         })
     }
 }

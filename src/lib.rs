@@ -1,8 +1,9 @@
 //! l4mesh: an L4 node proxy for Istio's ambient mesh.
 //!
 //! Module map, with the layering rule: imports point down this list, never up.
-//! 1. [`socket`], [`telemetry`], [`readiness`], [`redirect`] — basics (the only `unsafe`/libc lives
-//!    in `socket`; the only `std::process::Command` in `redirect`, the capture-rules subcommand);
+//! 1. [`socket`], [`telemetry`], [`otel`], [`readiness`], [`redirect`] — basics (the only
+//!    `unsafe`/libc lives in `socket`; the only `std::process::Command` in `redirect`, the
+//!    capture-rules subcommand; `otel` exports spans and records the proxy describes to it);
 //! 2. [`proto`], [`model`] — generated wire types, and the plain domain types validated from them;
 //! 3. [`store`], [`localconfig`], [`rbac`] — the lock-free snapshot of the mesh, the YAML file that
 //!    feeds it, and L4 authorization evaluated against a snapshot;
@@ -20,6 +21,7 @@ pub mod control_plane;
 pub mod identity;
 pub mod localconfig;
 pub mod model;
+pub mod otel;
 pub mod proto;
 pub mod proxy;
 pub mod rbac;

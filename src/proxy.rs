@@ -18,6 +18,7 @@ mod outbound;
 mod pool;
 pub mod route;
 mod socks5;
+mod trace;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -54,6 +55,8 @@ pub struct ProxyCtx {
     pub hbone: HboneState,
     /// Established inbound connections, re-checked when the policies change.
     pub conns: Arc<ConnTracker>,
+    /// OpenTelemetry export of connection spans and access-log records; `None` = off.
+    pub otel: Option<Arc<crate::otel::Otel>>,
 }
 
 /// HBONE state shared by all connections of one l4mesh.

@@ -140,3 +140,66 @@ fn xds_source() {
         RootCa::Pem(_)
     ));
 }
+
+#[test]
+fn otel_is_off_by_default_and_validated_when_on() {
+    let c = Args::try_parse_from(["l4mesh"]).unwrap().into_config().unwrap();
+    assert_eq!(c.otel, None);
+    assert_eq!(Config::local("127.0.0.1".parse().unwrap()).otel, None);
+    let c = Args::try_parse_from([
+        "l4mesh",
+        "--otel-exporter-otlp-endpoint",
+        "http://otel-collector.observability:4317",
+        "--otel-traces-sampler-arg",
+        "0.25",
+        "--otel-bsp-schedule-delay",
+        "200",
+    ])
+    .unwrap()
+    .into_config()
+    .unwrap();
+    let o = c.otel.unwrap();
+    assert_eq!(o.endpoint, "http://otel-collector.observability:4317");
+    assert_eq!(o.sampler_ratio, 0.25);
+    assert_eq!(o.service_name, "l4mesh");
+    assert_eq!(o.schedule_delay, Duration::from_millis(200));
+
+    let bad = |flags: &[&str]| {
+        let mut argv = vec!["l4mesh"];
+        argv.extend_from_slice(flags);
+        Args::try_parse_from(argv)
+            .unwrap()
+            .into_config()
+            .unwrap_err()
+            .to_string()
+    };
+    let e = bad(&["--otel-exporter-otlp-endpoint", "otel-collector:4317"]);
+    assert!(
+        e.contains("OTEL_EXPORTER_OTLP_ENDPOINT must be http(s)://host[:port]")
+            && e.contains("\"otel-collector:4317\""),
+        "{e}"
+    );
+    let e = bad(&[
+        "--otel-exporter-otlp-endpoint",
+        "http://c:4317",
+        "--otel-traces-sampler-arg",
+        "2",
+    ]);
+    assert!(
+        e.contains("OTEL_TRACES_SAMPLER_ARG must be a ratio between 0 and 1, found 2"),
+        "{e}"
+    );
+    let e = bad(&[
+        "--otel-exporter-otlp-endpoint",
+        "http://c:4317",
+        "--otel-service-name",
+        "",
+    ]);
+    assert!(e.contains("OTEL_SERVICE_NAME must not be empty"), "{e}");
+    // A bad ratio does not matter while OTel is off.
+    let c = Args::try_parse_from(["l4mesh", "--otel-traces-sampler-arg", "7"])
+        .unwrap()
+        .into_config()
+        .unwrap();
+    assert_eq!(c.otel, None);
+}

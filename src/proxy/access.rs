@@ -78,6 +78,8 @@ pub(crate) struct ConnLog {
     pub status: Option<u16>,
     /// Set on HBONE connections: where the tunnel is counted at close.
     pub counters: Option<Arc<TunnelCounters>>,
+    /// The connection's OTel span when OTel is on (`super::trace`).
+    pub trace: Option<crate::otel::ConnTrace>,
 }
 
 impl ConnLog {
@@ -99,6 +101,7 @@ impl ConnLog {
             dst_identity: None,
             status: None,
             counters: None,
+            trace: None,
         }
     }
 
@@ -158,5 +161,6 @@ impl ConnLog {
         } else {
             access_line!(tracing::Level::WARN, "connection failed");
         }
+        super::trace::finish(self, t, err);
     }
 }

@@ -157,6 +157,7 @@ async fn stream(
     peer: &SpiffeId,
 ) {
     let mut log = ConnLog::new("inbound", "inbound_hbone", src, dialled);
+    super::trace::start(ctx, &mut log, Some(req.headers()));
     log.src_identity = Some(peer.to_string());
     log.counters = Some(ctx.hbone.tunnels.clone());
     let (mut up, mut reg) = match open(ctx, &req, peer, dialled, &mut log).await {
@@ -186,6 +187,7 @@ async fn stream(
         }
     };
     log.status = Some(200);
+    super::trace::connected(&log);
     let (mut tr, mut tw) = (H2Recv::new(req.into_body()), H2Send::new(send));
     let (mut ur, mut uw) = up.split();
     // A policy change that now denies the tunnel ends the copy; the bytes moved until then are

@@ -29,10 +29,12 @@ pub(super) async fn serve(ctx: &ProxyCtx, down: TcpStream, src: SocketAddr) {
         }
     };
     let mut log = ConnLog::new("inbound", "inbound_plaintext", src, dst);
+    super::trace::start(ctx, &mut log, None);
     let (mut down, (mut up, mut reg)) = match open(ctx, &mut log).await {
         Ok(up) => (down, up),
         Err(e) => return log.finish(Transferred::default(), Some(&e)),
     };
+    super::trace::connected(&log);
     // A revocation ends the copy; the bytes moved until then are still reported.
     let mut revocation = None;
     let (t, r) = copy::tcp_until(&mut down, &mut up, async {

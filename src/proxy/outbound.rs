@@ -42,6 +42,7 @@ pub(super) async fn serve(ctx: &ProxyCtx, down: TcpStream, src: SocketAddr) {
 
 /// Resolves and connects the upstream for `log.dst`, recording what was chosen in `log`.
 pub(super) async fn open(ctx: &ProxyCtx, log: &mut ConnLog) -> Result<UpConn, ProxyError> {
+    super::trace::start(ctx, log, None);
     if ctx.is_own_listener(log.dst) {
         return Err(ProxyError::Loop { dst: log.dst });
     }
@@ -66,8 +67,9 @@ pub(super) async fn open(ctx: &ProxyCtx, log: &mut ConnLog) -> Result<UpConn, Pr
                 .collect::<Vec<_>>()
                 .join(","),
         );
-        let req = hbone::connect_request(addr, log.src, src_wl.as_deref(), &mut rand::rng())
+        let mut req = hbone::connect_request(addr, log.src, src_wl.as_deref(), &mut rand::rng())
             .map_err(|e| ProxyError::HboneHandshake(format!("building the CONNECT: {e}")))?;
+        super::trace::hbone_connect(log, key.addr, &mut req);
         // Bounds the handshakes and the wait for the answer; dropping the future on timeout
         // releases the pool key's lock.
         let limit = ctx.upstream.connect_timeout;
@@ -159,6 +161,7 @@ fn resolve(
 
 /// Copies both ways until close and writes the access-log line.
 pub(super) async fn relay(mut down: TcpStream, up: UpConn, log: &ConnLog) {
+    super::trace::connected(log);
     let (t, r) = match up {
         UpConn::Tcp(mut up) => copy::tcp(&mut down, &mut up).await,
         UpConn::Tunnel(mut tunnel) => {

@@ -1,0 +1,405 @@
+//! OpenTelemetry export: connection spans and access-log records over OTLP gRPC, off by default.
+//!
+//! Not global on purpose: one [`Otel`] per started l4mesh, held by `app` and reached through the
+//! proxy context, so that two nodes in one process export with their own resource
+//! (`service.instance.id` / `k8s.node.name`). When OTel is off there is no `Otel` at all and the
+//! data path pays one `Option` check per connection — no `tracing` layer sees every event.
+//!
+//! Export is batched on the SDK's background threads: the data path only pushes finished spans and
+//! records into bounded queues (full queue = dropped, never a wait). Export failures are logged,
+//! rate-limited, by [`export`]'s wrappers. [`Otel::shutdown`] flushes what is queued.
+//!
+//! This module knows nothing of connections: the proxy hands it names, attributes and the parent
+//! `traceparent` header (`proxy::trace` maps a connection's access-log fields onto it).
+
+mod export;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use opentelemetry::logs::{AnyValue, LogRecord as _, Logger as _, LoggerProvider as _, Severity};
+use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
+use opentelemetry::trace::{
+    SpanContext, SpanKind, Status, TraceContextExt as _, Tracer as _, TracerProvider as _,
+};
+use opentelemetry::{Context, InstrumentationScope, KeyValue};
+use opentelemetry_otlp::WithExportConfig as _;
+use opentelemetry_sdk::logs::{BatchLogProcessor, SdkLogger, SdkLoggerProvider};
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::{BatchSpanProcessor, Sampler, SdkTracer, SdkTracerProvider};
+use opentelemetry_sdk::Resource;
+
+pub use opentelemetry::trace::{SpanId, TraceId};
+
+/// How long [`Otel::shutdown`] waits for the queued spans and records to be exported.
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// OTel settings, by the standard OTel environment names (`Config::otel`; `None` = off).
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct OtelSettings {
+    /// OTLP gRPC collector, `http://host:4317` or `https://…` (`OTEL_EXPORTER_OTLP_ENDPOINT`).
+    pub endpoint: String,
+    /// Share of new traces recorded, in [0, 1] (`OTEL_TRACES_SAMPLER_ARG`); a connection that
+    /// arrives with a `traceparent` follows the caller's decision instead (parent-based).
+    pub sampler_ratio: f64,
+    /// `service.name` of the resource (`OTEL_SERVICE_NAME`).
+    pub service_name: String,
+    /// How long finished spans and records wait to be sent in one batch (`OTEL_BSP_SCHEDULE_DELAY`).
+    #[serde(serialize_with = "crate::model::serialize_duration")]
+    pub schedule_delay: Duration,
+}
+
+impl OtelSettings {
+    /// Settings for `endpoint` with the defaults of a deployment: every new trace sampled,
+    /// `service.name=l4mesh`, batches every 5 s.
+    pub fn new(endpoint: impl Into<String>) -> Self {
+        Self {
+            endpoint: endpoint.into(),
+            sampler_ratio: 1.0,
+            service_name: "l4mesh".into(),
+            schedule_delay: Duration::from_secs(5),
+        }
+    }
+
+    /// Checks what the exporter would otherwise refuse (or silently misuse) at startup.
+    pub fn validate(&self) -> Result<(), SettingsError> {
+        let bad = |reason: &str| SettingsError::Endpoint {
+            endpoint: self.endpoint.clone(),
+            reason: reason.into(),
+        };
+        let uri: http::Uri = self
+            .endpoint
+            .parse()
+            .map_err(|e: http::uri::InvalidUri| bad(&e.to_string()))?;
+        match uri.scheme_str() {
+            Some("http") | Some("https") => {}
+            Some(other) => return Err(bad(&format!("scheme {other:?} is not http or https"))),
+            None => return Err(bad("no scheme")),
+        }
+        if uri.host().is_none_or(str::is_empty) {
+            return Err(bad("no host"));
+        }
+        if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+            return Err(bad("a path: OTLP gRPC endpoints are host and port only"));
+        }
+        if !(0.0..=1.0).contains(&self.sampler_ratio) {
+            return Err(SettingsError::Ratio(self.sampler_ratio));
+        }
+        if self.service_name.trim().is_empty() {
+            return Err(SettingsError::ServiceName);
+        }
+        if self.schedule_delay.is_zero() {
+            return Err(SettingsError::Delay);
+        }
+        Ok(())
+    }
+}
+
+/// Why the OTel settings cannot be used.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum SettingsError {
+    #[error("OTEL_EXPORTER_OTLP_ENDPOINT must be http(s)://host[:port], found {endpoint:?}: {reason}")]
+    Endpoint { endpoint: String, reason: String },
+    #[error("OTEL_TRACES_SAMPLER_ARG must be a ratio between 0 and 1, found {0}")]
+    Ratio(f64),
+    #[error("OTEL_SERVICE_NAME must not be empty")]
+    ServiceName,
+    #[error("OTEL_BSP_SCHEDULE_DELAY must be at least 1 ms, found 0")]
+    Delay,
+}
+
+/// Why the exporters could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum OtelError {
+    #[error("invalid OTel settings: {0}")]
+    Settings(#[from] SettingsError),
+    #[error("building the OTLP {signal} exporter for {endpoint}: {reason}")]
+    Exporter {
+        signal: &'static str,
+        endpoint: String,
+        reason: String,
+    },
+}
+
+/// One l4mesh's tracer and logger, with their exporters.
+pub struct Otel {
+    tracer: SdkTracer,
+    logger: SdkLogger,
+    traces: SdkTracerProvider,
+    logs: SdkLoggerProvider,
+    shut: AtomicBool,
+}
+
+impl std::fmt::Debug for Otel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Otel").finish_non_exhaustive()
+    }
+}
+
+impl Otel {
+    /// Builds the exporters for `node` (its resource names it). Must run inside a tokio runtime:
+    /// the gRPC channel's worker is spawned on it. Nothing is dialled until the first export.
+    pub fn new(settings: &OtelSettings, node: &str) -> Result<Arc<Self>, OtelError> {
+        settings.validate()?;
+        let built = |signal| {
+            move |e: opentelemetry_otlp::ExporterBuildError| OtelError::Exporter {
+                signal,
+                endpoint: settings.endpoint.clone(),
+                reason: e.to_string(),
+            }
+        };
+        let span_exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .with_endpoint(settings.endpoint.clone())
+            .build()
+            .map_err(built("traces"))?;
+        let log_exporter = opentelemetry_otlp::LogExporter::builder()
+            .with_tonic()
+            .with_endpoint(settings.endpoint.clone())
+            .build()
+            .map_err(built("logs"))?;
+        let resource = resource(settings, node);
+        let spans = BatchSpanProcessor::builder(export::Logged::new(span_exporter, "traces"))
+            .with_batch_config(
+                opentelemetry_sdk::trace::BatchConfigBuilder::default()
+                    .with_scheduled_delay(settings.schedule_delay)
+                    .build(),
+            )
+            .build();
+        let traces = SdkTracerProvider::builder()
+            .with_span_processor(spans)
+            .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
+                settings.sampler_ratio,
+            ))))
+            .with_resource(resource.clone())
+            .build();
+        let records = BatchLogProcessor::builder(export::Logged::new(log_exporter, "logs"))
+            .with_batch_config(
+                opentelemetry_sdk::logs::BatchConfigBuilder::default()
+                    .with_scheduled_delay(settings.schedule_delay)
+                    .build(),
+            )
+            .build();
+        let logs = SdkLoggerProvider::builder()
+            .with_log_processor(records)
+            .with_resource(resource)
+            .build();
+        let scope = InstrumentationScope::builder("l4mesh")
+            .with_version(env!("CARGO_PKG_VERSION"))
+            .build();
+        Ok(Arc::new(Self {
+            tracer: traces.tracer_with_scope(scope.clone()),
+            logger: logs.logger_with_scope(scope),
+            traces,
+            logs,
+            shut: AtomicBool::new(false),
+        }))
+    }
+
+    /// Starts a connection's span: a child of the `traceparent` in `parent` when it carries a
+    /// valid one (the caller's sampling decision is kept), else a new trace.
+    pub fn start(
+        self: &Arc<Self>,
+        name: &'static str,
+        kind: SpanKind,
+        parent: Option<&http::HeaderMap>,
+        attributes: Vec<KeyValue>,
+    ) -> ConnTrace {
+        let parent_cx = match parent {
+            Some(h) => TraceContextPropagator::new().extract(&Headers(h)),
+            None => Context::new(),
+        };
+        let span = self
+            .tracer
+            .span_builder(name)
+            .with_kind(kind)
+            .with_attributes(attributes.clone())
+            .start_with_context(&self.tracer, &parent_cx);
+        let cx = parent_cx.with_span(span);
+        cx.span().add_event("accepted", Vec::new());
+        ConnTrace {
+            cx,
+            otel: self.clone(),
+            start_attributes: attributes,
+        }
+    }
+
+    /// Exports everything queued so far and waits for it (bounded by the exporter's timeout).
+    /// Runs the SDK's blocking flush on a blocking thread, so it can be awaited on any runtime.
+    pub async fn flush(&self) {
+        let (traces, logs) = (self.traces.clone(), self.logs.clone());
+        let r = tokio::task::spawn_blocking(move || (traces.force_flush(), logs.force_flush()));
+        if let Ok((t, l)) = r.await {
+            for (signal, res) in [("traces", t), ("logs", l)] {
+                if let Err(e) = res {
+                    tracing::warn!(signal, error = %e, "OTLP flush did not complete");
+                }
+            }
+        }
+    }
+
+    /// Flushes and stops both exporters (for drain). Later spans and records are dropped.
+    /// Idempotent; bounded by [`SHUTDOWN_TIMEOUT`] per signal.
+    pub async fn shutdown(&self) {
+        if self.shut.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let (traces, logs) = (self.traces.clone(), self.logs.clone());
+        let r = tokio::task::spawn_blocking(move || {
+            (
+                traces.shutdown_with_timeout(SHUTDOWN_TIMEOUT),
+                logs.shutdown_with_timeout(SHUTDOWN_TIMEOUT),
+            )
+        });
+        if let Ok((t, l)) = r.await {
+            for (signal, res) in [("traces", t), ("logs", l)] {
+                if let Err(e) = res {
+                    tracing::warn!(signal, error = %e, "OTLP shutdown did not flush everything");
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Otel {
+    /// The SDK shuts a provider down, blocking, when its last handle drops — which could be a
+    /// connection task on a data-plane thread. Shutting down here, on a thread of its own, keeps
+    /// that wait off every runtime thread.
+    fn drop(&mut self) {
+        if self.shut.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let (traces, logs) = (self.traces.clone(), self.logs.clone());
+        let spawned = std::thread::Builder::new()
+            .name("l4mesh-otel-shutdown".into())
+            .spawn(move || {
+                let _ = traces.shutdown_with_timeout(SHUTDOWN_TIMEOUT);
+                let _ = logs.shutdown_with_timeout(SHUTDOWN_TIMEOUT);
+            });
+        if let Err(e) = spawned {
+            tracing::debug!(error = %e, "no thread to shut the OTLP exporters down; dropping their queues");
+        }
+    }
+}
+
+fn resource(settings: &OtelSettings, node: &str) -> Resource {
+    let mut attrs = vec![
+        KeyValue::new("service.name", settings.service_name.clone()),
+        KeyValue::new("service.version", env!("CARGO_PKG_VERSION")),
+    ];
+    if !node.is_empty() {
+        attrs.push(KeyValue::new("service.instance.id", node.to_owned()));
+        attrs.push(KeyValue::new("k8s.node.name", node.to_owned()));
+    }
+    Resource::builder_empty().with_attributes(attrs).build()
+}
+
+/// A connection's span, and the logger its access-log record goes to.
+pub struct ConnTrace {
+    cx: Context,
+    otel: Arc<Otel>,
+    /// Given at start: the span has them, the record repeats them.
+    start_attributes: Vec<KeyValue>,
+}
+
+impl ConnTrace {
+    /// A point in the connection's life (upstream connected, tunnel established…).
+    pub fn event(&self, name: &'static str, attributes: Vec<KeyValue>) {
+        self.cx.span().add_event(name, attributes);
+    }
+
+    /// This span's identity: the trace, the span, and whether it is sampled.
+    pub fn span_context(&self) -> SpanContext {
+        self.cx.span().span_context().clone()
+    }
+
+    /// Writes `traceparent` (this span as the parent, its sampling decision in the flags) into a
+    /// request that carries the connection on (HBONE CONNECT).
+    pub fn inject(&self, headers: &mut http::HeaderMap) {
+        TraceContextPropagator::new().inject_context(&self.cx, &mut HeadersMut(headers));
+    }
+
+    /// Ends the span, adding `attributes` (those not given at start) and an error status when
+    /// `error` is set, and emits the access-log record with the start attributes, these, and this
+    /// span's ids.
+    pub fn finish(&self, attributes: Vec<KeyValue>, error: Option<&str>, message: &'static str) {
+        let span = self.cx.span();
+        let sc = span.span_context().clone();
+        if span.is_recording() {
+            span.set_attributes(attributes.iter().cloned());
+            if let Some(e) = error {
+                span.set_status(Status::error(e.to_owned()));
+            }
+            span.add_event("closed", Vec::new());
+        }
+        span.end();
+        let logger = &self.otel.logger;
+        let mut rec = logger.create_log_record();
+        let now = SystemTime::now();
+        rec.set_timestamp(now);
+        rec.set_observed_timestamp(now);
+        rec.set_target("access");
+        rec.set_event_name("l4mesh.access");
+        let (number, text) = match error {
+            None => (Severity::Info, "INFO"),
+            Some(_) => (Severity::Warn, "WARN"),
+        };
+        rec.set_severity_number(number);
+        rec.set_severity_text(text);
+        rec.set_body(AnyValue::from(message));
+        rec.add_attributes(
+            self.start_attributes
+                .iter()
+                .cloned()
+                .chain(attributes)
+                .map(|kv| (kv.key, any_value(kv.value))),
+        );
+        if sc.is_valid() {
+            rec.set_trace_context(sc.trace_id(), sc.span_id(), Some(sc.trace_flags()));
+        }
+        logger.emit(rec);
+    }
+}
+
+/// A span attribute's value as a log attribute's (the log data model has its own type).
+fn any_value(v: opentelemetry::Value) -> AnyValue {
+    use opentelemetry::Value;
+    match v {
+        Value::Bool(b) => AnyValue::Boolean(b),
+        Value::I64(i) => AnyValue::Int(i),
+        Value::F64(f) => AnyValue::Double(f),
+        Value::String(s) => AnyValue::String(s),
+        other => AnyValue::String(other.to_string().into()),
+    }
+}
+
+/// Reads `traceparent`/`tracestate` from request headers.
+struct Headers<'a>(&'a http::HeaderMap);
+
+impl Extractor for Headers<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(http::HeaderName::as_str).collect()
+    }
+}
+
+/// Writes `traceparent` (and `tracestate` when there is one) into request headers, replacing any.
+struct HeadersMut<'a>(&'a mut http::HeaderMap);
+
+impl Injector for HeadersMut<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        if let (Ok(k), Ok(v)) = (
+            http::HeaderName::from_bytes(key.as_bytes()),
+            http::HeaderValue::from_str(&value),
+        ) {
+            self.0.insert(k, v);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

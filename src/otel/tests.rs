@@ -1,0 +1,135 @@
+//! Settings validation, the failure-report limiter, and `traceparent` propagation with
+//! parent-based sampling (no collector needed: nothing is exported before a flush).
+
+use super::export::{Limiter, Report};
+use super::*;
+
+#[test]
+fn settings_validation_names_the_setting() {
+    assert_eq!(OtelSettings::new("http://127.0.0.1:4317").validate(), Ok(()));
+    assert_eq!(OtelSettings::new("https://collector.obs:4317/").validate(), Ok(()));
+    for (endpoint, why) in [
+        ("collector:4317", "no scheme"),
+        ("grpc://collector:4317", "not http or https"),
+        ("http://", "empty string"),
+        ("http://collector:4317/v1/traces", "a path"),
+        ("not a url", "invalid uri character"),
+    ] {
+        let e = OtelSettings::new(endpoint).validate().unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.contains("OTEL_EXPORTER_OTLP_ENDPOINT")
+                && msg.contains(&format!("found {endpoint:?}"))
+                && msg.contains(why),
+            "{endpoint}: {msg}"
+        );
+    }
+    for ratio in [-0.1, 1.5, f64::NAN] {
+        let mut s = OtelSettings::new("http://127.0.0.1:4317");
+        s.sampler_ratio = ratio;
+        let e = s.validate().unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("OTEL_TRACES_SAMPLER_ARG must be a ratio between 0 and 1"),
+            "{e}"
+        );
+    }
+    let mut s = OtelSettings::new("http://127.0.0.1:4317");
+    s.service_name = " ".into();
+    assert_eq!(s.validate(), Err(SettingsError::ServiceName));
+}
+
+#[test]
+fn limiter_reports_first_failure_then_rarely_then_recovery() {
+    let l = Limiter::new(Duration::from_secs(30));
+    let t0 = Instant::now();
+    assert_eq!(l.observe(true, t0), Report::Nothing);
+    assert_eq!(l.observe(false, t0), Report::Failed { suppressed: 0 });
+    for i in 1..=5 {
+        assert_eq!(
+            l.observe(false, t0 + Duration::from_secs(i)),
+            Report::Nothing
+        );
+    }
+    assert_eq!(
+        l.observe(false, t0 + Duration::from_secs(31)),
+        Report::Failed { suppressed: 5 }
+    );
+    assert_eq!(
+        l.observe(true, t0 + Duration::from_secs(32)),
+        Report::Recovered { failures: 7 }
+    );
+    assert_eq!(l.observe(true, t0 + Duration::from_secs(33)), Report::Nothing);
+    // After a recovery, the next failure is news again.
+    assert_eq!(
+        l.observe(false, t0 + Duration::from_secs(34)),
+        Report::Failed { suppressed: 0 }
+    );
+}
+
+use std::time::Instant;
+
+fn otel(ratio: f64) -> Arc<Otel> {
+    let mut s = OtelSettings::new("http://127.0.0.1:9");
+    s.sampler_ratio = ratio;
+    Otel::new(&s, "node-a").unwrap()
+}
+
+fn traceparent(t: &ConnTrace) -> String {
+    let mut h = http::HeaderMap::new();
+    t.inject(&mut h);
+    h["traceparent"].to_str().unwrap().to_owned()
+}
+
+fn headers(traceparent: &str) -> http::HeaderMap {
+    let mut h = http::HeaderMap::new();
+    h.insert("traceparent", traceparent.parse().unwrap());
+    h
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traceparent_carries_the_span_and_the_sampling_decision() {
+    let (a, b) = (otel(1.0), otel(1.0));
+    let out = a.start("outbound", SpanKind::Client, None, Vec::new());
+    let sc = out.span_context();
+    assert!(sc.is_valid() && sc.is_sampled());
+    let tp = traceparent(&out);
+    assert_eq!(tp, format!("00-{}-{}-01", sc.trace_id(), sc.span_id()));
+
+    let inb = b.start("inbound", SpanKind::Server, Some(&headers(&tp)), Vec::new());
+    let isc = inb.span_context();
+    assert_eq!(isc.trace_id(), sc.trace_id(), "the trace continues");
+    assert_ne!(isc.span_id(), sc.span_id());
+    assert!(isc.is_sampled());
+
+    // The caller's "not sampled" wins over this node's ratio of 1.
+    let unsampled = format!("00-{}-{}-00", sc.trace_id(), sc.span_id());
+    let inb = b.start("inbound", SpanKind::Server, Some(&headers(&unsampled)), Vec::new());
+    assert!(!inb.span_context().is_sampled());
+    assert_eq!(inb.span_context().trace_id(), sc.trace_id());
+
+    // A malformed header starts a new trace, sampled by this node's ratio.
+    let inb = b.start("inbound", SpanKind::Server, Some(&headers("00-zz-11-01")), Vec::new());
+    assert_ne!(inb.span_context().trace_id(), sc.trace_id());
+    assert!(inb.span_context().is_sampled());
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ratio_zero_samples_no_new_trace_but_follows_a_sampled_caller() {
+    let o = otel(0.0);
+    let root = o.start("outbound", SpanKind::Client, None, Vec::new());
+    let sc = root.span_context();
+    assert!(sc.is_valid(), "an unsampled span still has ids to propagate");
+    assert!(!sc.is_sampled());
+    assert!(traceparent(&root).ends_with("-00"));
+    let sampled = format!("00-{}-{}-01", TraceId::from(7u128), SpanId::from(9u64));
+    let child = o.start("inbound", SpanKind::Server, Some(&headers(&sampled)), Vec::new());
+    assert!(child.span_context().is_sampled());
+    o.shutdown().await;
+    // Idempotent, and quick the second time.
+    tokio::time::timeout(Duration::from_millis(100), o.shutdown())
+        .await
+        .unwrap();
+}

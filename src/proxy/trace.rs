@@ -1,0 +1,120 @@
+//! A connection's OpenTelemetry span and access-log record (`crate::otel`), driven from the
+//! connection's [`ConnLog`]: started when the path knows the connection, events at each phase,
+//! ended with the access-log fields when the log line is written. Every function is a no-op when
+//! OTel is off (`ConnLog::trace` is `None`): one branch on the data path.
+
+use opentelemetry::trace::SpanKind;
+use opentelemetry::KeyValue;
+
+use super::access::ConnLog;
+use super::copy::Transferred;
+use super::{ProxyCtx, ProxyError};
+
+/// Starts the connection's span. Inbound HBONE passes the CONNECT's headers: the span continues
+/// the trace of their `traceparent` (the caller's outbound span is its parent).
+pub(super) fn start(ctx: &ProxyCtx, log: &mut ConnLog, parent: Option<&http::HeaderMap>) {
+    let Some(otel) = &ctx.otel else { return };
+    let kind = if log.direction == "inbound" {
+        SpanKind::Server
+    } else {
+        SpanKind::Client
+    };
+    // What never changes; the rest is known at the end (inbound HBONE learns `dst.addr` from
+    // the CONNECT).
+    let attrs = vec![
+        KeyValue::new("direction", log.direction),
+        KeyValue::new("listener", log.listener),
+        KeyValue::new("src.addr", log.src.to_string()),
+    ];
+    log.trace = Some(otel.start(span_name(log), kind, parent, attrs));
+}
+
+/// Names are low-cardinality: the path, not the addresses.
+fn span_name(log: &ConnLog) -> &'static str {
+    match log.listener {
+        "socks5" => "l4mesh socks5",
+        "inbound_hbone" => "l4mesh inbound_hbone",
+        "inbound_plaintext" => "l4mesh inbound_plaintext",
+        _ => "l4mesh outbound",
+    }
+}
+
+/// Outbound HBONE: writes this connection's `traceparent` into the CONNECT (replacing the random
+/// one `hbone::connect_request` puts there when OTel is off) and marks the start of the CONNECT.
+pub(super) fn hbone_connect(log: &ConnLog, tunnel_addr: std::net::SocketAddr, req: &mut http::Request<()>) {
+    let Some(t) = &log.trace else { return };
+    t.inject(req.headers_mut());
+    t.event(
+        "hbone connect",
+        vec![KeyValue::new("hbone.addr", tunnel_addr.to_string())],
+    );
+}
+
+/// The upstream is connected (TCP), or the tunnel is established (HBONE: 200 received or sent).
+pub(super) fn connected(log: &ConnLog) {
+    let Some(t) = &log.trace else { return };
+    let mut attrs = Vec::new();
+    if let Some(u) = &log.upstream {
+        attrs.push(KeyValue::new("dst.upstream", u.addr.to_string()));
+    }
+    match log.status {
+        Some(s) => {
+            attrs.push(KeyValue::new("hbone.status", i64::from(s)));
+            t.event("tunnel established", attrs);
+        }
+        None => t.event("upstream connected", attrs),
+    }
+}
+
+/// Ends the span and emits the access-log record, both with the access line's fields.
+pub(super) fn finish(log: &ConnLog, t: Transferred, err: Option<&ProxyError>) {
+    let Some(trace) = &log.trace else { return };
+    let mut attrs = Vec::with_capacity(20);
+    let mut opt = |k: &'static str, v: Option<String>| {
+        if let Some(v) = v {
+            attrs.push(KeyValue::new(k, v));
+        }
+    };
+    let up = log.upstream.as_ref();
+    let dst_workload = up.and_then(|u| u.workload.as_ref());
+    opt("src.workload", log.src_workload.clone());
+    opt("src.identity", log.src_identity.clone());
+    opt("dst.identity", log.dst_identity.clone());
+    opt("dst.upstream", up.map(|u| u.addr.to_string()));
+    opt(
+        "dst.service",
+        up.and_then(|u| u.service.as_ref()).map(|s| s.hostname.clone()),
+    );
+    opt("dst.workload", dst_workload.map(|w| w.name.clone()));
+    opt("dst.namespace", dst_workload.map(|w| w.namespace.clone()));
+    opt(
+        "dst.waypoint",
+        up.and_then(|u| u.waypoint.as_ref())
+            .map(|w| format!("{}/{}@{}", w.workload.namespace, w.workload.name, w.addr)),
+    );
+    let (flag, blame, error) = match err {
+        None => ("-", None, None),
+        Some(e) => {
+            let (flag, blame) = e.classify();
+            (flag, Some(format!("{blame:?}")), Some(e.to_string()))
+        }
+    };
+    opt("blame", blame);
+    opt("error", error.clone());
+    attrs.extend([
+        KeyValue::new("dst.addr", log.dst.to_string()),
+        KeyValue::new("bytes_sent", t.sent as i64),
+        KeyValue::new("bytes_recv", t.received as i64),
+        KeyValue::new("duration_ms", log.start.elapsed().as_millis() as i64),
+        KeyValue::new("response_flags", flag),
+    ]);
+    if let Some(s) = log.status {
+        attrs.push(KeyValue::new("hbone.status", i64::from(s)));
+    }
+    let message = if err.is_none() {
+        "connection complete"
+    } else {
+        "connection failed"
+    };
+    trace.finish(attrs, error.as_deref(), message);
+}
