@@ -30,6 +30,7 @@ use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{BatchSpanProcessor, Sampler, SdkTracer, SdkTracerProvider};
 use opentelemetry_sdk::Resource;
 
+pub use export::ExportCounts;
 pub use opentelemetry::trace::{SpanId, TraceId};
 
 /// How long [`Otel::shutdown`] waits for the queued spans and records to be exported.
@@ -129,6 +130,7 @@ pub struct Otel {
     traces: SdkTracerProvider,
     logs: SdkLoggerProvider,
     shut: AtomicBool,
+    counts: Arc<ExportCounts>,
 }
 
 impl std::fmt::Debug for Otel {
@@ -160,7 +162,8 @@ impl Otel {
             .build()
             .map_err(built("logs"))?;
         let resource = resource(settings, node);
-        let spans = BatchSpanProcessor::builder(export::Logged::new(span_exporter, "traces"))
+        let counts = Arc::new(ExportCounts::default());
+        let spans = BatchSpanProcessor::builder(export::Logged::new(span_exporter, "traces", counts.clone()))
             .with_batch_config(
                 opentelemetry_sdk::trace::BatchConfigBuilder::default()
                     .with_scheduled_delay(settings.schedule_delay)
@@ -174,7 +177,7 @@ impl Otel {
             ))))
             .with_resource(resource.clone())
             .build();
-        let records = BatchLogProcessor::builder(export::Logged::new(log_exporter, "logs"))
+        let records = BatchLogProcessor::builder(export::Logged::new(log_exporter, "logs", counts.clone()))
             .with_batch_config(
                 opentelemetry_sdk::logs::BatchConfigBuilder::default()
                     .with_scheduled_delay(settings.schedule_delay)
@@ -194,6 +197,7 @@ impl Otel {
             traces,
             logs,
             shut: AtomicBool::new(false),
+            counts,
         }))
     }
 
@@ -223,6 +227,11 @@ impl Otel {
             otel: self.clone(),
             start_attributes: attributes,
         }
+    }
+
+    /// How many export batches succeeded and failed so far (traces and logs together).
+    pub fn exports(&self) -> &ExportCounts {
+        &self.counts
     }
 
     /// Exports everything queued so far and waits for it (bounded by the exporter's timeout).

@@ -3,7 +3,8 @@
 //! out (no `internal-logs` feature), so these lines are the only trace of a failing collector.
 
 use std::fmt;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use opentelemetry_sdk::error::OTelSdkResult;
@@ -75,23 +76,40 @@ impl Limiter {
     }
 }
 
+/// Export outcomes of one l4mesh, both signals (for tests and, later, metrics).
+#[derive(Debug, Default)]
+pub struct ExportCounts {
+    /// Batches the collector accepted.
+    pub ok: AtomicU64,
+    /// Batches that failed (after the exporter's retries) and were dropped.
+    pub failed: AtomicU64,
+}
+
 /// An exporter whose failures are logged (rate-limited) before the SDK drops the batch.
 pub(super) struct Logged<E> {
     inner: E,
     signal: &'static str,
     limiter: Limiter,
+    counts: Arc<ExportCounts>,
 }
 
 impl<E> Logged<E> {
-    pub(super) fn new(inner: E, signal: &'static str) -> Self {
+    pub(super) fn new(inner: E, signal: &'static str, counts: Arc<ExportCounts>) -> Self {
         Self {
             inner,
             signal,
             limiter: Limiter::new(REPORT_EVERY),
+            counts,
         }
     }
 
     fn report(&self, res: &OTelSdkResult, items: usize) {
+        let counter = if res.is_ok() {
+            &self.counts.ok
+        } else {
+            &self.counts.failed
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
         match self.limiter.observe(res.is_ok(), Instant::now()) {
             Report::Nothing => {}
             Report::Failed { suppressed } => {
