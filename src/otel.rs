@@ -100,7 +100,9 @@ impl OtelSettings {
 /// Why the OTel settings cannot be used.
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum SettingsError {
-    #[error("OTEL_EXPORTER_OTLP_ENDPOINT must be http(s)://host[:port], found {endpoint:?}: {reason}")]
+    #[error(
+        "OTEL_EXPORTER_OTLP_ENDPOINT must be http(s)://host[:port], found {endpoint:?}: {reason}"
+    )]
     Endpoint { endpoint: String, reason: String },
     #[error("OTEL_TRACES_SAMPLER_ARG must be a ratio between 0 and 1, found {0}")]
     Ratio(f64),
@@ -163,13 +165,17 @@ impl Otel {
             .map_err(built("logs"))?;
         let resource = resource(settings, node);
         let counts = Arc::new(ExportCounts::default());
-        let spans = BatchSpanProcessor::builder(export::Logged::new(span_exporter, "traces", counts.clone()))
-            .with_batch_config(
-                opentelemetry_sdk::trace::BatchConfigBuilder::default()
-                    .with_scheduled_delay(settings.schedule_delay)
-                    .build(),
-            )
-            .build();
+        let spans = BatchSpanProcessor::builder(export::Logged::new(
+            span_exporter,
+            "traces",
+            counts.clone(),
+        ))
+        .with_batch_config(
+            opentelemetry_sdk::trace::BatchConfigBuilder::default()
+                .with_scheduled_delay(settings.schedule_delay)
+                .build(),
+        )
+        .build();
         let traces = SdkTracerProvider::builder()
             .with_span_processor(spans)
             .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
@@ -177,13 +183,14 @@ impl Otel {
             ))))
             .with_resource(resource.clone())
             .build();
-        let records = BatchLogProcessor::builder(export::Logged::new(log_exporter, "logs", counts.clone()))
-            .with_batch_config(
-                opentelemetry_sdk::logs::BatchConfigBuilder::default()
-                    .with_scheduled_delay(settings.schedule_delay)
-                    .build(),
-            )
-            .build();
+        let records =
+            BatchLogProcessor::builder(export::Logged::new(log_exporter, "logs", counts.clone()))
+                .with_batch_config(
+                    opentelemetry_sdk::logs::BatchConfigBuilder::default()
+                        .with_scheduled_delay(settings.schedule_delay)
+                        .build(),
+                )
+                .build();
         let logs = SdkLoggerProvider::builder()
             .with_log_processor(records)
             .with_resource(resource)

@@ -9,8 +9,8 @@ mod integration {
     mod hbone;
     mod identity;
     mod local_mode;
-    mod otel;
     pub mod netns;
+    mod otel;
     mod rbac;
     mod redirect;
     mod waypoint;

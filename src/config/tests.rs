@@ -143,7 +143,10 @@ fn xds_source() {
 
 #[test]
 fn otel_is_off_by_default_and_validated_when_on() {
-    let c = Args::try_parse_from(["l4mesh"]).unwrap().into_config().unwrap();
+    let c = Args::try_parse_from(["l4mesh"])
+        .unwrap()
+        .into_config()
+        .unwrap();
     assert_eq!(c.otel, None);
     assert_eq!(Config::local("127.0.0.1".parse().unwrap()).otel, None);
     let c = Args::try_parse_from([

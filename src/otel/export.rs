@@ -20,9 +20,13 @@ pub(super) const REPORT_EVERY: Duration = Duration::from_secs(30);
 pub(super) enum Report {
     Nothing,
     /// A failure to log, with how many failed exports were not logged before it.
-    Failed { suppressed: u64 },
+    Failed {
+        suppressed: u64,
+    },
     /// Exports work again after `failures` failed ones.
-    Recovered { failures: u64 },
+    Recovered {
+        failures: u64,
+    },
 }
 
 /// Rate limiting of failure reports: the first failure is reported at once, later ones at most

@@ -6,8 +6,14 @@ use super::*;
 
 #[test]
 fn settings_validation_names_the_setting() {
-    assert_eq!(OtelSettings::new("http://127.0.0.1:4317").validate(), Ok(()));
-    assert_eq!(OtelSettings::new("https://collector.obs:4317/").validate(), Ok(()));
+    assert_eq!(
+        OtelSettings::new("http://127.0.0.1:4317").validate(),
+        Ok(())
+    );
+    assert_eq!(
+        OtelSettings::new("https://collector.obs:4317/").validate(),
+        Ok(())
+    );
     for (endpoint, why) in [
         ("collector:4317", "no scheme"),
         ("grpc://collector:4317", "not http or https"),
@@ -59,7 +65,10 @@ fn limiter_reports_first_failure_then_rarely_then_recovery() {
         l.observe(true, t0 + Duration::from_secs(32)),
         Report::Recovered { failures: 7 }
     );
-    assert_eq!(l.observe(true, t0 + Duration::from_secs(33)), Report::Nothing);
+    assert_eq!(
+        l.observe(true, t0 + Duration::from_secs(33)),
+        Report::Nothing
+    );
     // After a recovery, the next failure is news again.
     assert_eq!(
         l.observe(false, t0 + Duration::from_secs(34)),
@@ -104,12 +113,22 @@ async fn traceparent_carries_the_span_and_the_sampling_decision() {
 
     // The caller's "not sampled" wins over this node's ratio of 1.
     let unsampled = format!("00-{}-{}-00", sc.trace_id(), sc.span_id());
-    let inb = b.start("inbound", SpanKind::Server, Some(&headers(&unsampled)), Vec::new());
+    let inb = b.start(
+        "inbound",
+        SpanKind::Server,
+        Some(&headers(&unsampled)),
+        Vec::new(),
+    );
     assert!(!inb.span_context().is_sampled());
     assert_eq!(inb.span_context().trace_id(), sc.trace_id());
 
     // A malformed header starts a new trace, sampled by this node's ratio.
-    let inb = b.start("inbound", SpanKind::Server, Some(&headers("00-zz-11-01")), Vec::new());
+    let inb = b.start(
+        "inbound",
+        SpanKind::Server,
+        Some(&headers("00-zz-11-01")),
+        Vec::new(),
+    );
     assert_ne!(inb.span_context().trace_id(), sc.trace_id());
     assert!(inb.span_context().is_sampled());
     a.shutdown().await;
@@ -121,11 +140,19 @@ async fn ratio_zero_samples_no_new_trace_but_follows_a_sampled_caller() {
     let o = otel(0.0);
     let root = o.start("outbound", SpanKind::Client, None, Vec::new());
     let sc = root.span_context();
-    assert!(sc.is_valid(), "an unsampled span still has ids to propagate");
+    assert!(
+        sc.is_valid(),
+        "an unsampled span still has ids to propagate"
+    );
     assert!(!sc.is_sampled());
     assert!(traceparent(&root).ends_with("-00"));
     let sampled = format!("00-{}-{}-01", TraceId::from(7u128), SpanId::from(9u64));
-    let child = o.start("inbound", SpanKind::Server, Some(&headers(&sampled)), Vec::new());
+    let child = o.start(
+        "inbound",
+        SpanKind::Server,
+        Some(&headers(&sampled)),
+        Vec::new(),
+    );
     assert!(child.span_context().is_sampled());
     o.shutdown().await;
     // Idempotent, and quick the second time.

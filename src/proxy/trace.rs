@@ -41,7 +41,11 @@ fn span_name(log: &ConnLog) -> &'static str {
 
 /// Outbound HBONE: writes this connection's `traceparent` into the CONNECT (replacing the random
 /// one `hbone::connect_request` puts there when OTel is off) and marks the start of the CONNECT.
-pub(super) fn hbone_connect(log: &ConnLog, tunnel_addr: std::net::SocketAddr, req: &mut http::Request<()>) {
+pub(super) fn hbone_connect(
+    log: &ConnLog,
+    tunnel_addr: std::net::SocketAddr,
+    req: &mut http::Request<()>,
+) {
     let Some(t) = &log.trace else { return };
     t.inject(req.headers_mut());
     t.event(
@@ -83,7 +87,8 @@ pub(super) fn finish(log: &ConnLog, t: Transferred, err: Option<&ProxyError>) {
     opt("dst.upstream", up.map(|u| u.addr.to_string()));
     opt(
         "dst.service",
-        up.and_then(|u| u.service.as_ref()).map(|s| s.hostname.clone()),
+        up.and_then(|u| u.service.as_ref())
+            .map(|s| s.hostname.clone()),
     );
     opt("dst.workload", dst_workload.map(|w| w.name.clone()));
     opt("dst.namespace", dst_workload.map(|w| w.namespace.clone()));

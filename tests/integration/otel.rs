@@ -154,23 +154,21 @@ impl Collector {
 }
 
 fn str_attr(attrs: &[KeyValue], key: &str) -> Option<String> {
-    attrs
-        .iter()
-        .find(|kv| kv.key == key)
-        .and_then(|kv| match kv.value.as_ref()?.value.as_ref()? {
+    attrs.iter().find(|kv| kv.key == key).and_then(|kv| {
+        match kv.value.as_ref()?.value.as_ref()? {
             Value::StringValue(s) => Some(s.clone()),
             _ => None,
-        })
+        }
+    })
 }
 
 fn int_attr(attrs: &[KeyValue], key: &str) -> Option<i64> {
-    attrs
-        .iter()
-        .find(|kv| kv.key == key)
-        .and_then(|kv| match kv.value.as_ref()?.value.as_ref()? {
+    attrs.iter().find(|kv| kv.key == key).and_then(|kv| {
+        match kv.value.as_ref()?.value.as_ref()? {
             Value::IntValue(i) => Some(*i),
             _ => None,
-        })
+        }
+    })
 }
 
 fn body(r: &LogRecord) -> Option<String> {
@@ -303,7 +301,10 @@ async fn a_tunnelled_connection_is_one_trace_across_both_nodes() {
     // One trace: B's span is a child of A's, whose parent is nobody.
     assert_eq!(out.trace_id.len(), 16);
     assert_eq!(inb.trace_id, out.trace_id, "same trace id on both nodes");
-    assert_eq!(inb.parent_span_id, out.span_id, "inbound's parent is the outbound span");
+    assert_eq!(
+        inb.parent_span_id, out.span_id,
+        "inbound's parent is the outbound span"
+    );
     assert!(out.parent_span_id.is_empty(), "outbound starts the trace");
     assert_eq!(out.kind, 3, "outbound is a CLIENT span");
     assert_eq!(inb.kind, 2, "inbound is a SERVER span");
@@ -422,7 +423,11 @@ async fn a_failed_connection_is_a_warning_with_an_error_span() {
     assert_eq!(int_attr(&rb.attributes, "hbone.status"), Some(503));
     assert!(str_attr(&rb.attributes, "error").is_some());
     wait_until(&m, "the error spans", || {
-        col.spans().iter().filter(|(_, s)| s.trace_id == ra.trace_id).count() == 2
+        col.spans()
+            .iter()
+            .filter(|(_, s)| s.trace_id == ra.trace_id)
+            .count()
+            == 2
     })
     .await;
     for (node, s) in col.spans() {
@@ -456,7 +461,10 @@ async fn the_sampling_decision_travels_with_the_tunnel() {
     .await;
     let logs = col.logs();
     assert_eq!(logs.len(), 2, "one record per node: {logs:?}");
-    assert_eq!(logs[0].1.trace_id, logs[1].1.trace_id, "the trace id still flows");
+    assert_eq!(
+        logs[0].1.trace_id, logs[1].1.trace_id,
+        "the trace id still flows"
+    );
     assert_eq!(logs[0].1.flags & 1, 0, "records say: not sampled");
     for o in [&m.a, &m.b] {
         o.proxy.otel.as_ref().unwrap().shutdown().await;
