@@ -349,6 +349,9 @@ pub struct Args {
     /// Milliseconds finished spans and records wait to be exported in one batch.
     #[arg(long, env = "OTEL_BSP_SCHEDULE_DELAY", default_value_t = 5000)]
     pub otel_bsp_schedule_delay: u64,
+    /// PEM roots that verify an https OTLP collector (default: the system's).
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_CERTIFICATE")]
+    pub otel_exporter_otlp_certificate: Option<PathBuf>,
 }
 
 /// Subcommands besides running the proxy.
@@ -413,6 +416,7 @@ impl Args {
                 sampler_ratio: self.otel_traces_sampler_arg,
                 service_name: self.otel_service_name.trim().to_owned(),
                 schedule_delay: Duration::from_millis(self.otel_bsp_schedule_delay),
+                certificate: self.otel_exporter_otlp_certificate,
             };
             s.validate()?;
             Some(s)

@@ -14,6 +14,7 @@
 
 mod export;
 
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -24,7 +25,7 @@ use opentelemetry::trace::{
     SpanContext, SpanKind, Status, TraceContextExt as _, Tracer as _, TracerProvider as _,
 };
 use opentelemetry::{Context, InstrumentationScope, KeyValue};
-use opentelemetry_otlp::WithExportConfig as _;
+use opentelemetry_otlp::{WithExportConfig as _, WithTonicConfig as _};
 use opentelemetry_sdk::logs::{BatchLogProcessor, SdkLogger, SdkLoggerProvider};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{BatchSpanProcessor, Sampler, SdkTracer, SdkTracerProvider};
@@ -49,6 +50,9 @@ pub struct OtelSettings {
     /// How long finished spans and records wait to be sent in one batch (`OTEL_BSP_SCHEDULE_DELAY`).
     #[serde(serialize_with = "crate::model::serialize_duration")]
     pub schedule_delay: Duration,
+    /// PEM file of the roots that verify an `https` collector (`OTEL_EXPORTER_OTLP_CERTIFICATE`);
+    /// `None`: the system's roots.
+    pub certificate: Option<PathBuf>,
 }
 
 impl OtelSettings {
@@ -60,6 +64,7 @@ impl OtelSettings {
             sampler_ratio: 1.0,
             service_name: "l4mesh".into(),
             schedule_delay: Duration::from_secs(5),
+            certificate: None,
         }
     }
 
@@ -74,6 +79,9 @@ impl OtelSettings {
             .parse()
             .map_err(|e: http::uri::InvalidUri| bad(&e.to_string()))?;
         match uri.scheme_str() {
+            Some("http") if self.certificate.is_some() => {
+                return Err(SettingsError::CertificateWithoutTls(self.endpoint.clone()))
+            }
             Some("http") | Some("https") => {}
             Some(other) => return Err(bad(&format!("scheme {other:?} is not http or https"))),
             None => return Err(bad("no scheme")),
@@ -110,6 +118,8 @@ pub enum SettingsError {
     ServiceName,
     #[error("OTEL_BSP_SCHEDULE_DELAY must be at least 1 ms, found 0")]
     Delay,
+    #[error("OTEL_EXPORTER_OTLP_CERTIFICATE is set but the endpoint {0:?} is not https://; expected an https endpoint or no certificate")]
+    CertificateWithoutTls(String),
 }
 
 /// Why the exporters could not be built.
@@ -117,6 +127,12 @@ pub enum SettingsError {
 pub enum OtelError {
     #[error("invalid OTel settings: {0}")]
     Settings(#[from] SettingsError),
+    #[error("reading OTEL_EXPORTER_OTLP_CERTIFICATE {path:?} (expected a PEM file of CA certificates): {source}")]
+    Certificate {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("building the OTLP {signal} exporter for {endpoint}: {reason}")]
     Exporter {
         signal: &'static str,
@@ -153,16 +169,19 @@ impl Otel {
                 reason: e.to_string(),
             }
         };
-        let span_exporter = opentelemetry_otlp::SpanExporter::builder()
+        let tls = tls_config(settings)?;
+        let mut span_exporter = opentelemetry_otlp::SpanExporter::builder()
             .with_tonic()
-            .with_endpoint(settings.endpoint.clone())
-            .build()
-            .map_err(built("traces"))?;
-        let log_exporter = opentelemetry_otlp::LogExporter::builder()
+            .with_endpoint(settings.endpoint.clone());
+        let mut log_exporter = opentelemetry_otlp::LogExporter::builder()
             .with_tonic()
-            .with_endpoint(settings.endpoint.clone())
-            .build()
-            .map_err(built("logs"))?;
+            .with_endpoint(settings.endpoint.clone());
+        if let Some(tls) = tls {
+            span_exporter = span_exporter.with_tls_config(tls.clone());
+            log_exporter = log_exporter.with_tls_config(tls);
+        }
+        let span_exporter = span_exporter.build().map_err(built("traces"))?;
+        let log_exporter = log_exporter.build().map_err(built("logs"))?;
         let resource = resource(settings, node);
         let counts = Arc::new(ExportCounts::default());
         let spans = BatchSpanProcessor::builder(export::Logged::new(
@@ -248,8 +267,9 @@ impl Otel {
         let r = tokio::task::spawn_blocking(move || (traces.force_flush(), logs.force_flush()));
         if let Ok((t, l)) = r.await {
             for (signal, res) in [("traces", t), ("logs", l)] {
+                // The failed export itself was already reported (rate-limited) by `export`.
                 if let Err(e) = res {
-                    tracing::warn!(signal, error = %e, "OTLP flush did not complete");
+                    tracing::debug!(signal, error = %e, "OTLP flush did not complete");
                 }
             }
         }
@@ -297,6 +317,27 @@ impl Drop for Otel {
             tracing::debug!(error = %e, "no thread to shut the OTLP exporters down; dropping their queues");
         }
     }
+}
+
+/// For an `https` endpoint: the configured roots, else the system's (the exporter's own default
+/// would trust none).
+fn tls_config(
+    settings: &OtelSettings,
+) -> Result<Option<tonic::transport::ClientTlsConfig>, OtelError> {
+    if !settings.endpoint.starts_with("https://") {
+        return Ok(None);
+    }
+    let cfg = tonic::transport::ClientTlsConfig::new();
+    Ok(Some(match &settings.certificate {
+        Some(path) => {
+            let pem = std::fs::read(path).map_err(|source| OtelError::Certificate {
+                path: path.clone(),
+                source,
+            })?;
+            cfg.ca_certificate(tonic::transport::Certificate::from_pem(pem))
+        }
+        None => cfg.with_native_roots(),
+    }))
 }
 
 fn resource(settings: &OtelSettings, node: &str) -> Resource {

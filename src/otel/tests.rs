@@ -43,6 +43,15 @@ fn settings_validation_names_the_setting() {
     let mut s = OtelSettings::new("http://127.0.0.1:4317");
     s.service_name = " ".into();
     assert_eq!(s.validate(), Err(SettingsError::ServiceName));
+    let mut s = OtelSettings::new("http://127.0.0.1:4317");
+    s.certificate = Some("/etc/ca.pem".into());
+    let e = s.validate().unwrap_err().to_string();
+    assert!(
+        e.contains("OTEL_EXPORTER_OTLP_CERTIFICATE is set but the endpoint \"http://127.0.0.1:4317\" is not https://"),
+        "{e}"
+    );
+    s.endpoint = "https://127.0.0.1:4317".into();
+    assert_eq!(s.validate(), Ok(()));
 }
 
 #[test]
@@ -159,4 +168,16 @@ async fn ratio_zero_samples_no_new_trace_but_follows_a_sampled_caller() {
     tokio::time::timeout(Duration::from_millis(100), o.shutdown())
         .await
         .unwrap();
+}
+
+#[test]
+fn an_unreadable_certificate_fails_startup_with_its_path() {
+    let mut s = OtelSettings::new("https://127.0.0.1:4317");
+    s.certificate = Some("/nonexistent/otel-ca.pem".into());
+    let e = Otel::new(&s, "n").unwrap_err().to_string();
+    assert!(
+        e.contains("reading OTEL_EXPORTER_OTLP_CERTIFICATE \"/nonexistent/otel-ca.pem\"")
+            && e.contains("expected a PEM file"),
+        "{e}"
+    );
 }

@@ -140,6 +140,28 @@ impl Collector {
         Collector { addr, got, task }
     }
 
+    /// The same receiver behind TLS with a self-signed certificate for `ip`; returns it and the
+    /// certificate's PEM (the root a client must trust).
+    async fn start_tls(ip: &str) -> (Collector, String) {
+        let key = rcgen::generate_simple_self_signed(vec![ip.to_owned()]).unwrap();
+        let (cert, key) = (key.cert.pem(), key.signing_key.serialize_pem());
+        let l = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let got = Received::default();
+        let tls = tonic::transport::ServerTlsConfig::new()
+            .identity(tonic::transport::Identity::from_pem(&cert, &key));
+        let router = tonic::transport::Server::builder()
+            .tls_config(tls)
+            .unwrap()
+            .add_service(TraceServiceServer::new(got.clone()))
+            .add_service(LogsServiceServer::new(got.clone()));
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(l);
+        let task = tokio::spawn(async move {
+            router.serve_with_incoming(incoming).await.unwrap();
+        });
+        (Collector { addr, got, task }, cert)
+    }
+
     fn endpoint(&self) -> String {
         format!("http://{}", self.addr)
     }
@@ -523,4 +545,52 @@ async fn a_collector_that_is_down_does_not_break_traffic() {
     );
     // Still serving after the exporters are gone.
     assert_eq!(m.exchange("after").await, "b:after");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exports_to_an_https_collector_with_a_configured_root() {
+    let (col, ca_pem) = Collector::start_tls("127.56.6.1").await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("otel-ca.pem");
+    std::fs::write(&ca, ca_pem).unwrap();
+    let tls = |ratio| {
+        let mut s = settings(format!("https://{}", col.addr), ratio);
+        s.certificate = Some(ca.clone());
+        s
+    };
+    let m = Mesh::start(6, Some(tls(1.0)), Some(tls(1.0))).await;
+    let _backend = m.backend().await;
+    assert_eq!(m.exchange("over tls").await, "b:over tls");
+    wait_until(&m, "spans and records from both nodes over TLS", || {
+        let (s, l) = (col.spans(), col.logs());
+        ["node-a", "node-b"]
+            .iter()
+            .all(|n| s.iter().any(|(sn, _)| sn == n) && l.iter().any(|(ln, _)| ln == n))
+    })
+    .await;
+    for r in [&m.a, &m.b] {
+        let o = r.proxy.otel.as_ref().unwrap();
+        o.shutdown().await;
+        assert_eq!(
+            o.exports().failed.load(Relaxed),
+            0,
+            "TLS exports all succeeded"
+        );
+    }
+    // Without that root (system roots only) the collector's certificate is refused.
+    let before = *col.got.requests.lock().unwrap();
+    let untrusting =
+        l4mesh::otel::Otel::new(&settings(format!("https://{}", col.addr), 1.0), "node-c").unwrap();
+    let span = untrusting.start(
+        "probe",
+        opentelemetry::trace::SpanKind::Internal,
+        None,
+        Vec::new(),
+    );
+    span.finish(Vec::new(), None, "probe");
+    untrusting.flush().await;
+    assert!(untrusting.exports().failed.load(Relaxed) >= 1);
+    assert_eq!(untrusting.exports().ok.load(Relaxed), 0);
+    assert_eq!(*col.got.requests.lock().unwrap(), before);
+    untrusting.shutdown().await;
 }
