@@ -48,7 +48,7 @@ pub struct OtelSettings {
     /// `service.name` of the resource (`OTEL_SERVICE_NAME`).
     pub service_name: String,
     /// How long finished spans and records wait to be sent in one batch (`OTEL_BSP_SCHEDULE_DELAY`).
-    #[serde(serialize_with = "crate::model::serialize_duration")]
+    #[serde(serialize_with = "serialize_duration")]
     pub schedule_delay: Duration,
     /// PEM file of the roots that verify an `https` collector (`OTEL_EXPORTER_OTLP_CERTIFICATE`);
     /// `None`: the system's roots.
@@ -103,6 +103,11 @@ impl OtelSettings {
         }
         Ok(())
     }
+}
+
+/// As `model::serialize_duration` (`"5s"`), which this basic module may not import.
+fn serialize_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format!("{d:?}"))
 }
 
 /// Why the OTel settings cannot be used.

@@ -82,7 +82,8 @@ pub fn forwarded(client: SocketAddr) -> String {
     format!("for=\"{client}\"")
 }
 
-/// A fresh W3C `traceparent` (version 00, random trace and span ids, not sampled).
+/// A fresh W3C `traceparent` (version 00, random trace and span ids, not sampled). With OTel on,
+/// `proxy::trace` replaces it with the connection span's context.
 pub fn traceparent(rng: &mut impl rand::Rng) -> String {
     let trace: u128 = rng.random::<u128>().max(1);
     let span: u64 = rng.random::<u64>().max(1);
