@@ -222,6 +222,12 @@ impl Otel {
         let scope = InstrumentationScope::builder("l4mesh")
             .with_version(env!("CARGO_PKG_VERSION"))
             .build();
+        tracing::info!(
+            endpoint = %settings.endpoint,
+            sampler_ratio = settings.sampler_ratio,
+            service_name = %settings.service_name,
+            "exporting connection spans and access-log records over OTLP gRPC"
+        );
         Ok(Arc::new(Self {
             tracer: traces.tracer_with_scope(scope.clone()),
             logger: logs.logger_with_scope(scope),
