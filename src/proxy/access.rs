@@ -78,6 +78,8 @@ pub(crate) struct ConnLog {
     pub status: Option<u16>,
     /// Set on HBONE connections: where the tunnel is counted at close.
     pub counters: Option<Arc<TunnelCounters>>,
+    /// The Istio TCP metrics of the connection, once its destination is known.
+    pub metrics: Option<crate::metrics::ConnMetrics>,
 }
 
 impl ConnLog {
@@ -99,6 +101,7 @@ impl ConnLog {
             dst_identity: None,
             status: None,
             counters: None,
+            metrics: None,
         }
     }
 
@@ -124,6 +127,9 @@ impl ConnLog {
                 (flag, Some(blame), Some(e.to_string()))
             }
         };
+        if let Some(m) = &self.metrics {
+            m.close(t.sent, t.received, flag);
+        }
         // One set of fields; the level says whether it went well.
         macro_rules! access_line {
             ($level:expr, $msg:literal) => {

@@ -228,6 +228,15 @@ async fn open(
         .local_workload(&snapshot, target.ip())
         .ok_or(Outcome::AuthorityMismatch { authority: target })?;
     log.dst_identity = Some(wl.identity().to_string());
+    log.metrics = Some(open_metrics(
+        ctx,
+        &snapshot,
+        req,
+        peer,
+        log.src,
+        &wl,
+        target.port(),
+    ));
     log.upstream = Some(Upstream {
         addr: target,
         workload: Some(wl.clone()),
@@ -254,6 +263,37 @@ async fn open(
             source,
         })?;
     Ok((up, reg))
+}
+
+/// Counts the tunnel opened, reported by the destination with the policy `mutual_tls`: the source
+/// principal is the identity the peer proved; its workload is the one at the `forwarded` client
+/// address (else at the TCP peer) that carries that identity.
+fn open_metrics(
+    ctx: &ProxyCtx,
+    snapshot: &Snapshot,
+    req: &http::Request<h2::RecvStream>,
+    peer: &SpiffeId,
+    src: SocketAddr,
+    wl: &Workload,
+    port: u16,
+) -> crate::metrics::ConnMetrics {
+    use crate::metrics::{peers, Peer, Reporter, TrafficLabels};
+    let mut candidates = Vec::with_capacity(2);
+    candidates.extend(peers::forwarded_for(req.headers()));
+    candidates.push(src.ip());
+    let src_wl = peers::inbound_source(snapshot, &ctx.network, &candidates, Some(peer));
+    let service = peers::inbound_service(snapshot, wl, port);
+    let labels = TrafficLabels::new(
+        Reporter::Destination,
+        Peer {
+            workload: src_wl.as_deref(),
+            principal: Some(peer),
+        },
+        Some(wl),
+        service.as_deref(),
+        true,
+    );
+    ctx.metrics.open(Reporter::Destination, labels)
 }
 
 /// A workload with a waypoint takes tunnels only from that waypoint's identity, so that its policy

@@ -52,6 +52,7 @@ pub(super) async fn open(ctx: &ProxyCtx, log: &mut ConnLog) -> Result<UpConn, Pr
     let (upstream, src_wl) = resolve(ctx, log)?;
     let addr = upstream.addr;
     let kind = upstream.kind;
+    log.metrics = Some(open_metrics(ctx, &upstream, src_wl.as_deref()));
     let tunnel = (kind == UpstreamKind::Hbone)
         .then(|| tunnel_key(ctx, log.src, &upstream, src_wl.as_deref()));
     log.upstream = Some(upstream);
@@ -92,6 +93,35 @@ pub(super) async fn open(ctx: &ProxyCtx, log: &mut ConnLog) -> Result<UpConn, Pr
         .await
         .map(UpConn::Tcp)
         .map_err(|source| ProxyError::Connect { addr, source })
+}
+
+/// Counts the connection opened, reported by the source: over HBONE the source principal is the
+/// identity this side presents (ztunnel's rule), and the policy `mutual_tls`.
+fn open_metrics(
+    ctx: &ProxyCtx,
+    up: &Upstream,
+    src_wl: Option<&Workload>,
+) -> crate::metrics::ConnMetrics {
+    use crate::metrics::{Peer, Reporter, TrafficLabels};
+    let hbone = up.kind == UpstreamKind::Hbone;
+    let principal = if hbone {
+        src_wl
+            .map(Workload::identity)
+            .or_else(|| ctx.own_identity.clone())
+    } else {
+        None
+    };
+    let labels = TrafficLabels::new(
+        Reporter::Source,
+        Peer {
+            workload: src_wl,
+            principal: principal.as_ref(),
+        },
+        up.workload.as_deref(),
+        up.service.as_deref(),
+        hbone,
+    );
+    ctx.metrics.open(Reporter::Source, labels)
 }
 
 /// The pool key of a tunnel to `up`: the source identity (the client's workload, else this

@@ -1,0 +1,242 @@
+//! The Istio TCP metrics (wire-facts §7) and the other counters the data path touches.
+//!
+//! A connection's labels are computed once, when its destination is known ([`ConnMetrics::open`]),
+//! and reused at close; the data path never touches a metric per byte. Bytes are therefore added
+//! when the connection closes: a long-lived connection shows its bytes only then (documented in
+//! docs/metrics.md). Every label value is a name from the store (workload, namespace, service,
+//! identity) or a fixed word: no ports, addresses or connection ids, so the number of series is
+//! bounded by the mesh's size, not by its traffic.
+//!
+//! Depends only on `model`, so that `proxy` can use it; the registry, the collectors and the HTTP
+//! server live in the parent module, above `proxy`.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+
+use crate::model::{Service, SpiffeId, Workload};
+
+/// The value of a label nothing is known for (Istio's convention).
+pub const UNKNOWN: &str = "unknown";
+
+/// Which end of the connection reports it: Istio counts every connection twice in a mesh, once by
+/// the originating proxy and once by the terminating one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Reporter {
+    /// The proxy of the client (outbound capture and SOCKS5).
+    Source,
+    /// The proxy of the server (inbound HBONE and inbound plaintext).
+    Destination,
+}
+
+impl Reporter {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reporter::Source => "source",
+            Reporter::Destination => "destination",
+        }
+    }
+
+    /// The value of the `direction` label of the open-connections gauge.
+    fn direction(self) -> &'static str {
+        match self {
+            Reporter::Source => "outbound",
+            Reporter::Destination => "inbound",
+        }
+    }
+}
+
+/// The labels of `istio_tcp_*`, in Istio's names and order.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TrafficLabels {
+    pub reporter: &'static str,
+    pub source_workload: String,
+    pub source_canonical_service: String,
+    pub source_canonical_revision: String,
+    pub source_workload_namespace: String,
+    pub source_principal: String,
+    pub source_app: String,
+    pub source_version: String,
+    pub source_cluster: String,
+    pub destination_service: String,
+    pub destination_service_namespace: String,
+    pub destination_service_name: String,
+    pub destination_workload: String,
+    pub destination_canonical_service: String,
+    pub destination_canonical_revision: String,
+    pub destination_workload_namespace: String,
+    pub destination_principal: String,
+    pub destination_app: String,
+    pub destination_version: String,
+    pub destination_cluster: String,
+    pub request_protocol: &'static str,
+    /// `-` while open and for a clean close; else the access log's flag (`RBAC`, `UF`, `DC`…).
+    pub response_flags: &'static str,
+    /// `mutual_tls` on HBONE, else `unknown`.
+    pub connection_security_policy: &'static str,
+}
+
+/// What one end of a connection is known as.
+#[derive(Clone, Copy, Default)]
+pub struct Peer<'a> {
+    /// The workload found in the store, if any.
+    pub workload: Option<&'a Workload>,
+    /// The identity proven over mutual TLS (or presented, on the originating side).
+    pub principal: Option<&'a SpiffeId>,
+}
+
+fn or_unknown(s: &str) -> String {
+    if s.is_empty() {
+        UNKNOWN.to_owned()
+    } else {
+        s.to_owned()
+    }
+}
+
+impl TrafficLabels {
+    /// The labels of one connection. As ztunnel: `*_workload` is the workload's `workload_name`
+    /// (its Deployment, not the pod), `*_app`/`*_canonical_service` its canonical name,
+    /// `*_version`/`*_canonical_revision` its canonical revision; the source principal is only
+    /// what mutual TLS proves (or presents), the destination principal the destination
+    /// workload's identity. Empty values become `unknown`.
+    pub fn new(
+        reporter: Reporter,
+        src: Peer<'_>,
+        dst: Option<&Workload>,
+        service: Option<&Service>,
+        mtls: bool,
+    ) -> Self {
+        let s = src.workload;
+        let field = |w: Option<&Workload>, f: fn(&Workload) -> &str| {
+            or_unknown(w.map(f).unwrap_or_default())
+        };
+        let svc = |f: fn(&Service) -> &str| or_unknown(service.map(f).unwrap_or_default());
+        Self {
+            reporter: reporter.as_str(),
+            source_workload: field(s, |w| &w.workload_name),
+            source_canonical_service: field(s, |w| &w.canonical_name),
+            source_canonical_revision: field(s, |w| &w.canonical_revision),
+            source_workload_namespace: field(s, |w| &w.namespace),
+            source_principal: src
+                .principal
+                .map_or_else(|| UNKNOWN.to_owned(), ToString::to_string),
+            source_app: field(s, |w| &w.canonical_name),
+            source_version: field(s, |w| &w.canonical_revision),
+            source_cluster: field(s, |w| &w.cluster_id),
+            destination_service: svc(|s| &s.hostname),
+            destination_service_namespace: svc(|s| &s.namespace),
+            destination_service_name: svc(|s| &s.name),
+            destination_workload: field(dst, |w| &w.workload_name),
+            destination_canonical_service: field(dst, |w| &w.canonical_name),
+            destination_canonical_revision: field(dst, |w| &w.canonical_revision),
+            destination_workload_namespace: field(dst, |w| &w.namespace),
+            destination_principal: dst
+                .map_or_else(|| UNKNOWN.to_owned(), |w| w.identity().to_string()),
+            destination_app: field(dst, |w| &w.canonical_name),
+            destination_version: field(dst, |w| &w.canonical_revision),
+            destination_cluster: field(dst, |w| &w.cluster_id),
+            request_protocol: "tcp",
+            response_flags: "-",
+            connection_security_policy: if mtls { "mutual_tls" } else { UNKNOWN },
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(super) struct DirectionLabel {
+    pub direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(super) struct ResultLabel {
+    pub result: &'static str,
+}
+
+/// The metric handles the data path updates; one per l4mesh (never global: several l4mesh may run
+/// in one process, each counting alone).
+#[derive(Default, Debug)]
+pub struct Traffic {
+    pub(super) opened: Family<TrafficLabels, Counter>,
+    pub(super) closed: Family<TrafficLabels, Counter>,
+    /// Istio's direction: bytes the server sent back (upstream → downstream).
+    pub(super) sent: Family<TrafficLabels, Counter>,
+    /// Istio's direction: bytes the client sent (downstream → upstream).
+    pub(super) received: Family<TrafficLabels, Counter>,
+    pub(super) open: Family<DirectionLabel, Gauge>,
+    pub(super) rbac: Family<ResultLabel, Counter>,
+}
+
+impl Traffic {
+    /// Counts a connection as opened with `labels`; the returned record counts its close.
+    pub fn open(self: &Arc<Self>, reporter: Reporter, labels: TrafficLabels) -> ConnMetrics {
+        self.opened.get_or_create(&labels).inc();
+        self.open
+            .get_or_create(&DirectionLabel {
+                direction: reporter.direction(),
+            })
+            .inc();
+        ConnMetrics {
+            traffic: self.clone(),
+            reporter,
+            labels,
+            closed: AtomicBool::new(false),
+        }
+    }
+
+    /// Counts one authorization decision on an inbound connection.
+    pub fn rbac_decision(&self, allowed: bool) {
+        let result = if allowed { "allow" } else { "deny" };
+        self.rbac.get_or_create(&ResultLabel { result }).inc();
+    }
+}
+
+/// One open connection's metrics: counted closed (with its bytes) by [`ConnMetrics::close`], or
+/// on drop if the handler never got there (its task was aborted).
+#[derive(Debug)]
+pub struct ConnMetrics {
+    traffic: Arc<Traffic>,
+    reporter: Reporter,
+    labels: TrafficLabels,
+    closed: AtomicBool,
+}
+
+impl ConnMetrics {
+    pub fn labels(&self) -> &TrafficLabels {
+        &self.labels
+    }
+
+    /// Counts the close once: `client_bytes` went downstream → upstream, `server_bytes` back;
+    /// `flag` is the access log's response flag (`-` when it went well).
+    pub fn close(&self, client_bytes: u64, server_bytes: u64, flag: &'static str) {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let labels = if flag == self.labels.response_flags {
+            std::borrow::Cow::Borrowed(&self.labels)
+        } else {
+            let mut l = self.labels.clone();
+            l.response_flags = flag;
+            std::borrow::Cow::Owned(l)
+        };
+        let t = &self.traffic;
+        t.closed.get_or_create(&labels).inc();
+        t.received.get_or_create(&labels).inc_by(client_bytes);
+        t.sent.get_or_create(&labels).inc_by(server_bytes);
+    }
+}
+
+impl Drop for ConnMetrics {
+    fn drop(&mut self) {
+        self.close(0, 0, "-");
+        self.traffic
+            .open
+            .get_or_create(&DirectionLabel {
+                direction: self.reporter.direction(),
+            })
+            .dec();
+    }
+}
