@@ -102,7 +102,7 @@ impl Metrics {
             t.rbac.clone(),
         );
 
-        registry.register_collector(Box::new(collect::Process::default()));
+        registry.register_collector(Box::new(collect::Process));
         registry.register_collector(Box::new(collect::Runtime(sources.runtime)));
         registry.register_collector(Box::new(collect::Certificates(sources.secrets)));
         registry.register_collector(Box::new(collect::Hbone(sources.proxy)));

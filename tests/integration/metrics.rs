@@ -80,8 +80,20 @@ async fn two_nodes(net: u8) -> TwoNodes {
     let mut c = xds_testserver::Config::new(StateSource::Yaml(state(net)));
     c.listen = format!("127.{net}.0.10:0").parse().unwrap();
     let ts = Handle::start(c).await.unwrap();
-    let a = mesh_node(&ts, format!("127.{net}.0.11"), "node-a", format!("127.{net}.0.1")).await;
-    let b = mesh_node(&ts, format!("127.{net}.0.12"), "node-b", format!("127.{net}.0.2")).await;
+    let a = mesh_node(
+        &ts,
+        format!("127.{net}.0.11"),
+        "node-a",
+        format!("127.{net}.0.1"),
+    )
+    .await;
+    let b = mesh_node(
+        &ts,
+        format!("127.{net}.0.12"),
+        "node-b",
+        format!("127.{net}.0.2"),
+    )
+    .await;
     TwoNodes {
         a,
         b,
@@ -104,7 +116,14 @@ async fn http_get(addr: SocketAddr, target: &str) -> (u16, Vec<(String, String)>
     let raw = String::from_utf8(raw).unwrap();
     let (head, body) = raw.split_once("\r\n\r\n").expect("HTTP head and body");
     let mut lines = head.lines();
-    let status = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
+    let status = lines
+        .next()
+        .unwrap()
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
     let headers = lines
         .filter_map(|l| l.split_once(':'))
         .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
@@ -177,8 +196,7 @@ impl Prometheus {
                 let log = std::fs::read_to_string(p._dir.path().join("prometheus.log"));
                 panic!("prometheus exited at start: {status}; log: {log:?}");
             }
-            if TcpStream::connect(addr).await.is_ok() && http_get(addr, "/-/ready").await.0 == 200
-            {
+            if TcpStream::connect(addr).await.is_ok() && http_get(addr, "/-/ready").await.0 == 200 {
                 return p;
             }
             assert!(
@@ -308,13 +326,19 @@ async fn prometheus_counts_what_was_sent() {
         let want = [
             ("source_workload", "client"),
             ("source_workload_namespace", "default"),
-            ("source_principal", "spiffe://cluster.local/ns/default/sa/client"),
+            (
+                "source_principal",
+                "spiffe://cluster.local/ns/default/sa/client",
+            ),
             ("source_app", "client-app"),
             ("source_version", "v1"),
             ("source_cluster", "cluster1"),
             ("destination_workload", "server"),
             ("destination_workload_namespace", "default"),
-            ("destination_principal", "spiffe://cluster.local/ns/default/sa/server"),
+            (
+                "destination_principal",
+                "spiffe://cluster.local/ns/default/sa/server",
+            ),
             ("destination_app", "server-app"),
             ("destination_version", "v2"),
             ("destination_canonical_service", "server-app"),
@@ -336,8 +360,14 @@ async fn prometheus_counts_what_was_sent() {
         .await;
     let l = &rows[0]["metric"];
     assert_eq!(l["destination_workload"], "legacy");
-    assert_eq!(l["destination_app"], "unknown", "missing values are `unknown`");
-    assert_eq!(l["source_principal"], "unknown", "no mutual TLS, no principal");
+    assert_eq!(
+        l["destination_app"], "unknown",
+        "missing values are `unknown`"
+    );
+    assert_eq!(
+        l["source_principal"], "unknown",
+        "no mutual TLS, no principal"
+    );
     assert_eq!(l["destination_service"], "unknown", "dialled by pod IP");
 
     // The rest of what the dashboard shows is there and agrees.
@@ -356,7 +386,8 @@ async fn prometheus_counts_what_was_sent() {
     // Every query of the Grafana dashboard parses and runs against this Prometheus.
     let dashboard: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/grafana/l4mesh-dashboard.json"),
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("docs/grafana/l4mesh-dashboard.json"),
         )
         .unwrap(),
     )
@@ -379,7 +410,10 @@ async fn prometheus_counts_what_was_sent() {
             }
         }
     }
-    assert!(queries >= 8, "the dashboard has its panels ({queries} queries)");
+    assert!(
+        queries >= 8,
+        "the dashboard has its panels ({queries} queries)"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -451,9 +485,9 @@ async fn scrape_serves_both_paths_in_both_formats() {
     .unwrap();
     let mut raw = String::new();
     s.read_to_string(&mut raw).await.unwrap();
-    assert!(raw.to_ascii_lowercase().contains(
-        "content-type: application/openmetrics-text; version=1.0.0; charset=utf-8"
-    ));
+    assert!(raw
+        .to_ascii_lowercase()
+        .contains("content-type: application/openmetrics-text; version=1.0.0; charset=utf-8"));
     assert!(raw.ends_with("# EOF\n"), "OpenMetrics ends with # EOF");
 
     let (status, _, body) = http_get(addr, "/stats").await;
