@@ -2,7 +2,8 @@
 //!
 //! Two kinds of metric, so that the data path pays as little as possible:
 //! - counters the data path updates ([`Traffic`]: the Istio TCP metrics, RBAC decisions, open
-//!   connections), with labels computed once per connection at open and once at close;
+//!   connections), with labels computed once per connection at open and once at close, and bytes
+//!   added per chunk copied through counter handles fetched at open ([`Meter`]);
 //! - figures read only when scraped ([`collect`]: xDS, certificates, the HBONE pool and tunnel
 //!   counters, the process, the data-plane tokio runtime), as prometheus-client `Collector`s that
 //!   read state l4mesh keeps anyway.
@@ -30,7 +31,7 @@ use crate::proxy::ProxyCtx;
 use crate::xds::XdsMetrics;
 
 pub use server::{serve, OPENMETRICS_CONTENT_TYPE, PROMETHEUS_CONTENT_TYPE};
-pub use traffic::{ConnMetrics, Peer, Reporter, Traffic, TrafficLabels};
+pub use traffic::{ConnMetrics, Meter, Peer, Reporter, Traffic, TrafficLabels};
 
 /// The `component` of `istio_build`: dashboards select the node proxy by this name.
 pub const BUILD_COMPONENT: &str = "ztunnel";
@@ -73,12 +74,12 @@ impl Metrics {
         );
         istio.register(
             "tcp_sent_bytes",
-            "The size of total bytes sent during response in case of a TCP connection (server to client; added at close)",
+            "The size of total bytes sent during response in case of a TCP connection (server to client)",
             t.sent.clone(),
         );
         istio.register(
             "tcp_received_bytes",
-            "The size of total bytes received during request in case of a TCP connection (client to server; added at close)",
+            "The size of total bytes received during request in case of a TCP connection (client to server)",
             t.received.clone(),
         );
         let build: Family<BuildLabels, Gauge> = Family::default();

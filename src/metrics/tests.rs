@@ -248,8 +248,10 @@ fn one_connection_counts_open_close_and_bytes_once() {
         closed.contains("response_flags=\"UF\"") && closed.ends_with(" 1"),
         "{closed}"
     );
-    // Istio's directions: received = client → server, sent = server → client.
-    assert!(line("istio_tcp_received_bytes_total").ends_with(" 300"));
+    // Istio's directions: received = client → server, sent = server → client; bytes keep the
+    // labels of the open.
+    let received = line("istio_tcp_received_bytes_total");
+    assert!(received.ends_with(" 300") && received.contains("response_flags=\"-\""));
     assert!(line("istio_tcp_sent_bytes_total").ends_with(" 7"));
     assert!(
         text.contains("open_connections{direction=\"outbound\"} 0"),
@@ -262,6 +264,44 @@ fn one_connection_counts_open_close_and_bytes_once() {
     assert!(line("istio_tcp_connections_opened_total").contains(
         "reporter=\"source\",source_workload=\"unknown\",source_canonical_service=\"unknown\""
     ));
+}
+
+#[test]
+fn metered_bytes_show_before_the_close_and_count_once() {
+    let t = Arc::new(Traffic::default());
+    let mut r = Registry::default();
+    r.register("closed", "c", t.closed.clone());
+    r.register("received", "r", t.received.clone());
+    r.register("sent", "s", t.sent.clone());
+    let labels = TrafficLabels::new(Reporter::Source, Peer::default(), None, None, true);
+    let m = t.open(Reporter::Source, labels);
+    let meter = m.meter();
+    meter.client_bytes(100);
+    meter.client_bytes(28);
+    meter.server_bytes(5);
+    let text = encode(&r);
+    assert!(
+        text.contains("received_total{reporter=\"source\""),
+        "{text}"
+    );
+    let value = |text: &str, name: &str| -> Vec<String> {
+        text.lines()
+            .filter(|l| l.starts_with(name))
+            .map(|l| l.rsplit(' ').next().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(value(&text, "received_total{"), ["128"]);
+    assert_eq!(value(&text, "sent_total{"), ["5"]);
+    assert!(value(&text, "closed_total{").is_empty(), "{text}");
+    // The close reports the same totals: they are not added again, and stay under the labels
+    // of the open (ztunnel's rule); the close itself carries the flag.
+    m.close(128, 5, "DC");
+    let text = encode(&r);
+    assert_eq!(value(&text, "received_total{"), ["128"]);
+    assert_eq!(value(&text, "sent_total{"), ["5"]);
+    assert!(text.contains("closed_total{") && text.contains("response_flags=\"DC\""));
+    // An empty meter (no destination known yet) counts nothing.
+    crate::metrics::Meter::default().client_bytes(7);
 }
 
 #[test]

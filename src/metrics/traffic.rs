@@ -1,9 +1,9 @@
 //! The Istio TCP metrics (wire-facts §7) and the other counters the data path touches.
 //!
-//! A connection's labels are computed once, when its destination is known ([`ConnMetrics::open`]),
-//! and reused at close; the data path never touches a metric per byte. Bytes are therefore added
-//! when the connection closes: a long-lived connection shows its bytes only then (documented in
-//! docs/metrics.md). Every label value is a name from the store (workload, namespace, service,
+//! A connection's labels are computed once, when its destination is known ([`Traffic::open`]),
+//! and reused at close; no label is computed or looked up per byte. Bytes are added as they move
+//! through a [`Meter`] (two counter handles fetched once; one atomic add per chunk copied), so a
+//! long-lived connection's bytes show while it lasts. Every label value is a name from the store (workload, namespace, service,
 //! identity) or a fixed word: no ports, addresses or connection ids, so the number of series is
 //! bounded by the mesh's size, not by its traffic.
 //!
@@ -74,7 +74,8 @@ pub struct TrafficLabels {
     pub destination_version: String,
     pub destination_cluster: String,
     pub request_protocol: &'static str,
-    /// `-` while open and for a clean close; else the access log's flag (`RBAC`, `UF`, `DC`…).
+    /// `-` on the opened and byte counters and for a clean close; on the closed counter of a failed
+    /// connection, the access log's flag (`RBAC`, `UF`, `DC`…).
     pub response_flags: &'static str,
     /// `mutual_tls` on HBONE, else `unknown`.
     pub connection_security_policy: &'static str,
@@ -184,6 +185,7 @@ impl Traffic {
             reporter,
             labels,
             closed: AtomicBool::new(false),
+            metered: AtomicBool::new(false),
         }
     }
 
@@ -191,6 +193,32 @@ impl Traffic {
     pub fn rbac_decision(&self, allowed: bool) {
         let result = if allowed { "allow" } else { "deny" };
         self.rbac.get_or_create(&ResultLabel { result }).inc();
+    }
+}
+
+/// Live byte counters the copy loop adds to as bytes move (one relaxed atomic add per chunk), so
+/// that a long-lived connection's bytes show while it lasts. Empty (counting nothing) by default.
+#[derive(Clone, Debug, Default)]
+pub struct Meter {
+    client: Option<Counter>,
+    server: Option<Counter>,
+}
+
+impl Meter {
+    /// `n` bytes went client → server (downstream → upstream).
+    #[inline]
+    pub fn client_bytes(&self, n: u64) {
+        if let Some(c) = &self.client {
+            c.inc_by(n);
+        }
+    }
+
+    /// `n` bytes went server → client (upstream → downstream).
+    #[inline]
+    pub fn server_bytes(&self, n: u64) {
+        if let Some(c) = &self.server {
+            c.inc_by(n);
+        }
     }
 }
 
@@ -202,6 +230,8 @@ pub struct ConnMetrics {
     reporter: Reporter,
     labels: TrafficLabels,
     closed: AtomicBool,
+    /// Whether a [`Meter`] counts the bytes live (then the close adds none).
+    metered: AtomicBool,
 }
 
 impl ConnMetrics {
@@ -209,8 +239,20 @@ impl ConnMetrics {
         &self.labels
     }
 
-    /// Counts the close once: `client_bytes` went downstream → upstream, `server_bytes` back;
-    /// `flag` is the access log's response flag (`-` when it went well).
+    /// The byte counters of this connection's labels, for the copy loop to add to as it goes. As
+    /// in ztunnel, live bytes are counted under the labels known at open (`response_flags="-"`);
+    /// the close then adds only the closed count.
+    pub fn meter(&self) -> Meter {
+        self.metered.store(true, Ordering::Release);
+        Meter {
+            client: Some(self.traffic.received.get_or_create(&self.labels).clone()),
+            server: Some(self.traffic.sent.get_or_create(&self.labels).clone()),
+        }
+    }
+
+    /// Counts the close once: `client_bytes` went downstream → upstream, `server_bytes` back
+    /// (added here unless a [`Meter`] counted them already); `flag` is the access log's response
+    /// flag (`-` when it went well).
     pub fn close(&self, client_bytes: u64, server_bytes: u64, flag: &'static str) {
         if self.closed.swap(true, Ordering::AcqRel) {
             return;
@@ -224,8 +266,15 @@ impl ConnMetrics {
         };
         let t = &self.traffic;
         t.closed.get_or_create(&labels).inc();
-        t.received.get_or_create(&labels).inc_by(client_bytes);
-        t.sent.get_or_create(&labels).inc_by(server_bytes);
+        // Bytes always count under the labels of the open, as the meter's do.
+        if !self.metered.load(Ordering::Acquire) {
+            if client_bytes > 0 {
+                t.received.get_or_create(&self.labels).inc_by(client_bytes);
+            }
+            if server_bytes > 0 {
+                t.sent.get_or_create(&self.labels).inc_by(server_bytes);
+            }
+        }
     }
 }
 

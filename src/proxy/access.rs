@@ -105,6 +105,15 @@ impl ConnLog {
         }
     }
 
+    /// The live byte counters of this connection's metrics (empty before its destination is
+    /// known), for the copy loop.
+    pub fn meter(&self) -> crate::metrics::Meter {
+        self.metrics
+            .as_ref()
+            .map(crate::metrics::ConnMetrics::meter)
+            .unwrap_or_default()
+    }
+
     pub fn finish(&self, t: Transferred, err: Option<&ProxyError>) {
         if let Some(c) = &self.counters {
             c.record(self.direction == "inbound", t, self.status, err.is_none());

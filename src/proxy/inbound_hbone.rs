@@ -191,7 +191,8 @@ async fn stream(
     // A policy change that now denies the tunnel ends the copy; the bytes moved until then are
     // still reported.
     let mut revocation = None;
-    let (t, r) = copy::bidirectional_until(&mut tr, &mut tw, &mut ur, &mut uw, async {
+    let meter = log.meter();
+    let (t, r) = copy::bidirectional_until(&mut tr, &mut tw, &mut ur, &mut uw, &meter, async {
         revocation = Some(reg.revoked().await);
     })
     .await;

@@ -35,7 +35,8 @@ pub(super) async fn serve(ctx: &ProxyCtx, down: TcpStream, src: SocketAddr) {
     };
     // A revocation ends the copy; the bytes moved until then are still reported.
     let mut revocation = None;
-    let (t, r) = copy::tcp_until(&mut down, &mut up, async {
+    let meter = log.meter();
+    let (t, r) = copy::tcp_until(&mut down, &mut up, &meter, async {
         revocation = Some(reg.revoked().await);
     })
     .await;

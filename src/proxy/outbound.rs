@@ -189,12 +189,13 @@ fn resolve(
 
 /// Copies both ways until close and writes the access-log line.
 pub(super) async fn relay(mut down: TcpStream, up: UpConn, log: &ConnLog) {
+    let meter = log.meter();
     let (t, r) = match up {
-        UpConn::Tcp(mut up) => copy::tcp(&mut down, &mut up).await,
+        UpConn::Tcp(mut up) => copy::tcp(&mut down, &mut up, &meter).await,
         UpConn::Tunnel(mut tunnel) => {
             let (mut dr, mut dw) = down.split();
             let Tunnel { recv, send, .. } = &mut *tunnel;
-            let res = copy::bidirectional(&mut dr, &mut dw, recv, send).await;
+            let res = copy::bidirectional(&mut dr, &mut dw, recv, send, &meter).await;
             if res.1.is_err() {
                 send.reset(h2::Reason::CANCEL);
             }

@@ -269,8 +269,6 @@ async fn prometheus_counts_what_was_sent() {
         .unwrap();
     let msg = "y".repeat(500);
     assert_eq!(exchange(s, &msg).await, format!("legacy:{msg}"));
-    drop(server);
-
     let (a, b) = (a_metrics.to_string(), b_metrics.to_string());
     let sum = |metric: &str, instance: &str, selector: &str| {
         format!("sum({metric}{{instance=\"{instance}\",{selector}}})")
@@ -278,20 +276,57 @@ async fn prometheus_counts_what_was_sent() {
     let mtls_src = "reporter=\"source\",connection_security_policy=\"mutual_tls\"";
     let mtls_dst = "reporter=\"destination\",connection_security_policy=\"mutual_tls\"";
     let plain_src = "reporter=\"source\",connection_security_policy=\"unknown\"";
-    let expect = [
-        // Node A reports as the source, node B as the destination; both see the same traffic.
-        ("istio_tcp_connections_opened_total", &a, mtls_src, 3.0),
+
+    // A long connection: its bytes show while it is still open (metered per chunk, not at close).
+    let mut long = socks5_connect_from(m.client_ip, socks, "127.51.0.100", 80)
+        .await
+        .unwrap();
+    long.write_all(&[b'z'; 4000]).await.unwrap();
+    let while_open = [
+        ("istio_tcp_received_bytes_total", &a, mtls_src, 10000.0),
+        ("istio_tcp_received_bytes_total", &b, mtls_dst, 10000.0),
+        ("istio_tcp_connections_opened_total", &a, mtls_src, 4.0),
         ("istio_tcp_connections_closed_total", &a, mtls_src, 3.0),
-        ("istio_tcp_received_bytes_total", &a, mtls_src, 6000.0),
-        ("istio_tcp_sent_bytes_total", &a, mtls_src, 6006.0),
-        ("istio_tcp_connections_opened_total", &b, mtls_dst, 3.0),
+        ("istio_tcp_connections_opened_total", &b, mtls_dst, 4.0),
         ("istio_tcp_connections_closed_total", &b, mtls_dst, 3.0),
-        ("istio_tcp_received_bytes_total", &b, mtls_dst, 6000.0),
-        ("istio_tcp_sent_bytes_total", &b, mtls_dst, 6006.0),
+        ("l4mesh_open_connections", &a, "direction=\"outbound\"", 1.0),
+        ("l4mesh_open_connections", &b, "direction=\"inbound\"", 1.0),
+    ];
+    for (metric, instance, selector, want) in while_open {
+        let q = sum(metric, instance, selector);
+        if let Err(got) = prom.await_value(&q, want).await {
+            panic!(
+                "while the long connection is open, {q}: expected {want}, Prometheus has {got:?}"
+            );
+        }
+    }
+    long.shutdown().await.unwrap();
+    let mut answer = String::new();
+    tokio::time::timeout(Duration::from_secs(5), long.read_to_string(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(answer, format!("b:{}", "z".repeat(4000)));
+    drop(long);
+    drop(server);
+
+    let expect = [
+        // Node A reports as the source, node B as the destination; both see the same traffic:
+        // 1000 + 2000 + 3000 + 4000 bytes up, each answer 2 bytes longer.
+        ("istio_tcp_connections_opened_total", &a, mtls_src, 4.0),
+        ("istio_tcp_connections_closed_total", &a, mtls_src, 4.0),
+        ("istio_tcp_received_bytes_total", &a, mtls_src, 10000.0),
+        ("istio_tcp_sent_bytes_total", &a, mtls_src, 10008.0),
+        ("istio_tcp_connections_opened_total", &b, mtls_dst, 4.0),
+        ("istio_tcp_connections_closed_total", &b, mtls_dst, 4.0),
+        ("istio_tcp_received_bytes_total", &b, mtls_dst, 10000.0),
+        ("istio_tcp_sent_bytes_total", &b, mtls_dst, 10008.0),
         ("istio_tcp_connections_opened_total", &a, plain_src, 1.0),
         ("istio_tcp_connections_closed_total", &a, plain_src, 1.0),
         ("istio_tcp_received_bytes_total", &a, plain_src, 500.0),
         ("istio_tcp_sent_bytes_total", &a, plain_src, 507.0),
+        ("l4mesh_open_connections", &a, "direction=~\".*\"", 0.0),
+        ("l4mesh_open_connections", &b, "direction=~\".*\"", 0.0),
     ];
     for (metric, instance, selector, want) in expect {
         let q = sum(metric, instance, selector);
@@ -305,7 +340,7 @@ async fn prometheus_counts_what_was_sent() {
             "sum(istio_tcp_connections_opened_total{{instance=\"{b}\"}})"
         ))
         .await,
-        Some(3.0)
+        Some(4.0)
     );
     assert_eq!(
         prom.scalar("sum(istio_tcp_connections_closed_total{response_flags!=\"-\"})")
@@ -372,14 +407,12 @@ async fn prometheus_counts_what_was_sent() {
 
     // The rest of what the dashboard shows is there and agrees.
     let rbac = format!("sum(l4mesh_rbac_decisions_total{{instance=\"{b}\",result=\"allow\"}})");
-    assert_eq!(prom.await_value(&rbac, 3.0).await, Ok(()), "{rbac}");
+    assert_eq!(prom.await_value(&rbac, 4.0).await, Ok(()), "{rbac}");
     let tunnels =
         format!("l4mesh_hbone_tunnels_opened_total{{instance=\"{a}\",direction=\"outbound\"}}");
-    assert_eq!(prom.await_value(&tunnels, 3.0).await, Ok(()), "{tunnels}");
+    assert_eq!(prom.await_value(&tunnels, 4.0).await, Ok(()), "{tunnels}");
     let pool = format!("l4mesh_hbone_pool_connections{{instance=\"{a}\"}}");
     assert_eq!(prom.await_value(&pool, 1.0).await, Ok(()), "{pool}");
-    let open = format!("sum(l4mesh_open_connections{{instance=\"{b}\"}})");
-    assert_eq!(prom.await_value(&open, 0.0).await, Ok(()), "{open}");
     let build = format!("istio_build{{instance=\"{a}\",component=\"ztunnel\"}}");
     assert_eq!(prom.await_value(&build, 1.0).await, Ok(()), "{build}");
 
