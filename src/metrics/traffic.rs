@@ -173,16 +173,25 @@ pub struct Traffic {
 
 impl Traffic {
     /// Counts a connection as opened with `labels`; the returned record counts its close.
+    /// Every handle the connection needs later is fetched here, so that the close costs one more
+    /// lookup (the closed counter, whose labels carry the outcome) and the bytes none.
     pub fn open(self: &Arc<Self>, reporter: Reporter, labels: TrafficLabels) -> ConnMetrics {
         self.opened.get_or_create(&labels).inc();
-        self.open
+        let open = self
+            .open
             .get_or_create(&DirectionLabel {
                 direction: reporter.direction(),
             })
-            .inc();
+            .clone();
+        open.inc();
+        let bytes = Meter {
+            client: Some(self.received.get_or_create(&labels).clone()),
+            server: Some(self.sent.get_or_create(&labels).clone()),
+        };
         ConnMetrics {
             traffic: self.clone(),
-            reporter,
+            open,
+            bytes,
             labels,
             closed: AtomicBool::new(false),
             metered: AtomicBool::new(false),
@@ -227,7 +236,10 @@ impl Meter {
 #[derive(Debug)]
 pub struct ConnMetrics {
     traffic: Arc<Traffic>,
-    reporter: Reporter,
+    /// This direction's open-connections gauge.
+    open: Gauge,
+    /// The byte counters of `labels`.
+    bytes: Meter,
     labels: TrafficLabels,
     closed: AtomicBool,
     /// Whether a [`Meter`] counts the bytes live (then the close adds none).
@@ -244,10 +256,7 @@ impl ConnMetrics {
     /// the close then adds only the closed count.
     pub fn meter(&self) -> Meter {
         self.metered.store(true, Ordering::Release);
-        Meter {
-            client: Some(self.traffic.received.get_or_create(&self.labels).clone()),
-            server: Some(self.traffic.sent.get_or_create(&self.labels).clone()),
-        }
+        self.bytes.clone()
     }
 
     /// Counts the close once: `client_bytes` went downstream → upstream, `server_bytes` back
@@ -264,16 +273,11 @@ impl ConnMetrics {
             l.response_flags = flag;
             std::borrow::Cow::Owned(l)
         };
-        let t = &self.traffic;
-        t.closed.get_or_create(&labels).inc();
+        self.traffic.closed.get_or_create(&labels).inc();
         // Bytes always count under the labels of the open, as the meter's do.
         if !self.metered.load(Ordering::Acquire) {
-            if client_bytes > 0 {
-                t.received.get_or_create(&self.labels).inc_by(client_bytes);
-            }
-            if server_bytes > 0 {
-                t.sent.get_or_create(&self.labels).inc_by(server_bytes);
-            }
+            self.bytes.client_bytes(client_bytes);
+            self.bytes.server_bytes(server_bytes);
         }
     }
 }
@@ -281,11 +285,6 @@ impl ConnMetrics {
 impl Drop for ConnMetrics {
     fn drop(&mut self) {
         self.close(0, 0, "-");
-        self.traffic
-            .open
-            .get_or_create(&DirectionLabel {
-                direction: self.reporter.direction(),
-            })
-            .dec();
+        self.open.dec();
     }
 }
