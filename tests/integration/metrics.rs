@@ -1,7 +1,8 @@
 //! Metrics, checked by the real consumer: a Prometheus server (Debian package `prometheus`) started
 //! on loopback scrapes two in-process l4mesh nodes every second while the test sends known traffic
 //! between them; its HTTP API must then report exactly the connections and bytes sent, per reporter
-//! and with the workload, principal and security labels Istio's dashboards use. The dashboard's
+//! and with the workload, principal and security labels Istio's dashboards use, the bytes of a
+//! connection still open, and a tunnel denied by policy flagged `RBAC` on both sides. The dashboard's
 //! queries are run against it too. A plain scrape checks both paths and the content types.
 //!
 //! Addresses: 127.51.0.x (workloads, listeners, Prometheus) and 127.52.0.x (the scrape test).
@@ -18,6 +19,8 @@ use xds_testserver::{Handle, StateSource};
 use super::harness::{exchange, mesh_node, socks5_connect_from, Backend};
 
 const BACKEND_PORT: u16 = 18080;
+/// A port the mesh's policy denies to the client (nothing needs to listen there).
+const DENIED_PORT: u16 = 18081;
 const PROMETHEUS: &str = "127.51.0.50:19090";
 
 fn state(net: u8) -> String {
@@ -64,6 +67,14 @@ services:
   vips: ["/127.{net}.0.100"]
   ports: {{ 80: {BACKEND_PORT} }}
   subjectAltNames: ["spiffe://cluster.local/ns/default/sa/server"]
+policies:
+- name: deny-client-{DENIED_PORT}
+  namespace: default
+  scope: Namespace
+  action: Deny
+  rules:
+  - - - principals: [!Exact "cluster.local/ns/default/sa/client"]
+        destinationPorts: [{DENIED_PORT}]
 "#
     )
 }
@@ -269,6 +280,13 @@ async fn prometheus_counts_what_was_sent() {
         .unwrap();
     let msg = "y".repeat(500);
     assert_eq!(exchange(s, &msg).await, format!("legacy:{msg}"));
+    // One tunnel B's policy denies (401): counted opened and closed with the flag RBAC, each side.
+    assert!(
+        socks5_connect_from(m.client_ip, socks, "127.51.0.2", DENIED_PORT)
+            .await
+            .is_err(),
+        "the policy denies the tunnel"
+    );
     let (a, b) = (a_metrics.to_string(), b_metrics.to_string());
     let sum = |metric: &str, instance: &str, selector: &str| {
         format!("sum({metric}{{instance=\"{instance}\",{selector}}})")
@@ -285,10 +303,10 @@ async fn prometheus_counts_what_was_sent() {
     let while_open = [
         ("istio_tcp_received_bytes_total", &a, mtls_src, 10000.0),
         ("istio_tcp_received_bytes_total", &b, mtls_dst, 10000.0),
-        ("istio_tcp_connections_opened_total", &a, mtls_src, 4.0),
-        ("istio_tcp_connections_closed_total", &a, mtls_src, 3.0),
-        ("istio_tcp_connections_opened_total", &b, mtls_dst, 4.0),
-        ("istio_tcp_connections_closed_total", &b, mtls_dst, 3.0),
+        ("istio_tcp_connections_opened_total", &a, mtls_src, 5.0),
+        ("istio_tcp_connections_closed_total", &a, mtls_src, 4.0),
+        ("istio_tcp_connections_opened_total", &b, mtls_dst, 5.0),
+        ("istio_tcp_connections_closed_total", &b, mtls_dst, 4.0),
         ("l4mesh_open_connections", &a, "direction=\"outbound\"", 1.0),
         ("l4mesh_open_connections", &b, "direction=\"inbound\"", 1.0),
     ];
@@ -312,13 +330,14 @@ async fn prometheus_counts_what_was_sent() {
 
     let expect = [
         // Node A reports as the source, node B as the destination; both see the same traffic:
-        // 1000 + 2000 + 3000 + 4000 bytes up, each answer 2 bytes longer.
-        ("istio_tcp_connections_opened_total", &a, mtls_src, 4.0),
-        ("istio_tcp_connections_closed_total", &a, mtls_src, 4.0),
+        // five tunnels (one denied), 1000 + 2000 + 3000 + 4000 bytes up, each answer 2 bytes
+        // longer.
+        ("istio_tcp_connections_opened_total", &a, mtls_src, 5.0),
+        ("istio_tcp_connections_closed_total", &a, mtls_src, 5.0),
         ("istio_tcp_received_bytes_total", &a, mtls_src, 10000.0),
         ("istio_tcp_sent_bytes_total", &a, mtls_src, 10008.0),
-        ("istio_tcp_connections_opened_total", &b, mtls_dst, 4.0),
-        ("istio_tcp_connections_closed_total", &b, mtls_dst, 4.0),
+        ("istio_tcp_connections_opened_total", &b, mtls_dst, 5.0),
+        ("istio_tcp_connections_closed_total", &b, mtls_dst, 5.0),
         ("istio_tcp_received_bytes_total", &b, mtls_dst, 10000.0),
         ("istio_tcp_sent_bytes_total", &b, mtls_dst, 10008.0),
         ("istio_tcp_connections_opened_total", &a, plain_src, 1.0),
@@ -334,29 +353,45 @@ async fn prometheus_counts_what_was_sent() {
             panic!("{q}: expected {want}, Prometheus has {got:?}");
         }
     }
-    // Nothing else was counted: no destination-side plaintext on B, no other flags.
+    // Nothing else was counted: no destination-side plaintext on B; the only failures are the
+    // denied tunnel's, one per side, flagged RBAC.
     assert_eq!(
         prom.scalar(&format!(
             "sum(istio_tcp_connections_opened_total{{instance=\"{b}\"}})"
         ))
         .await,
-        Some(4.0)
+        Some(5.0)
     );
-    assert_eq!(
-        prom.scalar("sum(istio_tcp_connections_closed_total{response_flags!=\"-\"})")
-            .await,
-        None,
-        "every connection closed cleanly"
-    );
+    for (instance, reporter) in [(&a, "source"), (&b, "destination")] {
+        let rows = prom
+            .query(&format!(
+                "sum by (response_flags, destination_workload, source_principal) (istio_tcp_connections_closed_total{{instance=\"{instance}\",reporter=\"{reporter}\",response_flags!=\"-\"}})"
+            ))
+            .await;
+        assert_eq!(rows.len(), 1, "{reporter}: {rows:?}");
+        assert_eq!(rows[0]["metric"]["response_flags"], "RBAC", "{rows:?}");
+        assert_eq!(rows[0]["metric"]["destination_workload"], "server");
+        assert_eq!(
+            rows[0]["metric"]["source_principal"],
+            "spiffe://cluster.local/ns/default/sa/client"
+        );
+        assert_eq!(rows[0]["value"][1], "1", "{rows:?}");
+    }
+    let deny = format!("sum(l4mesh_rbac_decisions_total{{instance=\"{b}\",result=\"deny\"}})");
+    assert_eq!(prom.scalar(&deny).await, Some(1.0), "{deny}");
 
     // The labels of each side, as Istio's dashboards select them.
     for (instance, reporter) in [(&a, "source"), (&b, "destination")] {
         let rows = prom
             .query(&format!(
-                "istio_tcp_connections_opened_total{{instance=\"{instance}\",reporter=\"{reporter}\",connection_security_policy=\"mutual_tls\"}}"
+                "istio_tcp_connections_opened_total{{instance=\"{instance}\",reporter=\"{reporter}\",connection_security_policy=\"mutual_tls\",destination_service!=\"unknown\"}}"
             ))
             .await;
-        assert_eq!(rows.len(), 1, "one label set per side: {rows:?}");
+        assert_eq!(
+            rows.len(),
+            1,
+            "one label set per side for the VIP traffic: {rows:?}"
+        );
         let l = &rows[0]["metric"];
         let want = [
             ("source_workload", "client"),
@@ -410,7 +445,7 @@ async fn prometheus_counts_what_was_sent() {
     assert_eq!(prom.await_value(&rbac, 4.0).await, Ok(()), "{rbac}");
     let tunnels =
         format!("l4mesh_hbone_tunnels_opened_total{{instance=\"{a}\",direction=\"outbound\"}}");
-    assert_eq!(prom.await_value(&tunnels, 4.0).await, Ok(()), "{tunnels}");
+    assert_eq!(prom.await_value(&tunnels, 5.0).await, Ok(()), "{tunnels}");
     let pool = format!("l4mesh_hbone_pool_connections{{instance=\"{a}\"}}");
     assert_eq!(prom.await_value(&pool, 1.0).await, Ok(()), "{pool}");
     let build = format!("istio_build{{instance=\"{a}\",component=\"ztunnel\"}}");
