@@ -127,7 +127,6 @@ fn missing_values_are_unknown() {
         &l.source_principal,
         &l.source_app,
         &l.source_cluster,
-        &l.destination_workload,
         &l.destination_app,
         &l.destination_cluster,
         &l.destination_service,
@@ -137,6 +136,8 @@ fn missing_values_are_unknown() {
         assert_eq!(v, UNKNOWN);
     }
     assert_eq!(l.destination_workload_namespace, "shop");
+    // No workloadName in the state: the pod's own name stands in, as istiod names bare pods.
+    assert_eq!(l.destination_workload, "bare");
     assert_eq!(
         l.destination_principal,
         "spiffe://cluster.local/ns/shop/sa/bare"

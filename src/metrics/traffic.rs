@@ -90,6 +90,16 @@ pub struct Peer<'a> {
     pub principal: Option<&'a SpiffeId>,
 }
 
+/// The workload's `workload_name`, else its own name (istiod always fills the former; a local
+/// config may not).
+fn workload_name(w: &Workload) -> &str {
+    if w.workload_name.is_empty() {
+        &w.name
+    } else {
+        &w.workload_name
+    }
+}
+
 fn or_unknown(s: &str) -> String {
     if s.is_empty() {
         UNKNOWN.to_owned()
@@ -100,7 +110,7 @@ fn or_unknown(s: &str) -> String {
 
 impl TrafficLabels {
     /// The labels of one connection. As ztunnel: `*_workload` is the workload's `workload_name`
-    /// (its Deployment, not the pod), `*_app`/`*_canonical_service` its canonical name,
+    /// (its Deployment, not the pod; the pod's name when none is given, as istiod names bare pods), `*_app`/`*_canonical_service` its canonical name,
     /// `*_version`/`*_canonical_revision` its canonical revision; the source principal is only
     /// what mutual TLS proves (or presents), the destination principal the destination
     /// workload's identity. Empty values become `unknown`.
@@ -118,7 +128,7 @@ impl TrafficLabels {
         let svc = |f: fn(&Service) -> &str| or_unknown(service.map(f).unwrap_or_default());
         Self {
             reporter: reporter.as_str(),
-            source_workload: field(s, |w| &w.workload_name),
+            source_workload: field(s, workload_name),
             source_canonical_service: field(s, |w| &w.canonical_name),
             source_canonical_revision: field(s, |w| &w.canonical_revision),
             source_workload_namespace: field(s, |w| &w.namespace),
@@ -131,7 +141,7 @@ impl TrafficLabels {
             destination_service: svc(|s| &s.hostname),
             destination_service_namespace: svc(|s| &s.namespace),
             destination_service_name: svc(|s| &s.name),
-            destination_workload: field(dst, |w| &w.workload_name),
+            destination_workload: field(dst, workload_name),
             destination_canonical_service: field(dst, |w| &w.canonical_name),
             destination_canonical_revision: field(dst, |w| &w.canonical_revision),
             destination_workload_namespace: field(dst, |w| &w.namespace),
