@@ -222,7 +222,7 @@ fn one_connection_counts_open_close_and_bytes_once() {
     istio.register("tcp_received_bytes", "r", t.received.clone());
     r.register("open_connections", "g", t.open.clone());
     let labels = TrafficLabels::new(Reporter::Source, Peer::default(), None, None, false);
-    let m = t.open(Reporter::Source, labels);
+    let m = t.open(labels);
     let text = encode(&r);
     assert!(
         text.contains("open_connections{direction=\"outbound\"} 1"),
@@ -275,7 +275,7 @@ fn metered_bytes_show_before_the_close_and_count_once() {
     r.register("received", "r", t.received.clone());
     r.register("sent", "s", t.sent.clone());
     let labels = TrafficLabels::new(Reporter::Source, Peer::default(), None, None, true);
-    let m = t.open(Reporter::Source, labels);
+    let m = t.open(labels);
     let meter = m.meter();
     meter.client_bytes(100);
     meter.client_bytes(28);
@@ -312,7 +312,7 @@ fn a_dropped_connection_still_counts_its_close() {
     r.register("closed", "c", t.closed.clone());
     r.register("open", "g", t.open.clone());
     let labels = TrafficLabels::new(Reporter::Destination, Peer::default(), None, None, true);
-    drop(t.open(Reporter::Destination, labels));
+    drop(t.open(labels));
     let text = encode(&r);
     assert!(
         text.contains("closed_total{reporter=\"destination\""),

@@ -3,9 +3,9 @@
 //! A connection's labels are computed once, when its destination is known ([`Traffic::open`]),
 //! and reused at close; no label is computed or looked up per byte. Bytes are added as they move
 //! through a [`Meter`] (two counter handles fetched once; one atomic add per chunk copied), so a
-//! long-lived connection's bytes show while it lasts. Every label value is a name from the store (workload, namespace, service,
-//! identity) or a fixed word: no ports, addresses or connection ids, so the number of series is
-//! bounded by the mesh's size, not by its traffic.
+//! long-lived connection's bytes show while it lasts. Every label value is a name from the store
+//! (workload, namespace, service, identity) or a fixed word: no ports, addresses or connection ids,
+//! so the number of series is bounded by the mesh's size, not by its traffic.
 //!
 //! Depends only on `model`, so that `proxy` can use it; the registry, the collectors and the HTTP
 //! server live in the parent module, above `proxy`.
@@ -185,7 +185,12 @@ impl Traffic {
     /// Counts a connection as opened with `labels`; the returned record counts its close.
     /// Every handle the connection needs later is fetched here, so that the close costs one more
     /// lookup (the closed counter, whose labels carry the outcome) and the bytes none.
-    pub fn open(self: &Arc<Self>, reporter: Reporter, labels: TrafficLabels) -> ConnMetrics {
+    pub fn open(self: &Arc<Self>, labels: TrafficLabels) -> ConnMetrics {
+        let reporter = if labels.reporter == Reporter::Source.as_str() {
+            Reporter::Source
+        } else {
+            Reporter::Destination
+        };
         self.opened.get_or_create(&labels).inc();
         let open = self
             .open

@@ -294,7 +294,7 @@ fn open_metrics(
         service.as_deref(),
         true,
     );
-    ctx.metrics.open(Reporter::Destination, labels)
+    ctx.metrics.open(labels)
 }
 
 /// A workload with a waypoint takes tunnels only from that waypoint's identity, so that its policy

@@ -115,5 +115,5 @@ fn open_metrics(
         service.as_deref(),
         false,
     );
-    ctx.metrics.open(Reporter::Destination, labels)
+    ctx.metrics.open(labels)
 }

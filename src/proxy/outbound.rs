@@ -121,7 +121,7 @@ fn open_metrics(
         up.service.as_deref(),
         hbone,
     );
-    ctx.metrics.open(Reporter::Source, labels)
+    ctx.metrics.open(labels)
 }
 
 /// The pool key of a tunnel to `up`: the source identity (the client's workload, else this
