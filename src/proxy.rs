@@ -31,6 +31,7 @@ use crate::store::Store;
 pub use conn_tracker::ConnTracker;
 pub use error::{Blame, ProxyError};
 pub use h2io::Tuning as H2Tuning;
+pub use pool::PoolStats;
 
 /// What every connection handler needs, shared by all listeners.
 pub struct ProxyCtx {
@@ -57,6 +58,8 @@ pub struct ProxyCtx {
     pub conns: Arc<ConnTracker>,
     /// OpenTelemetry export of connection spans and access-log records; `None` = off.
     pub otel: Option<Arc<crate::otel::Otel>>,
+    /// This l4mesh's traffic metrics (Istio TCP metrics, RBAC decisions, open connections).
+    pub metrics: Arc<crate::metrics::Traffic>,
 }
 
 /// HBONE state shared by all connections of one l4mesh.
@@ -79,6 +82,11 @@ impl HboneState {
     /// TLS connections opened by outbound HBONE (pooled: fewer than tunnels).
     pub fn outbound_tls_connections(&self) -> u64 {
         self.outbound_tls.load(Ordering::Relaxed)
+    }
+
+    /// The outbound connection pool's size now.
+    pub fn pool_stats(&self) -> pool::PoolStats {
+        self.pool.stats()
     }
 
     fn count_inbound(&self) {
@@ -125,6 +133,18 @@ impl ProxyCtx {
 /// evaluation and the registration; a re-check after registering closes that window (a later
 /// change is the tracker's job).
 pub(crate) fn admit(
+    ctx: &ProxyCtx,
+    snapshot: &crate::store::Snapshot,
+    wl: &crate::model::Workload,
+    conn: crate::rbac::ConnCtx,
+) -> Result<conn_tracker::Registration, ProxyError> {
+    let result = admit_once(ctx, snapshot, wl, conn);
+    // One decision per connection, whichever snapshot made it.
+    ctx.metrics.rbac_decision(result.is_ok());
+    result
+}
+
+fn admit_once(
     ctx: &ProxyCtx,
     snapshot: &crate::store::Snapshot,
     wl: &crate::model::Workload,

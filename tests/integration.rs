@@ -9,6 +9,7 @@ mod integration {
     mod hbone;
     mod identity;
     mod local_mode;
+    mod metrics;
     pub mod netns;
     mod otel;
     mod rbac;

@@ -206,3 +206,36 @@ fn otel_is_off_by_default_and_validated_when_on() {
         .unwrap();
     assert_eq!(c.otel, None);
 }
+#[test]
+fn metrics_address() {
+    let c = Args::try_parse_from(["l4mesh"])
+        .unwrap()
+        .into_config()
+        .unwrap();
+    assert_eq!(c.metrics_addr, Some("0.0.0.0:15020".parse().unwrap()));
+    let c = Args::try_parse_from(["l4mesh", "--metrics-addr", "127.0.0.1:9000"])
+        .unwrap()
+        .into_config()
+        .unwrap();
+    assert_eq!(c.metrics_addr, Some("127.0.0.1:9000".parse().unwrap()));
+    let e = Args::try_parse_from(["l4mesh", "--metrics-addr", "15020"]).unwrap_err();
+    assert!(e.to_string().contains("--metrics-addr"), "{e}");
+    let e = Args::try_parse_from([
+        "l4mesh",
+        "--metrics-addr",
+        "0.0.0.0:15021",
+        "--readiness-addr",
+        "0.0.0.0:15021",
+    ])
+    .unwrap()
+    .into_config()
+    .unwrap_err();
+    assert!(
+        e.to_string().contains("L4MESH_METRICS_ADDR") && e.to_string().contains("0.0.0.0:15021"),
+        "{e}"
+    );
+    assert_eq!(
+        Config::local("127.51.0.1".parse().unwrap()).metrics_addr,
+        Some("127.51.0.1:0".parse().unwrap())
+    );
+}

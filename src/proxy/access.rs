@@ -80,6 +80,8 @@ pub(crate) struct ConnLog {
     pub counters: Option<Arc<TunnelCounters>>,
     /// The connection's OTel span when OTel is on (`super::trace`).
     pub trace: Option<crate::otel::ConnTrace>,
+    /// The Istio TCP metrics of the connection, once its destination is known.
+    pub metrics: Option<crate::metrics::ConnMetrics>,
 }
 
 impl ConnLog {
@@ -102,7 +104,17 @@ impl ConnLog {
             status: None,
             counters: None,
             trace: None,
+            metrics: None,
         }
+    }
+
+    /// The live byte counters of this connection's metrics (empty before its destination is
+    /// known), for the copy loop.
+    pub fn meter(&self) -> crate::metrics::Meter {
+        self.metrics
+            .as_ref()
+            .map(crate::metrics::ConnMetrics::meter)
+            .unwrap_or_default()
     }
 
     pub fn finish(&self, t: Transferred, err: Option<&ProxyError>) {
@@ -127,6 +139,9 @@ impl ConnLog {
                 (flag, Some(blame), Some(e.to_string()))
             }
         };
+        if let Some(m) = &self.metrics {
+            m.close(t.sent, t.received, flag);
+        }
         // One set of fields; the level says whether it went well.
         macro_rules! access_line {
             ($level:expr, $msg:literal) => {

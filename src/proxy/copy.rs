@@ -5,10 +5,15 @@
 //! direction is propagated as a half-close (`shutdown(SHUT_WR)`), and the other direction keeps
 //! flowing until it ends too. An error in either direction ends both. Between two TCP sockets the
 //! bytes move with `splice(2)` through a kernel pipe (made lazily, at the first byte) instead.
+//!
+//! Every chunk moved is also added to the connection's [`Meter`] (its live byte metrics): one
+//! atomic add per chunk, so metrics follow long connections without a per-byte cost.
 
 use std::io;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::metrics::Meter;
 
 /// Buffer sizes a direction steps through as traffic shows it needs more.
 const STEPS: [usize; 3] = [1024, 16 * 1024, 256 * 1024];
@@ -43,7 +48,32 @@ enum Side {
     Write(io::Error),
 }
 
-async fn one_way<R, W>(r: &mut R, w: &mut W, counter: &mut u64) -> Result<(), Side>
+/// Which direction a copy loop moves: where its chunks are metered.
+#[derive(Clone, Copy)]
+enum Flow {
+    /// Downstream → upstream.
+    ClientToServer,
+    /// Upstream → downstream.
+    ServerToClient,
+}
+
+impl Flow {
+    #[inline]
+    fn meter(self, meter: &Meter, n: u64) {
+        match self {
+            Flow::ClientToServer => meter.client_bytes(n),
+            Flow::ServerToClient => meter.server_bytes(n),
+        }
+    }
+}
+
+async fn one_way<R, W>(
+    r: &mut R,
+    w: &mut W,
+    counter: &mut u64,
+    meter: &Meter,
+    flow: Flow,
+) -> Result<(), Side>
 where
     R: AsyncRead + Unpin + ?Sized,
     W: AsyncWrite + Unpin + ?Sized,
@@ -59,6 +89,7 @@ where
         }
         w.write_all(&buf[..n]).await.map_err(Side::Write)?;
         *counter += n as u64;
+        flow.meter(meter, n as u64);
         if n == buf.len() && step + 1 < STEPS.len() {
             step += 1;
             buf = vec![0u8; STEPS[step]];
@@ -72,6 +103,7 @@ pub async fn bidirectional<DR, DW, UR, UW>(
     down_w: &mut DW,
     up_r: &mut UR,
     up_w: &mut UW,
+    meter: &Meter,
 ) -> (Transferred, Result<(), CopyError>)
 where
     DR: AsyncRead + Unpin + ?Sized,
@@ -79,7 +111,7 @@ where
     UR: AsyncRead + Unpin + ?Sized,
     UW: AsyncWrite + Unpin + ?Sized,
 {
-    bidirectional_until(down_r, down_w, up_r, up_w, std::future::pending()).await
+    bidirectional_until(down_r, down_w, up_r, up_w, meter, std::future::pending()).await
 }
 
 /// [`bidirectional`], ended early with [`CopyError::Stopped`] when `stop` resolves; the bytes
@@ -89,6 +121,7 @@ pub async fn bidirectional_until<DR, DW, UR, UW>(
     down_w: &mut DW,
     up_r: &mut UR,
     up_w: &mut UW,
+    meter: &Meter,
     stop: impl std::future::Future<Output = ()>,
 ) -> (Transferred, Result<(), CopyError>)
 where
@@ -99,8 +132,8 @@ where
 {
     let mut t = Transferred::default();
     let result = both_ways(
-        one_way(down_r, up_w, &mut t.sent),
-        one_way(up_r, down_w, &mut t.received),
+        one_way(down_r, up_w, &mut t.sent, meter, Flow::ClientToServer),
+        one_way(up_r, down_w, &mut t.received, meter, Flow::ServerToClient),
         stop,
     )
     .await;
@@ -144,21 +177,23 @@ const SPLICE_CHUNK: usize = 1 << 20;
 pub async fn tcp(
     down: &mut tokio::net::TcpStream,
     up: &mut tokio::net::TcpStream,
+    meter: &Meter,
 ) -> (Transferred, Result<(), CopyError>) {
-    tcp_until(down, up, std::future::pending()).await
+    tcp_until(down, up, meter, std::future::pending()).await
 }
 
 /// [`tcp`], ended early with [`CopyError::Stopped`] when `stop` resolves.
 pub async fn tcp_until(
     down: &mut tokio::net::TcpStream,
     up: &mut tokio::net::TcpStream,
+    meter: &Meter,
     stop: impl std::future::Future<Output = ()>,
 ) -> (Transferred, Result<(), CopyError>) {
     let mut t = Transferred::default();
     let (down, up) = (&*down, &*up);
     let result = both_ways(
-        splice_one_way(down, up, &mut t.sent),
-        splice_one_way(up, down, &mut t.received),
+        splice_one_way(down, up, &mut t.sent, meter, Flow::ClientToServer),
+        splice_one_way(up, down, &mut t.received, meter, Flow::ServerToClient),
         stop,
     )
     .await;
@@ -169,6 +204,8 @@ async fn splice_one_way(
     r: &tokio::net::TcpStream,
     w: &tokio::net::TcpStream,
     counter: &mut u64,
+    meter: &Meter,
+    flow: Flow,
 ) -> Result<(), Side> {
     use tokio::io::Interest;
     // An idle connection holds no pipe: it is made when the first bytes arrive.
@@ -177,7 +214,7 @@ async fn splice_one_way(
         Ok(p) => p,
         Err(e) => {
             tracing::debug!(error = %e, "no pipe for splice; using the buffered copy");
-            return buffered_one_way(r, w, counter).await;
+            return buffered_one_way(r, w, counter, meter, flow).await;
         }
     };
     loop {
@@ -197,6 +234,7 @@ async fn splice_one_way(
                 .map_err(Side::Write)?;
             left -= m;
             *counter += m as u64;
+            flow.meter(meter, m as u64);
         }
     }
 }
@@ -206,6 +244,8 @@ async fn buffered_one_way(
     r: &tokio::net::TcpStream,
     w: &tokio::net::TcpStream,
     counter: &mut u64,
+    meter: &Meter,
+    flow: Flow,
 ) -> Result<(), Side> {
     let mut step = 0;
     let mut buf = vec![0u8; STEPS[0]];
@@ -230,6 +270,7 @@ async fn buffered_one_way(
             }
         }
         *counter += n as u64;
+        flow.meter(meter, n as u64);
         if n == buf.len() && step + 1 < STEPS.len() {
             step += 1;
             buf = vec![0u8; STEPS[step]];

@@ -193,7 +193,8 @@ async fn stream(
     // A policy change that now denies the tunnel ends the copy; the bytes moved until then are
     // still reported.
     let mut revocation = None;
-    let (t, r) = copy::bidirectional_until(&mut tr, &mut tw, &mut ur, &mut uw, async {
+    let meter = log.meter();
+    let (t, r) = copy::bidirectional_until(&mut tr, &mut tw, &mut ur, &mut uw, &meter, async {
         revocation = Some(reg.revoked().await);
     })
     .await;
@@ -230,6 +231,15 @@ async fn open(
         .local_workload(&snapshot, target.ip())
         .ok_or(Outcome::AuthorityMismatch { authority: target })?;
     log.dst_identity = Some(wl.identity().to_string());
+    log.metrics = Some(open_metrics(
+        ctx,
+        &snapshot,
+        req,
+        peer,
+        log.src,
+        &wl,
+        target.port(),
+    ));
     log.upstream = Some(Upstream {
         addr: target,
         workload: Some(wl.clone()),
@@ -256,6 +266,37 @@ async fn open(
             source,
         })?;
     Ok((up, reg))
+}
+
+/// Counts the tunnel opened, reported by the destination with the policy `mutual_tls`: the source
+/// principal is the identity the peer proved; its workload is the one at the `forwarded` client
+/// address (else at the TCP peer) that carries that identity.
+fn open_metrics(
+    ctx: &ProxyCtx,
+    snapshot: &Snapshot,
+    req: &http::Request<h2::RecvStream>,
+    peer: &SpiffeId,
+    src: SocketAddr,
+    wl: &Workload,
+    port: u16,
+) -> crate::metrics::ConnMetrics {
+    use crate::metrics::{peers, Peer, Reporter, TrafficLabels};
+    let mut candidates = Vec::with_capacity(2);
+    candidates.extend(peers::forwarded_for(req.headers()));
+    candidates.push(src.ip());
+    let src_wl = peers::inbound_source(snapshot, &ctx.network, &candidates, Some(peer));
+    let service = peers::inbound_service(snapshot, wl, port);
+    let labels = TrafficLabels::new(
+        Reporter::Destination,
+        Peer {
+            workload: src_wl.as_deref(),
+            principal: Some(peer),
+        },
+        Some(wl),
+        service.as_deref(),
+        true,
+    );
+    ctx.metrics.open(labels)
 }
 
 /// A workload with a waypoint takes tunnels only from that waypoint's identity, so that its policy

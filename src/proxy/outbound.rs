@@ -53,6 +53,7 @@ pub(super) async fn open(ctx: &ProxyCtx, log: &mut ConnLog) -> Result<UpConn, Pr
     let (upstream, src_wl) = resolve(ctx, log)?;
     let addr = upstream.addr;
     let kind = upstream.kind;
+    log.metrics = Some(open_metrics(ctx, &upstream, src_wl.as_deref()));
     let tunnel = (kind == UpstreamKind::Hbone)
         .then(|| tunnel_key(ctx, log.src, &upstream, src_wl.as_deref()));
     log.upstream = Some(upstream);
@@ -94,6 +95,35 @@ pub(super) async fn open(ctx: &ProxyCtx, log: &mut ConnLog) -> Result<UpConn, Pr
         .await
         .map(UpConn::Tcp)
         .map_err(|source| ProxyError::Connect { addr, source })
+}
+
+/// Counts the connection opened, reported by the source: over HBONE the source principal is the
+/// identity this side presents (ztunnel's rule), and the policy `mutual_tls`.
+fn open_metrics(
+    ctx: &ProxyCtx,
+    up: &Upstream,
+    src_wl: Option<&Workload>,
+) -> crate::metrics::ConnMetrics {
+    use crate::metrics::{Peer, Reporter, TrafficLabels};
+    let hbone = up.kind == UpstreamKind::Hbone;
+    let principal = if hbone {
+        src_wl
+            .map(Workload::identity)
+            .or_else(|| ctx.own_identity.clone())
+    } else {
+        None
+    };
+    let labels = TrafficLabels::new(
+        Reporter::Source,
+        Peer {
+            workload: src_wl,
+            principal: principal.as_ref(),
+        },
+        up.workload.as_deref(),
+        up.service.as_deref(),
+        hbone,
+    );
+    ctx.metrics.open(labels)
 }
 
 /// The pool key of a tunnel to `up`: the source identity (the client's workload, else this
@@ -162,12 +192,13 @@ fn resolve(
 /// Copies both ways until close and writes the access-log line.
 pub(super) async fn relay(mut down: TcpStream, up: UpConn, log: &ConnLog) {
     super::trace::connected(log);
+    let meter = log.meter();
     let (t, r) = match up {
-        UpConn::Tcp(mut up) => copy::tcp(&mut down, &mut up).await,
+        UpConn::Tcp(mut up) => copy::tcp(&mut down, &mut up, &meter).await,
         UpConn::Tunnel(mut tunnel) => {
             let (mut dr, mut dw) = down.split();
             let Tunnel { recv, send, .. } = &mut *tunnel;
-            let res = copy::bidirectional(&mut dr, &mut dw, recv, send).await;
+            let res = copy::bidirectional(&mut dr, &mut dw, recv, send, &meter).await;
             if res.1.is_err() {
                 send.reset(h2::Reason::CANCEL);
             }

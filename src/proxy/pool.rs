@@ -46,13 +46,35 @@ pub struct Tunnel {
     _guard: StreamGuard,
 }
 
-/// Counts a stream against its connection's limit until dropped.
-struct StreamGuard(Arc<AtomicUsize>);
+/// Counts a stream against its connection's limit (and in the pool's total) until dropped.
+struct StreamGuard(Arc<AtomicUsize>, Arc<AtomicUsize>);
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
+        self.1.fetch_sub(1, Ordering::Relaxed);
     }
+}
+
+/// Counts a live connection (its driver task runs) until dropped, whichever way the task ends.
+struct LiveGuard(Arc<AtomicUsize>);
+
+impl Drop for LiveGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The pool's size, read by the metrics endpoint.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PoolStats {
+    /// Distinct (source identity, expected identities, address) keys held.
+    pub keys: usize,
+    /// Outbound HBONE connections whose driver still runs (including replaced ones still
+    /// carrying their streams).
+    pub connections: usize,
+    /// Tunnels (HTTP/2 streams) open on them.
+    pub streams: usize,
 }
 
 #[derive(Clone)]
@@ -62,6 +84,8 @@ struct Conn {
     dead: Arc<AtomicBool>,
     /// Streams it takes at once (`POOL_MAX_STREAMS_PER_CONNECTION`).
     max: usize,
+    /// The pool's stream total.
+    streams: Arc<AtomicUsize>,
 }
 
 impl Conn {
@@ -71,7 +95,8 @@ impl Conn {
             return None;
         }
         let prev = self.active.fetch_add(1, Ordering::AcqRel);
-        let guard = StreamGuard(self.active.clone());
+        self.streams.fetch_add(1, Ordering::Relaxed);
+        let guard = StreamGuard(self.active.clone(), self.streams.clone());
         if prev >= self.max {
             return None; // the guard gives the slot back
         }
@@ -83,9 +108,23 @@ impl Conn {
 #[derive(Default)]
 pub struct Pool {
     slots: Mutex<HashMap<PoolKey, Arc<tokio::sync::Mutex<Option<Conn>>>>>,
+    live: Arc<AtomicUsize>,
+    streams: Arc<AtomicUsize>,
 }
 
 impl Pool {
+    pub fn stats(&self) -> PoolStats {
+        PoolStats {
+            keys: self
+                .slots
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .len(),
+            connections: self.live.load(Ordering::Relaxed),
+            streams: self.streams.load(Ordering::Relaxed),
+        }
+    }
+
     fn slot(&self, key: &PoolKey) -> Arc<tokio::sync::Mutex<Option<Conn>>> {
         let mut slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
         // The key holds identities: clone it only when the slot is new, not on every tunnel.
@@ -226,7 +265,10 @@ async fn connect(ctx: &ProxyCtx, key: &PoolKey) -> Result<Conn, ProxyError> {
         Arc::new(AtomicUsize::new(0)),
         Arc::new(AtomicBool::new(false)),
     );
-    tokio::spawn(keep(
+    let pool = &ctx.hbone.pool;
+    pool.live.fetch_add(1, Ordering::Relaxed);
+    let live = LiveGuard(pool.live.clone());
+    let driver = keep(
         conn,
         active.clone(),
         dead.clone(),
@@ -235,13 +277,18 @@ async fn connect(ctx: &ProxyCtx, key: &PoolKey) -> Result<Conn, ProxyError> {
             ..Liveness::default()
         },
         key.addr,
-    ));
+    );
+    tokio::spawn(async move {
+        let _live = live;
+        driver.await
+    });
     let max = usize::try_from(ctx.h2.max_streams_per_connection).unwrap_or(usize::MAX);
     Ok(Conn {
         send,
         active,
         dead,
         max,
+        streams: pool.streams.clone(),
     })
 }
 

@@ -95,6 +95,7 @@ async fn a_connection_takes_at_most_its_configured_streams() {
         active: Arc::new(AtomicUsize::new(0)),
         dead: dead.clone(),
         max: 2,
+        streams: Arc::new(AtomicUsize::new(0)),
     };
     let first = conn.take().expect("slot 1");
     let _second = conn.take().expect("slot 2");
@@ -107,7 +108,13 @@ async fn a_connection_takes_at_most_its_configured_streams() {
         2,
         "a refused take gives its slot back"
     );
+    assert_eq!(
+        conn.streams.load(Ordering::Acquire),
+        2,
+        "the pool's total counts the two streams, not the refused one"
+    );
     drop(first);
+    assert_eq!(conn.streams.load(Ordering::Acquire), 1);
     assert!(conn.take().is_some(), "a finished stream frees its slot");
     dead.store(true, Ordering::Release);
     assert!(

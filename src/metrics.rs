@@ -1,0 +1,130 @@
+//! Prometheus metrics, served on 15020 at `/metrics` and `/stats/prometheus` (wire-facts §7).
+//!
+//! Two kinds of metric, so that the data path pays as little as possible:
+//! - counters the data path updates ([`Traffic`]: the Istio TCP metrics, RBAC decisions, open
+//!   connections), with labels computed once per connection at open and once at close, and bytes
+//!   added per chunk copied through counter handles fetched at open ([`Meter`]);
+//! - figures read only when scraped ([`collect`]: xDS, certificates, the HBONE pool and tunnel
+//!   counters, the process, the data-plane tokio runtime), as prometheus-client `Collector`s that
+//!   read state l4mesh keeps anyway.
+//!
+//! One [`Metrics`] per l4mesh, created by `app` and never global: tests run several l4mesh in one
+//! process and each counts alone. [`serve`] is a plain future, so the caller picks the runtime.
+//!
+//! Layering: [`traffic`] and [`peers`] depend only on `model`/`store` and are used by `proxy`; this
+//! module's registry and collectors read `proxy`, `xds` and `identity`, so it sits above them.
+
+mod collect;
+pub mod peers;
+mod server;
+pub mod traffic;
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use crate::identity::SecretManager;
+use crate::proxy::ProxyCtx;
+use crate::xds::XdsMetrics;
+
+pub use server::{serve, OPENMETRICS_CONTENT_TYPE, PROMETHEUS_CONTENT_TYPE};
+pub use traffic::{ConnMetrics, Meter, Peer, Reporter, Traffic, TrafficLabels};
+
+/// The `component` of `istio_build`: dashboards select the node proxy by this name.
+pub const BUILD_COMPONENT: &str = "ztunnel";
+
+/// What the metrics read: the proxy (its [`Traffic`], HBONE pool and counters), the xDS client's
+/// counters when there is a control plane, the certificates, and the data-plane runtime.
+pub struct Sources {
+    pub proxy: Arc<ProxyCtx>,
+    pub xds: Option<Arc<XdsMetrics>>,
+    pub secrets: Arc<SecretManager>,
+    /// The runtime the listeners run on (its figures are exported, not the admin runtime's).
+    pub runtime: tokio::runtime::Handle,
+}
+
+/// The registry of one l4mesh.
+pub struct Metrics {
+    registry: Registry,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    component: &'static str,
+    tag: &'static str,
+}
+
+impl Metrics {
+    pub fn new(sources: Sources) -> Self {
+        let mut registry = Registry::default();
+        let istio = registry.sub_registry_with_prefix("istio");
+        let t = &sources.proxy.metrics;
+        istio.register(
+            "tcp_connections_opened",
+            "The total number of TCP connections opened",
+            t.opened.clone(),
+        );
+        istio.register(
+            "tcp_connections_closed",
+            "The total number of TCP connections closed",
+            t.closed.clone(),
+        );
+        istio.register(
+            "tcp_sent_bytes",
+            "The size of total bytes sent during response in case of a TCP connection (server to client)",
+            t.sent.clone(),
+        );
+        istio.register(
+            "tcp_received_bytes",
+            "The size of total bytes received during request in case of a TCP connection (client to server)",
+            t.received.clone(),
+        );
+        let build: Family<BuildLabels, Gauge> = Family::default();
+        build
+            .get_or_create(&BuildLabels {
+                component: BUILD_COMPONENT,
+                tag: env!("CARGO_PKG_VERSION"),
+            })
+            .set(1);
+        istio.register("build", "Istio component build info", build);
+
+        let own = registry.sub_registry_with_prefix("l4mesh");
+        own.register(
+            "open_connections",
+            "Proxied connections open now, by direction (inbound: HBONE tunnels and plaintext; outbound: captured and SOCKS5)",
+            t.open.clone(),
+        );
+        own.register(
+            "rbac_decisions",
+            "Authorization decisions on inbound connections, by result",
+            t.rbac.clone(),
+        );
+
+        registry.register_collector(Box::new(collect::Process));
+        registry.register_collector(Box::new(collect::Runtime(sources.runtime)));
+        registry.register_collector(Box::new(collect::Certificates(sources.secrets)));
+        registry.register_collector(Box::new(collect::Hbone(sources.proxy)));
+        if let Some(x) = sources.xds {
+            registry.register_collector(Box::new(collect::Xds(x)));
+        }
+        Self { registry }
+    }
+
+    /// The exposition: OpenMetrics text when `openmetrics`, else Prometheus text 0.0.4.
+    pub fn encode(&self, openmetrics: bool) -> Result<String, std::fmt::Error> {
+        let mut out = String::new();
+        if openmetrics {
+            prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
+        } else {
+            prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry)?;
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests;

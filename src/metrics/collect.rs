@@ -1,0 +1,401 @@
+//! Figures read at scrape time: nothing here runs on the data path. Each collector reads state
+//! l4mesh keeps anyway (atomics, small maps behind short locks, /proc) and encodes it.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+
+use crate::identity::SecretManager;
+use crate::proxy::ProxyCtx;
+use crate::xds::XdsMetrics;
+
+type Labels = Vec<(&'static str, String)>;
+
+/// Writes one gauge family: `rows` of (labels, value).
+fn gauges<V>(
+    enc: &mut DescriptorEncoder,
+    name: &'static str,
+    help: &str,
+    rows: impl IntoIterator<Item = (Labels, V)>,
+) -> std::fmt::Result
+where
+    ConstGauge<V>: EncodeMetric,
+{
+    let probe = ConstGauge::new(0i64);
+    let mut m = enc.encode_descriptor(name, help, None, probe.metric_type())?;
+    for (labels, v) in rows {
+        ConstGauge::new(v).encode(m.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+/// Writes one counter family (the `_total` suffix is added by the encoder).
+fn counters<V>(
+    enc: &mut DescriptorEncoder,
+    name: &'static str,
+    help: &str,
+    rows: impl IntoIterator<Item = (Labels, V)>,
+) -> std::fmt::Result
+where
+    ConstCounter<V>: EncodeMetric,
+{
+    let probe = ConstCounter::new(0u64);
+    let mut m = enc.encode_descriptor(name, help, None, probe.metric_type())?;
+    for (labels, v) in rows {
+        ConstCounter::new(v).encode(m.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+fn one<V>(v: V) -> [(Labels, V); 1] {
+    [(Vec::new(), v)]
+}
+
+fn label(k: &'static str, v: impl Into<String>) -> Labels {
+    vec![(k, v.into())]
+}
+
+/// The process, as Prometheus' own process collector names it, from /proc/self.
+#[derive(Debug, Default)]
+pub struct Process;
+
+/// What /proc/self/stat and /proc/stat say, in the units Prometheus uses.
+#[derive(Debug, Default, PartialEq)]
+pub struct ProcStat {
+    pub cpu_seconds: f64,
+    pub start_time_seconds: f64,
+    pub virtual_bytes: u64,
+    pub resident_bytes: u64,
+}
+
+/// Parses `/proc/self/stat` (fields after the parenthesised command name, which may contain
+/// spaces) with the boot time from `/proc/stat`, the clock tick rate and the page size.
+pub fn parse_proc_stat(stat: &str, btime: u64, ticks: u64, page: u64) -> Option<ProcStat> {
+    let after = stat.rsplit_once(')')?.1;
+    // `after` starts at field 3 (state); utime is field 14, stime 15, starttime 22, vsize 23,
+    // rss 24.
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let num = |field: usize| f.get(field - 3)?.parse::<u64>().ok();
+    let ticks = ticks.max(1) as f64;
+    Some(ProcStat {
+        cpu_seconds: (num(14)? + num(15)?) as f64 / ticks,
+        start_time_seconds: btime as f64 + num(22)? as f64 / ticks,
+        virtual_bytes: num(23)?,
+        resident_bytes: num(24)? * page,
+    })
+}
+
+/// The `btime` line of `/proc/stat`: boot time in Unix seconds.
+pub fn parse_btime(stat: &str) -> Option<u64> {
+    stat.lines()
+        .find_map(|l| l.strip_prefix("btime "))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+impl Collector for Process {
+    fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
+        let btime = std::fs::read_to_string("/proc/stat")
+            .ok()
+            .and_then(|s| parse_btime(&s))
+            .unwrap_or(0);
+        let ticks = rustix::param::clock_ticks_per_second();
+        let page = rustix::param::page_size() as u64;
+        if let Some(s) = std::fs::read_to_string("/proc/self/stat")
+            .ok()
+            .and_then(|s| parse_proc_stat(&s, btime, ticks, page))
+        {
+            counters(
+                &mut enc,
+                "process_cpu_seconds",
+                "Total user and system CPU time spent in seconds",
+                one(s.cpu_seconds),
+            )?;
+            gauges(
+                &mut enc,
+                "process_resident_memory_bytes",
+                "Resident memory size in bytes",
+                one(s.resident_bytes as i64),
+            )?;
+            gauges(
+                &mut enc,
+                "process_virtual_memory_bytes",
+                "Virtual memory size in bytes",
+                one(s.virtual_bytes as i64),
+            )?;
+            gauges(
+                &mut enc,
+                "process_start_time_seconds",
+                "Start time of the process since unix epoch in seconds",
+                one(s.start_time_seconds),
+            )?;
+        }
+        if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
+            // The directory handle itself is one of the entries.
+            let open = dir.count().saturating_sub(1);
+            gauges(
+                &mut enc,
+                "process_open_fds",
+                "Number of open file descriptors",
+                one(open as i64),
+            )?;
+        }
+        if let Some(lim) = rustix::process::getrlimit(rustix::process::Resource::Nofile).current {
+            gauges(
+                &mut enc,
+                "process_max_fds",
+                "Maximum number of open file descriptors",
+                one(lim as i64),
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// The data-plane runtime's stable figures.
+#[derive(Debug)]
+pub struct Runtime(pub tokio::runtime::Handle);
+
+impl Collector for Runtime {
+    fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
+        let m = self.0.metrics();
+        gauges(
+            &mut enc,
+            "l4mesh_tokio_workers",
+            "Worker threads of the data-plane runtime",
+            one(m.num_workers() as i64),
+        )?;
+        gauges(
+            &mut enc,
+            "l4mesh_tokio_alive_tasks",
+            "Tasks alive on the data-plane runtime (about one per open connection, plus listeners)",
+            one(m.num_alive_tasks() as i64),
+        )?;
+        gauges(
+            &mut enc,
+            "l4mesh_tokio_global_queue_depth",
+            "Tasks waiting in the data-plane runtime's global queue (a high value means it is overloaded)",
+            one(m.global_queue_depth() as i64),
+        )
+    }
+}
+
+/// The certificates of this node's identities.
+pub struct Certificates(pub Arc<SecretManager>);
+
+impl std::fmt::Debug for Certificates {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Certificates")
+    }
+}
+
+impl Collector for Certificates {
+    fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
+        let status = self.0.status();
+        gauges(
+            &mut enc,
+            "l4mesh_certificate_state",
+            "1 for each identity of this node in its certificate state (initializing, available, unavailable)",
+            status.iter().map(|s| {
+                let mut l = label("identity", s.identity.clone());
+                l.push(("state", s.state.to_owned()));
+                (l, 1i64)
+            }),
+        )?;
+        gauges(
+            &mut enc,
+            "l4mesh_certificate_expiry_timestamp_seconds",
+            "When the certificate in use for each identity expires, in Unix seconds",
+            status
+                .iter()
+                .filter_map(|s| Some((label("identity", s.identity.clone()), s.expiry? as i64))),
+        )
+    }
+}
+
+/// HBONE: tunnel counters, TLS connections and the outbound pool.
+pub struct Hbone(pub Arc<ProxyCtx>);
+
+impl std::fmt::Debug for Hbone {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Hbone")
+    }
+}
+
+impl Collector for Hbone {
+    fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
+        let h = &self.0.hbone;
+        let c = &h.tunnels;
+        let dir = |d: &'static str| label("direction", d);
+        counters(
+            &mut enc,
+            "l4mesh_hbone_tunnels_opened",
+            "HBONE tunnels (CONNECT streams) handled, by direction",
+            [
+                (dir("inbound"), c.inbound_opened.load(Relaxed)),
+                (dir("outbound"), c.outbound_opened.load(Relaxed)),
+            ],
+        )?;
+        counters(
+            &mut enc,
+            "l4mesh_hbone_tunnels_failed",
+            "HBONE tunnels that ended with an error, by direction",
+            [
+                (dir("inbound"), c.inbound_failed.load(Relaxed)),
+                (dir("outbound"), c.outbound_failed.load(Relaxed)),
+            ],
+        )?;
+        let flow = |d: &'static str, f: &'static str| {
+            let mut l = dir(d);
+            l.push(("flow", f.to_owned()));
+            l
+        };
+        counters(
+            &mut enc,
+            "l4mesh_hbone_tunnel_bytes",
+            "Bytes carried by HBONE tunnels, by direction and flow (added at close)",
+            [
+                (
+                    flow("inbound", "client_to_server"),
+                    c.inbound_bytes_sent.load(Relaxed),
+                ),
+                (
+                    flow("inbound", "server_to_client"),
+                    c.inbound_bytes_received.load(Relaxed),
+                ),
+                (
+                    flow("outbound", "client_to_server"),
+                    c.outbound_bytes_sent.load(Relaxed),
+                ),
+                (
+                    flow("outbound", "server_to_client"),
+                    c.outbound_bytes_received.load(Relaxed),
+                ),
+            ],
+        )?;
+        let statuses: Vec<(u16, u64)> = c
+            .by_status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(s, n)| (*s, *n))
+            .collect();
+        counters(
+            &mut enc,
+            "l4mesh_hbone_connect_responses",
+            "HBONE CONNECT answers sent or received, by HTTP status",
+            statuses
+                .into_iter()
+                .map(|(s, n)| (label("status", s.to_string()), n)),
+        )?;
+        counters(
+            &mut enc,
+            "l4mesh_hbone_tls_connections",
+            "HBONE TLS connections accepted (inbound) or opened (outbound)",
+            [
+                (dir("inbound"), h.inbound_tls_connections()),
+                (dir("outbound"), h.outbound_tls_connections()),
+            ],
+        )?;
+        let pool = h.pool_stats();
+        gauges(
+            &mut enc,
+            "l4mesh_hbone_pool_connections",
+            "Outbound HBONE connections open in the pool",
+            one(pool.connections as i64),
+        )?;
+        gauges(
+            &mut enc,
+            "l4mesh_hbone_pool_streams",
+            "Tunnels open on pooled outbound HBONE connections",
+            one(pool.streams as i64),
+        )?;
+        gauges(
+            &mut enc,
+            "l4mesh_hbone_pool_keys",
+            "Distinct (source identity, destination identities, address) keys in the pool",
+            one(pool.keys as i64),
+        )
+    }
+}
+
+/// The xDS client's counters.
+pub struct Xds(pub Arc<XdsMetrics>);
+
+impl std::fmt::Debug for Xds {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Xds")
+    }
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Collector for Xds {
+    fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
+        let x = &self.0;
+        // Copies taken under each lock, encoded after it is released.
+        let terminations: Vec<(&'static str, u64)> = lock(&x.terminations)
+            .iter()
+            .map(|(k, v)| (*k, *v))
+            .collect();
+        let messages: Vec<(String, (u64, u64))> = lock(&x.messages)
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect();
+        let held: Vec<(&'static str, usize)> =
+            lock(&x.held).iter().map(|(k, v)| (*k, *v)).collect();
+        counters(
+            &mut enc,
+            "istio_xds_connection_terminations",
+            "The total number of completed connections to xds server, by reason",
+            terminations
+                .into_iter()
+                .map(|(r, n)| (label("reason", r), n)),
+        )?;
+        counters(
+            &mut enc,
+            "istio_xds_message",
+            "Total number of messages received, by type URL",
+            messages
+                .iter()
+                .map(|(u, (n, _))| (label("url", u.clone()), *n)),
+        )?;
+        counters(
+            &mut enc,
+            "istio_xds_message_bytes",
+            "Total bytes of messages received, by type URL",
+            messages
+                .iter()
+                .map(|(u, (_, b))| (label("url", u.clone()), *b)),
+        )?;
+        gauges(
+            &mut enc,
+            "l4mesh_xds_resources",
+            "Resources held from the control plane, by type URL",
+            held.into_iter().map(|(u, n)| (label("url", u), n as i64)),
+        )?;
+        counters(
+            &mut enc,
+            "l4mesh_xds_nacks",
+            "xDS responses rejected (NACKed)",
+            one(x.nacks.load(Relaxed)),
+        )?;
+        gauges(
+            &mut enc,
+            "l4mesh_xds_connected",
+            "1 while the xDS stream is connected",
+            one(i64::from(x.connected.load(Relaxed))),
+        )?;
+        gauges(
+            &mut enc,
+            "l4mesh_xds_last_update_timestamp_seconds",
+            "When the last xDS response was applied, in Unix seconds (0: never)",
+            one(x.last_update.load(Relaxed) as i64),
+        )
+    }
+}

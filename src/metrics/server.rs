@@ -1,0 +1,102 @@
+//! The metrics HTTP server (15020): `GET /metrics` and `GET /stats/prometheus` answer the same
+//! exposition; anything else is a 404 that names the two paths.
+//!
+//! The format follows the scraper's `Accept` header: OpenMetrics text when it asks for
+//! `application/openmetrics-text` (Prometheus does), else the Prometheus text format 0.0.4 (curl,
+//! older scrapers). The body is encoded per request, on the runtime [`serve`] is spawned on.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::{header, Method, Request, Response, StatusCode};
+use tokio::net::TcpListener;
+
+use super::Metrics;
+
+/// Content type of the OpenMetrics text answer.
+pub const OPENMETRICS_CONTENT_TYPE: &str =
+    "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// Content type of the Prometheus text 0.0.4 answer.
+pub const PROMETHEUS_CONTENT_TYPE: &str =
+    prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
+
+/// Serves the metrics on `listener` until the future is dropped. Runtime-agnostic apart from
+/// needing a tokio runtime to spawn one task per connection on.
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics accept failed; retrying in 50ms");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                let metrics = metrics.clone();
+                async move { Ok::<_, Infallible>(answer(&req, &metrics)) }
+            });
+            let io = hyper_util::rt::TokioIo::new(stream);
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, svc)
+                .await;
+        });
+    }
+}
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+/// Whether the client accepts OpenMetrics text.
+fn wants_openmetrics<B>(req: &Request<B>) -> bool {
+    req.headers()
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("application/openmetrics-text"))
+}
+
+pub(super) fn answer<B>(req: &Request<B>, metrics: &Metrics) -> Response<Full<Bytes>> {
+    let path = req.uri().path();
+    if path != "/metrics" && path != "/stats/prometheus" {
+        return text(
+            StatusCode::NOT_FOUND,
+            format!("expected GET /metrics or GET /stats/prometheus, found {path}\n"),
+        );
+    }
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("expected GET {path}, found {}\n", req.method()),
+        );
+    }
+    let om = wants_openmetrics(req);
+    match metrics.encode(om) {
+        Ok(body) => {
+            let mut resp = Response::new(Full::new(Bytes::from(body)));
+            let ct = if om {
+                OPENMETRICS_CONTENT_TYPE
+            } else {
+                PROMETHEUS_CONTENT_TYPE
+            };
+            resp.headers_mut()
+                .insert(header::CONTENT_TYPE, header::HeaderValue::from_static(ct));
+            resp
+        }
+        Err(e) => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("encoding the metrics failed: {e}\n"),
+        ),
+    }
+}

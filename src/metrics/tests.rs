@@ -1,0 +1,388 @@
+//! Label filling, the peers lookups, the counting of one connection, /proc parsing and the HTTP
+//! answers, each against a real registry and its text encoding.
+
+use std::sync::Arc;
+
+use prometheus_client::registry::Registry;
+
+use super::collect::{parse_btime, parse_proc_stat, ProcStat};
+use super::peers::{forwarded_for, inbound_service, inbound_source};
+use super::traffic::{Peer, Reporter, Traffic, TrafficLabels, UNKNOWN};
+use super::Metrics;
+use crate::model::{NetworkAddr, SpiffeId};
+use crate::store::{Snapshot, Store};
+
+const STATE: &str = r#"
+workloads:
+- uid: c1//v1/Pod/shop/client-5d8f
+  name: client-5d8f
+  namespace: shop
+  serviceAccount: client
+  workloadIps: ["10.0.0.1"]
+  protocol: HBONE
+  node: n1
+  workloadName: client
+  canonicalName: client-app
+  canonicalRevision: v1
+  clusterId: east
+- uid: c1//v1/Pod/shop/server-77aa
+  name: server-77aa
+  namespace: shop
+  serviceAccount: server
+  workloadIps: ["10.0.0.2"]
+  protocol: HBONE
+  node: n2
+  workloadName: server
+  canonicalName: server-app
+  canonicalRevision: v2
+  clusterId: east
+  services:
+    "shop/api.shop.svc.cluster.local": { 80: 8080 }
+- uid: c1//v1/Pod/shop/bare
+  name: bare
+  namespace: shop
+  serviceAccount: bare
+  workloadIps: ["10.0.0.3"]
+  protocol: TCP
+  node: n2
+services:
+- name: api
+  namespace: shop
+  hostname: api.shop.svc.cluster.local
+  vips: ["/10.0.0.100"]
+  ports: { 80: 8080 }
+"#;
+
+fn snapshot() -> Arc<Snapshot> {
+    let store = Store::new();
+    store.apply(crate::localconfig::parse(STATE).unwrap());
+    store.load()
+}
+
+fn wl(s: &Snapshot, ip: &str) -> Arc<crate::model::Workload> {
+    s.workload_by_addr(&NetworkAddr::new(Arc::<str>::from(""), ip.parse().unwrap()))
+        .unwrap()
+        .clone()
+}
+
+#[test]
+fn source_labels_of_an_hbone_connection() {
+    let s = snapshot();
+    let (client, server) = (wl(&s, "10.0.0.1"), wl(&s, "10.0.0.2"));
+    let svc = s.service_by_hostname("api.shop.svc.cluster.local").unwrap();
+    let id = client.identity();
+    let l = TrafficLabels::new(
+        Reporter::Source,
+        Peer {
+            workload: Some(&client),
+            principal: Some(&id),
+        },
+        Some(&server),
+        Some(svc),
+        true,
+    );
+    assert_eq!(l.reporter, "source");
+    // Workload labels are the Deployment-level name, as Istio's dashboards group by it.
+    assert_eq!(l.source_workload, "client");
+    assert_eq!(l.source_workload_namespace, "shop");
+    assert_eq!(
+        l.source_principal,
+        "spiffe://cluster.local/ns/shop/sa/client"
+    );
+    assert_eq!(l.source_app, "client-app");
+    assert_eq!(l.source_canonical_service, "client-app");
+    assert_eq!(l.source_version, "v1");
+    assert_eq!(l.source_canonical_revision, "v1");
+    assert_eq!(l.source_cluster, "east");
+    assert_eq!(l.destination_workload, "server");
+    assert_eq!(
+        l.destination_principal,
+        "spiffe://cluster.local/ns/shop/sa/server"
+    );
+    assert_eq!(l.destination_service, "api.shop.svc.cluster.local");
+    assert_eq!(l.destination_service_name, "api");
+    assert_eq!(l.destination_service_namespace, "shop");
+    assert_eq!(l.destination_version, "v2");
+    assert_eq!(l.request_protocol, "tcp");
+    assert_eq!(l.response_flags, "-");
+    assert_eq!(l.connection_security_policy, "mutual_tls");
+}
+
+#[test]
+fn missing_values_are_unknown() {
+    let s = snapshot();
+    let bare = wl(&s, "10.0.0.3");
+    // Plaintext from outside the mesh to a workload without canonical names or cluster.
+    let l = TrafficLabels::new(
+        Reporter::Destination,
+        Peer::default(),
+        Some(&bare),
+        None,
+        false,
+    );
+    assert_eq!(l.reporter, "destination");
+    for v in [
+        &l.source_workload,
+        &l.source_workload_namespace,
+        &l.source_principal,
+        &l.source_app,
+        &l.source_cluster,
+        &l.destination_app,
+        &l.destination_cluster,
+        &l.destination_service,
+        &l.destination_service_name,
+        &l.destination_service_namespace,
+    ] {
+        assert_eq!(v, UNKNOWN);
+    }
+    assert_eq!(l.destination_workload_namespace, "shop");
+    // No workloadName in the state: the pod's own name stands in, as istiod names bare pods.
+    assert_eq!(l.destination_workload, "bare");
+    assert_eq!(
+        l.destination_principal,
+        "spiffe://cluster.local/ns/shop/sa/bare"
+    );
+    assert_eq!(l.connection_security_policy, "unknown");
+    // Passthrough: nothing known of the destination either.
+    let l = TrafficLabels::new(Reporter::Source, Peer::default(), None, None, false);
+    assert_eq!(l.destination_principal, UNKNOWN);
+    assert_eq!(l.destination_workload_namespace, UNKNOWN);
+}
+
+#[test]
+fn forwarded_header_names_the_client() {
+    let h = |v: &str| {
+        let mut m = http::HeaderMap::new();
+        m.insert("forwarded", v.parse().unwrap());
+        m
+    };
+    assert_eq!(
+        forwarded_for(&h("for=\"10.0.0.1:34567\"")),
+        Some("10.0.0.1".parse().unwrap())
+    );
+    assert_eq!(
+        forwarded_for(&h("for=\"[fd00::1]:80\"")),
+        Some("fd00::1".parse().unwrap())
+    );
+    assert_eq!(
+        forwarded_for(&h("proto=https;For=10.0.0.9")),
+        Some("10.0.0.9".parse().unwrap())
+    );
+    assert_eq!(forwarded_for(&h("for=unknown")), None);
+    assert_eq!(forwarded_for(&http::HeaderMap::new()), None);
+}
+
+#[test]
+fn inbound_source_must_carry_the_proven_identity() {
+    let s = snapshot();
+    let net: Arc<str> = "".into();
+    let client_id = SpiffeId::new("cluster.local", "shop", "client");
+    let ip = |a: &str| a.parse().unwrap();
+    let found = inbound_source(
+        &s,
+        &net,
+        &[ip("10.0.0.1"), ip("127.0.0.1")],
+        Some(&client_id),
+    );
+    assert_eq!(found.unwrap().name, "client-5d8f");
+    // A forwarded address naming another identity's workload is not believed; the TCP peer
+    // (here not a workload) is tried next.
+    let other = SpiffeId::new("cluster.local", "shop", "intruder");
+    assert!(inbound_source(&s, &net, &[ip("10.0.0.1"), ip("127.0.0.1")], Some(&other)).is_none());
+    // Plaintext proves nothing: the workload at the address is taken.
+    let found = inbound_source(&s, &net, &[ip("10.0.0.3")], None);
+    assert_eq!(found.unwrap().name, "bare");
+}
+
+#[test]
+fn inbound_service_is_guessed_from_the_target_port() {
+    let s = snapshot();
+    let server = wl(&s, "10.0.0.2");
+    assert_eq!(
+        inbound_service(&s, &server, 8080).unwrap().hostname,
+        "api.shop.svc.cluster.local"
+    );
+    assert!(inbound_service(&s, &server, 9090).is_none());
+}
+
+fn encode(r: &Registry) -> String {
+    let mut out = String::new();
+    prometheus_client::encoding::text::encode(&mut out, r).unwrap();
+    out
+}
+
+#[test]
+fn one_connection_counts_open_close_and_bytes_once() {
+    let t = Arc::new(Traffic::default());
+    let mut r = Registry::default();
+    let istio = r.sub_registry_with_prefix("istio");
+    istio.register("tcp_connections_opened", "o", t.opened.clone());
+    istio.register("tcp_connections_closed", "c", t.closed.clone());
+    istio.register("tcp_sent_bytes", "s", t.sent.clone());
+    istio.register("tcp_received_bytes", "r", t.received.clone());
+    r.register("open_connections", "g", t.open.clone());
+    let labels = TrafficLabels::new(Reporter::Source, Peer::default(), None, None, false);
+    let m = t.open(labels);
+    let text = encode(&r);
+    assert!(
+        text.contains("open_connections{direction=\"outbound\"} 1"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("istio_tcp_connections_closed_total{"),
+        "{text}"
+    );
+    m.close(300, 7, "UF");
+    m.close(1, 1, "-"); // a second close is ignored
+    drop(m); // and so is the drop's
+    let text = encode(&r);
+    let line = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(name) && l.contains('{'))
+            .unwrap_or_else(|| panic!("no {name} in {text}"))
+            .to_owned()
+    };
+    assert!(line("istio_tcp_connections_opened_total").contains("response_flags=\"-\""));
+    assert!(line("istio_tcp_connections_opened_total").ends_with(" 1"));
+    let closed = line("istio_tcp_connections_closed_total");
+    assert!(
+        closed.contains("response_flags=\"UF\"") && closed.ends_with(" 1"),
+        "{closed}"
+    );
+    // Istio's directions: received = client → server, sent = server → client; bytes keep the
+    // labels of the open.
+    let received = line("istio_tcp_received_bytes_total");
+    assert!(received.ends_with(" 300") && received.contains("response_flags=\"-\""));
+    assert!(line("istio_tcp_sent_bytes_total").ends_with(" 7"));
+    assert!(
+        text.contains("open_connections{direction=\"outbound\"} 0"),
+        "{text}"
+    );
+    assert_eq!(
+        text.matches("istio_tcp_connections_closed_total{").count(),
+        1
+    );
+    assert!(line("istio_tcp_connections_opened_total").contains(
+        "reporter=\"source\",source_workload=\"unknown\",source_canonical_service=\"unknown\""
+    ));
+}
+
+#[test]
+fn metered_bytes_show_before_the_close_and_count_once() {
+    let t = Arc::new(Traffic::default());
+    let mut r = Registry::default();
+    r.register("closed", "c", t.closed.clone());
+    r.register("received", "r", t.received.clone());
+    r.register("sent", "s", t.sent.clone());
+    let labels = TrafficLabels::new(Reporter::Source, Peer::default(), None, None, true);
+    let m = t.open(labels);
+    let meter = m.meter();
+    meter.client_bytes(100);
+    meter.client_bytes(28);
+    meter.server_bytes(5);
+    let text = encode(&r);
+    assert!(
+        text.contains("received_total{reporter=\"source\""),
+        "{text}"
+    );
+    let value = |text: &str, name: &str| -> Vec<String> {
+        text.lines()
+            .filter(|l| l.starts_with(name))
+            .map(|l| l.rsplit(' ').next().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(value(&text, "received_total{"), ["128"]);
+    assert_eq!(value(&text, "sent_total{"), ["5"]);
+    assert!(value(&text, "closed_total{").is_empty(), "{text}");
+    // The close reports the same totals: they are not added again, and stay under the labels
+    // of the open (ztunnel's rule); the close itself carries the flag.
+    m.close(128, 5, "DC");
+    let text = encode(&r);
+    assert_eq!(value(&text, "received_total{"), ["128"]);
+    assert_eq!(value(&text, "sent_total{"), ["5"]);
+    assert!(text.contains("closed_total{") && text.contains("response_flags=\"DC\""));
+    // An empty meter (no destination known yet) counts nothing.
+    crate::metrics::Meter::default().client_bytes(7);
+}
+
+#[test]
+fn a_dropped_connection_still_counts_its_close() {
+    let t = Arc::new(Traffic::default());
+    let mut r = Registry::default();
+    r.register("closed", "c", t.closed.clone());
+    r.register("open", "g", t.open.clone());
+    let labels = TrafficLabels::new(Reporter::Destination, Peer::default(), None, None, true);
+    drop(t.open(labels));
+    let text = encode(&r);
+    assert!(
+        text.contains("closed_total{reporter=\"destination\""),
+        "{text}"
+    );
+    assert!(text.contains("open{direction=\"inbound\"} 0"), "{text}");
+}
+
+#[test]
+fn proc_stat_parses_with_spaces_in_the_name() {
+    // Fields: pid (comm) state ppid … utime=250 stime=50 … starttime=1000 vsize rss.
+    let stat = "4242 (l4mesh worker) S 1 4242 4242 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 4 0 1000 104857600 2560 18446744073709551615";
+    let s = parse_proc_stat(stat, 1_700_000_000, 100, 4096).unwrap();
+    assert_eq!(
+        s,
+        ProcStat {
+            cpu_seconds: 3.0,
+            start_time_seconds: 1_700_000_010.0,
+            virtual_bytes: 104_857_600,
+            resident_bytes: 2560 * 4096,
+        }
+    );
+    assert_eq!(
+        parse_btime("cpu  1 2 3\nbtime 1700000000\nprocesses 9\n"),
+        Some(1_700_000_000)
+    );
+    assert!(parse_proc_stat("garbage", 0, 100, 4096).is_none());
+}
+
+#[test]
+fn the_real_proc_self_is_read() {
+    let btime = parse_btime(&std::fs::read_to_string("/proc/stat").unwrap()).unwrap();
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    let s = parse_proc_stat(&stat, btime, rustix::param::clock_ticks_per_second(), 4096).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(s.resident_bytes > 1024 * 1024, "{s:?}");
+    assert!(s.start_time_seconds <= now + 1.0 && s.start_time_seconds > now - 86_400.0 * 365.0);
+}
+
+#[test]
+fn http_paths_and_formats() {
+    let mut registry = Registry::default();
+    let c: prometheus_client::metrics::counter::Counter = Default::default();
+    c.inc();
+    registry.register("probe", "a probe", c);
+    let m = Metrics { registry };
+    let req = |path: &str, accept: Option<&str>| {
+        let mut b = http::Request::builder().uri(path);
+        if let Some(a) = accept {
+            b = b.header("accept", a);
+        }
+        b.body(()).unwrap()
+    };
+    let om = "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5";
+    for path in ["/metrics", "/stats/prometheus"] {
+        let r = super::server::answer(&req(path, Some(om)), &m);
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["content-type"], super::OPENMETRICS_CONTENT_TYPE);
+        let r = super::server::answer(&req(path, None), &m);
+        assert_eq!(r.status(), 200);
+        assert_eq!(
+            r.headers()["content-type"],
+            "text/plain; version=0.0.4; charset=utf-8"
+        );
+    }
+    assert!(m.encode(true).unwrap().ends_with("# EOF\n"));
+    assert!(m.encode(false).unwrap().contains("probe_total 1\n"));
+    let r = super::server::answer(&req("/stats", None), &m);
+    assert_eq!(r.status(), 404);
+}
