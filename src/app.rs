@@ -191,6 +191,9 @@ pub async fn start(config: &Config) -> Result<Running, AppError> {
         upstream: UpstreamOptions {
             mark: config.packet_mark,
             connect_timeout: config.connect_timeout,
+            orig_src: config
+                .enable_orig_src
+                .unwrap_or_else(crate::socket::transparent_allowed),
         },
         own_addrs,
         on_demand,

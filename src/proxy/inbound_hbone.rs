@@ -247,7 +247,9 @@ async fn open(
     };
     let reg = super::admit(ctx, &snapshot, &wl, conn)?;
     drop(snapshot);
-    let up = crate::socket::connect(target, &ctx.upstream)
+    // The tunnel's TCP source is the client pod's IP (its dedicated-mode l4mesh runs in the
+    // pod); the workload sees that IP rather than l4mesh's when ENABLE_ORIG_SRC allows it.
+    let up = crate::socket::connect_from(target, Some(log.src.ip()), &ctx.upstream)
         .await
         .map_err(|source| ProxyError::Connect {
             addr: target,

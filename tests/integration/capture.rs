@@ -113,6 +113,9 @@ fn iptables_redirect_outbound_and_inbound() {
             ("RUST_LOG", "info"),
             ("L4MESH_INBOUND_PLAINTEXT_ADDR", "0.0.0.0:15006"),
             ("UNSTABLE_ENABLE_SOCKS5", "false"),
+            // These hand-written rules lack the policy routing that orig-source replies need
+            // (`l4mesh redirect install` adds it; tests/integration/redirect.rs covers that).
+            ("ENABLE_ORIG_SRC", "false"),
         ],
         "listening",
     );
