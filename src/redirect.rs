@@ -10,8 +10,8 @@
 //! - for `ENABLE_ORIG_SRC` (l4mesh connects to the pod's app from the *client's* IP with
 //!   `IP_TRANSPARENT`), the app's replies must come back to l4mesh instead of leaving the pod:
 //!   connections opened by l4mesh's marked sockets get the conntrack mark 0x111/0xfff, the app's
-//!   packets of those connections are given that mark, and `ip rule fwmark 0x111/0xfff lookup 133`
-//!   with `local 0.0.0.0/0 dev lo` in table 133 delivers them locally — what istio-cni installs
+//!   packets of those connections are given that mark, and `ip rule fwmark 0x111/0xfff lookup 100`
+//!   with `local 0.0.0.0/0 dev lo` in table 100 delivers them locally — what istio-cni installs
 //!   in a pod for ztunnel.
 //!
 //! Rule generation is pure ([`install_plan`], [`remove_plan`]) and unit-tested; [`run`] is the thin
@@ -32,10 +32,11 @@ pub const IPT_PREROUTING_CHAIN: &str = "L4MESH_PREROUTING";
 pub const IPT_MANGLE_OUTPUT_CHAIN: &str = "L4MESH_MANGLE_OUTPUT";
 pub const IPT_MANGLE_PREROUTING_CHAIN: &str = "L4MESH_MANGLE_PREROUTING";
 /// The connection / packet mark (under [`ROUTE_MASK`]) of connections l4mesh opened from a
-/// client's address, and the routing table that delivers their replies locally (istio-cni's).
+/// client's address, and the routing table that delivers their replies locally (istio-cni's
+/// in-pod values: `InpodTProxyMark`/`InpodTProxyMask`, `RouteTableInbound`, priority 32764).
 pub const ROUTE_MARK: u32 = 0x111;
 pub const ROUTE_MASK: u32 = 0xfff;
-pub const ROUTE_TABLE: u32 = 133;
+pub const ROUTE_TABLE: u32 = 100;
 /// Priority of the `ip rule` (istio-cni's, just before the main table's 32766).
 pub const ROUTE_RULE_PREF: u32 = 32764;
 /// nftables table (family inet: IPv4 and IPv6) owned by l4mesh.
@@ -535,7 +536,7 @@ fn remove(backend: Backend) -> Result<usize, RedirectError> {
     }
     let mut plan = remove_plan(backend, &listing);
     let [rules, routes] = routing_list_cmds();
-    // `ip route show table 133` fails when the table was never created: nothing of ours there.
+    // `ip route show table 100` fails when the table was never created: nothing of ours there.
     let routes = exec(&routes).unwrap_or_default();
     plan.extend(routing_remove_plan(&exec(&rules)?, &routes));
     for cmd in &plan {

@@ -244,19 +244,19 @@ fn policy_routing_install_and_remove_only_ours() {
     assert_eq!(
         lines(&routing_install_plan()),
         [
-            "ip -4 rule add fwmark 0x111/0xfff pref 32764 lookup 133",
-            "ip -4 route add local 0.0.0.0/0 dev lo table 133",
+            "ip -4 rule add fwmark 0x111/0xfff pref 32764 lookup 100",
+            "ip -4 route add local 0.0.0.0/0 dev lo table 100",
         ]
     );
-    let rules = "0:\tfrom all lookup local\n32764:\tfrom all fwmark 0x111/0xfff lookup 133\n\
-32764:\tfrom all fwmark 0x111/0xfff lookup 133\n32765:\tfrom all fwmark 0x222 lookup 133\n32766:\tfrom all lookup main\n";
+    let rules = "0:\tfrom all lookup local\n32764:\tfrom all fwmark 0x111/0xfff lookup 100\n\
+32764:\tfrom all fwmark 0x111/0xfff lookup 100\n32765:\tfrom all fwmark 0x222 lookup 100\n32766:\tfrom all lookup main\n";
     let routes = "local default dev lo scope host \n10.0.0.0/8 dev eth0 \n";
     assert_eq!(
         lines(&routing_remove_plan(rules, routes)),
         [
-            "ip -4 rule del fwmark 0x111/0xfff pref 32764 lookup 133",
-            "ip -4 rule del fwmark 0x111/0xfff pref 32764 lookup 133",
-            "ip -4 route del local 0.0.0.0/0 dev lo table 133",
+            "ip -4 rule del fwmark 0x111/0xfff pref 32764 lookup 100",
+            "ip -4 rule del fwmark 0x111/0xfff pref 32764 lookup 100",
+            "ip -4 route del local 0.0.0.0/0 dev lo table 100",
         ]
     );
     assert!(routing_remove_plan("0:\tfrom all lookup local\n", "").is_empty());

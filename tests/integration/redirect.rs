@@ -43,8 +43,8 @@ fn rules(ns: &Netns, backend: &str) -> String {
     // The policy routing for orig-source replies belongs to both backends.
     let (ok, rules, err) = ns.output(&["ip", "-4", "rule", "show"]);
     assert!(ok, "ip rule show failed: {err}");
-    let (_, routes, _) = ns.output(&["ip", "-4", "route", "show", "table", "133"]);
-    format!("{out}\n== ip rule\n{rules}\n== table 133\n{routes}")
+    let (_, routes, _) = ns.output(&["ip", "-4", "route", "show", "table", "100"]);
+    format!("{out}\n== ip rule\n{rules}\n== table 100\n{routes}")
 }
 
 fn has_tool(tool: &str) -> bool {
@@ -96,7 +96,7 @@ fn check_backend(backend: &str, n: u32) {
         assert!(installed.contains("type route hook output"), "{installed}");
     }
     assert_eq!(
-        installed.matches("fwmark 0x111/0xfff lookup 133").count(),
+        installed.matches("fwmark 0x111/0xfff lookup 100").count(),
         1,
         "{installed}"
     );
@@ -155,7 +155,7 @@ fn check_backend(backend: &str, n: u32) {
     assert!(!left.contains("L4MESH"), "[{backend}] rules left:\n{left}");
     assert!(!left.contains("l4mesh"), "[{backend}] rules left:\n{left}");
     assert!(
-        !left.contains("lookup 133"),
+        !left.contains("lookup 100"),
         "[{backend}] rules left:\n{left}"
     );
     assert!(
