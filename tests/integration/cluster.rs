@@ -142,7 +142,7 @@ fn cluster_scenarios() {
         .map(|o| o.status.success())
         .unwrap_or(false);
     let t0 = std::time::Instant::now();
-    let mut c = Cluster::start(2, &pods(nft), &state());
+    let mut c = Cluster::start("k", 2, &pods(nft), &state());
     let s1 = c.echo("s1", "0.0.0.0", 8080, "s1");
     let s1_9090 = c.echo("s1", "0.0.0.0", 9090, "s1-9090");
     let s2 = c.echo("s2", "0.0.0.0", 8080, "s2");
@@ -324,4 +324,52 @@ fn cluster_scenarios() {
         logs(&c)
     );
     eprintln!("cluster_scenarios: all scenarios in {:?}", t0.elapsed());
+}
+
+/// A failing test still leaves nothing behind: every namespace (and with it every link, rule and
+/// route) and every process of the cluster is gone once the panic unwinds.
+#[test]
+fn cluster_cleans_up_after_a_panic() {
+    if !privileged("cluster_cleans_up_after_a_panic") {
+        return;
+    }
+    let names = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = names.clone();
+    let pid = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let seen_pid = pid.clone();
+    let r = std::panic::catch_unwind(move || {
+        let pod = PodSpec {
+            name: "x1",
+            node: 1,
+            host: 10,
+            extra_hosts: Vec::new(),
+            mesh: true,
+            service_account: "client",
+            backend: "iptables",
+        };
+        let state = "workloads:\n- uid: cluster1//v1/Pod/default/x1\n  name: x1\n  namespace: default\n  serviceAccount: client\n  workloadIps: [\"10.240.1.10\"]\n  protocol: HBONE\n  node: node-1\n";
+        let c = Cluster::start("z", 1, &[pod], state);
+        *seen.lock().unwrap() = c.namespaces();
+        *seen_pid.lock().unwrap() = c.pod("x1").l4mesh_pid();
+        panic!("deliberate failure with the cluster up");
+    });
+    assert!(r.is_err());
+    let names = names.lock().unwrap().clone();
+    assert_eq!(names.len(), 5, "{names:?}");
+    let list = std::process::Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .unwrap();
+    let list = String::from_utf8_lossy(&list.stdout);
+    for n in &names {
+        assert!(
+            !list.contains(n.as_str()),
+            "namespace {n} left behind:\n{list}"
+        );
+    }
+    let pid = pid.lock().unwrap().expect("l4mesh was running");
+    assert!(
+        !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "l4mesh (pid {pid}) left running"
+    );
 }

@@ -110,6 +110,11 @@ impl Pod {
         }
     }
 
+    /// The process id of the running l4mesh.
+    pub fn l4mesh_pid(&self) -> Option<u32> {
+        self.l4mesh.as_ref().map(|(c, _)| c.id())
+    }
+
     /// The l4mesh log so far (empty when it is not running).
     pub fn log(&self) -> String {
         self.l4mesh
@@ -138,14 +143,16 @@ pub struct Cluster {
     _cp: Netns,
     _fabric: Netns,
     dir: tempfile::TempDir,
+    prefix: String,
 }
 
 impl Cluster {
     /// Builds `nodes` nodes and the pods, starts the control plane on `state` (local-config YAML)
-    /// and every mesh pod's l4mesh, and waits until each is ready.
-    pub fn start(nodes: u8, pods: &[PodSpec], state: &str) -> Cluster {
+    /// and every mesh pod's l4mesh, and waits until each is ready. `prefix` starts every namespace
+    /// name, so that clusters of concurrent tests never share one.
+    pub fn start(prefix: &str, nodes: u8, pods: &[PodSpec], state: &str) -> Cluster {
         let t0 = Instant::now();
-        let fabric = Netns::new("fab");
+        let fabric = Netns::new(&format!("{prefix}fab"));
         fabric.exec(&["ip", "link", "add", "name", "br0", "type", "bridge"]);
         fabric.exec(&["ip", "link", "set", "br0", "up"]);
         // Hosts on the fabric: the control plane, the outside host, the nodes.
@@ -172,15 +179,15 @@ impl Cluster {
                 }
             }
         };
-        let cp = Netns::new("cp");
+        let cp = Netns::new(&format!("{prefix}cp"));
         attach(&cp, "cp", &format!("{CONTROL_PLANE_IP}/24"));
         node_routes(&cp, None);
-        let outside = Netns::new("out");
+        let outside = Netns::new(&format!("{prefix}out"));
         attach(&outside, "out", &format!("{OUTSIDE_IP}/24"));
         node_routes(&outside, None);
         let mut node_ns = Vec::new();
         for i in 1..=nodes {
-            let n = Netns::new(&format!("n{i}"));
+            let n = Netns::new(&format!("{prefix}n{i}"));
             attach(&n, &format!("n{i}"), &format!("10.240.0.{}/24", 10 + i));
             n.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
             n.exec(&["ip", "link", "add", "name", "pods", "type", "bridge"]);
@@ -216,6 +223,7 @@ impl Cluster {
             _cp: cp,
             _fabric: fabric,
             dir,
+            prefix: prefix.to_owned(),
         };
         for spec in pods {
             let pod = cluster.add_pod(spec.clone());
@@ -234,7 +242,7 @@ impl Cluster {
 
     fn add_pod(&self, spec: PodSpec) -> Pod {
         let node = &self.nodes[usize::from(spec.node - 1)];
-        let ns = Netns::new(spec.name);
+        let ns = Netns::new(&format!("{}{}", self.prefix, spec.name));
         let port = format!("p-{}", spec.name);
         node.exec(&[
             "ip", "link", "add", "name", &port, "type", "veth", "peer", "name", "eth0", "netns",
@@ -329,6 +337,18 @@ impl Cluster {
             &[],
             "ready",
         )
+    }
+
+    /// The names of every namespace of the cluster (to check that they are gone after drop).
+    pub fn namespaces(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.pods.values().map(|p| p.ns.name.clone()).collect();
+        v.extend(self.nodes.iter().map(|n| n.name.clone()));
+        v.extend([
+            self.outside.name.clone(),
+            self._cp.name.clone(),
+            self._fabric.name.clone(),
+        ]);
+        v
     }
 
     /// Every l4mesh log, for failure messages.
