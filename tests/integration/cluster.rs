@@ -10,7 +10,9 @@ pub mod topology;
 
 use std::time::Duration;
 
-use super::netns::{privileged, CLIENT_PY};
+/// Where `topology` finds it (the bench includes `topology` next to its own `netns`).
+use super::netns;
+use netns::{privileged, CLIENT_PY};
 use topology::{within, Cluster, PodSpec, OUTSIDE_IP};
 
 const C1: &str = "10.240.1.10";
@@ -142,7 +144,7 @@ fn cluster_scenarios() {
         .map(|o| o.status.success())
         .unwrap_or(false);
     let t0 = std::time::Instant::now();
-    let mut c = Cluster::start("k", 2, &pods(nft), &state());
+    let mut c = Cluster::start("k", 2, &pods(nft), &state(), &[]);
     let s1 = c.echo("s1", "0.0.0.0", 8080, "s1");
     let s1_9090 = c.echo("s1", "0.0.0.0", 9090, "s1-9090");
     let s2 = c.echo("s2", "0.0.0.0", 8080, "s2");
@@ -348,7 +350,7 @@ fn cluster_cleans_up_after_a_panic() {
             backend: "iptables",
         };
         let state = "workloads:\n- uid: cluster1//v1/Pod/default/x1\n  name: x1\n  namespace: default\n  serviceAccount: client\n  workloadIps: [\"10.240.1.10\"]\n  protocol: HBONE\n  node: node-1\n";
-        let c = Cluster::start("z", 1, &[pod], state);
+        let c = Cluster::start("z", 1, &[pod], state, &[]);
         *seen.lock().unwrap() = c.namespaces();
         *seen_pid.lock().unwrap() = c.pod("x1").l4mesh_pid();
         panic!("deliberate failure with the cluster up");

@@ -15,7 +15,7 @@ use xds_testserver::{Handle, StateSource};
 
 /// Moves the calling thread into the network namespace `name` (from `ip netns add`).
 #[allow(unsafe_code)]
-fn enter_netns(name: &str) -> std::io::Result<()> {
+pub fn enter_netns(name: &str) -> std::io::Result<()> {
     let f = std::fs::File::open(format!("/var/run/netns/{name}"))?;
     // SAFETY: `f` is an open namespace file for the duration of the call; setns(CLONE_NEWNET)
     // changes only the calling thread's network namespace and touches no memory of ours.

@@ -13,8 +13,8 @@ use std::collections::BTreeMap;
 use std::process::Child;
 use std::time::{Duration, Instant};
 
-use super::super::netns::{Netns, Output};
 use super::control_plane::ControlPlane;
+use super::netns::{Netns, Output};
 
 /// Where pods reach the control plane.
 pub const CONTROL_PLANE_IP: &str = "10.240.0.2";
@@ -144,13 +144,21 @@ pub struct Cluster {
     _fabric: Netns,
     dir: tempfile::TempDir,
     prefix: String,
+    l4mesh_env: Vec<(String, String)>,
 }
 
 impl Cluster {
     /// Builds `nodes` nodes and the pods, starts the control plane on `state` (local-config YAML)
     /// and every mesh pod's l4mesh, and waits until each is ready. `prefix` starts every namespace
-    /// name, so that clusters of concurrent tests never share one.
-    pub fn start(prefix: &str, nodes: u8, pods: &[PodSpec], state: &str) -> Cluster {
+    /// name, so that clusters of concurrent tests never share one; `l4mesh_env` is added to (and
+    /// overrides) the environment every l4mesh gets.
+    pub fn start(
+        prefix: &str,
+        nodes: u8,
+        pods: &[PodSpec],
+        state: &str,
+        l4mesh_env: &[(&str, &str)],
+    ) -> Cluster {
         let t0 = Instant::now();
         let fabric = Netns::new(&format!("{prefix}fab"));
         fabric.exec(&["ip", "link", "add", "name", "br0", "type", "bridge"]);
@@ -224,6 +232,10 @@ impl Cluster {
             _fabric: fabric,
             dir,
             prefix: prefix.to_owned(),
+            l4mesh_env: l4mesh_env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
         };
         for spec in pods {
             let pod = cluster.add_pod(spec.clone());
@@ -298,7 +310,7 @@ impl Cluster {
         let info = format!("default/{name}/{}", p.spec.service_account);
         let xds = format!("http://{CONTROL_PLANE_IP}:{CONTROL_PLANE_PORT}");
         let bin = env!("CARGO_BIN_EXE_l4mesh");
-        let envs = [
+        let mut envs = vec![
             ("XDS_ADDRESS", xds.as_str()),
             ("CA_ROOT_CA", root.to_str().unwrap()),
             ("AUTH_TOKEN", "/nonexistent/l4mesh-test-token"),
@@ -311,6 +323,11 @@ impl Cluster {
             ("CONNECT_TIMEOUT", "3s"),
             ("RUST_LOG", "info"),
         ];
+        envs.extend(
+            self.l4mesh_env
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str())),
+        );
         let (child, out) = p.ns.spawn_owned(&[bin], &envs, "listening");
         p.l4mesh = Some((child, out));
         let (ok, _, err) = p.run(&["python3", "-c", READY_PY, &format!("{ip}:15021"), "20"]);
