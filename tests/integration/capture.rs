@@ -1,7 +1,7 @@
 //! Transparent capture with the rules of `l4mesh redirect install` (iptables) inside network
-//! namespaces: the outbound
-//! listener finds the original destination with SO_ORIGINAL_DST, the inbound plaintext listener
-//! forwards to the local workload, and the proxy's own (marked) sockets are not captured again.
+//! namespaces: the outbound listener finds the original destination with SO_ORIGINAL_DST, the
+//! inbound plaintext listener forwards to the local workload from the peer's address, and the
+//! proxy's own (marked) sockets are not captured again.
 
 use super::netns::*;
 
