@@ -92,7 +92,7 @@ pub struct Config {
     pub readiness_addr: Option<SocketAddr>,
     pub packet_mark: u32,
     /// `ENABLE_ORIG_SRC`: connect to local workloads from the client's IP (`IP_TRANSPARENT`).
-    /// `None` (ztunnel's default) = on when the kernel allows it (CAP_NET_ADMIN).
+    /// `None` (ztunnel's default) = on when the kernel allows it (CAP_NET_ADMIN or CAP_NET_RAW).
     pub enable_orig_src: Option<bool>,
     #[serde(serialize_with = "crate::model::serialize_duration")]
     pub connect_timeout: Duration,
@@ -313,7 +313,7 @@ pub struct Args {
     #[arg(long, env = "PACKET_MARK", default_value_t = 1337)]
     pub packet_mark: u32,
     /// Inbound connections reach the local workload from the client's own IP (IP_TRANSPARENT;
-    /// needs CAP_NET_ADMIN and the routing `l4mesh redirect install` sets up). Unset: on when the
+    /// needs CAP_NET_ADMIN or CAP_NET_RAW, and the routing `l4mesh redirect install` sets up). Unset: on when the
     /// kernel allows it, as ztunnel does; a refused bind falls back to l4mesh's own address.
     #[arg(long, env = "ENABLE_ORIG_SRC", value_parser = parse_bool, action = clap::ArgAction::Set)]
     pub enable_orig_src: Option<bool>,

@@ -100,7 +100,8 @@ pub async fn connect(dst: SocketAddr, opts: &UpstreamOptions) -> io::Result<TcpS
 /// [`connect`], from the client's address `src` when `opts.orig_src` is on: the socket is bound to
 /// `src` (port chosen by the kernel) with `IP_TRANSPARENT` + `IP_FREEBIND`, which lets it use an
 /// address that is not the pod's own. Replies reach it only with the policy routing that
-/// `l4mesh redirect install` sets up. When the kernel refuses (no CAP_NET_ADMIN, other family…)
+/// `l4mesh redirect install` sets up. When the kernel refuses (neither CAP_NET_ADMIN nor
+/// CAP_NET_RAW, another address family…)
 /// the connection is made from l4mesh's own address instead, after one warning: a lost source
 /// address is better than a failed connection.
 pub async fn connect_from(
@@ -113,7 +114,7 @@ pub async fn connect_from(
         if let Err(e) = bind_transparent(&socket, src, dst) {
             if !TRANSPARENT_WARNED.swap(true, Ordering::Relaxed) {
                 tracing::warn!(%src, %dst, error = %e,
-                    "cannot connect from the client's address (IP_TRANSPARENT needs CAP_NET_ADMIN and the same address family); upstream connections use l4mesh's own address instead (set ENABLE_ORIG_SRC=false to silence this)");
+                    "cannot connect from the client's address (IP_TRANSPARENT needs CAP_NET_ADMIN or CAP_NET_RAW, and the same address family); upstream connections use l4mesh's own address instead (set ENABLE_ORIG_SRC=false to silence this)");
             }
             // The failed socket may be half-configured (transparent but not bound): start over.
             socket = Socket::new(Domain::for_address(dst), Type::STREAM, None)?;
@@ -144,7 +145,7 @@ pub async fn connect_from(
     }
 }
 
-/// Whether this process may set `IP_TRANSPARENT` (CAP_NET_ADMIN): the default of
+/// Whether this process may set `IP_TRANSPARENT` (CAP_NET_ADMIN or CAP_NET_RAW): the default of
 /// `ENABLE_ORIG_SRC`, as in ztunnel.
 pub fn transparent_allowed() -> bool {
     Socket::new(Domain::IPV4, Type::STREAM, None)
@@ -252,5 +253,55 @@ pub fn shutdown_write(stream: &TcpStream) -> io::Result<()> {
     match socket2::SockRef::from(stream).shutdown(std::net::Shutdown::Write) {
         Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
         r => r,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(orig_src: bool) -> UpstreamOptions {
+        UpstreamOptions {
+            mark: 0,
+            connect_timeout: Duration::from_secs(2),
+            orig_src,
+        }
+    }
+
+    /// The peer address a listener on 127.0.0.1 sees for `connect_from(.., src, ..)`.
+    async fn seen_from(src: Option<IpAddr>, orig_src: bool) -> IpAddr {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let dst = l.local_addr().unwrap();
+        let o = opts(orig_src);
+        let (up, acc) = tokio::join!(connect_from(dst, src, &o), l.accept());
+        up.expect("the connection is made whatever happens to the source address");
+        acc.unwrap().1.ip()
+    }
+
+    #[tokio::test]
+    async fn client_address_when_allowed_else_own_address() {
+        let client: IpAddr = "127.0.0.2".parse().unwrap();
+        let expected = if transparent_allowed() {
+            client
+        } else {
+            "127.0.0.1".parse().unwrap()
+        };
+        assert_eq!(seen_from(Some(client), true).await, expected);
+        // Off: never the client's address.
+        assert_eq!(
+            seen_from(Some(client), false).await,
+            "127.0.0.1".parse::<IpAddr>().unwrap()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_refused_bind_falls_back_to_a_normal_connect() {
+        // An IPv6 client address cannot be the source of an IPv4 connection: the bind is refused
+        // and the connection is made from l4mesh's own address instead of failing.
+        let v6: IpAddr = "::1".parse().unwrap();
+        assert_eq!(
+            seen_from(Some(v6), true).await,
+            "127.0.0.1".parse::<IpAddr>().unwrap()
+        );
     }
 }

@@ -178,3 +178,79 @@ fn redirect_install_capture_remove() {
         );
     }
 }
+
+/// ENABLE_ORIG_SRC=true in an l4mesh without CAP_NET_ADMIN and CAP_NET_RAW (dropped with
+/// `setpriv`; either one allows IP_TRANSPARENT): the kernel
+/// refuses IP_TRANSPARENT, so l4mesh warns once and still connects, from the pod's own address.
+#[test]
+fn orig_src_falls_back_without_cap_net_admin() {
+    if !privileged("orig_src_falls_back_without_cap_net_admin") {
+        return;
+    }
+    if !has_tool("setpriv") {
+        eprintln!("SKIPPED orig_src_falls_back_without_cap_net_admin: setpriv (util-linux) is not installed");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("mesh.yaml");
+    std::fs::write(&cfg, MESH).unwrap();
+    let mut pod = Netns::new("rpod3");
+    let peer = Netns::new("rpeer3");
+    pod.link(
+        &peer,
+        &format!("r3{}", std::process::id() % 100000),
+        "10.238.0.2/24",
+        "10.238.0.1/24",
+    );
+    redirect(&pod, "install", "iptables");
+    pod.spawn(
+        &["python3", "-c", ECHO_PY, "10.238.0.2", "9000", "pod"],
+        &[],
+        "ready",
+    );
+    let bin = env!("CARGO_BIN_EXE_l4mesh");
+    let log = pod.spawn(
+        &[
+            "setpriv",
+            "--bounding-set",
+            "-net_admin,-net_raw",
+            "--inh-caps",
+            "-net_admin,-net_raw",
+            bin,
+        ],
+        &[
+            ("LOCAL_XDS_PATH", cfg.to_str().unwrap()),
+            ("RUST_LOG", "info"),
+            ("UNSTABLE_ENABLE_SOCKS5", "false"),
+            ("ENABLE_ORIG_SRC", "true"),
+        ],
+        "listening",
+    );
+    let (ok, out, err) = peer.output(&["python3", "-c", CLIENT_PY, "10.238.0.2", "9000", "in"]);
+    assert!(
+        ok,
+        "inbound failed: {out} {err}\nl4mesh log:\n{}",
+        log.all()
+    );
+    assert_eq!(
+        out.trim(),
+        "pod:10.238.0.2:in",
+        "the pod's own address\n{}",
+        log.all()
+    );
+    log.wait_for(&["WARN", "cannot connect from the client's address"])
+        .unwrap_or_else(|| panic!("no fallback warning:\n{}", log.all()));
+    // One warning, not one per connection.
+    let (ok, _, _) = peer.output(&["python3", "-c", CLIENT_PY, "10.238.0.2", "9000", "again"]);
+    assert!(ok);
+    log.wait_for(&["access", "inbound", "10.238.0.2:9000"])
+        .unwrap();
+    assert_eq!(
+        log.all()
+            .matches("cannot connect from the client's address")
+            .count(),
+        1,
+        "{}",
+        log.all()
+    );
+}
