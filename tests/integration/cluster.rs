@@ -265,18 +265,27 @@ fn cluster_scenarios() {
     // 6. a DENY policy pushed through the control plane blocks c1 across nodes, and removing it
     //    lets it through again.
     c.control.handle.upsert_yaml(&deny_c1()).unwrap();
-    within(Duration::from_secs(10), || {
-        call(&c, "c1", S2, 8080, "deny-probe")
-            .is_none()
-            .then_some(())
+    // Attempts before the push arrives may pass; each carries its own number.
+    let mut attempt = 0;
+    let denied = within(Duration::from_secs(10), || {
+        attempt += 1;
+        let probe = format!("deny-probe-{attempt}.");
+        call(&c, "c1", S2, 8080, &probe).is_none().then_some(probe)
     })
     .unwrap_or_else(|| panic!("the pushed DENY policy did not take effect\n{}", logs(&c)));
     c.pod("s2")
         .wait_log(&["access", "inbound_hbone", "deny-c1"])
         .unwrap_or_else(|| panic!("s2 did not log the denial\n{}", logs(&c)));
     assert!(
-        !s2.all().contains("deny-probe"),
+        !s2.all().contains(&denied),
         "a denied connection reached the app"
+    );
+    // The policy is about c1's address only: the outside host still reaches s2.
+    assert_eq!(
+        call_from_outside(&c, S2, 8080, "not-c1").as_deref(),
+        Some(format!("s2:{OUTSIDE_IP}:not-c1").as_str()),
+        "{}",
+        logs(&c)
     );
     assert!(c
         .control
@@ -322,6 +331,31 @@ fn cluster_scenarios() {
     assert_eq!(
         call(&c, "c1", S1, 8080, "restarted").as_deref(),
         Some(format!("s1:{C1}:restarted").as_str()),
+        "{}",
+        logs(&c)
+    );
+    // The same on the receiving side: with s1's l4mesh stopped, inbound traffic (plaintext from
+    // outside, HBONE from c1) does not reach the app either, until it is back.
+    c.pod_mut("s1").stop_l4mesh();
+    assert_eq!(call_from_outside(&c, S1, 8080, "inbound-stopped"), None);
+    assert_eq!(call(&c, "c1", S1, 8080, "inbound-stopped"), None);
+    assert!(
+        !s1.all().contains("inbound-stopped"),
+        "inbound traffic bypassed the stopped proxy"
+    );
+    c.start_l4mesh("s1");
+    assert_eq!(
+        call_from_outside(&c, S1, 8080, "inbound-back").as_deref(),
+        Some(format!("s1:{OUTSIDE_IP}:inbound-back").as_str()),
+        "{}",
+        logs(&c)
+    );
+    let back = within(Duration::from_secs(10), || {
+        call(&c, "c1", S1, 8080, "hbone-back")
+    });
+    assert_eq!(
+        back.as_deref(),
+        Some(format!("s1:{C1}:hbone-back").as_str()),
         "{}",
         logs(&c)
     );
