@@ -31,14 +31,6 @@ pub const IPT_PREROUTING_CHAIN: &str = "L4MESH_PREROUTING";
 /// iptables chains (mangle table) owned by l4mesh, for the replies of orig-source connections.
 pub const IPT_MANGLE_OUTPUT_CHAIN: &str = "L4MESH_MANGLE_OUTPUT";
 pub const IPT_MANGLE_PREROUTING_CHAIN: &str = "L4MESH_MANGLE_PREROUTING";
-/// The connection / packet mark (under [`ROUTE_MASK`]) of connections l4mesh opened from a
-/// client's address, and the routing table that delivers their replies locally (istio-cni's
-/// in-pod values: `InpodTProxyMark`/`InpodTProxyMask`, `RouteTableInbound`, priority 32764).
-pub const ROUTE_MARK: u32 = 0x111;
-pub const ROUTE_MASK: u32 = 0xfff;
-pub const ROUTE_TABLE: u32 = 100;
-/// Priority of the `ip rule` (istio-cni's, just before the main table's 32766).
-pub const ROUTE_RULE_PREF: u32 = 32764;
 /// nftables table (family inet: IPv4 and IPv6) owned by l4mesh.
 pub const NFT_TABLE: &str = "l4mesh";
 
@@ -216,98 +208,6 @@ fn iptables_remove_table(table: &str, ours: &[&str; 2], lines: &[&str], cmds: &m
             cmds.push(Cmd::new("iptables", &["-t", table, "-X", chain]));
         }
     }
-}
-
-/// The commands that list the policy routing [`routing_remove_plan`] looks at: rules, then the
-/// routes of [`ROUTE_TABLE`].
-pub fn routing_list_cmds() -> [Cmd; 2] {
-    [
-        Cmd::new("ip", &["-4", "rule", "show"]),
-        Cmd::new(
-            "ip",
-            &["-4", "route", "show", "table", &ROUTE_TABLE.to_string()],
-        ),
-    ]
-}
-
-/// The policy routing that delivers the replies of orig-source connections to l4mesh (same for
-/// both backends).
-pub fn routing_install_plan() -> Vec<Cmd> {
-    let (fwmark, table) = (
-        format!("{ROUTE_MARK:#x}/{ROUTE_MASK:#x}"),
-        ROUTE_TABLE.to_string(),
-    );
-    let pref = ROUTE_RULE_PREF.to_string();
-    vec![
-        Cmd::new(
-            "ip",
-            &[
-                "-4", "rule", "add", "fwmark", &fwmark, "pref", &pref, "lookup", &table,
-            ],
-        ),
-        Cmd::new(
-            "ip",
-            &[
-                "-4",
-                "route",
-                "add",
-                "local",
-                "0.0.0.0/0",
-                "dev",
-                "lo",
-                "table",
-                &table,
-            ],
-        ),
-    ]
-}
-
-/// Removes what [`routing_install_plan`] added, given the outputs of [`routing_list_cmds`]: each
-/// of l4mesh's `ip rule` lines (one delete per copy) and its local route; nothing else.
-pub fn routing_remove_plan(rules: &str, routes: &str) -> Vec<Cmd> {
-    let (fwmark, table) = (
-        format!("{ROUTE_MARK:#x}/{ROUTE_MASK:#x}"),
-        ROUTE_TABLE.to_string(),
-    );
-    let pref = ROUTE_RULE_PREF.to_string();
-    let mut cmds = Vec::new();
-    for line in rules.lines() {
-        let words: Vec<&str> = line.split_whitespace().collect();
-        let ours = words.first() == Some(&format!("{pref}:").as_str())
-            && words.windows(2).any(|w| w == ["fwmark", fwmark.as_str()])
-            && words.windows(2).any(|w| w == ["lookup", table.as_str()]);
-        if ours {
-            cmds.push(Cmd::new(
-                "ip",
-                &[
-                    "-4", "rule", "del", "fwmark", &fwmark, "pref", &pref, "lookup", &table,
-                ],
-            ));
-        }
-    }
-    for line in routes.lines() {
-        if line
-            .split_whitespace()
-            .take(4)
-            .eq(["local", "default", "dev", "lo"])
-        {
-            cmds.push(Cmd::new(
-                "ip",
-                &[
-                    "-4",
-                    "route",
-                    "del",
-                    "local",
-                    "0.0.0.0/0",
-                    "dev",
-                    "lo",
-                    "table",
-                    &table,
-                ],
-            ));
-        }
-    }
-    cmds
 }
 
 /// The commands that install the rules (run after [`remove_plan`], which makes `install`
@@ -570,6 +470,12 @@ pub fn run(command: &RedirectCommand) -> Result<(), RedirectError> {
     }
     Ok(())
 }
+
+mod routing;
+pub use routing::{
+    routing_install_plan, routing_list_cmds, routing_remove_plan, ROUTE_MARK, ROUTE_MASK,
+    ROUTE_RULE_PREF, ROUTE_TABLE,
+};
 
 #[cfg(test)]
 mod tests;
