@@ -22,8 +22,12 @@ const S3: &str = "10.240.2.11";
 const WP: &str = "10.240.2.20";
 /// The workload `d` (behind the waypoint `wp`), served from the waypoint's pod.
 const D: &str = "10.240.2.21";
+/// The only endpoint of the service `wsvc` (whose waypoint is `wp`), also in the waypoint's pod.
+const E: &str = "10.240.2.22";
 const T1: &str = "10.240.2.30";
 const VIP: &str = "10.240.200.1";
+/// The VIP of `wsvc`, a service with a waypoint.
+const WVIP: &str = "10.240.200.2";
 
 fn state() -> String {
     let hbone = |name: &str, sa: &str, ip: &str, node: u8, extra: &str| {
@@ -54,6 +58,15 @@ fn state() -> String {
         2,
         &format!("  waypoint: {{ destination: \"/{WP}\", hboneMtlsPort: 15008 }}\n"),
     );
+    s += &hbone(
+        "e",
+        "server",
+        E,
+        2,
+        r#"  services:
+    "default/wsvc.default.svc.cluster.local": { 80: 8080 }
+"#,
+    );
     s += &format!(
         r#"- uid: cluster1//v1/Pod/default/t1
   name: t1
@@ -68,6 +81,12 @@ services:
   hostname: echo.default.svc.cluster.local
   vips: ["/{VIP}"]
   ports: {{ 80: 8080 }}
+- name: wsvc
+  namespace: default
+  hostname: wsvc.default.svc.cluster.local
+  vips: ["/{WVIP}"]
+  ports: {{ 80: 8080 }}
+  waypoint: {{ destination: "/{WP}", hboneMtlsPort: 15008 }}
 policies:
 - name: deny-9090
   namespace: default
@@ -107,7 +126,7 @@ fn pods(nft: bool) -> Vec<PodSpec> {
         },
     };
     let mut wp = pod("wp", 2, 20, "waypoint", true);
-    wp.extra_hosts.push(21);
+    wp.extra_hosts.extend([21, 22]);
     vec![
         pod("c1", 1, 10, "client", true),
         pod("s1", 1, 11, "server", true),
@@ -150,6 +169,7 @@ fn cluster_scenarios() {
     let s2 = c.echo("s2", "0.0.0.0", 8080, "s2");
     c.echo("s3", "0.0.0.0", 8080, "s3");
     c.echo("wp", D, 8080, "d");
+    c.echo("wp", E, 8080, "e");
     c.echo("t1", "0.0.0.0", 8080, "t1");
     let out = c.outside.spawn(
         &[
@@ -301,8 +321,8 @@ fn cluster_scenarios() {
         )
     });
 
-    // 7. a workload with a waypoint is reached through the waypoint (an l4mesh acting as one):
-    //    c1's tunnel goes to wp, which forwards to d keeping c1's address.
+    // 7. waypoints (an l4mesh acting as one, as in waypoint.rs: it serves its own node). A
+    //    workload with a waypoint: c1's tunnel goes to wp, which forwards to d keeping c1's address.
     assert_eq!(
         call(&c, "c1", D, 8080, "via-waypoint").as_deref(),
         Some(format!("d:{C1}:via-waypoint").as_str()),
@@ -315,6 +335,26 @@ fn cluster_scenarios() {
     c.pod("wp")
         .wait_log(&["access", "inbound_hbone", &format!("{D}:8080"), "sa/client"])
         .unwrap_or_else(|| panic!("the waypoint did not carry the call\n{}", logs(&c)));
+
+    //    And a service whose waypoint is wp: c1 sends the VIP's traffic to wp (authority VIP:80),
+    //    which picks the service's endpoint e.
+    assert_eq!(
+        call(&c, "c1", WVIP, 80, "svc-via-waypoint").as_deref(),
+        Some(format!("e:{C1}:svc-via-waypoint").as_str()),
+        "{}",
+        logs(&c)
+    );
+    c.pod("c1")
+        .wait_log(&["access", "outbound", &format!("{WVIP}:80"), "sa/waypoint"])
+        .unwrap_or_else(|| panic!("c1 did not send the service to its waypoint\n{}", logs(&c)));
+    c.pod("wp")
+        .wait_log(&[
+            "access",
+            "inbound_hbone",
+            &format!("{WVIP}:80"),
+            &format!("{E}:8080"),
+        ])
+        .unwrap_or_else(|| panic!("the waypoint did not route the service\n{}", logs(&c)));
 
     // 8. l4mesh stopped in c1: its captured traffic fails closed (no bypass to the server), and
     //    comes back when l4mesh does.
