@@ -36,6 +36,18 @@ pub fn privileged(test: &str) -> bool {
     true
 }
 
+/// Whether `setpriv` (util-linux) is on PATH, asked once.
+fn has_setpriv() -> bool {
+    static FOUND: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *FOUND.get_or_init(|| {
+        Command::new("sh")
+            .args(["-c", "command -v setpriv"])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+    })
+}
+
 fn run(args: &[&str]) {
     let out = Command::new(args[0])
         .args(&args[1..])
@@ -105,10 +117,13 @@ impl Netns {
         ready: &str,
     ) -> (Child, Output) {
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.name])
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+        cmd.args(["netns", "exec", &self.name]);
+        // Killed with the test process even when it dies without unwinding (SIGPIPE, SIGKILL):
+        // an orphan would keep its namespace busy and hold whatever file locks it inherited.
+        if has_setpriv() {
+            cmd.args(["setpriv", "--pdeathsig", "KILL"]);
+        }
+        cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
         for (k, v) in envs {
             cmd.env(k, v);
         }
