@@ -197,7 +197,8 @@ impl Cluster {
         for i in 1..=nodes {
             let n = Netns::new(&format!("{prefix}n{i}"));
             attach(&n, &format!("n{i}"), &format!("10.240.0.{}/24", 10 + i));
-            n.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+            // /proc/sys/net is per namespace (no dependency on procps's sysctl).
+            n.exec(&["sh", "-c", "echo 1 > /proc/sys/net/ipv4/ip_forward"]);
             n.exec(&["ip", "link", "add", "name", "pods", "type", "bridge"]);
             n.exec(&[
                 "ip",
