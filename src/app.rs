@@ -83,6 +83,8 @@ async fn bind(
 
 /// Starts l4mesh on the current tokio runtime. Ready to serve when it returns.
 pub async fn start(config: &Config) -> Result<Running, AppError> {
+    // Before any control-plane connection: a captured pod must not redirect l4mesh's own xDS/CA.
+    crate::control_plane::set_mark(config.packet_mark);
     let store = Arc::new(Store::new());
     let readiness = Readiness::new();
     let mut tasks = Vec::new();
@@ -207,6 +209,9 @@ pub async fn start(config: &Config) -> Result<Running, AppError> {
         upstream: UpstreamOptions {
             mark: config.packet_mark,
             connect_timeout: config.connect_timeout,
+            orig_src: config
+                .enable_orig_src
+                .unwrap_or_else(crate::socket::transparent_allowed),
         },
         own_addrs,
         on_demand,

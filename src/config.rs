@@ -93,6 +93,9 @@ pub struct Config {
     /// Prometheus metrics (`/metrics`, `/stats/prometheus`); `None` disables the metrics server.
     pub metrics_addr: Option<SocketAddr>,
     pub packet_mark: u32,
+    /// `ENABLE_ORIG_SRC`: connect to local workloads from the client's IP (`IP_TRANSPARENT`).
+    /// `None` (ztunnel's default) = on when the kernel allows it (CAP_NET_ADMIN or CAP_NET_RAW).
+    pub enable_orig_src: Option<bool>,
     #[serde(serialize_with = "crate::model::serialize_duration")]
     pub connect_timeout: Duration,
     pub worker_threads: usize,
@@ -125,6 +128,7 @@ impl Config {
             readiness_addr: Some(SocketAddr::new(ip, 0)),
             metrics_addr: Some(SocketAddr::new(ip, 0)),
             packet_mark: 1337,
+            enable_orig_src: Some(false),
             connect_timeout: Duration::from_secs(10),
             worker_threads: 2,
             log_format: LogFormat::Plain,
@@ -322,6 +326,11 @@ pub struct Args {
     /// SO_MARK set on every socket l4mesh opens, so that redirection rules skip them (0 = none).
     #[arg(long, env = "PACKET_MARK", default_value_t = 1337)]
     pub packet_mark: u32,
+    /// Inbound connections reach the local workload from the client's own IP (IP_TRANSPARENT;
+    /// needs CAP_NET_ADMIN or CAP_NET_RAW, and the routing `l4mesh redirect install` sets up). Unset: on when the
+    /// kernel allows it, as ztunnel does; a refused bind falls back to l4mesh's own address.
+    #[arg(long, env = "ENABLE_ORIG_SRC", value_parser = parse_bool, action = clap::ArgAction::Set)]
+    pub enable_orig_src: Option<bool>,
     /// How long to wait for an upstream TCP connection (e.g. 500ms, 10s).
     #[arg(long, env = "CONNECT_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub connect_timeout: Duration,
@@ -483,6 +492,7 @@ impl Args {
             readiness_addr: Some(self.readiness_addr),
             metrics_addr: Some(self.metrics_addr),
             packet_mark: self.packet_mark,
+            enable_orig_src: self.enable_orig_src,
             connect_timeout: self.connect_timeout,
             worker_threads: self.worker_threads,
             log_format: self.log_format,

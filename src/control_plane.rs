@@ -2,10 +2,78 @@
 //! the CA client: TLS with the configured trust root (or plaintext for `http://`), and the
 //! per-call credentials istiod expects (`authorization: Bearer <token>`, `clusterid`).
 
+use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+
+/// The `SO_MARK` of control-plane sockets (l4mesh's `PACKET_MARK`; 0 = none). Process-wide
+/// because both channel users (xDS and CA clients) share it and it never changes after start.
+static MARK: AtomicU32 = AtomicU32::new(0);
+
+/// Marks every later control-plane connection with `mark`, so that a dedicated-mode pod's capture
+/// rules (which skip marked packets) do not redirect l4mesh's own xDS and CA traffic into its
+/// outbound listener — which would wait for the readiness that this very traffic brings.
+pub fn set_mark(mark: u32) {
+    MARK.store(mark, Ordering::Relaxed);
+}
+
+/// tonic's connector, replaced so that the socket carries the mark ([`crate::socket::connect`]);
+/// TLS (for `https://`) is layered on top by tonic.
+#[derive(Clone, Copy, Debug)]
+struct MarkedConnector;
+
+type ConnectFuture = Pin<
+    Box<
+        dyn Future<Output = std::io::Result<hyper_util::rt::TokioIo<tokio::net::TcpStream>>> + Send,
+    >,
+>;
+
+impl tonic::codegen::Service<http::Uri> for MarkedConnector {
+    type Response = hyper_util::rt::TokioIo<tokio::net::TcpStream>;
+    type Error = std::io::Error;
+    type Future = ConnectFuture;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        Box::pin(async move {
+            let host = uri
+                .host()
+                .unwrap_or_default()
+                .trim_matches(['[', ']'])
+                .to_owned();
+            let port = uri.port_u16().unwrap_or(match uri.scheme_str() {
+                Some("https") => 443,
+                _ => 80,
+            });
+            let opts = crate::socket::UpstreamOptions {
+                mark: MARK.load(Ordering::Relaxed),
+                connect_timeout: Duration::from_secs(5),
+                orig_src: false,
+            };
+            let mut last = None;
+            for addr in tokio::net::lookup_host((host.as_str(), port)).await? {
+                match crate::socket::connect(addr, &opts).await {
+                    Ok(s) => return Ok(hyper_util::rt::TokioIo::new(s)),
+                    Err(e) => last = Some(e),
+                }
+            }
+            Err(last.unwrap_or_else(|| {
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    format!("expected {host} to resolve to an address, found none"),
+                )
+            }))
+        })
+    }
+}
 
 /// Where the trust root for the control plane's certificate comes from (`XDS_ROOT_CA`).
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
@@ -81,10 +149,12 @@ pub async fn connect(address: &str, root_ca: Option<&RootCa>) -> Result<Channel,
         };
         ep = ep.tls_config(tls).map_err(|e| bad(error_chain(&e)))?;
     }
-    ep.connect().await.map_err(|e| ChannelError::Connect {
-        address: address.to_owned(),
-        detail: error_chain(&e),
-    })
+    ep.connect_with_connector(MarkedConnector)
+        .await
+        .map_err(|e| ChannelError::Connect {
+            address: address.to_owned(),
+            detail: error_chain(&e),
+        })
 }
 
 /// Reads the token file (re-read on every call: Kubernetes rotates it). No file, no token.

@@ -7,6 +7,13 @@
 //!   (`-o lo` / `-i lo`, which includes the pod talking to its own IP) and excluded ports are
 //!   left alone.
 //!
+//! - for `ENABLE_ORIG_SRC` (l4mesh connects to the pod's app from the *client's* IP with
+//!   `IP_TRANSPARENT`), the app's replies must come back to l4mesh instead of leaving the pod:
+//!   connections opened by l4mesh's marked sockets get the conntrack mark 0x111/0xfff, the app's
+//!   packets of those connections are given that mark, and `ip rule fwmark 0x111/0xfff lookup 100`
+//!   with `local 0.0.0.0/0 dev lo` in table 100 delivers them locally — what istio-cni installs
+//!   in a pod for ztunnel.
+//!
 //! Rule generation is pure ([`install_plan`], [`remove_plan`]) and unit-tested; [`run`] is the thin
 //! layer that executes the commands. All of l4mesh's `std::process::Command` use is in this module.
 
@@ -21,6 +28,9 @@ pub const HBONE_PORT: u16 = 15008;
 /// iptables chains (nat table) owned by l4mesh.
 pub const IPT_OUTPUT_CHAIN: &str = "L4MESH_OUTPUT";
 pub const IPT_PREROUTING_CHAIN: &str = "L4MESH_PREROUTING";
+/// iptables chains (mangle table) owned by l4mesh, for the replies of orig-source connections.
+pub const IPT_MANGLE_OUTPUT_CHAIN: &str = "L4MESH_MANGLE_OUTPUT";
+pub const IPT_MANGLE_PREROUTING_CHAIN: &str = "L4MESH_MANGLE_PREROUTING";
 /// nftables table (family inet: IPv4 and IPv6) owned by l4mesh.
 pub const NFT_TABLE: &str = "l4mesh";
 
@@ -124,42 +134,40 @@ impl fmt::Display for Cmd {
     }
 }
 
-/// The command that lists what is installed; its output feeds [`remove_plan`].
-pub fn list_cmd(backend: Backend) -> Cmd {
+/// The commands that list what is installed, one per table (iptables: nat then mangle); their
+/// outputs, each after a `*<table>` line, feed [`remove_plan`].
+pub fn list_cmds(backend: Backend) -> Vec<(&'static str, Cmd)> {
     match backend {
-        Backend::Iptables => Cmd::iptables("-t nat -S"),
-        Backend::Nftables => Cmd::new("nft", &["list", "tables"]),
+        Backend::Iptables => vec![
+            ("nat", Cmd::iptables("-t nat -S")),
+            ("mangle", Cmd::iptables("-t mangle -S")),
+        ],
+        Backend::Nftables => vec![("", Cmd::new("nft", &["list", "tables"]))],
     }
 }
 
-/// The commands that remove l4mesh's rules, given the output of [`list_cmd`]: only what l4mesh
-/// created (its chains / table and the jumps into them), nothing when nothing is installed.
+/// The commands that remove l4mesh's rules, given the output of [`list_cmds`] (for iptables, each
+/// table's `-S` listing after a `*nat` / `*mangle` line; nat when there is none): only what
+/// l4mesh created (its chains / table and the jumps into them), nothing when nothing is installed.
 pub fn remove_plan(backend: Backend, listing: &str) -> Vec<Cmd> {
     match backend {
         Backend::Iptables => {
-            let ours = [IPT_OUTPUT_CHAIN, IPT_PREROUTING_CHAIN];
             let mut cmds = Vec::new();
+            let mut sections: Vec<(&str, Vec<&str>)> = vec![("nat", Vec::new())];
             for line in listing.lines() {
-                let words: Vec<&str> = line.split_whitespace().collect();
-                if let ["-A", chain @ ("OUTPUT" | "PREROUTING"), rest @ ..] = words.as_slice() {
-                    if rest
-                        .windows(2)
-                        .any(|w| w[0] == "-j" && ours.contains(&w[1]))
-                    {
-                        let mut args = vec!["-t", "nat", "-D", chain];
-                        args.extend_from_slice(rest);
-                        cmds.push(Cmd::new("iptables", &args));
-                    }
+                if let Some(t) = line.trim().strip_prefix('*') {
+                    let table = if t == "mangle" { "mangle" } else { "nat" };
+                    sections.push((table, Vec::new()));
+                } else if let Some((_, lines)) = sections.last_mut() {
+                    lines.push(line);
                 }
             }
-            for chain in ours {
-                let declared = listing
-                    .lines()
-                    .any(|l| l.split_whitespace().eq(["-N", chain]));
-                if declared {
-                    cmds.push(Cmd::new("iptables", &["-t", "nat", "-F", chain]));
-                    cmds.push(Cmd::new("iptables", &["-t", "nat", "-X", chain]));
-                }
+            for (table, lines) in &sections {
+                let ours = match *table {
+                    "mangle" => [IPT_MANGLE_OUTPUT_CHAIN, IPT_MANGLE_PREROUTING_CHAIN],
+                    _ => [IPT_OUTPUT_CHAIN, IPT_PREROUTING_CHAIN],
+                };
+                iptables_remove_table(table, &ours, lines, &mut cmds);
             }
             cmds
         }
@@ -172,6 +180,32 @@ pub fn remove_plan(backend: Backend, listing: &str) -> Vec<Cmd> {
             } else {
                 Vec::new()
             }
+        }
+    }
+}
+
+/// Removes the jumps into `ours` and the chains themselves from one table's `-S` listing.
+fn iptables_remove_table(table: &str, ours: &[&str; 2], lines: &[&str], cmds: &mut Vec<Cmd>) {
+    for line in lines {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        if let ["-A", chain @ ("OUTPUT" | "PREROUTING"), rest @ ..] = words.as_slice() {
+            if rest
+                .windows(2)
+                .any(|w| w[0] == "-j" && ours.contains(&w[1]))
+            {
+                let mut args = vec!["-t", table, "-D", chain];
+                args.extend_from_slice(rest);
+                cmds.push(Cmd::new("iptables", &args));
+            }
+        }
+    }
+    for chain in ours {
+        if lines
+            .iter()
+            .any(|l| l.split_whitespace().eq(["-N", *chain]))
+        {
+            cmds.push(Cmd::new("iptables", &["-t", table, "-F", chain]));
+            cmds.push(Cmd::new("iptables", &["-t", table, "-X", chain]));
         }
     }
 }
@@ -195,6 +229,9 @@ fn iptables_install(r: &Rules) -> Vec<Cmd> {
     let mut v = vec![
         Cmd::iptables(&format!("-t nat -N {out}")),
         Cmd::iptables(&format!("-t nat -A {out} -m mark --mark {mark} -j RETURN")),
+        Cmd::iptables(&format!(
+            "-t nat -A {out} -m mark --mark {ROUTE_MARK:#x}/{ROUTE_MASK:#x} -j RETURN"
+        )),
         Cmd::iptables(&format!("-t nat -A {out} -o lo -j RETURN")),
     ];
     for p in &r.exclude_outbound_ports {
@@ -225,6 +262,20 @@ fn iptables_install(r: &Rules) -> Vec<Cmd> {
         Cmd::iptables(&format!("-t nat -A OUTPUT -p tcp -j {out}")),
         Cmd::iptables(&format!("-t nat -A PREROUTING -p tcp -j {pre}")),
     ]);
+    let (mout, mpre) = (IPT_MANGLE_OUTPUT_CHAIN, IPT_MANGLE_PREROUTING_CHAIN);
+    let (rm, rk) = (ROUTE_MARK, ROUTE_MASK);
+    v.extend([
+        Cmd::iptables(&format!("-t mangle -N {mpre}")),
+        Cmd::iptables(&format!(
+            "-t mangle -A {mpre} -m mark --mark {mark} -j CONNMARK --set-xmark {rm:#x}/{rk:#x}"
+        )),
+        Cmd::iptables(&format!("-t mangle -N {mout}")),
+        Cmd::iptables(&format!(
+            "-t mangle -A {mout} -m connmark --mark {rm:#x}/{rk:#x} -j CONNMARK --restore-mark --nfmask 0xffffffff --ctmask 0xffffffff"
+        )),
+        Cmd::iptables(&format!("-t mangle -A PREROUTING -j {mpre}")),
+        Cmd::iptables(&format!("-t mangle -A OUTPUT -j {mout}")),
+    ]);
     v
 }
 
@@ -250,6 +301,9 @@ pub fn nft_script(r: &Rules) -> String {
     s.push_str(&format!("table inet {NFT_TABLE} {{\n"));
     s.push_str("  chain output {\n    type nat hook output priority -100; policy accept;\n");
     s.push_str(&format!("    meta mark {mark} return\n"));
+    s.push_str(&format!(
+        "    meta mark & {ROUTE_MASK:#x} == {ROUTE_MARK:#x} return\n"
+    ));
     s.push_str("    oifname \"lo\" return\n");
     if !r.exclude_outbound_ports.is_empty() {
         s.push_str(&format!(
@@ -273,7 +327,16 @@ pub fn nft_script(r: &Rules) -> String {
         ));
     }
     s.push_str(&format!(
-        "    meta l4proto tcp redirect to :{INBOUND_PORT}\n  }}\n}}\n"
+        "    meta l4proto tcp redirect to :{INBOUND_PORT}\n  }}\n"
+    ));
+    // Connections l4mesh opens from a client's address: mark them, and route their replies
+    // locally (a `route` chain re-routes when the mark changes, as iptables' mangle OUTPUT does).
+    let keep = !ROUTE_MASK;
+    s.push_str(&format!(
+        "  chain mangle_prerouting {{\n    type filter hook prerouting priority mangle; policy accept;\n    meta mark {mark} ct mark set ct mark & {keep:#x} | {ROUTE_MARK:#x}\n  }}\n"
+    ));
+    s.push_str(&format!(
+        "  chain mangle_output {{\n    type route hook output priority mangle; policy accept;\n    ct mark & {ROUTE_MASK:#x} == {ROUTE_MARK:#x} meta mark set ct mark\n  }}\n}}\n"
     ));
     s
 }
@@ -362,10 +425,20 @@ fn exec(cmd: &Cmd) -> Result<String, RedirectError> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// Removes l4mesh's rules of `backend`; returns how many commands it ran.
+/// Removes l4mesh's rules of `backend` and its policy routing; returns how many commands it ran.
 fn remove(backend: Backend) -> Result<usize, RedirectError> {
-    let listing = exec(&list_cmd(backend))?;
-    let plan = remove_plan(backend, &listing);
+    let mut listing = String::new();
+    for (table, cmd) in list_cmds(backend) {
+        if !table.is_empty() {
+            listing.push_str(&format!("*{table}\n"));
+        }
+        listing.push_str(&exec(&cmd)?);
+    }
+    let mut plan = remove_plan(backend, &listing);
+    let [rules, routes] = routing_list_cmds();
+    // `ip route show table 100` fails when the table was never created: nothing of ours there.
+    let routes = exec(&routes).unwrap_or_default();
+    plan.extend(routing_remove_plan(&exec(&rules)?, &routes));
     for cmd in &plan {
         exec(cmd)?;
     }
@@ -378,7 +451,9 @@ pub fn run(command: &RedirectCommand) -> Result<(), RedirectError> {
         RedirectCommand::Install(args) => {
             let backend = args.backend.unwrap_or_else(default_backend);
             remove(backend)?;
-            for cmd in install_plan(backend, &Rules::from(args)) {
+            let mut plan = install_plan(backend, &Rules::from(args));
+            plan.extend(routing_install_plan());
+            for cmd in plan {
                 if let Err(e) = exec(&cmd) {
                     // Leave nothing half-installed.
                     let _ = remove(backend);
@@ -395,6 +470,12 @@ pub fn run(command: &RedirectCommand) -> Result<(), RedirectError> {
     }
     Ok(())
 }
+
+mod routing;
+pub use routing::{
+    routing_install_plan, routing_list_cmds, routing_remove_plan, ROUTE_MARK, ROUTE_MASK,
+    ROUTE_RULE_PREF, ROUTE_TABLE,
+};
 
 #[cfg(test)]
 mod tests;

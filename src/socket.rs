@@ -1,10 +1,11 @@
 //! The one place that talks to the kernel's socket options: original destination of a redirected
 //! connection (`SO_ORIGINAL_DST`), the packet mark that keeps the proxy's own sockets out of the
-//! redirection rules (`SO_MARK`), `TCP_NODELAY` and keepalive on upstream sockets.
+//! redirection rules (`SO_MARK`), the client's source address on upstream sockets
+//! (`IP_TRANSPARENT`, `IP_FREEBIND`), `TCP_NODELAY` and keepalive.
 #![allow(unsafe_code)]
 
 use std::io;
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -83,13 +84,42 @@ pub struct UpstreamOptions {
     /// `SO_MARK` so that redirection rules skip the proxy's own traffic; 0 = do not mark.
     pub mark: u32,
     pub connect_timeout: Duration,
+    /// Whether the inbound paths connect to the local workload from the client's own IP
+    /// (`ENABLE_ORIG_SRC`), so that the application sees who called it rather than l4mesh.
+    pub orig_src: bool,
 }
 
 static MARK_WARNED: AtomicBool = AtomicBool::new(false);
+static TRANSPARENT_WARNED: AtomicBool = AtomicBool::new(false);
 
 /// Opens a TCP connection with the mark, `TCP_NODELAY` and keepalive set, bounded by the timeout.
 pub async fn connect(dst: SocketAddr, opts: &UpstreamOptions) -> io::Result<TcpStream> {
-    let socket = Socket::new(Domain::for_address(dst), Type::STREAM, None)?;
+    connect_from(dst, None, opts).await
+}
+
+/// [`connect`], from the client's address `src` when `opts.orig_src` is on: the socket is bound to
+/// `src` (port chosen by the kernel) with `IP_TRANSPARENT` + `IP_FREEBIND`, which lets it use an
+/// address that is not the pod's own. Replies reach it only with the policy routing that
+/// `l4mesh redirect install` sets up. When the kernel refuses (neither CAP_NET_ADMIN nor
+/// CAP_NET_RAW, another address family…)
+/// the connection is made from l4mesh's own address instead, after one warning: a lost source
+/// address is better than a failed connection.
+pub async fn connect_from(
+    dst: SocketAddr,
+    src: Option<IpAddr>,
+    opts: &UpstreamOptions,
+) -> io::Result<TcpStream> {
+    let mut socket = Socket::new(Domain::for_address(dst), Type::STREAM, None)?;
+    if let Some(src) = src.filter(|_| opts.orig_src) {
+        if let Err(e) = bind_transparent(&socket, src, dst) {
+            if !TRANSPARENT_WARNED.swap(true, Ordering::Relaxed) {
+                tracing::warn!(%src, %dst, error = %e,
+                    "cannot connect from the client's address (IP_TRANSPARENT needs CAP_NET_ADMIN or CAP_NET_RAW, and the same address family); upstream connections use l4mesh's own address instead (set ENABLE_ORIG_SRC=false to silence this)");
+            }
+            // The failed socket may be half-configured (transparent but not bound): start over.
+            socket = Socket::new(Domain::for_address(dst), Type::STREAM, None)?;
+        }
+    }
     if opts.mark != 0 {
         if let Err(e) = socket.set_mark(opts.mark) {
             // Without CAP_NET_ADMIN the mark cannot be set; fine outside a capture setup.
@@ -113,6 +143,35 @@ pub async fn connect(dst: SocketAddr, opts: &UpstreamOptions) -> io::Result<TcpS
             ),
         )),
     }
+}
+
+/// Whether this process may set `IP_TRANSPARENT` (CAP_NET_ADMIN or CAP_NET_RAW): the default of
+/// `ENABLE_ORIG_SRC`, as in ztunnel.
+pub fn transparent_allowed() -> bool {
+    Socket::new(Domain::IPV4, Type::STREAM, None)
+        .and_then(|s| s.set_ip_transparent_v4(true))
+        .is_ok()
+}
+
+/// Binds `socket` to `(src, any port)` with `IP_TRANSPARENT` and `IP_FREEBIND`.
+fn bind_transparent(socket: &Socket, src: IpAddr, dst: SocketAddr) -> io::Result<()> {
+    match (src, dst) {
+        (IpAddr::V4(_), SocketAddr::V4(_)) => {
+            socket.set_ip_transparent_v4(true)?;
+            socket.set_freebind_v4(true)?;
+        }
+        (IpAddr::V6(_), SocketAddr::V6(_)) => {
+            socket.set_ip_transparent_v6(true)?;
+            socket.set_freebind_v6(true)?;
+        }
+        _ => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("client address {src} and destination {dst} are of different families"),
+            ))
+        }
+    }
+    socket.bind(&SocketAddr::new(src, 0).into())
 }
 
 fn set_keepalive(socket: &Socket) -> io::Result<()> {
@@ -194,5 +253,55 @@ pub fn shutdown_write(stream: &TcpStream) -> io::Result<()> {
     match socket2::SockRef::from(stream).shutdown(std::net::Shutdown::Write) {
         Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
         r => r,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(orig_src: bool) -> UpstreamOptions {
+        UpstreamOptions {
+            mark: 0,
+            connect_timeout: Duration::from_secs(2),
+            orig_src,
+        }
+    }
+
+    /// The peer address a listener on 127.0.0.1 sees for `connect_from(.., src, ..)`.
+    async fn seen_from(src: Option<IpAddr>, orig_src: bool) -> IpAddr {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let dst = l.local_addr().unwrap();
+        let o = opts(orig_src);
+        let (up, acc) = tokio::join!(connect_from(dst, src, &o), l.accept());
+        up.expect("the connection is made whatever happens to the source address");
+        acc.unwrap().1.ip()
+    }
+
+    #[tokio::test]
+    async fn client_address_when_allowed_else_own_address() {
+        let client: IpAddr = "127.0.0.2".parse().unwrap();
+        let expected = if transparent_allowed() {
+            client
+        } else {
+            "127.0.0.1".parse().unwrap()
+        };
+        assert_eq!(seen_from(Some(client), true).await, expected);
+        // Off: never the client's address.
+        assert_eq!(
+            seen_from(Some(client), false).await,
+            "127.0.0.1".parse::<IpAddr>().unwrap()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_refused_bind_falls_back_to_a_normal_connect() {
+        // An IPv6 client address cannot be the source of an IPv4 connection: the bind is refused
+        // and the connection is made from l4mesh's own address instead of failing.
+        let v6: IpAddr = "::1".parse().unwrap();
+        assert_eq!(
+            seen_from(Some(v6), true).await,
+            "127.0.0.1".parse::<IpAddr>().unwrap()
+        );
     }
 }

@@ -4,6 +4,7 @@
 
 mod integration {
     mod capture;
+    mod cluster;
     mod envoy;
     pub mod harness;
     mod hbone;

@@ -239,3 +239,25 @@ fn metrics_address() {
         Some("127.51.0.1:0".parse().unwrap())
     );
 }
+#[test]
+fn enable_orig_src() {
+    let c = Args::try_parse_from(["l4mesh"])
+        .unwrap()
+        .into_config()
+        .unwrap();
+    assert_eq!(
+        c.enable_orig_src, None,
+        "unset means: when the kernel allows it"
+    );
+    let c = Args::try_parse_from(["l4mesh", "--enable-orig-src", "false"])
+        .unwrap()
+        .into_config()
+        .unwrap();
+    assert_eq!(c.enable_orig_src, Some(false));
+    let e = Args::try_parse_from(["l4mesh", "--enable-orig-src", "maybe"]).unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        msg.contains("expected true or false") && msg.contains("maybe"),
+        "{msg}"
+    );
+}

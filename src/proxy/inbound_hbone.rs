@@ -227,9 +227,10 @@ async fn open(
     }
     // One snapshot for every decision about this stream.
     let snapshot = ctx.store.load();
-    let wl = ctx
-        .local_workload(&snapshot, target.ip())
-        .ok_or(Outcome::AuthorityMismatch { authority: target })?;
+    let (wl, addr) = match ctx.local_workload(&snapshot, target.ip()) {
+        Some(wl) => (wl, target),
+        None => service_endpoint(ctx, &snapshot, dialled, target)?,
+    };
     log.dst_identity = Some(wl.identity().to_string());
     log.metrics = Some(open_metrics(
         ctx,
@@ -241,7 +242,7 @@ async fn open(
         target.port(),
     ));
     log.upstream = Some(Upstream {
-        addr: target,
+        addr,
         workload: Some(wl.clone()),
         service: None,
         kind: UpstreamKind::Tcp,
@@ -254,17 +255,16 @@ async fn open(
     let conn = ConnCtx {
         peer: Some(peer.clone()),
         src_ip: log.src.ip(),
-        dst_ip: target.ip(),
-        dst_port: target.port(),
+        dst_ip: addr.ip(),
+        dst_port: addr.port(),
     };
     let reg = super::admit(ctx, &snapshot, &wl, conn)?;
     drop(snapshot);
-    let up = crate::socket::connect(target, &ctx.upstream)
+    // The tunnel's TCP source is the client pod's IP (its dedicated-mode l4mesh runs in the
+    // pod); the workload sees that IP rather than l4mesh's when ENABLE_ORIG_SRC allows it.
+    let up = crate::socket::connect_from(addr, Some(log.src.ip()), &ctx.upstream)
         .await
-        .map_err(|source| ProxyError::Connect {
-            addr: target,
-            source,
-        })?;
+        .map_err(|source| ProxyError::Connect { addr, source })?;
     Ok((up, reg))
 }
 
@@ -297,6 +297,54 @@ fn open_metrics(
         true,
     );
     ctx.metrics.open(labels)
+}
+
+/// For a tunnel dialled on a waypoint of this node with a service VIP as its authority (a client
+/// sends a service's traffic to the service's waypoint): the endpoint the waypoint picks, load
+/// balanced as the service says, and `ip:target port`. l4mesh acting as a waypoint forwards only to
+/// endpoints on its own node (it opens no HBONE onwards); anything else keeps the 400 of a foreign
+/// authority.
+fn service_endpoint(
+    ctx: &ProxyCtx,
+    snapshot: &Snapshot,
+    dialled: SocketAddr,
+    target: SocketAddr,
+) -> Result<(Arc<Workload>, SocketAddr), ProxyError> {
+    let mismatch = || ProxyError::from(Outcome::AuthorityMismatch { authority: target });
+    let waypoint = ctx
+        .local_workload(snapshot, dialled.ip())
+        .ok_or_else(mismatch)?;
+    let svc = snapshot
+        .service_by_vip(&crate::model::NetworkAddr::new(
+            ctx.network.clone(),
+            target.ip(),
+        ))
+        .ok_or_else(mismatch)?;
+    if !svc
+        .waypoint
+        .as_ref()
+        .is_some_and(|gw| waypoint::is_waypoint(snapshot, gw, &waypoint))
+    {
+        return Err(mismatch());
+    }
+    // From the waypoint itself, routing skips the waypoint and picks an endpoint.
+    let up = super::route::route(
+        snapshot,
+        &ctx.network,
+        Some(&waypoint),
+        target,
+        &mut rand::rng(),
+    )
+    .map_err(|e| Outcome::NoUpstream(e.to_string()))?;
+    let wl = ctx.local_workload(snapshot, up.addr.ip()).ok_or_else(|| {
+        Outcome::NoUpstream(format!(
+            "service {} picked endpoint {}, which is not on this node ({}); l4mesh acting as a waypoint forwards only to its own node's workloads",
+            svc.key(),
+            up.addr,
+            ctx.node_name
+        ))
+    })?;
+    Ok((wl, up.addr))
 }
 
 /// A workload with a waypoint takes tunnels only from that waypoint's identity, so that its policy

@@ -89,7 +89,8 @@ async fn open(ctx: &ProxyCtx, log: &mut ConnLog) -> Result<(TcpStream, Registrat
     };
     let reg = super::admit(ctx, &snapshot, &workload, conn)?;
     drop(snapshot);
-    let up = crate::socket::connect(dst, &ctx.upstream)
+    // The workload sees the caller's IP, not l4mesh's, when ENABLE_ORIG_SRC allows it.
+    let up = crate::socket::connect_from(dst, Some(log.src.ip()), &ctx.upstream)
         .await
         .map_err(|source| ProxyError::Connect { addr: dst, source })?;
     Ok((up, reg))

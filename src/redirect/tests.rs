@@ -25,6 +25,7 @@ fn iptables_rules_in_order() {
     let want = [
         "iptables -t nat -N L4MESH_OUTPUT",
         "iptables -t nat -A L4MESH_OUTPUT -m mark --mark 1337 -j RETURN",
+        "iptables -t nat -A L4MESH_OUTPUT -m mark --mark 0x111/0xfff -j RETURN",
         "iptables -t nat -A L4MESH_OUTPUT -o lo -j RETURN",
         "iptables -t nat -A L4MESH_OUTPUT -p tcp --dport 3306 -j RETURN",
         "iptables -t nat -A L4MESH_OUTPUT -p tcp -j REDIRECT --to-ports 15001",
@@ -37,6 +38,12 @@ fn iptables_rules_in_order() {
         "iptables -t nat -A L4MESH_PREROUTING -p tcp -j REDIRECT --to-ports 15006",
         "iptables -t nat -A OUTPUT -p tcp -j L4MESH_OUTPUT",
         "iptables -t nat -A PREROUTING -p tcp -j L4MESH_PREROUTING",
+        "iptables -t mangle -N L4MESH_MANGLE_PREROUTING",
+        "iptables -t mangle -A L4MESH_MANGLE_PREROUTING -m mark --mark 1337 -j CONNMARK --set-xmark 0x111/0xfff",
+        "iptables -t mangle -N L4MESH_MANGLE_OUTPUT",
+        "iptables -t mangle -A L4MESH_MANGLE_OUTPUT -m connmark --mark 0x111/0xfff -j CONNMARK --restore-mark --nfmask 0xffffffff --ctmask 0xffffffff",
+        "iptables -t mangle -A PREROUTING -j L4MESH_MANGLE_PREROUTING",
+        "iptables -t mangle -A OUTPUT -j L4MESH_MANGLE_OUTPUT",
     ];
     assert_eq!(got, want);
 }
@@ -45,6 +52,10 @@ fn iptables_rules_in_order() {
 fn iptables_custom_mark_no_excludes() {
     let got = lines(&install_plan(Backend::Iptables, &rules(7, &[], &[]))).join("\n");
     assert_eq!(got.matches("--mark 7 -j RETURN").count(), 2);
+    assert!(
+        got.contains("--mark 7 -j CONNMARK --set-xmark 0x111/0xfff"),
+        "{got}"
+    );
     assert!(!got.contains("1337"));
     assert_eq!(
         got.matches("--dport").count(),
@@ -66,6 +77,16 @@ fn nft_script_rules() {
     let (out, pre) = s.split_once("chain prerouting").unwrap();
     assert!(out.contains("type nat hook output priority -100;"), "{s}");
     assert!(out.contains("meta mark 1337 return"), "{s}");
+    assert!(out.contains("meta mark & 0xfff == 0x111 return"), "{s}");
+    assert!(
+        s.contains("type route hook output priority mangle;")
+            && s.contains("ct mark & 0xfff == 0x111 meta mark set ct mark"),
+        "{s}"
+    );
+    assert!(
+        s.contains("meta mark 1337 ct mark set ct mark & 0xfffff000 | 0x111"),
+        "{s}"
+    );
     assert!(out.contains("oifname \"lo\" return"), "{s}");
     assert!(out.contains("tcp dport 3306 return"), "{s}");
     assert!(out.contains("meta l4proto tcp redirect to :15001"), "{s}");
@@ -109,6 +130,24 @@ fn iptables_remove_only_ours() {
     );
     let nothing = "-P PREROUTING ACCEPT\n-P OUTPUT ACCEPT\n-A OUTPUT -p tcp -j OTHER\n";
     assert!(remove_plan(Backend::Iptables, nothing).is_empty());
+    // Both tables, as `remove` lists them.
+    let both = format!(
+        "*nat\n{listing}*mangle\n-P PREROUTING ACCEPT\n-N L4MESH_MANGLE_PREROUTING\n-N L4MESH_MANGLE_OUTPUT\n\
+-A PREROUTING -j L4MESH_MANGLE_PREROUTING\n-A OUTPUT -j L4MESH_MANGLE_OUTPUT\n-A OUTPUT -j MARK --set-mark 5\n"
+    );
+    let got = lines(&remove_plan(Backend::Iptables, &both));
+    assert_eq!(got.len(), 12, "{got:#?}");
+    assert_eq!(
+        got[6..],
+        [
+            "iptables -t mangle -D PREROUTING -j L4MESH_MANGLE_PREROUTING",
+            "iptables -t mangle -D OUTPUT -j L4MESH_MANGLE_OUTPUT",
+            "iptables -t mangle -F L4MESH_MANGLE_OUTPUT",
+            "iptables -t mangle -X L4MESH_MANGLE_OUTPUT",
+            "iptables -t mangle -F L4MESH_MANGLE_PREROUTING",
+            "iptables -t mangle -X L4MESH_MANGLE_PREROUTING",
+        ]
+    );
 }
 
 #[test]
@@ -198,4 +237,27 @@ fn errors_name_command_status_and_hint() {
     assert!(e.contains("exit status: 4"), "{e}");
     assert!(e.contains("Permission denied"), "{e}");
     assert!(e.contains("not root?"), "{e}");
+}
+
+#[test]
+fn policy_routing_install_and_remove_only_ours() {
+    assert_eq!(
+        lines(&routing_install_plan()),
+        [
+            "ip -4 rule add fwmark 0x111/0xfff pref 32764 lookup 100",
+            "ip -4 route add local 0.0.0.0/0 dev lo table 100",
+        ]
+    );
+    let rules = "0:\tfrom all lookup local\n32764:\tfrom all fwmark 0x111/0xfff lookup 100\n\
+32764:\tfrom all fwmark 0x111/0xfff lookup 100\n32765:\tfrom all fwmark 0x222 lookup 100\n32766:\tfrom all lookup main\n";
+    let routes = "local default dev lo scope host \n10.0.0.0/8 dev eth0 \n";
+    assert_eq!(
+        lines(&routing_remove_plan(rules, routes)),
+        [
+            "ip -4 rule del fwmark 0x111/0xfff pref 32764 lookup 100",
+            "ip -4 rule del fwmark 0x111/0xfff pref 32764 lookup 100",
+            "ip -4 route del local 0.0.0.0/0 dev lo table 100",
+        ]
+    );
+    assert!(routing_remove_plan("0:\tfrom all lookup local\n", "").is_empty());
 }

@@ -1,6 +1,7 @@
-//! Transparent capture with real iptables REDIRECT rules inside network namespaces: the outbound
-//! listener finds the original destination with SO_ORIGINAL_DST, the inbound plaintext listener
-//! forwards to the local workload, and the proxy's own (marked) sockets are not captured again.
+//! Transparent capture with the rules of `l4mesh redirect install` (iptables) inside network
+//! namespaces: the outbound listener finds the original destination with SO_ORIGINAL_DST, the
+//! inbound plaintext listener forwards to the local workload from the peer's address, and the
+//! proxy's own (marked) sockets are not captured again.
 
 use super::netns::*;
 
@@ -83,17 +84,16 @@ fn iptables_redirect_outbound_and_inbound() {
     // The VIP range is routed towards the peer (it is never reached: the proxy rewrites it).
     pod.exec(&["ip", "route", "add", "10.237.9.0/24", "via", "10.237.0.1"]);
 
-    // Capture rules, as a pod's would be: marked (proxy) traffic is left alone; outbound TCP to the
-    // mesh goes to 15001; inbound TCP from the veth goes to 15006.
-    for rule in [
-        "-t nat -A OUTPUT -p tcp -m mark --mark 1337 -j RETURN",
-        "-t nat -A OUTPUT -p tcp -d 10.237.0.0/16 -j REDIRECT --to-ports 15001",
-        "-t nat -A PREROUTING -p tcp -i va-+ -j REDIRECT --to-ports 15006",
-    ] {
-        let mut args = vec!["iptables"];
-        args.extend(rule.split(' '));
-        pod.exec(&args);
-    }
+    // The pod's capture rules, as `l4mesh redirect install` writes them (with the policy routing
+    // that lets the app's replies reach l4mesh's orig-source sockets).
+    let (ok, out, err) = pod.output(&[
+        env!("CARGO_BIN_EXE_l4mesh"),
+        "redirect",
+        "install",
+        "--backend",
+        "iptables",
+    ]);
+    assert!(ok, "l4mesh redirect install: {out} {err}");
 
     peer.spawn(
         &["python3", "-c", ECHO_PY, "10.237.0.1", "8080", "peer"],
@@ -144,10 +144,8 @@ fn iptables_redirect_outbound_and_inbound() {
         "inbound failed: {out} {err}\nl4mesh log:\n{}",
         log.all()
     );
-    assert!(
-        out.trim().starts_with("pod:") && out.trim().ends_with(":inbound"),
-        "{out}"
-    );
+    // ENABLE_ORIG_SRC is unset (on as root): the app sees the peer, not the pod's own address.
+    assert_eq!(out.trim(), "pod:10.237.0.1:inbound");
     log.wait_for(&["access", "inbound", "10.237.0.2:9000"])
         .unwrap_or_else(|| panic!("no inbound access-log line:\n{}", log.all()));
 

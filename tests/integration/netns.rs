@@ -1,6 +1,8 @@
 //! A throwaway network topology for privileged tests: network namespaces joined by veth pairs,
 //! processes started inside them, all removed on drop (even when the test fails).
-//! Tests using it call [`privileged`] first and skip with a clear message when not root.
+//! Tests using it call [`privileged`] first and skip with a clear message when not root — or fail,
+//! when `L4MESH_REQUIRE_PRIVILEGED=1` says they must run (scripts/test.sh sets it as root, so CI
+//! cannot pass by skipping them).
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -23,10 +25,27 @@ pub fn privileged(test: &str) -> bool {
             .unwrap_or(false)
     });
     if !root || !tools {
-        eprintln!("SKIPPED {test}: needs root and ip, iptables, python3 (scripts/test.sh installs them; run it as root)");
+        let why = format!("{test}: needs root and ip, iptables, python3 (scripts/test.sh installs them; run it as root)");
+        assert!(
+            std::env::var("L4MESH_REQUIRE_PRIVILEGED").as_deref() != Ok("1"),
+            "L4MESH_REQUIRE_PRIVILEGED=1 but {why}"
+        );
+        eprintln!("SKIPPED {why}");
         return false;
     }
     true
+}
+
+/// Whether `setpriv` (util-linux) is on PATH, asked once.
+fn has_setpriv() -> bool {
+    static FOUND: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *FOUND.get_or_init(|| {
+        Command::new("sh")
+            .args(["-c", "command -v setpriv"])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+    })
 }
 
 fn run(args: &[&str]) {
@@ -85,11 +104,26 @@ impl Netns {
     /// Starts a long-running process in the namespace; it is killed on drop. Waits until a line of
     /// its stdout or stderr contains `ready` (or 10 s pass), and keeps collecting its output.
     pub fn spawn(&mut self, args: &[&str], envs: &[(&str, &str)], ready: &str) -> Output {
+        let (child, output) = self.spawn_owned(args, envs, ready);
+        self.children.push(child);
+        output
+    }
+
+    /// [`Netns::spawn`], but the caller owns (and must kill) the process.
+    pub fn spawn_owned(
+        &self,
+        args: &[&str],
+        envs: &[(&str, &str)],
+        ready: &str,
+    ) -> (Child, Output) {
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.name])
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+        cmd.args(["netns", "exec", &self.name]);
+        // Killed with the test process even when it dies without unwinding (SIGPIPE, SIGKILL):
+        // an orphan would keep its namespace busy and hold whatever file locks it inherited.
+        if has_setpriv() {
+            cmd.args(["setpriv", "--pdeathsig", "KILL"]);
+        }
+        cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
         for (k, v) in envs {
             cmd.env(k, v);
         }
@@ -121,14 +155,15 @@ impl Netns {
                 }
             });
         }
-        self.children.push(child);
         if rx.recv_timeout(Duration::from_secs(10)).is_err() {
+            let _ = child.kill();
+            let _ = child.wait();
             panic!(
                 "{args:?} did not print {ready:?} within 10s; output: {:#?}",
                 lines.lock().unwrap()
             );
         }
-        Output { lines }
+        (child, Output { lines })
     }
 
     /// Joins this namespace to `other` with a veth pair, addressing both ends on a /24.

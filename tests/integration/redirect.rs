@@ -1,6 +1,7 @@
 //! `l4mesh redirect install|remove` inside a pod's network namespace, for both backends: the
 //! installed rules capture an app's outbound connection (15001) and inbound traffic from a peer
-//! namespace (15006); `install` is idempotent; `remove` leaves no rule behind.
+//! namespace (15006) — reaching the app from the peer's own address (ENABLE_ORIG_SRC) —;
+//! `install` is idempotent; `remove` leaves no rule, `ip rule` or route behind.
 
 use super::netns::*;
 
@@ -34,12 +35,16 @@ fn redirect(ns: &Netns, action: &str, backend: &str) {
 /// The capture rules of `ns` as its backend lists them.
 fn rules(ns: &Netns, backend: &str) -> String {
     let (ok, out, err) = if backend == "iptables" {
-        ns.output(&["iptables-save", "-t", "nat"])
+        ns.output(&["iptables-save"])
     } else {
         ns.output(&["nft", "list", "ruleset"])
     };
     assert!(ok, "listing rules failed: {err}");
-    out
+    // The policy routing for orig-source replies belongs to both backends.
+    let (ok, rules, err) = ns.output(&["ip", "-4", "rule", "show"]);
+    assert!(ok, "ip rule show failed: {err}");
+    let (_, routes, _) = ns.output(&["ip", "-4", "route", "show", "table", "100"]);
+    format!("{out}\n== ip rule\n{rules}\n== table 100\n{routes}")
 }
 
 fn has_tool(tool: &str) -> bool {
@@ -75,6 +80,12 @@ fn check_backend(backend: &str, n: u32) {
             "{installed}"
         );
         assert!(installed.contains("--to-ports 15006"), "{installed}");
+        assert_eq!(
+            installed.matches("-j L4MESH_MANGLE_OUTPUT").count(),
+            1,
+            "{installed}"
+        );
+        assert!(installed.contains("--set-xmark 0x111/0xfff"), "{installed}");
     } else {
         assert_eq!(
             installed.matches("table inet l4mesh").count(),
@@ -82,7 +93,14 @@ fn check_backend(backend: &str, n: u32) {
             "{installed}"
         );
         assert!(installed.contains("redirect to :15001"), "{installed}");
+        assert!(installed.contains("type route hook output"), "{installed}");
     }
+    assert_eq!(
+        installed.matches("fwmark 0x111/0xfff lookup 100").count(),
+        1,
+        "{installed}"
+    );
+    assert!(installed.contains("local default dev lo"), "{installed}");
 
     peer.spawn(
         &["python3", "-c", ECHO_PY, "10.238.0.1", "8080", "peer"],
@@ -124,10 +142,9 @@ fn check_backend(backend: &str, n: u32) {
         "[{backend}] inbound failed: {out} {err}\nl4mesh log:\n{}",
         log.all()
     );
-    assert!(
-        out.trim().starts_with("pod:") && out.trim().ends_with(":in"),
-        "{out}"
-    );
+    // ENABLE_ORIG_SRC is unset, so on as root: the app sees the peer's address, not the pod's
+    // own, and its replies find their way back through the installed policy routing.
+    assert_eq!(out.trim(), "pod:10.238.0.1:in", "[{backend}]");
     log.wait_for(&["access", "inbound", "10.238.0.2:9000"])
         .unwrap_or_else(|| panic!("[{backend}] no inbound access-log line:\n{}", log.all()));
 
@@ -137,6 +154,14 @@ fn check_backend(backend: &str, n: u32) {
     let left = rules(&pod, backend);
     assert!(!left.contains("L4MESH"), "[{backend}] rules left:\n{left}");
     assert!(!left.contains("l4mesh"), "[{backend}] rules left:\n{left}");
+    assert!(
+        !left.contains("lookup 100"),
+        "[{backend}] rules left:\n{left}"
+    );
+    assert!(
+        !left.contains("local default"),
+        "[{backend}] routes left:\n{left}"
+    );
 }
 
 #[test]
@@ -152,4 +177,80 @@ fn redirect_install_capture_remove() {
             "SKIPPED redirect_install_capture_remove (nftables backend): nft is not installed"
         );
     }
+}
+
+/// ENABLE_ORIG_SRC=true in an l4mesh without CAP_NET_ADMIN and CAP_NET_RAW (dropped with
+/// `setpriv`; either one allows IP_TRANSPARENT): the kernel
+/// refuses IP_TRANSPARENT, so l4mesh warns once and still connects, from the pod's own address.
+#[test]
+fn orig_src_falls_back_without_cap_net_admin() {
+    if !privileged("orig_src_falls_back_without_cap_net_admin") {
+        return;
+    }
+    if !has_tool("setpriv") {
+        eprintln!("SKIPPED orig_src_falls_back_without_cap_net_admin: setpriv (util-linux) is not installed");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("mesh.yaml");
+    std::fs::write(&cfg, MESH).unwrap();
+    let mut pod = Netns::new("rpod3");
+    let peer = Netns::new("rpeer3");
+    pod.link(
+        &peer,
+        &format!("r3{}", std::process::id() % 100000),
+        "10.238.0.2/24",
+        "10.238.0.1/24",
+    );
+    redirect(&pod, "install", "iptables");
+    pod.spawn(
+        &["python3", "-c", ECHO_PY, "10.238.0.2", "9000", "pod"],
+        &[],
+        "ready",
+    );
+    let bin = env!("CARGO_BIN_EXE_l4mesh");
+    let log = pod.spawn(
+        &[
+            "setpriv",
+            "--bounding-set",
+            "-net_admin,-net_raw",
+            "--inh-caps",
+            "-net_admin,-net_raw",
+            bin,
+        ],
+        &[
+            ("LOCAL_XDS_PATH", cfg.to_str().unwrap()),
+            ("RUST_LOG", "info"),
+            ("UNSTABLE_ENABLE_SOCKS5", "false"),
+            ("ENABLE_ORIG_SRC", "true"),
+        ],
+        "listening",
+    );
+    let (ok, out, err) = peer.output(&["python3", "-c", CLIENT_PY, "10.238.0.2", "9000", "in"]);
+    assert!(
+        ok,
+        "inbound failed: {out} {err}\nl4mesh log:\n{}",
+        log.all()
+    );
+    assert_eq!(
+        out.trim(),
+        "pod:10.238.0.2:in",
+        "the pod's own address\n{}",
+        log.all()
+    );
+    log.wait_for(&["WARN", "cannot connect from the client's address"])
+        .unwrap_or_else(|| panic!("no fallback warning:\n{}", log.all()));
+    // One warning, not one per connection.
+    let (ok, _, _) = peer.output(&["python3", "-c", CLIENT_PY, "10.238.0.2", "9000", "again"]);
+    assert!(ok);
+    log.wait_for(&["access", "inbound", "10.238.0.2:9000"])
+        .unwrap();
+    assert_eq!(
+        log.all()
+            .matches("cannot connect from the client's address")
+            .count(),
+        1,
+        "{}",
+        log.all()
+    );
 }
