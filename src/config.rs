@@ -97,6 +97,11 @@ pub struct Config {
     pub log_format: LogFormat,
     /// HTTP/2 windows, frame size and HBONE pool limits.
     pub h2: crate::proxy::H2Tuning,
+    /// Admin server (`/config_dump`, `/logging`, `/quitquitquit`), loopback only; `None` disables it.
+    pub admin_addr: Option<SocketAddr>,
+    /// How long a drain (SIGTERM, `/quitquitquit`) lets connections finish before closing them.
+    #[serde(serialize_with = "crate::model::serialize_duration")]
+    pub connection_termination_deadline: Duration,
 }
 
 impl Config {
@@ -124,7 +129,26 @@ impl Config {
             worker_threads: 2,
             log_format: LogFormat::Plain,
             h2: crate::proxy::H2Tuning::default(),
+            admin_addr: Some(SocketAddr::new(ip, 0)),
+            connection_termination_deadline: DEFAULT_TERMINATION_DEADLINE,
         }
+    }
+}
+
+/// ztunnel's default drain deadline.
+pub const DEFAULT_TERMINATION_DEADLINE: Duration = Duration::from_secs(5);
+
+/// The drain deadline: `CONNECTION_TERMINATION_DEADLINE` if set; else, as ztunnel does, a little
+/// less than Kubernetes' `TERMINATION_GRACE_PERIOD_SECONDS` (5 s less above 10 s, else 1 s less,
+/// at least 1 s) so that l4mesh closes connections itself before the SIGKILL; else 5 s.
+pub fn termination_deadline(explicit: Option<Duration>, grace_period_secs: Option<u64>) -> Duration {
+    match (explicit, grace_period_secs) {
+        (Some(d), _) => d,
+        (None, Some(secs)) => {
+            let margin = if secs > 10 { 5 } else { 1 };
+            Duration::from_secs(secs.saturating_sub(margin).max(1))
+        }
+        (None, None) => DEFAULT_TERMINATION_DEADLINE,
     }
 }
 
@@ -151,6 +175,8 @@ pub enum ConfigError {
         "{name} must be between 1 and {MAX_WINDOW} bytes (HTTP/2's largest window), found {value}"
     )]
     Window { name: &'static str, value: u32 },
+    #[error("L4MESH_ADMIN_ADDR must be a loopback address (the admin API can stop l4mesh and shows its whole state), found {0}")]
+    AdminNotLoopback(SocketAddr),
 }
 
 /// HTTP/2's bounds on SETTINGS_MAX_FRAME_SIZE and on flow-control windows.
@@ -332,6 +358,19 @@ pub struct Args {
     /// Largest HTTP/2 frame accepted, in bytes (16384..=16777215; default 1 MiB).
     #[arg(long, env = "HTTP2_FRAME_SIZE", default_value_t = 1024 * 1024)]
     pub http2_frame_size: u32,
+    /// Admin server (`/config_dump`, `/logging`, `/quitquitquit`); must be a loopback address.
+    #[arg(long, env = "L4MESH_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
+    pub admin_addr: SocketAddr,
+    /// Disables the admin server.
+    #[arg(long, env = "L4MESH_DISABLE_ADMIN", default_value = "false", value_parser = parse_bool, action = clap::ArgAction::Set)]
+    pub disable_admin: bool,
+    /// How long a drain (SIGTERM/SIGINT, POST /quitquitquit) lets connections finish before
+    /// closing the rest (e.g. 5s). Default: from TERMINATION_GRACE_PERIOD_SECONDS, else 5s.
+    #[arg(long, env = "CONNECTION_TERMINATION_DEADLINE", value_parser = parse_duration)]
+    pub connection_termination_deadline: Option<Duration>,
+    /// Kubernetes' terminationGracePeriodSeconds; the drain deadline is set a little below it.
+    #[arg(long, env = "TERMINATION_GRACE_PERIOD_SECONDS")]
+    pub termination_grace_period_seconds: Option<u64>,
 }
 
 /// Subcommands besides running the proxy.
@@ -387,6 +426,9 @@ impl Args {
             frame_size: self.http2_frame_size,
         };
         validate_h2(&h2)?;
+        if !self.disable_admin && !self.admin_addr.ip().is_loopback() {
+            return Err(ConfigError::AdminNotLoopback(self.admin_addr));
+        }
         let own_identity = self.proxy_workload_info.as_ref().map(|w| {
             crate::model::SpiffeId::new(&self.trust_domain, &w.namespace, &w.service_account)
         });
@@ -440,6 +482,11 @@ impl Args {
             worker_threads: self.worker_threads,
             log_format: self.log_format,
             h2,
+            admin_addr: (!self.disable_admin).then_some(self.admin_addr),
+            connection_termination_deadline: termination_deadline(
+                self.connection_termination_deadline,
+                self.termination_grace_period_seconds,
+            ),
         })
     }
 }

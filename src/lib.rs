@@ -1,8 +1,9 @@
 //! l4mesh: an L4 node proxy for Istio's ambient mesh.
 //!
 //! Module map, with the layering rule: imports point down this list, never up.
-//! 1. [`socket`], [`telemetry`], [`readiness`], [`redirect`] — basics (the only `unsafe`/libc lives
-//!    in `socket`; the only `std::process::Command` in `redirect`, the capture-rules subcommand);
+//! 1. [`socket`], [`telemetry`], [`readiness`], [`redirect`], [`drain`] — basics (the only
+//!    `unsafe`/libc lives in `socket`; the only `std::process::Command` in `redirect`, the
+//!    capture-rules subcommand; `drain` is graceful shutdown's signal and connection count);
 //! 2. [`proto`], [`model`] — generated wire types, and the plain domain types validated from them;
 //! 3. [`store`], [`localconfig`], [`rbac`] — the lock-free snapshot of the mesh, the YAML file that
 //!    feeds it, and L4 authorization evaluated against a snapshot;
@@ -10,13 +11,16 @@
 //!    that feeds the store, workload certificates;
 //! 5. [`tls`] — rustls configurations with SPIFFE verification (HBONE's mutual TLS);
 //! 6. [`proxy`] — the data plane: listeners, routing, copying bytes;
-//! 7. [`config`], [`app`] — typed configuration and the composition root.
+//! 7. [`admin`] — the operators' HTTP API (config dump, log levels, drain-then-exit);
+//! 8. [`config`], [`app`] — typed configuration and the composition root.
 //!
 //! `model`, `store`, `rbac` and `proxy::route` do no I/O and are tested with plain `#[test]`s.
 
+pub mod admin;
 pub mod app;
 pub mod config;
 pub mod control_plane;
+pub mod drain;
 pub mod identity;
 pub mod localconfig;
 pub mod model;
