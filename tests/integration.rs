@@ -3,7 +3,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod integration {
+    mod admin;
+    pub mod binary;
     mod capture;
+    mod drain;
     mod envoy;
     pub mod harness;
     mod hbone;
