@@ -80,7 +80,10 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
 fn route<B>(req: &Request<B>, state: &AdminState) -> Response<Full<Bytes>> {
     let (method, path) = (req.method(), req.uri().path());
     match path {
-        "/" => text(StatusCode::OK, format!("l4mesh admin endpoints:\n{ENDPOINTS}")),
+        "/" => text(
+            StatusCode::OK,
+            format!("l4mesh admin endpoints:\n{ENDPOINTS}"),
+        ),
         "/config_dump" if method == Method::GET => config_dump::answer(state),
         "/logging" if method == Method::GET || method == Method::POST => {
             logging::answer(method, req.uri().query())

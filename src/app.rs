@@ -94,7 +94,11 @@ impl Running {
 pub type OperatorTask = Box<dyn FnOnce() -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
 
 /// An [`OperatorTask`] serving `listener` with `serve`.
-pub fn operator_task<F, Fut>(name: &'static str, listener: std::net::TcpListener, serve: F) -> OperatorTask
+pub fn operator_task<F, Fut>(
+    name: &'static str,
+    listener: std::net::TcpListener,
+    serve: F,
+) -> OperatorTask
 where
     F: FnOnce(TcpListener) -> Fut + Send + 'static,
     Fut: Future<Output = ()> + Send + 'static,
@@ -103,7 +107,9 @@ where
         Box::pin(async move {
             match TcpListener::from_std(listener) {
                 Ok(l) => serve(l).await,
-                Err(e) => tracing::error!(server = name, error = %e, "cannot serve: the listener could not join the runtime"),
+                Err(e) => {
+                    tracing::error!(server = name, error = %e, "cannot serve: the listener could not join the runtime")
+                }
             }
         })
     })
@@ -327,13 +333,17 @@ async fn build(config: &Config) -> Result<(Running, Vec<OperatorTask>), AppError
                 store: store.clone(),
                 secrets: secrets.clone(),
                 config: serde_json::to_value(config).unwrap_or_else(|e| {
-                    serde_json::Value::String(format!("the configuration could not be serialised: {e}"))
+                    serde_json::Value::String(format!(
+                        "the configuration could not be serialised: {e}"
+                    ))
                 }),
                 xds: xds_metrics.clone(),
                 drain: drain.clone(),
                 deadline: config.connection_termination_deadline,
             });
-            operators.push(operator_task("admin", l, move |l| crate::admin::serve(l, state)));
+            operators.push(operator_task("admin", l, move |l| {
+                crate::admin::serve(l, state)
+            }));
             Some(local)
         }
         None => None,

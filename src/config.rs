@@ -141,7 +141,10 @@ pub const DEFAULT_TERMINATION_DEADLINE: Duration = Duration::from_secs(5);
 /// The drain deadline: `CONNECTION_TERMINATION_DEADLINE` if set; else, as ztunnel does, a little
 /// less than Kubernetes' `TERMINATION_GRACE_PERIOD_SECONDS` (5 s less above 10 s, else 1 s less,
 /// at least 1 s) so that l4mesh closes connections itself before the SIGKILL; else 5 s.
-pub fn termination_deadline(explicit: Option<Duration>, grace_period_secs: Option<u64>) -> Duration {
+pub fn termination_deadline(
+    explicit: Option<Duration>,
+    grace_period_secs: Option<u64>,
+) -> Duration {
     match (explicit, grace_period_secs) {
         (Some(d), _) => d,
         (None, Some(secs)) => {

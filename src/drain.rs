@@ -204,8 +204,7 @@ impl Clone for Watcher {
 impl Drop for Watcher {
     fn drop(&mut self) {
         // Only the last watcher of a drain pays for the notification (which takes a lock).
-        if self.shared.live.fetch_sub(1, SeqCst) == 1
-            && self.shared.phase.load(SeqCst) >= DRAINING
+        if self.shared.live.fetch_sub(1, SeqCst) == 1 && self.shared.phase.load(SeqCst) >= DRAINING
         {
             self.shared.idle.notify_waiters();
         }
@@ -290,7 +289,9 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(100)).await;
         });
         drop(w);
-        let r = d.drain(Duration::from_secs(5), Duration::from_secs(1)).await;
+        let r = d
+            .drain(Duration::from_secs(5), Duration::from_secs(1))
+            .await;
         assert!(s.is_draining());
         assert_eq!((r.forced, r.left), (0, 0));
         assert!(r.elapsed >= Duration::from_millis(90), "{r:?}");

@@ -104,12 +104,12 @@ pub fn set_log_filter(spec: &str, reset: bool) -> Result<String, LogError> {
         current.as_str()
     };
     let next = log_filter::merge(base, &changes);
-    let filter = EnvFilter::builder()
-        .parse(&next)
-        .map_err(|e| LogError::Filter(FilterError::Directive {
+    let filter = EnvFilter::builder().parse(&next).map_err(|e| {
+        LogError::Filter(FilterError::Directive {
             directive: next.clone(),
             reason: e.to_string(),
-        }))?;
+        })
+    })?;
     control
         .handle
         .reload(filter)

@@ -161,10 +161,16 @@ fn admin_and_drain_settings() {
     .unwrap()
     .into_config()
     .unwrap();
-    assert_eq!(c.connection_termination_deadline, Duration::from_millis(1500));
+    assert_eq!(
+        c.connection_termination_deadline,
+        Duration::from_millis(1500)
+    );
     assert_eq!(c.admin_addr, None);
     // From Kubernetes' grace period, as ztunnel: 5 s less above 10 s, else 1 s less, at least 1 s.
-    assert_eq!(termination_deadline(None, Some(30)), Duration::from_secs(25));
+    assert_eq!(
+        termination_deadline(None, Some(30)),
+        Duration::from_secs(25)
+    );
     assert_eq!(termination_deadline(None, Some(10)), Duration::from_secs(9));
     assert_eq!(termination_deadline(None, Some(0)), Duration::from_secs(1));
 }
@@ -178,7 +184,7 @@ fn admin_must_be_loopback() {
     assert!(matches!(e, ConfigError::AdminNotLoopback(_)), "{e}");
     assert!(e.to_string().contains("loopback"), "{e}");
     assert!(e.to_string().contains("0.0.0.0:15000"), "{e}");
-    let e = Args::try_parse_from(["l4mesh", "--connection-termination-deadline", "soon"])
-        .unwrap_err();
+    let e =
+        Args::try_parse_from(["l4mesh", "--connection-termination-deadline", "soon"]).unwrap_err();
     assert!(e.to_string().contains("expected a duration"), "{e}");
 }

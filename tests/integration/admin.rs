@@ -70,7 +70,10 @@ async fn config_dump_follows_an_xds_push_and_lists_certificates() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(cert["state"], "available", "no certificate for {id}");
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
     let expiry = cert["expiry"].as_u64().unwrap();
     assert!(expiry > now && expiry <= now + 3600 + 60, "{cert}");
     assert!(
@@ -98,7 +101,11 @@ async fn config_dump_follows_an_xds_push_and_lists_certificates() {
     assert_eq!(pushed["node"], "node-x");
     assert!(dump["store_version"].as_u64().unwrap() > before);
     assert!(
-        dump["xds"]["resources"].as_object().unwrap().values().any(|n| n.as_u64() >= Some(2)),
+        dump["xds"]["resources"]
+            .as_object()
+            .unwrap()
+            .values()
+            .any(|n| n.as_u64() >= Some(2)),
         "{}",
         dump["xds"]
     );
@@ -130,8 +137,13 @@ async fn log_level_changes_at_runtime() {
         .await
         .unwrap();
     assert_eq!(code, 400, "{body}");
-    assert!(body.contains("\"loud\"") && body.contains("expected a level"), "{body}");
-    let (code, body) = http(node.admin, "POST", "/logging?level=chatty").await.unwrap();
+    assert!(
+        body.contains("\"loud\"") && body.contains("expected a level"),
+        "{body}"
+    );
+    let (code, body) = http(node.admin, "POST", "/logging?level=chatty")
+        .await
+        .unwrap();
     assert_eq!(code, 400, "{body}");
     assert!(body.contains("\"chatty\""), "{body}");
 
@@ -139,11 +151,17 @@ async fn log_level_changes_at_runtime() {
     let (code, body) = http(node.admin, "POST", "/logging?level=l4mesh::proxy:debug")
         .await
         .unwrap();
-    assert_eq!((code, body.as_str()), (200, "log filter: info,l4mesh::proxy=debug\n"));
+    assert_eq!(
+        (code, body.as_str()),
+        (200, "log filter: info,l4mesh::proxy=debug\n")
+    );
     assert_eq!(via_socks("two").await, "b:two");
     assert!(
-        node.wait_line(&["DEBUG", "outbound route", &dst.to_string()], Duration::from_secs(5))
-            .await,
+        node.wait_line(
+            &["DEBUG", "outbound route", &dst.to_string()],
+            Duration::from_secs(5)
+        )
+        .await,
         "{}",
         node.log()
     );

@@ -86,15 +86,35 @@ async fn sigterm_lets_a_transfer_finish_and_refuses_new_connections() {
     readiness_says_draining(&node).await;
     refused(node.socks5).await;
     refused(SocketAddr::new(node.socks5.ip(), 15008)).await;
-    assert!(!transfer.is_finished(), "the transfer should still be running during these checks");
+    assert!(
+        !transfer.is_finished(),
+        "the transfer should still be running during these checks"
+    );
 
     let out = transfer.await.unwrap();
     assert_eq!(out.len(), 2 + data.len());
-    assert!(out[..2] == *b"b:" && out[2..] == data[..], "bytes arrived intact");
+    assert!(
+        out[..2] == *b"b:" && out[2..] == data[..],
+        "bytes arrived intact"
+    );
     // The drain ends with the last connection, well before the deadline.
-    assert_eq!(node.exit_code(Duration::from_secs(5)).await, Some(0), "{}", node.log());
-    assert!(term.elapsed() < Duration::from_secs(6), "{:?}", term.elapsed());
-    assert_eq!(node.count(&["drained; exiting", "closed_at_deadline=0"]), 1, "{}", node.log());
+    assert_eq!(
+        node.exit_code(Duration::from_secs(5)).await,
+        Some(0),
+        "{}",
+        node.log()
+    );
+    assert!(
+        term.elapsed() < Duration::from_secs(6),
+        "{:?}",
+        term.elapsed()
+    );
+    assert_eq!(
+        node.count(&["drained; exiting", "closed_at_deadline=0"]),
+        1,
+        "{}",
+        node.log()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -123,10 +143,25 @@ async fn deadline_closes_a_connection_that_does_not_end() {
         closed >= Duration::from_millis(1300) && closed < Duration::from_secs(3),
         "closed {closed:?} after SIGTERM; expected at the 1.5 s deadline"
     );
-    assert_eq!(node.exit_code(Duration::from_secs(3)).await, Some(0), "{}", node.log());
-    assert_eq!(node.count(&["drained; exiting", "closed_at_deadline=1"]), 1, "{}", node.log());
+    assert_eq!(
+        node.exit_code(Duration::from_secs(3)).await,
+        Some(0),
+        "{}",
+        node.log()
+    );
+    assert_eq!(
+        node.count(&["drained; exiting", "closed_at_deadline=1"]),
+        1,
+        "{}",
+        node.log()
+    );
     // Its access line says why it was closed.
-    assert_eq!(node.count(&["connection failed", "LR", "drain deadline"]), 1, "{}", node.log());
+    assert_eq!(
+        node.count(&["connection failed", "LR", "drain deadline"]),
+        1,
+        "{}",
+        node.log()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -161,8 +196,18 @@ async fn quitquitquit_drains_then_exits() {
         .unwrap()
         .unwrap();
     assert_eq!(out, "b:before and after");
-    assert_eq!(node.exit_code(Duration::from_secs(5)).await, Some(0), "{}", node.log());
-    assert_eq!(node.count(&["reason=\"POST /quitquitquit\""]), 1, "{}", node.log());
+    assert_eq!(
+        node.exit_code(Duration::from_secs(5)).await,
+        Some(0),
+        "{}",
+        node.log()
+    );
+    assert_eq!(
+        node.count(&["reason=\"POST /quitquitquit\""]),
+        1,
+        "{}",
+        node.log()
+    );
 }
 
 fn id(sa: &str) -> l4mesh::model::SpiffeId {
@@ -173,9 +218,8 @@ fn id(sa: &str) -> l4mesh::model::SpiffeId {
 
 /// An HBONE client of its own: TLS with `client`'s certificate from the testserver's CA, HTTP/2.
 async fn raw_hbone(ts: &Handle, addr: SocketAddr) -> h2::client::SendRequest<bytes::Bytes> {
-    let secrets = l4mesh::identity::SecretManager::new(l4mesh::identity::CaClient::Istio(
-        testserver_ca(ts),
-    ));
+    let secrets =
+        l4mesh::identity::SecretManager::new(l4mesh::identity::CaClient::Istio(testserver_ca(ts)));
     let cert = secrets.fetch(&id("client")).await.unwrap();
     let cfg = l4mesh::tls::client_config(
         l4mesh::tls::ManagedCert::new(secrets.clone(), id("client")),
@@ -252,10 +296,21 @@ workloads:
         .uri(format!("{b_wl}:18080"))
         .body(())
         .unwrap();
-    let (resp, mut raw_send) = raw.clone().ready().await.unwrap().send_request(req.clone(), false).unwrap();
-    let resp = tokio::time::timeout(Duration::from_secs(5), resp).await.unwrap().unwrap();
+    let (resp, mut raw_send) = raw
+        .clone()
+        .ready()
+        .await
+        .unwrap()
+        .send_request(req.clone(), false)
+        .unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(5), resp)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(resp.status(), 200);
-    raw_send.send_data(bytes::Bytes::from_static(b"raw"), false).unwrap();
+    raw_send
+        .send_data(bytes::Bytes::from_static(b"raw"), false)
+        .unwrap();
     assert_eq!(a.proxy.hbone.outbound_tls_connections(), 1);
 
     b.signal("TERM");
@@ -277,13 +332,22 @@ workloads:
     // listener is closed.
     refused(hbone).await;
     assert!(socks5_connect_from(a_ip, socks, b_wl, 18080).await.is_err());
-    assert_eq!(a.proxy.hbone.outbound_tls_connections(), 1, "no new TLS connection could be made");
+    assert_eq!(
+        a.proxy.hbone.outbound_tls_connections(),
+        1,
+        "no new TLS connection could be made"
+    );
 
     // Both open streams still carry data to the end.
-    raw_send.send_data(bytes::Bytes::from_static(b" stream"), true).unwrap();
+    raw_send
+        .send_data(bytes::Bytes::from_static(b" stream"), true)
+        .unwrap();
     let mut body = resp.into_body();
     let mut got = Vec::new();
-    while let Some(chunk) = tokio::time::timeout(Duration::from_secs(5), body.data()).await.unwrap() {
+    while let Some(chunk) = tokio::time::timeout(Duration::from_secs(5), body.data())
+        .await
+        .unwrap()
+    {
         let chunk = chunk.unwrap();
         let _ = body.flow_control().release_capacity(chunk.len());
         got.extend_from_slice(&chunk);
@@ -298,6 +362,16 @@ workloads:
         .unwrap();
     assert_eq!(out, "b:through A and on");
     drop(raw);
-    assert_eq!(b.exit_code(Duration::from_secs(6)).await, Some(0), "{}", b.log());
-    assert_eq!(b.count(&["drained; exiting", "closed_at_deadline=0"]), 1, "{}", b.log());
+    assert_eq!(
+        b.exit_code(Duration::from_secs(6)).await,
+        Some(0),
+        "{}",
+        b.log()
+    );
+    assert_eq!(
+        b.count(&["drained; exiting", "closed_at_deadline=0"]),
+        1,
+        "{}",
+        b.log()
+    );
 }
