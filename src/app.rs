@@ -15,9 +15,8 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
-use crate::drain::{Drain, DrainReport};
-
 use crate::config::{CaSource, Config, Source};
+use crate::drain::{Drain, DrainReport};
 use crate::identity::{CaClient, LocalCa, SecretManager};
 use crate::localconfig::{self, LocalConfigError};
 use crate::proxy::{Listener, ProxyCtx, Role};

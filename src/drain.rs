@@ -7,18 +7,19 @@
 //! servers send GOAWAY, readiness says "draining") → forced (copies stop, sockets close).
 //!
 //! Cost on the data path: holding a `Watcher` is one atomic increment and one decrement. Awaiting
-//! [`Signal::draining`] or [`Signal::forced`] registers a waker once (one short mutex section) and
-//! deregisters it on drop; every later poll is lock-free (an atomic load and an `AtomicWaker`
-//! update), so a copy loop that selects on `forced()` pays no lock per wake-up or per byte. (A
-//! `tokio::sync::watch`/`Notify` takes its mutex on every poll of a pending wait, one mutex shared
-//! by every connection.)
+//! [`Signal::draining`] or [`Signal::forced`] registers a waker once (one short section under one
+//! of [`SHARDS`] mutexes, so that connections on different threads rarely meet) and deregisters it
+//! on drop; every later poll is lock-free (an atomic load and an `AtomicWaker` update), so a copy
+//! loop that selects on `forced()` pays no lock per wake-up or per byte. (A `tokio::sync::watch`
+//! or `Notify` takes its mutex on every poll of a pending wait, one mutex shared by every
+//! connection.)
 //!
 //! Does not: close sockets itself, know about listeners or HTTP/2, or choose the deadline.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering::SeqCst};
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -30,10 +31,14 @@ const RUNNING: u8 = 0;
 const DRAINING: u8 = 1;
 const FORCED: u8 = 2;
 
+/// Waker registries; a future's shard is its id modulo this.
+const SHARDS: usize = 16;
+
 struct Shared {
     phase: AtomicU8,
     /// Wakers of pending [`Phase`] futures, registered once per future.
-    waiters: Mutex<Waiters>,
+    waiters: [Mutex<Waiters>; SHARDS],
+    next_waiter: AtomicU64,
     /// Live [`Watcher`]s.
     live: AtomicUsize,
     /// Notified when `live` drops to zero while draining.
@@ -42,13 +47,14 @@ struct Shared {
 
 #[derive(Default)]
 struct Waiters {
-    next: u64,
     wakers: HashMap<u64, Arc<AtomicWaker>>,
 }
 
 impl Shared {
-    fn waiters(&self) -> std::sync::MutexGuard<'_, Waiters> {
-        self.waiters.lock().unwrap_or_else(PoisonError::into_inner)
+    fn waiters(&self, id: u64) -> std::sync::MutexGuard<'_, Waiters> {
+        self.waiters[(id % SHARDS as u64) as usize]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -81,7 +87,8 @@ impl Drain {
         Self {
             shared: Arc::new(Shared {
                 phase: AtomicU8::new(RUNNING),
-                waiters: Mutex::new(Waiters::default()),
+                waiters: std::array::from_fn(|_| Mutex::new(Waiters::default())),
+                next_waiter: AtomicU64::new(0),
                 live: AtomicUsize::new(0),
                 idle: Notify::new(),
             }),
@@ -110,9 +117,17 @@ impl Drain {
         if prev >= to {
             return false;
         }
-        let wakers: Vec<_> = self.shared.waiters().wakers.values().cloned().collect();
-        for w in wakers {
-            w.wake();
+        for shard in 0..SHARDS as u64 {
+            let wakers: Vec<_> = self
+                .shared
+                .waiters(shard)
+                .wakers
+                .values()
+                .cloned()
+                .collect();
+            for w in wakers {
+                w.wake();
+            }
         }
         true
     }
@@ -244,13 +259,8 @@ impl Future for Phase<'_> {
             None => {
                 let w = Arc::new(AtomicWaker::new());
                 w.register(cx.waker());
-                let id = {
-                    let mut ws = self.shared.waiters();
-                    let id = ws.next;
-                    ws.next += 1;
-                    ws.wakers.insert(id, w.clone());
-                    id
-                };
+                let id = self.shared.next_waiter.fetch_add(1, SeqCst);
+                self.shared.waiters(id).wakers.insert(id, w.clone());
                 self.slot = Some((id, w));
             }
         }
@@ -267,7 +277,7 @@ impl Future for Phase<'_> {
 impl Drop for Phase<'_> {
     fn drop(&mut self) {
         if let Some((id, _)) = self.slot.take() {
-            self.shared.waiters().wakers.remove(&id);
+            self.shared.waiters(id).wakers.remove(&id);
         }
     }
 }
@@ -275,6 +285,12 @@ impl Drop for Phase<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn registered(d: &Drain) -> usize {
+        (0..SHARDS as u64)
+            .map(|s| d.shared.waiters(s).wakers.len())
+            .sum()
+    }
 
     #[tokio::test]
     async fn drain_ends_when_the_last_watcher_goes() {
@@ -325,22 +341,27 @@ mod tests {
     async fn phase_futures_wake_and_deregister() {
         let d = Drain::new();
         let s = d.signal();
-        let waiting = tokio::spawn({
-            let s = s.clone();
-            async move { s.draining().await }
-        });
+        // More waiters than shards: every one is woken.
+        let waiting: Vec<_> = (0..40)
+            .map(|_| {
+                let s = s.clone();
+                tokio::spawn(async move { s.draining().await })
+            })
+            .collect();
         // Polled once (registered), then woken by the start.
         tokio::time::sleep(Duration::from_millis(20)).await;
-        assert_eq!(d.shared.waiters().wakers.len(), 1);
+        assert_eq!(registered(&d), 40);
         assert!(d.start());
         assert!(!d.start(), "a second start does nothing");
-        tokio::time::timeout(Duration::from_secs(1), waiting)
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(d.shared.waiters().wakers.is_empty());
+        for w in waiting {
+            tokio::time::timeout(Duration::from_secs(1), w)
+                .await
+                .unwrap()
+                .unwrap();
+        }
+        assert_eq!(registered(&d), 0);
         // Already reached: resolves at once, without registering.
         s.draining().await;
-        assert!(d.shared.waiters().wakers.is_empty());
+        assert_eq!(registered(&d), 0);
     }
 }

@@ -375,3 +375,41 @@ workloads:
         b.log()
     );
 }
+
+/// The in-process API: [`l4mesh::app::Running::drain`] is the same path as SIGTERM, and reports
+/// what it had to close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_process_drain_reports_what_it_closed() {
+    l4mesh::telemetry::init(l4mesh::telemetry::LogFormat::Plain);
+    let backend = Backend::start("127.53.6.9:18080", "b").await;
+    let mut config = l4mesh::config::Config::local("127.53.6.1".parse().unwrap());
+    config.connection_termination_deadline = Duration::from_millis(500);
+    let r = l4mesh::app::start(&config).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), r.readiness.wait())
+        .await
+        .unwrap();
+    let socks = r.socks5.unwrap();
+    let dst = backend.addr;
+    let mut s = socks5_connect(socks, &dst.ip().to_string(), dst.port())
+        .await
+        .unwrap();
+    s.write_all(b"never finished").await.unwrap();
+    assert_eq!(r.open_connections(), 1);
+
+    let readiness = r.readiness_addr.unwrap();
+    let checks = async {
+        r.drain_requested().await;
+        let (code, body) = http(readiness, "GET", "/healthz/ready").await.unwrap();
+        assert_eq!((code, body.as_str()), (503, "draining\n"));
+        refused(socks).await;
+        let mut buf = [0u8; 8];
+        let n = tokio::time::timeout(Duration::from_secs(3), s.read(&mut buf))
+            .await
+            .expect("closed at the deadline");
+        assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+    };
+    let (report, ()) = tokio::join!(r.drain(), checks);
+    assert_eq!((report.forced, report.left), (1, 0), "{report:?}");
+    assert!(report.elapsed >= Duration::from_millis(450), "{report:?}");
+    assert_eq!(r.open_connections(), 0);
+}
