@@ -44,10 +44,14 @@ pub enum LogError {
 /// Installs the global subscriber. Safe to call more than once (later calls are no-ops), which
 /// in-process tests rely on.
 pub fn init(format: LogFormat) {
-    let startup = std::env::var("RUST_LOG")
-        .ok()
-        .filter(|s| EnvFilter::try_new(s).is_ok())
-        .unwrap_or_else(|| "info".to_owned());
+    let env = std::env::var("RUST_LOG").ok();
+    let rejected = env
+        .as_deref()
+        .and_then(|s| EnvFilter::try_new(s).err().map(|e| (s.to_owned(), e)));
+    let startup = match (&env, &rejected) {
+        (Some(s), None) => s.clone(),
+        _ => "info".to_owned(),
+    };
     let (filter, handle) = reload::Layer::new(EnvFilter::new(&startup));
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
@@ -71,6 +75,9 @@ pub fn init(format: LogFormat) {
             current: Mutex::new(startup.clone()),
             startup,
         });
+        if let Some((value, e)) = rejected {
+            tracing::warn!(rust_log = %value, error = %e, "RUST_LOG is not a valid filter; logging at info");
+        }
     }
 }
 
