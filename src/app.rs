@@ -1,14 +1,22 @@
 //! Composition root: loads the mesh state, binds every listener (a port conflict fails startup),
 //! wires the store into the proxy, and spawns the tasks. Only this module knows which runtime a task
-//! runs on.
+//! runs on: in the binary ([`run`]) the data plane has a multi-thread runtime and the operators'
+//! servers (admin, metrics) a current-thread runtime on a thread of their own, so that a slow
+//! request never stalls traffic; in-process tests ([`start`]) run everything on their runtime.
+//!
+//! Lifecycle: SIGTERM, SIGINT and `POST /quitquitquit` all lead to [`Running::drain`].
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 use crate::config::{CaSource, Config, Source};
+use crate::drain::{Drain, DrainReport};
 use crate::identity::{CaClient, LocalCa, SecretManager};
 use crate::localconfig::{self, LocalConfigError};
 use crate::metrics::Metrics;
@@ -55,7 +63,80 @@ pub struct Running {
     pub proxy: Arc<ProxyCtx>,
     /// This l4mesh's metrics registry (what `/metrics` serves).
     pub metrics: Arc<Metrics>,
+    /// The admin server's address (`None` when disabled).
+    pub admin_addr: Option<SocketAddr>,
+    drain: Drain,
+    deadline: Duration,
     tasks: Vec<JoinHandle<()>>,
+}
+
+/// After the drain deadline, how long the connections told to close get to do so (they stop at
+/// their next wake-up; this only bounds a handler stuck elsewhere, e.g. in a connect).
+const FORCE_GRACE: Duration = Duration::from_millis(500);
+
+impl Running {
+    /// Drains: readiness answers 503 at once, every listener closes (new connections are
+    /// refused), HBONE peers get a GOAWAY, and open connections continue until they end or the
+    /// deadline (`connection_termination_deadline`) passes; then the rest are closed. The same
+    /// path as SIGTERM and `/quitquitquit`; resolves when it is over.
+    pub async fn drain(&self) -> DrainReport {
+        self.drain.drain(self.deadline, FORCE_GRACE).await
+    }
+
+    /// Resolves once a drain has been asked for (by `/quitquitquit` or [`Running::drain`]).
+    pub async fn drain_requested(&self) {
+        self.drain.signal().draining().await
+    }
+
+    /// Connections currently open (the ones a drain waits for).
+    pub fn open_connections(&self) -> usize {
+        self.drain.live()
+    }
+}
+
+/// A server for operators (admin, metrics), built on the runtime it is to run on: its listener
+/// was bound at startup (so that a port conflict fails startup) as a std socket, and is
+/// registered with that runtime's reactor here.
+pub type OperatorTask = Box<dyn FnOnce() -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
+
+/// An [`OperatorTask`] serving `listener` with `serve`.
+pub fn operator_task<F, Fut>(
+    name: &'static str,
+    listener: std::net::TcpListener,
+    serve: F,
+) -> OperatorTask
+where
+    F: FnOnce(TcpListener) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    Box::new(move || {
+        Box::pin(async move {
+            match TcpListener::from_std(listener) {
+                Ok(l) => serve(l).await,
+                Err(e) => {
+                    tracing::error!(server = name, error = %e, "cannot serve: the listener could not join the runtime")
+                }
+            }
+        })
+    })
+}
+
+/// Binds a listener for an operator server: a non-blocking std socket, to be moved to its runtime.
+fn bind_std(
+    name: &'static str,
+    flag: &'static str,
+    addr: SocketAddr,
+) -> Result<(std::net::TcpListener, SocketAddr), AppError> {
+    let err = |source| AppError::Bind {
+        name,
+        flag,
+        addr,
+        source,
+    };
+    let l = std::net::TcpListener::bind(addr).map_err(err)?;
+    l.set_nonblocking(true).map_err(err)?;
+    let local = l.local_addr().map_err(err)?;
+    Ok((l, local))
 }
 
 impl Drop for Running {
@@ -81,10 +162,21 @@ async fn bind(
         })
 }
 
-/// Starts l4mesh on the current tokio runtime. Ready to serve when it returns.
+/// Starts l4mesh on the current tokio runtime, the operators' servers included. Ready to serve
+/// when it returns.
 pub async fn start(config: &Config) -> Result<Running, AppError> {
+    let (mut running, operators) = build(config).await?;
+    for task in operators {
+        running.tasks.push(tokio::spawn(task()));
+    }
+    Ok(running)
+}
+
+/// Everything but the operators' servers, which are returned to be run where the caller chooses.
+async fn build(config: &Config) -> Result<(Running, Vec<OperatorTask>), AppError> {
     // Before any control-plane connection: a captured pod must not redirect l4mesh's own xDS/CA.
     crate::control_plane::set_mark(config.packet_mark);
+    let drain = Drain::new();
     let store = Arc::new(Store::new());
     let readiness = Readiness::new();
     let mut tasks = Vec::new();
@@ -190,13 +282,12 @@ pub async fn start(config: &Config) -> Result<Running, AppError> {
         (Some(l), Some(a)) => Some(local(l, "readiness", "readiness-addr", a)?),
         _ => None,
     };
-    let metrics_l = match config.metrics_addr {
-        Some(a) => Some(bind("metrics", "metrics-addr", a).await?),
-        None => None,
-    };
-    let metrics_addr = match (&metrics_l, config.metrics_addr) {
-        (Some(l), Some(a)) => Some(local(l, "metrics", "metrics-addr", a)?),
-        _ => None,
+    let (metrics_l, metrics_addr) = match config.metrics_addr {
+        Some(a) => {
+            let (l, local) = bind_std("metrics", "metrics-addr", a)?;
+            (Some(l), Some(local))
+        }
+        None => (None, None),
     };
     let mut own_addrs = vec![outbound, inbound_plaintext, hbone];
     own_addrs.extend(socks5);
@@ -225,6 +316,7 @@ pub async fn start(config: &Config) -> Result<Running, AppError> {
             None => None,
         },
         metrics: Default::default(),
+        drain: drain.signal(),
     });
     let metrics = Arc::new(Metrics::new(crate::metrics::Sources {
         proxy: ctx.clone(),
@@ -233,23 +325,28 @@ pub async fn start(config: &Config) -> Result<Running, AppError> {
         // `start` runs on the data-plane runtime: its figures are the ones exported.
         runtime: tokio::runtime::Handle::current(),
     }));
-    if let Some(l) = metrics_l {
-        tasks.push(tokio::spawn(crate::metrics::serve(l, metrics.clone())));
-    }
     // Closes established inbound connections that a policy change now denies.
     tasks.push(tokio::spawn(ctx.conns.clone().follow(store.clone())));
     if let Some(l) = readiness_l {
-        tasks.push(tokio::spawn(crate::readiness::serve(l, readiness.clone())));
+        tasks.push(tokio::spawn(crate::readiness::serve(
+            l,
+            readiness.clone(),
+            drain.signal(),
+        )));
     }
     // Listeners are bound (so a port conflict fails startup) but accept only once the mesh state
     // is known: connections wait in the backlog meanwhile instead of being misrouted.
-    let gate = readiness.clone();
+    let (gate, signal) = (readiness.clone(), drain.signal());
     let outbound_task = Listener::new(outbound_l, ctx.clone(), Role::Outbound);
     let inbound_task = Listener::new(inbound_l, ctx.clone(), Role::InboundPlaintext);
     let socks_task = socks_l.map(|l| Listener::new(l, ctx.clone(), Role::Socks5));
     let hbone_task = Listener::new(hbone_l, ctx.clone(), Role::InboundHbone);
     tasks.push(tokio::spawn(async move {
-        gate.wait().await;
+        // A drain before readiness: the listeners are dropped (closed) unused.
+        tokio::select! {
+            () = gate.wait() => {}
+            () = signal.draining() => return,
+        }
         let mut set = tokio::task::JoinSet::new();
         set.spawn(outbound_task.run());
         set.spawn(inbound_task.run());
@@ -259,8 +356,37 @@ pub async fn start(config: &Config) -> Result<Running, AppError> {
         }
         while set.join_next().await.is_some() {}
     }));
-    tracing::info!(%outbound, %inbound_plaintext, %hbone, socks5 = ?socks5, readiness = ?readiness_addr, metrics = ?metrics_addr, "listening");
-    Ok(Running {
+    let mut operators = Vec::new();
+    if let Some(l) = metrics_l {
+        let m = metrics.clone();
+        operators.push(operator_task("metrics", l, move |l| {
+            crate::metrics::serve(l, m)
+        }));
+    }
+    let admin_addr = match config.admin_addr {
+        Some(a) => {
+            let (l, local) = bind_std("admin", "admin-addr", a)?;
+            let state = Arc::new(crate::admin::AdminState {
+                store: store.clone(),
+                secrets: secrets.clone(),
+                config: serde_json::to_value(config).unwrap_or_else(|e| {
+                    serde_json::Value::String(format!(
+                        "the configuration could not be serialised: {e}"
+                    ))
+                }),
+                xds: xds_metrics.clone(),
+                drain: drain.clone(),
+                deadline: config.connection_termination_deadline,
+            });
+            operators.push(operator_task("admin", l, move |l| {
+                crate::admin::serve(l, state)
+            }));
+            Some(local)
+        }
+        None => None,
+    };
+    tracing::info!(%outbound, %inbound_plaintext, %hbone, socks5 = ?socks5, readiness = ?readiness_addr, metrics = ?metrics_addr, admin = ?admin_addr, "listening");
+    let running = Running {
         outbound,
         inbound_plaintext,
         socks5,
@@ -273,41 +399,124 @@ pub async fn start(config: &Config) -> Result<Running, AppError> {
         secrets,
         proxy: ctx,
         metrics,
+        admin_addr,
+        drain,
+        deadline: config.connection_termination_deadline,
         tasks,
-    })
+    };
+    Ok((running, operators))
 }
 
-/// Runs l4mesh until SIGTERM or SIGINT; the binary's whole life.
+/// The operators' runtime: a current-thread runtime on its own thread, running the operator
+/// servers until dropped.
+struct OperatorRuntime {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl OperatorRuntime {
+    fn spawn(tasks: Vec<OperatorTask>) -> std::io::Result<Self> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("l4mesh-admin".into())
+            .spawn(move || {
+                rt.block_on(async move {
+                    for task in tasks {
+                        tokio::spawn(task());
+                    }
+                    let _ = stopped.await;
+                });
+                rt.shutdown_timeout(Duration::from_millis(200));
+            })?;
+        Ok(Self {
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for OperatorRuntime {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            if t.join().is_err() {
+                tracing::warn!("the operators' runtime thread panicked");
+            }
+        }
+    }
+}
+
+/// Runs l4mesh until SIGTERM, SIGINT or `/quitquitquit`, then drains and returns (exit 0); the
+/// binary's whole life. A second signal during the drain ends it at once.
 pub fn run(config: Config) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(config.worker_threads)
         .thread_name("l4mesh-worker")
         .enable_all()
         .build()?;
-    rt.block_on(async move {
-        let running = start(&config).await?;
-        let sig = wait_for_signal().await;
-        tracing::info!(signal = sig, "shutting down");
+    let result = rt.block_on(async {
+        // Installed before anything is ready, so that a SIGTERM right after readiness is seen.
+        let mut signals = Signals::new()?;
+        let (running, operators) = build(&config).await?;
+        let _operators = OperatorRuntime::spawn(operators)?;
+        let why = tokio::select! {
+            s = signals.recv() => s,
+            () = running.drain_requested() => "POST /quitquitquit",
+        };
+        tracing::info!(
+            reason = why,
+            deadline = ?config.connection_termination_deadline,
+            open_connections = running.open_connections(),
+            "draining: readiness fails, listeners closed, HBONE peers told to go away; open connections may finish until the deadline"
+        );
+        tokio::select! {
+            r = running.drain() => tracing::info!(
+                elapsed_ms = r.elapsed.as_millis() as u64,
+                closed_at_deadline = r.forced,
+                still_open = r.left,
+                "drained; exiting"
+            ),
+            s = signals.recv() => tracing::warn!(
+                signal = s,
+                open_connections = running.open_connections(),
+                "second signal during the drain; exiting now"
+            ),
+        }
         if let Some(otel) = running.proxy.otel.clone() {
+            // After the connections ended, so that their spans and records go out too.
             otel.shutdown().await;
         }
-        drop(running);
-        Ok(())
-    })
+        Ok::<_, anyhow::Error>(())
+    });
+    // Whatever is left (connections stuck past the grace, background tasks) ends with the runtime.
+    rt.shutdown_timeout(Duration::from_millis(500));
+    result
 }
 
-async fn wait_for_signal() -> &'static str {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot listen for SIGTERM; only SIGINT stops l4mesh");
-            let _ = tokio::signal::ctrl_c().await;
-            return "SIGINT";
+/// SIGTERM and SIGINT, installed once.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> std::io::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Self {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
         }
-    };
-    tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = tokio::signal::ctrl_c() => "SIGINT",
     }
 }

@@ -104,6 +104,11 @@ pub struct Config {
     pub h2: crate::proxy::H2Tuning,
     /// OpenTelemetry traces and access-log records over OTLP gRPC; `None` = off.
     pub otel: Option<crate::otel::OtelSettings>,
+    /// Admin server (`/config_dump`, `/logging`, `/quitquitquit`), loopback only; `None` disables it.
+    pub admin_addr: Option<SocketAddr>,
+    /// How long a drain (SIGTERM, `/quitquitquit`) lets connections finish before closing them.
+    #[serde(serialize_with = "crate::model::serialize_duration")]
+    pub connection_termination_deadline: Duration,
 }
 
 impl Config {
@@ -134,7 +139,29 @@ impl Config {
             log_format: LogFormat::Plain,
             h2: crate::proxy::H2Tuning::default(),
             otel: None,
+            admin_addr: Some(SocketAddr::new(ip, 0)),
+            connection_termination_deadline: DEFAULT_TERMINATION_DEADLINE,
         }
+    }
+}
+
+/// ztunnel's default drain deadline.
+pub const DEFAULT_TERMINATION_DEADLINE: Duration = Duration::from_secs(5);
+
+/// The drain deadline: `CONNECTION_TERMINATION_DEADLINE` if set; else, as ztunnel does, a little
+/// less than Kubernetes' `TERMINATION_GRACE_PERIOD_SECONDS` (5 s less above 10 s, else 1 s less,
+/// at least 1 s) so that l4mesh closes connections itself before the SIGKILL; else 5 s.
+pub fn termination_deadline(
+    explicit: Option<Duration>,
+    grace_period_secs: Option<u64>,
+) -> Duration {
+    match (explicit, grace_period_secs) {
+        (Some(d), _) => d,
+        (None, Some(secs)) => {
+            let margin = if secs > 10 { 5 } else { 1 };
+            Duration::from_secs(secs.saturating_sub(margin).max(1))
+        }
+        (None, None) => DEFAULT_TERMINATION_DEADLINE,
     }
 }
 
@@ -165,6 +192,8 @@ pub enum ConfigError {
     Otel(#[from] crate::otel::SettingsError),
     #[error("L4MESH_METRICS_ADDR and L4MESH_READINESS_ADDR are both {0}; expected two different addresses (default ports 15020 and 15021)")]
     MetricsOnReadiness(SocketAddr),
+    #[error("L4MESH_ADMIN_ADDR must be a loopback address (the admin API can stop l4mesh and shows its whole state), found {0}")]
+    AdminNotLoopback(SocketAddr),
 }
 
 /// HTTP/2's bounds on SETTINGS_MAX_FRAME_SIZE and on flow-control windows.
@@ -370,6 +399,19 @@ pub struct Args {
     /// PEM roots that verify an https OTLP collector (default: the system's).
     #[arg(long, env = "OTEL_EXPORTER_OTLP_CERTIFICATE")]
     pub otel_exporter_otlp_certificate: Option<PathBuf>,
+    /// Admin server (`/config_dump`, `/logging`, `/quitquitquit`); must be a loopback address.
+    #[arg(long, env = "L4MESH_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
+    pub admin_addr: SocketAddr,
+    /// Disables the admin server.
+    #[arg(long, env = "L4MESH_DISABLE_ADMIN", default_value = "false", value_parser = parse_bool, action = clap::ArgAction::Set)]
+    pub disable_admin: bool,
+    /// How long a drain (SIGTERM/SIGINT, POST /quitquitquit) lets connections finish before
+    /// closing the rest (e.g. 5s). Default: from TERMINATION_GRACE_PERIOD_SECONDS, else 5s.
+    #[arg(long, env = "CONNECTION_TERMINATION_DEADLINE", value_parser = parse_duration)]
+    pub connection_termination_deadline: Option<Duration>,
+    /// Kubernetes' terminationGracePeriodSeconds; the drain deadline is set a little below it.
+    #[arg(long, env = "TERMINATION_GRACE_PERIOD_SECONDS")]
+    pub termination_grace_period_seconds: Option<u64>,
 }
 
 /// Subcommands besides running the proxy.
@@ -442,6 +484,9 @@ impl Args {
         if self.metrics_addr == self.readiness_addr {
             return Err(ConfigError::MetricsOnReadiness(self.metrics_addr));
         }
+        if !self.disable_admin && !self.admin_addr.ip().is_loopback() {
+            return Err(ConfigError::AdminNotLoopback(self.admin_addr));
+        }
         let own_identity = self.proxy_workload_info.as_ref().map(|w| {
             crate::model::SpiffeId::new(&self.trust_domain, &w.namespace, &w.service_account)
         });
@@ -498,6 +543,11 @@ impl Args {
             log_format: self.log_format,
             h2,
             otel,
+            admin_addr: (!self.disable_admin).then_some(self.admin_addr),
+            connection_termination_deadline: termination_deadline(
+                self.connection_termination_deadline,
+                self.termination_grace_period_seconds,
+            ),
         })
     }
 }

@@ -1,9 +1,10 @@
 //! l4mesh: an L4 node proxy for Istio's ambient mesh.
 //!
 //! Module map, with the layering rule: imports point down this list, never up.
-//! 1. [`socket`], [`telemetry`], [`otel`], [`readiness`], [`redirect`] — basics (the only
-//!    `unsafe`/libc lives in `socket`; the only `std::process::Command` in `redirect`, the
-//!    capture-rules subcommand; `otel` exports spans and records the proxy describes to it);
+//! 1. [`socket`], [`telemetry`], [`otel`], [`readiness`], [`redirect`], [`drain`] — basics (the
+//!    only `unsafe`/libc lives in `socket`; the only `std::process::Command` in `redirect`, the
+//!    capture-rules subcommand; `otel` exports spans and records the proxy describes to it;
+//!    `drain` is graceful shutdown's signal and connection count);
 //! 2. [`proto`], [`model`] — generated wire types, and the plain domain types validated from them;
 //! 3. [`store`], [`localconfig`], [`rbac`] — the lock-free snapshot of the mesh, the YAML file that
 //!    feeds it, and L4 authorization evaluated against a snapshot;
@@ -14,13 +15,16 @@
 //! 7. [`metrics`] — Prometheus metrics: the registry, its scrape-time collectors (which read the
 //!    proxy, xDS and identity state) and the HTTP server; its `traffic` and `peers` children
 //!    depend only on `model`/`store`, as the data path updates them;
-//! 8. [`config`], [`app`] — typed configuration and the composition root.
+//! 8. [`admin`] — the operators' HTTP API (config dump, log levels, drain-then-exit);
+//! 9. [`config`], [`app`] — typed configuration and the composition root.
 //!
 //! `model`, `store`, `rbac` and `proxy::route` do no I/O and are tested with plain `#[test]`s.
 
+pub mod admin;
 pub mod app;
 pub mod config;
 pub mod control_plane;
+pub mod drain;
 pub mod identity;
 pub mod localconfig;
 pub mod metrics;

@@ -18,6 +18,7 @@ mod outbound;
 mod pool;
 pub mod route;
 mod socks5;
+mod stop;
 mod trace;
 
 use std::net::SocketAddr;
@@ -60,6 +61,8 @@ pub struct ProxyCtx {
     pub otel: Option<Arc<crate::otel::Otel>>,
     /// This l4mesh's traffic metrics (Istio TCP metrics, RBAC decisions, open connections).
     pub metrics: Arc<crate::metrics::Traffic>,
+    /// Shutdown: listeners stop accepting when it starts; copies stop at its deadline.
+    pub drain: crate::drain::Signal,
 }
 
 /// HBONE state shared by all connections of one l4mesh.
@@ -230,10 +233,12 @@ impl Listener {
         self.listener.local_addr()
     }
 
-    /// Serves connections until the task is dropped.
+    /// Serves connections until a drain starts (then the socket is closed, so that new
+    /// connections are refused) or the task is dropped.
     pub async fn run(self) {
         let (ctx, role) = (self.ctx, self.role);
-        accept_loop(self.listener, role.name(), move |stream, peer| {
+        let drain = ctx.drain.clone();
+        accept_loop(self.listener, role.name(), &drain, move |stream, peer| {
             let ctx = ctx.clone();
             async move {
                 match role {
@@ -248,20 +253,38 @@ impl Listener {
     }
 }
 
-/// Accepts connections forever, spawning `handle` for each; a failed accept (e.g. out of file
-/// descriptors) is logged and retried after a short pause instead of killing the listener.
-async fn accept_loop<F, Fut>(listener: tokio::net::TcpListener, name: &'static str, handle: F)
-where
+/// Accepts connections until a drain starts, spawning `handle` for each with a drain watcher; a
+/// failed accept (e.g. out of file descriptors) is logged and retried after a short pause instead
+/// of killing the listener. Returning drops (closes) the listening socket.
+async fn accept_loop<F, Fut>(
+    listener: tokio::net::TcpListener,
+    name: &'static str,
+    drain: &crate::drain::Signal,
+    handle: F,
+) where
     F: Fn(tokio::net::TcpStream, SocketAddr) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
+    let mut draining = std::pin::pin!(drain.draining());
     loop {
-        match listener.accept().await {
+        let accepted = tokio::select! {
+            () = &mut draining => {
+                tracing::info!(listener = name, "draining: stopped accepting connections");
+                return;
+            }
+            a = listener.accept() => a,
+        };
+        match accepted {
             Ok((stream, peer)) => {
                 if let Err(e) = crate::socket::tune_accepted(&stream) {
                     tracing::debug!(listener = name, %peer, error = %e, "could not tune accepted socket");
                 }
-                tokio::spawn(handle(stream, peer));
+                let watcher = drain.watch();
+                let conn = handle(stream, peer);
+                tokio::spawn(async move {
+                    let _watcher = watcher;
+                    conn.await
+                });
             }
             Err(e) => {
                 tracing::warn!(listener = name, error = %e, "accept failed; retrying in 50ms");

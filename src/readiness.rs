@@ -2,6 +2,9 @@
 //! each xDS type) has completed. Listeners do not accept before that, and `GET /healthz/ready`
 //! (port 15021) answers 200, or 503 naming what is still awaited.
 //!
+//! Once a drain starts (SIGTERM, `/quitquitquit`) it answers 503 `draining` at once, so that
+//! load balancers and Kubernetes stop sending new work while connections finish.
+//!
 //! A basic building block: it knows nothing of xDS or the proxy; they hold [`BlockReady`] tokens.
 
 use std::collections::BTreeSet;
@@ -89,8 +92,8 @@ impl Readiness {
     }
 }
 
-/// Serves `GET /healthz/ready` on `listener` forever.
-pub async fn serve(listener: TcpListener, readiness: Readiness) {
+/// Serves `GET /healthz/ready` on `listener` forever (also while draining: it answers 503 then).
+pub async fn serve(listener: TcpListener, readiness: Readiness, drain: crate::drain::Signal) {
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(s) => s,
@@ -100,11 +103,12 @@ pub async fn serve(listener: TcpListener, readiness: Readiness) {
                 continue;
             }
         };
-        let readiness = readiness.clone();
+        let (readiness, drain) = (readiness.clone(), drain.clone());
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                let draining = drain.is_draining();
                 let readiness = readiness.clone();
-                async move { Ok::<_, Infallible>(answer(&req, &readiness)) }
+                async move { Ok::<_, Infallible>(answer(&req, &readiness, draining)) }
             });
             let io = hyper_util::rt::TokioIo::new(stream);
             let _ = hyper::server::conn::http1::Builder::new()
@@ -114,12 +118,14 @@ pub async fn serve(listener: TcpListener, readiness: Readiness) {
     }
 }
 
-fn answer<B>(req: &Request<B>, readiness: &Readiness) -> Response<Full<Bytes>> {
+fn answer<B>(req: &Request<B>, readiness: &Readiness, draining: bool) -> Response<Full<Bytes>> {
     let (status, body) = if req.uri().path() != "/healthz/ready" {
         (
             StatusCode::NOT_FOUND,
             format!("expected GET /healthz/ready, found {}\n", req.uri().path()),
         )
+    } else if draining {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining\n".to_owned())
     } else {
         let pending = readiness.pending();
         if pending.is_empty() {
@@ -159,5 +165,14 @@ mod tests {
             .unwrap()
             .unwrap();
         assert!(r.is_ready());
+    }
+
+    #[test]
+    fn draining_is_not_ready() {
+        let r = Readiness::new();
+        let req = Request::get("/healthz/ready").body(()).unwrap();
+        assert_eq!(answer(&req, &r, false).status(), StatusCode::OK);
+        let resp = answer(&req, &r, true);
+        assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
     }
 }

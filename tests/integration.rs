@@ -3,8 +3,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod integration {
+    mod admin;
+    pub mod binary;
     mod capture;
     mod cluster;
+    mod drain;
     mod envoy;
     pub mod harness;
     mod hbone;

@@ -261,3 +261,51 @@ fn enable_orig_src() {
         "{msg}"
     );
 }
+
+#[test]
+fn admin_and_drain_settings() {
+    let c = Args::try_parse_from(["l4mesh"])
+        .unwrap()
+        .into_config()
+        .unwrap();
+    assert_eq!(c.admin_addr, Some("127.0.0.1:15000".parse().unwrap()));
+    assert_eq!(c.connection_termination_deadline, Duration::from_secs(5));
+    let c = Args::try_parse_from([
+        "l4mesh",
+        "--connection-termination-deadline",
+        "1500ms",
+        "--termination-grace-period-seconds",
+        "30",
+        "--disable-admin",
+        "true",
+    ])
+    .unwrap()
+    .into_config()
+    .unwrap();
+    assert_eq!(
+        c.connection_termination_deadline,
+        Duration::from_millis(1500)
+    );
+    assert_eq!(c.admin_addr, None);
+    // From Kubernetes' grace period, as ztunnel: 5 s less above 10 s, else 1 s less, at least 1 s.
+    assert_eq!(
+        termination_deadline(None, Some(30)),
+        Duration::from_secs(25)
+    );
+    assert_eq!(termination_deadline(None, Some(10)), Duration::from_secs(9));
+    assert_eq!(termination_deadline(None, Some(0)), Duration::from_secs(1));
+}
+
+#[test]
+fn admin_must_be_loopback() {
+    let e = Args::try_parse_from(["l4mesh", "--admin-addr", "0.0.0.0:15000"])
+        .unwrap()
+        .into_config()
+        .unwrap_err();
+    assert!(matches!(e, ConfigError::AdminNotLoopback(_)), "{e}");
+    assert!(e.to_string().contains("loopback"), "{e}");
+    assert!(e.to_string().contains("0.0.0.0:15000"), "{e}");
+    let e =
+        Args::try_parse_from(["l4mesh", "--connection-termination-deadline", "soon"]).unwrap_err();
+    assert!(e.to_string().contains("expected a duration"), "{e}");
+}

@@ -73,6 +73,8 @@ pub enum ProxyError {
         policy: String,
         reason: &'static str,
     },
+    #[error("closed: l4mesh is shutting down and the connection was still open at the drain deadline (CONNECTION_TERMINATION_DEADLINE)")]
+    Drained,
     #[error("SOCKS5 handshake: {0}")]
     Socks5(String),
     #[error(transparent)]
@@ -110,6 +112,8 @@ impl ProxyError {
                 ("UC", Blame::Upstream)
             }
             ProxyError::Copy(CopyError::Stopped) => ("RBAC", Blame::Policy),
+            // Envoy's "local reset": this proxy closed the connection.
+            ProxyError::Drained => ("LR", Blame::Internal),
         }
     }
 }

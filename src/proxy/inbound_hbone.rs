@@ -125,6 +125,9 @@ async fn handshake(
     Ok((conn, peer))
 }
 
+/// Accepts CONNECT streams until the connection ends. When a drain starts, the peer gets a
+/// GOAWAY (it opens new tunnels elsewhere) while the streams already open continue; at the drain
+/// deadline the connection is dropped.
 async fn serve_h2(
     ctx: Arc<ProxyCtx>,
     mut conn: ServerConn,
@@ -133,13 +136,35 @@ async fn serve_h2(
     peer: SpiffeId,
 ) {
     let peer = Arc::new(peer);
-    while let Some(next) = conn.accept().await {
-        match next {
-            Ok((req, respond)) => {
-                let (ctx, peer) = (ctx.clone(), peer.clone());
-                tokio::spawn(async move { stream(&ctx, req, respond, src, dialled, &peer).await });
+    let drain = ctx.drain.clone();
+    let mut draining = std::pin::pin!(drain.draining());
+    let mut forced = std::pin::pin!(drain.forced());
+    let mut going_away = false;
+    loop {
+        let next = tokio::select! {
+            () = &mut forced => {
+                tracing::debug!(%src, %dialled, "HBONE connection closed at the drain deadline");
+                return;
             }
-            Err(e) => {
+            () = &mut draining, if !going_away => None,
+            next = conn.accept() => Some(next),
+        };
+        match next {
+            None => {
+                tracing::debug!(%src, %dialled, "draining: sending GOAWAY to the HBONE peer");
+                conn.graceful_shutdown();
+                going_away = true;
+            }
+            Some(None) => return,
+            Some(Some(Ok((req, respond)))) => {
+                let (ctx, peer) = (ctx.clone(), peer.clone());
+                let watcher = ctx.drain.watch();
+                tokio::spawn(async move {
+                    let _watcher = watcher;
+                    stream(&ctx, req, respond, src, dialled, &peer).await
+                });
+            }
+            Some(Some(Err(e))) => {
                 tracing::debug!(%src, %dialled, error = %e, "HBONE connection ended");
                 return;
             }
@@ -190,21 +215,15 @@ async fn stream(
     super::trace::connected(&log);
     let (mut tr, mut tw) = (H2Recv::new(req.into_body()), H2Send::new(send));
     let (mut ur, mut uw) = up.split();
-    // A policy change that now denies the tunnel ends the copy; the bytes moved until then are
-    // still reported.
-    let mut revocation = None;
+    // A policy change that now denies the tunnel, or the drain deadline, ends the copy; the
+    // bytes moved until then are still reported.
+    let mut stop = None;
     let meter = log.meter();
     let (t, r) = copy::bidirectional_until(&mut tr, &mut tw, &mut ur, &mut uw, &meter, async {
-        revocation = Some(reg.revoked().await);
+        stop = Some(super::stop::revoked_or_drained(&mut reg, &ctx.drain).await);
     })
     .await;
-    let r = match (r, revocation) {
-        (Err(copy::CopyError::Stopped), Some(rev)) => Err(ProxyError::Revoked {
-            policy: rev.policy,
-            reason: rev.reason,
-        }),
-        (r, _) => r.map_err(ProxyError::from),
-    };
+    let r = super::stop::outcome(r, stop);
     if r.is_err() {
         tw.reset(h2::Reason::CANCEL);
     }

@@ -35,20 +35,15 @@ pub(super) async fn serve(ctx: &ProxyCtx, down: TcpStream, src: SocketAddr) {
         Err(e) => return log.finish(Transferred::default(), Some(&e)),
     };
     super::trace::connected(&log);
-    // A revocation ends the copy; the bytes moved until then are still reported.
-    let mut revocation = None;
+    // A revocation or the drain deadline ends the copy; the bytes moved until then are still
+    // reported.
+    let mut stop = None;
     let meter = log.meter();
     let (t, r) = copy::tcp_until(&mut down, &mut up, &meter, async {
-        revocation = Some(reg.revoked().await);
+        stop = Some(super::stop::revoked_or_drained(&mut reg, &ctx.drain).await);
     })
     .await;
-    let r = match (r, revocation) {
-        (Err(copy::CopyError::Stopped), Some(rev)) => Err(ProxyError::Revoked {
-            policy: rev.policy,
-            reason: rev.reason,
-        }),
-        (r, _) => r.map_err(ProxyError::from),
-    };
+    let r = super::stop::outcome(r, stop);
     log.finish(t, r.err().as_ref());
 }
 

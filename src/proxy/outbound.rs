@@ -35,7 +35,7 @@ pub(super) async fn serve(ctx: &ProxyCtx, down: TcpStream, src: SocketAddr) {
     };
     let mut log = ConnLog::new("outbound", "outbound", src, dst);
     match open(ctx, &mut log).await {
-        Ok(up) => relay(down, up, &log).await,
+        Ok(up) => relay(ctx, down, up, &log).await,
         Err(e) => log.finish(Transferred::default(), Some(&e)),
     }
 }
@@ -189,21 +189,23 @@ fn resolve(
     Ok((up, src_wl))
 }
 
-/// Copies both ways until close and writes the access-log line.
-pub(super) async fn relay(mut down: TcpStream, up: UpConn, log: &ConnLog) {
+/// Copies both ways until close (or the drain deadline) and writes the access-log line.
+pub(super) async fn relay(ctx: &ProxyCtx, mut down: TcpStream, up: UpConn, log: &ConnLog) {
     super::trace::connected(log);
     let meter = log.meter();
+    let mut stop = None;
+    let until = async { stop = Some(super::stop::drained(&ctx.drain).await) };
     let (t, r) = match up {
-        UpConn::Tcp(mut up) => copy::tcp(&mut down, &mut up, &meter).await,
+        UpConn::Tcp(mut up) => copy::tcp_until(&mut down, &mut up, &meter, until).await,
         UpConn::Tunnel(mut tunnel) => {
             let (mut dr, mut dw) = down.split();
             let Tunnel { recv, send, .. } = &mut *tunnel;
-            let res = copy::bidirectional(&mut dr, &mut dw, recv, send, &meter).await;
+            let res = copy::bidirectional_until(&mut dr, &mut dw, recv, send, &meter, until).await;
             if res.1.is_err() {
                 send.reset(h2::Reason::CANCEL);
             }
             res
         }
     };
-    log.finish(t, r.err().map(ProxyError::from).as_ref());
+    log.finish(t, super::stop::outcome(r, stop).err().as_ref());
 }

@@ -47,7 +47,7 @@ pub(super) async fn serve(ctx: &ProxyCtx, mut down: TcpStream, src: SocketAddr) 
     match outbound::open(ctx, &mut log).await {
         Ok(up) => {
             if reply(&mut down, REP_OK).await.is_ok() {
-                outbound::relay(down, up, &log).await;
+                outbound::relay(ctx, down, up, &log).await;
             } else {
                 log.finish(
                     Transferred::default(),

@@ -1,0 +1,129 @@
+//! The admin server (default `127.0.0.1:15000`, loopback only): what l4mesh believes and a few
+//! levers, for operators.
+//!
+//! - `GET /config_dump`: JSON of the workloads, services and policies of the current store
+//!   snapshot, the certificates with their state and expiry, the effective configuration, and the
+//!   xDS client's status;
+//! - `GET /logging` shows the log filter; `POST /logging?level=…` changes it at runtime;
+//! - `POST /quitquitquit`: drain, then exit (the same path as SIGTERM).
+//!
+//! It runs on the operators' runtime, apart from the data plane: a slow request never stalls
+//! traffic. It only reads shared state (the store snapshot, counters) and never blocks on a lock
+//! the data path takes per connection. Readiness (`/healthz/ready`) is served on its own port by
+//! `readiness`.
+
+mod config_dump;
+mod logging;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::{Method, Request, Response, StatusCode};
+use tokio::net::TcpListener;
+
+use crate::drain::Drain;
+use crate::identity::SecretManager;
+use crate::store::Store;
+use crate::xds::XdsMetrics;
+
+/// What the admin server reads and acts on.
+pub struct AdminState {
+    pub store: Arc<Store>,
+    pub secrets: Arc<SecretManager>,
+    /// The effective configuration, serialised once by the caller (admin does not depend on
+    /// `config`, which sits above it).
+    pub config: serde_json::Value,
+    /// Present when the mesh state comes from a control plane.
+    pub xds: Option<Arc<XdsMetrics>>,
+    pub drain: Drain,
+    /// The drain deadline, to tell a `/quitquitquit` caller how long the exit may take.
+    pub deadline: Duration,
+}
+
+/// The endpoints, for `/` and for the 404 of an unknown path.
+const ENDPOINTS: &str = "\
+GET  /config_dump                 workloads, services, policies, certificates, configuration, xDS status (JSON)
+GET  /logging                     the log filter in force
+POST /logging?level=<filter>      change it: a level (debug) or target=level items (access=debug,info); &reset starts from the startup filter
+POST /quitquitquit                drain (readiness fails, listeners close, HBONE peers get GOAWAY), then exit
+";
+
+/// Serves the admin API on `listener` until the task is dropped.
+pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "admin accept failed; retrying in 50ms");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(route(&req, &state)) }
+            });
+            let io = hyper_util::rt::TokioIo::new(stream);
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, svc)
+                .await;
+        });
+    }
+}
+
+/// Answers one request; every handler is synchronous (they read snapshots and counters).
+fn route<B>(req: &Request<B>, state: &AdminState) -> Response<Full<Bytes>> {
+    let (method, path) = (req.method(), req.uri().path());
+    match path {
+        "/" => text(
+            StatusCode::OK,
+            format!("l4mesh admin endpoints:\n{ENDPOINTS}"),
+        ),
+        "/config_dump" if method == Method::GET => config_dump::answer(state),
+        "/logging" if method == Method::GET || method == Method::POST => {
+            logging::answer(method, req.uri().query())
+        }
+        "/quitquitquit" if method == Method::POST => quit(state),
+        "/config_dump" | "/logging" | "/quitquitquit" => text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("{method} is not allowed on {path}; expected one of:\n{ENDPOINTS}"),
+        ),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            format!("no endpoint {path}; expected one of:\n{ENDPOINTS}"),
+        ),
+    }
+}
+
+fn quit(state: &AdminState) -> Response<Full<Bytes>> {
+    if state.drain.start() {
+        tracing::info!("drain requested by POST /quitquitquit");
+        text(
+            StatusCode::OK,
+            format!(
+                "draining: l4mesh exits once its connections have ended, at most {:?} from now\n",
+                state.deadline
+            ),
+        )
+    } else {
+        text(StatusCode::OK, "already draining\n".into())
+    }
+}
+
+pub(crate) fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,176 @@
+//! The admin server: `/config_dump` follows xDS pushes and lists certificates with their expiry
+//! (in-process, against the real xds-testserver); `/logging` changes the level of the real
+//! binary at runtime and refuses a bad filter with a 400 that names it.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use xds_testserver::{Handle, StateSource};
+
+use super::binary::{http, L4mesh};
+use super::harness::{exchange, mesh_node, socks5_connect, Backend};
+
+fn workload(name: &str, ip: &str, node: &str) -> String {
+    format!(
+        "- uid: cluster1//v1/Pod/default/{name}\n  name: {name}\n  namespace: default\n  serviceAccount: {name}\n  workloadIps: [\"{ip}\"]\n  protocol: HBONE\n  node: {node}\n"
+    )
+}
+
+async fn config_dump(addr: std::net::SocketAddr) -> serde_json::Value {
+    let (code, body) = http(addr, "GET", "/config_dump").await.unwrap();
+    assert_eq!(code, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+fn names(dump: &serde_json::Value) -> Vec<String> {
+    dump["workloads"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["name"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_dump_follows_an_xds_push_and_lists_certificates() {
+    l4mesh::telemetry::init(l4mesh::telemetry::LogFormat::Plain);
+    let mut c = xds_testserver::Config::new(StateSource::Yaml(format!(
+        "workloads:\n{}",
+        workload("a", "127.53.1.1", "node-a")
+    )));
+    c.listen = "127.53.0.100:0".parse().unwrap();
+    let ts = Handle::start(c).await.unwrap();
+    let node = mesh_node(&ts, "127.53.1.11", "node-a", "127.53.1.1").await;
+    tokio::time::timeout(Duration::from_secs(10), node.readiness.wait())
+        .await
+        .unwrap();
+    let admin = node.admin_addr.expect("the admin server is on by default");
+
+    let dump = config_dump(admin).await;
+    assert_eq!(names(&dump), vec!["a"]);
+    assert_eq!(dump["config"]["node_name"], "node-a");
+    assert_eq!(dump["xds"]["connected"], true, "{}", dump["xds"]);
+    assert!(dump["xds"]["last_update"].is_string(), "{}", dump["xds"]);
+    let before = dump["store_version"].as_u64().unwrap();
+
+    // The node's identity gets its certificate (asked as the workload appeared): listed with
+    // its state and an expiry in the future.
+    let id = "spiffe://cluster.local/ns/default/sa/a";
+    let mut cert = serde_json::Value::Null;
+    for _ in 0..100 {
+        let dump = config_dump(admin).await;
+        if let Some(c) = dump["certificates"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["identity"] == id && c["state"] == "available")
+        {
+            cert = c.clone();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(cert["state"], "available", "no certificate for {id}");
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let expiry = cert["expiry"].as_u64().unwrap();
+    assert!(expiry > now && expiry <= now + 3600 + 60, "{cert}");
+    assert!(
+        cert["expiration_time"].as_str().unwrap().ends_with('Z'),
+        "{cert}"
+    );
+
+    // A pushed workload shows up.
+    ts.upsert_yaml(&format!(
+        "workloads:\n{}",
+        workload("pushed", "127.53.1.5", "node-x")
+    ))
+    .unwrap();
+    let mut dump = config_dump(admin).await;
+    for _ in 0..100 {
+        if names(&dump).contains(&"pushed".to_owned()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        dump = config_dump(admin).await;
+    }
+    assert_eq!(names(&dump), vec!["a", "pushed"]);
+    let pushed = &dump["workloads"][1];
+    assert_eq!(pushed["addresses"][0], "127.53.1.5");
+    assert_eq!(pushed["node"], "node-x");
+    assert!(dump["store_version"].as_u64().unwrap() > before);
+    assert!(
+        dump["xds"]["resources"]
+            .as_object()
+            .unwrap()
+            .values()
+            .any(|n| n.as_u64() >= Some(2)),
+        "{}",
+        dump["xds"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_level_changes_at_runtime() {
+    let backend = Backend::start("127.53.2.9:18080", "b").await;
+    let node = L4mesh::spawn("127.53.2.1", &[]);
+    node.ready().await;
+    let dst = backend.addr;
+    let via_socks = |msg: &'static str| async move {
+        let s = socks5_connect(node.socks5, &dst.ip().to_string(), dst.port())
+            .await
+            .unwrap();
+        exchange(s, msg).await
+    };
+    // A debug line of the outbound path ("outbound route") is not logged at info.
+    assert_eq!(via_socks("one").await, "b:one");
+    let access = [dst.to_string(), "connection complete".to_owned()];
+    let access: Vec<&str> = access.iter().map(String::as_str).collect();
+    assert!(node.wait_line(&access, Duration::from_secs(5)).await);
+    assert_eq!(node.count(&["outbound route"]), 0, "{}", node.log());
+
+    let (code, body) = http(node.admin, "GET", "/logging").await.unwrap();
+    assert_eq!((code, body.as_str()), (200, "log filter: info\n"));
+    // A bad filter is refused and named; nothing changes.
+    let (code, body) = http(node.admin, "POST", "/logging?level=l4mesh::proxy=loud")
+        .await
+        .unwrap();
+    assert_eq!(code, 400, "{body}");
+    assert!(
+        body.contains("\"loud\"") && body.contains("expected a level"),
+        "{body}"
+    );
+    let (code, body) = http(node.admin, "POST", "/logging?level=chatty")
+        .await
+        .unwrap();
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("\"chatty\""), "{body}");
+
+    // ztunnel's spelling target:level.
+    let (code, body) = http(node.admin, "POST", "/logging?level=l4mesh::proxy:debug")
+        .await
+        .unwrap();
+    assert_eq!(
+        (code, body.as_str()),
+        (200, "log filter: info,l4mesh::proxy=debug\n")
+    );
+    assert_eq!(via_socks("two").await, "b:two");
+    assert!(
+        node.wait_line(
+            &["DEBUG", "outbound route", &dst.to_string()],
+            Duration::from_secs(5)
+        )
+        .await,
+        "{}",
+        node.log()
+    );
+    // Back to the startup filter: debug lines stop.
+    let (code, body) = http(node.admin, "POST", "/logging?reset").await.unwrap();
+    assert_eq!((code, body.as_str()), (200, "log filter: info\n"));
+    let seen = node.count(&["outbound route"]);
+    assert_eq!(via_socks("three").await, "b:three");
+    assert!(node.wait_line(&access, Duration::from_secs(5)).await);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(node.count(&["outbound route"]), seen, "{}", node.log());
+}
