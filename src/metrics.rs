@@ -15,6 +15,7 @@
 //! module's registry and collectors read `proxy`, `xds` and `identity`, so it sits above them.
 
 mod collect;
+mod labels;
 pub mod peers;
 mod server;
 pub mod traffic;
@@ -31,7 +32,7 @@ use crate::proxy::ProxyCtx;
 use crate::xds::XdsMetrics;
 
 pub use server::{serve, OPENMETRICS_CONTENT_TYPE, PROMETHEUS_CONTENT_TYPE};
-pub use traffic::{ConnMetrics, Meter, Peer, Reporter, Traffic, TrafficLabels};
+pub use traffic::{ConnMetrics, Meter, Peer, Reporter, ResponseFlag, Traffic, TrafficLabels};
 
 /// The `component` of `istio_build`: dashboards select the node proxy by this name.
 pub const BUILD_COMPONENT: &str = "ztunnel";

@@ -7,7 +7,7 @@ use prometheus_client::registry::Registry;
 
 use super::collect::{parse_btime, parse_proc_stat, ProcStat};
 use super::peers::{forwarded_for, inbound_service, inbound_source};
-use super::traffic::{Peer, Reporter, Traffic, TrafficLabels, UNKNOWN};
+use super::traffic::{ConnMetrics, Peer, Reporter, ResponseFlag, Traffic, TrafficLabels, UNKNOWN};
 use super::Metrics;
 use crate::model::{NetworkAddr, SpiffeId};
 use crate::store::{Snapshot, Store};
@@ -81,7 +81,7 @@ fn source_labels_of_an_hbone_connection() {
         Some(svc),
         true,
     );
-    assert_eq!(l.reporter, "source");
+    assert_eq!(l.reporter, Reporter::Source);
     // Workload labels are the Deployment-level name, as Istio's dashboards group by it.
     assert_eq!(l.source_workload, "client");
     assert_eq!(l.source_workload_namespace, "shop");
@@ -99,12 +99,14 @@ fn source_labels_of_an_hbone_connection() {
         l.destination_principal,
         "spiffe://cluster.local/ns/shop/sa/server"
     );
+    // Formatted in place, with the spelling of `SpiffeId`'s Display.
+    assert_eq!(l.destination_principal, server.identity().to_string());
     assert_eq!(l.destination_service, "api.shop.svc.cluster.local");
     assert_eq!(l.destination_service_name, "api");
     assert_eq!(l.destination_service_namespace, "shop");
     assert_eq!(l.destination_version, "v2");
     assert_eq!(l.request_protocol, "tcp");
-    assert_eq!(l.response_flags, "-");
+    assert_eq!(l.response_flags, ResponseFlag::None);
     assert_eq!(l.connection_security_policy, "mutual_tls");
 }
 
@@ -120,7 +122,7 @@ fn missing_values_are_unknown() {
         None,
         false,
     );
-    assert_eq!(l.reporter, "destination");
+    assert_eq!(l.reporter, Reporter::Destination);
     for v in [
         &l.source_workload,
         &l.source_workload_namespace,
@@ -228,12 +230,14 @@ fn one_connection_counts_open_close_and_bytes_once() {
         text.contains("open_connections{direction=\"outbound\"} 1"),
         "{text}"
     );
+    // The common close's counter exists from the open (fetched then, so that the close takes no
+    // lock), at 0.
     assert!(
-        !text.contains("istio_tcp_connections_closed_total{"),
+        text.contains("istio_tcp_connections_closed_total{") && text.contains("\"} 0\n"),
         "{text}"
     );
-    m.close(300, 7, "UF");
-    m.close(1, 1, "-"); // a second close is ignored
+    m.close(300, 7, ResponseFlag::Connect);
+    m.close(1, 1, ResponseFlag::None); // a second close is ignored
     drop(m); // and so is the drop's
     let text = encode(&r);
     let line = |name: &str| {
@@ -244,9 +248,12 @@ fn one_connection_counts_open_close_and_bytes_once() {
     };
     assert!(line("istio_tcp_connections_opened_total").contains("response_flags=\"-\""));
     assert!(line("istio_tcp_connections_opened_total").ends_with(" 1"));
-    let closed = line("istio_tcp_connections_closed_total");
+    let closed = text
+        .lines()
+        .find(|l| l.starts_with("istio_tcp_connections_closed_total") && l.contains("CONNECT"))
+        .unwrap_or_else(|| panic!("no CONNECT close in {text}"));
     assert!(
-        closed.contains("response_flags=\"UF\"") && closed.ends_with(" 1"),
+        closed.contains("response_flags=\"CONNECT\"") && closed.ends_with(" 1"),
         "{closed}"
     );
     // Istio's directions: received = client → server, sent = server → client; bytes keep the
@@ -258,10 +265,12 @@ fn one_connection_counts_open_close_and_bytes_once() {
         text.contains("open_connections{direction=\"outbound\"} 0"),
         "{text}"
     );
+    // The `-` series (at 0) and the `CONNECT` one; Envoy's flags never reach the metric.
     assert_eq!(
         text.matches("istio_tcp_connections_closed_total{").count(),
-        1
+        2
     );
+    assert!(!text.contains("response_flags=\"UF\""), "{text}");
     assert!(line("istio_tcp_connections_opened_total").contains(
         "reporter=\"source\",source_workload=\"unknown\",source_canonical_service=\"unknown\""
     ));
@@ -293,14 +302,14 @@ fn metered_bytes_show_before_the_close_and_count_once() {
     };
     assert_eq!(value(&text, "received_total{"), ["128"]);
     assert_eq!(value(&text, "sent_total{"), ["5"]);
-    assert!(value(&text, "closed_total{").is_empty(), "{text}");
+    assert_eq!(value(&text, "closed_total{"), ["0"], "{text}");
     // The close reports the same totals: they are not added again, and stay under the labels
     // of the open (ztunnel's rule); the close itself carries the flag.
-    m.close(128, 5, "DC");
+    m.close(128, 5, ResponseFlag::Deny);
     let text = encode(&r);
     assert_eq!(value(&text, "received_total{"), ["128"]);
     assert_eq!(value(&text, "sent_total{"), ["5"]);
-    assert!(text.contains("closed_total{") && text.contains("response_flags=\"DC\""));
+    assert!(text.contains("closed_total{") && text.contains("response_flags=\"DENY\""));
     // An empty meter (no destination known yet) counts nothing.
     crate::metrics::Meter::default().client_bytes(7);
 }
@@ -385,4 +394,129 @@ fn http_paths_and_formats() {
     assert!(m.encode(false).unwrap().contains("probe_total 1\n"));
     let r = super::server::answer(&req("/stats", None), &m);
     assert_eq!(r.status(), 404);
+}
+
+fn labels_of(client: &str) -> TrafficLabels {
+    let s = snapshot();
+    let (c, server) = (wl(&s, client), wl(&s, "10.0.0.2"));
+    let id = c.identity();
+    TrafficLabels::new(
+        Reporter::Source,
+        Peer {
+            workload: Some(&c),
+            principal: Some(&id),
+        },
+        Some(&server),
+        s.service_by_hostname("api.shop.svc.cluster.local")
+            .map(|v| &**v),
+        true,
+    )
+}
+
+#[test]
+fn connection_metrics_share_their_labels() {
+    let t = Arc::new(Traffic::default());
+    let a = t.open(labels_of("10.0.0.1"));
+    let b = t.open(labels_of("10.0.0.1"));
+    let other = t.open(labels_of("10.0.0.3"));
+    // Same labels: one shared copy; other labels: their own.
+    assert!(Arc::ptr_eq(a.shared_labels(), b.shared_labels()));
+    assert!(!Arc::ptr_eq(a.shared_labels(), other.shared_labels()));
+    // More connections with these labels add no copy: the count of holders is the cache's, the
+    // series' and the four families' keys, not one per connection.
+    let holders = Arc::strong_count(a.shared_labels());
+    let more: Vec<ConnMetrics> = (0..10).map(|_| t.open(labels_of("10.0.0.1"))).collect();
+    assert_eq!(Arc::strong_count(a.shared_labels()), holders);
+    assert!(holders <= 6, "{holders}");
+    drop(more);
+
+    // What one open connection holds (figures in docs/metrics.md): two Arcs and two flags now;
+    // before, a full `TrafficLabels` plus a gauge and two counter handles inline, and the label
+    // strings on the heap.
+    let now = std::mem::size_of::<ConnMetrics>();
+    // The former layout: 19 `String`s and 4 `&'static str` labels, an `Arc<Traffic>`, a gauge,
+    // two counter handles (8 bytes each) and two flags (padded to 8).
+    let old_labels = 19 * std::mem::size_of::<String>() + 4 * std::mem::size_of::<&str>();
+    let before = old_labels + 8 + 8 + 2 * 8 + 8;
+    let l = a.labels();
+    let strings = [
+        &l.source_workload,
+        &l.source_canonical_service,
+        &l.source_canonical_revision,
+        &l.source_workload_namespace,
+        &l.source_principal,
+        &l.source_app,
+        &l.source_version,
+        &l.source_cluster,
+        &l.destination_service,
+        &l.destination_service_namespace,
+        &l.destination_service_name,
+        &l.destination_workload,
+        &l.destination_canonical_service,
+        &l.destination_canonical_revision,
+        &l.destination_workload_namespace,
+        &l.destination_principal,
+        &l.destination_app,
+        &l.destination_version,
+        &l.destination_cluster,
+    ];
+    // jemalloc rounds small allocations up to 8, 16, 32, 48, 64… bytes.
+    let heap: usize = strings
+        .iter()
+        .map(|s| match s.capacity() {
+            0..=8 => 8,
+            9..=16 => 16,
+            n => n.div_ceil(16) * 16,
+        })
+        .sum();
+    eprintln!(
+        "ConnMetrics: {now} bytes, no heap; before: {before} bytes inline + {heap} bytes of label strings"
+    );
+    assert!(now <= 24, "{now}");
+    assert!(before >= 500 && heap >= 200, "{before} {heap}");
+}
+
+#[test]
+fn a_clean_close_takes_no_family_lock_while_a_scrape_encodes() {
+    let t = Arc::new(Traffic::default());
+    let m = t.open(labels_of("10.0.0.1"));
+    let key = super::labels::LabelKey(m.shared_labels().clone());
+    // A scrape holds each family's read lock while it encodes it; creating a series there needs
+    // the write lock. The common close (`-`) must not wait for it: its counter is fetched at open.
+    let scrape = t.closed.get(&key).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let closer = std::thread::spawn(move || {
+        m.close(10, 20, ResponseFlag::None);
+        drop(m);
+        tx.send(()).unwrap();
+    });
+    let done = rx.recv_timeout(std::time::Duration::from_secs(5));
+    drop(scrape);
+    closer.join().unwrap();
+    assert!(done.is_ok(), "the close waited for the scrape's lock");
+    assert_eq!(t.closed.get(&key).unwrap().get(), 1);
+}
+
+#[test]
+fn fixed_series_exist_from_the_start() {
+    // The direction gauges and the RBAC counters are fetched once, at construction: they show
+    // (at 0) before any connection, and the data path never looks them up.
+    let t = Arc::new(Traffic::default());
+    let mut r = Registry::default();
+    r.register("open", "g", t.open.clone());
+    r.register("rbac", "c", t.rbac.clone());
+    let text = encode(&r);
+    for series in [
+        "open{direction=\"inbound\"} 0",
+        "open{direction=\"outbound\"} 0",
+        "rbac_total{result=\"allow\"} 0",
+        "rbac_total{result=\"deny\"} 0",
+    ] {
+        assert!(text.contains(series), "{series} in {text}");
+    }
+    t.rbac_decision(false);
+    drop(t.open(labels_of("10.0.0.1")));
+    let text = encode(&r);
+    assert!(text.contains("rbac_total{result=\"deny\"} 1"), "{text}");
+    assert!(text.contains("open{direction=\"outbound\"} 0"), "{text}");
 }
