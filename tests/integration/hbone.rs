@@ -140,8 +140,7 @@ async fn hundred_megabytes_both_ways_with_half_close() {
     let (ta, tb) = (&m.a.proxy.hbone.tunnels, &m.b.proxy.hbone.tunnels);
     for _ in 0..100 {
         // Tunnels count as opened at their start, their bytes and status at their end.
-        if tb.inbound_bytes_received.load(Relaxed) > 0 && ta.outbound_bytes_sent.load(Relaxed) > 0
-        {
+        if tb.inbound_bytes_received.load(Relaxed) > 0 && ta.outbound_bytes_sent.load(Relaxed) > 0 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
