@@ -32,7 +32,9 @@ use crate::proxy::ProxyCtx;
 use crate::xds::XdsMetrics;
 
 pub use server::{serve, OPENMETRICS_CONTENT_TYPE, PROMETHEUS_CONTENT_TYPE};
-pub use traffic::{ConnMetrics, Meter, Peer, Reporter, ResponseFlag, Traffic, TrafficLabels};
+pub use traffic::{
+    ConnLabels, ConnMetrics, Meter, Peer, Reporter, ResponseFlag, Traffic, TrafficLabels,
+};
 
 /// The `component` of `istio_build`: dashboards select the node proxy by this name.
 pub const BUILD_COMPONENT: &str = "ztunnel";

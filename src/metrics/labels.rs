@@ -1,8 +1,8 @@
 //! The labels of the Istio TCP metrics (wire-facts §7): their values, computed once per
 //! connection from the store's names, and the shared key the metric families hold them by.
 
-use std::borrow::Borrow;
 use std::fmt::Write as _;
+use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
 use prometheus_client::encoding::{
@@ -117,6 +117,10 @@ pub struct Peer<'a> {
     pub workload: Option<&'a Workload>,
     /// The identity proven over mutual TLS (or presented, on the originating side).
     pub principal: Option<&'a SpiffeId>,
+    /// The principal is `workload`'s own identity (outbound HBONE presents the client
+    /// workload's): taken from its fields, so that no `SpiffeId` is built per connection.
+    /// Used when `principal` is `None`.
+    pub workload_principal: bool,
 }
 
 /// The workload's `workload_name`, else its own name (istiod always fills the former; a local
@@ -129,21 +133,176 @@ fn workload_name(w: &Workload) -> &str {
     }
 }
 
-fn or_unknown(s: &str) -> String {
-    if s.is_empty() {
-        UNKNOWN.to_owned()
-    } else {
-        s.to_owned()
+/// One label value as the store gives it, borrowed: a name, or a SPIFFE id in its three parts.
+/// Lets an open find its interned label set without building any string.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Val<'a> {
+    Str(&'a str),
+    /// `spiffe://<trust domain>/ns/<namespace>/sa/<service account>`.
+    Spiffe(&'a str, &'a str, &'a str),
+}
+
+impl<'a> Val<'a> {
+    /// A name; empty becomes `unknown`.
+    fn name(s: &'a str) -> Self {
+        Val::Str(if s.is_empty() { UNKNOWN } else { s })
+    }
+
+    fn owned(self) -> String {
+        match self {
+            Val::Str(s) => s.to_owned(),
+            Val::Spiffe(td, ns, sa) => format!("spiffe://{td}/ns/{ns}/sa/{sa}"),
+        }
+    }
+
+    /// Whether the label value `s` is this value.
+    fn is(self, s: &str) -> bool {
+        match self {
+            Val::Str(v) => v == s,
+            Val::Spiffe(td, ns, sa) => (|| {
+                let rest = s.strip_prefix("spiffe://")?.strip_prefix(td)?;
+                let rest = rest.strip_prefix("/ns/")?.strip_prefix(ns)?;
+                Some(rest.strip_prefix("/sa/")? == sa)
+            })()
+            .unwrap_or(false),
+        }
+    }
+
+    fn hash<H: Hasher>(self, h: &mut H) {
+        match self {
+            Val::Str(s) => s.hash(h),
+            Val::Spiffe(td, ns, sa) => (td, ns, sa).hash(h),
+        }
+    }
+}
+
+/// A workload's SPIFFE id in its three parts.
+fn spiffe_of(w: &Workload) -> (&str, &str, &str) {
+    (&w.trust_domain, &w.namespace, &w.service_account)
+}
+
+/// What a connection's labels are made of, borrowed from the store's snapshot: enough to find
+/// their interned copy ([`ConnLabels::hash_key`], [`ConnLabels::matches`]) and, the first time, to
+/// build it ([`TrafficLabels::from`]).
+#[derive(Clone, Copy)]
+pub struct ConnLabels<'a> {
+    pub reporter: Reporter,
+    pub src: Peer<'a>,
+    pub dst: Option<&'a Workload>,
+    pub service: Option<&'a Service>,
+    /// Mutual TLS carries the connection (HBONE).
+    pub mtls: bool,
+}
+
+impl<'a> ConnLabels<'a> {
+    /// The 19 string labels, in [`TrafficLabels`]' order. As ztunnel: `*_workload` is the
+    /// workload's `workload_name` (its Deployment, not the pod; the pod's name when none is given,
+    /// as istiod names bare pods), `*_app`/`*_canonical_service` its canonical name,
+    /// `*_version`/`*_canonical_revision` its canonical revision; the source principal is only
+    /// what mutual TLS proves (or presents), the destination principal the destination
+    /// workload's identity. Empty values become `unknown`.
+    fn values(&self) -> [Val<'a>; 19] {
+        let (s, d, svc) = (self.src.workload, self.dst, self.service);
+        let w = |w: Option<&'a Workload>, f: fn(&'a Workload) -> &'a str| {
+            Val::name(w.map(f).unwrap_or_default())
+        };
+        let sv = |f: fn(&'a Service) -> &'a str| Val::name(svc.map(f).unwrap_or_default());
+        let spiffe = |p: Option<(&'a str, &'a str, &'a str)>| {
+            p.map_or(Val::Str(UNKNOWN), |(td, ns, sa)| Val::Spiffe(td, ns, sa))
+        };
+        [
+            w(s, workload_name),
+            w(s, |w| &w.canonical_name),
+            w(s, |w| &w.canonical_revision),
+            w(s, |w| &w.namespace),
+            spiffe(match (self.src.principal, s) {
+                (Some(p), _) => Some((
+                    p.trust_domain.as_str(),
+                    p.namespace.as_str(),
+                    p.service_account.as_str(),
+                )),
+                (None, Some(w)) if self.src.workload_principal => Some(spiffe_of(w)),
+                (None, _) => None,
+            }),
+            w(s, |w| &w.canonical_name),
+            w(s, |w| &w.canonical_revision),
+            w(s, |w| &w.cluster_id),
+            sv(|s| &s.hostname),
+            sv(|s| &s.namespace),
+            sv(|s| &s.name),
+            w(d, workload_name),
+            w(d, |w| &w.canonical_name),
+            w(d, |w| &w.canonical_revision),
+            w(d, |w| &w.namespace),
+            spiffe(d.map(spiffe_of)),
+            w(d, |w| &w.canonical_name),
+            w(d, |w| &w.canonical_revision),
+            w(d, |w| &w.cluster_id),
+        ]
+    }
+
+    fn security_policy(&self) -> &'static str {
+        if self.mtls {
+            "mutual_tls"
+        } else {
+            UNKNOWN
+        }
+    }
+
+    /// The key the interning cache files these labels under (the same for equal labels).
+    pub(super) fn hash_key(&self) -> u64 {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        self.reporter.hash(&mut h);
+        self.mtls.hash(&mut h);
+        for v in self.values() {
+            v.hash(&mut h);
+        }
+        h.finish()
+    }
+
+    /// Whether `l` (with `response_flags="-"`) are these labels.
+    pub(super) fn matches(&self, l: &TrafficLabels) -> bool {
+        l.reporter == self.reporter
+            && l.connection_security_policy == self.security_policy()
+            && l.response_flags == ResponseFlag::None
+            && self.values().iter().zip(l.strings()).all(|(v, s)| v.is(s))
+    }
+}
+
+impl From<&ConnLabels<'_>> for TrafficLabels {
+    fn from(c: &ConnLabels<'_>) -> Self {
+        let [source_workload, source_canonical_service, source_canonical_revision, source_workload_namespace, source_principal, source_app, source_version, source_cluster, destination_service, destination_service_namespace, destination_service_name, destination_workload, destination_canonical_service, destination_canonical_revision, destination_workload_namespace, destination_principal, destination_app, destination_version, destination_cluster] =
+            c.values().map(Val::owned);
+        Self {
+            reporter: c.reporter,
+            source_workload,
+            source_canonical_service,
+            source_canonical_revision,
+            source_workload_namespace,
+            source_principal,
+            source_app,
+            source_version,
+            source_cluster,
+            destination_service,
+            destination_service_namespace,
+            destination_service_name,
+            destination_workload,
+            destination_canonical_service,
+            destination_canonical_revision,
+            destination_workload_namespace,
+            destination_principal,
+            destination_app,
+            destination_version,
+            destination_cluster,
+            request_protocol: "tcp",
+            response_flags: ResponseFlag::None,
+            connection_security_policy: c.security_policy(),
+        }
     }
 }
 
 impl TrafficLabels {
-    /// The labels of one connection. As ztunnel: `*_workload` is the workload's `workload_name`
-    /// (its Deployment, not the pod; the pod's name when none is given, as istiod names bare
-    /// pods), `*_app`/`*_canonical_service` its canonical name, `*_version`/`*_canonical_revision`
-    /// its canonical revision; the source principal is only what mutual TLS proves (or presents),
-    /// the destination principal the destination workload's identity. Empty values become
-    /// `unknown`.
+    /// The labels of one connection (see [`ConnLabels`]).
     pub fn new(
         reporter: Reporter,
         src: Peer<'_>,
@@ -151,48 +310,38 @@ impl TrafficLabels {
         service: Option<&Service>,
         mtls: bool,
     ) -> Self {
-        let s = src.workload;
-        let field = |w: Option<&Workload>, f: fn(&Workload) -> &str| {
-            or_unknown(w.map(f).unwrap_or_default())
-        };
-        let svc = |f: fn(&Service) -> &str| or_unknown(service.map(f).unwrap_or_default());
-        Self {
+        Self::from(&ConnLabels {
             reporter,
-            source_workload: field(s, workload_name),
-            source_canonical_service: field(s, |w| &w.canonical_name),
-            source_canonical_revision: field(s, |w| &w.canonical_revision),
-            source_workload_namespace: field(s, |w| &w.namespace),
-            source_principal: src
-                .principal
-                .map_or_else(|| UNKNOWN.to_owned(), ToString::to_string),
-            source_app: field(s, |w| &w.canonical_name),
-            source_version: field(s, |w| &w.canonical_revision),
-            source_cluster: field(s, |w| &w.cluster_id),
-            destination_service: svc(|s| &s.hostname),
-            destination_service_namespace: svc(|s| &s.namespace),
-            destination_service_name: svc(|s| &s.name),
-            destination_workload: field(dst, workload_name),
-            destination_canonical_service: field(dst, |w| &w.canonical_name),
-            destination_canonical_revision: field(dst, |w| &w.canonical_revision),
-            destination_workload_namespace: field(dst, |w| &w.namespace),
-            // The workload's SPIFFE id, formatted as `SpiffeId` displays it, without building
-            // one (three Strings) first.
-            destination_principal: dst.map_or_else(
-                || UNKNOWN.to_owned(),
-                |w| {
-                    format!(
-                        "spiffe://{}/ns/{}/sa/{}",
-                        w.trust_domain, w.namespace, w.service_account
-                    )
-                },
-            ),
-            destination_app: field(dst, |w| &w.canonical_name),
-            destination_version: field(dst, |w| &w.canonical_revision),
-            destination_cluster: field(dst, |w| &w.cluster_id),
-            request_protocol: "tcp",
-            response_flags: ResponseFlag::None,
-            connection_security_policy: if mtls { "mutual_tls" } else { UNKNOWN },
-        }
+            src,
+            dst,
+            service,
+            mtls,
+        })
+    }
+
+    /// The 19 string labels, in order.
+    pub fn strings(&self) -> [&String; 19] {
+        [
+            &self.source_workload,
+            &self.source_canonical_service,
+            &self.source_canonical_revision,
+            &self.source_workload_namespace,
+            &self.source_principal,
+            &self.source_app,
+            &self.source_version,
+            &self.source_cluster,
+            &self.destination_service,
+            &self.destination_service_namespace,
+            &self.destination_service_name,
+            &self.destination_workload,
+            &self.destination_canonical_service,
+            &self.destination_canonical_revision,
+            &self.destination_workload_namespace,
+            &self.destination_principal,
+            &self.destination_app,
+            &self.destination_version,
+            &self.destination_cluster,
+        ]
     }
 }
 
@@ -204,11 +353,5 @@ pub struct LabelKey(pub Arc<TrafficLabels>);
 impl EncodeLabelSet for LabelKey {
     fn encode(&self, encoder: &mut LabelSetEncoder) -> std::fmt::Result {
         self.0.encode(encoder)
-    }
-}
-
-impl Borrow<TrafficLabels> for LabelKey {
-    fn borrow(&self) -> &TrafficLabels {
-        &self.0
     }
 }

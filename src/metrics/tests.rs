@@ -7,7 +7,9 @@ use prometheus_client::registry::Registry;
 
 use super::collect::{parse_btime, parse_proc_stat, ProcStat};
 use super::peers::{forwarded_for, inbound_service, inbound_source};
-use super::traffic::{ConnMetrics, Peer, Reporter, ResponseFlag, Traffic, TrafficLabels, UNKNOWN};
+use super::traffic::{
+    ConnLabels, ConnMetrics, Peer, Reporter, ResponseFlag, Traffic, TrafficLabels, UNKNOWN,
+};
 use super::Metrics;
 use crate::model::{NetworkAddr, SpiffeId};
 use crate::store::{Snapshot, Store};
@@ -76,6 +78,7 @@ fn source_labels_of_an_hbone_connection() {
         Peer {
             workload: Some(&client),
             principal: Some(&id),
+            workload_principal: false,
         },
         Some(&server),
         Some(svc),
@@ -223,8 +226,7 @@ fn one_connection_counts_open_close_and_bytes_once() {
     istio.register("tcp_sent_bytes", "s", t.sent.clone());
     istio.register("tcp_received_bytes", "r", t.received.clone());
     r.register("open_connections", "g", t.open.clone());
-    let labels = TrafficLabels::new(Reporter::Source, Peer::default(), None, None, false);
-    let m = t.open(labels);
+    let m = t.open(&unknown_ends(Reporter::Source, false));
     let text = encode(&r);
     assert!(
         text.contains("open_connections{direction=\"outbound\"} 1"),
@@ -283,8 +285,7 @@ fn metered_bytes_show_before_the_close_and_count_once() {
     r.register("closed", "c", t.closed.clone());
     r.register("received", "r", t.received.clone());
     r.register("sent", "s", t.sent.clone());
-    let labels = TrafficLabels::new(Reporter::Source, Peer::default(), None, None, true);
-    let m = t.open(labels);
+    let m = t.open(&unknown_ends(Reporter::Source, true));
     let meter = m.meter();
     meter.client_bytes(100);
     meter.client_bytes(28);
@@ -320,8 +321,7 @@ fn a_dropped_connection_still_counts_its_close() {
     let mut r = Registry::default();
     r.register("closed", "c", t.closed.clone());
     r.register("open", "g", t.open.clone());
-    let labels = TrafficLabels::new(Reporter::Destination, Peer::default(), None, None, true);
-    drop(t.open(labels));
+    drop(t.open(&unknown_ends(Reporter::Destination, true)));
     let text = encode(&r);
     assert!(
         text.contains("closed_total{reporter=\"destination\""),
@@ -396,36 +396,51 @@ fn http_paths_and_formats() {
     assert_eq!(r.status(), 404);
 }
 
-fn labels_of(client: &str) -> TrafficLabels {
+/// A connection nothing is known of.
+fn unknown_ends(reporter: Reporter, mtls: bool) -> ConnLabels<'static> {
+    ConnLabels {
+        reporter,
+        src: Peer::default(),
+        dst: None,
+        service: None,
+        mtls,
+    }
+}
+
+/// Opens an HBONE connection from the workload at `client` to the server, through its service,
+/// with its workloads looked up in a snapshot of its own (as each connection does).
+fn open_from(t: &Arc<Traffic>, client: &str) -> ConnMetrics {
     let s = snapshot();
     let (c, server) = (wl(&s, client), wl(&s, "10.0.0.2"));
     let id = c.identity();
-    TrafficLabels::new(
-        Reporter::Source,
-        Peer {
+    t.open(&ConnLabels {
+        reporter: Reporter::Source,
+        src: Peer {
             workload: Some(&c),
             principal: Some(&id),
+            workload_principal: false,
         },
-        Some(&server),
-        s.service_by_hostname("api.shop.svc.cluster.local")
+        dst: Some(&server),
+        service: s
+            .service_by_hostname("api.shop.svc.cluster.local")
             .map(|v| &**v),
-        true,
-    )
+        mtls: true,
+    })
 }
 
 #[test]
 fn connection_metrics_share_their_labels() {
     let t = Arc::new(Traffic::default());
-    let a = t.open(labels_of("10.0.0.1"));
-    let b = t.open(labels_of("10.0.0.1"));
-    let other = t.open(labels_of("10.0.0.3"));
+    let a = open_from(&t, "10.0.0.1");
+    let b = open_from(&t, "10.0.0.1");
+    let other = open_from(&t, "10.0.0.3");
     // Same labels: one shared copy; other labels: their own.
     assert!(Arc::ptr_eq(a.shared_labels(), b.shared_labels()));
     assert!(!Arc::ptr_eq(a.shared_labels(), other.shared_labels()));
     // More connections with these labels add no copy: the count of holders is the cache's, the
     // series' and the four families' keys, not one per connection.
     let holders = Arc::strong_count(a.shared_labels());
-    let more: Vec<ConnMetrics> = (0..10).map(|_| t.open(labels_of("10.0.0.1"))).collect();
+    let more: Vec<ConnMetrics> = (0..10).map(|_| open_from(&t, "10.0.0.1")).collect();
     assert_eq!(Arc::strong_count(a.shared_labels()), holders);
     assert!(holders <= 6, "{holders}");
     drop(more);
@@ -479,7 +494,7 @@ fn connection_metrics_share_their_labels() {
 #[test]
 fn a_clean_close_takes_no_family_lock_while_a_scrape_encodes() {
     let t = Arc::new(Traffic::default());
-    let m = t.open(labels_of("10.0.0.1"));
+    let m = open_from(&t, "10.0.0.1");
     let key = super::labels::LabelKey(m.shared_labels().clone());
     // A scrape holds each family's read lock while it encodes it; creating a series there needs
     // the write lock. The common close (`-`) must not wait for it: its counter is fetched at open.
@@ -515,8 +530,75 @@ fn fixed_series_exist_from_the_start() {
         assert!(text.contains(series), "{series} in {text}");
     }
     t.rbac_decision(false);
-    drop(t.open(labels_of("10.0.0.1")));
+    drop(open_from(&t, "10.0.0.1"));
     let text = encode(&r);
     assert!(text.contains("rbac_total{result=\"deny\"} 1"), "{text}");
     assert!(text.contains("open{direction=\"outbound\"} 0"), "{text}");
+}
+
+#[test]
+fn interned_labels_are_found_by_their_values() {
+    let s = snapshot();
+    let (client, server, bare) = (wl(&s, "10.0.0.1"), wl(&s, "10.0.0.2"), wl(&s, "10.0.0.3"));
+    let svc = s.service_by_hostname("api.shop.svc.cluster.local").unwrap();
+    let id = client.identity();
+    let svc: &crate::model::Service = svc;
+    let conn = |src, principal, dst, mtls| labels_to(svc, src, principal, dst, mtls);
+    let full = conn(Some(&client), Some(&id), Some(&server), true);
+    let built = TrafficLabels::from(&full);
+    assert!(full.matches(&built));
+    // Equal values from another snapshot's copies of the workloads: the same key.
+    let s2 = snapshot();
+    let (client2, server2) = (wl(&s2, "10.0.0.1"), wl(&s2, "10.0.0.2"));
+    let id2 = client2.identity();
+    let again = conn(Some(&client2), Some(&id2), Some(&server2), true);
+    assert_eq!(again.hash_key(), full.hash_key());
+    assert!(again.matches(&built));
+    // Any difference is seen: the principal (also one that is a prefix of the other), the
+    // destination, the policy, the flag.
+    let prefix = SpiffeId::new("cluster.local", "shop", "clien");
+    let other = SpiffeId::new("cluster.local", "shop", "server");
+    for differs in [
+        conn(Some(&client), Some(&prefix), Some(&server), true),
+        conn(Some(&client), Some(&other), Some(&server), true),
+        conn(Some(&client), None, Some(&server), true),
+        conn(Some(&client), Some(&id), Some(&bare), true),
+        conn(Some(&client), Some(&id), Some(&server), false),
+        conn(None, Some(&id), Some(&server), true),
+    ] {
+        assert!(!differs.matches(&built));
+    }
+    let mut flagged = built.clone();
+    flagged.response_flags = ResponseFlag::Deny;
+    assert!(!full.matches(&flagged));
+    // The client workload's own identity, read from its fields, is the same principal.
+    let mut own = conn(Some(&client), None, Some(&server), true);
+    own.src.workload_principal = true;
+    assert_eq!(own.hash_key(), full.hash_key());
+    assert!(own.matches(&built));
+    assert_eq!(TrafficLabels::from(&own), built);
+    // The values built are the ones matched, `unknown` included.
+    let none = unknown_ends(Reporter::Source, false);
+    assert!(none.matches(&TrafficLabels::from(&none)));
+    assert_eq!(TrafficLabels::from(&none).source_principal, UNKNOWN);
+}
+
+fn labels_to<'a>(
+    service: &'a crate::model::Service,
+    src: Option<&'a crate::model::Workload>,
+    principal: Option<&'a SpiffeId>,
+    dst: Option<&'a crate::model::Workload>,
+    mtls: bool,
+) -> ConnLabels<'a> {
+    ConnLabels {
+        reporter: Reporter::Destination,
+        src: Peer {
+            workload: src,
+            principal,
+            workload_principal: false,
+        },
+        dst,
+        service: Some(service),
+        mtls,
+    }
 }

@@ -21,7 +21,9 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 
-pub use super::labels::{LabelKey, Peer, Reporter, ResponseFlag, TrafficLabels, UNKNOWN};
+pub use super::labels::{
+    ConnLabels, LabelKey, Peer, Reporter, ResponseFlag, TrafficLabels, UNKNOWN,
+};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(super) struct DirectionLabel {
@@ -50,10 +52,11 @@ pub struct Traffic {
     outbound_open: Gauge,
     allowed: Counter,
     denied: Counter,
-    /// Every label set seen, with its counter handles, shared by the connections that carry it.
-    /// Keyed like the families and never pruned, as they are not: both are bounded by the
+    /// Every label set seen, with its counter handles, shared by the connections that carry it;
+    /// filed by [`ConnLabels::hash_key`] so that an open finds its set without building a string.
+    /// Holds the families' keys and is never pruned, as they are not: both are bounded by the
     /// mesh's names (label values come from the store), not by the traffic.
-    series: RwLock<HashMap<LabelKey, Arc<Series>>>,
+    series: RwLock<HashMap<u64, Vec<Arc<Series>>>>,
 }
 
 impl Default for Traffic {
@@ -105,7 +108,7 @@ impl Traffic {
     /// the cache and two atomic adds, and touches no metric family. Only the first connection
     /// of a label set fetches its counters (taking the families' write locks, which wait for a
     /// scrape in progress; see docs/metrics.md).
-    pub fn open(self: &Arc<Self>, labels: TrafficLabels) -> ConnMetrics {
+    pub fn open(self: &Arc<Self>, labels: &ConnLabels<'_>) -> ConnMetrics {
         let series = self.intern(labels);
         series.opened.inc();
         self.gauge(series.labels.0.reporter).inc();
@@ -117,17 +120,23 @@ impl Traffic {
         }
     }
 
-    /// The shared series of `labels`, created on first sight.
-    fn intern(&self, labels: TrafficLabels) -> Arc<Series> {
-        let read = self.series.read().unwrap_or_else(|p| p.into_inner());
-        if let Some(s) = read.get(&labels) {
-            return s.clone();
+    /// The shared series of `labels`, created on first sight. A known label set is found by
+    /// its hash and compared in place: no string is built.
+    fn intern(&self, labels: &ConnLabels<'_>) -> Arc<Series> {
+        let hash = labels.hash_key();
+        let find = |map: &HashMap<u64, Vec<Arc<Series>>>| {
+            map.get(&hash)?
+                .iter()
+                .find(|s| labels.matches(&s.labels.0))
+                .cloned()
+        };
+        if let Some(s) = find(&self.series.read().unwrap_or_else(|p| p.into_inner())) {
+            return s;
         }
-        drop(read);
         // Fetched outside the cache's lock: a family's write lock may wait for a scrape, and
         // opens of known label sets must not wait behind it. Two racing first opens fetch the
-        // same counters (the family dedups), and one of the two series is kept.
-        let key = LabelKey(Arc::new(labels));
+        // same counters (the family dedups by label values), and one of the two series is kept.
+        let key = LabelKey(Arc::new(TrafficLabels::from(labels)));
         let series = Arc::new(Series {
             opened: self.opened.get_or_create_owned(&key),
             closed: self.closed.get_or_create_owned(&key),
@@ -135,14 +144,14 @@ impl Traffic {
             received: self.received.get_or_create_owned(&key),
             deny: OnceLock::new(),
             connect: OnceLock::new(),
-            labels: key.clone(),
+            labels: key,
         });
-        self.series
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(key)
-            .or_insert(series)
-            .clone()
+        let mut map = self.series.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = find(&map) {
+            return s;
+        }
+        map.entry(hash).or_default().push(series.clone());
+        series
     }
 
     /// The open-connections gauge of the side that reports.

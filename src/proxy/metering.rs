@@ -4,7 +4,7 @@
 use std::net::IpAddr;
 
 use super::ProxyCtx;
-use crate::metrics::{peers, ConnMetrics, Peer, Reporter, TrafficLabels};
+use crate::metrics::{peers, ConnLabels, ConnMetrics, Peer, Reporter};
 use crate::model::{Service, SpiffeId, Workload};
 use crate::store::Snapshot;
 
@@ -17,8 +17,13 @@ pub(super) fn open(
     service: Option<&Service>,
     mtls: bool,
 ) -> ConnMetrics {
-    let labels = TrafficLabels::new(reporter, src, dst, service, mtls);
-    ctx.metrics.open(labels)
+    ctx.metrics.open(&ConnLabels {
+        reporter,
+        src,
+        dst,
+        service,
+        mtls,
+    })
 }
 
 /// Counts an inbound connection to the local workload `wl` on `port`, reported by the
@@ -50,6 +55,7 @@ pub(super) fn inbound(
         Peer {
             workload: src_wl.as_deref(),
             principal,
+            workload_principal: false,
         },
         Some(wl),
         service,

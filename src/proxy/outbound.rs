@@ -106,16 +106,14 @@ fn open_metrics(
 ) -> crate::metrics::ConnMetrics {
     use crate::metrics::{Peer, Reporter};
     let hbone = up.kind == UpstreamKind::Hbone;
-    let principal = if hbone {
-        src_wl
-            .map(Workload::identity)
-            .or_else(|| ctx.own_identity.clone())
-    } else {
-        None
-    };
     let src = Peer {
         workload: src_wl,
-        principal: principal.as_ref(),
+        // The client workload's identity (read from its fields), else this node's own.
+        principal: ctx
+            .own_identity
+            .as_ref()
+            .filter(|_| hbone && src_wl.is_none()),
+        workload_principal: hbone,
     };
     let (dst, service) = (up.workload.as_deref(), up.service.as_deref());
     super::metering::open(ctx, Reporter::Source, src, dst, service, hbone)
