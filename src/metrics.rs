@@ -2,8 +2,8 @@
 //!
 //! Two kinds of metric, so that the data path pays as little as possible:
 //! - counters the data path updates ([`Traffic`]: the Istio TCP metrics, RBAC decisions, open
-//!   connections), with labels computed once per connection at open and once at close, and bytes
-//!   added per chunk copied through counter handles fetched at open ([`Meter`]);
+//!   connections), with each label set built once and shared by its connections with its counter
+//!   handles ([`traffic::Series`]), and bytes added per chunk copied through them ([`Meter`]);
 //! - figures read only when scraped ([`collect`]: xDS, certificates, the HBONE pool and tunnel
 //!   counters, the process, the data-plane tokio runtime), as prometheus-client `Collector`s that
 //!   read state l4mesh keeps anyway.
