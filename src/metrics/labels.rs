@@ -182,7 +182,7 @@ fn spiffe_of(w: &Workload) -> (&str, &str, &str) {
 }
 
 /// What a connection's labels are made of, borrowed from the store's snapshot: enough to find
-/// their interned copy ([`ConnLabels::hash_key`], [`ConnLabels::matches`]) and, the first time, to
+/// their interned copy (`hash_key`, `matches`) and, the first time, to
 /// build it ([`TrafficLabels::from`]).
 #[derive(Clone, Copy)]
 pub struct ConnLabels<'a> {
