@@ -2,8 +2,8 @@
 //!
 //! Two kinds of metric, so that the data path pays as little as possible:
 //! - counters the data path updates ([`Traffic`]: the Istio TCP metrics, RBAC decisions, open
-//!   connections), with labels computed once per connection at open and once at close, and bytes
-//!   added per chunk copied through counter handles fetched at open ([`Meter`]);
+//!   connections), with each label set built once and shared by its connections with its counter
+//!   handles ([`traffic::Series`]), and bytes added per chunk copied through them ([`Meter`]);
 //! - figures read only when scraped ([`collect`]: xDS, certificates, the HBONE pool and tunnel
 //!   counters, the process, the data-plane tokio runtime), as prometheus-client `Collector`s that
 //!   read state l4mesh keeps anyway.
@@ -15,6 +15,7 @@
 //! module's registry and collectors read `proxy`, `xds` and `identity`, so it sits above them.
 
 mod collect;
+mod labels;
 pub mod peers;
 mod server;
 pub mod traffic;
@@ -31,7 +32,9 @@ use crate::proxy::ProxyCtx;
 use crate::xds::XdsMetrics;
 
 pub use server::{serve, OPENMETRICS_CONTENT_TYPE, PROMETHEUS_CONTENT_TYPE};
-pub use traffic::{ConnMetrics, Meter, Peer, Reporter, Traffic, TrafficLabels};
+pub use traffic::{
+    ConnLabels, ConnMetrics, Meter, Peer, Reporter, ResponseFlag, Traffic, TrafficLabels,
+};
 
 /// The `component` of `istio_build`: dashboards select the node proxy by this name.
 pub const BUILD_COMPONENT: &str = "ztunnel";

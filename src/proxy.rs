@@ -14,6 +14,7 @@ pub mod h2io;
 pub mod hbone;
 mod inbound_hbone;
 mod inbound_plain;
+mod metering;
 mod outbound;
 mod pool;
 pub mod route;

@@ -233,7 +233,7 @@ impl Collector for Hbone {
         counters(
             &mut enc,
             "l4mesh_hbone_tunnels_opened",
-            "HBONE tunnels (CONNECT streams) handled, by direction",
+            "HBONE tunnels (CONNECT streams) opened, by direction (counted when they start)",
             [
                 (dir("inbound"), c.inbound_opened.load(Relaxed)),
                 (dir("outbound"), c.outbound_opened.load(Relaxed)),
@@ -276,20 +276,20 @@ impl Collector for Hbone {
                 ),
             ],
         )?;
-        let statuses: Vec<(u16, u64)> = c
-            .by_status
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .map(|(s, n)| (*s, *n))
-            .collect();
+        let status = |s: &'static str, n: &std::sync::atomic::AtomicU64| {
+            (label("status", s), n.load(Relaxed))
+        };
         counters(
             &mut enc,
             "l4mesh_hbone_connect_responses",
-            "HBONE CONNECT answers sent or received, by HTTP status",
-            statuses
-                .into_iter()
-                .map(|(s, n)| (label("status", s.to_string()), n)),
+            "HBONE CONNECT answers sent or received, by HTTP status (200, 400, 401, 503, other)",
+            [
+                status("200", &c.status_200),
+                status("400", &c.status_400),
+                status("401", &c.status_401),
+                status("503", &c.status_503),
+                status("other", &c.status_other),
+            ],
         )?;
         counters(
             &mut enc,

@@ -7,7 +7,9 @@ use prometheus_client::registry::Registry;
 
 use super::collect::{parse_btime, parse_proc_stat, ProcStat};
 use super::peers::{forwarded_for, inbound_service, inbound_source};
-use super::traffic::{Peer, Reporter, Traffic, TrafficLabels, UNKNOWN};
+use super::traffic::{
+    ConnLabels, ConnMetrics, Peer, Reporter, ResponseFlag, Traffic, TrafficLabels, UNKNOWN,
+};
 use super::Metrics;
 use crate::model::{NetworkAddr, SpiffeId};
 use crate::store::{Snapshot, Store};
@@ -76,12 +78,13 @@ fn source_labels_of_an_hbone_connection() {
         Peer {
             workload: Some(&client),
             principal: Some(&id),
+            workload_principal: false,
         },
         Some(&server),
         Some(svc),
         true,
     );
-    assert_eq!(l.reporter, "source");
+    assert_eq!(l.reporter, Reporter::Source);
     // Workload labels are the Deployment-level name, as Istio's dashboards group by it.
     assert_eq!(l.source_workload, "client");
     assert_eq!(l.source_workload_namespace, "shop");
@@ -99,12 +102,14 @@ fn source_labels_of_an_hbone_connection() {
         l.destination_principal,
         "spiffe://cluster.local/ns/shop/sa/server"
     );
+    // Formatted in place, with the spelling of `SpiffeId`'s Display.
+    assert_eq!(l.destination_principal, server.identity().to_string());
     assert_eq!(l.destination_service, "api.shop.svc.cluster.local");
     assert_eq!(l.destination_service_name, "api");
     assert_eq!(l.destination_service_namespace, "shop");
     assert_eq!(l.destination_version, "v2");
     assert_eq!(l.request_protocol, "tcp");
-    assert_eq!(l.response_flags, "-");
+    assert_eq!(l.response_flags, ResponseFlag::None);
     assert_eq!(l.connection_security_policy, "mutual_tls");
 }
 
@@ -120,7 +125,7 @@ fn missing_values_are_unknown() {
         None,
         false,
     );
-    assert_eq!(l.reporter, "destination");
+    assert_eq!(l.reporter, Reporter::Destination);
     for v in [
         &l.source_workload,
         &l.source_workload_namespace,
@@ -221,19 +226,20 @@ fn one_connection_counts_open_close_and_bytes_once() {
     istio.register("tcp_sent_bytes", "s", t.sent.clone());
     istio.register("tcp_received_bytes", "r", t.received.clone());
     r.register("open_connections", "g", t.open.clone());
-    let labels = TrafficLabels::new(Reporter::Source, Peer::default(), None, None, false);
-    let m = t.open(labels);
+    let m = t.open(&unknown_ends(Reporter::Source, false));
     let text = encode(&r);
     assert!(
         text.contains("open_connections{direction=\"outbound\"} 1"),
         "{text}"
     );
+    // The common close's counter exists from the open (fetched then, so that the close takes no
+    // lock), at 0.
     assert!(
-        !text.contains("istio_tcp_connections_closed_total{"),
+        text.contains("istio_tcp_connections_closed_total{") && text.contains("\"} 0\n"),
         "{text}"
     );
-    m.close(300, 7, "UF");
-    m.close(1, 1, "-"); // a second close is ignored
+    m.close(300, 7, ResponseFlag::Connect);
+    m.close(1, 1, ResponseFlag::None); // a second close is ignored
     drop(m); // and so is the drop's
     let text = encode(&r);
     let line = |name: &str| {
@@ -244,9 +250,12 @@ fn one_connection_counts_open_close_and_bytes_once() {
     };
     assert!(line("istio_tcp_connections_opened_total").contains("response_flags=\"-\""));
     assert!(line("istio_tcp_connections_opened_total").ends_with(" 1"));
-    let closed = line("istio_tcp_connections_closed_total");
+    let closed = text
+        .lines()
+        .find(|l| l.starts_with("istio_tcp_connections_closed_total") && l.contains("CONNECT"))
+        .unwrap_or_else(|| panic!("no CONNECT close in {text}"));
     assert!(
-        closed.contains("response_flags=\"UF\"") && closed.ends_with(" 1"),
+        closed.contains("response_flags=\"CONNECT\"") && closed.ends_with(" 1"),
         "{closed}"
     );
     // Istio's directions: received = client → server, sent = server → client; bytes keep the
@@ -258,10 +267,12 @@ fn one_connection_counts_open_close_and_bytes_once() {
         text.contains("open_connections{direction=\"outbound\"} 0"),
         "{text}"
     );
+    // The `-` series (at 0) and the `CONNECT` one; Envoy's flags never reach the metric.
     assert_eq!(
         text.matches("istio_tcp_connections_closed_total{").count(),
-        1
+        2
     );
+    assert!(!text.contains("response_flags=\"UF\""), "{text}");
     assert!(line("istio_tcp_connections_opened_total").contains(
         "reporter=\"source\",source_workload=\"unknown\",source_canonical_service=\"unknown\""
     ));
@@ -274,8 +285,7 @@ fn metered_bytes_show_before_the_close_and_count_once() {
     r.register("closed", "c", t.closed.clone());
     r.register("received", "r", t.received.clone());
     r.register("sent", "s", t.sent.clone());
-    let labels = TrafficLabels::new(Reporter::Source, Peer::default(), None, None, true);
-    let m = t.open(labels);
+    let m = t.open(&unknown_ends(Reporter::Source, true));
     let meter = m.meter();
     meter.client_bytes(100);
     meter.client_bytes(28);
@@ -293,14 +303,14 @@ fn metered_bytes_show_before_the_close_and_count_once() {
     };
     assert_eq!(value(&text, "received_total{"), ["128"]);
     assert_eq!(value(&text, "sent_total{"), ["5"]);
-    assert!(value(&text, "closed_total{").is_empty(), "{text}");
+    assert_eq!(value(&text, "closed_total{"), ["0"], "{text}");
     // The close reports the same totals: they are not added again, and stay under the labels
     // of the open (ztunnel's rule); the close itself carries the flag.
-    m.close(128, 5, "DC");
+    m.close(128, 5, ResponseFlag::Deny);
     let text = encode(&r);
     assert_eq!(value(&text, "received_total{"), ["128"]);
     assert_eq!(value(&text, "sent_total{"), ["5"]);
-    assert!(text.contains("closed_total{") && text.contains("response_flags=\"DC\""));
+    assert!(text.contains("closed_total{") && text.contains("response_flags=\"DENY\""));
     // An empty meter (no destination known yet) counts nothing.
     crate::metrics::Meter::default().client_bytes(7);
 }
@@ -311,8 +321,7 @@ fn a_dropped_connection_still_counts_its_close() {
     let mut r = Registry::default();
     r.register("closed", "c", t.closed.clone());
     r.register("open", "g", t.open.clone());
-    let labels = TrafficLabels::new(Reporter::Destination, Peer::default(), None, None, true);
-    drop(t.open(labels));
+    drop(t.open(&unknown_ends(Reporter::Destination, true)));
     let text = encode(&r);
     assert!(
         text.contains("closed_total{reporter=\"destination\""),
@@ -385,4 +394,211 @@ fn http_paths_and_formats() {
     assert!(m.encode(false).unwrap().contains("probe_total 1\n"));
     let r = super::server::answer(&req("/stats", None), &m);
     assert_eq!(r.status(), 404);
+}
+
+/// A connection nothing is known of.
+fn unknown_ends(reporter: Reporter, mtls: bool) -> ConnLabels<'static> {
+    ConnLabels {
+        reporter,
+        src: Peer::default(),
+        dst: None,
+        service: None,
+        mtls,
+    }
+}
+
+/// Opens an HBONE connection from the workload at `client` to the server, through its service,
+/// with its workloads looked up in a snapshot of its own (as each connection does).
+fn open_from(t: &Arc<Traffic>, client: &str) -> ConnMetrics {
+    let s = snapshot();
+    let (c, server) = (wl(&s, client), wl(&s, "10.0.0.2"));
+    let id = c.identity();
+    t.open(&ConnLabels {
+        reporter: Reporter::Source,
+        src: Peer {
+            workload: Some(&c),
+            principal: Some(&id),
+            workload_principal: false,
+        },
+        dst: Some(&server),
+        service: s
+            .service_by_hostname("api.shop.svc.cluster.local")
+            .map(|v| &**v),
+        mtls: true,
+    })
+}
+
+#[test]
+fn connection_metrics_share_their_labels() {
+    let t = Arc::new(Traffic::default());
+    let a = open_from(&t, "10.0.0.1");
+    let b = open_from(&t, "10.0.0.1");
+    let other = open_from(&t, "10.0.0.3");
+    // Same labels: one shared copy; other labels: their own.
+    assert!(Arc::ptr_eq(a.shared_labels(), b.shared_labels()));
+    assert!(!Arc::ptr_eq(a.shared_labels(), other.shared_labels()));
+    // More connections with these labels add no copy: the count of holders is the cache's, the
+    // series' and the four families' keys, not one per connection.
+    let holders = Arc::strong_count(a.shared_labels());
+    let more: Vec<ConnMetrics> = (0..10).map(|_| open_from(&t, "10.0.0.1")).collect();
+    assert_eq!(Arc::strong_count(a.shared_labels()), holders);
+    assert!(holders <= 6, "{holders}");
+    drop(more);
+
+    // What one open connection holds (figures in docs/metrics.md): two Arcs and two flags now;
+    // before, a full `TrafficLabels` plus a gauge and two counter handles inline, and the label
+    // strings on the heap.
+    let now = std::mem::size_of::<ConnMetrics>();
+    // The former layout: 19 `String`s and 4 `&'static str` labels, an `Arc<Traffic>`, a gauge,
+    // two counter handles (8 bytes each) and two flags (padded to 8).
+    let old_labels = 19 * std::mem::size_of::<String>() + 4 * std::mem::size_of::<&str>();
+    let before = old_labels + 8 + 8 + 2 * 8 + 8;
+    let l = a.labels();
+    let strings = [
+        &l.source_workload,
+        &l.source_canonical_service,
+        &l.source_canonical_revision,
+        &l.source_workload_namespace,
+        &l.source_principal,
+        &l.source_app,
+        &l.source_version,
+        &l.source_cluster,
+        &l.destination_service,
+        &l.destination_service_namespace,
+        &l.destination_service_name,
+        &l.destination_workload,
+        &l.destination_canonical_service,
+        &l.destination_canonical_revision,
+        &l.destination_workload_namespace,
+        &l.destination_principal,
+        &l.destination_app,
+        &l.destination_version,
+        &l.destination_cluster,
+    ];
+    // jemalloc rounds small allocations up to 8, 16, 32, 48, 64… bytes.
+    let heap: usize = strings
+        .iter()
+        .map(|s| match s.capacity() {
+            0..=8 => 8,
+            9..=16 => 16,
+            n => n.div_ceil(16) * 16,
+        })
+        .sum();
+    eprintln!(
+        "ConnMetrics: {now} bytes, no heap; before: {before} bytes inline + {heap} bytes of label strings"
+    );
+    assert!(now <= 24, "{now}");
+    assert!(before >= 500 && heap >= 200, "{before} {heap}");
+}
+
+#[test]
+fn a_clean_close_takes_no_family_lock_while_a_scrape_encodes() {
+    let t = Arc::new(Traffic::default());
+    let m = open_from(&t, "10.0.0.1");
+    let key = super::labels::LabelKey(m.shared_labels().clone());
+    // A scrape holds each family's read lock while it encodes it; creating a series there needs
+    // the write lock. The common close (`-`) must not wait for it: its counter is fetched at open.
+    let scrape = t.closed.get(&key).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let closer = std::thread::spawn(move || {
+        m.close(10, 20, ResponseFlag::None);
+        drop(m);
+        tx.send(()).unwrap();
+    });
+    let done = rx.recv_timeout(std::time::Duration::from_secs(5));
+    drop(scrape);
+    closer.join().unwrap();
+    assert!(done.is_ok(), "the close waited for the scrape's lock");
+    assert_eq!(t.closed.get(&key).unwrap().get(), 1);
+}
+
+#[test]
+fn fixed_series_exist_from_the_start() {
+    // The direction gauges and the RBAC counters are fetched once, at construction: they show
+    // (at 0) before any connection, and the data path never looks them up.
+    let t = Arc::new(Traffic::default());
+    let mut r = Registry::default();
+    r.register("open", "g", t.open.clone());
+    r.register("rbac", "c", t.rbac.clone());
+    let text = encode(&r);
+    for series in [
+        "open{direction=\"inbound\"} 0",
+        "open{direction=\"outbound\"} 0",
+        "rbac_total{result=\"allow\"} 0",
+        "rbac_total{result=\"deny\"} 0",
+    ] {
+        assert!(text.contains(series), "{series} in {text}");
+    }
+    t.rbac_decision(false);
+    drop(open_from(&t, "10.0.0.1"));
+    let text = encode(&r);
+    assert!(text.contains("rbac_total{result=\"deny\"} 1"), "{text}");
+    assert!(text.contains("open{direction=\"outbound\"} 0"), "{text}");
+}
+
+#[test]
+fn interned_labels_are_found_by_their_values() {
+    let s = snapshot();
+    let (client, server, bare) = (wl(&s, "10.0.0.1"), wl(&s, "10.0.0.2"), wl(&s, "10.0.0.3"));
+    let svc = s.service_by_hostname("api.shop.svc.cluster.local").unwrap();
+    let id = client.identity();
+    let svc: &crate::model::Service = svc;
+    let conn = |src, principal, dst, mtls| labels_to(svc, src, principal, dst, mtls);
+    let full = conn(Some(&client), Some(&id), Some(&server), true);
+    let built = TrafficLabels::from(&full);
+    assert!(full.matches(&built));
+    // Equal values from another snapshot's copies of the workloads: the same key.
+    let s2 = snapshot();
+    let (client2, server2) = (wl(&s2, "10.0.0.1"), wl(&s2, "10.0.0.2"));
+    let id2 = client2.identity();
+    let again = conn(Some(&client2), Some(&id2), Some(&server2), true);
+    assert_eq!(again.hash_key(), full.hash_key());
+    assert!(again.matches(&built));
+    // Any difference is seen: the principal (also one that is a prefix of the other), the
+    // destination, the policy, the flag.
+    let prefix = SpiffeId::new("cluster.local", "shop", "clien");
+    let other = SpiffeId::new("cluster.local", "shop", "server");
+    for differs in [
+        conn(Some(&client), Some(&prefix), Some(&server), true),
+        conn(Some(&client), Some(&other), Some(&server), true),
+        conn(Some(&client), None, Some(&server), true),
+        conn(Some(&client), Some(&id), Some(&bare), true),
+        conn(Some(&client), Some(&id), Some(&server), false),
+        conn(None, Some(&id), Some(&server), true),
+    ] {
+        assert!(!differs.matches(&built));
+    }
+    let mut flagged = built.clone();
+    flagged.response_flags = ResponseFlag::Deny;
+    assert!(!full.matches(&flagged));
+    // The client workload's own identity, read from its fields, is the same principal.
+    let mut own = conn(Some(&client), None, Some(&server), true);
+    own.src.workload_principal = true;
+    assert_eq!(own.hash_key(), full.hash_key());
+    assert!(own.matches(&built));
+    assert_eq!(TrafficLabels::from(&own), built);
+    // The values built are the ones matched, `unknown` included.
+    let none = unknown_ends(Reporter::Source, false);
+    assert!(none.matches(&TrafficLabels::from(&none)));
+    assert_eq!(TrafficLabels::from(&none).source_principal, UNKNOWN);
+}
+
+fn labels_to<'a>(
+    service: &'a crate::model::Service,
+    src: Option<&'a crate::model::Workload>,
+    principal: Option<&'a SpiffeId>,
+    dst: Option<&'a crate::model::Workload>,
+    mtls: bool,
+) -> ConnLabels<'a> {
+    ConnLabels {
+        reporter: Reporter::Destination,
+        src: Peer {
+            workload: src,
+            principal,
+            workload_principal: false,
+        },
+        dst,
+        service: Some(service),
+        mtls,
+    }
 }

@@ -1,161 +1,29 @@
 //! The Istio TCP metrics (wire-facts §7) and the other counters the data path touches.
 //!
 //! A connection's labels are computed once, when its destination is known ([`Traffic::open`]),
-//! and reused at close; no label is computed or looked up per byte. Bytes are added as they move
-//! through a [`Meter`] (two counter handles fetched once; one atomic add per chunk copied), so a
-//! long-lived connection's bytes show while it lasts. Every label value is a name from the store
+//! and interned: connections with the same labels share one [`Series`] (the labels and their
+//! counter handles), so an open connection holds two `Arc`s, not its own label strings, and its
+//! close with `-` takes no lock. No label is computed or looked up per byte. Bytes are added as
+//! they move through a [`Meter`] (one atomic add per chunk copied), so a long-lived connection's
+//! bytes show while it lasts. Every label value is a name from the store
 //! (workload, namespace, service, identity) or a fixed word: no ports, addresses or connection ids,
 //! so the number of series is bounded by the mesh's size, not by its traffic.
 //!
 //! Depends only on `model`, so that `proxy` can use it; the registry, the collectors and the HTTP
 //! server live in the parent module, above `proxy`.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock, RwLock};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 
-use crate::model::{Service, SpiffeId, Workload};
-
-/// The value of a label nothing is known for (Istio's convention).
-pub const UNKNOWN: &str = "unknown";
-
-/// Which end of the connection reports it: Istio counts every connection twice in a mesh, once by
-/// the originating proxy and once by the terminating one.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Reporter {
-    /// The proxy of the client (outbound capture and SOCKS5).
-    Source,
-    /// The proxy of the server (inbound HBONE and inbound plaintext).
-    Destination,
-}
-
-impl Reporter {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Reporter::Source => "source",
-            Reporter::Destination => "destination",
-        }
-    }
-
-    /// The value of the `direction` label of the open-connections gauge.
-    fn direction(self) -> &'static str {
-        match self {
-            Reporter::Source => "outbound",
-            Reporter::Destination => "inbound",
-        }
-    }
-}
-
-/// The labels of `istio_tcp_*`, in Istio's names and order.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct TrafficLabels {
-    pub reporter: &'static str,
-    pub source_workload: String,
-    pub source_canonical_service: String,
-    pub source_canonical_revision: String,
-    pub source_workload_namespace: String,
-    pub source_principal: String,
-    pub source_app: String,
-    pub source_version: String,
-    pub source_cluster: String,
-    pub destination_service: String,
-    pub destination_service_namespace: String,
-    pub destination_service_name: String,
-    pub destination_workload: String,
-    pub destination_canonical_service: String,
-    pub destination_canonical_revision: String,
-    pub destination_workload_namespace: String,
-    pub destination_principal: String,
-    pub destination_app: String,
-    pub destination_version: String,
-    pub destination_cluster: String,
-    pub request_protocol: &'static str,
-    /// `-` on the opened and byte counters and for a clean close; on the closed counter of a failed
-    /// connection, the access log's flag (`RBAC`, `UF`, `DC`…).
-    pub response_flags: &'static str,
-    /// `mutual_tls` on HBONE, else `unknown`.
-    pub connection_security_policy: &'static str,
-}
-
-/// What one end of a connection is known as.
-#[derive(Clone, Copy, Default)]
-pub struct Peer<'a> {
-    /// The workload found in the store, if any.
-    pub workload: Option<&'a Workload>,
-    /// The identity proven over mutual TLS (or presented, on the originating side).
-    pub principal: Option<&'a SpiffeId>,
-}
-
-/// The workload's `workload_name`, else its own name (istiod always fills the former; a local
-/// config may not).
-fn workload_name(w: &Workload) -> &str {
-    if w.workload_name.is_empty() {
-        &w.name
-    } else {
-        &w.workload_name
-    }
-}
-
-fn or_unknown(s: &str) -> String {
-    if s.is_empty() {
-        UNKNOWN.to_owned()
-    } else {
-        s.to_owned()
-    }
-}
-
-impl TrafficLabels {
-    /// The labels of one connection. As ztunnel: `*_workload` is the workload's `workload_name`
-    /// (its Deployment, not the pod; the pod's name when none is given, as istiod names bare pods), `*_app`/`*_canonical_service` its canonical name,
-    /// `*_version`/`*_canonical_revision` its canonical revision; the source principal is only
-    /// what mutual TLS proves (or presents), the destination principal the destination
-    /// workload's identity. Empty values become `unknown`.
-    pub fn new(
-        reporter: Reporter,
-        src: Peer<'_>,
-        dst: Option<&Workload>,
-        service: Option<&Service>,
-        mtls: bool,
-    ) -> Self {
-        let s = src.workload;
-        let field = |w: Option<&Workload>, f: fn(&Workload) -> &str| {
-            or_unknown(w.map(f).unwrap_or_default())
-        };
-        let svc = |f: fn(&Service) -> &str| or_unknown(service.map(f).unwrap_or_default());
-        Self {
-            reporter: reporter.as_str(),
-            source_workload: field(s, workload_name),
-            source_canonical_service: field(s, |w| &w.canonical_name),
-            source_canonical_revision: field(s, |w| &w.canonical_revision),
-            source_workload_namespace: field(s, |w| &w.namespace),
-            source_principal: src
-                .principal
-                .map_or_else(|| UNKNOWN.to_owned(), ToString::to_string),
-            source_app: field(s, |w| &w.canonical_name),
-            source_version: field(s, |w| &w.canonical_revision),
-            source_cluster: field(s, |w| &w.cluster_id),
-            destination_service: svc(|s| &s.hostname),
-            destination_service_namespace: svc(|s| &s.namespace),
-            destination_service_name: svc(|s| &s.name),
-            destination_workload: field(dst, workload_name),
-            destination_canonical_service: field(dst, |w| &w.canonical_name),
-            destination_canonical_revision: field(dst, |w| &w.canonical_revision),
-            destination_workload_namespace: field(dst, |w| &w.namespace),
-            destination_principal: dst
-                .map_or_else(|| UNKNOWN.to_owned(), |w| w.identity().to_string()),
-            destination_app: field(dst, |w| &w.canonical_name),
-            destination_version: field(dst, |w| &w.canonical_revision),
-            destination_cluster: field(dst, |w| &w.cluster_id),
-            request_protocol: "tcp",
-            response_flags: "-",
-            connection_security_policy: if mtls { "mutual_tls" } else { UNKNOWN },
-        }
-    }
-}
+pub use super::labels::{
+    ConnLabels, LabelKey, Peer, Reporter, ResponseFlag, TrafficLabels, UNKNOWN,
+};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(super) struct DirectionLabel {
@@ -169,54 +37,154 @@ pub(super) struct ResultLabel {
 
 /// The metric handles the data path updates; one per l4mesh (never global: several l4mesh may run
 /// in one process, each counting alone).
-#[derive(Default, Debug)]
+#[derive(Debug)]
 pub struct Traffic {
-    pub(super) opened: Family<TrafficLabels, Counter>,
-    pub(super) closed: Family<TrafficLabels, Counter>,
+    pub(super) opened: Family<LabelKey, Counter>,
+    pub(super) closed: Family<LabelKey, Counter>,
     /// Istio's direction: bytes the server sent back (upstream → downstream).
-    pub(super) sent: Family<TrafficLabels, Counter>,
+    pub(super) sent: Family<LabelKey, Counter>,
     /// Istio's direction: bytes the client sent (downstream → upstream).
-    pub(super) received: Family<TrafficLabels, Counter>,
+    pub(super) received: Family<LabelKey, Counter>,
     pub(super) open: Family<DirectionLabel, Gauge>,
     pub(super) rbac: Family<ResultLabel, Counter>,
+    /// The handles of `open` and `rbac`, fetched once: their label sets are fixed.
+    inbound_open: Gauge,
+    outbound_open: Gauge,
+    allowed: Counter,
+    denied: Counter,
+    /// Every label set seen, with its counter handles, shared by the connections that carry it;
+    /// filed by [`ConnLabels::hash_key`] so that an open finds its set without building a string.
+    /// Holds the families' keys and is never pruned, as they are not: both are bounded by the
+    /// mesh's names (label values come from the store), not by the traffic.
+    series: RwLock<HashMap<u64, Vec<Arc<Series>>>>,
+}
+
+impl Default for Traffic {
+    fn default() -> Self {
+        let open: Family<DirectionLabel, Gauge> = Family::default();
+        let gauge = |r: Reporter| {
+            open.get_or_create_owned(&DirectionLabel {
+                direction: r.direction(),
+            })
+        };
+        let (inbound_open, outbound_open) = (gauge(Reporter::Destination), gauge(Reporter::Source));
+        let rbac: Family<ResultLabel, Counter> = Family::default();
+        let allowed = rbac.get_or_create_owned(&ResultLabel { result: "allow" });
+        let denied = rbac.get_or_create_owned(&ResultLabel { result: "deny" });
+        Self {
+            opened: Family::default(),
+            closed: Family::default(),
+            sent: Family::default(),
+            received: Family::default(),
+            open,
+            rbac,
+            inbound_open,
+            outbound_open,
+            allowed,
+            denied,
+            series: RwLock::default(),
+        }
+    }
+}
+
+/// One label set's counters, fetched from the families once, when the first connection with these
+/// labels opens; later connections with the same labels touch no family (no family lock).
+#[derive(Debug)]
+pub struct Series {
+    labels: LabelKey,
+    opened: Counter,
+    /// The closed counter with `response_flags="-"`, the common close.
+    closed: Counter,
+    sent: Counter,
+    received: Counter,
+    /// The closed counters with `DENY` / `CONNECT`, fetched at the first such close.
+    deny: OnceLock<Counter>,
+    connect: OnceLock<Counter>,
 }
 
 impl Traffic {
     /// Counts a connection as opened with `labels`; the returned record counts its close.
-    /// Every handle the connection needs later is fetched here, so that the close costs one more
-    /// lookup (the closed counter, whose labels carry the outcome) and the bytes none.
-    pub fn open(self: &Arc<Self>, labels: TrafficLabels) -> ConnMetrics {
-        let reporter = if labels.reporter == Reporter::Source.as_str() {
-            Reporter::Source
-        } else {
-            Reporter::Destination
-        };
-        self.opened.get_or_create(&labels).inc();
-        let open = self
-            .open
-            .get_or_create(&DirectionLabel {
-                direction: reporter.direction(),
-            })
-            .clone();
-        open.inc();
-        let bytes = Meter {
-            client: Some(self.received.get_or_create(&labels).clone()),
-            server: Some(self.sent.get_or_create(&labels).clone()),
-        };
+    /// Connections with labels seen before share their [`Series`]: the open costs a read lock on
+    /// the cache and two atomic adds, and touches no metric family. Only the first connection
+    /// of a label set fetches its counters (taking the families' write locks, which wait for a
+    /// scrape in progress; see docs/metrics.md).
+    pub fn open(self: &Arc<Self>, labels: &ConnLabels<'_>) -> ConnMetrics {
+        let series = self.intern(labels);
+        series.opened.inc();
+        self.gauge(series.labels.0.reporter).inc();
         ConnMetrics {
             traffic: self.clone(),
-            open,
-            bytes,
-            labels,
+            series,
             closed: AtomicBool::new(false),
             metered: AtomicBool::new(false),
         }
     }
 
+    /// The shared series of `labels`, created on first sight. A known label set is found by
+    /// its hash and compared in place: no string is built.
+    fn intern(&self, labels: &ConnLabels<'_>) -> Arc<Series> {
+        let hash = labels.hash_key();
+        let find = |map: &HashMap<u64, Vec<Arc<Series>>>| {
+            map.get(&hash)?
+                .iter()
+                .find(|s| labels.matches(&s.labels.0))
+                .cloned()
+        };
+        if let Some(s) = find(&self.series.read().unwrap_or_else(|p| p.into_inner())) {
+            return s;
+        }
+        // Fetched outside the cache's lock: a family's write lock may wait for a scrape, and
+        // opens of known label sets must not wait behind it. Two racing first opens fetch the
+        // same counters (the family dedups by label values), and one of the two series is kept.
+        let key = LabelKey(Arc::new(TrafficLabels::from(labels)));
+        let series = Arc::new(Series {
+            opened: self.opened.get_or_create_owned(&key),
+            closed: self.closed.get_or_create_owned(&key),
+            sent: self.sent.get_or_create_owned(&key),
+            received: self.received.get_or_create_owned(&key),
+            deny: OnceLock::new(),
+            connect: OnceLock::new(),
+            labels: key,
+        });
+        let mut map = self.series.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = find(&map) {
+            return s;
+        }
+        map.entry(hash).or_default().push(series.clone());
+        series
+    }
+
+    /// The open-connections gauge of the side that reports.
+    fn gauge(&self, reporter: Reporter) -> &Gauge {
+        match reporter {
+            Reporter::Source => &self.outbound_open,
+            Reporter::Destination => &self.inbound_open,
+        }
+    }
+
     /// Counts one authorization decision on an inbound connection.
     pub fn rbac_decision(&self, allowed: bool) {
-        let result = if allowed { "allow" } else { "deny" };
-        self.rbac.get_or_create(&ResultLabel { result }).inc();
+        if allowed {
+            self.allowed.inc();
+        } else {
+            self.denied.inc();
+        }
+    }
+
+    /// The closed counter of `series` with `flag`.
+    fn closed(&self, series: &Series, flag: ResponseFlag) -> Counter {
+        let cell = match flag {
+            ResponseFlag::None => return series.closed.clone(),
+            ResponseFlag::Deny => &series.deny,
+            ResponseFlag::Connect => &series.connect,
+        };
+        cell.get_or_init(|| {
+            // The only clone of a label set, once per (label set, flag).
+            let mut l = TrafficLabels::clone(&*series.labels.0);
+            l.response_flags = flag;
+            self.closed.get_or_create_owned(&LabelKey(Arc::new(l)))
+        })
+        .clone()
     }
 }
 
@@ -224,38 +192,39 @@ impl Traffic {
 /// that a long-lived connection's bytes show while it lasts. Empty (counting nothing) by default.
 #[derive(Clone, Debug, Default)]
 pub struct Meter {
-    client: Option<Counter>,
-    server: Option<Counter>,
+    series: Option<Arc<Series>>,
 }
 
 impl Meter {
     /// `n` bytes went client → server (downstream → upstream).
     #[inline]
     pub fn client_bytes(&self, n: u64) {
-        if let Some(c) = &self.client {
-            c.inc_by(n);
+        if let Some(s) = &self.series {
+            s.received.inc_by(n);
         }
     }
 
     /// `n` bytes went server → client (upstream → downstream).
     #[inline]
     pub fn server_bytes(&self, n: u64) {
-        if let Some(c) = &self.server {
-            c.inc_by(n);
+        if let Some(s) = &self.series {
+            s.sent.inc_by(n);
         }
     }
 }
 
 /// One open connection's metrics: counted closed (with its bytes) by [`ConnMetrics::close`], or
 /// on drop if the handler never got there (its task was aborted).
+///
+/// Memory held per connection: `size_of::<ConnMetrics>()` = 24 bytes (two `Arc`s and two flags)
+/// and no heap of its own; the labels (~520 bytes inline plus their ~19 heap strings) and the
+/// counter handles live once per label set in the shared [`Series`]. Before the label sets were
+/// shared, every connection held its own copy: 560 bytes inline plus ~300 bytes of strings (see
+/// `metrics::tests::connection_metrics_share_their_labels`).
 #[derive(Debug)]
 pub struct ConnMetrics {
     traffic: Arc<Traffic>,
-    /// This direction's open-connections gauge.
-    open: Gauge,
-    /// The byte counters of `labels`.
-    bytes: Meter,
-    labels: TrafficLabels,
+    series: Arc<Series>,
     closed: AtomicBool,
     /// Whether a [`Meter`] counts the bytes live (then the close adds none).
     metered: AtomicBool,
@@ -263,7 +232,12 @@ pub struct ConnMetrics {
 
 impl ConnMetrics {
     pub fn labels(&self) -> &TrafficLabels {
-        &self.labels
+        &self.series.labels.0
+    }
+
+    /// The labels, shared with the other connections that carry them.
+    pub fn shared_labels(&self) -> &Arc<TrafficLabels> {
+        &self.series.labels.0
     }
 
     /// The byte counters of this connection's labels, for the copy loop to add to as it goes. As
@@ -271,35 +245,30 @@ impl ConnMetrics {
     /// the close then adds only the closed count.
     pub fn meter(&self) -> Meter {
         self.metered.store(true, Ordering::Release);
-        self.bytes.clone()
+        Meter {
+            series: Some(self.series.clone()),
+        }
     }
 
     /// Counts the close once: `client_bytes` went downstream → upstream, `server_bytes` back
-    /// (added here unless a [`Meter`] counted them already); `flag` is the access log's response
-    /// flag (`-` when it went well).
-    pub fn close(&self, client_bytes: u64, server_bytes: u64, flag: &'static str) {
+    /// (added here unless a [`Meter`] counted them already); `flag` is ztunnel's flag for how it
+    /// ended. A close with `-` (the common case) uses the handle fetched at open: no family lock.
+    pub fn close(&self, client_bytes: u64, server_bytes: u64, flag: ResponseFlag) {
         if self.closed.swap(true, Ordering::AcqRel) {
             return;
         }
-        let labels = if flag == self.labels.response_flags {
-            std::borrow::Cow::Borrowed(&self.labels)
-        } else {
-            let mut l = self.labels.clone();
-            l.response_flags = flag;
-            std::borrow::Cow::Owned(l)
-        };
-        self.traffic.closed.get_or_create(&labels).inc();
+        self.traffic.closed(&self.series, flag).inc();
         // Bytes always count under the labels of the open, as the meter's do.
         if !self.metered.load(Ordering::Acquire) {
-            self.bytes.client_bytes(client_bytes);
-            self.bytes.server_bytes(server_bytes);
+            self.series.received.inc_by(client_bytes);
+            self.series.sent.inc_by(server_bytes);
         }
     }
 }
 
 impl Drop for ConnMetrics {
     fn drop(&mut self) {
-        self.close(0, 0, "-");
-        self.open.dec();
+        self.close(0, 0, ResponseFlag::None);
+        self.traffic.gauge(self.series.labels.0.reporter).dec();
     }
 }

@@ -1,18 +1,19 @@
 //! The access log: one line per connection at close, on the tracing target `access`.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 use super::copy::Transferred;
 use super::route::Upstream;
 use super::ProxyError;
 
-/// Counters of HBONE tunnels, per direction, kept until the metrics endpoint exports them.
+/// Counters of HBONE tunnels, per direction, kept until the metrics endpoint exports them. Plain
+/// atomics: a tunnel's open and close each cost a few relaxed adds, never a lock.
 #[derive(Debug, Default)]
 pub struct TunnelCounters {
+    /// Tunnels opened (counted when the CONNECT stream is taken or the tunnel is asked for).
     pub inbound_opened: AtomicU64,
     pub outbound_opened: AtomicU64,
     pub inbound_failed: AtomicU64,
@@ -22,40 +23,57 @@ pub struct TunnelCounters {
     pub inbound_bytes_received: AtomicU64,
     pub outbound_bytes_sent: AtomicU64,
     pub outbound_bytes_received: AtomicU64,
-    /// CONNECT answers by status (200, 400, 401, 503…), both directions.
-    pub by_status: Mutex<BTreeMap<u16, u64>>,
+    /// CONNECT answers by status, both directions: the four HBONE uses, then any other.
+    pub status_200: AtomicU64,
+    pub status_400: AtomicU64,
+    pub status_401: AtomicU64,
+    pub status_503: AtomicU64,
+    pub status_other: AtomicU64,
 }
 
 impl TunnelCounters {
+    /// Counts a tunnel opened, when it starts (so that long-lived tunnels show at once).
+    pub fn opened(&self, inbound: bool) {
+        let c = if inbound {
+            &self.inbound_opened
+        } else {
+            &self.outbound_opened
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The counter of CONNECT answers with `status`.
+    pub fn status(&self, status: u16) -> &AtomicU64 {
+        match status {
+            200 => &self.status_200,
+            400 => &self.status_400,
+            401 => &self.status_401,
+            503 => &self.status_503,
+            _ => &self.status_other,
+        }
+    }
+
     fn record(&self, inbound: bool, t: Transferred, status: Option<u16>, ok: bool) {
-        let (opened, failed, sent, received) = if inbound {
+        let (failed, sent, received) = if inbound {
             (
-                &self.inbound_opened,
                 &self.inbound_failed,
                 &self.inbound_bytes_sent,
                 &self.inbound_bytes_received,
             )
         } else {
             (
-                &self.outbound_opened,
                 &self.outbound_failed,
                 &self.outbound_bytes_sent,
                 &self.outbound_bytes_received,
             )
         };
-        opened.fetch_add(1, Ordering::Relaxed);
         if !ok {
             failed.fetch_add(1, Ordering::Relaxed);
         }
         sent.fetch_add(t.sent, Ordering::Relaxed);
         received.fetch_add(t.received, Ordering::Relaxed);
         if let Some(s) = status {
-            *self
-                .by_status
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .entry(s)
-                .or_default() += 1;
+            self.status(s).fetch_add(1, Ordering::Relaxed);
         }
     }
 }
@@ -76,7 +94,7 @@ pub(crate) struct ConnLog {
     pub dst_identity: Option<String>,
     /// The CONNECT status answered (inbound) or received (outbound HBONE).
     pub status: Option<u16>,
-    /// Set on HBONE connections: where the tunnel is counted at close.
+    /// Set on HBONE connections (by [`ConnLog::count_tunnel`]): where the tunnel is counted.
     pub counters: Option<Arc<TunnelCounters>>,
     /// The connection's OTel span when OTel is on (`super::trace`).
     pub trace: Option<crate::otel::ConnTrace>,
@@ -106,6 +124,12 @@ impl ConnLog {
             trace: None,
             metrics: None,
         }
+    }
+
+    /// Marks the connection an HBONE tunnel: counts it opened now, and its end at `finish`.
+    pub fn count_tunnel(&mut self, counters: &Arc<TunnelCounters>) {
+        counters.opened(self.direction == "inbound");
+        self.counters = Some(counters.clone());
     }
 
     /// The live byte counters of this connection's metrics (empty before its destination is
@@ -140,7 +164,9 @@ impl ConnLog {
             }
         };
         if let Some(m) = &self.metrics {
-            m.close(t.sent, t.received, flag);
+            // The metric's flag is ztunnel's (`-`, `DENY`, `CONNECT`), the log's Envoy's.
+            let metric_flag = err.map_or_else(Default::default, ProxyError::metric_flag);
+            m.close(t.sent, t.received, metric_flag);
         }
         // One set of fields; the level says whether it went well.
         macro_rules! access_line {
@@ -177,5 +203,38 @@ impl ConnLog {
             access_line!(tracing::Level::WARN, "connection failed");
         }
         super::trace::finish(self, t, err);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tunnels_count_at_open_and_statuses_without_a_lock() {
+        let c = Arc::new(TunnelCounters::default());
+        let src: SocketAddr = "127.51.0.1:40000".parse().unwrap();
+        let dst: SocketAddr = "127.51.0.2:15008".parse().unwrap();
+        let mut log = ConnLog::new("inbound", "inbound_hbone", src, dst);
+        log.count_tunnel(&c);
+        // Opened as soon as the tunnel starts, before it ends.
+        assert_eq!(c.inbound_opened.load(Ordering::Relaxed), 1);
+        assert_eq!(c.outbound_opened.load(Ordering::Relaxed), 0);
+        for s in [200, 200, 400, 401, 503, 418] {
+            c.record(false, Transferred::default(), Some(s), true);
+        }
+        let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        assert_eq!(
+            [
+                n(&c.status_200),
+                n(&c.status_400),
+                n(&c.status_401),
+                n(&c.status_503),
+                n(&c.status_other)
+            ],
+            [2, 1, 1, 1, 1]
+        );
+        // Ending counts no second open.
+        assert_eq!(c.outbound_opened.load(Ordering::Relaxed), 0);
     }
 }

@@ -116,4 +116,122 @@ impl ProxyError {
             ProxyError::Drained => ("LR", Blame::Internal),
         }
     }
+
+    /// The `response_flags` of the metrics: ztunnel's three values, not the access log's Envoy
+    /// flags. A connection refused by policy is `DENY`, one whose upstream could not be reached
+    /// is `CONNECT`; every other end is `-`, including an established connection reset mid-copy,
+    /// closed by a policy change or by the drain (ztunnel records those without a flag).
+    pub fn metric_flag(&self) -> crate::metrics::ResponseFlag {
+        use crate::metrics::ResponseFlag;
+        if matches!(
+            self,
+            ProxyError::Copy(_) | ProxyError::Revoked { .. } | ProxyError::Drained
+        ) {
+            return ResponseFlag::None;
+        }
+        match self.classify().0 {
+            "RBAC" => ResponseFlag::Deny,
+            "UF" | "UH" => ResponseFlag::Connect,
+            _ => ResponseFlag::None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::ResponseFlag;
+
+    fn io() -> io::Error {
+        io::Error::from(io::ErrorKind::ConnectionReset)
+    }
+
+    #[test]
+    fn metric_flags_are_ztunnels_and_the_log_keeps_envoys() {
+        let addr: SocketAddr = "127.51.0.1:80".parse().unwrap();
+        let cases = [
+            (
+                ProxyError::Rbac {
+                    policy: "ns/deny".into(),
+                    reason: "r",
+                },
+                "RBAC",
+                ResponseFlag::Deny,
+            ),
+            (
+                ProxyError::Refused(super::super::hbone::Outcome::Denied("no".into())),
+                "RBAC",
+                ResponseFlag::Deny,
+            ),
+            (
+                ProxyError::HboneStatus {
+                    peer: addr,
+                    dst: addr,
+                    status: 401,
+                },
+                "RBAC",
+                ResponseFlag::Deny,
+            ),
+            (
+                ProxyError::Connect { addr, source: io() },
+                "UF",
+                ResponseFlag::Connect,
+            ),
+            (
+                ProxyError::HboneStatus {
+                    peer: addr,
+                    dst: addr,
+                    status: 503,
+                },
+                "UF",
+                ResponseFlag::Connect,
+            ),
+            (
+                ProxyError::Route(RouteError::WaypointNoEndpoint {
+                    owner: "o".into(),
+                    waypoint: "w".into(),
+                }),
+                "UH",
+                ResponseFlag::Connect,
+            ),
+            // Ends of established connections keep `-`, as in ztunnel.
+            (
+                ProxyError::Copy(CopyError::UpstreamRead(io())),
+                "UC",
+                ResponseFlag::None,
+            ),
+            (
+                ProxyError::Copy(CopyError::DownstreamWrite(io())),
+                "DC",
+                ResponseFlag::None,
+            ),
+            (
+                ProxyError::Revoked {
+                    policy: "ns/deny".into(),
+                    reason: "r",
+                },
+                "RBAC",
+                ResponseFlag::None,
+            ),
+            (
+                ProxyError::Copy(CopyError::Stopped),
+                "RBAC",
+                ResponseFlag::None,
+            ),
+            (ProxyError::Drained, "LR", ResponseFlag::None),
+            (ProxyError::Loop { dst: addr }, "NR", ResponseFlag::None),
+            (
+                ProxyError::HboneHandshake("bad".into()),
+                "DPE",
+                ResponseFlag::None,
+            ),
+        ];
+        for (e, log_flag, metric_flag) in cases {
+            assert_eq!(e.classify().0, log_flag, "{e}");
+            assert_eq!(e.metric_flag(), metric_flag, "{e}");
+        }
+        assert_eq!(ResponseFlag::Deny.as_str(), "DENY");
+        assert_eq!(ResponseFlag::Connect.as_str(), "CONNECT");
+        assert_eq!(ResponseFlag::None.as_str(), "-");
+    }
 }

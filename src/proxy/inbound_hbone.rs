@@ -184,7 +184,7 @@ async fn stream(
     let mut log = ConnLog::new("inbound", "inbound_hbone", src, dialled);
     super::trace::start(ctx, &mut log, Some(req.headers()));
     log.src_identity = Some(peer.to_string());
-    log.counters = Some(ctx.hbone.tunnels.clone());
+    log.count_tunnel(&ctx.hbone.tunnels);
     let (mut up, mut reg) = match open(ctx, &req, peer, dialled, &mut log).await {
         Ok(up) => up,
         Err(e) => {
@@ -251,14 +251,21 @@ async fn open(
         None => service_endpoint(ctx, &snapshot, dialled, target)?,
     };
     log.dst_identity = Some(wl.identity().to_string());
-    log.metrics = Some(open_metrics(
+    // The source workload is the one at the `forwarded` client address, else at the TCP peer,
+    // that carries the identity the peer proved.
+    let forwarded = crate::metrics::peers::forwarded_for(req.headers());
+    let addrs = [forwarded.unwrap_or(log.src.ip()), log.src.ip()];
+    let client_addrs = &addrs[usize::from(forwarded.is_none())..];
+    // The service the tunnel came through when known, else guessed from the target port.
+    let service: Option<&crate::model::Service> = None;
+    log.metrics = Some(super::metering::inbound(
         ctx,
         &snapshot,
-        req,
-        peer,
-        log.src,
+        client_addrs,
+        Some(peer),
         &wl,
         target.port(),
+        service,
     ));
     log.upstream = Some(Upstream {
         addr,
@@ -285,37 +292,6 @@ async fn open(
         .await
         .map_err(|source| ProxyError::Connect { addr, source })?;
     Ok((up, reg))
-}
-
-/// Counts the tunnel opened, reported by the destination with the policy `mutual_tls`: the source
-/// principal is the identity the peer proved; its workload is the one at the `forwarded` client
-/// address (else at the TCP peer) that carries that identity.
-fn open_metrics(
-    ctx: &ProxyCtx,
-    snapshot: &Snapshot,
-    req: &http::Request<h2::RecvStream>,
-    peer: &SpiffeId,
-    src: SocketAddr,
-    wl: &Workload,
-    port: u16,
-) -> crate::metrics::ConnMetrics {
-    use crate::metrics::{peers, Peer, Reporter, TrafficLabels};
-    let mut candidates = Vec::with_capacity(2);
-    candidates.extend(peers::forwarded_for(req.headers()));
-    candidates.push(src.ip());
-    let src_wl = peers::inbound_source(snapshot, &ctx.network, &candidates, Some(peer));
-    let service = peers::inbound_service(snapshot, wl, port);
-    let labels = TrafficLabels::new(
-        Reporter::Destination,
-        Peer {
-            workload: src_wl.as_deref(),
-            principal: Some(peer),
-        },
-        Some(wl),
-        service.as_deref(),
-        true,
-    );
-    ctx.metrics.open(labels)
 }
 
 /// For a tunnel dialled on a waypoint of this node with a service VIP as its authority (a client

@@ -59,7 +59,15 @@ async fn open(ctx: &ProxyCtx, log: &mut ConnLog) -> Result<(TcpStream, Registrat
                 dst,
                 node: ctx.node_name.clone(),
             })?;
-    log.metrics = Some(open_metrics(ctx, &snapshot, log.src, &workload, dst.port()));
+    log.metrics = Some(super::metering::inbound(
+        ctx,
+        &snapshot,
+        &[log.src.ip()],
+        None,
+        &workload,
+        dst.port(),
+        None,
+    ));
     // A workload behind a waypoint takes traffic only from its waypoint, over HBONE: plaintext
     // proves no identity, so it would bypass the waypoint's policy.
     if workload.waypoint.is_some() {
@@ -89,29 +97,4 @@ async fn open(ctx: &ProxyCtx, log: &mut ConnLog) -> Result<(TcpStream, Registrat
         .await
         .map_err(|source| ProxyError::Connect { addr: dst, source })?;
     Ok((up, reg))
-}
-
-/// Counts the connection opened, reported by the destination: no identity is proven, so the
-/// source is only the workload at the client's address, and the policy `unknown`.
-fn open_metrics(
-    ctx: &ProxyCtx,
-    snapshot: &crate::store::Snapshot,
-    src: std::net::SocketAddr,
-    wl: &crate::model::Workload,
-    port: u16,
-) -> crate::metrics::ConnMetrics {
-    use crate::metrics::{peers, Peer, Reporter, TrafficLabels};
-    let src_wl = peers::inbound_source(snapshot, &ctx.network, &[src.ip()], None);
-    let service = peers::inbound_service(snapshot, wl, port);
-    let labels = TrafficLabels::new(
-        Reporter::Destination,
-        Peer {
-            workload: src_wl.as_deref(),
-            principal: None,
-        },
-        Some(wl),
-        service.as_deref(),
-        false,
-    );
-    ctx.metrics.open(labels)
 }

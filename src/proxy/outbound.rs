@@ -59,7 +59,7 @@ pub(super) async fn open(ctx: &ProxyCtx, log: &mut ConnLog) -> Result<UpConn, Pr
     log.upstream = Some(upstream);
     if let Some(key) = tunnel {
         let key = key?;
-        log.counters = Some(ctx.hbone.tunnels.clone());
+        log.count_tunnel(&ctx.hbone.tunnels);
         log.src_identity = Some(key.src.to_string());
         log.dst_identity = Some(
             key.expected
@@ -104,26 +104,19 @@ fn open_metrics(
     up: &Upstream,
     src_wl: Option<&Workload>,
 ) -> crate::metrics::ConnMetrics {
-    use crate::metrics::{Peer, Reporter, TrafficLabels};
+    use crate::metrics::{Peer, Reporter};
     let hbone = up.kind == UpstreamKind::Hbone;
-    let principal = if hbone {
-        src_wl
-            .map(Workload::identity)
-            .or_else(|| ctx.own_identity.clone())
-    } else {
-        None
+    let src = Peer {
+        workload: src_wl,
+        // The client workload's identity (read from its fields), else this node's own.
+        principal: ctx
+            .own_identity
+            .as_ref()
+            .filter(|_| hbone && src_wl.is_none()),
+        workload_principal: hbone,
     };
-    let labels = TrafficLabels::new(
-        Reporter::Source,
-        Peer {
-            workload: src_wl,
-            principal: principal.as_ref(),
-        },
-        up.workload.as_deref(),
-        up.service.as_deref(),
-        hbone,
-    );
-    ctx.metrics.open(labels)
+    let (dst, service) = (up.workload.as_deref(), up.service.as_deref());
+    super::metering::open(ctx, Reporter::Source, src, dst, service, hbone)
 }
 
 /// The pool key of a tunnel to `up`: the source identity (the client's workload, else this

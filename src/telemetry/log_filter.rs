@@ -4,7 +4,9 @@
 //! Accepted spellings, per comma-separated item: a level (`debug`: the default level), a
 //! `target=level` directive (`access=debug`, `l4mesh::proxy=trace`, also with span filters as
 //! `RUST_LOG` allows), or ztunnel's and Envoy's `target:level`. A bare word that is not a level is
-//! refused: as a `tracing` directive it would silently mean "target <word> at trace".
+//! refused: as a `tracing` directive it would silently mean "target <word> at trace". Levels are
+//! the six words only: `tracing` would also take an empty level (as `error`) and numbers (`0`
+//! as `off` … `5` as `trace`), which read like mistakes, so both are refused.
 
 use std::str::FromStr;
 
@@ -19,6 +21,8 @@ pub enum FilterError {
     NotALevel(String),
     #[error("directive {directive:?}: expected a level (off, error, warn, info, debug, trace) after '=', found {level:?}")]
     BadLevel { directive: String, level: String },
+    #[error("directive {directive:?}: expected a level (off, error, warn, info, debug, trace) after the target, found none")]
+    EmptyLevel { directive: String },
     #[error("directive {directive:?} is not a valid tracing filter directive: {reason}")]
     Directive { directive: String, reason: String },
 }
@@ -30,12 +34,17 @@ pub fn parse(spec: &str) -> Result<Vec<String>, FilterError> {
         let d = normalise(item);
         match d.rsplit_once('=') {
             None => {
-                if LevelFilter::from_str(&d).is_err() {
+                if !is_level(&d) {
                     return Err(FilterError::NotALevel(item.to_owned()));
                 }
             }
+            Some((_, level)) if level.trim().is_empty() => {
+                return Err(FilterError::EmptyLevel {
+                    directive: item.to_owned(),
+                });
+            }
             Some((_, level)) => {
-                if LevelFilter::from_str(level).is_err() {
+                if !is_level(level) {
                     return Err(FilterError::BadLevel {
                         directive: item.to_owned(),
                         level: level.to_owned(),
@@ -53,6 +62,15 @@ pub fn parse(spec: &str) -> Result<Vec<String>, FilterError> {
         return Err(FilterError::Empty);
     }
     Ok(out)
+}
+
+/// One of the six level words, in any case (what `LevelFilter` parses, without its numbers and
+/// its empty string).
+fn is_level(s: &str) -> bool {
+    ["off", "error", "warn", "info", "debug", "trace"]
+        .iter()
+        .any(|l| s.eq_ignore_ascii_case(l))
+        && LevelFilter::from_str(s).is_ok()
 }
 
 /// `target:level` (ztunnel, Envoy) → `target=level`; a module path's `::` is left alone.
@@ -126,6 +144,48 @@ mod tests {
             }
         );
         assert!(e.to_string().contains("\"loud\""), "{e}");
+    }
+
+    #[test]
+    fn empty_and_numeric_levels_are_refused() {
+        // `tracing` reads an empty level as `error`: silently turning a target's logs down.
+        for spec in ["access=", "access:", "info,access= "] {
+            let e = parse(spec).unwrap_err();
+            let directive = spec.rsplit(',').next().unwrap().trim();
+            assert_eq!(
+                e,
+                FilterError::EmptyLevel {
+                    directive: directive.into()
+                },
+                "{spec}"
+            );
+            assert!(e.to_string().contains("found none"), "{e}");
+            assert!(e.to_string().contains(&format!("{directive:?}")), "{e}");
+        }
+        // `tracing` reads 0..=5 as off..trace; only the words are accepted.
+        let e = parse("access=0").unwrap_err();
+        assert_eq!(
+            e,
+            FilterError::BadLevel {
+                directive: "access=0".into(),
+                level: "0".into()
+            }
+        );
+        assert!(
+            e.to_string()
+                .contains("off, error, warn, info, debug, trace"),
+            "{e}"
+        );
+        assert_eq!(parse("5").unwrap_err(), FilterError::NotALevel("5".into()));
+        assert_eq!(
+            parse("access:3").unwrap_err(),
+            FilterError::BadLevel {
+                directive: "access:3".into(),
+                level: "3".into()
+            }
+        );
+        // Case does not matter for the words.
+        assert_eq!(parse("access=DEBUG").unwrap(), vec!["access=DEBUG"]);
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! on loopback scrapes two in-process l4mesh nodes every second while the test sends known traffic
 //! between them; its HTTP API must then report exactly the connections and bytes sent, per reporter
 //! and with the workload, principal and security labels Istio's dashboards use, the bytes of a
-//! connection still open, and a tunnel denied by policy flagged `RBAC` on both sides. The dashboard's
+//! connection still open, and a tunnel denied by policy flagged `DENY` (ztunnel's flag, not the
+//! access log's `RBAC`) on both sides. The dashboard's
 //! queries are run against it too. A plain scrape checks both paths and the content types.
 //!
 //! Addresses: 127.51.0.x (workloads, listeners, Prometheus) and 127.52.0.x (the scrape test).
@@ -280,7 +281,7 @@ async fn prometheus_counts_what_was_sent() {
         .unwrap();
     let msg = "y".repeat(500);
     assert_eq!(exchange(s, &msg).await, format!("legacy:{msg}"));
-    // One tunnel B's policy denies (401): counted opened and closed with the flag RBAC, each side.
+    // One tunnel B's policy denies (401): counted opened and closed with the flag DENY, each side.
     assert!(
         socks5_connect_from(m.client_ip, socks, "127.51.0.2", DENIED_PORT)
             .await
@@ -309,6 +310,19 @@ async fn prometheus_counts_what_was_sent() {
         ("istio_tcp_connections_closed_total", &b, mtls_dst, 4.0),
         ("l4mesh_open_connections", &a, "direction=\"outbound\"", 1.0),
         ("l4mesh_open_connections", &b, "direction=\"inbound\"", 1.0),
+        // Tunnels count as opened when they start, the long one included.
+        (
+            "l4mesh_hbone_tunnels_opened_total",
+            &a,
+            "direction=\"outbound\"",
+            5.0,
+        ),
+        (
+            "l4mesh_hbone_tunnels_opened_total",
+            &b,
+            "direction=\"inbound\"",
+            5.0,
+        ),
     ];
     for (metric, instance, selector, want) in while_open {
         let q = sum(metric, instance, selector);
@@ -354,7 +368,7 @@ async fn prometheus_counts_what_was_sent() {
         }
     }
     // Nothing else was counted: no destination-side plaintext on B; the only failures are the
-    // denied tunnel's, one per side, flagged RBAC.
+    // denied tunnel's, one per side, flagged DENY.
     assert_eq!(
         prom.scalar(&format!(
             "sum(istio_tcp_connections_opened_total{{instance=\"{b}\"}})"
@@ -369,7 +383,7 @@ async fn prometheus_counts_what_was_sent() {
             ))
             .await;
         assert_eq!(rows.len(), 1, "{reporter}: {rows:?}");
-        assert_eq!(rows[0]["metric"]["response_flags"], "RBAC", "{rows:?}");
+        assert_eq!(rows[0]["metric"]["response_flags"], "DENY", "{rows:?}");
         assert_eq!(rows[0]["metric"]["destination_workload"], "server");
         assert_eq!(
             rows[0]["metric"]["source_principal"],
@@ -379,6 +393,12 @@ async fn prometheus_counts_what_was_sent() {
     }
     let deny = format!("sum(l4mesh_rbac_decisions_total{{instance=\"{b}\",result=\"deny\"}})");
     assert_eq!(prom.scalar(&deny).await, Some(1.0), "{deny}");
+    let answered = |status: &str| {
+        format!("l4mesh_hbone_connect_responses_total{{instance=\"{b}\",status=\"{status}\"}}")
+    };
+    assert_eq!(prom.scalar(&answered("401")).await, Some(1.0));
+    assert_eq!(prom.scalar(&answered("200")).await, Some(4.0));
+    assert_eq!(prom.scalar(&answered("other")).await, Some(0.0));
 
     // The labels of each side, as Istio's dashboards select them.
     for (instance, reporter) in [(&a, "source"), (&b, "destination")] {
