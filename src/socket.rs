@@ -153,6 +153,28 @@ pub fn transparent_allowed() -> bool {
         .is_ok()
 }
 
+/// Whether `ip` is one of this network namespace's own addresses: a plain socket (no
+/// `IP_FREEBIND`/`IP_TRANSPARENT`) can bind it. A dedicated-mode l4mesh runs in its pod's
+/// namespace, so these are exactly the addresses of the pod it serves. (With the sysctl
+/// `net.ipv[46].ip_nonlocal_bind=1` every address binds; l4mesh pods do not set it.)
+pub fn is_local_address(ip: IpAddr) -> bool {
+    let ip = to_canonical(ip);
+    Socket::new(Domain::for_address(SocketAddr::new(ip, 0)), Type::STREAM, None)
+        .and_then(|s| s.bind(&SocketAddr::new(ip, 0).into()))
+        .is_ok()
+}
+
+/// An IPv4-mapped IPv6 address (`::ffff:a.b.c.d`, as a dual-stack listener reports IPv4 clients)
+/// as the IPv4 address it is; any other address unchanged.
+pub fn to_canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map_or(IpAddr::V6(v6), IpAddr::V4),
+        v4 => v4,
+    }
+}
+
 /// Binds `socket` to `(src, any port)` with `IP_TRANSPARENT` and `IP_FREEBIND`.
 fn bind_transparent(socket: &Socket, src: IpAddr, dst: SocketAddr) -> io::Result<()> {
     match (src, dst) {

@@ -246,9 +246,16 @@ async fn open(
     }
     // One snapshot for every decision about this stream.
     let snapshot = ctx.store.load();
-    let (wl, addr) = match ctx.local_workload(&snapshot, target.ip()) {
-        Some(wl) => (wl, target),
-        None => service_endpoint(ctx, &snapshot, dialled, target)?,
+    let (wl, addr, service) = match ctx.local_workload(&snapshot, target.ip()) {
+        Some(wl) => (wl, target, None),
+        None => {
+            let (wl, addr, svc) = service_endpoint(ctx, &snapshot, dialled, target)?;
+            // The endpoint must not be one of l4mesh's own listeners either.
+            if ctx.is_own_listener(addr) {
+                return Err(ProxyError::Loop { dst: addr });
+            }
+            (wl, addr, Some(svc))
+        }
     };
     log.dst_identity = Some(wl.identity().to_string());
     log.metrics = Some(open_metrics(
@@ -259,11 +266,12 @@ async fn open(
         log.src,
         &wl,
         target.port(),
+        service.as_deref(),
     ));
     log.upstream = Some(Upstream {
         addr,
         workload: Some(wl.clone()),
-        service: None,
+        service: service.clone(),
         kind: UpstreamKind::Tcp,
         waypoint: None,
     });
@@ -271,6 +279,8 @@ async fn open(
         tracing::warn!(peer = %peer, workload = %format!("{}/{}", wl.namespace, wl.name), "{why}");
         return Err(Outcome::Denied(why).into());
     }
+    // On the waypoint path (`service`), `dst_ip` is the chosen endpoint's IP, not the VIP the
+    // client dialled: policies of the destination workload are written for its own addresses.
     let conn = ConnCtx {
         peer: Some(peer.clone()),
         src_ip: log.src.ip(),
@@ -298,13 +308,18 @@ fn open_metrics(
     src: SocketAddr,
     wl: &Workload,
     port: u16,
+    service: Option<&crate::model::Service>,
 ) -> crate::metrics::ConnMetrics {
     use crate::metrics::{peers, Peer, Reporter, TrafficLabels};
     let mut candidates = Vec::with_capacity(2);
     candidates.extend(peers::forwarded_for(req.headers()));
     candidates.push(src.ip());
     let src_wl = peers::inbound_source(snapshot, &ctx.network, &candidates, Some(peer));
-    let service = peers::inbound_service(snapshot, wl, port);
+    // The service the client addressed (waypoint path), else the one the workload port belongs to.
+    let found = match service {
+        Some(_) => None,
+        None => peers::inbound_service(snapshot, wl, port),
+    };
     let labels = TrafficLabels::new(
         Reporter::Destination,
         Peer {
@@ -312,23 +327,27 @@ fn open_metrics(
             principal: Some(peer),
         },
         Some(wl),
-        service.as_deref(),
+        service.or(found.as_deref()),
         true,
     );
     ctx.metrics.open(labels)
 }
 
-/// For a tunnel dialled on a waypoint of this node with a service VIP as its authority (a client
-/// sends a service's traffic to the service's waypoint): the endpoint the waypoint picks, load
-/// balanced as the service says, and `ip:target port`. l4mesh acting as a waypoint forwards only to
-/// endpoints on its own node (it opens no HBONE onwards); anything else keeps the 400 of a foreign
-/// authority.
+/// For a tunnel dialled on a waypoint this l4mesh serves, with a service VIP as its authority (a
+/// client sends a service's traffic to the service's waypoint): the service, and the endpoint the
+/// waypoint picks, load balanced as the service says, as `ip:target port`.
+///
+/// l4mesh acting as a waypoint opens no HBONE onwards, and in dedicated mode it serves only its own
+/// pod: a hop to another pod would break (with ENABLE_ORIG_SRC the replies would bypass it, and a
+/// workload behind a waypoint refuses plaintext). So the candidates are filtered to the endpoints
+/// this l4mesh serves *before* the choice ([`serves`]); none left is a 503 that says so, never a
+/// random one. Anything that is not a service of this waypoint keeps the 400 of a foreign authority.
 fn service_endpoint(
     ctx: &ProxyCtx,
     snapshot: &Snapshot,
     dialled: SocketAddr,
     target: SocketAddr,
-) -> Result<(Arc<Workload>, SocketAddr), ProxyError> {
+) -> Result<(Arc<Workload>, SocketAddr, Arc<crate::model::Service>), ProxyError> {
     let mismatch = || ProxyError::from(Outcome::AuthorityMismatch { authority: target });
     let waypoint = ctx
         .local_workload(snapshot, dialled.ip())
@@ -338,7 +357,8 @@ fn service_endpoint(
             ctx.network.clone(),
             target.ip(),
         ))
-        .ok_or_else(mismatch)?;
+        .ok_or_else(mismatch)?
+        .clone();
     if !svc
         .waypoint
         .as_ref()
@@ -346,24 +366,43 @@ fn service_endpoint(
     {
         return Err(mismatch());
     }
-    // From the waypoint itself, routing skips the waypoint and picks an endpoint.
-    let up = super::route::route(
+    let keep = |wl: &Workload, ip: std::net::IpAddr| serves(ctx, wl, ip);
+    let up = super::route::service_endpoint(
         snapshot,
-        &ctx.network,
+        &svc,
         Some(&waypoint),
         target,
+        &keep,
         &mut rand::rng(),
     )
-    .map_err(|e| Outcome::NoUpstream(e.to_string()))?;
+    .map_err(|e| {
+        Outcome::NoUpstream(format!(
+            "service {} has no endpoint that this l4mesh (the waypoint {}/{}) serves: l4mesh acting as a waypoint forwards only to the addresses of its own pod ({e})",
+            svc.key(),
+            waypoint.namespace,
+            waypoint.name,
+        ))
+    })?;
+    // Checked by `serves`, but the store may hold the workload under another address.
     let wl = ctx.local_workload(snapshot, up.addr.ip()).ok_or_else(|| {
         Outcome::NoUpstream(format!(
-            "service {} picked endpoint {}, which is not on this node ({}); l4mesh acting as a waypoint forwards only to its own node's workloads",
+            "service {} picked endpoint {}, which is not a workload of this node ({})",
             svc.key(),
             up.addr,
             ctx.node_name
         ))
     })?;
-    Ok((wl, up.addr))
+    Ok((wl, up.addr, svc))
+}
+
+/// Whether this l4mesh serves `wl` at `ip`: the workload is on this node, and (dedicated mode: one
+/// l4mesh per pod, running in the pod's network namespace) `ip` is one of this network
+/// namespace's own addresses — the pod's addresses are exactly the ones it can bind
+/// ([`crate::socket::is_local_address`]). This needs no configuration (a pod may carry several
+/// workload addresses, as the cluster harness's waypoint pod does, which INSTANCE_IP alone would
+/// miss) and is right for loopback tests too, where every 127/8 address is local.
+fn serves(ctx: &ProxyCtx, wl: &Workload, ip: std::net::IpAddr) -> bool {
+    wl.node == ctx.node_name && crate::socket::is_local_address(ip)
 }
 
 /// A workload with a waypoint takes tunnels only from that waypoint's identity, so that its policy
