@@ -42,6 +42,8 @@ pub enum AppError {
     LocalConfig(#[from] LocalConfigError),
     #[error("starting OpenTelemetry export: {0}")]
     Otel(#[from] crate::otel::OtelError),
+    #[error(transparent)]
+    OrigSrc(#[from] crate::socket::OrigSrcError),
 }
 
 /// A started l4mesh: its bound addresses and store, and the tasks serving them (aborted on drop).
@@ -300,9 +302,8 @@ async fn build(config: &Config) -> Result<(Running, Vec<OperatorTask>), AppError
         upstream: UpstreamOptions {
             mark: config.packet_mark,
             connect_timeout: config.connect_timeout,
-            orig_src: config
-                .enable_orig_src
-                .unwrap_or_else(crate::socket::transparent_allowed),
+            orig_src: crate::socket::orig_src_mode(config.enable_orig_src)?,
+            orig_src_fallbacks: Default::default(),
         },
         own_addrs,
         on_demand,

@@ -57,6 +57,7 @@ impl tonic::codegen::Service<http::Uri> for MarkedConnector {
                 mark: MARK.load(Ordering::Relaxed),
                 connect_timeout: Duration::from_secs(5),
                 orig_src: false,
+                orig_src_fallbacks: Default::default(),
             };
             let mut last = None;
             for addr in tokio::net::lookup_host((host.as_str(), port)).await? {

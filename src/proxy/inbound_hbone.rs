@@ -288,13 +288,35 @@ async fn open(
         dst_port: addr.port(),
     };
     let reg = super::admit(ctx, &snapshot, &wl, conn)?;
+    let client = original_client(&snapshot, req.headers(), peer, &wl, log.src.ip());
     drop(snapshot);
-    // The tunnel's TCP source is the client pod's IP (its dedicated-mode l4mesh runs in the
-    // pod); the workload sees that IP rather than l4mesh's when ENABLE_ORIG_SRC allows it.
-    let up = crate::socket::connect_from(addr, Some(log.src.ip()), &ctx.upstream)
+    // The workload sees the client's IP rather than l4mesh's when ENABLE_ORIG_SRC allows it.
+    let up = crate::socket::connect_from(addr, Some(client), &ctx.upstream)
         .await
         .map_err(|source| ProxyError::Connect { addr, source })?;
     Ok((up, reg))
+}
+
+/// The client address the workload should see. The tunnel's TCP source is the client pod's IP
+/// (its dedicated-mode l4mesh runs in the pod), except for a tunnel from the destination's
+/// waypoint, whose TCP source is the waypoint: then the client is the one its `forwarded` header
+/// names (ztunnel's `get_original_src_from_fwded`). Only the waypoint's proven identity is trusted
+/// with that header, so no other peer can make l4mesh connect from an address of its choosing.
+fn original_client(
+    snapshot: &Snapshot,
+    headers: &http::HeaderMap,
+    peer: &SpiffeId,
+    wl: &Workload,
+    tcp_src: std::net::IpAddr,
+) -> std::net::IpAddr {
+    let from_waypoint = wl
+        .waypoint
+        .as_ref()
+        .is_some_and(|gw| waypoint::identities(snapshot, gw).contains(peer));
+    let forwarded = from_waypoint
+        .then(|| crate::metrics::peers::forwarded_for(headers))
+        .flatten();
+    crate::socket::to_canonical(forwarded.unwrap_or(tcp_src))
 }
 
 /// Counts the tunnel opened, reported by the destination with the policy `mutual_tls`: the source
