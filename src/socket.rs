@@ -202,18 +202,20 @@ fn transparent_probe() -> io::Result<()> {
 /// `net.ipv[46].ip_nonlocal_bind=1` every address binds; l4mesh pods do not set it.)
 pub fn is_local_address(ip: IpAddr) -> bool {
     let ip = to_canonical(ip);
-    Socket::new(Domain::for_address(SocketAddr::new(ip, 0)), Type::STREAM, None)
-        .and_then(|s| s.bind(&SocketAddr::new(ip, 0).into()))
-        .is_ok()
+    Socket::new(
+        Domain::for_address(SocketAddr::new(ip, 0)),
+        Type::STREAM,
+        None,
+    )
+    .and_then(|s| s.bind(&SocketAddr::new(ip, 0).into()))
+    .is_ok()
 }
 
 /// An IPv4-mapped IPv6 address (`::ffff:a.b.c.d`, as a dual-stack listener reports IPv4 clients)
 /// as the IPv4 address it is; any other address unchanged.
 pub fn to_canonical(ip: IpAddr) -> IpAddr {
     match ip {
-        IpAddr::V6(v6) => v6
-            .to_ipv4_mapped()
-            .map_or(IpAddr::V6(v6), IpAddr::V4),
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
         v4 => v4,
     }
 }

@@ -258,6 +258,10 @@ async fn open(
         }
     };
     log.dst_identity = Some(wl.identity().to_string());
+    // The service the client addressed (waypoint path), else the one the workload port belongs to.
+    let metrics_service = service
+        .clone()
+        .or_else(|| crate::metrics::peers::inbound_service(&snapshot, &wl, target.port()));
     log.metrics = Some(open_metrics(
         ctx,
         &snapshot,
@@ -265,8 +269,7 @@ async fn open(
         peer,
         log.src,
         &wl,
-        target.port(),
-        service.as_deref(),
+        metrics_service.as_deref(),
     ));
     log.upstream = Some(Upstream {
         addr,
@@ -321,7 +324,8 @@ fn original_client(
 
 /// Counts the tunnel opened, reported by the destination with the policy `mutual_tls`: the source
 /// principal is the identity the peer proved; its workload is the one at the `forwarded` client
-/// address (else at the TCP peer) that carries that identity.
+/// address (else at the TCP peer) that carries that identity. `service` is the destination
+/// service label (the caller resolves it).
 fn open_metrics(
     ctx: &ProxyCtx,
     snapshot: &Snapshot,
@@ -329,7 +333,6 @@ fn open_metrics(
     peer: &SpiffeId,
     src: SocketAddr,
     wl: &Workload,
-    port: u16,
     service: Option<&crate::model::Service>,
 ) -> crate::metrics::ConnMetrics {
     use crate::metrics::{peers, Peer, Reporter, TrafficLabels};
@@ -337,11 +340,6 @@ fn open_metrics(
     candidates.extend(peers::forwarded_for(req.headers()));
     candidates.push(src.ip());
     let src_wl = peers::inbound_source(snapshot, &ctx.network, &candidates, Some(peer));
-    // The service the client addressed (waypoint path), else the one the workload port belongs to.
-    let found = match service {
-        Some(_) => None,
-        None => peers::inbound_service(snapshot, wl, port),
-    };
     let labels = TrafficLabels::new(
         Reporter::Destination,
         Peer {
@@ -349,7 +347,7 @@ fn open_metrics(
             principal: Some(peer),
         },
         Some(wl),
-        service.or(found.as_deref()),
+        service,
         true,
     );
     ctx.metrics.open(labels)

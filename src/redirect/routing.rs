@@ -53,7 +53,13 @@ pub fn routing_list_cmds(family: Family) -> [Cmd; 2] {
         Cmd::new("ip", &[family.flag(), "rule", "show"]),
         Cmd::new(
             "ip",
-            &[family.flag(), "route", "show", "table", &ROUTE_TABLE.to_string()],
+            &[
+                family.flag(),
+                "route",
+                "show",
+                "table",
+                &ROUTE_TABLE.to_string(),
+            ],
         ),
     ]
 }
@@ -134,7 +140,12 @@ pub fn routing_remove_plan(family: Family, rules: &str, routes: &str) -> Vec<Cmd
     }
     for line in routes.lines() {
         let words: Vec<&str> = line.split_whitespace().collect();
-        if words.iter().take(4).eq(["local", "default", "dev", "lo"].iter()) && tagged(&words) {
+        if words
+            .iter()
+            .take(4)
+            .eq(["local", "default", "dev", "lo"].iter())
+            && tagged(&words)
+        {
             cmds.push(route(family, "del"));
         }
     }

@@ -292,7 +292,10 @@ fn ip6tables_writes_and_removes_the_same_chains() {
             "ip6tables -t nat -X L4MESH_OUTPUT",
         ]
     );
-    assert_eq!(iptables_list_cmds("ip6tables")[0].1.to_string(), "ip6tables -t nat -S");
+    assert_eq!(
+        iptables_list_cmds("ip6tables")[0].1.to_string(),
+        "ip6tables -t nat -S"
+    );
 }
 
 #[test]

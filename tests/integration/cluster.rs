@@ -170,6 +170,7 @@ fn raw_tunnel_status(netns: &str, ip: &str, sa: &str, authority: &str) -> u16 {
                 cluster_id: "Kubernetes".into(),
                 ttl: Duration::from_secs(3600),
                 own_identity: None,
+                packet_mark: 1337,
             };
             let secrets =
                 l4mesh::identity::SecretManager::new(l4mesh::identity::CaClient::Istio(ca));
@@ -248,14 +249,7 @@ fn cluster_scenarios() {
     c.echo("wp", E, 8080, "e");
     c.echo("t1", "0.0.0.0", 8080, "t1");
     let out = c.outside.spawn(
-        &[
-            "python3",
-            "-c",
-            netns::ECHO_PY,
-            OUTSIDE_IP,
-            "8080",
-            "ext",
-        ],
+        &["python3", "-c", netns::ECHO_PY, OUTSIDE_IP, "8080", "ext"],
         &[],
         "ready",
     );

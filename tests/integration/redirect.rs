@@ -38,7 +38,11 @@ fn rules(ns: &Netns, backend: &str) -> String {
     let (ok, out, err) = if backend == "iptables" {
         let (ok4, v4, e4) = ns.output(&["iptables-save"]);
         let (ok6, v6, e6) = ns.output(&["ip6tables-save"]);
-        (ok4 && ok6, format!("{v4}\n== ip6tables\n{v6}"), format!("{e4} {e6}"))
+        (
+            ok4 && ok6,
+            format!("{v4}\n== ip6tables\n{v6}"),
+            format!("{e4} {e6}"),
+        )
     } else {
         ns.output(&["nft", "list", "ruleset"])
     };
@@ -190,8 +194,30 @@ fn redirect_both_backends_and_istio_cni_routing() {
     }
     let pod = Netns::new("rpod4");
     // What istio-cni puts in a pod: the same rule and route, without l4mesh's tag.
-    pod.exec(&["ip", "-4", "rule", "add", "fwmark", "0x111/0xfff", "pref", "32764", "lookup", "100"]);
-    pod.exec(&["ip", "-4", "route", "add", "local", "0.0.0.0/0", "dev", "lo", "table", "100"]);
+    pod.exec(&[
+        "ip",
+        "-4",
+        "rule",
+        "add",
+        "fwmark",
+        "0x111/0xfff",
+        "pref",
+        "32764",
+        "lookup",
+        "100",
+    ]);
+    pod.exec(&[
+        "ip",
+        "-4",
+        "route",
+        "add",
+        "local",
+        "0.0.0.0/0",
+        "dev",
+        "lo",
+        "table",
+        "100",
+    ]);
 
     redirect(&pod, "install", "iptables");
     let ipt = rules(&pod, "iptables");
@@ -266,12 +292,19 @@ fn orig_src_without_cap_net_admin() {
     let cfg_path = cfg.to_str().unwrap();
 
     // Explicitly on: refused at startup, naming the capability.
-    let mut explicit = vec!["env", "ENABLE_ORIG_SRC=true", "UNSTABLE_ENABLE_SOCKS5=false"];
+    let mut explicit = vec![
+        "env",
+        "ENABLE_ORIG_SRC=true",
+        "UNSTABLE_ENABLE_SOCKS5=false",
+    ];
     let local = format!("LOCAL_XDS_PATH={cfg_path}");
     explicit.push(&local);
     explicit.extend_from_slice(&no_caps);
     let (ok, out, err) = pod.output(&explicit);
-    assert!(!ok, "l4mesh started with ENABLE_ORIG_SRC=true and no capability: {out} {err}");
+    assert!(
+        !ok,
+        "l4mesh started with ENABLE_ORIG_SRC=true and no capability: {out} {err}"
+    );
     assert!(
         err.contains("ENABLE_ORIG_SRC=true needs the capability CAP_NET_ADMIN"),
         "{out} {err}"
@@ -290,9 +323,12 @@ fn orig_src_without_cap_net_admin() {
     log.wait_for(&["ENABLE_ORIG_SRC unset and IP_TRANSPARENT not allowed"])
         .unwrap_or_else(|| panic!("no startup line about the mode:\n{}", log.all()));
     for msg in ["in", "again"] {
-        let (ok, out, err) =
-            peer.output(&["python3", "-c", CLIENT_PY, "10.238.0.2", "9000", msg]);
-        assert!(ok, "inbound failed: {out} {err}\nl4mesh log:\n{}", log.all());
+        let (ok, out, err) = peer.output(&["python3", "-c", CLIENT_PY, "10.238.0.2", "9000", msg]);
+        assert!(
+            ok,
+            "inbound failed: {out} {err}\nl4mesh log:\n{}",
+            log.all()
+        );
         assert_eq!(
             out.trim(),
             format!("pod:10.238.0.2:{msg}"),
@@ -302,7 +338,8 @@ fn orig_src_without_cap_net_admin() {
     }
     // Off is not a per-connection fallback: nothing about it after startup.
     assert!(
-        !log.all().contains("cannot connect from the client's address"),
+        !log.all()
+            .contains("cannot connect from the client's address"),
         "{}",
         log.all()
     );
