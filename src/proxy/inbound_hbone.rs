@@ -461,3 +461,82 @@ fn waypoint_rule(
         wl.namespace, wl.name
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{GatewayAddress, GatewayDestination, NetworkAddr};
+    use crate::proto::istio::workload as pw;
+    use crate::store::{Batch, Store, Upsert};
+    use std::net::IpAddr;
+
+    fn workload(name: &str, addr: &str, sa: &str) -> Workload {
+        let ip: IpAddr = addr.parse().unwrap();
+        Workload::try_from(pw::Workload {
+            uid: format!("cluster1//v1/Pod/default/{name}"),
+            name: name.into(),
+            namespace: "default".into(),
+            service_account: sa.into(),
+            addresses: vec![match ip {
+                IpAddr::V4(a) => a.octets().to_vec(),
+                IpAddr::V6(a) => a.octets().to_vec(),
+            }],
+            ..Default::default()
+        })
+        .unwrap()
+    }
+
+    fn id(sa: &str) -> SpiffeId {
+        format!("spiffe://cluster.local/ns/default/sa/{sa}")
+            .parse()
+            .unwrap()
+    }
+
+    /// The `forwarded` client is used only on a tunnel from the destination's own waypoint;
+    /// from anyone else (or for a workload without a waypoint) the TCP source stays, so a peer
+    /// cannot choose the address l4mesh connects from. IPv4-mapped addresses come out as IPv4.
+    #[test]
+    fn forwarded_client_only_from_the_destinations_waypoint() {
+        let mut d = workload("d", "10.0.0.2", "server");
+        d.waypoint = Some(GatewayAddress {
+            destination: GatewayDestination::Address(NetworkAddr::new(
+                "",
+                "10.0.0.9".parse().unwrap(),
+            )),
+            hbone_mtls_port: 15008,
+        });
+        let plain = workload("p", "10.0.0.3", "server");
+        let store = Store::new();
+        store.apply(Batch {
+            upserts: vec![
+                Upsert::Workload(workload("wp", "10.0.0.9", "waypoint")),
+                Upsert::Workload(d.clone()),
+                Upsert::Workload(plain.clone()),
+            ],
+            ..Default::default()
+        });
+        let snap = store.load();
+        let mut headers = http::HeaderMap::new();
+        headers.insert("forwarded", "for=\"10.0.0.1:4000\"".parse().unwrap());
+        let tcp: IpAddr = "10.0.0.9".parse().unwrap();
+        let client: IpAddr = "10.0.0.1".parse().unwrap();
+        assert_eq!(
+            original_client(&snap, &headers, &id("waypoint"), &d, tcp),
+            client
+        );
+        assert_eq!(
+            original_client(&snap, &headers, &id("client"), &d, tcp),
+            tcp
+        );
+        assert_eq!(
+            original_client(&snap, &headers, &id("waypoint"), &plain, tcp),
+            tcp
+        );
+        // No header: the TCP source, as IPv4 when it was IPv4-mapped.
+        let mapped: IpAddr = "::ffff:10.0.0.9".parse().unwrap();
+        assert_eq!(
+            original_client(&snap, &http::HeaderMap::new(), &id("waypoint"), &d, mapped),
+            tcp
+        );
+    }
+}
