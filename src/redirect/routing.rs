@@ -109,11 +109,15 @@ fn route(family: Family, verb: &str) -> Cmd {
 }
 
 /// The policy routing that delivers the replies of orig-source connections to l4mesh (same for
-/// both backends). The route's `add` tolerates an identical route that is already there.
+/// both backends). Each `add` tolerates an identical entry that is already there: `install` has just
+/// removed l4mesh's own, so it is someone else's (the kernel refuses a second identical route; a
+/// rule differing only in its protocol is a distinct rule and is added).
 pub fn routing_install_plan(family: Family) -> Vec<Cmd> {
-    let mut route = route(family, "add");
-    route.exists_is_foreign = true;
-    vec![rule(family, "add"), route]
+    let mut cmds = vec![rule(family, "add"), route(family, "add")];
+    for c in &mut cmds {
+        c.exists_is_foreign = true;
+    }
+    cmds
 }
 
 /// Removes what [`routing_install_plan`] added, given the outputs of [`routing_list_cmds`]: each

@@ -257,7 +257,7 @@ fn policy_routing_install_and_remove_only_ours() {
         ]
     );
     // An identical route already there (istio-cni's) is someone else's, not a failure.
-    assert!(!plan[0].exists_is_foreign && plan[1].exists_is_foreign);
+    assert!(plan.iter().all(|c| c.exists_is_foreign));
     // istio-cni's identical but untagged rule and route stay; l4mesh's (proto 176) go, each copy.
     let rules = "0:\tfrom all lookup local\n32764:\tfrom all fwmark 0x111/0xfff lookup 100\n\
 32764:\tfrom all fwmark 0x111/0xfff lookup 100 proto 176\n32764:\tfrom all fwmark 0x111/0xfff lookup 100 proto 176\n\
