@@ -438,6 +438,7 @@ fn main() {
             cluster_id: "Kubernetes".into(),
             ttl: Duration::from_secs(86400),
             own_identity: None,
+            packet_mark: 0,
         });
         let server = rt
             .block_on(

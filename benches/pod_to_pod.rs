@@ -179,7 +179,7 @@ fn main() {
     if !std::env::args().any(|a| a == "--bench") {
         return;
     }
-    if !netns::privileged("pod_to_pod bench") {
+    if !netns::privileged("pod_to_pod bench", &[]) {
         return;
     }
     let secs: f64 = std::env::var("BENCH_SECS")

@@ -42,6 +42,8 @@ pub enum AppError {
     LocalConfig(#[from] LocalConfigError),
     #[error("starting OpenTelemetry export: {0}")]
     Otel(#[from] crate::otel::OtelError),
+    #[error(transparent)]
+    OrigSrc(#[from] crate::socket::OrigSrcError),
 }
 
 /// A started l4mesh: its bound addresses and store, and the tasks serving them (aborted on drop).
@@ -174,8 +176,6 @@ pub async fn start(config: &Config) -> Result<Running, AppError> {
 
 /// Everything but the operators' servers, which are returned to be run where the caller chooses.
 async fn build(config: &Config) -> Result<(Running, Vec<OperatorTask>), AppError> {
-    // Before any control-plane connection: a captured pod must not redirect l4mesh's own xDS/CA.
-    crate::control_plane::set_mark(config.packet_mark);
     let drain = Drain::new();
     let store = Arc::new(Store::new());
     let readiness = Readiness::new();
@@ -197,7 +197,10 @@ async fn build(config: &Config) -> Result<(Running, Vec<OperatorTask>), AppError
         }
         Source::Xds(settings) => {
             let (client, od, metrics) = XdsClient::new(
-                settings.clone(),
+                crate::xds::XdsSettings {
+                    packet_mark: config.packet_mark,
+                    ..settings.clone()
+                },
                 &config.cluster_id,
                 &config.node_name,
                 store.clone(),
@@ -217,7 +220,11 @@ async fn build(config: &Config) -> Result<(Running, Vec<OperatorTask>), AppError
             ca: Arc::new(LocalCa::generate(&config.trust_domain)?),
             ttl: *ttl,
         },
-        CaSource::Istio(s) => CaClient::Istio(s.clone()),
+        // The control-plane sockets carry PACKET_MARK: a captured pod must not redirect them.
+        CaSource::Istio(s) => CaClient::Istio(crate::identity::IstioCaSettings {
+            packet_mark: config.packet_mark,
+            ..s.clone()
+        }),
     };
     tracing::info!(ca = ?ca, "certificate authority");
     let secrets = SecretManager::new(ca);
@@ -300,9 +307,8 @@ async fn build(config: &Config) -> Result<(Running, Vec<OperatorTask>), AppError
         upstream: UpstreamOptions {
             mark: config.packet_mark,
             connect_timeout: config.connect_timeout,
-            orig_src: config
-                .enable_orig_src
-                .unwrap_or_else(crate::socket::transparent_allowed),
+            orig_src: crate::socket::orig_src_mode(config.enable_orig_src)?,
+            orig_src_fallbacks: Default::default(),
         },
         own_addrs,
         on_demand,

@@ -450,6 +450,7 @@ impl Args {
                     meta,
                     on_demand: self.xds_on_demand,
                     on_demand_timeout: self.xds_on_demand_timeout,
+                    packet_mark: self.packet_mark,
                 })
             }
         };
@@ -518,6 +519,7 @@ impl Args {
                     cluster_id: self.cluster_id.clone(),
                     ttl: self.secret_ttl,
                     own_identity,
+                    packet_mark: self.packet_mark,
                 })
             }
         };

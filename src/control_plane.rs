@@ -5,27 +5,24 @@
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
-/// The `SO_MARK` of control-plane sockets (l4mesh's `PACKET_MARK`; 0 = none). Process-wide
-/// because both channel users (xDS and CA clients) share it and it never changes after start.
-static MARK: AtomicU32 = AtomicU32::new(0);
+/// How long opening a TCP connection to the control plane may take (the connector's and tonic's
+/// bound alike).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Marks every later control-plane connection with `mark`, so that a dedicated-mode pod's capture
-/// rules (which skip marked packets) do not redirect l4mesh's own xDS and CA traffic into its
-/// outbound listener — which would wait for the readiness that this very traffic brings.
-pub fn set_mark(mark: u32) {
-    MARK.store(mark, Ordering::Relaxed);
-}
-
-/// tonic's connector, replaced so that the socket carries the mark ([`crate::socket::connect`]);
-/// TLS (for `https://`) is layered on top by tonic.
+/// tonic's connector, replaced so that the socket carries the packet mark
+/// ([`crate::socket::connect`]): a dedicated-mode pod's capture rules skip marked packets, so
+/// l4mesh's own xDS and CA traffic is not redirected into its outbound listener — which would wait
+/// for the readiness that this very traffic brings. TLS (for `https://`) is layered on top by tonic.
 #[derive(Clone, Copy, Debug)]
-struct MarkedConnector;
+struct MarkedConnector {
+    /// l4mesh's `PACKET_MARK`; 0 = none.
+    mark: u32,
+}
 
 type ConnectFuture = Pin<
     Box<
@@ -43,6 +40,7 @@ impl tonic::codegen::Service<http::Uri> for MarkedConnector {
     }
 
     fn call(&mut self, uri: http::Uri) -> Self::Future {
+        let mark = self.mark;
         Box::pin(async move {
             let host = uri
                 .host()
@@ -54,9 +52,10 @@ impl tonic::codegen::Service<http::Uri> for MarkedConnector {
                 _ => 80,
             });
             let opts = crate::socket::UpstreamOptions {
-                mark: MARK.load(Ordering::Relaxed),
-                connect_timeout: Duration::from_secs(5),
+                mark,
+                connect_timeout: CONNECT_TIMEOUT,
                 orig_src: false,
+                orig_src_fallbacks: Default::default(),
             };
             let mut last = None;
             for addr in tokio::net::lookup_host((host.as_str(), port)).await? {
@@ -116,15 +115,20 @@ pub enum ChannelError {
     Connect { address: String, detail: String },
 }
 
-/// Opens a channel to `address` (`https://` with TLS verified against `root_ca`, or `http://`).
-pub async fn connect(address: &str, root_ca: Option<&RootCa>) -> Result<Channel, ChannelError> {
+/// Opens a channel to `address` (`https://` with TLS verified against `root_ca`, or `http://`),
+/// its socket carrying the packet `mark` (0 = none).
+pub async fn connect(
+    address: &str,
+    root_ca: Option<&RootCa>,
+    mark: u32,
+) -> Result<Channel, ChannelError> {
     let bad = |reason: String| ChannelError::Address {
         address: address.to_owned(),
         reason,
     };
     let mut ep = Endpoint::from_shared(address.to_owned())
         .map_err(|e| bad(e.to_string()))?
-        .connect_timeout(Duration::from_secs(5))
+        .connect_timeout(CONNECT_TIMEOUT)
         .http2_keep_alive_interval(Duration::from_secs(30))
         .keep_alive_timeout(Duration::from_secs(10))
         .keep_alive_while_idle(true);
@@ -149,7 +153,7 @@ pub async fn connect(address: &str, root_ca: Option<&RootCa>) -> Result<Channel,
         };
         ep = ep.tls_config(tls).map_err(|e| bad(error_chain(&e)))?;
     }
-    ep.connect_with_connector(MarkedConnector)
+    ep.connect_with_connector(MarkedConnector { mark })
         .await
         .map_err(|e| ChannelError::Connect {
             address: address.to_owned(),

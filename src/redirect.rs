@@ -3,7 +3,8 @@
 //!
 //! - outbound TCP → `REDIRECT` to 15001 (the outbound listener reads `SO_ORIGINAL_DST`);
 //! - inbound TCP to the pod → `REDIRECT` to 15006, except the HBONE port 15008;
-//! - packets carrying the packet mark (l4mesh's own sockets, `SO_MARK`), loopback traffic
+//! - packets carrying the packet mark (l4mesh's own sockets, `SO_MARK`; matched under istio-cni's
+//!   mask, `0x539/0xfff`, see [`mark_mask`]), loopback traffic
 //!   (`-o lo` / `-i lo`, which includes the pod talking to its own IP) and excluded ports are
 //!   left alone.
 //!
@@ -12,7 +13,11 @@
 //!   connections opened by l4mesh's marked sockets get the conntrack mark 0x111/0xfff, the app's
 //!   packets of those connections are given that mark, and `ip rule fwmark 0x111/0xfff lookup 100`
 //!   with `local 0.0.0.0/0 dev lo` in table 100 delivers them locally — what istio-cni installs
-//!   in a pod for ztunnel.
+//!   in a pod for ztunnel; IPv4 and IPv6, tagged as l4mesh's (`routing`).
+//! - IPv6: the nftables table is `inet` (both families); the iptables backend writes the same
+//!   chains with `ip6tables` when it is installed.
+//! - `remove` removes both backends' rules (and `install` runs it first), so switching backend
+//!   leaves no stale capture behind.
 //!
 //! Rule generation is pure ([`install_plan`], [`remove_plan`]) and unit-tested; [`run`] is the thin
 //! layer that executes the commands. All of l4mesh's `std::process::Command` use is in this module.
@@ -37,7 +42,8 @@ pub const NFT_TABLE: &str = "l4mesh";
 /// Which firewall tool writes the rules.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Backend {
-    /// `iptables` (IPv4, nat table): chains L4MESH_OUTPUT / L4MESH_PREROUTING.
+    /// `iptables` and `ip6tables` (when installed): chains L4MESH_OUTPUT / L4MESH_PREROUTING (nat)
+    /// and L4MESH_MANGLE_* (mangle).
     Iptables,
     /// `nft`: table `inet l4mesh` (IPv4 and IPv6) with nat chains on the output and prerouting hooks.
     Nftables,
@@ -48,7 +54,8 @@ pub enum Backend {
 pub enum RedirectCommand {
     /// Installs the capture rules (removing any previous ones first).
     Install(RedirectArgs),
-    /// Removes every rule `install` created; succeeds when none is installed.
+    /// Removes every rule `install` created, whichever backend did (`--backend` is ignored);
+    /// succeeds when none is installed.
     Remove(RedirectArgs),
 }
 
@@ -101,6 +108,9 @@ pub struct Cmd {
     pub program: String,
     pub args: Vec<String>,
     pub stdin: Option<String>,
+    /// An "already exists" failure means someone else's identical entry is there (istio-cni's
+    /// route): not an error, and not ours to roll back.
+    pub exists_is_foreign: bool,
 }
 
 impl Cmd {
@@ -109,14 +119,17 @@ impl Cmd {
             program: program.into(),
             args: args.iter().map(|s| (*s).to_owned()).collect(),
             stdin: None,
+            exists_is_foreign: false,
         }
     }
 
-    fn iptables(args: &str) -> Self {
+    /// An `iptables` or `ip6tables` (`program`) command from a whitespace-separated line.
+    fn ipt(program: &str, args: &str) -> Self {
         Self {
-            program: "iptables".into(),
+            program: program.into(),
             args: args.split_whitespace().map(str::to_owned).collect(),
             stdin: None,
+            exists_is_foreign: false,
         }
     }
 }
@@ -134,16 +147,25 @@ impl fmt::Display for Cmd {
     }
 }
 
+/// The iptables backend writes its rules with both of these (IPv4, and IPv6 when `ip6tables` is
+/// installed), the same chains in each: without the IPv6 ones, IPv6 TCP would bypass the capture.
+pub const IPTABLES_PROGRAMS: [&str; 2] = ["iptables", "ip6tables"];
+
 /// The commands that list what is installed, one per table (iptables: nat then mangle); their
 /// outputs, each after a `*<table>` line, feed [`remove_plan`].
 pub fn list_cmds(backend: Backend) -> Vec<(&'static str, Cmd)> {
     match backend {
-        Backend::Iptables => vec![
-            ("nat", Cmd::iptables("-t nat -S")),
-            ("mangle", Cmd::iptables("-t mangle -S")),
-        ],
+        Backend::Iptables => iptables_list_cmds("iptables"),
         Backend::Nftables => vec![("", Cmd::new("nft", &["list", "tables"]))],
     }
+}
+
+/// [`list_cmds`] of the iptables backend for `program` (`iptables` or `ip6tables`).
+pub fn iptables_list_cmds(program: &str) -> Vec<(&'static str, Cmd)> {
+    vec![
+        ("nat", Cmd::ipt(program, "-t nat -S")),
+        ("mangle", Cmd::ipt(program, "-t mangle -S")),
+    ]
 }
 
 /// The commands that remove l4mesh's rules, given the output of [`list_cmds`] (for iptables, each
@@ -151,7 +173,24 @@ pub fn list_cmds(backend: Backend) -> Vec<(&'static str, Cmd)> {
 /// l4mesh created (its chains / table and the jumps into them), nothing when nothing is installed.
 pub fn remove_plan(backend: Backend, listing: &str) -> Vec<Cmd> {
     match backend {
-        Backend::Iptables => {
+        Backend::Iptables => iptables_remove_plan("iptables", listing),
+        Backend::Nftables => {
+            let present = listing
+                .lines()
+                .any(|l| l.split_whitespace().eq(["table", "inet", NFT_TABLE]));
+            if present {
+                vec![Cmd::new("nft", &["delete", "table", "inet", NFT_TABLE])]
+            } else {
+                Vec::new()
+            }
+        }
+    }
+}
+
+/// [`remove_plan`] of the iptables backend for `program` (`iptables` or `ip6tables`).
+pub fn iptables_remove_plan(program: &str, listing: &str) -> Vec<Cmd> {
+    {
+        {
             let mut cmds = Vec::new();
             let mut sections: Vec<(&str, Vec<&str>)> = vec![("nat", Vec::new())];
             for line in listing.lines() {
@@ -167,25 +206,21 @@ pub fn remove_plan(backend: Backend, listing: &str) -> Vec<Cmd> {
                     "mangle" => [IPT_MANGLE_OUTPUT_CHAIN, IPT_MANGLE_PREROUTING_CHAIN],
                     _ => [IPT_OUTPUT_CHAIN, IPT_PREROUTING_CHAIN],
                 };
-                iptables_remove_table(table, &ours, lines, &mut cmds);
+                iptables_remove_table(program, table, &ours, lines, &mut cmds);
             }
             cmds
-        }
-        Backend::Nftables => {
-            let present = listing
-                .lines()
-                .any(|l| l.split_whitespace().eq(["table", "inet", NFT_TABLE]));
-            if present {
-                vec![Cmd::new("nft", &["delete", "table", "inet", NFT_TABLE])]
-            } else {
-                Vec::new()
-            }
         }
     }
 }
 
 /// Removes the jumps into `ours` and the chains themselves from one table's `-S` listing.
-fn iptables_remove_table(table: &str, ours: &[&str; 2], lines: &[&str], cmds: &mut Vec<Cmd>) {
+fn iptables_remove_table(
+    program: &str,
+    table: &str,
+    ours: &[&str; 2],
+    lines: &[&str],
+    cmds: &mut Vec<Cmd>,
+) {
     for line in lines {
         let words: Vec<&str> = line.split_whitespace().collect();
         if let ["-A", chain @ ("OUTPUT" | "PREROUTING"), rest @ ..] = words.as_slice() {
@@ -195,7 +230,7 @@ fn iptables_remove_table(table: &str, ours: &[&str; 2], lines: &[&str], cmds: &m
             {
                 let mut args = vec!["-t", table, "-D", chain];
                 args.extend_from_slice(rest);
-                cmds.push(Cmd::new("iptables", &args));
+                cmds.push(Cmd::new(program, &args));
             }
         }
     }
@@ -204,8 +239,8 @@ fn iptables_remove_table(table: &str, ours: &[&str; 2], lines: &[&str], cmds: &m
             .iter()
             .any(|l| l.split_whitespace().eq(["-N", *chain]))
         {
-            cmds.push(Cmd::new("iptables", &["-t", table, "-F", chain]));
-            cmds.push(Cmd::new("iptables", &["-t", table, "-X", chain]));
+            cmds.push(Cmd::new(program, &["-t", table, "-F", chain]));
+            cmds.push(Cmd::new(program, &["-t", table, "-X", chain]));
         }
     }
 }
@@ -214,7 +249,7 @@ fn iptables_remove_table(table: &str, ours: &[&str; 2], lines: &[&str], cmds: &m
 /// idempotent). nftables is one atomic script; iptables is a sequence of commands.
 pub fn install_plan(backend: Backend, rules: &Rules) -> Vec<Cmd> {
     match backend {
-        Backend::Iptables => iptables_install(rules),
+        Backend::Iptables => iptables_install("iptables", rules),
         Backend::Nftables => {
             let mut cmd = Cmd::new("nft", &["-f", "-"]);
             cmd.stdin = Some(nft_script(rules));
@@ -223,58 +258,71 @@ pub fn install_plan(backend: Backend, rules: &Rules) -> Vec<Cmd> {
     }
 }
 
-fn iptables_install(r: &Rules) -> Vec<Cmd> {
+/// The mask under which the packet mark is matched: istio-cni's `0xfff` (so other bits set by
+/// someone else do not defeat the match: `0x539/0xfff`), or every bit for a mark that does not
+/// fit in it.
+pub fn mark_mask(mark: u32) -> u32 {
+    if mark & !0xfff == 0 {
+        0xfff
+    } else {
+        u32::MAX
+    }
+}
+
+/// The install commands of the iptables backend for `program` (`iptables` or `ip6tables`).
+pub fn iptables_install(program: &str, r: &Rules) -> Vec<Cmd> {
     let (out, pre) = (IPT_OUTPUT_CHAIN, IPT_PREROUTING_CHAIN);
-    let mark = r.packet_mark;
+    let mark = format!("{:#x}/{:#x}", r.packet_mark, mark_mask(r.packet_mark));
+    let ipt = |args: &str| Cmd::ipt(program, args);
     let mut v = vec![
-        Cmd::iptables(&format!("-t nat -N {out}")),
-        Cmd::iptables(&format!("-t nat -A {out} -m mark --mark {mark} -j RETURN")),
-        Cmd::iptables(&format!(
+        ipt(&format!("-t nat -N {out}")),
+        ipt(&format!("-t nat -A {out} -m mark --mark {mark} -j RETURN")),
+        ipt(&format!(
             "-t nat -A {out} -m mark --mark {ROUTE_MARK:#x}/{ROUTE_MASK:#x} -j RETURN"
         )),
-        Cmd::iptables(&format!("-t nat -A {out} -o lo -j RETURN")),
+        ipt(&format!("-t nat -A {out} -o lo -j RETURN")),
     ];
     for p in &r.exclude_outbound_ports {
-        v.push(Cmd::iptables(&format!(
+        v.push(ipt(&format!(
             "-t nat -A {out} -p tcp --dport {p} -j RETURN"
         )));
     }
-    v.push(Cmd::iptables(&format!(
+    v.push(ipt(&format!(
         "-t nat -A {out} -p tcp -j REDIRECT --to-ports {OUTBOUND_PORT}"
     )));
     v.extend([
-        Cmd::iptables(&format!("-t nat -N {pre}")),
-        Cmd::iptables(&format!("-t nat -A {pre} -m mark --mark {mark} -j RETURN")),
-        Cmd::iptables(&format!("-t nat -A {pre} -i lo -j RETURN")),
-        Cmd::iptables(&format!(
+        ipt(&format!("-t nat -N {pre}")),
+        ipt(&format!("-t nat -A {pre} -m mark --mark {mark} -j RETURN")),
+        ipt(&format!("-t nat -A {pre} -i lo -j RETURN")),
+        ipt(&format!(
             "-t nat -A {pre} -p tcp --dport {HBONE_PORT} -j RETURN"
         )),
     ]);
     for p in &r.exclude_inbound_ports {
-        v.push(Cmd::iptables(&format!(
+        v.push(ipt(&format!(
             "-t nat -A {pre} -p tcp --dport {p} -j RETURN"
         )));
     }
     v.extend([
-        Cmd::iptables(&format!(
+        ipt(&format!(
             "-t nat -A {pre} -p tcp -j REDIRECT --to-ports {INBOUND_PORT}"
         )),
-        Cmd::iptables(&format!("-t nat -A OUTPUT -p tcp -j {out}")),
-        Cmd::iptables(&format!("-t nat -A PREROUTING -p tcp -j {pre}")),
+        ipt(&format!("-t nat -A OUTPUT -p tcp -j {out}")),
+        ipt(&format!("-t nat -A PREROUTING -p tcp -j {pre}")),
     ]);
     let (mout, mpre) = (IPT_MANGLE_OUTPUT_CHAIN, IPT_MANGLE_PREROUTING_CHAIN);
     let (rm, rk) = (ROUTE_MARK, ROUTE_MASK);
     v.extend([
-        Cmd::iptables(&format!("-t mangle -N {mpre}")),
-        Cmd::iptables(&format!(
+        ipt(&format!("-t mangle -N {mpre}")),
+        ipt(&format!(
             "-t mangle -A {mpre} -m mark --mark {mark} -j CONNMARK --set-xmark {rm:#x}/{rk:#x}"
         )),
-        Cmd::iptables(&format!("-t mangle -N {mout}")),
-        Cmd::iptables(&format!(
+        ipt(&format!("-t mangle -N {mout}")),
+        ipt(&format!(
             "-t mangle -A {mout} -m connmark --mark {rm:#x}/{rk:#x} -j CONNMARK --restore-mark --nfmask 0xffffffff --ctmask 0xffffffff"
         )),
-        Cmd::iptables(&format!("-t mangle -A PREROUTING -j {mpre}")),
-        Cmd::iptables(&format!("-t mangle -A OUTPUT -j {mout}")),
+        ipt(&format!("-t mangle -A PREROUTING -j {mpre}")),
+        ipt(&format!("-t mangle -A OUTPUT -j {mout}")),
     ]);
     v
 }
@@ -296,11 +344,15 @@ fn nft_ports(ports: &[u16]) -> String {
 /// The nftables script: (re)creates `table inet l4mesh` in one transaction (the `add`/`delete`
 /// pair makes it idempotent).
 pub fn nft_script(r: &Rules) -> String {
-    let mark = r.packet_mark;
+    let mark = format!(
+        "meta mark & {:#x} == {:#x}",
+        mark_mask(r.packet_mark),
+        r.packet_mark
+    );
     let mut s = format!("add table inet {NFT_TABLE}\ndelete table inet {NFT_TABLE}\n");
     s.push_str(&format!("table inet {NFT_TABLE} {{\n"));
     s.push_str("  chain output {\n    type nat hook output priority -100; policy accept;\n");
-    s.push_str(&format!("    meta mark {mark} return\n"));
+    s.push_str(&format!("    {mark} return\n"));
     s.push_str(&format!(
         "    meta mark & {ROUTE_MASK:#x} == {ROUTE_MARK:#x} return\n"
     ));
@@ -317,7 +369,7 @@ pub fn nft_script(r: &Rules) -> String {
     s.push_str(
         "  chain prerouting {\n    type nat hook prerouting priority -100; policy accept;\n",
     );
-    s.push_str(&format!("    meta mark {mark} return\n"));
+    s.push_str(&format!("    {mark} return\n"));
     s.push_str("    iifname \"lo\" return\n");
     s.push_str(&format!("    tcp dport {HBONE_PORT} return\n"));
     if !r.exclude_inbound_ports.is_empty() {
@@ -333,7 +385,7 @@ pub fn nft_script(r: &Rules) -> String {
     // locally (a `route` chain re-routes when the mark changes, as iptables' mangle OUTPUT does).
     let keep = !ROUTE_MASK;
     s.push_str(&format!(
-        "  chain mangle_prerouting {{\n    type filter hook prerouting priority mangle; policy accept;\n    meta mark {mark} ct mark set ct mark & {keep:#x} | {ROUTE_MARK:#x}\n  }}\n"
+        "  chain mangle_prerouting {{\n    type filter hook prerouting priority mangle; policy accept;\n    {mark} ct mark set ct mark & {keep:#x} | {ROUTE_MARK:#x}\n  }}\n"
     ));
     s.push_str(&format!(
         "  chain mangle_output {{\n    type route hook output priority mangle; policy accept;\n    ct mark & {ROUTE_MASK:#x} == {ROUTE_MARK:#x} meta mark set ct mark\n  }}\n}}\n"
@@ -425,20 +477,70 @@ fn exec(cmd: &Cmd) -> Result<String, RedirectError> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// Removes l4mesh's rules of `backend` and its policy routing; returns how many commands it ran.
-fn remove(backend: Backend) -> Result<usize, RedirectError> {
+/// Whether `program` is on PATH.
+fn installed(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|d| d.join(program).is_file()))
+}
+
+/// The policy-routing families: IPv4, and IPv6 unless the kernel has it disabled.
+fn families() -> Vec<Family> {
+    let mut v = vec![Family::V4];
+    if std::path::Path::new("/proc/sys/net/ipv6").exists() {
+        v.push(Family::V6);
+    }
+    v
+}
+
+/// The firewall programs that remove or install the rules of `backend` here: `nft`, or
+/// `iptables` plus `ip6tables` when it is installed.
+fn programs(backend: Backend) -> Vec<&'static str> {
+    match backend {
+        Backend::Nftables => vec!["nft"],
+        Backend::Iptables => IPTABLES_PROGRAMS
+            .into_iter()
+            .filter(|p| *p == "iptables" || installed(p))
+            .collect(),
+    }
+}
+
+/// Runs `cmds` (each one's listing after its `*<table>` line) and concatenates their outputs.
+fn listing(cmds: Vec<(&'static str, Cmd)>) -> Result<String, RedirectError> {
     let mut listing = String::new();
-    for (table, cmd) in list_cmds(backend) {
+    for (table, cmd) in cmds {
         if !table.is_empty() {
             listing.push_str(&format!("*{table}\n"));
         }
         listing.push_str(&exec(&cmd)?);
     }
-    let mut plan = remove_plan(backend, &listing);
-    let [rules, routes] = routing_list_cmds();
-    // `ip route show table 100` fails when the table was never created: nothing of ours there.
-    let routes = exec(&routes).unwrap_or_default();
-    plan.extend(routing_remove_plan(&exec(&rules)?, &routes));
+    Ok(listing)
+}
+
+/// Removes l4mesh's rules of *both* backends (a tool that is not installed has none to remove),
+/// so that neither a switch of backend nor a `remove` with the other default leaves captures
+/// behind, and l4mesh's tagged policy routing; returns how many commands it ran.
+fn remove() -> Result<usize, RedirectError> {
+    let mut plan = Vec::new();
+    for program in ["iptables", "ip6tables"] {
+        if installed(program) {
+            plan.extend(iptables_remove_plan(
+                program,
+                &listing(iptables_list_cmds(program))?,
+            ));
+        }
+    }
+    if installed("nft") {
+        plan.extend(remove_plan(
+            Backend::Nftables,
+            &listing(list_cmds(Backend::Nftables))?,
+        ));
+    }
+    for family in families() {
+        let [rules, routes] = routing_list_cmds(family);
+        // `ip route show table 100` fails when the table was never created: nothing of ours there.
+        let routes = exec(&routes).unwrap_or_default();
+        plan.extend(routing_remove_plan(family, &exec(&rules)?, &routes));
+    }
     for cmd in &plan {
         exec(cmd)?;
     }
@@ -450,22 +552,38 @@ pub fn run(command: &RedirectCommand) -> Result<(), RedirectError> {
     match command {
         RedirectCommand::Install(args) => {
             let backend = args.backend.unwrap_or_else(default_backend);
-            remove(backend)?;
-            let mut plan = install_plan(backend, &Rules::from(args));
-            plan.extend(routing_install_plan());
+            remove()?;
+            let rules = Rules::from(args);
+            let mut plan = Vec::new();
+            for program in programs(backend) {
+                plan.extend(match program {
+                    "nft" => install_plan(Backend::Nftables, &rules),
+                    p => iptables_install(p, &rules),
+                });
+            }
+            for family in families() {
+                plan.extend(routing_install_plan(family));
+            }
             for cmd in plan {
-                if let Err(e) = exec(&cmd) {
-                    // Leave nothing half-installed.
-                    let _ = remove(backend);
-                    return Err(e);
+                match exec(&cmd) {
+                    Ok(_) => {}
+                    Err(RedirectError::Failed { stderr, .. })
+                        if cmd.exists_is_foreign && stderr.contains("File exists") =>
+                    {
+                        tracing::info!(%cmd, "already present, not l4mesh's (istio-cni's?): left as it is");
+                    }
+                    Err(e) => {
+                        // Leave nothing half-installed.
+                        let _ = remove();
+                        return Err(e);
+                    }
                 }
             }
-            tracing::info!(?backend, mark = args.packet_mark, "capture rules installed");
+            tracing::info!(?backend, programs = ?programs(backend), mark = args.packet_mark, "capture rules installed");
         }
-        RedirectCommand::Remove(args) => {
-            let backend = args.backend.unwrap_or_else(default_backend);
-            let n = remove(backend)?;
-            tracing::info!(?backend, commands = n, "capture rules removed");
+        RedirectCommand::Remove(_) => {
+            let n = remove()?;
+            tracing::info!(commands = n, "capture rules removed (both backends)");
         }
     }
     Ok(())
@@ -473,8 +591,8 @@ pub fn run(command: &RedirectCommand) -> Result<(), RedirectError> {
 
 mod routing;
 pub use routing::{
-    routing_install_plan, routing_list_cmds, routing_remove_plan, ROUTE_MARK, ROUTE_MASK,
-    ROUTE_RULE_PREF, ROUTE_TABLE,
+    routing_install_plan, routing_list_cmds, routing_remove_plan, Family, ROUTE_MARK, ROUTE_MASK,
+    ROUTE_PROTO, ROUTE_RULE_PREF, ROUTE_TABLE,
 };
 
 #[cfg(test)]

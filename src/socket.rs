@@ -7,7 +7,8 @@
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use socket2::{Domain, Socket, TcpKeepalive, Type};
@@ -87,10 +88,48 @@ pub struct UpstreamOptions {
     /// Whether the inbound paths connect to the local workload from the client's own IP
     /// (`ENABLE_ORIG_SRC`), so that the application sees who called it rather than l4mesh.
     pub orig_src: bool,
+    /// Connections that were to use the client's address (`orig_src`) but were made from
+    /// l4mesh's own after the kernel refused it (logged at debug each time). Shared by the clones
+    /// of these options; read it through `ProxyCtx::upstream`.
+    pub orig_src_fallbacks: Arc<AtomicU64>,
+}
+
+/// Why `ENABLE_ORIG_SRC` cannot be honoured.
+#[derive(Debug, thiserror::Error)]
+#[error("ENABLE_ORIG_SRC=true needs the capability CAP_NET_ADMIN (or CAP_NET_RAW) to set IP_TRANSPARENT, and this process does not have it ({source}); grant the capability (securityContext.capabilities.add: [NET_ADMIN]) or unset ENABLE_ORIG_SRC / set it to false")]
+pub struct OrigSrcError {
+    #[source]
+    source: io::Error,
+}
+
+/// Decides whether upstream connections use the client's address, as ztunnel's
+/// `maybe_set_transparent`: explicitly on (`Some(true)`) without the capability is an error naming
+/// it; unset is on exactly when the capability is there; off is off. The mode and the reason are
+/// logged once, at startup.
+pub fn orig_src_mode(configured: Option<bool>) -> Result<bool, OrigSrcError> {
+    let probe = transparent_probe();
+    match (configured, probe) {
+        (Some(true), Err(source)) => Err(OrigSrcError { source }),
+        (Some(true), Ok(())) => {
+            tracing::info!("ENABLE_ORIG_SRC=true: workloads see their callers' addresses");
+            Ok(true)
+        }
+        (Some(false), _) => {
+            tracing::info!("ENABLE_ORIG_SRC=false: workloads see l4mesh's address as the caller");
+            Ok(false)
+        }
+        (None, Ok(())) => {
+            tracing::info!("ENABLE_ORIG_SRC unset and IP_TRANSPARENT allowed (CAP_NET_ADMIN or CAP_NET_RAW): workloads see their callers' addresses");
+            Ok(true)
+        }
+        (None, Err(e)) => {
+            tracing::info!(error = %e, "ENABLE_ORIG_SRC unset and IP_TRANSPARENT not allowed (no CAP_NET_ADMIN / CAP_NET_RAW): workloads see l4mesh's address as the caller");
+            Ok(false)
+        }
+    }
 }
 
 static MARK_WARNED: AtomicBool = AtomicBool::new(false);
-static TRANSPARENT_WARNED: AtomicBool = AtomicBool::new(false);
 
 /// Opens a TCP connection with the mark, `TCP_NODELAY` and keepalive set, bounded by the timeout.
 pub async fn connect(dst: SocketAddr, opts: &UpstreamOptions) -> io::Result<TcpStream> {
@@ -101,21 +140,23 @@ pub async fn connect(dst: SocketAddr, opts: &UpstreamOptions) -> io::Result<TcpS
 /// `src` (port chosen by the kernel) with `IP_TRANSPARENT` + `IP_FREEBIND`, which lets it use an
 /// address that is not the pod's own. Replies reach it only with the policy routing that
 /// `l4mesh redirect install` sets up. When the kernel refuses (neither CAP_NET_ADMIN nor
-/// CAP_NET_RAW, another address family…)
-/// the connection is made from l4mesh's own address instead, after one warning: a lost source
-/// address is better than a failed connection.
+/// CAP_NET_RAW, another address family…) the connection is made from l4mesh's own address
+/// instead, counted in `opts.orig_src_fallbacks`: a lost source address is better than a failed
+/// connection. IPv4-mapped IPv6 addresses are bound as the IPv4 addresses they are.
 pub async fn connect_from(
     dst: SocketAddr,
     src: Option<IpAddr>,
     opts: &UpstreamOptions,
 ) -> io::Result<TcpStream> {
+    let dst = SocketAddr::new(to_canonical(dst.ip()), dst.port());
     let mut socket = Socket::new(Domain::for_address(dst), Type::STREAM, None)?;
-    if let Some(src) = src.filter(|_| opts.orig_src) {
+    if let Some(src) = src.filter(|_| opts.orig_src).map(to_canonical) {
         if let Err(e) = bind_transparent(&socket, src, dst) {
-            if !TRANSPARENT_WARNED.swap(true, Ordering::Relaxed) {
-                tracing::warn!(%src, %dst, error = %e,
-                    "cannot connect from the client's address (IP_TRANSPARENT needs CAP_NET_ADMIN or CAP_NET_RAW, and the same address family); upstream connections use l4mesh's own address instead (set ENABLE_ORIG_SRC=false to silence this)");
-            }
+            // The capability was checked at startup (`orig_src_mode`): what is left are
+            // per-connection cases (another address family, an address in use), counted.
+            opts.orig_src_fallbacks.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(%src, %dst, error = %e,
+                "cannot connect from the client's address; this connection uses l4mesh's own address");
             // The failed socket may be half-configured (transparent but not bound): start over.
             socket = Socket::new(Domain::for_address(dst), Type::STREAM, None)?;
         }
@@ -148,9 +189,35 @@ pub async fn connect_from(
 /// Whether this process may set `IP_TRANSPARENT` (CAP_NET_ADMIN or CAP_NET_RAW): the default of
 /// `ENABLE_ORIG_SRC`, as in ztunnel.
 pub fn transparent_allowed() -> bool {
-    Socket::new(Domain::IPV4, Type::STREAM, None)
-        .and_then(|s| s.set_ip_transparent_v4(true))
-        .is_ok()
+    transparent_probe().is_ok()
+}
+
+fn transparent_probe() -> io::Result<()> {
+    Socket::new(Domain::IPV4, Type::STREAM, None).and_then(|s| s.set_ip_transparent_v4(true))
+}
+
+/// Whether `ip` is one of this network namespace's own addresses: a plain socket (no
+/// `IP_FREEBIND`/`IP_TRANSPARENT`) can bind it. A dedicated-mode l4mesh runs in its pod's
+/// namespace, so these are exactly the addresses of the pod it serves. (With the sysctl
+/// `net.ipv[46].ip_nonlocal_bind=1` every address binds; l4mesh pods do not set it.)
+pub fn is_local_address(ip: IpAddr) -> bool {
+    let ip = to_canonical(ip);
+    Socket::new(
+        Domain::for_address(SocketAddr::new(ip, 0)),
+        Type::STREAM,
+        None,
+    )
+    .and_then(|s| s.bind(&SocketAddr::new(ip, 0).into()))
+    .is_ok()
+}
+
+/// An IPv4-mapped IPv6 address (`::ffff:a.b.c.d`, as a dual-stack listener reports IPv4 clients)
+/// as the IPv4 address it is; any other address unchanged.
+pub fn to_canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+        v4 => v4,
+    }
 }
 
 /// Binds `socket` to `(src, any port)` with `IP_TRANSPARENT` and `IP_FREEBIND`.
@@ -265,6 +332,7 @@ mod tests {
             mark: 0,
             connect_timeout: Duration::from_secs(2),
             orig_src,
+            orig_src_fallbacks: Default::default(),
         }
     }
 
@@ -295,13 +363,49 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_ipv4_mapped_client_address_is_bound_as_ipv4() {
+        let mapped: IpAddr = "::ffff:127.0.0.3".parse().unwrap();
+        let expected = if transparent_allowed() {
+            "127.0.0.3".parse().unwrap()
+        } else {
+            "127.0.0.1".parse::<IpAddr>().unwrap()
+        };
+        assert_eq!(seen_from(Some(mapped), true).await, expected);
+    }
+
+    #[test]
+    fn orig_src_mode_follows_the_capability() {
+        let allowed = transparent_allowed();
+        assert!(!orig_src_mode(Some(false)).unwrap());
+        assert_eq!(orig_src_mode(None).unwrap(), allowed);
+        match orig_src_mode(Some(true)) {
+            Ok(on) => assert!(on && allowed),
+            Err(e) => {
+                assert!(!allowed);
+                assert!(e.to_string().contains("CAP_NET_ADMIN"), "{e}");
+            }
+        }
+    }
+
+    #[test]
+    fn local_addresses_are_the_ones_that_bind() {
+        assert!(is_local_address("127.0.0.1".parse().unwrap()));
+        assert!(is_local_address("::ffff:127.0.0.1".parse().unwrap()));
+        // TEST-NET-3: never assigned here.
+        assert!(!is_local_address("203.0.113.7".parse().unwrap()));
+    }
+
+    #[tokio::test]
     async fn a_refused_bind_falls_back_to_a_normal_connect() {
         // An IPv6 client address cannot be the source of an IPv4 connection: the bind is refused
         // and the connection is made from l4mesh's own address instead of failing.
         let v6: IpAddr = "::1".parse().unwrap();
-        assert_eq!(
-            seen_from(Some(v6), true).await,
-            "127.0.0.1".parse::<IpAddr>().unwrap()
-        );
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let dst = l.local_addr().unwrap();
+        let o = opts(true);
+        let (up, acc) = tokio::join!(connect_from(dst, Some(v6), &o), l.accept());
+        up.expect("the connection is made from l4mesh's own address");
+        assert_eq!(acc.unwrap().1.ip(), "127.0.0.1".parse::<IpAddr>().unwrap());
+        assert_eq!(o.orig_src_fallbacks.load(Ordering::Relaxed), 1);
     }
 }

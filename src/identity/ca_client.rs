@@ -28,6 +28,10 @@ pub struct IstioCaSettings {
     pub ttl: Duration,
     /// This proxy's own identity: requests for any other identity carry `ImpersonatedIdentity`.
     pub own_identity: Option<SpiffeId>,
+    /// `SO_MARK` of the connections to the CA (`PACKET_MARK`, set by `app` from the config; 0 =
+    /// none), so that a captured pod does not redirect them.
+    #[serde(skip)]
+    pub packet_mark: u32,
 }
 
 /// Why a certificate could not be obtained.
@@ -83,7 +87,7 @@ impl CaClient {
 }
 
 async fn fetch_istio(s: &IstioCaSettings, id: &SpiffeId) -> Result<WorkloadCert, FetchError> {
-    let channel = control_plane::connect(&s.address, s.root_ca.as_ref()).await?;
+    let channel = control_plane::connect(&s.address, s.root_ca.as_ref(), s.packet_mark).await?;
     let (csr, key) = csr_for(id)?;
     let metadata = (s.own_identity.as_ref() != Some(id)).then(|| {
         use prost_types::{value::Kind, Struct, Value};

@@ -318,6 +318,12 @@ impl Collector for Hbone {
             "l4mesh_hbone_pool_keys",
             "Distinct (source identity, destination identities, address) keys in the pool",
             one(pool.keys as i64),
+        )?;
+        counters(
+            &mut enc,
+            "l4mesh_orig_src_fallbacks",
+            "Inbound connections that could not keep the client's source IP (ENABLE_ORIG_SRC) and connected from l4mesh's own address",
+            one(self.0.upstream.orig_src_fallbacks.load(Relaxed)),
         )
     }
 }

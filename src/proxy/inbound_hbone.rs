@@ -246,9 +246,16 @@ async fn open(
     }
     // One snapshot for every decision about this stream.
     let snapshot = ctx.store.load();
-    let (wl, addr) = match ctx.local_workload(&snapshot, target.ip()) {
-        Some(wl) => (wl, target),
-        None => service_endpoint(ctx, &snapshot, dialled, target)?,
+    let (wl, addr, service) = match ctx.local_workload(&snapshot, target.ip()) {
+        Some(wl) => (wl, target, None),
+        None => {
+            let (wl, addr, svc) = service_endpoint(ctx, &snapshot, dialled, target)?;
+            // The endpoint must not be one of l4mesh's own listeners either.
+            if ctx.is_own_listener(addr) {
+                return Err(ProxyError::Loop { dst: addr });
+            }
+            (wl, addr, Some(svc))
+        }
     };
     log.dst_identity = Some(wl.identity().to_string());
     // The source workload is the one at the `forwarded` client address, else at the TCP peer,
@@ -256,8 +263,7 @@ async fn open(
     let forwarded = crate::metrics::peers::forwarded_for(req.headers());
     let addrs = [forwarded.unwrap_or(log.src.ip()), log.src.ip()];
     let client_addrs = &addrs[usize::from(forwarded.is_none())..];
-    // The service the tunnel came through when known, else guessed from the target port.
-    let service: Option<&crate::model::Service> = None;
+    // The service the client addressed (waypoint path), else guessed from the target port.
     log.metrics = Some(super::metering::inbound(
         ctx,
         &snapshot,
@@ -265,19 +271,23 @@ async fn open(
         Some(peer),
         &wl,
         target.port(),
-        service,
+        service.as_deref(),
     ));
     log.upstream = Some(Upstream {
         addr,
         workload: Some(wl.clone()),
-        service: None,
+        service: service.clone(),
         kind: UpstreamKind::Tcp,
         waypoint: None,
     });
     if let Decision::Deny(why) = waypoint_rule(ctx, &snapshot, peer, dialled, &wl) {
         tracing::warn!(peer = %peer, workload = %format!("{}/{}", wl.namespace, wl.name), "{why}");
+        // A denial like a policy's: counted with the RBAC decisions.
+        ctx.metrics.rbac_decision(false);
         return Err(Outcome::Denied(why).into());
     }
+    // On the waypoint path (`service`), `dst_ip` is the chosen endpoint's IP, not the VIP the
+    // client dialled: policies of the destination workload are written for its own addresses.
     let conn = ConnCtx {
         peer: Some(peer.clone()),
         src_ip: log.src.ip(),
@@ -285,26 +295,52 @@ async fn open(
         dst_port: addr.port(),
     };
     let reg = super::admit(ctx, &snapshot, &wl, conn)?;
+    let client = original_client(&snapshot, req.headers(), peer, &wl, log.src.ip());
     drop(snapshot);
-    // The tunnel's TCP source is the client pod's IP (its dedicated-mode l4mesh runs in the
-    // pod); the workload sees that IP rather than l4mesh's when ENABLE_ORIG_SRC allows it.
-    let up = crate::socket::connect_from(addr, Some(log.src.ip()), &ctx.upstream)
+    // The workload sees the client's IP rather than l4mesh's when ENABLE_ORIG_SRC allows it.
+    let up = crate::socket::connect_from(addr, Some(client), &ctx.upstream)
         .await
         .map_err(|source| ProxyError::Connect { addr, source })?;
     Ok((up, reg))
 }
 
-/// For a tunnel dialled on a waypoint of this node with a service VIP as its authority (a client
-/// sends a service's traffic to the service's waypoint): the endpoint the waypoint picks, load
-/// balanced as the service says, and `ip:target port`. l4mesh acting as a waypoint forwards only to
-/// endpoints on its own node (it opens no HBONE onwards); anything else keeps the 400 of a foreign
-/// authority.
+/// The client address the workload should see. The tunnel's TCP source is the client pod's IP
+/// (its dedicated-mode l4mesh runs in the pod), except for a tunnel from the destination's
+/// waypoint, whose TCP source is the waypoint: then the client is the one its `forwarded` header
+/// names (ztunnel's `get_original_src_from_fwded`). Only the waypoint's proven identity is trusted
+/// with that header, so no other peer can make l4mesh connect from an address of its choosing.
+fn original_client(
+    snapshot: &Snapshot,
+    headers: &http::HeaderMap,
+    peer: &SpiffeId,
+    wl: &Workload,
+    tcp_src: std::net::IpAddr,
+) -> std::net::IpAddr {
+    let from_waypoint = wl
+        .waypoint
+        .as_ref()
+        .is_some_and(|gw| waypoint::identities(snapshot, gw).contains(peer));
+    let forwarded = from_waypoint
+        .then(|| crate::metrics::peers::forwarded_for(headers))
+        .flatten();
+    crate::socket::to_canonical(forwarded.unwrap_or(tcp_src))
+}
+
+/// For a tunnel dialled on a waypoint this l4mesh serves, with a service VIP as its authority (a
+/// client sends a service's traffic to the service's waypoint): the service, and the endpoint the
+/// waypoint picks, load balanced as the service says, as `ip:target port`.
+///
+/// l4mesh acting as a waypoint opens no HBONE onwards, and in dedicated mode it serves only its own
+/// pod: a hop to another pod would break (with ENABLE_ORIG_SRC the replies would bypass it, and a
+/// workload behind a waypoint refuses plaintext). So the candidates are filtered to the endpoints
+/// this l4mesh serves *before* the choice ([`serves`]); none left is a 503 that says so, never a
+/// random one. Anything that is not a service of this waypoint keeps the 400 of a foreign authority.
 fn service_endpoint(
     ctx: &ProxyCtx,
     snapshot: &Snapshot,
     dialled: SocketAddr,
     target: SocketAddr,
-) -> Result<(Arc<Workload>, SocketAddr), ProxyError> {
+) -> Result<(Arc<Workload>, SocketAddr, Arc<crate::model::Service>), ProxyError> {
     let mismatch = || ProxyError::from(Outcome::AuthorityMismatch { authority: target });
     let waypoint = ctx
         .local_workload(snapshot, dialled.ip())
@@ -314,7 +350,8 @@ fn service_endpoint(
             ctx.network.clone(),
             target.ip(),
         ))
-        .ok_or_else(mismatch)?;
+        .ok_or_else(mismatch)?
+        .clone();
     if !svc
         .waypoint
         .as_ref()
@@ -322,24 +359,43 @@ fn service_endpoint(
     {
         return Err(mismatch());
     }
-    // From the waypoint itself, routing skips the waypoint and picks an endpoint.
-    let up = super::route::route(
+    let keep = |wl: &Workload, ip: std::net::IpAddr| serves(ctx, wl, ip);
+    let up = super::route::service_endpoint(
         snapshot,
-        &ctx.network,
+        &svc,
         Some(&waypoint),
         target,
+        &keep,
         &mut rand::rng(),
     )
-    .map_err(|e| Outcome::NoUpstream(e.to_string()))?;
+    .map_err(|e| {
+        Outcome::NoUpstream(format!(
+            "service {} has no endpoint that this l4mesh (the waypoint {}/{}) serves: l4mesh acting as a waypoint forwards only to the addresses of its own pod ({e})",
+            svc.key(),
+            waypoint.namespace,
+            waypoint.name,
+        ))
+    })?;
+    // Checked by `serves`, but the store may hold the workload under another address.
     let wl = ctx.local_workload(snapshot, up.addr.ip()).ok_or_else(|| {
         Outcome::NoUpstream(format!(
-            "service {} picked endpoint {}, which is not on this node ({}); l4mesh acting as a waypoint forwards only to its own node's workloads",
+            "service {} picked endpoint {}, which is not a workload of this node ({})",
             svc.key(),
             up.addr,
             ctx.node_name
         ))
     })?;
-    Ok((wl, up.addr))
+    Ok((wl, up.addr, svc))
+}
+
+/// Whether this l4mesh serves `wl` at `ip`: the workload is on this node, and (dedicated mode: one
+/// l4mesh per pod, running in the pod's network namespace) `ip` is one of this network
+/// namespace's own addresses — the pod's addresses are exactly the ones it can bind
+/// ([`crate::socket::is_local_address`]). This needs no configuration (a pod may carry several
+/// workload addresses, as the cluster harness's waypoint pod does, which INSTANCE_IP alone would
+/// miss) and is right for loopback tests too, where every 127/8 address is local.
+fn serves(ctx: &ProxyCtx, wl: &Workload, ip: std::net::IpAddr) -> bool {
+    wl.node == ctx.node_name && crate::socket::is_local_address(ip)
 }
 
 /// A workload with a waypoint takes tunnels only from that waypoint's identity, so that its policy
@@ -377,4 +433,83 @@ fn waypoint_rule(
         "workload {}/{} has a waypoint: tunnels must come from {expected}, not from {peer}",
         wl.namespace, wl.name
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{GatewayAddress, GatewayDestination, NetworkAddr};
+    use crate::proto::istio::workload as pw;
+    use crate::store::{Batch, Store, Upsert};
+    use std::net::IpAddr;
+
+    fn workload(name: &str, addr: &str, sa: &str) -> Workload {
+        let ip: IpAddr = addr.parse().unwrap();
+        Workload::try_from(pw::Workload {
+            uid: format!("cluster1//v1/Pod/default/{name}"),
+            name: name.into(),
+            namespace: "default".into(),
+            service_account: sa.into(),
+            addresses: vec![match ip {
+                IpAddr::V4(a) => a.octets().to_vec(),
+                IpAddr::V6(a) => a.octets().to_vec(),
+            }],
+            ..Default::default()
+        })
+        .unwrap()
+    }
+
+    fn id(sa: &str) -> SpiffeId {
+        format!("spiffe://cluster.local/ns/default/sa/{sa}")
+            .parse()
+            .unwrap()
+    }
+
+    /// The `forwarded` client is used only on a tunnel from the destination's own waypoint;
+    /// from anyone else (or for a workload without a waypoint) the TCP source stays, so a peer
+    /// cannot choose the address l4mesh connects from. IPv4-mapped addresses come out as IPv4.
+    #[test]
+    fn forwarded_client_only_from_the_destinations_waypoint() {
+        let mut d = workload("d", "10.0.0.2", "server");
+        d.waypoint = Some(GatewayAddress {
+            destination: GatewayDestination::Address(NetworkAddr::new(
+                "",
+                "10.0.0.9".parse().unwrap(),
+            )),
+            hbone_mtls_port: 15008,
+        });
+        let plain = workload("p", "10.0.0.3", "server");
+        let store = Store::new();
+        store.apply(Batch {
+            upserts: vec![
+                Upsert::Workload(workload("wp", "10.0.0.9", "waypoint")),
+                Upsert::Workload(d.clone()),
+                Upsert::Workload(plain.clone()),
+            ],
+            ..Default::default()
+        });
+        let snap = store.load();
+        let mut headers = http::HeaderMap::new();
+        headers.insert("forwarded", "for=\"10.0.0.1:4000\"".parse().unwrap());
+        let tcp: IpAddr = "10.0.0.9".parse().unwrap();
+        let client: IpAddr = "10.0.0.1".parse().unwrap();
+        assert_eq!(
+            original_client(&snap, &headers, &id("waypoint"), &d, tcp),
+            client
+        );
+        assert_eq!(
+            original_client(&snap, &headers, &id("client"), &d, tcp),
+            tcp
+        );
+        assert_eq!(
+            original_client(&snap, &headers, &id("waypoint"), &plain, tcp),
+            tcp
+        );
+        // No header: the TCP source, as IPv4 when it was IPv4-mapped.
+        let mapped: IpAddr = "::ffff:10.0.0.9".parse().unwrap();
+        assert_eq!(
+            original_client(&snap, &http::HeaderMap::new(), &id("waypoint"), &d, mapped),
+            tcp
+        );
+    }
 }

@@ -76,7 +76,7 @@ pub fn route(
                 return Ok(via(wp, dst, None, Some(svc.clone())));
             }
         }
-        return route_service(snapshot, svc, src, dst, rng);
+        return route_service(snapshot, svc, src, dst, &|_, _| true, rng);
     }
     if let Some(wl) = snapshot.workload_by_addr(&key) {
         if let Some(gw) = &wl.waypoint {
@@ -126,11 +126,26 @@ fn kind_of(wl: &Workload) -> UpstreamKind {
     }
 }
 
+/// Load-balances `dst` (a VIP of `svc`) over the service's endpoints for which `keep(workload, ip)`
+/// holds, ignoring the service's waypoint: what a waypoint does with the traffic sent to it. The
+/// filter runs *before* the choice, so an endpoint this proxy cannot serve is never picked.
+pub fn service_endpoint(
+    snapshot: &Snapshot,
+    svc: &Arc<Service>,
+    src: Option<&Workload>,
+    dst: SocketAddr,
+    keep: &dyn Fn(&Workload, IpAddr) -> bool,
+    rng: &mut impl Rng,
+) -> Result<Upstream, RouteError> {
+    route_service(snapshot, svc, src, dst, keep, rng)
+}
+
 fn route_service(
     snapshot: &Snapshot,
     svc: &Arc<Service>,
     src: Option<&Workload>,
     dst: SocketAddr,
+    keep: &dyn Fn(&Workload, IpAddr) -> bool,
     rng: &mut impl Rng,
 ) -> Result<Upstream, RouteError> {
     let port = dst.port();
@@ -156,6 +171,9 @@ fn route_service(
         let (Some(target), Some(ip)) = (target, pick_ip(wl, dst.ip())) else {
             continue;
         };
+        if !keep(wl, ip) {
+            continue;
+        }
         candidates.push(Candidate { wl, ip, target });
     }
     if !any_port_mapping {

@@ -24,13 +24,13 @@ fn iptables_rules_in_order() {
     ));
     let want = [
         "iptables -t nat -N L4MESH_OUTPUT",
-        "iptables -t nat -A L4MESH_OUTPUT -m mark --mark 1337 -j RETURN",
+        "iptables -t nat -A L4MESH_OUTPUT -m mark --mark 0x539/0xfff -j RETURN",
         "iptables -t nat -A L4MESH_OUTPUT -m mark --mark 0x111/0xfff -j RETURN",
         "iptables -t nat -A L4MESH_OUTPUT -o lo -j RETURN",
         "iptables -t nat -A L4MESH_OUTPUT -p tcp --dport 3306 -j RETURN",
         "iptables -t nat -A L4MESH_OUTPUT -p tcp -j REDIRECT --to-ports 15001",
         "iptables -t nat -N L4MESH_PREROUTING",
-        "iptables -t nat -A L4MESH_PREROUTING -m mark --mark 1337 -j RETURN",
+        "iptables -t nat -A L4MESH_PREROUTING -m mark --mark 0x539/0xfff -j RETURN",
         "iptables -t nat -A L4MESH_PREROUTING -i lo -j RETURN",
         "iptables -t nat -A L4MESH_PREROUTING -p tcp --dport 15008 -j RETURN",
         "iptables -t nat -A L4MESH_PREROUTING -p tcp --dport 15021 -j RETURN",
@@ -39,7 +39,7 @@ fn iptables_rules_in_order() {
         "iptables -t nat -A OUTPUT -p tcp -j L4MESH_OUTPUT",
         "iptables -t nat -A PREROUTING -p tcp -j L4MESH_PREROUTING",
         "iptables -t mangle -N L4MESH_MANGLE_PREROUTING",
-        "iptables -t mangle -A L4MESH_MANGLE_PREROUTING -m mark --mark 1337 -j CONNMARK --set-xmark 0x111/0xfff",
+        "iptables -t mangle -A L4MESH_MANGLE_PREROUTING -m mark --mark 0x539/0xfff -j CONNMARK --set-xmark 0x111/0xfff",
         "iptables -t mangle -N L4MESH_MANGLE_OUTPUT",
         "iptables -t mangle -A L4MESH_MANGLE_OUTPUT -m connmark --mark 0x111/0xfff -j CONNMARK --restore-mark --nfmask 0xffffffff --ctmask 0xffffffff",
         "iptables -t mangle -A PREROUTING -j L4MESH_MANGLE_PREROUTING",
@@ -51,9 +51,9 @@ fn iptables_rules_in_order() {
 #[test]
 fn iptables_custom_mark_no_excludes() {
     let got = lines(&install_plan(Backend::Iptables, &rules(7, &[], &[]))).join("\n");
-    assert_eq!(got.matches("--mark 7 -j RETURN").count(), 2);
+    assert_eq!(got.matches("--mark 0x7/0xfff -j RETURN").count(), 2);
     assert!(
-        got.contains("--mark 7 -j CONNMARK --set-xmark 0x111/0xfff"),
+        got.contains("--mark 0x7/0xfff -j CONNMARK --set-xmark 0x111/0xfff"),
         "{got}"
     );
     assert!(!got.contains("1337"));
@@ -76,7 +76,7 @@ fn nft_script_rules() {
     );
     let (out, pre) = s.split_once("chain prerouting").unwrap();
     assert!(out.contains("type nat hook output priority -100;"), "{s}");
-    assert!(out.contains("meta mark 1337 return"), "{s}");
+    assert!(out.contains("meta mark & 0xfff == 0x539 return"), "{s}");
     assert!(out.contains("meta mark & 0xfff == 0x111 return"), "{s}");
     assert!(
         s.contains("type route hook output priority mangle;")
@@ -84,7 +84,7 @@ fn nft_script_rules() {
         "{s}"
     );
     assert!(
-        s.contains("meta mark 1337 ct mark set ct mark & 0xfffff000 | 0x111"),
+        s.contains("meta mark & 0xfff == 0x539 ct mark set ct mark & 0xfffff000 | 0x111"),
         "{s}"
     );
     assert!(out.contains("oifname \"lo\" return"), "{s}");
@@ -94,7 +94,7 @@ fn nft_script_rules() {
         pre.contains("type nat hook prerouting priority -100;"),
         "{s}"
     );
-    assert!(pre.contains("meta mark 1337 return"), "{s}");
+    assert!(pre.contains("meta mark & 0xfff == 0x539 return"), "{s}");
     assert!(pre.contains("iifname \"lo\" return"), "{s}");
     assert!(pre.contains("tcp dport 15008 return"), "{s}");
     assert!(pre.contains("tcp dport { 15021, 22 } return"), "{s}");
@@ -107,7 +107,7 @@ fn nft_script_rules() {
 #[test]
 fn nft_script_without_excludes() {
     let s = nft_script(&rules(42, &[], &[]));
-    assert_eq!(s.matches("meta mark 42 return").count(), 2);
+    assert_eq!(s.matches("meta mark & 0xfff == 0x2a return").count(), 2);
     assert_eq!(s.matches("tcp dport").count(), 1, "{s}");
 }
 
@@ -242,22 +242,67 @@ fn errors_name_command_status_and_hint() {
 #[test]
 fn policy_routing_install_and_remove_only_ours() {
     assert_eq!(
-        lines(&routing_install_plan()),
+        lines(&routing_install_plan(Family::V4)),
         [
-            "ip -4 rule add fwmark 0x111/0xfff pref 32764 lookup 100",
-            "ip -4 route add local 0.0.0.0/0 dev lo table 100",
+            "ip -4 rule add fwmark 0x111/0xfff pref 32764 lookup 100 protocol 176",
+            "ip -4 route add local 0.0.0.0/0 dev lo table 100 proto 176",
         ]
     );
-    let rules = "0:\tfrom all lookup local\n32764:\tfrom all fwmark 0x111/0xfff lookup 100\n\
-32764:\tfrom all fwmark 0x111/0xfff lookup 100\n32765:\tfrom all fwmark 0x222 lookup 100\n32766:\tfrom all lookup main\n";
-    let routes = "local default dev lo scope host \n10.0.0.0/8 dev eth0 \n";
+    let plan = routing_install_plan(Family::V6);
     assert_eq!(
-        lines(&routing_remove_plan(rules, routes)),
+        lines(&plan),
         [
-            "ip -4 rule del fwmark 0x111/0xfff pref 32764 lookup 100",
-            "ip -4 rule del fwmark 0x111/0xfff pref 32764 lookup 100",
-            "ip -4 route del local 0.0.0.0/0 dev lo table 100",
+            "ip -6 rule add fwmark 0x111/0xfff pref 32764 lookup 100 protocol 176",
+            "ip -6 route add local ::/0 dev lo table 100 proto 176",
         ]
     );
-    assert!(routing_remove_plan("0:\tfrom all lookup local\n", "").is_empty());
+    // An identical route already there (istio-cni's) is someone else's, not a failure.
+    assert!(plan.iter().all(|c| c.exists_is_foreign));
+    // istio-cni's identical but untagged rule and route stay; l4mesh's (proto 176) go, each copy.
+    let rules = "0:\tfrom all lookup local\n32764:\tfrom all fwmark 0x111/0xfff lookup 100\n\
+32764:\tfrom all fwmark 0x111/0xfff lookup 100 proto 176\n32764:\tfrom all fwmark 0x111/0xfff lookup 100 proto 176\n\
+32765:\tfrom all fwmark 0x222 lookup 100 proto 176\n32766:\tfrom all lookup main\n";
+    let routes = "local default dev lo proto 176 scope host \n10.0.0.0/8 dev eth0 \n";
+    assert_eq!(
+        lines(&routing_remove_plan(Family::V4, rules, routes)),
+        [
+            "ip -4 rule del fwmark 0x111/0xfff pref 32764 lookup 100 protocol 176",
+            "ip -4 rule del fwmark 0x111/0xfff pref 32764 lookup 100 protocol 176",
+            "ip -4 route del local 0.0.0.0/0 dev lo table 100 proto 176",
+        ]
+    );
+    let foreign = "local default dev lo scope host \n";
+    assert!(routing_remove_plan(Family::V6, "0:\tfrom all lookup local\n", foreign).is_empty());
+}
+
+#[test]
+fn ip6tables_writes_and_removes_the_same_chains() {
+    let v4 = lines(&iptables_install("iptables", &rules(1337, &[], &[])));
+    let v6 = lines(&iptables_install("ip6tables", &rules(1337, &[], &[])));
+    assert_eq!(v4.len(), v6.len());
+    for (a, b) in v4.iter().zip(&v6) {
+        assert_eq!(a.replacen("iptables", "ip6tables", 1), *b);
+    }
+    let listing = "*nat\n-N L4MESH_OUTPUT\n-A OUTPUT -p tcp -j L4MESH_OUTPUT\n";
+    assert_eq!(
+        lines(&iptables_remove_plan("ip6tables", listing)),
+        [
+            "ip6tables -t nat -D OUTPUT -p tcp -j L4MESH_OUTPUT",
+            "ip6tables -t nat -F L4MESH_OUTPUT",
+            "ip6tables -t nat -X L4MESH_OUTPUT",
+        ]
+    );
+    assert_eq!(
+        iptables_list_cmds("ip6tables")[0].1.to_string(),
+        "ip6tables -t nat -S"
+    );
+}
+
+#[test]
+fn marks_match_under_istio_cnis_mask() {
+    assert_eq!(mark_mask(1337), 0xfff);
+    // A mark with bits above the mask is matched whole, never truncated into another mark.
+    assert_eq!(mark_mask(0x10539), u32::MAX);
+    let got = lines(&install_plan(Backend::Iptables, &rules(0x10539, &[], &[]))).join("\n");
+    assert!(got.contains("--mark 0x10539/0xffffffff -j RETURN"), "{got}");
 }

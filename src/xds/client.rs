@@ -198,13 +198,16 @@ impl XdsClient {
 
     async fn session(&mut self, got_response: &mut bool) -> XdsError {
         let address = self.settings.address.clone();
-        let channel =
-            match control_plane::connect(&self.settings.address, self.settings.root_ca.as_ref())
-                .await
-            {
-                Ok(c) => c,
-                Err(e) => return e.into(),
-            };
+        let channel = match control_plane::connect(
+            &self.settings.address,
+            self.settings.root_ca.as_ref(),
+            self.settings.packet_mark,
+        )
+        .await
+        {
+            Ok(c) => c,
+            Err(e) => return e.into(),
+        };
         let mut client =
             AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(256 << 20);
         let (tx, rx) = mpsc::channel(64);

@@ -26,6 +26,10 @@ pub struct XdsSettings {
     /// How long a connection to an unknown IP waits for an on-demand answer.
     #[serde(serialize_with = "crate::model::serialize_duration")]
     pub on_demand_timeout: Duration,
+    /// `SO_MARK` of the connections to the control plane (`PACKET_MARK`, set by `app` from the
+    /// config; 0 = none), so that a captured pod does not redirect them.
+    #[serde(skip)]
+    pub packet_mark: u32,
 }
 
 impl XdsSettings {
@@ -41,6 +45,7 @@ impl XdsSettings {
             meta: Default::default(),
             on_demand: false,
             on_demand_timeout: Duration::from_secs(2),
+            packet_mark: 0,
         }
     }
 }

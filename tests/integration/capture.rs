@@ -65,7 +65,7 @@ except OSError as e:
 
 #[test]
 fn iptables_redirect_outbound_and_inbound() {
-    if !privileged("iptables_redirect_outbound_and_inbound") {
+    if !privileged("iptables_redirect_outbound_and_inbound", &[]) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

@@ -165,6 +165,7 @@ pub fn testserver_ca(ts: &xds_testserver::Handle) -> l4mesh::identity::IstioCaSe
         cluster_id: "Kubernetes".into(),
         ttl: Duration::from_secs(3600),
         own_identity: None,
+        packet_mark: 0,
     }
 }
 

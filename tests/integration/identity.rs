@@ -52,6 +52,7 @@ fn istio_ca(addr: SocketAddr) -> CaClient {
         cluster_id: "Kubernetes".into(),
         ttl: Duration::from_secs(3600),
         own_identity: None,
+        packet_mark: 0,
     })
 }
 
@@ -226,6 +227,7 @@ async fn node_identities_follow_the_store() {
         cluster_id: "Kubernetes".into(),
         ttl: Duration::from_secs(3600),
         own_identity: None,
+        packet_mark: 0,
     });
     l4mesh::telemetry::init(l4mesh::telemetry::LogFormat::Plain);
     let r = l4mesh::app::start(&config).await.unwrap();

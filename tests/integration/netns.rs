@@ -10,22 +10,26 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-/// Whether privileged tests can run here; prints why not when they cannot.
-pub fn privileged(test: &str) -> bool {
+/// Whether privileged tests can run here: root, and `ip`, `iptables`, `python3` plus the extra
+/// `tools` this test needs (nft, setpriv, ip6tables…) on PATH. Prints why not when they cannot —
+/// or fails, when `L4MESH_REQUIRE_PRIVILEGED=1` says they must run, so a missing tool cannot turn
+/// a CI run into a silent skip.
+pub fn privileged(test: &str, tools: &[&str]) -> bool {
     let root = Command::new("id")
         .arg("-u")
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
         .unwrap_or(false);
-    let tools = ["ip", "iptables", "python3"].iter().all(|t| {
-        Command::new("sh")
-            .args(["-c", &format!("command -v {t}")])
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false)
-    });
-    if !root || !tools {
-        let why = format!("{test}: needs root and ip, iptables, python3 (scripts/test.sh installs them; run it as root)");
+    let missing: Vec<&str> = ["ip", "iptables", "python3"]
+        .iter()
+        .chain(tools)
+        .copied()
+        .filter(|t| !has_tool(t))
+        .collect();
+    if !root || !missing.is_empty() {
+        let why = format!(
+            "{test}: needs root and {missing:?} on PATH (root: {root}; scripts/test.sh installs the tools; run it as root)"
+        );
         assert!(
             std::env::var("L4MESH_REQUIRE_PRIVILEGED").as_deref() != Ok("1"),
             "L4MESH_REQUIRE_PRIVILEGED=1 but {why}"
@@ -36,29 +40,61 @@ pub fn privileged(test: &str) -> bool {
     true
 }
 
+/// Whether `tool` is on PATH.
+pub fn has_tool(tool: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
 /// Whether `setpriv` (util-linux) is on PATH, asked once.
 fn has_setpriv() -> bool {
     static FOUND: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *FOUND.get_or_init(|| {
-        Command::new("sh")
-            .args(["-c", "command -v setpriv"])
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false)
-    })
+    *FOUND.get_or_init(|| has_tool("setpriv"))
 }
 
+/// The longest a one-shot command (`exec`, `output`, `l4mesh redirect`) may run: a hung command
+/// fails the test instead of hanging it (coreutils `timeout` kills it).
+pub const COMMAND_TIMEOUT_SECS: u32 = 60;
+
 fn run(args: &[&str]) {
-    let out = Command::new(args[0])
-        .args(&args[1..])
+    let out = Command::new("timeout")
+        .arg(COMMAND_TIMEOUT_SECS.to_string())
+        .args(args)
         .output()
         .expect("spawn");
     assert!(
         out.status.success(),
-        "{:?} failed: {}",
+        "{:?} failed ({}; 124 = timed out after {COMMAND_TIMEOUT_SECS}s): {}",
         args,
+        out.status,
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// Deletes the `l4m-<tag>-<pid>` namespaces left by test processes that are gone (killed without
+/// unwinding, so their `Drop` never ran). Namespaces of live processes are left alone.
+fn sweep_leftovers() {
+    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
+        return;
+    };
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Some(name) = line.split_whitespace().next() else {
+            continue;
+        };
+        let Some(pid) = name
+            .strip_prefix("l4m-")
+            .and_then(|rest| rest.rsplit_once('-'))
+            .and_then(|(_, pid)| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = Command::new("ip").args(["netns", "del", name]).output();
+        }
+    }
 }
 
 /// A network namespace, deleted on drop (which also removes its veth ends and rules).
@@ -69,6 +105,8 @@ pub struct Netns {
 
 impl Netns {
     pub fn new(tag: &str) -> Netns {
+        static SWEPT: std::sync::Once = std::sync::Once::new();
+        SWEPT.call_once(sweep_leftovers);
         let name = format!("l4m-{tag}-{}", std::process::id());
         let _ = Command::new("ip").args(["netns", "del", &name]).output();
         run(&["ip", "netns", "add", &name]);
@@ -89,8 +127,9 @@ impl Netns {
 
     /// Runs a command inside the namespace and returns (success, stdout, stderr).
     pub fn output(&self, args: &[&str]) -> (bool, String, String) {
-        let out = Command::new("ip")
-            .args(["netns", "exec", &self.name])
+        let out = Command::new("timeout")
+            .arg(COMMAND_TIMEOUT_SECS.to_string())
+            .args(["ip", "netns", "exec", &self.name])
             .args(args)
             .output()
             .expect("spawn");
@@ -233,27 +272,31 @@ impl Output {
 }
 
 /// A TCP server (python) that answers each connection, after the client's FIN, with
-/// `<name>:<peer ip>:<data>`. Prints `ready` once listening.
+/// `<name>:<peer ip>:<data>`, and prints `got <peer ip> <data>` for each one (so a test can tell
+/// what reached it, and what did not). Prints `ready` once listening. IPv4 or IPv6 by `ip`.
 pub const ECHO_PY: &str = r#"
-import socket, sys
+import socket, sys, threading
 ip, port, name = sys.argv[1], int(sys.argv[2]), sys.argv[3].encode()
 s = socket.socket(socket.AF_INET6 if ':' in ip else socket.AF_INET)
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind((ip, port)); s.listen(64)
+s.bind((ip, port)); s.listen(128)
 print('ready', flush=True)
-while True:
-    c, a = s.accept()
-    c.settimeout(5)
+def serve(c, a):
+    c.settimeout(10)
     data = b''
     try:
         while True:
             chunk = c.recv(65536)
             if not chunk: break
             data += chunk
+        print('got', a[0], data.decode(errors='replace'), flush=True)
         c.sendall(name + b':' + a[0].encode() + b':' + data)
     except OSError:
         pass
     c.close()
+while True:
+    c, a = s.accept()
+    threading.Thread(target=serve, args=(c, a), daemon=True).start()
 "#;
 
 /// A TCP client (python): sends argv[3], half-closes, prints the answer; exits 1 on failure.

@@ -32,27 +32,34 @@ fn redirect(ns: &Netns, action: &str, backend: &str) {
     );
 }
 
-/// The capture rules of `ns` as its backend lists them.
+/// The capture rules of `ns` as its backend lists them (iptables: IPv4 and IPv6), and the policy
+/// routing of both families.
 fn rules(ns: &Netns, backend: &str) -> String {
     let (ok, out, err) = if backend == "iptables" {
-        ns.output(&["iptables-save"])
+        let (ok4, v4, e4) = ns.output(&["iptables-save"]);
+        let (ok6, v6, e6) = ns.output(&["ip6tables-save"]);
+        (
+            ok4 && ok6,
+            format!("{v4}\n== ip6tables\n{v6}"),
+            format!("{e4} {e6}"),
+        )
     } else {
         ns.output(&["nft", "list", "ruleset"])
     };
     assert!(ok, "listing rules failed: {err}");
-    // The policy routing for orig-source replies belongs to both backends.
-    let (ok, rules, err) = ns.output(&["ip", "-4", "rule", "show"]);
-    assert!(ok, "ip rule show failed: {err}");
-    let (_, routes, _) = ns.output(&["ip", "-4", "route", "show", "table", "100"]);
-    format!("{out}\n== ip rule\n{rules}\n== table 100\n{routes}")
+    format!("{out}\n{}", routing(ns))
 }
 
-fn has_tool(tool: &str) -> bool {
-    std::process::Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false)
+/// `ip rule` and table 100 of both families.
+fn routing(ns: &Netns) -> String {
+    let mut s = String::new();
+    for f in ["-4", "-6"] {
+        let (ok, rules, err) = ns.output(&["ip", f, "rule", "show"]);
+        assert!(ok, "ip {f} rule show failed: {err}");
+        let (_, routes, _) = ns.output(&["ip", f, "route", "show", "table", "100"]);
+        s += &format!("== ip {f} rule\n{rules}\n== ip {f} table 100\n{routes}\n");
+    }
+    s
 }
 
 fn check_backend(backend: &str, n: u32) {
@@ -74,18 +81,21 @@ fn check_backend(backend: &str, n: u32) {
     redirect(&pod, "install", backend);
     let installed = rules(&pod, backend);
     if backend == "iptables" {
+        let (v4, _) = installed.split_once("== ip6tables").unwrap();
+        assert_eq!(v4.matches("-j L4MESH_OUTPUT").count(), 1, "{installed}");
+        assert!(v4.contains("--to-ports 15006"), "{installed}");
         assert_eq!(
-            installed.matches("-j L4MESH_OUTPUT").count(),
-            1,
-            "{installed}"
-        );
-        assert!(installed.contains("--to-ports 15006"), "{installed}");
-        assert_eq!(
-            installed.matches("-j L4MESH_MANGLE_OUTPUT").count(),
+            v4.matches("-j L4MESH_MANGLE_OUTPUT").count(),
             1,
             "{installed}"
         );
         assert!(installed.contains("--set-xmark 0x111/0xfff"), "{installed}");
+        // The same chains for IPv6, else IPv6 TCP would bypass the capture.
+        let (_, v6) = installed.split_once("== ip6tables").unwrap();
+        assert_eq!(v6.matches("-j L4MESH_OUTPUT").count(), 1, "{installed}");
+        assert!(v6.contains("--to-ports 15006"), "{installed}");
+        // istio-cni's masked mark match.
+        assert!(v6.contains("--mark 0x539/0xfff -j RETURN"), "{installed}");
     } else {
         assert_eq!(
             installed.matches("table inet l4mesh").count(),
@@ -95,12 +105,19 @@ fn check_backend(backend: &str, n: u32) {
         assert!(installed.contains("redirect to :15001"), "{installed}");
         assert!(installed.contains("type route hook output"), "{installed}");
     }
+    // Both families, tagged as l4mesh's.
     assert_eq!(
-        installed.matches("fwmark 0x111/0xfff lookup 100").count(),
-        1,
+        installed
+            .matches("fwmark 0x111/0xfff lookup 100 proto 176")
+            .count(),
+        2,
         "{installed}"
     );
-    assert!(installed.contains("local default dev lo"), "{installed}");
+    assert_eq!(
+        installed.matches("local default dev lo proto 176").count(),
+        2,
+        "{installed}"
+    );
 
     peer.spawn(
         &["python3", "-c", ECHO_PY, "10.238.0.1", "8080", "peer"],
@@ -164,31 +181,86 @@ fn check_backend(backend: &str, n: u32) {
     );
 }
 
+/// `remove` clears both backends' rules whatever `--backend` says (a switch of backend leaves no
+/// stale capture), `install` clears the other backend's first, and istio-cni's identical but
+/// untagged policy routing is neither an install failure nor removed.
+#[test]
+fn redirect_both_backends_and_istio_cni_routing() {
+    if !privileged(
+        "redirect_both_backends_and_istio_cni_routing",
+        &["nft", "ip6tables"],
+    ) {
+        return;
+    }
+    let pod = Netns::new("rpod4");
+    // What istio-cni puts in a pod: the same rule and route, without l4mesh's tag.
+    pod.exec(&[
+        "ip",
+        "-4",
+        "rule",
+        "add",
+        "fwmark",
+        "0x111/0xfff",
+        "pref",
+        "32764",
+        "lookup",
+        "100",
+    ]);
+    pod.exec(&[
+        "ip",
+        "-4",
+        "route",
+        "add",
+        "local",
+        "0.0.0.0/0",
+        "dev",
+        "lo",
+        "table",
+        "100",
+    ]);
+
+    redirect(&pod, "install", "iptables");
+    let ipt = rules(&pod, "iptables");
+    assert!(ipt.contains("L4MESH_OUTPUT"), "{ipt}");
+    // Switching backend: install removes the iptables rules before adding the nft table.
+    redirect(&pod, "install", "nftables");
+    let both = format!("{}\n{}", rules(&pod, "iptables"), rules(&pod, "nftables"));
+    assert!(!both.contains("L4MESH"), "iptables leftovers:\n{both}");
+    assert_eq!(both.matches("table inet l4mesh").count(), 1, "{both}");
+    // And back, then `remove` naming the *other* backend still removes everything of l4mesh's.
+    redirect(&pod, "install", "iptables");
+    redirect(&pod, "remove", "nftables");
+    let left = format!("{}\n{}", rules(&pod, "iptables"), rules(&pod, "nftables"));
+    assert!(!left.contains("L4MESH"), "rules left:\n{left}");
+    assert!(!left.contains("l4mesh"), "rules left:\n{left}");
+    assert!(!left.contains("proto 176"), "l4mesh routing left:\n{left}");
+    // istio-cni's rule and route are still there.
+    assert!(
+        left.contains("32764:\tfrom all fwmark 0x111/0xfff lookup 100\n"),
+        "istio-cni's rule was removed:\n{left}"
+    );
+    assert!(
+        left.contains("local default dev lo scope host"),
+        "istio-cni's route was removed:\n{left}"
+    );
+}
+
 #[test]
 fn redirect_install_capture_remove() {
-    if !privileged("redirect_install_capture_remove") {
+    if !privileged("redirect_install_capture_remove", &["nft", "ip6tables"]) {
         return;
     }
     check_backend("iptables", 1);
-    if has_tool("nft") {
-        check_backend("nftables", 2);
-    } else {
-        eprintln!(
-            "SKIPPED redirect_install_capture_remove (nftables backend): nft is not installed"
-        );
-    }
+    check_backend("nftables", 2);
 }
 
-/// ENABLE_ORIG_SRC=true in an l4mesh without CAP_NET_ADMIN and CAP_NET_RAW (dropped with
-/// `setpriv`; either one allows IP_TRANSPARENT): the kernel
-/// refuses IP_TRANSPARENT, so l4mesh warns once and still connects, from the pod's own address.
+/// Without CAP_NET_ADMIN and CAP_NET_RAW (dropped with `setpriv`; either one allows
+/// IP_TRANSPARENT): ENABLE_ORIG_SRC=true is a startup error naming the capability (ztunnel's
+/// `maybe_set_transparent`), and unset means off, said once at startup — the app then sees the
+/// pod's own address.
 #[test]
-fn orig_src_falls_back_without_cap_net_admin() {
-    if !privileged("orig_src_falls_back_without_cap_net_admin") {
-        return;
-    }
-    if !has_tool("setpriv") {
-        eprintln!("SKIPPED orig_src_falls_back_without_cap_net_admin: setpriv (util-linux) is not installed");
+fn orig_src_without_cap_net_admin() {
+    if !privileged("orig_src_without_cap_net_admin", &["setpriv"]) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -209,47 +281,65 @@ fn orig_src_falls_back_without_cap_net_admin() {
         "ready",
     );
     let bin = env!("CARGO_BIN_EXE_l4mesh");
+    let no_caps = [
+        "setpriv",
+        "--bounding-set",
+        "-net_admin,-net_raw",
+        "--inh-caps",
+        "-net_admin,-net_raw",
+        bin,
+    ];
+    let cfg_path = cfg.to_str().unwrap();
+
+    // Explicitly on: refused at startup, naming the capability.
+    let mut explicit = vec![
+        "env",
+        "ENABLE_ORIG_SRC=true",
+        "UNSTABLE_ENABLE_SOCKS5=false",
+    ];
+    let local = format!("LOCAL_XDS_PATH={cfg_path}");
+    explicit.push(&local);
+    explicit.extend_from_slice(&no_caps);
+    let (ok, out, err) = pod.output(&explicit);
+    assert!(
+        !ok,
+        "l4mesh started with ENABLE_ORIG_SRC=true and no capability: {out} {err}"
+    );
+    assert!(
+        err.contains("ENABLE_ORIG_SRC=true needs the capability CAP_NET_ADMIN"),
+        "{out} {err}"
+    );
+
+    // Unset: off, and the startup log says so and why.
     let log = pod.spawn(
+        &no_caps,
         &[
-            "setpriv",
-            "--bounding-set",
-            "-net_admin,-net_raw",
-            "--inh-caps",
-            "-net_admin,-net_raw",
-            bin,
-        ],
-        &[
-            ("LOCAL_XDS_PATH", cfg.to_str().unwrap()),
+            ("LOCAL_XDS_PATH", cfg_path),
             ("RUST_LOG", "info"),
             ("UNSTABLE_ENABLE_SOCKS5", "false"),
-            ("ENABLE_ORIG_SRC", "true"),
         ],
         "listening",
     );
-    let (ok, out, err) = peer.output(&["python3", "-c", CLIENT_PY, "10.238.0.2", "9000", "in"]);
+    log.wait_for(&["ENABLE_ORIG_SRC unset and IP_TRANSPARENT not allowed"])
+        .unwrap_or_else(|| panic!("no startup line about the mode:\n{}", log.all()));
+    for msg in ["in", "again"] {
+        let (ok, out, err) = peer.output(&["python3", "-c", CLIENT_PY, "10.238.0.2", "9000", msg]);
+        assert!(
+            ok,
+            "inbound failed: {out} {err}\nl4mesh log:\n{}",
+            log.all()
+        );
+        assert_eq!(
+            out.trim(),
+            format!("pod:10.238.0.2:{msg}"),
+            "the pod's own address\n{}",
+            log.all()
+        );
+    }
+    // Off is not a per-connection fallback: nothing about it after startup.
     assert!(
-        ok,
-        "inbound failed: {out} {err}\nl4mesh log:\n{}",
-        log.all()
-    );
-    assert_eq!(
-        out.trim(),
-        "pod:10.238.0.2:in",
-        "the pod's own address\n{}",
-        log.all()
-    );
-    log.wait_for(&["WARN", "cannot connect from the client's address"])
-        .unwrap_or_else(|| panic!("no fallback warning:\n{}", log.all()));
-    // One warning, not one per connection.
-    let (ok, _, _) = peer.output(&["python3", "-c", CLIENT_PY, "10.238.0.2", "9000", "again"]);
-    assert!(ok);
-    log.wait_for(&["access", "inbound", "10.238.0.2:9000"])
-        .unwrap();
-    assert_eq!(
-        log.all()
-            .matches("cannot connect from the client's address")
-            .count(),
-        1,
+        !log.all()
+            .contains("cannot connect from the client's address"),
         "{}",
         log.all()
     );

@@ -411,3 +411,34 @@ fn node_and_network_scopes_rank() {
         vec![&"10.1.0.1:8080".parse().unwrap()]
     );
 }
+
+/// A waypoint picks only among the endpoints it can serve: the filter runs before the choice, so
+/// every connection lands on a kept endpoint (never a random miss), and none kept is an error.
+#[test]
+fn service_endpoint_filters_before_choosing() {
+    let store = store_with(
+        service(&[(80, 8080)], LoadBalancing::default()),
+        vec![
+            endpoint("a", "10.0.1.1", &[]),
+            endpoint("b", "10.0.1.2", &[]),
+            endpoint("c", "10.0.1.3", &[]),
+        ],
+    );
+    let snap = store.load();
+    let svc = snap
+        .service_by_vip(&NetworkAddr::new(net(), ip("10.0.0.1")))
+        .unwrap()
+        .clone();
+    let mut rng = SmallRng::seed_from_u64(7);
+    let only_b = |_: &Workload, a: IpAddr| a == ip("10.0.1.2");
+    for _ in 0..200 {
+        let up = service_endpoint(&snap, &svc, None, vip(80), &only_b, &mut rng).unwrap();
+        assert_eq!(up.addr, SocketAddr::new(ip("10.0.1.2"), 8080));
+        assert!(up.service.is_some());
+    }
+    let none = |_: &Workload, _: IpAddr| false;
+    assert!(matches!(
+        service_endpoint(&snap, &svc, None, vip(80), &none, &mut rng),
+        Err(RouteError::NoHealthyEndpoint { .. })
+    ));
+}

@@ -14,41 +14,13 @@ use std::process::Child;
 use std::time::{Duration, Instant};
 
 use super::control_plane::ControlPlane;
-use super::netns::{Netns, Output};
+use super::netns::{Netns, Output, ECHO_PY};
 
 /// Where pods reach the control plane.
 pub const CONTROL_PLANE_IP: &str = "10.240.0.2";
 pub const CONTROL_PLANE_PORT: u16 = 15010;
 /// A host outside the mesh, on the fabric.
 pub const OUTSIDE_IP: &str = "10.240.0.3";
-
-/// A TCP server (python) that answers each connection, after the client's FIN, with
-/// `<name>:<peer ip>:<data>`, and prints `got <peer ip> <data>` for each one (so a test can tell
-/// what reached it, and what did not). Prints `ready` once listening.
-pub const ECHO_LOG_PY: &str = r#"
-import socket, sys, threading
-ip, port, name = sys.argv[1], int(sys.argv[2]), sys.argv[3].encode()
-s = socket.socket(socket.AF_INET)
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind((ip, port)); s.listen(128)
-print('ready', flush=True)
-def serve(c, a):
-    c.settimeout(10)
-    data = b''
-    try:
-        while True:
-            chunk = c.recv(65536)
-            if not chunk: break
-            data += chunk
-        print('got', a[0], data.decode(errors='replace'), flush=True)
-        c.sendall(name + b':' + a[0].encode() + b':' + data)
-    except OSError:
-        pass
-    c.close()
-while True:
-    c, a = s.accept()
-    threading.Thread(target=serve, args=(c, a), daemon=True).start()
-"#;
 
 /// Polls `http://<argv[1]>/healthz/ready` until it answers 200; exits 1 after argv[2] seconds.
 const READY_PY: &str = r#"
@@ -347,11 +319,11 @@ impl Cluster {
         self.pods.get_mut(name).expect("no such pod")
     }
 
-    /// Starts an [`ECHO_LOG_PY`] server named `name` on `ip:port` inside `pod`.
+    /// Starts an [`ECHO_PY`] server named `name` on `ip:port` inside `pod`.
     pub fn echo(&mut self, pod: &str, ip: &str, port: u16, name: &str) -> Output {
         let p = self.pods.get_mut(pod).expect("no such pod");
         p.ns.spawn(
-            &["python3", "-c", ECHO_LOG_PY, ip, &port.to_string(), name],
+            &["python3", "-c", ECHO_PY, ip, &port.to_string(), name],
             &[],
             "ready",
         )
