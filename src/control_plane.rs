@@ -157,6 +157,13 @@ pub async fn connect(address: &str, root_ca: Option<&RootCa>) -> Result<Channel,
         })
 }
 
+/// A channel to `ep`, connected on first use, whose sockets carry the mark (as the control
+/// plane's): for l4mesh's other outgoing gRPC, the OTLP export, which a captured pod's capture
+/// rules must not redirect into its own outbound listener either.
+pub fn lazy_channel(ep: &Endpoint) -> Channel {
+    ep.connect_with_connector_lazy(MarkedConnector)
+}
+
 /// Reads the token file (re-read on every call: Kubernetes rotates it). No file, no token.
 pub fn read_token(path: Option<&Path>) -> Option<String> {
     let path = path?;

@@ -7,6 +7,7 @@
 //! This module does not interpret application bytes.
 
 mod access;
+mod access_fields;
 pub mod conn_tracker;
 pub mod copy;
 mod error;

@@ -579,8 +579,12 @@ async fn exports_to_an_https_collector_with_a_configured_root() {
     }
     // Without that root (system roots only) the collector's certificate is refused.
     let before = *col.got.requests.lock().unwrap();
-    let untrusting =
-        l4mesh::otel::Otel::new(&settings(format!("https://{}", col.addr), 1.0), "node-c").unwrap();
+    let untrusting = l4mesh::otel::Otel::new(
+        &settings(format!("https://{}", col.addr), 1.0),
+        "node-c",
+        l4mesh::control_plane::lazy_channel,
+    )
+    .unwrap();
     let span = untrusting.start(
         "probe",
         opentelemetry::trace::SpanKind::Internal,
