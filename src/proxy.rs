@@ -8,6 +8,8 @@
 
 mod access;
 mod access_fields;
+#[cfg(test)]
+mod accept_tests;
 pub mod conn_tracker;
 pub mod copy;
 mod error;

@@ -463,8 +463,10 @@ async fn a_failed_connection_is_a_warning_with_an_error_span() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_sampling_decision_travels_with_the_tunnel() {
-    // A samples nothing (ratio 0); B would sample everything, but follows A's decision.
+async fn an_unsampled_caller_gets_the_receivers_ratio() {
+    // A samples nothing (ratio 0): its CONNECT's traceparent says "not sampled", as an OTel-off
+    // l4mesh's or ztunnel's does. B samples everything: it records its inbound span, in A's
+    // trace, instead of following A's "not sampled".
     let col = Collector::start("127.56.3.1").await;
     let m = Mesh::start(
         3,
@@ -474,24 +476,35 @@ async fn the_sampling_decision_travels_with_the_tunnel() {
     .await;
     let _backend = m.backend().await;
     assert_eq!(m.exchange("unsampled").await, "b:unsampled");
-    wait_until(&m, "access records from both nodes", || {
+    wait_until(&m, "access records from both nodes and B's span", || {
         let l = col.logs();
         ["node-a", "node-b"]
             .iter()
             .all(|n| l.iter().any(|(ln, _)| ln == n))
+            && !col.spans().is_empty()
     })
     .await;
     let logs = col.logs();
     assert_eq!(logs.len(), 2, "one record per node: {logs:?}");
-    assert_eq!(
-        logs[0].1.trace_id, logs[1].1.trace_id,
-        "the trace id still flows"
-    );
-    assert_eq!(logs[0].1.flags & 1, 0, "records say: not sampled");
+    let rec = |node: &str| {
+        logs.iter()
+            .find(|(n, _)| n == node)
+            .map(|(_, r)| r.clone())
+            .unwrap()
+    };
+    let (ra, rb) = (rec("node-a"), rec("node-b"));
+    assert_eq!(ra.trace_id, rb.trace_id, "the trace id still flows");
+    assert_eq!(ra.flags & 1, 0, "A's record says: not sampled");
+    assert_eq!(rb.flags & 1, 1, "B's record says: sampled by B's ratio");
     for o in [&m.a, &m.b] {
         o.proxy.otel.as_ref().unwrap().shutdown().await;
     }
-    assert!(col.spans().is_empty(), "no spans: {:?}", col.spans());
+    let spans = col.spans();
+    assert_eq!(spans.len(), 1, "only B's span: {spans:?}");
+    let (node, span) = &spans[0];
+    assert_eq!(node, "node-b");
+    assert_eq!(span.name, "l4mesh inbound_hbone");
+    assert_eq!(span.trace_id, ra.trace_id, "in A's trace");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
