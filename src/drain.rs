@@ -397,7 +397,11 @@ mod tests {
             .drain(Duration::from_millis(100), Duration::from_millis(200))
             .await;
         assert!(s.is_forced());
-        assert_eq!((r.forced, r.left), (1, 0), "the tunnel, not its carrier nor the hold");
+        assert_eq!(
+            (r.forced, r.left),
+            (1, 0),
+            "the tunnel, not its carrier nor the hold"
+        );
         conns.await.unwrap();
         drop(hold);
         assert_eq!(d.holders(), 0);

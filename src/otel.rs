@@ -6,7 +6,8 @@
 //! data path pays one `Option` check per connection — no `tracing` layer sees every event.
 //!
 //! Export is batched on the SDK's background threads: the data path only pushes finished spans and
-//! records into bounded queues (full queue = dropped, never a wait). Export failures are logged,
+//! records into bounded queues (full queue = dropped, never a wait); the gRPC channel itself runs
+//! on the runtime current when [`Otel::new`] runs (the binary: the operators'). Export failures are logged,
 //! rate-limited, by [`export`]'s wrappers. [`Otel::shutdown`] flushes what is queued.
 //!
 //! This module knows nothing of connections: the proxy hands it names, attributes and the parent
@@ -313,8 +314,12 @@ impl Otel {
                 for (signal, res) in [("traces", t), ("logs", l)] {
                     match res {
                         Ok(Ok(())) => {}
-                        Ok(Err(e)) => tracing::warn!(signal, error = %e, "OTLP shutdown did not flush everything"),
-                        Err(_) => tracing::warn!(signal, "OTLP shutdown thread ended without an answer"),
+                        Ok(Err(e)) => {
+                            tracing::warn!(signal, error = %e, "OTLP shutdown did not flush everything")
+                        }
+                        Err(_) => {
+                            tracing::warn!(signal, "OTLP shutdown thread ended without an answer")
+                        }
                     }
                 }
             }

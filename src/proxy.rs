@@ -6,10 +6,10 @@
 //! port conflict fails startup), wraps it with `new`, reads `address()`, then awaits `run()`.
 //! This module does not interpret application bytes.
 
-mod access;
-mod access_fields;
 #[cfg(test)]
 mod accept_tests;
+mod access;
+mod access_fields;
 pub mod conn_tracker;
 pub mod copy;
 mod error;

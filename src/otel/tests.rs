@@ -185,7 +185,9 @@ async fn ratio_zero_samples_no_new_trace_but_follows_a_sampled_caller() {
 fn an_unreadable_certificate_fails_startup_with_its_path() {
     let mut s = OtelSettings::new("https://127.0.0.1:4317");
     s.certificate = Some("/nonexistent/otel-ca.pem".into());
-    let e = Otel::new(&s, "n", Endpoint::connect_lazy).unwrap_err().to_string();
+    let e = Otel::new(&s, "n", Endpoint::connect_lazy)
+        .unwrap_err()
+        .to_string();
     assert!(
         e.contains("reading OTEL_EXPORTER_OTLP_CERTIFICATE \"/nonexistent/otel-ca.pem\"")
             && e.contains("expected a PEM file"),
@@ -231,13 +233,19 @@ fn remote_unsampled_parents_get_the_ratio_local_ones_do_not() {
     for ratio in [0.0, 1.0] {
         let by_ratio = ratio == 1.0;
         assert_eq!(decide(ratio, None), by_ratio, "root, ratio {ratio}");
-        assert!(decide(ratio, Some((true, true))), "remote sampled, ratio {ratio}");
+        assert!(
+            decide(ratio, Some((true, true))),
+            "remote sampled, ratio {ratio}"
+        );
         assert_eq!(
             decide(ratio, Some((true, false))),
             by_ratio,
             "remote unsampled, ratio {ratio}"
         );
-        assert!(decide(ratio, Some((false, true))), "local sampled, ratio {ratio}");
+        assert!(
+            decide(ratio, Some((false, true))),
+            "local sampled, ratio {ratio}"
+        );
         assert!(
             !decide(ratio, Some((false, false))),
             "local unsampled, ratio {ratio}"

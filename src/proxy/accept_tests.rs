@@ -1,9 +1,9 @@
 //! The accept loop against the drain: a connection accepted as the drain starts must be watched
 //! before the drain can find nothing open (else it is reset unserved after "drained").
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
@@ -30,17 +30,21 @@ async fn no_connection_is_accepted_after_the_drain_ended() {
         let ended = Arc::new(AtomicBool::new(false));
         let late = Arc::new(AtomicUsize::new(0));
         let (e, l) = (ended.clone(), late.clone());
-        let looping = super::accept_loop(listener, "test", &signal, move |_stream, _peer, watcher| {
-            let (e, l) = (e.clone(), l.clone());
-            async move {
-                let _watcher = watcher;
-                if e.load(SeqCst) {
-                    l.fetch_add(1, SeqCst);
+        let looping =
+            super::accept_loop(listener, "test", &signal, move |_stream, _peer, watcher| {
+                let (e, l) = (e.clone(), l.clone());
+                async move {
+                    let _watcher = watcher;
+                    if e.load(SeqCst) {
+                        l.fetch_add(1, SeqCst);
+                    }
                 }
-            }
-        });
+            });
         let mut looping = std::pin::pin!(looping);
-        assert!(poll_once(&mut looping).await.is_pending(), "waiting in accept");
+        assert!(
+            poll_once(&mut looping).await.is_pending(),
+            "waiting in accept"
+        );
         let mut clients = Vec::new();
         for _ in 0..8 {
             clients.push(std::net::TcpStream::connect(addr).unwrap());

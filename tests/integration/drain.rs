@@ -476,7 +476,11 @@ workloads:
         .unwrap();
     // The backend answers at the end of the stream, which never comes.
     let _body = resp.into_body();
-    assert_eq!(b.open_connections(), 1, "one tunnel open, its TLS connection not counted");
+    assert_eq!(
+        b.open_connections(),
+        1,
+        "one tunnel open, its TLS connection not counted"
+    );
 
     let report = b.drain().await;
     assert_eq!((report.forced, report.left), (1, 0), "{report:?}");
