@@ -2,7 +2,8 @@
 //! wires the store into the proxy, and spawns the tasks. Only this module knows which runtime a task
 //! runs on: in the binary ([`run`]) the data plane has a multi-thread runtime and the operators'
 //! servers (admin, metrics) and OTLP export a current-thread runtime on a thread of their own, so
-//! that a slow request or collector never stalls traffic; in-process tests ([`start`]) run everything on their runtime.
+//! that a slow request or collector never stalls traffic; in-process tests ([`start`]) run
+//! everything on their runtime.
 //!
 //! Lifecycle: SIGTERM, SIGINT and `POST /quitquitquit` all lead to [`Running::drain`].
 

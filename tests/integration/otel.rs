@@ -113,7 +113,7 @@ impl LogsService for Received {
 }
 
 /// An OTLP gRPC receiver on `ip` (ephemeral port), stopped on drop.
-struct Collector {
+pub(super) struct Collector {
     addr: SocketAddr,
     got: Received,
     task: tokio::task::JoinHandle<()>,
@@ -126,7 +126,7 @@ impl Drop for Collector {
 }
 
 impl Collector {
-    async fn start(ip: &str) -> Collector {
+    pub(super) async fn start(ip: &str) -> Collector {
         let l = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
         let addr = l.local_addr().unwrap();
         let got = Received::default();
@@ -162,7 +162,7 @@ impl Collector {
         (Collector { addr, got, task }, cert)
     }
 
-    fn endpoint(&self) -> String {
+    pub(super) fn endpoint(&self) -> String {
         format!("http://{}", self.addr)
     }
 
@@ -170,12 +170,12 @@ impl Collector {
         self.got.spans.lock().unwrap().clone()
     }
 
-    fn logs(&self) -> Vec<(String, LogRecord)> {
+    pub(super) fn logs(&self) -> Vec<(String, LogRecord)> {
         self.got.logs.lock().unwrap().clone()
     }
 }
 
-fn str_attr(attrs: &[KeyValue], key: &str) -> Option<String> {
+pub(super) fn str_attr(attrs: &[KeyValue], key: &str) -> Option<String> {
     attrs.iter().find(|kv| kv.key == key).and_then(|kv| {
         match kv.value.as_ref()?.value.as_ref()? {
             Value::StringValue(s) => Some(s.clone()),
@@ -262,7 +262,7 @@ async fn node(
     r
 }
 
-fn settings(endpoint: String, ratio: f64) -> OtelSettings {
+pub(super) fn settings(endpoint: String, ratio: f64) -> OtelSettings {
     let mut s = OtelSettings::new(endpoint);
     s.sampler_ratio = ratio;
     // Short batches: the test waits for them (and flushes too).
