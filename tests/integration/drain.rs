@@ -496,3 +496,59 @@ workloads:
         .collect();
     assert_eq!(flags, ["LR"], "the tunnel is closed by the drain");
 }
+
+/// The binary exports from the operators' runtime and flushes at exit: with a batch delay far
+/// longer than the test, the connection's span and access record reach the collector only
+/// through the flush after the drain — and the exit still comes promptly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_flushes_otel_after_the_drain() {
+    let backend = Backend::start("127.55.3.9:18080", "b").await;
+    let col = super::otel::Collector::start("127.55.3.50").await;
+    let mut node = L4mesh::spawn(
+        "127.55.3.1",
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", col.endpoint()),
+            ("OTEL_BSP_SCHEDULE_DELAY", "600000".into()),
+        ],
+    );
+    node.ready().await;
+    let dst = backend.addr;
+    let mut s = socks5_connect(node.socks5, &dst.ip().to_string(), dst.port())
+        .await
+        .unwrap();
+    s.write_all(b"traced").await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut out = String::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(out, "b:traced");
+    assert!(
+        node.wait_line(&["connection complete"], Duration::from_secs(5))
+            .await,
+        "{}",
+        node.log()
+    );
+    assert!(col.logs().is_empty(), "nothing exported before the exit");
+    let term = Instant::now();
+    node.signal("TERM");
+    assert_eq!(
+        node.exit_code(Duration::from_secs(5)).await,
+        Some(0),
+        "{}",
+        node.log()
+    );
+    assert!(
+        term.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        term.elapsed()
+    );
+    let flags: Vec<String> = col
+        .logs()
+        .iter()
+        .filter_map(|(_, r)| super::otel::str_attr(&r.attributes, "response_flags"))
+        .collect();
+    assert_eq!(flags, ["-"], "the access record, flushed at exit");
+    assert_eq!(col.spans().len(), 1, "and the span");
+}

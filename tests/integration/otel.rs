@@ -166,7 +166,7 @@ impl Collector {
         format!("http://{}", self.addr)
     }
 
-    fn spans(&self) -> Vec<(String, Span)> {
+    pub(super) fn spans(&self) -> Vec<(String, Span)> {
         self.got.spans.lock().unwrap().clone()
     }
 
