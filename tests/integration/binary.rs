@@ -38,7 +38,7 @@ impl L4mesh {
             .env("L4MESH_HBONE_ADDR", at(15008).to_string())
             .env("L4MESH_SOCKS5_ADDR", at(15080).to_string())
             .env("L4MESH_READINESS_ADDR", at(15021).to_string())
-            // Not the default 0.0.0.0:15020: binaries of tests running in parallel would collide.
+            // Not the default 0.0.0.0:15020, which two binaries of parallel tests would share.
             .env("L4MESH_METRICS_ADDR", at(15020).to_string())
             .env("L4MESH_ADMIN_ADDR", at(15000).to_string());
         for (k, v) in env {
