@@ -1,8 +1,9 @@
 //! Composition root: loads the mesh state, binds every listener (a port conflict fails startup),
 //! wires the store into the proxy, and spawns the tasks. Only this module knows which runtime a task
 //! runs on: in the binary ([`run`]) the data plane has a multi-thread runtime and the operators'
-//! servers (admin, metrics) a current-thread runtime on a thread of their own, so that a slow
-//! request never stalls traffic; in-process tests ([`start`]) run everything on their runtime.
+//! servers (admin, metrics) and OTLP export a current-thread runtime on a thread of their own, so
+//! that a slow request or collector never stalls traffic; in-process tests ([`start`]) run
+//! everything on their runtime.
 //!
 //! Lifecycle: SIGTERM, SIGINT and `POST /quitquitquit` all lead to [`Running::drain`].
 
@@ -167,7 +168,7 @@ async fn bind(
 /// Starts l4mesh on the current tokio runtime, the operators' servers included. Ready to serve
 /// when it returns.
 pub async fn start(config: &Config) -> Result<Running, AppError> {
-    let (mut running, operators) = build(config).await?;
+    let (mut running, operators) = build(config, None).await?;
     for task in operators {
         running.tasks.push(tokio::spawn(task()));
     }
@@ -175,7 +176,12 @@ pub async fn start(config: &Config) -> Result<Running, AppError> {
 }
 
 /// Everything but the operators' servers, which are returned to be run where the caller chooses.
-async fn build(config: &Config) -> Result<(Running, Vec<OperatorTask>), AppError> {
+/// `operators`: the runtime they will run on, where OTLP export runs too (`None`: the current
+/// one).
+async fn build(
+    config: &Config,
+    operators: Option<&tokio::runtime::Handle>,
+) -> Result<(Running, Vec<OperatorTask>), AppError> {
     let drain = Drain::new();
     let store = Arc::new(Store::new());
     let readiness = Readiness::new();
@@ -318,7 +324,7 @@ async fn build(config: &Config) -> Result<(Running, Vec<OperatorTask>), AppError
         hbone: Default::default(),
         conns: Default::default(),
         otel: match &config.otel {
-            Some(o) => Some(crate::otel::Otel::new(o, &config.node_name)?),
+            Some(o) => Some(otel(o, &config.node_name, config.packet_mark, operators)?),
             None => None,
         },
         metrics: Default::default(),
@@ -413,34 +419,61 @@ async fn build(config: &Config) -> Result<(Running, Vec<OperatorTask>), AppError
     Ok((running, operators))
 }
 
+/// The OTLP exporters, built on the operators' runtime when there is one: the gRPC channel's
+/// worker (and so every export: HTTP/2, TLS, protobuf encoding) runs on the runtime current at
+/// construction, which must not be the data plane's. Their sockets carry `PACKET_MARK`.
+fn otel(
+    settings: &crate::otel::OtelSettings,
+    node: &str,
+    mark: u32,
+    operators: Option<&tokio::runtime::Handle>,
+) -> Result<Arc<crate::otel::Otel>, crate::otel::OtelError> {
+    let _entered = operators.map(tokio::runtime::Handle::enter);
+    crate::otel::Otel::new(settings, node, |ep| {
+        crate::control_plane::lazy_channel(ep, mark)
+    })
+}
+
 /// The operators' runtime: a current-thread runtime on its own thread, running the operator
-/// servers until dropped.
+/// servers and OTLP export until dropped. Started before the rest is built, so that what runs
+/// on it can be created inside it ([`OperatorRuntime::handle`]).
 struct OperatorRuntime {
+    handle: tokio::runtime::Handle,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl OperatorRuntime {
-    fn spawn(tasks: Vec<OperatorTask>) -> std::io::Result<Self> {
+    fn start() -> std::io::Result<Self> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
+        let handle = rt.handle().clone();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::Builder::new()
             .name("l4mesh-admin".into())
             .spawn(move || {
+                // Tasks spawned through the handle run while this thread drives the runtime.
                 rt.block_on(async move {
-                    for task in tasks {
-                        tokio::spawn(task());
-                    }
                     let _ = stopped.await;
                 });
                 rt.shutdown_timeout(Duration::from_millis(200));
             })?;
         Ok(Self {
+            handle,
             stop: Some(stop),
             thread: Some(thread),
         })
+    }
+
+    fn handle(&self) -> &tokio::runtime::Handle {
+        &self.handle
+    }
+
+    fn spawn(&self, tasks: Vec<OperatorTask>) {
+        for task in tasks {
+            self.handle.spawn(task());
+        }
     }
 }
 
@@ -468,8 +501,9 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     let result = rt.block_on(async {
         // Installed before anything is ready, so that a SIGTERM right after readiness is seen.
         let mut signals = Signals::new()?;
-        let (running, operators) = build(&config).await?;
-        let _operators = OperatorRuntime::spawn(operators)?;
+        let operator_rt = OperatorRuntime::start()?;
+        let (running, operators) = build(&config, Some(operator_rt.handle())).await?;
+        operator_rt.spawn(operators);
         let why = tokio::select! {
             s = signals.recv() => s,
             () = running.drain_requested() => "POST /quitquitquit",
@@ -480,23 +514,41 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             open_connections = running.open_connections(),
             "draining: readiness fails, listeners closed, HBONE peers told to go away; open connections may finish until the deadline"
         );
-        tokio::select! {
-            r = running.drain() => tracing::info!(
-                elapsed_ms = r.elapsed.as_millis() as u64,
-                closed_at_deadline = r.forced,
-                still_open = r.left,
-                "drained; exiting"
-            ),
-            s = signals.recv() => tracing::warn!(
-                signal = s,
-                open_connections = running.open_connections(),
-                "second signal during the drain; exiting now"
-            ),
+        let hurried = tokio::select! {
+            r = running.drain() => {
+                tracing::info!(
+                    elapsed_ms = r.elapsed.as_millis() as u64,
+                    closed_at_deadline = r.forced,
+                    still_open = r.left,
+                    "drained; exiting (connections and HBONE tunnels closed at the deadline, and still open after the grace)"
+                );
+                false
+            }
+            s = signals.recv() => {
+                tracing::warn!(
+                    signal = s,
+                    open_connections = running.open_connections(),
+                    "second signal during the drain; exiting now"
+                );
+                true
+            }
+        };
+        match running.proxy.otel.clone() {
+            // Asked to hurry: the queued spans and records are dropped.
+            Some(_) if hurried => {}
+            // After the connections ended, so that their spans and records go out too; at most
+            // `otel::SHUTDOWN_TIMEOUT`, and a (further) signal cuts it short.
+            Some(otel) => tokio::select! {
+                () = otel.shutdown() => {}
+                s = signals.recv() => tracing::warn!(
+                    signal = s,
+                    "signal during the OTLP flush; exiting without it"
+                ),
+            },
+            None => {}
         }
-        if let Some(otel) = running.proxy.otel.clone() {
-            // After the connections ended, so that their spans and records go out too.
-            otel.shutdown().await;
-        }
+        // The exporters' channel lives on the operators' runtime: it stops after the flush.
+        drop(operator_rt);
         Ok::<_, anyhow::Error>(())
     });
     // Whatever is left (connections stuck past the grace, background tasks) ends with the runtime.

@@ -161,6 +161,13 @@ pub async fn connect(
         })
 }
 
+/// A channel to `ep`, connected on first use, whose sockets carry the mark (as the control
+/// plane's): for l4mesh's other outgoing gRPC, the OTLP export, which a captured pod's capture
+/// rules must not redirect into its own outbound listener either.
+pub fn lazy_channel(ep: &Endpoint, mark: u32) -> Channel {
+    ep.connect_with_connector_lazy(MarkedConnector { mark })
+}
+
 /// Reads the token file (re-read on every call: Kubernetes rotates it). No file, no token.
 pub fn read_token(path: Option<&Path>) -> Option<String> {
     let path = path?;

@@ -39,8 +39,10 @@ struct Shared {
     /// Wakers of pending [`Phase`] futures, registered once per future.
     waiters: [Mutex<Waiters>; SHARDS],
     next_waiter: AtomicU64,
-    /// Live [`Watcher`]s.
+    /// Live [`Watcher`]s of every kind: the drain is idle when none is left.
     live: AtomicUsize,
+    /// Live counted watchers: the connections (HBONE: tunnels) that reports and logs count.
+    conns: AtomicUsize,
     /// Notified when `live` drops to zero while draining.
     idle: Notify,
 }
@@ -71,7 +73,8 @@ impl Default for Drain {
     }
 }
 
-/// What a drain ended with.
+/// What a drain ended with. Counts are connections as a client sees them: a proxied TCP
+/// connection, or one HBONE tunnel (the TLS connection carrying tunnels is not counted again).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DrainReport {
     /// From the start of the drain to its end.
@@ -90,6 +93,7 @@ impl Drain {
                 waiters: std::array::from_fn(|_| Mutex::new(Waiters::default())),
                 next_waiter: AtomicU64::new(0),
                 live: AtomicUsize::new(0),
+                conns: AtomicUsize::new(0),
                 idle: Notify::new(),
             }),
         }
@@ -107,8 +111,13 @@ impl Drain {
         self.advance(DRAINING)
     }
 
-    /// Connections (watchers) still open.
+    /// Connections (counted watchers) still open.
     pub fn live(&self) -> usize {
+        self.shared.conns.load(SeqCst)
+    }
+
+    /// Watchers of every kind still held: the drain waits for this to reach zero.
+    fn holders(&self) -> usize {
         self.shared.live.load(SeqCst)
     }
 
@@ -162,11 +171,11 @@ impl Drain {
             let notified = self.shared.idle.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if self.live() == 0 {
+            if self.holders() == 0 {
                 return true;
             }
             if tokio::time::timeout_at(until, notified).await.is_err() {
-                return self.live() == 0;
+                return self.holders() == 0;
             }
         }
     }
@@ -183,6 +192,11 @@ impl Signal {
         self.shared.phase.load(SeqCst) >= DRAINING
     }
 
+    /// Whether the deadline passed: a connection failing now was most likely closed by the drain.
+    pub fn is_forced(&self) -> bool {
+        self.shared.phase.load(SeqCst) >= FORCED
+    }
+
     /// Resolves once the drain started (listeners stop accepting, HTTP/2 servers send GOAWAY).
     pub fn draining(&self) -> Phase<'_> {
         Phase::new(&self.shared, DRAINING)
@@ -195,29 +209,53 @@ impl Signal {
 
     /// Counts a connection until the returned watcher is dropped.
     pub fn watch(&self) -> Watcher {
-        self.shared.live.fetch_add(1, SeqCst);
-        Watcher {
-            shared: self.shared.clone(),
-        }
+        Watcher::new(self.shared.clone(), true)
+    }
+
+    /// Keeps the drain from ending until dropped, without counting as a connection: held by a
+    /// listener's accept loop (so that a connection accepted as the drain starts is watched
+    /// before the drain can see nothing open) and by tasks that only carry connections.
+    pub fn hold(&self) -> Watcher {
+        Watcher::new(self.shared.clone(), false)
     }
 }
 
 /// Held by a connection task for its whole life; the drain waits for every one to be dropped.
 pub struct Watcher {
     shared: Arc<Shared>,
+    /// Whether it counts as a connection ([`Signal::watch`]) or only holds the drain.
+    counted: bool,
+}
+
+impl Watcher {
+    fn new(shared: Arc<Shared>, counted: bool) -> Self {
+        shared.live.fetch_add(1, SeqCst);
+        if counted {
+            shared.conns.fetch_add(1, SeqCst);
+        }
+        Self { shared, counted }
+    }
+
+    /// Stops counting this watcher as a connection while it still holds the drain: an HBONE TLS
+    /// connection, once established, only carries tunnels, which are counted themselves.
+    pub fn uncount(&mut self) {
+        if std::mem::take(&mut self.counted) {
+            self.shared.conns.fetch_sub(1, SeqCst);
+        }
+    }
 }
 
 impl Clone for Watcher {
     fn clone(&self) -> Self {
-        self.shared.live.fetch_add(1, SeqCst);
-        Self {
-            shared: self.shared.clone(),
-        }
+        Self::new(self.shared.clone(), self.counted)
     }
 }
 
 impl Drop for Watcher {
     fn drop(&mut self) {
+        if self.counted {
+            self.shared.conns.fetch_sub(1, SeqCst);
+        }
         // Only the last watcher of a drain pays for the notification (which takes a lock).
         if self.shared.live.fetch_sub(1, SeqCst) == 1 && self.shared.phase.load(SeqCst) >= DRAINING
         {
@@ -335,6 +373,51 @@ mod tests {
         conn.await.unwrap();
         drop(stubborn);
         assert_eq!(d.live(), 0);
+    }
+
+    #[tokio::test]
+    async fn holds_keep_the_drain_open_but_are_not_connections() {
+        let d = Drain::new();
+        let s = d.signal();
+        let hold = s.hold();
+        // A tunnel carrier: counted while it is a plain connection, then only a holder.
+        let mut carrier = s.watch();
+        let tunnel = s.watch();
+        assert_eq!(d.live(), 2);
+        carrier.uncount();
+        carrier.uncount();
+        assert_eq!(d.live(), 1, "uncount is idempotent");
+        let s2 = s.clone();
+        let conns = tokio::spawn(async move {
+            let (_c, _t) = (carrier, tunnel);
+            s2.forced().await;
+        });
+        assert!(!s.is_forced());
+        let r = d
+            .drain(Duration::from_millis(100), Duration::from_millis(200))
+            .await;
+        assert!(s.is_forced());
+        assert_eq!(
+            (r.forced, r.left),
+            (1, 0),
+            "the tunnel, not its carrier nor the hold"
+        );
+        conns.await.unwrap();
+        drop(hold);
+        assert_eq!(d.holders(), 0);
+
+        // A hold alone keeps the drain from ending early.
+        let d = Drain::new();
+        let hold = d.signal().hold();
+        assert_eq!(d.live(), 0);
+        let released = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            drop(hold);
+        });
+        let r = d.drain(Duration::from_secs(5), Duration::ZERO).await;
+        assert!(r.elapsed >= Duration::from_millis(90), "{r:?}");
+        assert_eq!((r.forced, r.left), (0, 0));
+        released.await.unwrap();
     }
 
     #[tokio::test]

@@ -6,7 +6,8 @@
 //! data path pays one `Option` check per connection — no `tracing` layer sees every event.
 //!
 //! Export is batched on the SDK's background threads: the data path only pushes finished spans and
-//! records into bounded queues (full queue = dropped, never a wait). Export failures are logged,
+//! records into bounded queues (full queue = dropped, never a wait); the gRPC channel itself runs
+//! on the runtime current when [`Otel::new`] runs (the binary: the operators'). Export failures are logged,
 //! rate-limited, by [`export`]'s wrappers. [`Otel::shutdown`] flushes what is queued.
 //!
 //! This module knows nothing of connections: the proxy hands it names, attributes and the parent
@@ -25,17 +26,24 @@ use opentelemetry::trace::{
     SpanContext, SpanKind, Status, TraceContextExt as _, Tracer as _, TracerProvider as _,
 };
 use opentelemetry::{Context, InstrumentationScope, KeyValue};
-use opentelemetry_otlp::{WithExportConfig as _, WithTonicConfig as _};
+use opentelemetry_otlp::WithTonicConfig as _;
+use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::logs::{BatchLogProcessor, SdkLogger, SdkLoggerProvider};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
-use opentelemetry_sdk::trace::{BatchSpanProcessor, Sampler, SdkTracer, SdkTracerProvider};
+use opentelemetry_sdk::trace::{
+    BatchSpanProcessor, ParentBasedSampler, Sampler, SdkTracer, SdkTracerProvider,
+};
 use opentelemetry_sdk::Resource;
+use tonic::transport::{Channel, Endpoint};
 
 pub use export::ExportCounts;
 pub use opentelemetry::trace::{SpanId, TraceId};
 
-/// How long [`Otel::shutdown`] waits for the queued spans and records to be exported.
-const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long [`Otel::shutdown`] waits, in all, for the queued spans and records to be exported
+/// (both signals at once). It runs after the drain deadline, inside Kubernetes' grace period
+/// (`terminationGracePeriodSeconds`, which should exceed the deadline by more than this): what a
+/// collector cannot take in 2 s is dropped rather than risking a SIGKILL.
+pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// OTel settings, by the standard OTel environment names (`Config::otel`; `None` = off).
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
@@ -43,7 +51,7 @@ pub struct OtelSettings {
     /// OTLP gRPC collector, `http://host:4317` or `https://…` (`OTEL_EXPORTER_OTLP_ENDPOINT`).
     pub endpoint: String,
     /// Share of new traces recorded, in [0, 1] (`OTEL_TRACES_SAMPLER_ARG`); a connection that
-    /// arrives with a `traceparent` follows the caller's decision instead (parent-based).
+    /// arrives with a sampled `traceparent` is recorded whatever the ratio ([`sampler`]).
     pub sampler_ratio: f64,
     /// `service.name` of the resource (`OTEL_SERVICE_NAME`).
     pub service_name: String,
@@ -164,8 +172,19 @@ impl std::fmt::Debug for Otel {
 
 impl Otel {
     /// Builds the exporters for `node` (its resource names it). Must run inside a tokio runtime:
-    /// the gRPC channel's worker is spawned on it. Nothing is dialled until the first export.
-    pub fn new(settings: &OtelSettings, node: &str) -> Result<Arc<Self>, OtelError> {
+    /// the gRPC channel's worker is spawned on it, and every export goes through that runtime
+    /// (the binary enters the operators' runtime for this, keeping export off the data plane).
+    /// Nothing is dialled until the first export.
+    ///
+    /// `connect` makes the channel from the configured endpoint: the composition root passes one
+    /// that marks the sockets with `PACKET_MARK` (`control_plane::lazy_channel`), so that a
+    /// captured pod's capture rules do not redirect its own telemetry; this basic module cannot
+    /// know about marks. Both signals share the channel (one HTTP/2 connection).
+    pub fn new(
+        settings: &OtelSettings,
+        node: &str,
+        connect: impl FnOnce(&Endpoint) -> Channel,
+    ) -> Result<Arc<Self>, OtelError> {
         settings.validate()?;
         let built = |signal| {
             move |e: opentelemetry_otlp::ExporterBuildError| OtelError::Exporter {
@@ -174,17 +193,13 @@ impl Otel {
                 reason: e.to_string(),
             }
         };
-        let tls = tls_config(settings)?;
-        let mut span_exporter = opentelemetry_otlp::SpanExporter::builder()
+        let channel = connect(&endpoint(settings)?);
+        let span_exporter = opentelemetry_otlp::SpanExporter::builder()
             .with_tonic()
-            .with_endpoint(settings.endpoint.clone());
-        let mut log_exporter = opentelemetry_otlp::LogExporter::builder()
+            .with_channel(channel.clone());
+        let log_exporter = opentelemetry_otlp::LogExporter::builder()
             .with_tonic()
-            .with_endpoint(settings.endpoint.clone());
-        if let Some(tls) = tls {
-            span_exporter = span_exporter.with_tls_config(tls.clone());
-            log_exporter = log_exporter.with_tls_config(tls);
-        }
+            .with_channel(channel);
         let span_exporter = span_exporter.build().map_err(built("traces"))?;
         let log_exporter = log_exporter.build().map_err(built("logs"))?;
         let resource = resource(settings, node);
@@ -202,9 +217,7 @@ impl Otel {
         .build();
         let traces = SdkTracerProvider::builder()
             .with_span_processor(spans)
-            .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
-                settings.sampler_ratio,
-            ))))
+            .with_sampler(sampler(settings.sampler_ratio))
             .with_resource(resource.clone())
             .build();
         let records =
@@ -287,59 +300,119 @@ impl Otel {
     }
 
     /// Flushes and stops both exporters (for drain). Later spans and records are dropped.
-    /// Idempotent; bounded by [`SHUTDOWN_TIMEOUT`] per signal.
+    /// Idempotent; both signals at once, bounded by [`SHUTDOWN_TIMEOUT`] in all.
     pub async fn shutdown(&self) {
         if self.shut.swap(true, Ordering::SeqCst) {
             return;
         }
-        let (traces, logs) = (self.traces.clone(), self.logs.clone());
-        let r = tokio::task::spawn_blocking(move || {
-            (
-                traces.shutdown_with_timeout(SHUTDOWN_TIMEOUT),
-                logs.shutdown_with_timeout(SHUTDOWN_TIMEOUT),
-            )
-        });
-        if let Ok((t, l)) = r.await {
-            for (signal, res) in [("traces", t), ("logs", l)] {
-                if let Err(e) = res {
-                    tracing::warn!(signal, error = %e, "OTLP shutdown did not flush everything");
+        let (t, l) = self.shut_down_providers();
+        // Each waits at most SHUTDOWN_TIMEOUT on its own thread; this bounds the wait too, in
+        // case a provider overruns its timeout.
+        let both = async { (t.await, l.await) };
+        match tokio::time::timeout(SHUTDOWN_TIMEOUT + Duration::from_millis(100), both).await {
+            Ok((t, l)) => {
+                for (signal, res) in [("traces", t), ("logs", l)] {
+                    match res {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => {
+                            tracing::warn!(signal, error = %e, "OTLP shutdown did not flush everything")
+                        }
+                        Err(_) => {
+                            tracing::warn!(signal, "OTLP shutdown thread ended without an answer")
+                        }
+                    }
                 }
             }
+            Err(_) => tracing::warn!(
+                timeout = ?SHUTDOWN_TIMEOUT,
+                "OTLP shutdown did not finish in time; the rest is dropped"
+            ),
         }
     }
+
+    /// Starts shutting both providers down, each on a thread of its own (the SDK's shutdown
+    /// blocks): concurrently, so that the total wait is one timeout, not one per signal.
+    fn shut_down_providers(
+        &self,
+    ) -> (
+        tokio::sync::oneshot::Receiver<OTelSdkResult>,
+        tokio::sync::oneshot::Receiver<OTelSdkResult>,
+    ) {
+        let traces = self.traces.clone();
+        let logs = self.logs.clone();
+        (
+            on_thread("traces", move || {
+                traces.shutdown_with_timeout(SHUTDOWN_TIMEOUT)
+            }),
+            on_thread("logs", move || logs.shutdown_with_timeout(SHUTDOWN_TIMEOUT)),
+        )
+    }
+}
+
+/// Runs `f` on a new thread; its result arrives on the receiver (dropped if no thread could be
+/// started, which the receiver sees as a closed channel).
+fn on_thread(
+    signal: &'static str,
+    f: impl FnOnce() -> OTelSdkResult + Send + 'static,
+) -> tokio::sync::oneshot::Receiver<OTelSdkResult> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let spawned = std::thread::Builder::new()
+        .name(format!("l4mesh-otel-{signal}"))
+        .spawn(move || {
+            let _ = tx.send(f());
+        });
+    if let Err(e) = spawned {
+        tracing::debug!(signal, error = %e, "no thread to shut the OTLP exporter down; dropping its queue");
+    }
+    rx
 }
 
 impl Drop for Otel {
     /// The SDK shuts a provider down, blocking, when its last handle drops — which could be a
-    /// connection task on a data-plane thread. Shutting down here, on a thread of its own, keeps
+    /// connection task on a data-plane thread. Shutting down here, on threads of their own, keeps
     /// that wait off every runtime thread.
     fn drop(&mut self) {
         if self.shut.swap(true, Ordering::SeqCst) {
             return;
         }
-        let (traces, logs) = (self.traces.clone(), self.logs.clone());
-        let spawned = std::thread::Builder::new()
-            .name("l4mesh-otel-shutdown".into())
-            .spawn(move || {
-                let _ = traces.shutdown_with_timeout(SHUTDOWN_TIMEOUT);
-                let _ = logs.shutdown_with_timeout(SHUTDOWN_TIMEOUT);
-            });
-        if let Err(e) = spawned {
-            tracing::debug!(error = %e, "no thread to shut the OTLP exporters down; dropping their queues");
-        }
+        drop(self.shut_down_providers());
     }
 }
 
-/// For an `https` endpoint: the configured roots, else the system's (the exporter's own default
-/// would trust none).
-fn tls_config(
-    settings: &OtelSettings,
-) -> Result<Option<tonic::transport::ClientTlsConfig>, OtelError> {
+/// Parent-based with the node's ratio for roots, except that a **remote** parent flagged "not
+/// sampled" gets the node's ratio too (Go's `WithRemoteParentNotSampled(TraceIDRatioBased)`).
+///
+/// Why: an l4mesh with OTel off — and ztunnel — sends a random `traceparent` flagged not sampled
+/// on every CONNECT. Plain parent-based sampling would then never record an inbound span from
+/// such a peer. A sampled remote parent is still followed (a trace started elsewhere stays
+/// whole), and local parents keep the standard behaviour. The ratio is decided on the trace id,
+/// so nodes with equal ratios still agree on a trace.
+pub fn sampler(ratio: f64) -> ParentBasedSampler {
+    Sampler::parent_based(Sampler::TraceIdRatioBased(ratio))
+        .with_remote_parent_not_sampled(Sampler::TraceIdRatioBased(ratio))
+}
+
+/// The collector's endpoint: per-request timeout as the exporter's own
+/// (`OTEL_EXPORTER_OTLP_TIMEOUT`, ms, default 10 s), and for `https` the configured roots, else
+/// the system's (the exporter's own default would trust none).
+fn endpoint(settings: &OtelSettings) -> Result<Endpoint, OtelError> {
+    let bad = |reason: String| OtelError::Exporter {
+        signal: "traces and logs",
+        endpoint: settings.endpoint.clone(),
+        reason,
+    };
+    let timeout = std::env::var("OTEL_EXPORTER_OTLP_TIMEOUT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or(Duration::from_secs(10), Duration::from_millis);
+    let ep = Endpoint::from_shared(settings.endpoint.clone())
+        .map_err(|e| bad(e.to_string()))?
+        .timeout(timeout);
     if !settings.endpoint.starts_with("https://") {
-        return Ok(None);
+        return Ok(ep);
     }
     let cfg = tonic::transport::ClientTlsConfig::new();
-    Ok(Some(match &settings.certificate {
+    let cfg = match &settings.certificate {
         Some(path) => {
             let pem = std::fs::read(path).map_err(|source| OtelError::Certificate {
                 path: path.clone(),
@@ -348,7 +421,8 @@ fn tls_config(
             cfg.ca_certificate(tonic::transport::Certificate::from_pem(pem))
         }
         None => cfg.with_native_roots(),
-    }))
+    };
+    ep.tls_config(cfg).map_err(|e| bad(e.to_string()))
 }
 
 fn resource(settings: &OtelSettings, node: &str) -> Resource {

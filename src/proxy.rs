@@ -6,7 +6,10 @@
 //! port conflict fails startup), wraps it with `new`, reads `address()`, then awaits `run()`.
 //! This module does not interpret application bytes.
 
+#[cfg(test)]
+mod accept_tests;
 mod access;
+mod access_fields;
 pub mod conn_tracker;
 pub mod copy;
 mod error;
@@ -239,36 +242,54 @@ impl Listener {
     pub async fn run(self) {
         let (ctx, role) = (self.ctx, self.role);
         let drain = ctx.drain.clone();
-        accept_loop(self.listener, role.name(), &drain, move |stream, peer| {
-            let ctx = ctx.clone();
-            async move {
-                match role {
-                    Role::Outbound => outbound::serve(&ctx, stream, peer).await,
-                    Role::InboundPlaintext => inbound_plain::serve(&ctx, stream, peer).await,
-                    Role::Socks5 => socks5::serve(&ctx, stream, peer).await,
-                    Role::InboundHbone => inbound_hbone::serve(ctx, stream, peer).await,
+        accept_loop(
+            self.listener,
+            role.name(),
+            &drain,
+            move |stream, peer, watcher| {
+                let ctx = ctx.clone();
+                async move {
+                    // An HBONE connection counts as a connection until its tunnels do instead.
+                    if role == Role::InboundHbone {
+                        return inbound_hbone::serve(ctx, stream, peer, watcher).await;
+                    }
+                    let _watcher = watcher;
+                    match role {
+                        Role::Outbound => outbound::serve(&ctx, stream, peer).await,
+                        Role::InboundPlaintext => inbound_plain::serve(&ctx, stream, peer).await,
+                        Role::Socks5 => socks5::serve(&ctx, stream, peer).await,
+                        Role::InboundHbone => {}
+                    }
                 }
-            }
-        })
+            },
+        )
         .await
     }
 }
 
-/// Accepts connections until a drain starts, spawning `handle` for each with a drain watcher; a
-/// failed accept (e.g. out of file descriptors) is logged and retried after a short pause instead
-/// of killing the listener. Returning drops (closes) the listening socket.
+/// Accepts connections until a drain starts, spawning `handle` for each with the drain watcher it
+/// must hold for its life; a failed accept (e.g. out of file descriptors) is logged and retried
+/// after a short pause instead of killing the listener. Returning drops (closes) the listening
+/// socket.
+///
+/// No connection can be accepted yet unwatched when the drain looks for open ones: the loop holds
+/// the drain for its whole life ([`crate::drain::Signal::hold`]), checks the drain before every
+/// accept (`biased`), and watches an accepted connection before anything else, so the count of
+/// holders never drops to zero between an accept and its watcher.
 async fn accept_loop<F, Fut>(
     listener: tokio::net::TcpListener,
     name: &'static str,
     drain: &crate::drain::Signal,
     handle: F,
 ) where
-    F: Fn(tokio::net::TcpStream, SocketAddr) -> Fut,
+    F: Fn(tokio::net::TcpStream, SocketAddr, crate::drain::Watcher) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
+    let _hold = drain.hold();
     let mut draining = std::pin::pin!(drain.draining());
     loop {
         let accepted = tokio::select! {
+            biased;
             () = &mut draining => {
                 tracing::info!(listener = name, "draining: stopped accepting connections");
                 return;
@@ -277,15 +298,11 @@ async fn accept_loop<F, Fut>(
         };
         match accepted {
             Ok((stream, peer)) => {
+                let watcher = drain.watch();
                 if let Err(e) = crate::socket::tune_accepted(&stream) {
                     tracing::debug!(listener = name, %peer, error = %e, "could not tune accepted socket");
                 }
-                let watcher = drain.watch();
-                let conn = handle(stream, peer);
-                tokio::spawn(async move {
-                    let _watcher = watcher;
-                    conn.await
-                });
+                tokio::spawn(handle(stream, peer, watcher));
             }
             Err(e) => {
                 tracing::warn!(listener = name, error = %e, "accept failed; retrying in 50ms");

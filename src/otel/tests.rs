@@ -90,7 +90,7 @@ use std::time::Instant;
 fn otel(ratio: f64) -> Arc<Otel> {
     let mut s = OtelSettings::new("http://127.0.0.1:9");
     s.sampler_ratio = ratio;
-    Otel::new(&s, "node-a").unwrap()
+    Otel::new(&s, "node-a", Endpoint::connect_lazy).unwrap()
 }
 
 fn traceparent(t: &ConnTrace) -> String {
@@ -120,7 +120,8 @@ async fn traceparent_carries_the_span_and_the_sampling_decision() {
     assert_ne!(isc.span_id(), sc.span_id());
     assert!(isc.is_sampled());
 
-    // The caller's "not sampled" wins over this node's ratio of 1.
+    // A caller's "not sampled" (an OTel-off peer's random traceparent) gets this node's ratio
+    // of 1: recorded, in the caller's trace.
     let unsampled = format!("00-{}-{}-00", sc.trace_id(), sc.span_id());
     let inb = b.start(
         "inbound",
@@ -128,7 +129,7 @@ async fn traceparent_carries_the_span_and_the_sampling_decision() {
         Some(&headers(&unsampled)),
         Vec::new(),
     );
-    assert!(!inb.span_context().is_sampled());
+    assert!(inb.span_context().is_sampled());
     assert_eq!(inb.span_context().trace_id(), sc.trace_id());
 
     // A malformed header starts a new trace, sampled by this node's ratio.
@@ -163,6 +164,16 @@ async fn ratio_zero_samples_no_new_trace_but_follows_a_sampled_caller() {
         Vec::new(),
     );
     assert!(child.span_context().is_sampled());
+    // An unsampled caller gets this node's ratio (0): not recorded.
+    let unsampled = format!("00-{}-{}-00", TraceId::from(7u128), SpanId::from(9u64));
+    let child = o.start(
+        "inbound",
+        SpanKind::Server,
+        Some(&headers(&unsampled)),
+        Vec::new(),
+    );
+    assert!(!child.span_context().is_sampled());
+    assert!(child.span_context().is_valid());
     o.shutdown().await;
     // Idempotent, and quick the second time.
     tokio::time::timeout(Duration::from_millis(100), o.shutdown())
@@ -174,10 +185,103 @@ async fn ratio_zero_samples_no_new_trace_but_follows_a_sampled_caller() {
 fn an_unreadable_certificate_fails_startup_with_its_path() {
     let mut s = OtelSettings::new("https://127.0.0.1:4317");
     s.certificate = Some("/nonexistent/otel-ca.pem".into());
-    let e = Otel::new(&s, "n").unwrap_err().to_string();
+    let e = Otel::new(&s, "n", Endpoint::connect_lazy)
+        .unwrap_err()
+        .to_string();
     assert!(
         e.contains("reading OTEL_EXPORTER_OTLP_CERTIFICATE \"/nonexistent/otel-ca.pem\"")
             && e.contains("expected a PEM file"),
         "{e}"
     );
+}
+
+/// The sampler's four parent cases and the root, decided on ratio 1 and 0: only a remote
+/// unsampled parent differs from plain parent-based sampling.
+#[test]
+fn remote_unsampled_parents_get_the_ratio_local_ones_do_not() {
+    use opentelemetry::trace::{TraceFlags, TraceState};
+    use opentelemetry_sdk::trace::SamplingDecision;
+    use opentelemetry_sdk::trace::ShouldSample as _;
+    let decide = |ratio: f64, parent: Option<(bool, bool)>| {
+        let cx = parent.map(|(remote, sampled)| {
+            let flags = if sampled {
+                TraceFlags::SAMPLED
+            } else {
+                TraceFlags::default()
+            };
+            let sc = SpanContext::new(
+                TraceId::from(0x1234u128),
+                SpanId::from(5u64),
+                flags,
+                remote,
+                TraceState::default(),
+            );
+            Context::new().with_remote_span_context(sc)
+        });
+        sampler(ratio)
+            .should_sample(
+                cx.as_ref(),
+                TraceId::from(0x1234u128),
+                "n",
+                &SpanKind::Server,
+                &[],
+                &[],
+            )
+            .decision
+            == SamplingDecision::RecordAndSample
+    };
+    for ratio in [0.0, 1.0] {
+        let by_ratio = ratio == 1.0;
+        assert_eq!(decide(ratio, None), by_ratio, "root, ratio {ratio}");
+        assert!(
+            decide(ratio, Some((true, true))),
+            "remote sampled, ratio {ratio}"
+        );
+        assert_eq!(
+            decide(ratio, Some((true, false))),
+            by_ratio,
+            "remote unsampled, ratio {ratio}"
+        );
+        assert!(
+            decide(ratio, Some((false, true))),
+            "local sampled, ratio {ratio}"
+        );
+        assert!(
+            !decide(ratio, Some((false, false))),
+            "local unsampled, ratio {ratio}"
+        );
+    }
+}
+
+/// Shutdown waits for both signals at once, at most SHUTDOWN_TIMEOUT in all, even when the
+/// collector accepts connections but never answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_is_bounded_when_the_collector_hangs() {
+    // Accepts TCP, never speaks HTTP/2: every export hangs until its timeout.
+    let hung = tokio::net::TcpListener::bind("127.55.9.1:0").await.unwrap();
+    let addr = hung.local_addr().unwrap();
+    let accepting = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = hung.accept().await {
+            held.push(s);
+        }
+    });
+    let o = Otel::new(
+        &OtelSettings::new(format!("http://{addr}")),
+        "node-a",
+        Endpoint::connect_lazy,
+    )
+    .unwrap();
+    for _ in 0..10 {
+        let t = o.start("outbound", SpanKind::Client, None, Vec::new());
+        t.finish(Vec::new(), None, "connection complete");
+    }
+    let started = Instant::now();
+    o.shutdown().await;
+    let took = started.elapsed();
+    assert!(
+        took <= SHUTDOWN_TIMEOUT + Duration::from_millis(500),
+        "shutdown took {took:?}, more than {SHUTDOWN_TIMEOUT:?}"
+    );
+    accepting.abort();
 }

@@ -145,24 +145,9 @@ impl ConnLog {
         if let Some(c) = &self.counters {
             c.record(self.direction == "inbound", t, self.status, err.is_none());
         }
-        let up = self.upstream.as_ref();
-        let upstream_addr = up.map(|u| u.addr.to_string());
-        // Through a waypoint, `dst.upstream` stays what was dialled (the tunnel's authority).
-        let waypoint = up
-            .and_then(|u| u.waypoint.as_ref())
-            .map(|w| format!("{}/{}@{}", w.workload.namespace, w.workload.name, w.addr));
-        let dst_workload = up.and_then(|u| u.workload.as_ref());
-        let service = up
-            .and_then(|u| u.service.as_ref())
-            .map(|s| s.hostname.as_str());
-        let duration_ms = self.start.elapsed().as_millis() as u64;
-        let (flag, blame, error) = match err {
-            None => ("-", None, None),
-            Some(e) => {
-                let (flag, blame) = e.classify();
-                (flag, Some(blame), Some(e.to_string()))
-            }
-        };
+        // Computed once, for this line and for the span.
+        let fields = super::access_fields::AccessFields::new(self, t, err);
+        let flag = fields.flag;
         if let Some(m) = &self.metrics {
             // The metric's flag is ztunnel's (`-`, `DENY`, `CONNECT`), the log's Envoy's.
             let metric_flag = err.map_or_else(Default::default, ProxyError::metric_flag);
@@ -181,18 +166,18 @@ impl ConnLog {
                     src.identity = self.src_identity.as_deref(),
                     dst.identity = self.dst_identity.as_deref(),
                     dst.addr = %self.dst,
-                    dst.upstream = upstream_addr.as_deref(),
-                    dst.service = service,
-                    dst.workload = dst_workload.map(|w| w.name.as_str()),
-                    dst.namespace = dst_workload.map(|w| w.namespace.as_str()),
-                    dst.waypoint = waypoint.as_deref(),
+                    dst.upstream = fields.upstream.as_deref(),
+                    dst.service = fields.service,
+                    dst.workload = fields.dst_workload,
+                    dst.namespace = fields.dst_namespace,
+                    dst.waypoint = fields.waypoint.as_deref(),
                     hbone.status = self.status,
                     bytes_sent = t.sent,
                     bytes_recv = t.received,
-                    duration_ms,
+                    duration_ms = fields.duration_ms,
                     response_flags = flag,
-                    blame = blame.map(|b| format!("{b:?}")),
-                    error = error.as_deref(),
+                    blame = fields.blame.as_deref(),
+                    error = fields.error.as_deref(),
                     $msg
                 )
             };
@@ -202,7 +187,7 @@ impl ConnLog {
         } else {
             access_line!(tracing::Level::WARN, "connection failed");
         }
-        super::trace::finish(self, t, err);
+        super::trace::finish(self, &fields);
     }
 }
 

@@ -69,7 +69,14 @@ enum Decision {
     Deny(String),
 }
 
-pub(super) async fn serve(ctx: Arc<ProxyCtx>, tcp: TcpStream, src: SocketAddr) {
+/// `watcher` counts the connection for the drain until the handshakes succeed; from then on the
+/// connection only carries tunnels, which the drain counts instead.
+pub(super) async fn serve(
+    ctx: Arc<ProxyCtx>,
+    tcp: TcpStream,
+    src: SocketAddr,
+    mut watcher: crate::drain::Watcher,
+) {
     let dialled = match crate::socket::destination(&tcp) {
         Ok(d) => d,
         Err(e) => {
@@ -80,7 +87,10 @@ pub(super) async fn serve(ctx: Arc<ProxyCtx>, tcp: TcpStream, src: SocketAddr) {
         }
     };
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&ctx, tcp, dialled)).await {
-        Ok(Ok((conn, peer))) => serve_h2(ctx, conn, src, dialled, peer).await,
+        Ok(Ok((conn, peer))) => {
+            watcher.uncount();
+            serve_h2(ctx, conn, src, dialled, peer).await
+        }
         Ok(Err(e)) => ConnLog::new("inbound", "inbound_hbone", src, dialled)
             .finish(Transferred::default(), Some(&e)),
         Err(_) => ConnLog::new("inbound", "inbound_hbone", src, dialled).finish(
@@ -223,7 +233,7 @@ async fn stream(
         stop = Some(super::stop::revoked_or_drained(&mut reg, &ctx.drain).await);
     })
     .await;
-    let r = super::stop::outcome(r, stop);
+    let r = super::stop::outcome(r, stop, &ctx.drain);
     if r.is_err() {
         tw.reset(h2::Reason::CANCEL);
     }

@@ -43,7 +43,7 @@ pub(super) async fn serve(ctx: &ProxyCtx, down: TcpStream, src: SocketAddr) {
         stop = Some(super::stop::revoked_or_drained(&mut reg, &ctx.drain).await);
     })
     .await;
-    let r = super::stop::outcome(r, stop);
+    let r = super::stop::outcome(r, stop, &ctx.drain);
     log.finish(t, r.err().as_ref());
 }
 

@@ -200,5 +200,5 @@ pub(super) async fn relay(ctx: &ProxyCtx, mut down: TcpStream, up: UpConn, log: 
             res
         }
     };
-    log.finish(t, super::stop::outcome(r, stop).err().as_ref());
+    log.finish(t, super::stop::outcome(r, stop, &ctx.drain).err().as_ref());
 }

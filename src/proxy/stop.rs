@@ -27,13 +27,23 @@ pub(super) async fn drained(drain: &Signal) -> Stop {
 }
 
 /// The connection's outcome from the copy's result and, if it was stopped, why.
-pub(super) fn outcome(r: Result<(), CopyError>, stop: Option<Stop>) -> Result<(), ProxyError> {
+///
+/// A copy that failed once the drain deadline passed is `Drained` too, even if it did not see
+/// the deadline itself: at the deadline an HBONE server drops its HTTP/2 connection, and a
+/// tunnel's copy may see its stream reset before its own stop future runs — that is the drain's
+/// doing, not the peer's (`LR`, not `DC`/`UC`).
+pub(super) fn outcome(
+    r: Result<(), CopyError>,
+    stop: Option<Stop>,
+    drain: &Signal,
+) -> Result<(), ProxyError> {
     match (r, stop) {
         (Err(CopyError::Stopped), Some(Stop::Revoked(rev))) => Err(ProxyError::Revoked {
             policy: rev.policy,
             reason: rev.reason,
         }),
         (Err(CopyError::Stopped), Some(Stop::Drained)) => Err(ProxyError::Drained),
+        (Err(_), None | Some(Stop::Drained)) if drain.is_forced() => Err(ProxyError::Drained),
         (r, _) => r.map_err(ProxyError::from),
     }
 }

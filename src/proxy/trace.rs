@@ -7,8 +7,8 @@ use opentelemetry::trace::SpanKind;
 use opentelemetry::KeyValue;
 
 use super::access::ConnLog;
-use super::copy::Transferred;
-use super::{ProxyCtx, ProxyError};
+use super::access_fields::AccessFields;
+use super::ProxyCtx;
 
 /// Starts the connection's span. Inbound HBONE passes the CONNECT's headers: the span continues
 /// the trace of their `traceparent` (the caller's outbound span is its parent).
@@ -71,7 +71,7 @@ pub(super) fn connected(log: &ConnLog) {
 }
 
 /// Ends the span and emits the access-log record, both with the access line's fields.
-pub(super) fn finish(log: &ConnLog, t: Transferred, err: Option<&ProxyError>) {
+pub(super) fn finish(log: &ConnLog, f: &AccessFields<'_>) {
     let Some(trace) = &log.trace else { return };
     let mut attrs = Vec::with_capacity(20);
     let mut opt = |k: &'static str, v: Option<String>| {
@@ -79,47 +79,30 @@ pub(super) fn finish(log: &ConnLog, t: Transferred, err: Option<&ProxyError>) {
             attrs.push(KeyValue::new(k, v));
         }
     };
-    let up = log.upstream.as_ref();
-    let dst_workload = up.and_then(|u| u.workload.as_ref());
     opt("src.workload", log.src_workload.clone());
     opt("src.identity", log.src_identity.clone());
     opt("dst.identity", log.dst_identity.clone());
-    opt("dst.upstream", up.map(|u| u.addr.to_string()));
-    opt(
-        "dst.service",
-        up.and_then(|u| u.service.as_ref())
-            .map(|s| s.hostname.clone()),
-    );
-    opt("dst.workload", dst_workload.map(|w| w.name.clone()));
-    opt("dst.namespace", dst_workload.map(|w| w.namespace.clone()));
-    opt(
-        "dst.waypoint",
-        up.and_then(|u| u.waypoint.as_ref())
-            .map(|w| format!("{}/{}@{}", w.workload.namespace, w.workload.name, w.addr)),
-    );
-    let (flag, blame, error) = match err {
-        None => ("-", None, None),
-        Some(e) => {
-            let (flag, blame) = e.classify();
-            (flag, Some(format!("{blame:?}")), Some(e.to_string()))
-        }
-    };
-    opt("blame", blame);
-    opt("error", error.clone());
+    opt("dst.upstream", f.upstream.clone());
+    opt("dst.service", f.service.map(str::to_owned));
+    opt("dst.workload", f.dst_workload.map(str::to_owned));
+    opt("dst.namespace", f.dst_namespace.map(str::to_owned));
+    opt("dst.waypoint", f.waypoint.clone());
+    opt("blame", f.blame.clone());
+    opt("error", f.error.clone());
     attrs.extend([
         KeyValue::new("dst.addr", log.dst.to_string()),
-        KeyValue::new("bytes_sent", t.sent as i64),
-        KeyValue::new("bytes_recv", t.received as i64),
-        KeyValue::new("duration_ms", log.start.elapsed().as_millis() as i64),
-        KeyValue::new("response_flags", flag),
+        KeyValue::new("bytes_sent", f.transferred.sent as i64),
+        KeyValue::new("bytes_recv", f.transferred.received as i64),
+        KeyValue::new("duration_ms", f.duration_ms as i64),
+        KeyValue::new("response_flags", f.flag),
     ]);
     if let Some(s) = log.status {
         attrs.push(KeyValue::new("hbone.status", i64::from(s)));
     }
-    let message = if err.is_none() {
-        "connection complete"
-    } else {
+    let message = if f.failed() {
         "connection failed"
+    } else {
+        "connection complete"
     };
-    trace.finish(attrs, error.as_deref(), message);
+    trace.finish(attrs, f.error.as_deref(), message);
 }

@@ -413,3 +413,142 @@ async fn in_process_drain_reports_what_it_closed() {
     assert!(report.elapsed >= Duration::from_millis(450), "{report:?}");
     assert_eq!(r.open_connections(), 0);
 }
+
+/// At the deadline, an inbound HBONE tunnel still open is one connection closed (not two: its
+/// TLS connection is not counted again), and its access line says `LR` (closed by
+/// the drain), not `DC`/`UC` — even though the HTTP/2 connection is dropped at the same moment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forced_hbone_tunnel_counts_once_and_is_logged_lr() {
+    l4mesh::telemetry::init(l4mesh::telemetry::LogFormat::Plain);
+    let b_wl = "127.55.2.2";
+    // `a` only gives the raw client's identity (`client`) a served workload, for the CA.
+    let state = format!(
+        r#"
+workloads:
+- uid: cluster1//v1/Pod/default/a
+  name: a
+  namespace: default
+  serviceAccount: client
+  workloadIps: ["127.55.2.1"]
+  protocol: HBONE
+  node: node-a
+- uid: cluster1//v1/Pod/default/b
+  name: b
+  namespace: default
+  serviceAccount: server
+  workloadIps: ["{b_wl}"]
+  protocol: HBONE
+  node: node-b
+"#
+    );
+    let mut c = xds_testserver::Config::new(StateSource::Yaml(state));
+    c.listen = "127.55.2.100:0".parse().unwrap();
+    let ts = Handle::start(c).await.unwrap();
+    let _backend = Backend::start(&format!("{b_wl}:18080"), "b").await;
+    let mut config = l4mesh::config::Config::local("127.55.2.12".parse().unwrap());
+    config.node_name = "node-b".into();
+    config.hbone_addr = format!("{b_wl}:15008").parse().unwrap();
+    config.connect_timeout = Duration::from_secs(5);
+    config.connection_termination_deadline = Duration::from_millis(300);
+    let col = super::otel::Collector::start("127.55.2.50").await;
+    config.otel = Some(super::otel::settings(col.endpoint(), 1.0));
+    config.source = l4mesh::config::Source::Xds(l4mesh::config::XdsSettings::plaintext(&format!(
+        "http://{}",
+        ts.addr()
+    )));
+    config.ca = l4mesh::config::CaSource::Istio(testserver_ca(&ts));
+    let b = l4mesh::app::start(&config).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), b.readiness.wait())
+        .await
+        .unwrap();
+
+    let raw = raw_hbone(&ts, config.hbone_addr).await;
+    let req = http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri(format!("{b_wl}:18080"))
+        .body(())
+        .unwrap();
+    let (resp, mut send) = raw.ready().await.unwrap().send_request(req, false).unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(5), resp)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    send.send_data(bytes::Bytes::from_static(b"open"), false)
+        .unwrap();
+    // The backend answers at the end of the stream, which never comes.
+    let _body = resp.into_body();
+    assert_eq!(
+        b.open_connections(),
+        1,
+        "one tunnel open, its TLS connection not counted"
+    );
+
+    let report = b.drain().await;
+    assert_eq!((report.forced, report.left), (1, 0), "{report:?}");
+    assert_eq!(b.open_connections(), 0);
+    // The access record (exported over OTLP: the same fields as the access line) says LR.
+    b.proxy.otel.as_ref().unwrap().shutdown().await;
+    let flags: Vec<String> = col
+        .logs()
+        .iter()
+        .filter_map(|(_, r)| super::otel::str_attr(&r.attributes, "response_flags"))
+        .collect();
+    assert_eq!(flags, ["LR"], "the tunnel is closed by the drain");
+}
+
+/// The binary exports from the operators' runtime and flushes at exit: with a batch delay far
+/// longer than the test, the connection's span and access record reach the collector only
+/// through the flush after the drain — and the exit still comes promptly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_flushes_otel_after_the_drain() {
+    let backend = Backend::start("127.55.3.9:18080", "b").await;
+    let col = super::otel::Collector::start("127.55.3.50").await;
+    let mut node = L4mesh::spawn(
+        "127.55.3.1",
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", col.endpoint()),
+            ("OTEL_BSP_SCHEDULE_DELAY", "600000".into()),
+        ],
+    );
+    node.ready().await;
+    let dst = backend.addr;
+    let mut s = socks5_connect(node.socks5, &dst.ip().to_string(), dst.port())
+        .await
+        .unwrap();
+    s.write_all(b"traced").await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut out = String::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(out, "b:traced");
+    assert!(
+        node.wait_line(&["connection complete"], Duration::from_secs(5))
+            .await,
+        "{}",
+        node.log()
+    );
+    assert!(col.logs().is_empty(), "nothing exported before the exit");
+    let term = Instant::now();
+    node.signal("TERM");
+    assert_eq!(
+        node.exit_code(Duration::from_secs(5)).await,
+        Some(0),
+        "{}",
+        node.log()
+    );
+    assert!(
+        term.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        term.elapsed()
+    );
+    let flags: Vec<String> = col
+        .logs()
+        .iter()
+        .filter_map(|(_, r)| super::otel::str_attr(&r.attributes, "response_flags"))
+        .collect();
+    assert_eq!(flags, ["-"], "the access record, flushed at exit");
+    assert_eq!(col.spans().len(), 1, "and the span");
+}

@@ -113,7 +113,7 @@ impl LogsService for Received {
 }
 
 /// An OTLP gRPC receiver on `ip` (ephemeral port), stopped on drop.
-struct Collector {
+pub(super) struct Collector {
     addr: SocketAddr,
     got: Received,
     task: tokio::task::JoinHandle<()>,
@@ -126,7 +126,7 @@ impl Drop for Collector {
 }
 
 impl Collector {
-    async fn start(ip: &str) -> Collector {
+    pub(super) async fn start(ip: &str) -> Collector {
         let l = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
         let addr = l.local_addr().unwrap();
         let got = Received::default();
@@ -162,20 +162,20 @@ impl Collector {
         (Collector { addr, got, task }, cert)
     }
 
-    fn endpoint(&self) -> String {
+    pub(super) fn endpoint(&self) -> String {
         format!("http://{}", self.addr)
     }
 
-    fn spans(&self) -> Vec<(String, Span)> {
+    pub(super) fn spans(&self) -> Vec<(String, Span)> {
         self.got.spans.lock().unwrap().clone()
     }
 
-    fn logs(&self) -> Vec<(String, LogRecord)> {
+    pub(super) fn logs(&self) -> Vec<(String, LogRecord)> {
         self.got.logs.lock().unwrap().clone()
     }
 }
 
-fn str_attr(attrs: &[KeyValue], key: &str) -> Option<String> {
+pub(super) fn str_attr(attrs: &[KeyValue], key: &str) -> Option<String> {
     attrs.iter().find(|kv| kv.key == key).and_then(|kv| {
         match kv.value.as_ref()?.value.as_ref()? {
             Value::StringValue(s) => Some(s.clone()),
@@ -262,7 +262,7 @@ async fn node(
     r
 }
 
-fn settings(endpoint: String, ratio: f64) -> OtelSettings {
+pub(super) fn settings(endpoint: String, ratio: f64) -> OtelSettings {
     let mut s = OtelSettings::new(endpoint);
     s.sampler_ratio = ratio;
     // Short batches: the test waits for them (and flushes too).
@@ -463,8 +463,10 @@ async fn a_failed_connection_is_a_warning_with_an_error_span() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_sampling_decision_travels_with_the_tunnel() {
-    // A samples nothing (ratio 0); B would sample everything, but follows A's decision.
+async fn an_unsampled_caller_gets_the_receivers_ratio() {
+    // A samples nothing (ratio 0): its CONNECT's traceparent says "not sampled", as an OTel-off
+    // l4mesh's or ztunnel's does. B samples everything: it records its inbound span, in A's
+    // trace, instead of following A's "not sampled".
     let col = Collector::start("127.56.3.1").await;
     let m = Mesh::start(
         3,
@@ -474,24 +476,35 @@ async fn the_sampling_decision_travels_with_the_tunnel() {
     .await;
     let _backend = m.backend().await;
     assert_eq!(m.exchange("unsampled").await, "b:unsampled");
-    wait_until(&m, "access records from both nodes", || {
+    wait_until(&m, "access records from both nodes and B's span", || {
         let l = col.logs();
         ["node-a", "node-b"]
             .iter()
             .all(|n| l.iter().any(|(ln, _)| ln == n))
+            && !col.spans().is_empty()
     })
     .await;
     let logs = col.logs();
     assert_eq!(logs.len(), 2, "one record per node: {logs:?}");
-    assert_eq!(
-        logs[0].1.trace_id, logs[1].1.trace_id,
-        "the trace id still flows"
-    );
-    assert_eq!(logs[0].1.flags & 1, 0, "records say: not sampled");
+    let rec = |node: &str| {
+        logs.iter()
+            .find(|(n, _)| n == node)
+            .map(|(_, r)| r.clone())
+            .unwrap()
+    };
+    let (ra, rb) = (rec("node-a"), rec("node-b"));
+    assert_eq!(ra.trace_id, rb.trace_id, "the trace id still flows");
+    assert_eq!(ra.flags & 1, 0, "A's record says: not sampled");
+    assert_eq!(rb.flags & 1, 1, "B's record says: sampled by B's ratio");
     for o in [&m.a, &m.b] {
         o.proxy.otel.as_ref().unwrap().shutdown().await;
     }
-    assert!(col.spans().is_empty(), "no spans: {:?}", col.spans());
+    let spans = col.spans();
+    assert_eq!(spans.len(), 1, "only B's span: {spans:?}");
+    let (node, span) = &spans[0];
+    assert_eq!(node, "node-b");
+    assert_eq!(span.name, "l4mesh inbound_hbone");
+    assert_eq!(span.trace_id, ra.trace_id, "in A's trace");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -579,8 +592,12 @@ async fn exports_to_an_https_collector_with_a_configured_root() {
     }
     // Without that root (system roots only) the collector's certificate is refused.
     let before = *col.got.requests.lock().unwrap();
-    let untrusting =
-        l4mesh::otel::Otel::new(&settings(format!("https://{}", col.addr), 1.0), "node-c").unwrap();
+    let untrusting = l4mesh::otel::Otel::new(
+        &settings(format!("https://{}", col.addr), 1.0),
+        "node-c",
+        |ep| l4mesh::control_plane::lazy_channel(ep, 0),
+    )
+    .unwrap();
     let span = untrusting.start(
         "probe",
         opentelemetry::trace::SpanKind::Internal,
