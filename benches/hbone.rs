@@ -66,6 +66,8 @@ fn l4mesh(xds: &str, node: &str, ip: &str, port_base: u16) -> Proc {
         )
         .env("L4MESH_SOCKS5_ADDR", format!("{ip}:{}", port_base + 80))
         .env("L4MESH_READINESS_ADDR", format!("{ip}:{}", port_base + 21))
+        .env("L4MESH_METRICS_ADDR", format!("{ip}:{}", port_base + 20))
+        .env("L4MESH_ADMIN_ADDR", format!("{ip}:{}", port_base))
         .env("L4MESH_HBONE_ADDR", format!("{ip}:15008"))
         .stdout(Stdio::null())
         .spawn()

@@ -138,6 +138,8 @@ fn start_l4mesh() -> (Proc, SocketAddr) {
         .env("RUST_LOG", "warn")
         .env("L4MESH_OUTBOUND_ADDR", "127.0.0.1:25001")
         .env("L4MESH_INBOUND_PLAINTEXT_ADDR", "127.0.0.1:25006")
+        .env("L4MESH_METRICS_ADDR", "127.0.0.1:25020")
+        .env("L4MESH_ADMIN_ADDR", "127.0.0.1:25000")
         .env("L4MESH_SOCKS5_ADDR", socks.to_string())
         .stdout(Stdio::null())
         .spawn()

@@ -105,6 +105,8 @@ fn main() {
         .env("ZTUNNEL_WORKER_THREADS", "1")
         .env("L4MESH_OUTBOUND_ADDR", "127.0.0.1:27001")
         .env("L4MESH_INBOUND_PLAINTEXT_ADDR", "127.0.0.1:27006")
+        .env("L4MESH_METRICS_ADDR", "127.0.0.1:27020")
+        .env("L4MESH_ADMIN_ADDR", "127.0.0.1:27000")
         .env("L4MESH_SOCKS5_ADDR", "127.0.0.1:27080")
         .env("L4MESH_READINESS_ADDR", readiness)
         .stderr(Stdio::piped())
