@@ -15,7 +15,6 @@
 mod config_dump;
 mod logging;
 
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,6 +24,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use tokio::net::TcpListener;
 
 use crate::drain::Drain;
+pub(crate) use crate::http_server::text;
 use crate::identity::SecretManager;
 use crate::store::Store;
 use crate::xds::XdsMetrics;
@@ -53,27 +53,7 @@ POST /quitquitquit                drain (readiness fails, listeners close, HBONE
 
 /// Serves the admin API on `listener` until the task is dropped.
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
-    loop {
-        let (stream, _) = match listener.accept().await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "admin accept failed; retrying in 50ms");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let state = state.clone();
-        tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                let state = state.clone();
-                async move { Ok::<_, Infallible>(route(&req, &state)) }
-            });
-            let io = hyper_util::rt::TokioIo::new(stream);
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(io, svc)
-                .await;
-        });
-    }
+    crate::http_server::serve(listener, "admin", move |req| route(req, &state)).await
 }
 
 /// Answers one request; every handler is synchronous (they read snapshots and counters).
@@ -113,16 +93,6 @@ fn quit(state: &AdminState) -> Response<Full<Bytes>> {
     } else {
         text(StatusCode::OK, "already draining\n".into())
     }
-}
-
-pub(crate) fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
-    let mut resp = Response::new(Full::new(Bytes::from(body)));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    resp
 }
 
 #[cfg(test)]

@@ -8,7 +8,6 @@
 //! A basic building block: it knows nothing of xDS or the proxy; they hold [`BlockReady`] tokens.
 
 use std::collections::BTreeSet;
-use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 
 use http_body_util::Full;
@@ -94,28 +93,10 @@ impl Readiness {
 
 /// Serves `GET /healthz/ready` on `listener` forever (also while draining: it answers 503 then).
 pub async fn serve(listener: TcpListener, readiness: Readiness, drain: crate::drain::Signal) {
-    loop {
-        let (stream, _) = match listener.accept().await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "readiness accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let (readiness, drain) = (readiness.clone(), drain.clone());
-        tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                let draining = drain.is_draining();
-                let readiness = readiness.clone();
-                async move { Ok::<_, Infallible>(answer(&req, &readiness, draining)) }
-            });
-            let io = hyper_util::rt::TokioIo::new(stream);
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(io, svc)
-                .await;
-        });
-    }
+    crate::http_server::serve(listener, "readiness", move |req| {
+        answer(req, &readiness, drain.is_draining())
+    })
+    .await
 }
 
 fn answer<B>(req: &Request<B>, readiness: &Readiness, draining: bool) -> Response<Full<Bytes>> {

@@ -16,6 +16,7 @@ mod integration {
     mod metrics;
     pub mod netns;
     mod otel;
+    mod raw_hbone;
     mod rbac;
     mod redirect;
     mod waypoint;

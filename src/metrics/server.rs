@@ -5,7 +5,6 @@
 //! `application/openmetrics-text` (Prometheus does), else the Prometheus text format 0.0.4 (curl,
 //! older scrapers). The body is encoded per request, on the runtime [`serve`] is spawned on.
 
-use std::convert::Infallible;
 use std::sync::Arc;
 
 use http_body_util::Full;
@@ -14,6 +13,7 @@ use hyper::{header, Method, Request, Response, StatusCode};
 use tokio::net::TcpListener;
 
 use super::Metrics;
+use crate::http_server::text;
 
 /// Content type of the OpenMetrics text answer.
 pub const OPENMETRICS_CONTENT_TYPE: &str =
@@ -25,37 +25,7 @@ pub const PROMETHEUS_CONTENT_TYPE: &str =
 /// Serves the metrics on `listener` until the future is dropped. Runtime-agnostic apart from
 /// needing a tokio runtime to spawn one task per connection on.
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
-    loop {
-        let (stream, _) = match listener.accept().await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "metrics accept failed; retrying in 50ms");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                let metrics = metrics.clone();
-                async move { Ok::<_, Infallible>(answer(&req, &metrics)) }
-            });
-            let io = hyper_util::rt::TokioIo::new(stream);
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(io, svc)
-                .await;
-        });
-    }
-}
-
-fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
-    let mut resp = Response::new(Full::new(Bytes::from(body)));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    resp
+    crate::http_server::serve(listener, "metrics", move |req| answer(req, &metrics)).await
 }
 
 /// Whether the client accepts OpenMetrics text.

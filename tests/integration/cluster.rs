@@ -11,7 +11,9 @@ pub mod topology;
 use std::time::Duration;
 
 /// Where `topology` finds it (the bench includes `topology` next to its own `netns`).
+use super::harness::workload_yaml;
 use super::netns;
+use super::raw_hbone;
 use netns::{privileged, CLIENT_PY};
 use topology::{within, Cluster, PodSpec, OUTSIDE_IP};
 
@@ -31,16 +33,7 @@ const WVIP: &str = "10.240.200.2";
 
 fn state() -> String {
     let hbone = |name: &str, sa: &str, ip: &str, node: u8, extra: &str| {
-        format!(
-            r#"- uid: cluster1//v1/Pod/default/{name}
-  name: {name}
-  namespace: default
-  serviceAccount: {sa}
-  workloadIps: ["{ip}"]
-  protocol: HBONE
-  node: node-{node}
-{extra}"#
-        )
+        workload_yaml(name, sa, ip, &format!("node-{node}"), extra)
     };
     let svc = r#"  services:
     "default/echo.default.svc.cluster.local": { 80: 8080 }
@@ -154,11 +147,6 @@ fn raw_tunnel_status(netns: &str, ip: &str, sa: &str, authority: &str) -> u16 {
             .build()
             .unwrap();
         rt.block_on(async move {
-            let id = |sa: &str| -> l4mesh::model::SpiffeId {
-                format!("spiffe://cluster.local/ns/default/sa/{sa}")
-                    .parse()
-                    .unwrap()
-            };
             let ca = l4mesh::identity::IstioCaSettings {
                 address: format!(
                     "http://{}:{}",
@@ -172,15 +160,6 @@ fn raw_tunnel_status(netns: &str, ip: &str, sa: &str, authority: &str) -> u16 {
                 own_identity: None,
                 packet_mark: 1337,
             };
-            let secrets =
-                l4mesh::identity::SecretManager::new(l4mesh::identity::CaClient::Istio(ca));
-            let cert = secrets.fetch(&id(&sa)).await.unwrap();
-            let cfg = l4mesh::tls::client_config(
-                l4mesh::tls::ManagedCert::new(secrets.clone(), id(&sa)),
-                cert.roots.clone(),
-                vec![id("server")],
-            )
-            .unwrap();
             let opts = l4mesh::socket::UpstreamOptions {
                 mark: 1337,
                 connect_timeout: Duration::from_secs(5),
@@ -188,28 +167,8 @@ fn raw_tunnel_status(netns: &str, ip: &str, sa: &str, authority: &str) -> u16 {
                 orig_src_fallbacks: Default::default(),
             };
             let tcp = l4mesh::socket::connect(hbone, &opts).await.unwrap();
-            let name = rustls_pki_types::ServerName::IpAddress(hbone.ip().into());
-            let tls = tokio_rustls::TlsConnector::from(cfg)
-                .connect(name, tcp)
-                .await
-                .unwrap();
-            let (send, conn) = h2::client::handshake(tls).await.unwrap();
-            tokio::spawn(async move {
-                let _ = conn.await;
-            });
-            let req = http::Request::builder()
-                .method(http::Method::CONNECT)
-                .uri(authority)
-                .body(())
-                .unwrap();
-            let mut ready = send.ready().await.unwrap();
-            let (resp, _stream) = ready.send_request(req, false).unwrap();
-            tokio::time::timeout(Duration::from_secs(5), resp)
-                .await
-                .unwrap()
-                .unwrap()
-                .status()
-                .as_u16()
+            let send = raw_hbone::client(ca, &sa, tcp).await;
+            raw_hbone::status(send, authority).await
         })
     })
     .join()

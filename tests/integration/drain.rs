@@ -3,17 +3,21 @@
 //! intact, close what is still open at CONNECTION_TERMINATION_DEADLINE, and exit 0. Over HBONE,
 //! the draining node sends GOAWAY: the peer opens no new tunnel on that connection while the
 //! active one finishes.
+//!
+//! Addresses: 127.53.x and 127.54.x (127.55.x is otel.rs's).
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use xds_testserver::{Handle, StateSource};
 
 use super::binary::{http, L4mesh};
-use super::harness::{mesh_node, socks5_connect, socks5_connect_from, testserver_ca, Backend};
+use super::harness::{
+    mesh_node, mesh_node_with, socks5_connect, socks5_connect_from, testserver, testserver_ca,
+    two_workloads_yaml, Backend,
+};
+use super::raw_hbone;
 
 /// `len` bytes of a pattern that detects reordering and loss.
 fn payload(len: usize) -> Vec<u8> {
@@ -210,62 +214,11 @@ async fn quitquitquit_drains_then_exits() {
     );
 }
 
-fn id(sa: &str) -> l4mesh::model::SpiffeId {
-    format!("spiffe://cluster.local/ns/default/sa/{sa}")
-        .parse()
-        .unwrap()
-}
-
-/// An HBONE client of its own: TLS with `client`'s certificate from the testserver's CA, HTTP/2.
-async fn raw_hbone(ts: &Handle, addr: SocketAddr) -> h2::client::SendRequest<bytes::Bytes> {
-    let secrets =
-        l4mesh::identity::SecretManager::new(l4mesh::identity::CaClient::Istio(testserver_ca(ts)));
-    let cert = secrets.fetch(&id("client")).await.unwrap();
-    let cfg = l4mesh::tls::client_config(
-        l4mesh::tls::ManagedCert::new(secrets.clone(), id("client")),
-        cert.roots.clone(),
-        vec![id("server")],
-    )
-    .unwrap();
-    let tcp = TcpStream::connect(addr).await.unwrap();
-    let name = rustls_pki_types::ServerName::IpAddress(addr.ip().into());
-    let tls = tokio_rustls::TlsConnector::from(Arc::<rustls::ClientConfig>::clone(&cfg))
-        .connect(name, tcp)
-        .await
-        .unwrap();
-    let (send, conn) = h2::client::handshake(tls).await.unwrap();
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    send
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hbone_peer_gets_goaway_and_the_active_tunnel_finishes() {
-    l4mesh::telemetry::init(l4mesh::telemetry::LogFormat::Plain);
     let (a_wl, b_wl) = ("127.54.1.1", "127.54.1.2");
-    let state = format!(
-        r#"
-workloads:
-- uid: cluster1//v1/Pod/default/a
-  name: a
-  namespace: default
-  serviceAccount: client
-  workloadIps: ["{a_wl}"]
-  protocol: HBONE
-  node: node-a
-- uid: cluster1//v1/Pod/default/b
-  name: b
-  namespace: default
-  serviceAccount: server
-  workloadIps: ["{b_wl}"]
-  protocol: HBONE
-  node: node-b
-"#
-    );
-    let mut c = xds_testserver::Config::new(StateSource::Yaml(state));
-    c.listen = "127.54.0.100:0".parse().unwrap();
-    let ts = Handle::start(c).await.unwrap();
+    let state = two_workloads_yaml(a_wl, b_wl, "", "");
+    let ts = testserver(state, "127.54.0.100", None).await;
     let _backend = Backend::start(&format!("{b_wl}:18080"), "b").await;
     // Node A in-process (its pool is observable), node B the real binary.
     let a = mesh_node(&ts, "127.54.1.11", "node-a", a_wl).await;
@@ -290,23 +243,9 @@ workloads:
     tunnel.write_all(b"through A").await.unwrap();
     // And a raw HBONE connection with one open stream, to see the GOAWAY on the wire.
     let hbone: SocketAddr = format!("{b_wl}:15008").parse().unwrap();
-    let raw = raw_hbone(&ts, hbone).await;
-    let req = http::Request::builder()
-        .method(http::Method::CONNECT)
-        .uri(format!("{b_wl}:18080"))
-        .body(())
-        .unwrap();
-    let (resp, mut raw_send) = raw
-        .clone()
-        .ready()
-        .await
-        .unwrap()
-        .send_request(req.clone(), false)
-        .unwrap();
-    let resp = tokio::time::timeout(Duration::from_secs(5), resp)
-        .await
-        .unwrap()
-        .unwrap();
+    let tcp = TcpStream::connect(hbone).await.unwrap();
+    let raw = raw_hbone::client(testserver_ca(&ts), "client", tcp).await;
+    let (resp, mut raw_send) = raw_hbone::connect(raw.clone(), format!("{b_wl}:18080")).await;
     assert_eq!(resp.status(), 200);
     raw_send
         .send_data(bytes::Bytes::from_static(b"raw"), false)
@@ -419,60 +358,24 @@ async fn in_process_drain_reports_what_it_closed() {
 /// the drain), not `DC`/`UC` — even though the HTTP/2 connection is dropped at the same moment.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forced_hbone_tunnel_counts_once_and_is_logged_lr() {
-    l4mesh::telemetry::init(l4mesh::telemetry::LogFormat::Plain);
-    let b_wl = "127.55.2.2";
+    let b_wl = "127.54.2.2";
     // `a` only gives the raw client's identity (`client`) a served workload, for the CA.
-    let state = format!(
-        r#"
-workloads:
-- uid: cluster1//v1/Pod/default/a
-  name: a
-  namespace: default
-  serviceAccount: client
-  workloadIps: ["127.55.2.1"]
-  protocol: HBONE
-  node: node-a
-- uid: cluster1//v1/Pod/default/b
-  name: b
-  namespace: default
-  serviceAccount: server
-  workloadIps: ["{b_wl}"]
-  protocol: HBONE
-  node: node-b
-"#
-    );
-    let mut c = xds_testserver::Config::new(StateSource::Yaml(state));
-    c.listen = "127.55.2.100:0".parse().unwrap();
-    let ts = Handle::start(c).await.unwrap();
+    let state = two_workloads_yaml("127.54.2.1", b_wl, "", "");
+    let ts = testserver(state, "127.54.2.100", None).await;
     let _backend = Backend::start(&format!("{b_wl}:18080"), "b").await;
-    let mut config = l4mesh::config::Config::local("127.55.2.12".parse().unwrap());
-    config.node_name = "node-b".into();
-    config.hbone_addr = format!("{b_wl}:15008").parse().unwrap();
-    config.connect_timeout = Duration::from_secs(5);
-    config.connection_termination_deadline = Duration::from_millis(300);
-    let col = super::otel::Collector::start("127.55.2.50").await;
-    config.otel = Some(super::otel::settings(col.endpoint(), 1.0));
-    config.source = l4mesh::config::Source::Xds(l4mesh::config::XdsSettings::plaintext(&format!(
-        "http://{}",
-        ts.addr()
-    )));
-    config.ca = l4mesh::config::CaSource::Istio(testserver_ca(&ts));
-    let b = l4mesh::app::start(&config).await.unwrap();
+    let col = super::otel::Collector::start("127.54.2.50").await;
+    let b = mesh_node_with(&ts, "127.54.2.12", "node-b", b_wl, |config| {
+        config.connection_termination_deadline = Duration::from_millis(300);
+        config.otel = Some(super::otel::settings(col.endpoint(), 1.0));
+    })
+    .await;
     tokio::time::timeout(Duration::from_secs(10), b.readiness.wait())
         .await
         .unwrap();
 
-    let raw = raw_hbone(&ts, config.hbone_addr).await;
-    let req = http::Request::builder()
-        .method(http::Method::CONNECT)
-        .uri(format!("{b_wl}:18080"))
-        .body(())
-        .unwrap();
-    let (resp, mut send) = raw.ready().await.unwrap().send_request(req, false).unwrap();
-    let resp = tokio::time::timeout(Duration::from_secs(5), resp)
-        .await
-        .unwrap()
-        .unwrap();
+    let tcp = TcpStream::connect(b.hbone).await.unwrap();
+    let raw = raw_hbone::client(testserver_ca(&ts), "client", tcp).await;
+    let (resp, mut send) = raw_hbone::connect(raw, format!("{b_wl}:18080")).await;
     assert_eq!(resp.status(), 200);
     send.send_data(bytes::Bytes::from_static(b"open"), false)
         .unwrap();
@@ -502,10 +405,10 @@ workloads:
 /// through the flush after the drain — and the exit still comes promptly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_binary_flushes_otel_after_the_drain() {
-    let backend = Backend::start("127.55.3.9:18080", "b").await;
-    let col = super::otel::Collector::start("127.55.3.50").await;
+    let backend = Backend::start("127.54.3.9:18080", "b").await;
+    let col = super::otel::Collector::start("127.54.3.50").await;
     let mut node = L4mesh::spawn(
-        "127.55.3.1",
+        "127.54.3.1",
         &[
             ("OTEL_EXPORTER_OTLP_ENDPOINT", col.endpoint()),
             ("OTEL_BSP_SCHEDULE_DELAY", "600000".into()),

@@ -177,6 +177,17 @@ pub async fn mesh_node(
     node: &str,
     hbone_ip: impl AsRef<str>,
 ) -> l4mesh::app::Running {
+    mesh_node_with(ts, listen_ip, node, hbone_ip, |_| {}).await
+}
+
+/// [`mesh_node`], with `configure` adjusting the configuration before the node starts.
+pub async fn mesh_node_with(
+    ts: &xds_testserver::Handle,
+    listen_ip: impl AsRef<str>,
+    node: &str,
+    hbone_ip: impl AsRef<str>,
+    configure: impl FnOnce(&mut Config),
+) -> l4mesh::app::Running {
     let mut config = Config::local(listen_ip.as_ref().parse().unwrap());
     config.node_name = node.into();
     config.hbone_addr = SocketAddr::new(hbone_ip.as_ref().parse().unwrap(), 15008);
@@ -187,5 +198,119 @@ pub async fn mesh_node(
         ts.addr()
     )));
     config.ca = l4mesh::config::CaSource::Istio(testserver_ca(ts));
+    configure(&mut config);
     l4mesh::app::start(&config).await.unwrap()
+}
+
+/// An in-process xds-testserver (xDS and the CA) serving `state`, on an ephemeral port of `ip`,
+/// signing with `ca` when given (else a root of its own).
+pub async fn testserver(
+    state: String,
+    ip: &str,
+    ca: Option<xds_testserver::CaPem>,
+) -> xds_testserver::Handle {
+    l4mesh::telemetry::init(l4mesh::telemetry::LogFormat::Plain);
+    let mut c = xds_testserver::Config::new(xds_testserver::StateSource::Yaml(state));
+    c.listen = SocketAddr::new(ip.parse().unwrap(), 0);
+    c.ca = ca;
+    xds_testserver::Handle::start(c).await.unwrap()
+}
+
+/// Two in-process l4mesh nodes, `node-a` and `node-b`, following one xds-testserver (declared
+/// last, so that it stops after them).
+pub struct TwoNodes {
+    pub a: l4mesh::app::Running,
+    pub b: l4mesh::app::Running,
+    pub ts: xds_testserver::Handle,
+}
+
+/// `node-a` and `node-b` following `ts`: listeners on `<net>.11` and `<net>.12`, HBONE on their
+/// workloads' IPs `<net>.1` and `<net>.2` (`net` the first three octets, e.g. `127.43.1`).
+pub async fn two_nodes(ts: xds_testserver::Handle, net: &str) -> TwoNodes {
+    two_nodes_with(ts, net, |_| {}).await
+}
+
+/// [`two_nodes`], with `configure` adjusting each node's configuration before it starts (its
+/// `node_name` says which node it is).
+pub async fn two_nodes_with(
+    ts: xds_testserver::Handle,
+    net: &str,
+    mut configure: impl FnMut(&mut Config),
+) -> TwoNodes {
+    let a = mesh_node_with(
+        &ts,
+        format!("{net}.11"),
+        "node-a",
+        format!("{net}.1"),
+        &mut configure,
+    )
+    .await;
+    let b = mesh_node_with(
+        &ts,
+        format!("{net}.12"),
+        "node-b",
+        format!("{net}.2"),
+        &mut configure,
+    )
+    .await;
+    TwoNodes { a, b, ts }
+}
+
+/// One HBONE workload of an xds-testserver state, in namespace `default`: `name` with service
+/// account `sa` at `ip` on `node`, followed by `extra` (whole lines, indented by two).
+pub fn workload_yaml(name: &str, sa: &str, ip: &str, node: &str, extra: &str) -> String {
+    format!(
+        r#"- uid: cluster1//v1/Pod/default/{name}
+  name: {name}
+  namespace: default
+  serviceAccount: {sa}
+  workloadIps: ["{ip}"]
+  protocol: HBONE
+  node: {node}
+{extra}"#
+    )
+}
+
+/// The state of the two-node tests: workload `a` (service account `client`) on node-a at `a_ip`,
+/// `b` (`server`) on node-b at `b_ip` followed by `b_extra`, and then `rest` (services, policies).
+pub fn two_workloads_yaml(a_ip: &str, b_ip: &str, b_extra: &str, rest: &str) -> String {
+    format!(
+        "workloads:\n{}{}{rest}",
+        workload_yaml("a", "client", a_ip, "node-a", ""),
+        workload_yaml("b", "server", b_ip, "node-b", b_extra)
+    )
+}
+
+/// A service `name` in namespace `default` on the VIP `vip`, port 80 to `target_port`, followed by
+/// `extra` (whole lines, indented by two).
+pub fn service_yaml(name: &str, vip: &str, target_port: u16, extra: &str) -> String {
+    format!(
+        r#"- name: {name}
+  namespace: default
+  hostname: {name}.default.svc.cluster.local
+  vips: ["/{vip}"]
+  ports: {{ 80: {target_port} }}
+{extra}"#
+    )
+}
+
+/// The workload lines that make it an endpoint of the service `name` (port 80 to `target_port`).
+pub fn endpoint_of_yaml(name: &str, target_port: u16) -> String {
+    format!(
+        "  services:\n    \"default/{name}.default.svc.cluster.local\": {{ 80: {target_port} }}\n"
+    )
+}
+
+/// A namespace-wide DENY, named `deny-<sa>-<port>`, of service account `sa` towards `port`.
+pub fn deny_yaml(sa: &str, port: u16) -> String {
+    format!(
+        r#"- name: deny-{sa}-{port}
+  namespace: default
+  scope: Namespace
+  action: Deny
+  rules:
+  - - - principals: [!Exact "cluster.local/ns/default/sa/{sa}"]
+        destinationPorts: [{port}]
+"#
+    )
 }

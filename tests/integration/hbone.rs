@@ -7,9 +7,12 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use xds_testserver::{Handle, StateSource};
+use xds_testserver::Handle;
 
-use super::harness::{exchange, mesh_node as node, socks5_connect_from, testserver_ca, Backend};
+use super::harness::{
+    endpoint_of_yaml, exchange, service_yaml, socks5_connect_from, testserver, testserver_ca,
+    two_nodes, two_workloads_yaml, Backend, TwoNodes,
+};
 
 /// Backends listen on fixed ports below the ephemeral range: an ephemeral backend port could equal
 /// one of l4mesh's own (ephemeral) listener ports, which the loop guard refuses on loopback.
@@ -20,33 +23,19 @@ const CLOSED_PORT: u16 = 18099;
 /// Each test has its own addresses (`127.43.<n>.x`), so that their HBONE listeners (all on port
 /// 15008) do not collide.
 fn state(n: u8) -> String {
-    format!(
-        r#"
-workloads:
-- uid: cluster1//v1/Pod/default/a
-  name: a
-  namespace: default
-  serviceAccount: client
-  workloadIps: ["127.43.{n}.1"]
-  protocol: HBONE
-  node: node-a
-- uid: cluster1//v1/Pod/default/b
-  name: b
-  namespace: default
-  serviceAccount: server
-  workloadIps: ["127.43.{n}.2"]
-  protocol: HBONE
-  node: node-b
-  services:
-    "default/echo.default.svc.cluster.local": {{ 80: {BACKEND_PORT} }}
-services:
-- name: echo
-  namespace: default
-  hostname: echo.default.svc.cluster.local
-  vips: ["/127.43.{n}.100"]
-  ports: {{ 80: {BACKEND_PORT} }}
-  subjectAltNames: ["spiffe://cluster.local/ns/default/sa/server"]
-"#
+    two_workloads_yaml(
+        &format!("127.43.{n}.1"),
+        &format!("127.43.{n}.2"),
+        &endpoint_of_yaml("echo", BACKEND_PORT),
+        &format!(
+            "services:\n{}",
+            service_yaml(
+                "echo",
+                &format!("127.43.{n}.100"),
+                BACKEND_PORT,
+                "  subjectAltNames: [\"spiffe://cluster.local/ns/default/sa/server\"]\n",
+            )
+        ),
     )
 }
 
@@ -66,19 +55,13 @@ async fn mesh(n: u8) -> Mesh {
 
 /// A mesh whose CA is `ca` (plug-in CA material) when given.
 async fn mesh_with_ca(n: u8, ca: Option<xds_testserver::CaPem>) -> Mesh {
-    l4mesh::telemetry::init(l4mesh::telemetry::LogFormat::Plain);
-    let mut c = xds_testserver::Config::new(StateSource::Yaml(state(n)));
-    c.ca = ca;
-    c.listen = "127.0.0.1:0".parse().unwrap();
-    let ts = Handle::start(c).await.unwrap();
-    let (a_wl, b_wl) = (format!("127.43.{n}.1"), format!("127.43.{n}.2"));
-    let a = node(&ts, &format!("127.43.{n}.11"), "node-a", &a_wl).await;
-    let b = node(&ts, &format!("127.43.{n}.12"), "node-b", &b_wl).await;
+    let ts = testserver(state(n), "127.0.0.1", ca).await;
+    let TwoNodes { a, b, ts } = two_nodes(ts, &format!("127.43.{n}")).await;
     Mesh {
         a,
         b,
-        a_ip: a_wl.parse().unwrap(),
-        b_wl,
+        a_ip: format!("127.43.{n}.1").parse().unwrap(),
+        b_wl: format!("127.43.{n}.2"),
         _ts: ts,
     }
 }

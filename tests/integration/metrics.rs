@@ -15,9 +15,10 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use xds_testserver::{Handle, StateSource};
-
-use super::harness::{exchange, mesh_node, socks5_connect_from, Backend};
+use super::harness::{
+    self, deny_yaml, endpoint_of_yaml, exchange, service_yaml, socks5_connect_from, testserver,
+    Backend, TwoNodes,
+};
 
 const BACKEND_PORT: u16 = 18080;
 /// A port the mesh's policy denies to the client (nothing needs to listen there).
@@ -25,6 +26,14 @@ const DENIED_PORT: u16 = 18081;
 const PROMETHEUS: &str = "127.51.0.50:19090";
 
 fn state(net: u8) -> String {
+    let echo_endpoint = endpoint_of_yaml("echo", BACKEND_PORT);
+    let echo = service_yaml(
+        "echo",
+        &format!("127.{net}.0.100"),
+        BACKEND_PORT,
+        "  subjectAltNames: [\"spiffe://cluster.local/ns/default/sa/server\"]\n",
+    );
+    let deny = deny_yaml("client", DENIED_PORT);
     format!(
         r#"
 workloads:
@@ -50,9 +59,7 @@ workloads:
   canonicalName: server-app
   canonicalRevision: v2
   clusterId: cluster1
-  services:
-    "default/echo.default.svc.cluster.local": {{ 80: {BACKEND_PORT} }}
-- uid: cluster1//v1/Pod/default/legacy-0
+{echo_endpoint}- uid: cluster1//v1/Pod/default/legacy-0
   name: legacy-0
   namespace: default
   serviceAccount: legacy
@@ -62,56 +69,16 @@ workloads:
   workloadName: legacy
   clusterId: cluster1
 services:
-- name: echo
-  namespace: default
-  hostname: echo.default.svc.cluster.local
-  vips: ["/127.{net}.0.100"]
-  ports: {{ 80: {BACKEND_PORT} }}
-  subjectAltNames: ["spiffe://cluster.local/ns/default/sa/server"]
-policies:
-- name: deny-client-{DENIED_PORT}
-  namespace: default
-  scope: Namespace
-  action: Deny
-  rules:
-  - - - principals: [!Exact "cluster.local/ns/default/sa/client"]
-        destinationPorts: [{DENIED_PORT}]
-"#
+{echo}policies:
+{deny}"#
     )
 }
 
-struct TwoNodes {
-    a: l4mesh::app::Running,
-    b: l4mesh::app::Running,
-    client_ip: IpAddr,
-    _ts: Handle,
-}
-
-async fn two_nodes(net: u8) -> TwoNodes {
-    l4mesh::telemetry::init(l4mesh::telemetry::LogFormat::Plain);
-    let mut c = xds_testserver::Config::new(StateSource::Yaml(state(net)));
-    c.listen = format!("127.{net}.0.10:0").parse().unwrap();
-    let ts = Handle::start(c).await.unwrap();
-    let a = mesh_node(
-        &ts,
-        format!("127.{net}.0.11"),
-        "node-a",
-        format!("127.{net}.0.1"),
-    )
-    .await;
-    let b = mesh_node(
-        &ts,
-        format!("127.{net}.0.12"),
-        "node-b",
-        format!("127.{net}.0.2"),
-    )
-    .await;
-    TwoNodes {
-        a,
-        b,
-        client_ip: format!("127.{net}.0.1").parse().unwrap(),
-        _ts: ts,
-    }
+/// The two nodes, and the client's workload IP (on node A).
+async fn two_nodes(net: u8) -> (TwoNodes, IpAddr) {
+    let ts = testserver(state(net), &format!("127.{net}.0.10"), None).await;
+    let nodes = harness::two_nodes(ts, &format!("127.{net}.0")).await;
+    (nodes, format!("127.{net}.0.1").parse().unwrap())
 }
 
 /// One HTTP/1.0 GET; returns the status line's code, the headers (lower-cased names) and the body.
@@ -259,7 +226,7 @@ impl Prometheus {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prometheus_counts_what_was_sent() {
-    let m = two_nodes(51).await;
+    let (m, client_ip) = two_nodes(51).await;
     let server = Backend::start(&format!("127.51.0.2:{BACKEND_PORT}"), "b").await;
     let legacy = Backend::start(&format!("127.51.0.3:{BACKEND_PORT}"), "legacy").await;
     let (a_metrics, b_metrics) = (m.a.metrics_addr.unwrap(), m.b.metrics_addr.unwrap());
@@ -269,21 +236,21 @@ async fn prometheus_counts_what_was_sent() {
     // is "b:" and the same bytes back.
     let socks = m.a.socks5.unwrap();
     for n in [1000usize, 2000, 3000] {
-        let s = socks5_connect_from(m.client_ip, socks, "127.51.0.100", 80)
+        let s = socks5_connect_from(client_ip, socks, "127.51.0.100", 80)
             .await
             .expect("tunnel accepted");
         let msg = "x".repeat(n);
         assert_eq!(exchange(s, &msg).await, format!("b:{msg}"));
     }
     // One plaintext connection to the TCP (non-mesh-protocol) workload: 500 up, 507 back.
-    let s = socks5_connect_from(m.client_ip, socks, "127.51.0.3", legacy.addr.port())
+    let s = socks5_connect_from(client_ip, socks, "127.51.0.3", legacy.addr.port())
         .await
         .unwrap();
     let msg = "y".repeat(500);
     assert_eq!(exchange(s, &msg).await, format!("legacy:{msg}"));
     // One tunnel B's policy denies (401): counted opened and closed with the flag DENY, each side.
     assert!(
-        socks5_connect_from(m.client_ip, socks, "127.51.0.2", DENIED_PORT)
+        socks5_connect_from(client_ip, socks, "127.51.0.2", DENIED_PORT)
             .await
             .is_err(),
         "the policy denies the tunnel"
@@ -297,7 +264,7 @@ async fn prometheus_counts_what_was_sent() {
     let plain_src = "reporter=\"source\",connection_security_policy=\"unknown\"";
 
     // A long connection: its bytes show while it is still open (metered per chunk, not at close).
-    let mut long = socks5_connect_from(m.client_ip, socks, "127.51.0.100", 80)
+    let mut long = socks5_connect_from(client_ip, socks, "127.51.0.100", 80)
         .await
         .unwrap();
     long.write_all(&[b'z'; 4000]).await.unwrap();
@@ -506,7 +473,7 @@ async fn prometheus_counts_what_was_sent() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scrape_serves_both_paths_in_both_formats() {
-    let m = two_nodes(52).await;
+    let (m, _) = two_nodes(52).await;
     let addr = m.a.metrics_addr.unwrap();
     // The node's certificate is fetched in the background: scrape until it is reported.
     let available = "l4mesh_certificate_state{identity=\"spiffe://cluster.local/ns/default/sa/client\",state=\"available\"} 1";

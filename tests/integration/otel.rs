@@ -24,10 +24,12 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 use opentelemetry_proto::tonic::common::v1::{any_value::Value, AnyValue, KeyValue};
 use opentelemetry_proto::tonic::logs::v1::LogRecord;
 use opentelemetry_proto::tonic::trace::v1::Span;
-use xds_testserver::{Handle, StateSource};
+use xds_testserver::Handle;
 
-use super::harness::{exchange, socks5_connect_from, testserver_ca, Backend};
-use l4mesh::config::{Config, Source};
+use super::harness::{
+    exchange, socks5_connect_from, testserver, two_nodes_with, two_workloads_yaml, Backend,
+    TwoNodes,
+};
 use l4mesh::otel::OtelSettings;
 
 const BACKEND_PORT: u16 = 18080;
@@ -35,25 +37,7 @@ const BACKEND_PORT: u16 = 18080;
 const DOWN_PORT: u16 = 14317;
 
 fn state(n: u8) -> String {
-    format!(
-        r#"
-workloads:
-- uid: cluster1//v1/Pod/default/a
-  name: a
-  namespace: default
-  serviceAccount: client
-  workloadIps: ["127.55.{n}.1"]
-  protocol: HBONE
-  node: node-a
-- uid: cluster1//v1/Pod/default/b
-  name: b
-  namespace: default
-  serviceAccount: server
-  workloadIps: ["127.55.{n}.2"]
-  protocol: HBONE
-  node: node-b
-"#
-    )
+    two_workloads_yaml(&format!("127.55.{n}.1"), &format!("127.55.{n}.2"), "", "")
 }
 
 /// What the receiver got, per signal, with the exporting node's `k8s.node.name`.
@@ -210,13 +194,25 @@ struct Mesh {
 }
 
 impl Mesh {
-    async fn start(n: u8, otel_a: Option<OtelSettings>, otel_b: Option<OtelSettings>) -> Mesh {
-        l4mesh::telemetry::init(l4mesh::telemetry::LogFormat::Plain);
-        let mut c = xds_testserver::Config::new(StateSource::Yaml(state(n)));
-        c.listen = "127.0.0.1:0".parse().unwrap();
-        let ts = Handle::start(c).await.unwrap();
-        let a = node(&ts, n, "node-a", 11, 1, otel_a).await;
-        let b = node(&ts, n, "node-b", 12, 2, otel_b).await;
+    async fn start(
+        n: u8,
+        mut otel_a: Option<OtelSettings>,
+        mut otel_b: Option<OtelSettings>,
+    ) -> Mesh {
+        let ts = testserver(state(n), "127.0.0.1", None).await;
+        let TwoNodes { a, b, ts } = two_nodes_with(ts, &format!("127.55.{n}"), |c| {
+            c.otel = if c.node_name == "node-a" {
+                otel_a.take()
+            } else {
+                otel_b.take()
+            };
+        })
+        .await;
+        for r in [&a, &b] {
+            tokio::time::timeout(Duration::from_secs(10), r.readiness.wait())
+                .await
+                .expect("node ready");
+        }
         Mesh { a, b, n, _ts: ts }
     }
 
@@ -233,33 +229,6 @@ impl Mesh {
     async fn backend(&self) -> Backend {
         Backend::start(&format!("127.55.{}.2:{BACKEND_PORT}", self.n), "b").await
     }
-}
-
-/// An l4mesh on `node`: listeners on 127.55.<n>.<listen>, HBONE on its workload IP
-/// 127.55.<n>.<wl>:15008, xDS and certificates from `ts`.
-async fn node(
-    ts: &Handle,
-    n: u8,
-    node: &str,
-    listen: u8,
-    wl: u8,
-    otel: Option<OtelSettings>,
-) -> l4mesh::app::Running {
-    let mut config = Config::local(format!("127.55.{n}.{listen}").parse().unwrap());
-    config.node_name = node.into();
-    config.hbone_addr = format!("127.55.{n}.{wl}:15008").parse().unwrap();
-    config.connect_timeout = Duration::from_secs(5);
-    config.source = Source::Xds(l4mesh::config::XdsSettings::plaintext(&format!(
-        "http://{}",
-        ts.addr()
-    )));
-    config.ca = l4mesh::config::CaSource::Istio(testserver_ca(ts));
-    config.otel = otel;
-    let r = l4mesh::app::start(&config).await.unwrap();
-    tokio::time::timeout(Duration::from_secs(10), r.readiness.wait())
-        .await
-        .expect("node ready");
-    r
 }
 
 pub(super) fn settings(endpoint: String, ratio: f64) -> OtelSettings {

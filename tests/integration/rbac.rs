@@ -8,50 +8,24 @@ use std::time::{Duration, Instant};
 
 use tokio::io::AsyncReadExt;
 
-use xds_testserver::{Handle, StateSource};
+use xds_testserver::Handle;
 
-use super::harness::{exchange, mesh_node as node, socks5_connect_from, Backend};
+use super::harness::{
+    deny_yaml, exchange, socks5_connect_from, testserver, two_nodes, two_workloads_yaml, Backend,
+    TwoNodes,
+};
 
 /// Backend ports below the ephemeral range (see `hbone.rs`): one stays allowed, one gets denied.
 const ALLOWED_PORT: u16 = 18080;
 const DENIED_PORT: u16 = 18081;
 
 fn state(n: u8) -> String {
-    format!(
-        r#"
-workloads:
-- uid: cluster1//v1/Pod/default/a
-  name: a
-  namespace: default
-  serviceAccount: client
-  workloadIps: ["127.48.{n}.1"]
-  protocol: HBONE
-  node: node-a
-- uid: cluster1//v1/Pod/default/b
-  name: b
-  namespace: default
-  serviceAccount: server
-  workloadIps: ["127.48.{n}.2"]
-  protocol: HBONE
-  node: node-b
-"#
-    )
+    two_workloads_yaml(&format!("127.48.{n}.1"), &format!("127.48.{n}.2"), "", "")
 }
 
 /// A DENY of the client's principal towards `DENIED_PORT`, in the local-config format.
 fn deny_policy() -> String {
-    format!(
-        r#"
-policies:
-- name: deny-client-{DENIED_PORT}
-  namespace: default
-  scope: Namespace
-  action: Deny
-  rules:
-  - - - principals: [!Exact "cluster.local/ns/default/sa/client"]
-        destinationPorts: [{DENIED_PORT}]
-"#
-    )
+    format!("policies:\n{}", deny_yaml("client", DENIED_PORT))
 }
 
 struct Mesh {
@@ -64,24 +38,8 @@ struct Mesh {
 
 impl Mesh {
     async fn start(n: u8) -> Mesh {
-        l4mesh::telemetry::init(l4mesh::telemetry::LogFormat::Plain);
-        let mut c = xds_testserver::Config::new(StateSource::Yaml(state(n)));
-        c.listen = "127.0.0.1:0".parse().unwrap();
-        let ts = Handle::start(c).await.unwrap();
-        let a = node(
-            &ts,
-            &format!("127.48.{n}.11"),
-            "node-a",
-            &format!("127.48.{n}.1"),
-        )
-        .await;
-        let b = node(
-            &ts,
-            &format!("127.48.{n}.12"),
-            "node-b",
-            &format!("127.48.{n}.2"),
-        )
-        .await;
+        let ts = testserver(state(n), "127.0.0.1", None).await;
+        let TwoNodes { a, b, ts } = two_nodes(ts, &format!("127.48.{n}")).await;
         let allowed = Backend::start(&format!("127.48.{n}.2:{ALLOWED_PORT}"), "b").await;
         let denied = Backend::start(&format!("127.48.{n}.2:{DENIED_PORT}"), "b").await;
         Mesh {

@@ -7,12 +7,14 @@
 //! it. A real waypoint (Envoy) would route the authority anywhere; that path is Envoy's, not ours.
 
 use std::net::IpAddr;
-use std::sync::Arc;
-use std::time::Duration;
 
-use xds_testserver::{Handle, StateSource};
+use xds_testserver::Handle;
 
-use super::harness::{exchange, mesh_node as node, socks5_connect_from, testserver_ca, Backend};
+use super::harness::{
+    endpoint_of_yaml, exchange, mesh_node as node, service_yaml, socks5_connect_from, testserver,
+    testserver_ca, two_nodes, two_workloads_yaml, workload_yaml, Backend, TwoNodes,
+};
+use super::raw_hbone;
 
 /// Below the ephemeral range, like hbone.rs (an ephemeral port could equal an l4mesh listener's).
 const BACKEND_PORT: u16 = 18080;
@@ -20,49 +22,19 @@ const BACKEND_PORT: u16 = 18080;
 /// Addresses `127.47.<n>.x`: a (client, node-a), b (node-b, waypoint w), w (the waypoint,
 /// node-w), d (node-w, waypoint w); the service `plain` (no waypoint) has endpoint b.
 fn state(n: u8) -> String {
-    format!(
-        r#"
-workloads:
-- uid: cluster1//v1/Pod/default/a
-  name: a
-  namespace: default
-  serviceAccount: client
-  workloadIps: ["127.47.{n}.1"]
-  protocol: HBONE
-  node: node-a
-- uid: cluster1//v1/Pod/default/b
-  name: b
-  namespace: default
-  serviceAccount: server
-  workloadIps: ["127.47.{n}.2"]
-  protocol: HBONE
-  node: node-b
-  waypoint: {{ destination: "/127.47.{n}.3", hboneMtlsPort: 15008 }}
-  services:
-    "default/plain.default.svc.cluster.local": {{ 80: {BACKEND_PORT} }}
-- uid: cluster1//v1/Pod/default/w
-  name: w
-  namespace: default
-  serviceAccount: waypoint
-  workloadIps: ["127.47.{n}.3"]
-  protocol: HBONE
-  node: node-w
-- uid: cluster1//v1/Pod/default/d
-  name: d
-  namespace: default
-  serviceAccount: server
-  workloadIps: ["127.47.{n}.4"]
-  protocol: HBONE
-  node: node-w
-  waypoint: {{ destination: "/127.47.{n}.3", hboneMtlsPort: 15008 }}
-services:
-- name: plain
-  namespace: default
-  hostname: plain.default.svc.cluster.local
-  vips: ["/127.47.{n}.100"]
-  ports: {{ 80: {BACKEND_PORT} }}
-"#
-    )
+    let ip = |last: u8| format!("127.47.{n}.{last}");
+    let waypoint = format!(
+        "  waypoint: {{ destination: \"/{}\", hboneMtlsPort: 15008 }}\n",
+        ip(3)
+    );
+    let b_extra = format!("{waypoint}{}", endpoint_of_yaml("plain", BACKEND_PORT));
+    let rest = format!(
+        "{}{}services:\n{}",
+        workload_yaml("w", "waypoint", &ip(3), "node-w", ""),
+        workload_yaml("d", "server", &ip(4), "node-w", &waypoint),
+        service_yaml("plain", &ip(100), BACKEND_PORT, ""),
+    );
+    two_workloads_yaml(&ip(1), &ip(2), &b_extra, &rest)
 }
 
 struct Mesh {
@@ -84,59 +56,24 @@ impl Mesh {
 }
 
 async fn mesh(n: u8) -> Mesh {
-    l4mesh::telemetry::init(l4mesh::telemetry::LogFormat::Plain);
-    let mut c = xds_testserver::Config::new(StateSource::Yaml(state(n)));
-    c.listen = "127.0.0.1:0".parse().unwrap();
-    let ts = Handle::start(c).await.unwrap();
-    let ip = |last: u8| format!("127.47.{n}.{last}");
-    let a = node(&ts, ip(11), "node-a", ip(1)).await;
-    let b = node(&ts, ip(12), "node-b", ip(2)).await;
-    let w = node(&ts, ip(13), "node-w", ip(3)).await;
+    let ts = testserver(state(n), "127.0.0.1", None).await;
+    let TwoNodes { a, b, ts } = two_nodes(ts, &format!("127.47.{n}")).await;
+    let w = node(
+        &ts,
+        format!("127.47.{n}.13"),
+        "node-w",
+        format!("127.47.{n}.3"),
+    )
+    .await;
     Mesh { a, b, w, n, ts }
-}
-
-fn id(sa: &str) -> l4mesh::model::SpiffeId {
-    format!("spiffe://cluster.local/ns/default/sa/{sa}")
-        .parse()
-        .unwrap()
 }
 
 /// The status B answers to a CONNECT for `authority`, from a raw HBONE client presenting
 /// `client`'s certificate.
 async fn raw_connect(m: &Mesh, client: &str, authority: String) -> u16 {
-    let secrets = l4mesh::identity::SecretManager::new(l4mesh::identity::CaClient::Istio(
-        testserver_ca(&m.ts),
-    ));
-    let cert = secrets.fetch(&id(client)).await.unwrap();
-    let cfg = l4mesh::tls::client_config(
-        l4mesh::tls::ManagedCert::new(secrets.clone(), id(client)),
-        cert.roots.clone(),
-        vec![id("server")],
-    )
-    .unwrap();
-    let addr = m.b.hbone;
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let name = rustls_pki_types::ServerName::IpAddress(addr.ip().into());
-    let tls = tokio_rustls::TlsConnector::from(Arc::<rustls::ClientConfig>::clone(&cfg))
-        .connect(name, tcp)
-        .await
-        .unwrap();
-    let (send, conn) = h2::client::handshake(tls).await.unwrap();
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    let req = http::Request::builder()
-        .method(http::Method::CONNECT)
-        .uri(authority)
-        .body(())
-        .unwrap();
-    let mut ready = send.ready().await.unwrap();
-    let (resp, _stream) = ready.send_request(req, false).unwrap();
-    let resp = tokio::time::timeout(Duration::from_secs(5), resp)
-        .await
-        .unwrap()
-        .unwrap();
-    resp.status().as_u16()
+    let tcp = tokio::net::TcpStream::connect(m.b.hbone).await.unwrap();
+    let send = raw_hbone::client(testserver_ca(&m.ts), client, tcp).await;
+    raw_hbone::status(send, authority).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
