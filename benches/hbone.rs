@@ -322,20 +322,7 @@ fn throughput(path: Path, streams: usize, secs: f64, count: &AtomicU64) -> f64 {
 }
 
 fn latency(path: Path) -> (Duration, Duration) {
-    let mut s = connect(path, ECHO_PORT);
-    let msg = [42u8; 1024];
-    let mut buf = [0u8; 1024];
-    let mut v = Vec::with_capacity(2000);
-    for i in 0..2200 {
-        let t = Instant::now();
-        s.write_all(&msg).unwrap();
-        s.read_exact(&mut buf).unwrap();
-        if i >= 200 {
-            v.push(t.elapsed());
-        }
-    }
-    v.sort();
-    (v[v.len() / 2], v[v.len() * 99 / 100])
+    common::ping_pong(&mut connect(path, ECHO_PORT))
 }
 
 fn conns_per_sec(path: Path, secs: f64) -> f64 {
@@ -355,21 +342,7 @@ fn sink() -> Arc<AtomicU64> {
     let l = TcpListener::bind(format!("{B_IP}:{SINK_PORT}")).unwrap();
     let count = Arc::new(AtomicU64::new(0));
     let c = count.clone();
-    std::thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(mut s) = s else { return };
-            let c = c.clone();
-            std::thread::spawn(move || {
-                let mut buf = vec![0u8; CHUNK];
-                while let Ok(n) = s.read(&mut buf) {
-                    if n == 0 {
-                        break;
-                    }
-                    c.fetch_add(n as u64, Ordering::Relaxed);
-                }
-            });
-        }
-    });
+    common::serve_sink(l, c, CHUNK);
     count
 }
 

@@ -15,6 +15,7 @@
 
 // The cluster harness of the integration tests, reused as is (`topology` finds `netns` and
 // `control_plane` as siblings, as under tests/integration/cluster.rs).
+mod common;
 #[path = "../tests/integration/cluster/control_plane.rs"]
 mod control_plane;
 #[path = "../tests/integration/netns.rs"]
@@ -88,21 +89,7 @@ fn servers(ns: &str, ip: &str) -> Arc<AtomicU64> {
             TcpListener::bind(format!("{ip}:{ECHO_PORT}")).unwrap(),
         )
     });
-    std::thread::spawn(move || {
-        for s in sink.incoming() {
-            let Ok(mut s) = s else { return };
-            let c = c.clone();
-            std::thread::spawn(move || {
-                let mut buf = vec![0u8; CHUNK];
-                while let Ok(n) = s.read(&mut buf) {
-                    if n == 0 {
-                        break;
-                    }
-                    c.fetch_add(n as u64, Ordering::Relaxed);
-                }
-            });
-        }
-    });
+    common::serve_sink(sink, c, CHUNK);
     std::thread::spawn(move || {
         for s in echo.incoming() {
             let Ok(mut s) = s else { return };
@@ -152,20 +139,7 @@ fn throughput(ns: &str, ip: &str, secs: f64, count: &AtomicU64) -> f64 {
 }
 
 fn latency(ns: &str, ip: &str) -> (Duration, Duration) {
-    let mut s = connect(ns, ip, ECHO_PORT);
-    let msg = [42u8; 1024];
-    let mut buf = [0u8; 1024];
-    let mut v = Vec::with_capacity(2000);
-    for i in 0..2200 {
-        let t = Instant::now();
-        s.write_all(&msg).unwrap();
-        s.read_exact(&mut buf).unwrap();
-        if i >= 200 {
-            v.push(t.elapsed());
-        }
-    }
-    v.sort();
-    (v[v.len() / 2], v[v.len() * 99 / 100])
+    common::ping_pong(&mut connect(ns, ip, ECHO_PORT))
 }
 
 fn pin(pid: u32, core: &str) {

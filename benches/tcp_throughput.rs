@@ -38,21 +38,7 @@ fn sink() -> (SocketAddr, Arc<AtomicU64>) {
     let addr = l.local_addr().unwrap();
     let count = Arc::new(AtomicU64::new(0));
     let c = count.clone();
-    std::thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(mut s) = s else { return };
-            let c = c.clone();
-            std::thread::spawn(move || {
-                let mut buf = vec![0u8; CHUNK];
-                while let Ok(n) = s.read(&mut buf) {
-                    if n == 0 {
-                        break;
-                    }
-                    c.fetch_add(n as u64, Ordering::Relaxed);
-                }
-            });
-        }
-    });
+    common::serve_sink(l, c, CHUNK);
     (addr, count)
 }
 

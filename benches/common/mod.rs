@@ -1,9 +1,12 @@
 //! Helpers shared by the side-by-side benchmarks: child processes killed on drop, waiting for a
-//! port, reading a process's RSS, finding a binary on PATH.
+//! port, reading a process's RSS, finding a binary on PATH, a counting sink, a ping-pong latency.
 #![allow(dead_code)]
 
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::Child;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// A child process (l4mesh, Envoy) killed and reaped when the benchmark ends, even on panic.
@@ -46,4 +49,42 @@ pub fn which(bin: &str) -> Option<std::path::PathBuf> {
             .map(|p| p.join(bin))
             .find(|p| p.is_file())
     })
+}
+
+/// Serves `l` on threads of its own: each connection is read to its end and discarded, its bytes
+/// added to `count`. The receiving end of every throughput case.
+pub fn serve_sink(l: std::net::TcpListener, count: Arc<AtomicU64>, chunk: usize) {
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { return };
+            let c = count.clone();
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; chunk];
+                while let Ok(n) = s.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    c.fetch_add(n as u64, Ordering::Relaxed);
+                }
+            });
+        }
+    });
+}
+
+/// 2 200 ping-pongs of 1 KiB on `s` against an echo server, the first 200 as warm-up: the median
+/// and 99th-percentile round trip.
+pub fn ping_pong(s: &mut TcpStream) -> (Duration, Duration) {
+    let msg = [42u8; 1024];
+    let mut buf = [0u8; 1024];
+    let mut v = Vec::with_capacity(2000);
+    for i in 0..2200 {
+        let t = std::time::Instant::now();
+        s.write_all(&msg).unwrap();
+        s.read_exact(&mut buf).unwrap();
+        if i >= 200 {
+            v.push(t.elapsed());
+        }
+    }
+    v.sort();
+    (v[v.len() / 2], v[v.len() * 99 / 100])
 }
