@@ -1,8 +1,9 @@
 //! Composition root: loads the mesh state, binds every listener (a port conflict fails startup),
 //! wires the store into the proxy, and spawns the tasks. Only this module knows which runtime a task
 //! runs on: in the binary ([`run`]) the data plane has a multi-thread runtime and the operators'
-//! servers (admin, metrics) and OTLP export a current-thread runtime on a thread of their own, so
-//! that a slow request or collector never stalls traffic; in-process tests ([`start`]) run
+//! servers (admin, metrics), OTLP export, the xDS client and certificate renewal a current-thread
+//! runtime on a thread of their own, so that a slow request, collector or control-plane update
+//! never stalls traffic; in-process tests ([`start`]) run
 //! everything on their runtime.
 //!
 //! Lifecycle: SIGTERM, SIGINT and `POST /quitquitquit` all lead to [`Running::drain`].
@@ -217,7 +218,7 @@ async fn build(
             }
             xds_metrics = Some(metrics);
             tracing::info!(address = %settings.address, on_demand = settings.on_demand, "following the control plane");
-            tasks.push(tokio::spawn(client.run()));
+            tasks.push(spawn_control(operators, client.run()));
         }
     }
 
@@ -243,12 +244,17 @@ async fn build(
         _ => None,
     };
     let own_identity = only.clone();
-    tasks.push(tokio::spawn(crate::identity::follow_store(
-        store.clone(),
-        config.node_name.clone(),
-        only,
-        secrets.clone(),
-    )));
+    // Certificates of the node's identities are fetched and renewed by workers this task starts,
+    // so they run where it runs.
+    tasks.push(spawn_control(
+        operators,
+        crate::identity::follow_store(
+            store.clone(),
+            config.node_name.clone(),
+            only,
+            secrets.clone(),
+        ),
+    ));
 
     let outbound_l = bind("outbound", "outbound-addr", config.outbound_addr).await?;
     let inbound_l = bind(
@@ -417,6 +423,20 @@ async fn build(
         tasks,
     };
     Ok((running, operators))
+}
+
+/// Spawns a control-plane task (the xDS client, certificate renewal) on the operators' runtime
+/// when there is one: decoding a large xDS response or signing a CSR then never holds a
+/// data-plane thread. The data plane only reads what they publish (the store, the certificates).
+fn spawn_control<F>(operators: Option<&tokio::runtime::Handle>, task: F) -> JoinHandle<F::Output>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    match operators {
+        Some(rt) => rt.spawn(task),
+        None => tokio::spawn(task),
+    }
 }
 
 /// The OTLP exporters, built on the operators' runtime when there is one: the gRPC channel's
