@@ -8,12 +8,29 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
 
 use crate::identity::SecretManager;
 use crate::proxy::ProxyCtx;
 use crate::xds::XdsMetrics;
 
 type Labels = Vec<(&'static str, String)>;
+
+/// Writes one family of `kind`: `rows` of (labels, value), each value made a metric by `metric`.
+fn family<V, M: EncodeMetric>(
+    enc: &mut DescriptorEncoder,
+    name: &'static str,
+    help: &str,
+    kind: MetricType,
+    rows: impl IntoIterator<Item = (Labels, V)>,
+    metric: fn(V) -> M,
+) -> std::fmt::Result {
+    let mut m = enc.encode_descriptor(name, help, None, kind)?;
+    for (labels, v) in rows {
+        metric(v).encode(m.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
 
 /// Writes one gauge family: `rows` of (labels, value).
 fn gauges<V>(
@@ -25,12 +42,7 @@ fn gauges<V>(
 where
     ConstGauge<V>: EncodeMetric,
 {
-    let probe = ConstGauge::new(0i64);
-    let mut m = enc.encode_descriptor(name, help, None, probe.metric_type())?;
-    for (labels, v) in rows {
-        ConstGauge::new(v).encode(m.encode_family(&labels)?)?;
-    }
-    Ok(())
+    family(enc, name, help, MetricType::Gauge, rows, ConstGauge::new)
 }
 
 /// Writes one counter family (the `_total` suffix is added by the encoder).
@@ -43,12 +55,14 @@ fn counters<V>(
 where
     ConstCounter<V>: EncodeMetric,
 {
-    let probe = ConstCounter::new(0u64);
-    let mut m = enc.encode_descriptor(name, help, None, probe.metric_type())?;
-    for (labels, v) in rows {
-        ConstCounter::new(v).encode(m.encode_family(&labels)?)?;
-    }
-    Ok(())
+    family(
+        enc,
+        name,
+        help,
+        MetricType::Counter,
+        rows,
+        ConstCounter::new,
+    )
 }
 
 fn one<V>(v: V) -> [(Labels, V); 1] {

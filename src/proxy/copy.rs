@@ -97,25 +97,8 @@ where
     }
 }
 
-/// Copies until both directions reached end of stream, or one failed.
-pub async fn bidirectional<DR, DW, UR, UW>(
-    down_r: &mut DR,
-    down_w: &mut DW,
-    up_r: &mut UR,
-    up_w: &mut UW,
-    meter: &Meter,
-) -> (Transferred, Result<(), CopyError>)
-where
-    DR: AsyncRead + Unpin + ?Sized,
-    DW: AsyncWrite + Unpin + ?Sized,
-    UR: AsyncRead + Unpin + ?Sized,
-    UW: AsyncWrite + Unpin + ?Sized,
-{
-    bidirectional_until(down_r, down_w, up_r, up_w, meter, std::future::pending()).await
-}
-
-/// [`bidirectional`], ended early with [`CopyError::Stopped`] when `stop` resolves; the bytes
-/// moved until then are still reported.
+/// Copies until both directions reached end of stream or one failed, or until `stop` resolves
+/// ([`CopyError::Stopped`]); the bytes moved until then are reported either way.
 pub async fn bidirectional_until<DR, DW, UR, UW>(
     down_r: &mut DR,
     down_w: &mut DW,
@@ -174,15 +157,7 @@ const SPLICE_CHUNK: usize = 1 << 20;
 /// Copies between two TCP streams. On Linux the bytes move socket → pipe → socket with
 /// `splice(2)` and never enter user space; if a pipe cannot be had (out of file descriptors), the
 /// buffered copy takes over.
-pub async fn tcp(
-    down: &mut tokio::net::TcpStream,
-    up: &mut tokio::net::TcpStream,
-    meter: &Meter,
-) -> (Transferred, Result<(), CopyError>) {
-    tcp_until(down, up, meter, std::future::pending()).await
-}
-
-/// [`tcp`], ended early with [`CopyError::Stopped`] when `stop` resolves.
+/// Ends early with [`CopyError::Stopped`] when `stop` resolves.
 pub async fn tcp_until(
     down: &mut tokio::net::TcpStream,
     up: &mut tokio::net::TcpStream,

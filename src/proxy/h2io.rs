@@ -1,5 +1,5 @@
 //! An HTTP/2 stream as a byte stream: [`H2Recv`] is `AsyncRead` over a `RecvStream`, [`H2Send`] is
-//! `AsyncWrite` over a `SendStream`, so `copy::bidirectional` copies between TCP and a tunnel.
+//! `AsyncWrite` over a `SendStream`, so `copy::bidirectional_until` copies between TCP and a tunnel.
 //!
 //! Flow control follows the bytes: receive capacity is released as the reader consumes data (a
 //! slow reader stops the peer instead of buffering without bound), and a write reserves send

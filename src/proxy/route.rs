@@ -76,7 +76,7 @@ pub fn route(
                 return Ok(via(wp, dst, None, Some(svc.clone())));
             }
         }
-        return route_service(snapshot, svc, src, dst, &|_, _| true, rng);
+        return service_endpoint(snapshot, svc, src, dst, &|_, _| true, rng);
     }
     if let Some(wl) = snapshot.workload_by_addr(&key) {
         if let Some(gw) = &wl.waypoint {
@@ -130,17 +130,6 @@ fn kind_of(wl: &Workload) -> UpstreamKind {
 /// holds, ignoring the service's waypoint: what a waypoint does with the traffic sent to it. The
 /// filter runs *before* the choice, so an endpoint this proxy cannot serve is never picked.
 pub fn service_endpoint(
-    snapshot: &Snapshot,
-    svc: &Arc<Service>,
-    src: Option<&Workload>,
-    dst: SocketAddr,
-    keep: &dyn Fn(&Workload, IpAddr) -> bool,
-    rng: &mut impl Rng,
-) -> Result<Upstream, RouteError> {
-    route_service(snapshot, svc, src, dst, keep, rng)
-}
-
-fn route_service(
     snapshot: &Snapshot,
     svc: &Arc<Service>,
     src: Option<&Workload>,
