@@ -227,11 +227,7 @@ async fn build(
             ca: Arc::new(LocalCa::generate(&config.trust_domain)?),
             ttl: *ttl,
         },
-        // The control-plane sockets carry PACKET_MARK: a captured pod must not redirect them.
-        CaSource::Istio(s) => CaClient::Istio(crate::identity::IstioCaSettings {
-            packet_mark: config.packet_mark,
-            ..s.clone()
-        }),
+        CaSource::Istio(s) => CaClient::Istio(s.clone()),
     };
     tracing::info!(ca = ?ca, "certificate authority");
     let secrets = SecretManager::new(ca);

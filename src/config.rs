@@ -519,6 +519,7 @@ impl Args {
                     cluster_id: self.cluster_id.clone(),
                     ttl: self.secret_ttl,
                     own_identity,
+                    // The CA's sockets carry PACKET_MARK: a captured pod must not redirect them.
                     packet_mark: self.packet_mark,
                 })
             }

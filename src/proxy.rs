@@ -249,16 +249,15 @@ impl Listener {
             move |stream, peer, watcher| {
                 let ctx = ctx.clone();
                 async move {
-                    // An HBONE connection counts as a connection until its tunnels do instead.
-                    if role == Role::InboundHbone {
-                        return inbound_hbone::serve(ctx, stream, peer, watcher).await;
-                    }
-                    let _watcher = watcher;
-                    match role {
-                        Role::Outbound => outbound::serve(&ctx, stream, peer).await,
-                        Role::InboundPlaintext => inbound_plain::serve(&ctx, stream, peer).await,
-                        Role::Socks5 => socks5::serve(&ctx, stream, peer).await,
-                        Role::InboundHbone => {}
+                    // The watcher lives as long as the connection; an HBONE connection hands it
+                    // over, counting as a connection until its tunnels do instead.
+                    match (role, watcher) {
+                        (Role::InboundHbone, w) => inbound_hbone::serve(ctx, stream, peer, w).await,
+                        (Role::Outbound, _w) => outbound::serve(&ctx, stream, peer).await,
+                        (Role::InboundPlaintext, _w) => {
+                            inbound_plain::serve(&ctx, stream, peer).await
+                        }
+                        (Role::Socks5, _w) => socks5::serve(&ctx, stream, peer).await,
                     }
                 }
             },

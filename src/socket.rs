@@ -148,9 +148,9 @@ pub async fn connect_from(
     src: Option<IpAddr>,
     opts: &UpstreamOptions,
 ) -> io::Result<TcpStream> {
-    let dst = SocketAddr::new(to_canonical(dst.ip()), dst.port());
+    let dst = SocketAddr::new(dst.ip().to_canonical(), dst.port());
     let mut socket = Socket::new(Domain::for_address(dst), Type::STREAM, None)?;
-    if let Some(src) = src.filter(|_| opts.orig_src).map(to_canonical) {
+    if let Some(src) = src.filter(|_| opts.orig_src).map(|ip| ip.to_canonical()) {
         if let Err(e) = bind_transparent(&socket, src, dst) {
             // The capability was checked at startup (`orig_src_mode`): what is left are
             // per-connection cases (another address family, an address in use), counted.
@@ -201,7 +201,7 @@ fn transparent_probe() -> io::Result<()> {
 /// namespace, so these are exactly the addresses of the pod it serves. (With the sysctl
 /// `net.ipv[46].ip_nonlocal_bind=1` every address binds; l4mesh pods do not set it.)
 pub fn is_local_address(ip: IpAddr) -> bool {
-    let ip = to_canonical(ip);
+    let ip = ip.to_canonical();
     Socket::new(
         Domain::for_address(SocketAddr::new(ip, 0)),
         Type::STREAM,
@@ -209,15 +209,6 @@ pub fn is_local_address(ip: IpAddr) -> bool {
     )
     .and_then(|s| s.bind(&SocketAddr::new(ip, 0).into()))
     .is_ok()
-}
-
-/// An IPv4-mapped IPv6 address (`::ffff:a.b.c.d`, as a dual-stack listener reports IPv4 clients)
-/// as the IPv4 address it is; any other address unchanged.
-pub fn to_canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
-        v4 => v4,
-    }
 }
 
 /// Binds `socket` to `(src, any port)` with `IP_TRANSPARENT` and `IP_FREEBIND`.

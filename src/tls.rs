@@ -194,7 +194,7 @@ pub fn client_config(
         expected,
         provider.signature_verification_algorithms,
     );
-    let resolver = SourceResolver::with_provider(source, provider.clone());
+    let resolver = SourceResolver::new(source);
     let mut config = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()

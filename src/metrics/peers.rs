@@ -39,17 +39,9 @@ pub fn inbound_source(
     candidates.iter().find_map(|ip| {
         snapshot
             .workload_by_addr(&NetworkAddr::new(network.clone(), *ip))
-            .filter(|w| peer.is_none_or(|p| has_identity(w, p)))
+            .filter(|w| peer.is_none_or(|p| w.has_identity(p)))
             .cloned()
     })
-}
-
-/// Whether `w` runs as `id`, compared field by field (`Workload::identity` would build a
-/// `SpiffeId`, three Strings, per candidate per connection).
-fn has_identity(w: &Workload, id: &SpiffeId) -> bool {
-    w.service_account == id.service_account
-        && w.namespace == id.namespace
-        && w.trust_domain == id.trust_domain
 }
 
 /// The service an inbound connection to `wl` on `port` most likely came through (the server side

@@ -109,6 +109,14 @@ impl Workload {
         SpiffeId::new(&self.trust_domain, &self.namespace, &self.service_account)
     }
 
+    /// Whether this workload's certificate carries `id`, compared field by field: no string is
+    /// built, which matters where it is asked for every connection.
+    pub fn has_identity(&self, id: &SpiffeId) -> bool {
+        self.service_account == id.service_account
+            && self.namespace == id.namespace
+            && self.trust_domain == id.trust_domain
+    }
+
     /// The workload's addresses on its network: the keys it is found by.
     pub fn network_addrs(&self) -> impl Iterator<Item = NetworkAddr> + '_ {
         self.addresses

@@ -305,7 +305,7 @@ async fn open(
         dst_port: addr.port(),
     };
     let reg = super::admit(ctx, &snapshot, &wl, conn)?;
-    let client = original_client(&snapshot, req.headers(), peer, &wl, log.src.ip());
+    let client = original_client(&snapshot, forwarded, peer, &wl, log.src.ip());
     drop(snapshot);
     // The workload sees the client's IP rather than l4mesh's when ENABLE_ORIG_SRC allows it.
     let up = crate::socket::connect_from(addr, Some(client), &ctx.upstream)
@@ -321,7 +321,7 @@ async fn open(
 /// with that header, so no other peer can make l4mesh connect from an address of its choosing.
 fn original_client(
     snapshot: &Snapshot,
-    headers: &http::HeaderMap,
+    forwarded: Option<std::net::IpAddr>,
     peer: &SpiffeId,
     wl: &Workload,
     tcp_src: std::net::IpAddr,
@@ -329,11 +329,9 @@ fn original_client(
     let from_waypoint = wl
         .waypoint
         .as_ref()
-        .is_some_and(|gw| waypoint::identities(snapshot, gw).contains(peer));
-    let forwarded = from_waypoint
-        .then(|| crate::metrics::peers::forwarded_for(headers))
-        .flatten();
-    crate::socket::to_canonical(forwarded.unwrap_or(tcp_src))
+        .is_some_and(|gw| waypoint::has_identity(snapshot, gw, peer));
+    let forwarded = forwarded.filter(|_| from_waypoint);
+    forwarded.unwrap_or(tcp_src).to_canonical()
 }
 
 /// For a tunnel dialled on a waypoint this l4mesh serves, with a service VIP as its authority (a
@@ -427,10 +425,10 @@ fn waypoint_rule(
     {
         return Decision::Allow;
     }
-    let ids = waypoint::identities(snapshot, gw);
-    if ids.contains(peer) {
+    if waypoint::has_identity(snapshot, gw, peer) {
         return Decision::Allow;
     }
+    let ids = waypoint::identities(snapshot, gw);
     let expected = if ids.is_empty() {
         "its waypoint, which is not in the mesh state".to_string()
     } else {
@@ -448,6 +446,7 @@ fn waypoint_rule(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::metrics::peers::forwarded_for;
     use crate::model::{GatewayAddress, GatewayDestination, NetworkAddr};
     use crate::proto::istio::workload as pw;
     use crate::store::{Batch, Store, Upsert};
@@ -504,21 +503,21 @@ mod tests {
         let tcp: IpAddr = "10.0.0.9".parse().unwrap();
         let client: IpAddr = "10.0.0.1".parse().unwrap();
         assert_eq!(
-            original_client(&snap, &headers, &id("waypoint"), &d, tcp),
+            original_client(&snap, forwarded_for(&headers), &id("waypoint"), &d, tcp),
             client
         );
         assert_eq!(
-            original_client(&snap, &headers, &id("client"), &d, tcp),
+            original_client(&snap, forwarded_for(&headers), &id("client"), &d, tcp),
             tcp
         );
         assert_eq!(
-            original_client(&snap, &headers, &id("waypoint"), &plain, tcp),
+            original_client(&snap, forwarded_for(&headers), &id("waypoint"), &plain, tcp),
             tcp
         );
         // No header: the TCP source, as IPv4 when it was IPv4-mapped.
         let mapped: IpAddr = "::ffff:10.0.0.9".parse().unwrap();
         assert_eq!(
-            original_client(&snap, &http::HeaderMap::new(), &id("waypoint"), &d, mapped),
+            original_client(&snap, None, &id("waypoint"), &d, mapped),
             tcp
         );
     }

@@ -74,7 +74,8 @@ pub(super) async fn open(ctx: &ProxyCtx, log: &mut ConnLog) -> Result<UpConn, Pr
         // Bounds the handshakes and the wait for the answer; dropping the future on timeout
         // releases the pool key's lock.
         let limit = ctx.upstream.connect_timeout;
-        let t = match tokio::time::timeout(limit, ctx.hbone.pool.tunnel(ctx, &key, req)).await {
+        let t = match tokio::time::timeout(limit, ctx.hbone.pool.tunnel(ctx, &key, addr, req)).await
+        {
             Ok(t) => t,
             Err(_) => Err(ProxyError::HboneHandshake(format!(
                 "no tunnel to {addr} via {} within {limit:?} (is the peer's HBONE port reachable?)",

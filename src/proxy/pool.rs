@@ -170,18 +170,15 @@ impl Pool {
         Ok(taken)
     }
 
-    /// Opens a CONNECT tunnel with `req` over a pooled connection; the peer must answer 200.
+    /// Opens a CONNECT tunnel to `dst` (the request's authority) with `req` over a pooled
+    /// connection; the peer must answer 200.
     pub async fn tunnel(
         &self,
         ctx: &ProxyCtx,
         key: &PoolKey,
+        dst: SocketAddr,
         req: http::Request<()>,
     ) -> Result<Tunnel, ProxyError> {
-        let dst = req
-            .uri()
-            .authority()
-            .and_then(|a| a.as_str().parse().ok())
-            .unwrap_or(key.addr);
         let mut fresh = false;
         loop {
             let (send, guard) = self.acquire(ctx, key, fresh).await?;

@@ -24,19 +24,15 @@ pub struct CertifiedKeyCache {
 
 impl Default for CertifiedKeyCache {
     fn default() -> Self {
-        Self::with_provider(provider())
+        Self::new()
     }
 }
 
 impl CertifiedKeyCache {
-    /// An empty cache using the HBONE crypto provider ([`provider`]).
+    /// An empty cache using the HBONE crypto provider ([`provider`], built once per process).
     pub fn new() -> Self {
-        Self::default()
-    }
-
-    pub(super) fn with_provider(provider: Arc<CryptoProvider>) -> Self {
         Self {
-            provider,
+            provider: provider(),
             slot: Mutex::new(None),
         }
     }
@@ -77,16 +73,9 @@ pub struct SourceResolver {
 impl SourceResolver {
     /// A resolver presenting `source`'s current certificate on every handshake.
     pub fn new(source: Arc<dyn CertSource>) -> Self {
-        Self::with_provider(source, provider())
-    }
-
-    pub(super) fn with_provider(
-        source: Arc<dyn CertSource>,
-        provider: Arc<CryptoProvider>,
-    ) -> Self {
         Self {
             source,
-            keys: CertifiedKeyCache::with_provider(provider),
+            keys: CertifiedKeyCache::new(),
         }
     }
 

@@ -88,6 +88,18 @@ pub(super) fn resolve(
 
 /// The identities a waypoint may prove: the workload at its address, or every endpoint of its
 /// service. Empty when the waypoint is unknown (the inbound check then refuses: fail closed).
+pub fn has_identity(snapshot: &Snapshot, gw: &GatewayAddress, id: &SpiffeId) -> bool {
+    match &gw.destination {
+        GatewayDestination::Address(na) => snapshot
+            .workload_by_addr(na)
+            .is_some_and(|w| w.has_identity(id)),
+        GatewayDestination::Hostname(key) => {
+            snapshot.endpoints(key).any(|(w, _)| w.has_identity(id))
+        }
+    }
+}
+
+/// The identities of a waypoint's workloads, for messages (checks use [`has_identity`]).
 pub fn identities(snapshot: &Snapshot, gw: &GatewayAddress) -> Vec<SpiffeId> {
     let mut ids: Vec<SpiffeId> = match &gw.destination {
         GatewayDestination::Address(na) => snapshot
