@@ -426,6 +426,31 @@ async fn prometheus_counts_what_was_sent() {
         "no mutual TLS, no principal"
     );
     assert_eq!(l["destination_service"], "unknown", "dialled by pod IP");
+    // Label values are names from the mesh state, never addresses or ports: the number of series
+    // is bounded by the mesh's size, not by its traffic.
+    for inst in [&a, &b] {
+        let rows = prom
+            .query(&format!(
+                "{{__name__=~\"istio_tcp_.*\",instance=\"{inst}\"}}"
+            ))
+            .await;
+        assert!(!rows.is_empty(), "no istio_tcp_* series for {inst}");
+        for row in &rows {
+            for (k, v) in row["metric"].as_object().unwrap() {
+                if ["instance", "job", "__name__"].contains(&k.as_str()) {
+                    continue;
+                }
+                let v = v.as_str().unwrap();
+                assert!(
+                    !k.ends_with("_port")
+                        && !k.ends_with("_ip")
+                        && !v.contains("127.51.")
+                        && v.parse::<std::net::IpAddr>().is_err(),
+                    "unbounded label {k}={v} on {inst}"
+                );
+            }
+        }
+    }
 
     // The rest of what the dashboard shows is there and agrees.
     let rbac = format!("sum(l4mesh_rbac_decisions_total{{instance=\"{b}\",result=\"allow\"}})");

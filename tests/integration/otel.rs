@@ -200,12 +200,16 @@ impl Mesh {
         mut otel_b: Option<OtelSettings>,
     ) -> Mesh {
         let ts = testserver(state(n), "127.0.0.1", None).await;
+        // `None` leaves the node's default configuration alone (so a test can check the default).
         let TwoNodes { a, b, ts } = two_nodes_with(ts, &format!("127.55.{n}"), |c| {
-            c.otel = if c.node_name == "node-a" {
+            let o = if c.node_name == "node-a" {
                 otel_a.take()
             } else {
                 otel_b.take()
             };
+            if o.is_some() {
+                c.otel = o;
+            }
         })
         .await;
         for r in [&a, &b] {
