@@ -174,9 +174,21 @@ async fn deadline_closes_a_connection_that_does_not_end() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quitquitquit_drains_then_exits() {
-    let backend = Backend::start("127.53.5.9:18080", "b").await;
+    drain_then_exit("127.53.5", None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigint_drains_then_exits() {
+    drain_then_exit("127.53.8", Some("INT")).await;
+}
+
+/// Starts a drain with `signal` (else `POST /quitquitquit`) while a connection is open: readiness
+/// says draining, new connections are refused, the admin server still answers, the open
+/// connection ends normally, and l4mesh exits 0 having logged why once.
+async fn drain_then_exit(net: &str, signal: Option<&str>) {
+    let backend = Backend::start(&format!("{net}.9:18080"), "b").await;
     let mut node = L4mesh::spawn(
-        "127.53.5.1",
+        &format!("{net}.1"),
         &[("CONNECTION_TERMINATION_DEADLINE", "8s".into())],
     );
     node.ready().await;
@@ -186,9 +198,18 @@ async fn quitquitquit_drains_then_exits() {
         .unwrap();
     s.write_all(b"before").await.unwrap();
 
-    let (code, body) = http(node.admin, "POST", "/quitquitquit").await.unwrap();
-    assert_eq!(code, 200, "{body}");
-    assert!(body.starts_with("draining"), "{body}");
+    let reason = match signal {
+        Some(sig) => {
+            node.signal(sig);
+            format!("reason=\"SIG{sig}\"")
+        }
+        None => {
+            let (code, body) = http(node.admin, "POST", "/quitquitquit").await.unwrap();
+            assert_eq!(code, 200, "{body}");
+            assert!(body.starts_with("draining"), "{body}");
+            "reason=\"POST /quitquitquit\"".to_owned()
+        }
+    };
     readiness_says_draining(&node).await;
     refused(node.socks5).await;
     // The admin server still answers while draining.
@@ -210,12 +231,7 @@ async fn quitquitquit_drains_then_exits() {
         "{}",
         node.log()
     );
-    assert_eq!(
-        node.count(&["reason=\"POST /quitquitquit\""]),
-        1,
-        "{}",
-        node.log()
-    );
+    assert_eq!(node.count(&[&reason]), 1, "{}", node.log());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
