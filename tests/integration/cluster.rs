@@ -147,18 +147,14 @@ fn raw_tunnel_status(netns: &str, ip: &str, sa: &str, authority: &str) -> u16 {
             .build()
             .unwrap();
         rt.block_on(async move {
+            let cp = std::net::SocketAddr::new(
+                topology::CONTROL_PLANE_IP.parse().unwrap(),
+                topology::CONTROL_PLANE_PORT,
+            );
+            // Its sockets carry the mark, as l4mesh's own: the pod's capture rules skip them.
             let ca = l4mesh::identity::IstioCaSettings {
-                address: format!(
-                    "http://{}:{}",
-                    topology::CONTROL_PLANE_IP,
-                    topology::CONTROL_PLANE_PORT
-                ),
-                root_ca: None,
-                auth_token: None,
-                cluster_id: "Kubernetes".into(),
-                ttl: Duration::from_secs(3600),
-                own_identity: None,
                 packet_mark: 1337,
+                ..super::harness::istio_ca_at(cp)
             };
             let opts = l4mesh::socket::UpstreamOptions {
                 mark: 1337,

@@ -158,8 +158,13 @@ impl Mesh {
 
 /// Settings for the Istio CA of an in-process xds-testserver (plaintext, no token).
 pub fn testserver_ca(ts: &xds_testserver::Handle) -> l4mesh::identity::IstioCaSettings {
+    istio_ca_at(ts.addr())
+}
+
+/// Settings for a plaintext Istio CA at `addr` (no token, one-hour certificates, no mark).
+pub fn istio_ca_at(addr: std::net::SocketAddr) -> l4mesh::identity::IstioCaSettings {
     l4mesh::identity::IstioCaSettings {
-        address: format!("http://{}", ts.addr()),
+        address: format!("http://{addr}"),
         root_ca: None,
         auth_token: None,
         cluster_id: "Kubernetes".into(),

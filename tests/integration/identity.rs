@@ -45,15 +45,7 @@ async fn ca_server(listen: SocketAddr, max_ttl: Duration) -> Handle {
 }
 
 fn istio_ca(addr: SocketAddr) -> CaClient {
-    CaClient::Istio(IstioCaSettings {
-        address: format!("http://{addr}"),
-        root_ca: None,
-        auth_token: None,
-        cluster_id: "Kubernetes".into(),
-        ttl: Duration::from_secs(3600),
-        own_identity: None,
-        packet_mark: 0,
-    })
+    CaClient::Istio(super::harness::istio_ca_at(addr))
 }
 
 /// A TLS echo server presenting `source`'s certificate; returns its address.
