@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use h2::client::SendRequest;
-use rustls_pki_types::ServerName;
+use rustls_pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::h2io::{self, H2Recv, H2Send};
@@ -108,11 +108,42 @@ impl Conn {
 #[derive(Default)]
 pub struct Pool {
     slots: Mutex<HashMap<PoolKey, Arc<tokio::sync::Mutex<Option<Conn>>>>>,
+    /// The TLS client configuration per (source identity, expected identities), with the roots it
+    /// was built for: a new pooled connection reuses it (and its parsed key) unless the roots
+    /// changed. Bounded like `slots`, whose keys these are without the address.
+    configs: Mutex<HashMap<(SpiffeId, Vec<SpiffeId>), ClientConfigFor>>,
     live: Arc<AtomicUsize>,
     streams: Arc<AtomicUsize>,
 }
 
+/// A client configuration and the mesh roots it trusts.
+type ClientConfigFor = (Vec<CertificateDer<'static>>, Arc<rustls::ClientConfig>);
+
 impl Pool {
+    /// The client configuration of `key`, built only when none exists for its identities or the
+    /// roots changed (CA rotation).
+    fn client_config(
+        &self,
+        ctx: &ProxyCtx,
+        key: &PoolKey,
+        roots: &[CertificateDer<'static>],
+    ) -> Result<Arc<rustls::ClientConfig>, ProxyError> {
+        let id = (key.src.clone(), key.expected.clone());
+        let mut configs = self.configs.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((r, cfg)) = configs.get(&id) {
+            if r.as_slice() == roots {
+                return Ok(cfg.clone());
+            }
+        }
+        let cfg = tls::client_config(
+            ManagedCert::new(ctx.secrets.clone(), key.src.clone()),
+            roots.to_vec(),
+            key.expected.clone(),
+        )?;
+        configs.insert(id, (roots.to_vec(), cfg.clone()));
+        Ok(cfg)
+    }
+
     pub fn stats(&self) -> PoolStats {
         PoolStats {
             keys: self
@@ -234,11 +265,7 @@ async fn request(
 /// Opens a TLS+HTTP/2 connection for `key` and spawns its driver.
 async fn connect(ctx: &ProxyCtx, key: &PoolKey) -> Result<Conn, ProxyError> {
     let cert = ctx.secrets.fetch(&key.src).await?;
-    let cfg = tls::client_config(
-        ManagedCert::new(ctx.secrets.clone(), key.src.clone()),
-        cert.roots.clone(),
-        key.expected.clone(),
-    )?;
+    let cfg = ctx.hbone.pool.client_config(ctx, key, &cert.roots)?;
     let tcp = crate::socket::connect(key.addr, &ctx.upstream)
         .await
         .map_err(|source| ProxyError::Connect {
