@@ -87,9 +87,15 @@ async fn config_dump_follows_an_xds_push_and_lists_certificates() {
         workload("pushed", "127.53.1.5", "node-x")
     ))
     .unwrap();
+    // The store and the xDS counters are updated one after the other: wait for both.
+    let held_two = |dump: &serde_json::Value| {
+        dump["xds"]["resources"]
+            .as_object()
+            .is_some_and(|r| r.values().any(|n| n.as_u64() >= Some(2)))
+    };
     let mut dump = config_dump(admin).await;
     for _ in 0..100 {
-        if names(&dump).contains(&"pushed".to_owned()) {
+        if names(&dump).contains(&"pushed".to_owned()) && held_two(&dump) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
