@@ -76,9 +76,26 @@ fn check_backend(backend: &str, n: u32) {
         "10.238.0.1/24",
     );
 
-    // Installed twice: the second run replaces the first (one jump / one table, not two).
-    redirect(&pod, "install", backend);
-    redirect(&pod, "install", backend);
+    // Installed twice: the second run replaces the first (one jump / one table, not two). With
+    // one excluded port each way, which must bypass l4mesh.
+    for _ in 0..2 {
+        let bin = env!("CARGO_BIN_EXE_l4mesh");
+        let (ok, out, err) = pod.output(&[
+            bin,
+            "redirect",
+            "install",
+            "--backend",
+            backend,
+            "--exclude-inbound-ports",
+            "15020,15021,9001",
+            "--exclude-outbound-ports",
+            "8081",
+        ]);
+        assert!(
+            ok,
+            "l4mesh redirect install --backend {backend} failed: {out} {err}"
+        );
+    }
     let installed = rules(&pod, backend);
     if backend == "iptables" {
         let (v4, _) = installed.split_once("== ip6tables").unwrap();
@@ -124,6 +141,16 @@ fn check_backend(backend: &str, n: u32) {
         &[],
         "ready",
     );
+    peer.spawn(
+        &["python3", "-c", ECHO_PY, "10.238.0.1", "8081", "peerx"],
+        &[],
+        "ready",
+    );
+    pod.spawn(
+        &["python3", "-c", ECHO_PY, "10.238.0.2", "9001", "podx"],
+        &[],
+        "ready",
+    );
     pod.spawn(
         &["python3", "-c", ECHO_PY, "10.238.0.2", "9000", "pod"],
         &[],
@@ -164,6 +191,32 @@ fn check_backend(backend: &str, n: u32) {
     assert_eq!(out.trim(), "pod:10.238.0.1:in", "[{backend}]");
     log.wait_for(&["access", "inbound", "10.238.0.2:9000"])
         .unwrap_or_else(|| panic!("[{backend}] no inbound access-log line:\n{}", log.all()));
+
+    // Excluded ports, both ways: the connection works directly, and l4mesh never sees it (it
+    // logs a captured connection made after them, so their lines would be there by then).
+    let (ok, out, err) = pod.output(&["python3", "-c", CLIENT_PY, "10.238.0.1", "8081", "x"]);
+    assert!(ok, "[{backend}] excluded outbound failed: {out} {err}");
+    assert_eq!(out.trim(), "peerx:10.238.0.2:x", "[{backend}]");
+    let (ok, out, err) = peer.output(&["python3", "-c", CLIENT_PY, "10.238.0.2", "9001", "x"]);
+    assert!(ok, "[{backend}] excluded inbound failed: {out} {err}");
+    assert_eq!(out.trim(), "podx:10.238.0.1:x", "[{backend}]");
+    let (ok, out, err) = pod.output(&["python3", "-c", CLIENT_PY, "10.238.0.1", "8080", "after"]);
+    assert!(
+        ok && out.trim() == "peer:10.238.0.2:after",
+        "[{backend}] {out} {err}"
+    );
+    log.wait_for(&["access", "10.238.0.1:8080", "bytes_sent=5"])
+        .unwrap_or_else(|| {
+            panic!(
+                "[{backend}] no access line for the last call:\n{}",
+                log.all()
+            )
+        });
+    let all = log.all();
+    assert!(
+        !all.contains("10.238.0.1:8081") && !all.contains("10.238.0.2:9001"),
+        "[{backend}] an excluded port went through l4mesh:\n{all}"
+    );
 
     // Removal leaves nothing of l4mesh's, and a second removal is a no-op that succeeds.
     redirect(&pod, "remove", backend);
