@@ -304,10 +304,21 @@ async fn build(
         }
         None => (None, None),
     };
-    let mut own_addrs = vec![outbound, inbound_plaintext, hbone];
-    own_addrs.extend(socks5);
-    own_addrs.extend(readiness_addr);
-    own_addrs.extend(metrics_addr);
+    // Bound with the others so that its port is one of l4mesh's own from the first connection.
+    let admin_l = match config.admin_addr {
+        Some(a) => Some(bind_std("admin", "admin-addr", a)?),
+        None => None,
+    };
+    let admin_addr = admin_l.as_ref().map(|(_, local)| *local);
+    let own_ports = crate::proxy::OwnPorts::new(
+        [outbound, inbound_plaintext, hbone]
+            .into_iter()
+            .chain(socks5)
+            .chain(readiness_addr)
+            .chain(metrics_addr)
+            .chain(admin_addr)
+            .map(|a| a.port()),
+    );
     let ctx = Arc::new(ProxyCtx {
         store: store.clone(),
         network: config.network.as_str().into(),
@@ -318,10 +329,17 @@ async fn build(
             orig_src: crate::socket::orig_src_mode(config.enable_orig_src)?,
             orig_src_fallbacks: Default::default(),
         },
-        own_addrs,
+        own_ports,
         on_demand,
         secrets: secrets.clone(),
         own_identity,
+        own_workload: config
+            .workload_info
+            .as_ref()
+            .map(|w| crate::proxy::ServedWorkload {
+                namespace: w.namespace.clone(),
+                name: w.name.clone(),
+            }),
         h2: config.h2,
         hbone: Default::default(),
         conns: Default::default(),
@@ -377,28 +395,21 @@ async fn build(
             crate::metrics::serve(l, m)
         }));
     }
-    let admin_addr = match config.admin_addr {
-        Some(a) => {
-            let (l, local) = bind_std("admin", "admin-addr", a)?;
-            let state = Arc::new(crate::admin::AdminState {
-                store: store.clone(),
-                secrets: secrets.clone(),
-                config: serde_json::to_value(config).unwrap_or_else(|e| {
-                    serde_json::Value::String(format!(
-                        "the configuration could not be serialised: {e}"
-                    ))
-                }),
-                xds: xds_metrics.clone(),
-                drain: drain.clone(),
-                deadline: config.connection_termination_deadline,
-            });
-            operators.push(operator_task("admin", l, move |l| {
-                crate::admin::serve(l, state)
-            }));
-            Some(local)
-        }
-        None => None,
-    };
+    if let Some((l, _)) = admin_l {
+        let state = Arc::new(crate::admin::AdminState {
+            store: store.clone(),
+            secrets: secrets.clone(),
+            config: serde_json::to_value(config).unwrap_or_else(|e| {
+                serde_json::Value::String(format!("the configuration could not be serialised: {e}"))
+            }),
+            xds: xds_metrics.clone(),
+            drain: drain.clone(),
+            deadline: config.connection_termination_deadline,
+        });
+        operators.push(operator_task("admin", l, move |l| {
+            crate::admin::serve(l, state)
+        }));
+    }
     tracing::info!(%outbound, %inbound_plaintext, %hbone, socks5 = ?socks5, readiness = ?readiness_addr, metrics = ?metrics_addr, admin = ?admin_addr, "listening");
     let running = Running {
         outbound,

@@ -21,7 +21,10 @@ mod metering;
 mod outbound;
 mod pool;
 pub mod route;
+mod self_call;
 mod socks5;
+#[cfg(test)]
+mod source_tests;
 mod stop;
 mod trace;
 
@@ -37,6 +40,7 @@ pub use conn_tracker::ConnTracker;
 pub use error::{Blame, ProxyError};
 pub use h2io::Tuning as H2Tuning;
 pub use pool::PoolStats;
+pub use self_call::OwnPorts;
 
 /// What every connection handler needs, shared by all listeners.
 pub struct ProxyCtx {
@@ -46,8 +50,9 @@ pub struct ProxyCtx {
     /// This node's name (`NODE_NAME`): inbound connections are only for workloads on it.
     pub node_name: String,
     pub upstream: UpstreamOptions,
-    /// The addresses l4mesh's own listeners are bound to, to refuse connections that would loop.
-    pub own_addrs: Vec<SocketAddr>,
+    /// The ports of l4mesh's own listeners: a connection to one of them on an address of this
+    /// namespace is refused, whatever the listener's bind address ([`self_call`]).
+    pub own_ports: OwnPorts,
     /// In on-demand xDS mode: asks the control plane about unknown destinations.
     pub on_demand: Option<crate::xds::OnDemand>,
     /// The certificates of this node's identities (HBONE presents them on both ends).
@@ -55,6 +60,9 @@ pub struct ProxyCtx {
     /// The identity of this l4mesh's own workload (dedicated mode): the source identity of
     /// outbound tunnels from clients that are not known workloads.
     pub own_identity: Option<crate::model::SpiffeId>,
+    /// The workload this l4mesh serves (dedicated mode, `PROXY_WORKLOAD_INFO`): the only source
+    /// of outbound identity and, with the pod's other addresses, the destinations inbound serves.
+    pub own_workload: Option<ServedWorkload>,
     /// HTTP/2 windows, frame size and pool limits of both HBONE ends.
     pub h2: H2Tuning,
     /// Shared HBONE state: server TLS configs, the tunnel pool, counters.
@@ -67,6 +75,21 @@ pub struct ProxyCtx {
     pub metrics: Arc<crate::metrics::Traffic>,
     /// Shutdown: listeners stop accepting when it starts; copies stop at its deadline.
     pub drain: crate::drain::Signal,
+}
+
+/// The workload a dedicated-mode l4mesh serves, by name (`PROXY_WORKLOAD_INFO`), so that neither
+/// its identity nor the destinations it accepts depend on an address a workload can choose.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServedWorkload {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ServedWorkload {
+    /// Whether `wl` is this workload.
+    pub fn is(&self, wl: &crate::model::Workload) -> bool {
+        wl.name == self.name && wl.namespace == self.namespace
+    }
 }
 
 /// HBONE state shared by all connections of one l4mesh.
@@ -106,30 +129,95 @@ impl HboneState {
 }
 
 impl ProxyCtx {
-    /// The workload of this node with address `ip` on this node's network: the only destinations
-    /// the inbound paths serve.
+    /// The workload with address `ip` on this node's network that this l4mesh serves: the only
+    /// destinations the inbound paths accept. In dedicated mode (`PROXY_WORKLOAD_INFO`) that is
+    /// the served workload, whatever its `node` (ztunnel does not ask for `NODE_NAME` there), or
+    /// another workload of this node at an address of this pod's network namespace (a pod may
+    /// carry several workload addresses); without it, any workload of `NODE_NAME`.
     pub fn local_workload(
         &self,
         snapshot: &crate::store::Snapshot,
         ip: std::net::IpAddr,
     ) -> Option<Arc<crate::model::Workload>> {
-        snapshot
-            .workload_by_addr(&crate::model::NetworkAddr::new(self.network.clone(), ip))
-            .filter(|w| w.node == self.node_name)
-            .cloned()
+        let wl =
+            snapshot.workload_by_addr(&crate::model::NetworkAddr::new(self.network.clone(), ip))?;
+        let served = match &self.own_workload {
+            Some(own) => {
+                own.is(wl) || wl.node == self.node_name && crate::socket::is_local_address(ip)
+            }
+            None => wl.node == self.node_name,
+        };
+        served.then(|| wl.clone())
     }
 
-    /// Whether `dst` is one of l4mesh's own listeners (a connection to it would loop forever): the
-    /// same address, or a loopback address for a wildcard listener. A listener bound to one IP is
-    /// not hit by the same port on another IP. Together with capture listeners refusing traffic that
-    /// was not redirected, this stops every loop, including via a wildcard listener and a pod IP.
-    pub fn is_own_listener(&self, dst: SocketAddr) -> bool {
-        self.own_addrs.iter().any(|l| {
-            l.port() == dst.port()
-                && (l.ip() == dst.ip()
-                    || dst.ip().is_unspecified()
-                    || l.ip().is_unspecified() && dst.ip().is_loopback())
+    /// The workload whose identity an outbound connection from `src` carries, or why it has
+    /// none it may use. Identity never follows an address alone: an app can bind a foreign
+    /// source address (`IP_FREEBIND`). In dedicated mode the workload at `src` counts only when
+    /// it is the served one or `src` is an address of this pod; any other known workload's
+    /// address is refused. Without `PROXY_WORKLOAD_INFO` (local runs), only an address of this
+    /// network namespace names its workload. `Ok(None)`: not a known workload (the node's own
+    /// identity applies).
+    pub fn source_workload(
+        &self,
+        snapshot: &crate::store::Snapshot,
+        src: SocketAddr,
+    ) -> Result<Option<Arc<crate::model::Workload>>, ProxyError> {
+        let ip = src.ip().to_canonical();
+        let wl =
+            snapshot.workload_by_addr(&crate::model::NetworkAddr::new(self.network.clone(), ip));
+        source_decision(self.own_workload.as_ref(), wl, src, || {
+            crate::socket::is_local_address(ip)
         })
+    }
+
+    /// Whether an outbound destination is l4mesh itself (a connection to it would loop): one of
+    /// its ports on loopback, the unspecified address or an address of this namespace.
+    pub fn is_self_call(&self, dst: SocketAddr) -> bool {
+        self.own_ports.is_self(dst, crate::socket::is_local_address)
+    }
+}
+
+/// [`ProxyCtx::source_workload`] once the workload at the source address (`wl`) is known;
+/// `is_local` says whether the address is this network namespace's, asked only when the
+/// workload is not the served one.
+fn source_decision(
+    own: Option<&ServedWorkload>,
+    wl: Option<&Arc<crate::model::Workload>>,
+    src: SocketAddr,
+    is_local: impl FnOnce() -> bool,
+) -> Result<Option<Arc<crate::model::Workload>>, ProxyError> {
+    let Some(wl) = wl else {
+        return Ok(None);
+    };
+    if own.is_some_and(|own| own.is(wl)) || is_local() {
+        return Ok(Some(wl.clone()));
+    }
+    Err(ProxyError::ForeignSource {
+        src,
+        workload: format!("{}/{}", wl.namespace, wl.name),
+        served: own.map(|o| format!("{}/{}", o.namespace, o.name)),
+    })
+}
+
+/// The original destination of a connection accepted on a capture listener (15001, 15006), or
+/// why it was not redirected; the error comes with the listener's address for the log line.
+///
+/// A connection dialled straight at the listener is a loop (l4mesh's own unmarked traffic) or a
+/// misuse. Without a conntrack entry `SO_ORIGINAL_DST` fails; with one (any NAT rule loaded) it
+/// answers with the address dialled, which is then the listener's own port: both are refused.
+fn captured_dst(
+    ctx: &ProxyCtx,
+    stream: &tokio::net::TcpStream,
+    src: SocketAddr,
+) -> Result<SocketAddr, Box<(SocketAddr, ProxyError)>> {
+    let local = crate::socket::canonical(stream.local_addr().unwrap_or(src));
+    let not_redirected = |source| Box::new((local, ProxyError::NotRedirected { local, source }));
+    match crate::socket::original_dst(stream) {
+        Ok(dst) if dst == local && ctx.own_ports.contains(local.port()) => Err(not_redirected(
+            std::io::Error::other("the original destination is the listener itself"),
+        )),
+        Ok(dst) => Ok(dst),
+        Err(e) => Err(not_redirected(e)),
     }
 }
 
@@ -298,6 +386,8 @@ async fn accept_loop<F, Fut>(
         match accepted {
             Ok((stream, peer)) => {
                 let watcher = drain.watch();
+                // Canonical once, here: every phase after sees `::ffff:a.b.c.d` as `a.b.c.d`.
+                let peer = crate::socket::canonical(peer);
                 if let Err(e) = crate::socket::tune_accepted(&stream) {
                     tracing::debug!(listener = name, %peer, error = %e, "could not tune accepted socket");
                 }

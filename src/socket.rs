@@ -70,12 +70,19 @@ pub fn original_dst(stream: &TcpStream) -> io::Result<SocketAddr> {
     }
 }
 
+/// `addr` with an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`, what a dual-stack listener reports
+/// for an IPv4 peer) as the IPv4 address it is: lookups, policy `source_ips` ranges and logs all
+/// use the one form.
+pub fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
 /// The destination to use for an accepted connection: the original one if it was redirected, else
 /// the address the client dialled (the listener's own address when nothing redirected it).
 pub fn destination(stream: &TcpStream) -> io::Result<SocketAddr> {
     match original_dst(stream) {
         Ok(a) => Ok(a),
-        Err(_) => stream.local_addr(),
+        Err(_) => stream.local_addr().map(canonical),
     }
 }
 

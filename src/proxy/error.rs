@@ -27,8 +27,8 @@ pub enum ProxyError {
         #[source]
         source: io::Error,
     },
-    #[error("destination {dst} is one of l4mesh's own listeners; refusing the connection so that it does not loop (was the traffic redirected twice, or dialled directly?)")]
-    Loop { dst: SocketAddr },
+    #[error("destination {dst} is l4mesh itself (port {} is one of its listeners); refusing the connection so that it does not loop (was the traffic redirected twice, or is a client dialling l4mesh's ports?)", dst.port())]
+    SelfCall { dst: SocketAddr },
     #[error(transparent)]
     Route(#[from] RouteError),
     #[error("connecting to {addr} failed: {source} (is the destination listening? is a firewall or NetworkPolicy blocking it?)")]
@@ -63,6 +63,12 @@ pub enum ProxyError {
     },
     #[error("no identity to open an HBONE tunnel from {src}: the source is not a known workload and this l4mesh has no workload identity of its own (set PROXY_WORKLOAD_INFO in dedicated mode)")]
     NoSourceIdentity { src: SocketAddr },
+    #[error("source address {src} belongs to workload {workload}, which this l4mesh does not serve ({}); refusing to tunnel with its identity (did an application bind a foreign source address?)", served.as_deref().map_or("no PROXY_WORKLOAD_INFO, and the address is not this network namespace's".to_owned(), |s| format!("it serves {s}")))]
+    ForeignSource {
+        src: SocketAddr,
+        workload: String,
+        served: Option<String>,
+    },
     #[error("denied by authorization policy {policy}: {reason} (list the policies applying to the destination workload in the config dump; the access log flag is RBAC)")]
     Rbac {
         policy: String,
@@ -87,7 +93,7 @@ impl ProxyError {
         match self {
             ProxyError::OrigDst(_) => ("NR", Blame::Internal),
             ProxyError::NotRedirected { .. } => ("NR", Blame::Downstream),
-            ProxyError::Loop { .. } => ("NR", Blame::Downstream),
+            ProxyError::SelfCall { .. } => ("NR", Blame::Downstream),
             ProxyError::Route(_) => ("UH", Blame::ControlPlane),
             ProxyError::Connect { .. } => ("UF", Blame::Upstream),
             ProxyError::NotLocalWorkload { .. } => ("NR", Blame::Downstream),
@@ -105,6 +111,7 @@ impl ProxyError {
             ProxyError::HboneStatus { status: 401, .. } => ("RBAC", Blame::Policy),
             ProxyError::HboneStatus { .. } => ("UF", Blame::Upstream),
             ProxyError::NoSourceIdentity { .. } => ("NR", Blame::Internal),
+            ProxyError::ForeignSource { .. } => ("NR", Blame::Downstream),
             ProxyError::Copy(CopyError::DownstreamRead(_) | CopyError::DownstreamWrite(_)) => {
                 ("DC", Blame::Downstream)
             }
@@ -219,7 +226,7 @@ mod tests {
                 ResponseFlag::None,
             ),
             (ProxyError::Drained, "LR", ResponseFlag::None),
-            (ProxyError::Loop { dst: addr }, "NR", ResponseFlag::None),
+            (ProxyError::SelfCall { dst: addr }, "NR", ResponseFlag::None),
             (
                 ProxyError::HboneHandshake("bad".into()),
                 "DPE",

@@ -30,6 +30,11 @@ pub enum Outcome {
     BadRequest(String),
     #[error("authority {authority} is not a workload on this node")]
     AuthorityMismatch { authority: SocketAddr },
+    #[error("ip mismatch: the tunnel was dialled on {dialled} but its authority is {authority}; a CONNECT must name the workload it was sent to (only that workload's waypoint takes tunnels for other addresses)")]
+    IpMismatch {
+        dialled: std::net::IpAddr,
+        authority: SocketAddr,
+    },
     #[error("denied by policy: {0}")]
     Denied(String),
     #[error("no upstream: {0}")]
@@ -41,7 +46,9 @@ impl Outcome {
     pub fn status(&self) -> StatusCode {
         match self {
             Outcome::Ok => StatusCode::OK,
-            Outcome::BadRequest(_) | Outcome::AuthorityMismatch { .. } => StatusCode::BAD_REQUEST,
+            Outcome::BadRequest(_)
+            | Outcome::AuthorityMismatch { .. }
+            | Outcome::IpMismatch { .. } => StatusCode::BAD_REQUEST,
             Outcome::Denied(_) => StatusCode::UNAUTHORIZED,
             Outcome::NoUpstream(_) => StatusCode::SERVICE_UNAVAILABLE,
         }

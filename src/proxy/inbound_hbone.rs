@@ -251,22 +251,32 @@ async fn open(
 ) -> Result<(TcpStream, Registration), ProxyError> {
     let target = hbone::validate(req)?;
     log.dst = target;
-    if ctx.is_own_listener(target) {
-        return Err(ProxyError::Loop { dst: target });
-    }
     // One snapshot for every decision about this stream.
     let snapshot = ctx.store.load();
     let (wl, addr, service) = match ctx.local_workload(&snapshot, target.ip()) {
+        // The certificate presented was the dialled workload's: a tunnel for another workload
+        // of this node would borrow it, unless the dialled one is that workload's waypoint.
+        Some(wl)
+            if target.ip().to_canonical() != dialled.ip().to_canonical()
+                && !dialled_is_waypoint_of(ctx, &snapshot, dialled, &wl) =>
+        {
+            return Err(Outcome::IpMismatch {
+                dialled: dialled.ip(),
+                authority: target,
+            }
+            .into());
+        }
         Some(wl) => (wl, target, None),
         None => {
             let (wl, addr, svc) = service_endpoint(ctx, &snapshot, dialled, target)?;
-            // The endpoint must not be one of l4mesh's own listeners either.
-            if ctx.is_own_listener(addr) {
-                return Err(ProxyError::Loop { dst: addr });
-            }
             (wl, addr, Some(svc))
         }
     };
+    // Checked on the port the stream is finally delivered to (a service port resolves to its
+    // target port first): one of l4mesh's own ports there is l4mesh itself, on any address.
+    if ctx.own_ports.contains(addr.port()) {
+        return Err(ProxyError::SelfCall { dst: addr });
+    }
     log.dst_identity = Some(wl.identity().to_string());
     // The source workload is the one at the `forwarded` client address, else at the TCP peer,
     // that carries the identity the peer proved.
@@ -394,6 +404,21 @@ fn service_endpoint(
         ))
     })?;
     Ok((wl, up.addr, svc))
+}
+
+/// Whether the workload dialled on `dialled` is a waypoint of `wl` (which then takes the tunnel
+/// for `wl`'s address: a client sends a workload's traffic to its waypoint).
+fn dialled_is_waypoint_of(
+    ctx: &ProxyCtx,
+    snapshot: &Snapshot,
+    dialled: SocketAddr,
+    wl: &Workload,
+) -> bool {
+    let Some(gw) = &wl.waypoint else {
+        return false;
+    };
+    ctx.local_workload(snapshot, dialled.ip())
+        .is_some_and(|wp| waypoint::is_waypoint(snapshot, gw, &wp))
 }
 
 /// Whether this l4mesh serves `wl` at `ip`: the workload is on this node, and (dedicated mode: one

@@ -15,16 +15,12 @@ use super::{ProxyCtx, ProxyError};
 use crate::rbac::ConnCtx;
 
 pub(super) async fn serve(ctx: &ProxyCtx, down: TcpStream, src: SocketAddr) {
-    // A capture listener only takes redirected traffic: a connection dialled straight at it is a
-    // loop (l4mesh's own unmarked traffic) or a misuse, and is refused.
-    let dst = match crate::socket::original_dst(&down) {
+    let dst = match super::captured_dst(ctx, &down, src) {
         Ok(d) => d,
         Err(e) => {
-            let local = down.local_addr().unwrap_or(src);
-            ConnLog::new("inbound", "inbound_plaintext", src, local).finish(
-                Transferred::default(),
-                Some(&ProxyError::NotRedirected { local, source: e }),
-            );
+            let (local, e) = *e;
+            ConnLog::new("inbound", "inbound_plaintext", src, local)
+                .finish(Transferred::default(), Some(&e));
             return;
         }
     };
@@ -49,8 +45,10 @@ pub(super) async fn serve(ctx: &ProxyCtx, down: TcpStream, src: SocketAddr) {
 
 async fn open(ctx: &ProxyCtx, log: &mut ConnLog) -> Result<(TcpStream, Registration), ProxyError> {
     let dst = log.dst;
-    if ctx.is_own_listener(dst) {
-        return Err(ProxyError::Loop { dst });
+    // Whatever address it was sent to, an inbound connection is for this namespace: one of
+    // l4mesh's ports there is l4mesh itself.
+    if ctx.own_ports.contains(dst.port()) {
+        return Err(ProxyError::SelfCall { dst });
     }
     let snapshot = ctx.store.load();
     let workload =

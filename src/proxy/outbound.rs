@@ -20,16 +20,12 @@ pub(super) enum UpConn {
 }
 
 pub(super) async fn serve(ctx: &ProxyCtx, down: TcpStream, src: SocketAddr) {
-    // A capture listener only takes redirected traffic: a connection dialled straight at it is a
-    // loop (l4mesh's own unmarked traffic) or a misuse, and is refused.
-    let dst = match crate::socket::original_dst(&down) {
+    let dst = match super::captured_dst(ctx, &down, src) {
         Ok(d) => d,
         Err(e) => {
-            let local = down.local_addr().unwrap_or(src);
-            ConnLog::new("outbound", "outbound", src, local).finish(
-                Transferred::default(),
-                Some(&ProxyError::NotRedirected { local, source: e }),
-            );
+            let (local, e) = *e;
+            ConnLog::new("outbound", "outbound", src, local)
+                .finish(Transferred::default(), Some(&e));
             return;
         }
     };
@@ -43,8 +39,8 @@ pub(super) async fn serve(ctx: &ProxyCtx, down: TcpStream, src: SocketAddr) {
 /// Resolves and connects the upstream for `log.dst`, recording what was chosen in `log`.
 pub(super) async fn open(ctx: &ProxyCtx, log: &mut ConnLog) -> Result<UpConn, ProxyError> {
     super::trace::start(ctx, log, None);
-    if ctx.is_own_listener(log.dst) {
-        return Err(ProxyError::Loop { dst: log.dst });
+    if ctx.is_self_call(log.dst) {
+        return Err(ProxyError::SelfCall { dst: log.dst });
     }
     if let Some(od) = &ctx.on_demand {
         let addr = NetworkAddr::new(ctx.network.clone(), log.dst.ip());
@@ -89,8 +85,9 @@ pub(super) async fn open(ctx: &ProxyCtx, log: &mut ConnLog) -> Result<UpConn, Pr
         };
         return Ok(UpConn::Tunnel(Box::new(t?)));
     }
-    if ctx.is_own_listener(addr) {
-        return Err(ProxyError::Loop { dst: addr });
+    // A passthrough or plain-TCP endpoint may be this namespace too.
+    if ctx.is_self_call(addr) {
+        return Err(ProxyError::SelfCall { dst: addr });
     }
     crate::socket::connect(addr, &ctx.upstream)
         .await
@@ -165,9 +162,7 @@ fn resolve(
     log: &mut ConnLog,
 ) -> Result<(Upstream, Option<std::sync::Arc<Workload>>), ProxyError> {
     let snapshot = ctx.store.load();
-    let src_wl = snapshot
-        .workload_by_addr(&NetworkAddr::new(ctx.network.clone(), log.src.ip()))
-        .cloned();
+    let src_wl = ctx.source_workload(&snapshot, log.src)?;
     log.src_workload = src_wl
         .as_ref()
         .map(|w| format!("{}/{}", w.namespace, w.name));

@@ -6,6 +6,7 @@
 //! server saw. One topology serves every scenario (it takes a few seconds to build).
 
 mod control_plane;
+mod self_call;
 pub mod topology;
 
 use std::time::Duration;

@@ -11,7 +11,7 @@ use xds_testserver::Handle;
 
 use super::harness::{
     endpoint_of_yaml, exchange, service_yaml, socks5_connect_from, testserver, testserver_ca,
-    two_nodes, two_workloads_yaml, Backend, TwoNodes,
+    two_nodes, two_workloads_yaml, workload_yaml, Backend, TwoNodes,
 };
 
 /// Backends listen on fixed ports below the ephemeral range: an ephemeral backend port could equal
@@ -21,14 +21,16 @@ const BACKEND_PORT: u16 = 18080;
 const CLOSED_PORT: u16 = 18099;
 
 /// Each test has its own addresses (`127.43.<n>.x`), so that their HBONE listeners (all on port
-/// 15008) do not collide.
+/// 15008) do not collide. Node B also holds `b2` (`127.43.<n>.3`), a workload that is not the
+/// one a tunnel to `127.43.<n>.2` was dialled for.
 fn state(n: u8) -> String {
     two_workloads_yaml(
         &format!("127.43.{n}.1"),
         &format!("127.43.{n}.2"),
         &endpoint_of_yaml("echo", BACKEND_PORT),
         &format!(
-            "services:\n{}",
+            "{}services:\n{}",
+            workload_yaml("b2", "server2", &format!("127.43.{n}.3"), "node-b", ""),
             service_yaml(
                 "echo",
                 &format!("127.43.{n}.100"),
@@ -234,6 +236,29 @@ async fn inbound_refusals() {
     let closed = CLOSED_PORT;
     let target = format!("{}:{closed}", m.b_wl);
     assert_eq!(status_of(&mut send, connect(target)).await, 503);
+    // Another workload of B's node, on the connection dialled for `b` (whose certificate it
+    // presented): 400, even with a backend listening there.
+    let _b2 = Backend::start(&format!("127.43.4.3:{BACKEND_PORT}"), "b2").await;
+    let other = format!("127.43.4.3:{BACKEND_PORT}");
+    assert_eq!(status_of(&mut send, connect(other)).await, 400);
+    // B's own ports, whatever address they are bound to (B's listeners are on 127.43.4.12):
+    // never a destination.
+    let own = [
+        m.b.hbone.port(),
+        m.b.outbound.port(),
+        m.b.inbound_plaintext.port(),
+        m.b.metrics_addr.unwrap().port(),
+        m.b.readiness_addr.unwrap().port(),
+        m.b.admin_addr.unwrap().port(),
+    ];
+    for port in own {
+        let target = format!("{}:{port}", m.b_wl);
+        assert_eq!(
+            status_of(&mut send, connect(target.clone())).await,
+            400,
+            "{target}"
+        );
+    }
 
     // The client refuses a server that proves another identity.
     let err = raw_client(&m, "client", "someone-else").await.err();

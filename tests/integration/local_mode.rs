@@ -145,6 +145,24 @@ async fn refusals_are_clean() {
         .await
         .unwrap_err();
     assert_eq!(e, 1);
+    // Every own port, on any loopback address (the listeners are bound to 127.24.0.1 only) and
+    // the admin server among them: refused before any connect.
+    let r = &mesh.running;
+    let own = [
+        r.outbound.port(),
+        r.inbound_plaintext.port(),
+        r.hbone.port(),
+        mesh.socks().port(),
+        r.metrics_addr.unwrap().port(),
+        r.readiness_addr.unwrap().port(),
+        r.admin_addr.unwrap().port(),
+    ];
+    for port in own {
+        for ip in ["127.24.0.1", "127.0.0.1", "127.99.0.1"] {
+            let e = socks5_connect(mesh.socks(), ip, port).await.unwrap_err();
+            assert_eq!(e, 1, "{ip}:{port}");
+        }
+    }
     // Dialling the outbound listener directly (not redirected) is a loop: closed at once.
     let mut s = TcpStream::connect(out).await.unwrap();
     let mut buf = [0u8; 1];
