@@ -52,8 +52,13 @@ POST /quitquitquit                drain (readiness fails, listeners close, HBONE
 ";
 
 /// Serves the admin API on `listener` until the task is dropped.
-pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
-    crate::http_server::serve(listener, "admin", move |req| route(req, &state)).await
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<AdminState>,
+    limiter: Arc<crate::limits::Limiter>,
+    limits: crate::http_server::HttpLimits,
+) {
+    crate::http_server::serve(listener, limiter, limits, move |req| route(req, &state)).await
 }
 
 /// Answers one request; every handler is synchronous (they read snapshots and counters).

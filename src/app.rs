@@ -304,6 +304,20 @@ async fn build(
         }
         None => (None, None),
     };
+    // Every listener's connection caps ([`crate::limits`]); the data path's default follows the
+    // open-file limit, raised to its hard limit first.
+    let limits = Arc::new(crate::limits::Registry::default());
+    let data_caps = crate::limits::Caps {
+        max_connections: config.max_connections.unwrap_or_else(|| {
+            crate::limits::default_max_connections(crate::limits::raise_nofile())
+        }),
+        max_per_source: config.max_connections_per_source,
+    };
+    let http_caps = crate::limits::Caps {
+        max_connections: config.http.max_connections,
+        max_per_source: 0,
+    };
+    let http_limiter = |name| limits.limiter(name, http_caps);
     // Bound with the others so that its port is one of l4mesh's own from the first connection.
     let admin_l = match config.admin_addr {
         Some(a) => Some(bind_std("admin", "admin-addr", a)?),
@@ -328,6 +342,7 @@ async fn build(
             connect_timeout: config.connect_timeout,
             orig_src: crate::socket::orig_src_mode(config.enable_orig_src)?,
             orig_src_fallbacks: Default::default(),
+            keepalive: config.keepalive,
         },
         own_ports,
         on_demand,
@@ -351,6 +366,7 @@ async fn build(
         drain: drain.signal(),
     });
     let metrics = Arc::new(Metrics::new(crate::metrics::Sources {
+        limits: limits.clone(),
         proxy: ctx.clone(),
         xds: xds_metrics.clone(),
         secrets: secrets.clone(),
@@ -364,15 +380,21 @@ async fn build(
             l,
             readiness.clone(),
             drain.signal(),
+            http_limiter("readiness"),
+            config.http,
         )));
     }
     // Listeners are bound (so a port conflict fails startup) but accept only once the mesh state
     // is known: connections wait in the backlog meanwhile instead of being misrouted.
     let (gate, signal) = (readiness.clone(), drain.signal());
-    let outbound_task = Listener::new(outbound_l, ctx.clone(), Role::Outbound);
-    let inbound_task = Listener::new(inbound_l, ctx.clone(), Role::InboundPlaintext);
-    let socks_task = socks_l.map(|l| Listener::new(l, ctx.clone(), Role::Socks5));
-    let hbone_task = Listener::new(hbone_l, ctx.clone(), Role::InboundHbone);
+    let listener = |l, role: Role| {
+        let limiter = limits.limiter(role.name(), data_caps);
+        Listener::new(l, ctx.clone(), role, limiter)
+    };
+    let outbound_task = listener(outbound_l, Role::Outbound);
+    let inbound_task = listener(inbound_l, Role::InboundPlaintext);
+    let socks_task = socks_l.map(|l| listener(l, Role::Socks5));
+    let hbone_task = listener(hbone_l, Role::InboundHbone);
     tasks.push(tokio::spawn(async move {
         // A drain before readiness: the listeners are dropped (closed) unused.
         tokio::select! {
@@ -390,9 +412,10 @@ async fn build(
     }));
     let mut operators = Vec::new();
     if let Some(l) = metrics_l {
-        let m = metrics.clone();
+        let (m, limiter) = (metrics.clone(), http_limiter("metrics"));
+        let http = config.http;
         operators.push(operator_task("metrics", l, move |l| {
-            crate::metrics::serve(l, m)
+            crate::metrics::serve(l, m, limiter, http)
         }));
     }
     if let Some((l, _)) = admin_l {
@@ -406,8 +429,9 @@ async fn build(
             drain: drain.clone(),
             deadline: config.connection_termination_deadline,
         });
+        let (limiter, http) = (http_limiter("admin"), config.http);
         operators.push(operator_task("admin", l, move |l| {
-            crate::admin::serve(l, state)
+            crate::admin::serve(l, state, limiter, http)
         }));
     }
     tracing::info!(%outbound, %inbound_plaintext, %hbone, socks5 = ?socks5, readiness = ?readiness_addr, metrics = ?metrics_addr, admin = ?admin_addr, "listening");

@@ -109,7 +109,17 @@ pub struct Config {
     /// How long a drain (SIGTERM, `/quitquitquit`) lets connections finish before closing them.
     #[serde(serialize_with = "crate::model::serialize_duration")]
     pub connection_termination_deadline: Duration,
+    /// Caps of each data-path listener (15001, 15006, 15008, 15080); `None` for the connection cap
+    /// = a quarter of the open-file limit.
+    pub max_connections: Option<usize>,
+    pub max_connections_per_source: usize,
+    /// Limits of the operators' HTTP servers (15000, 15020, 15021).
+    pub http: HttpLimits,
+    /// TCP keepalive of accepted and upstream sockets.
+    pub keepalive: crate::socket::Keepalive,
 }
+
+pub use crate::http_server::HttpLimits;
 
 impl Config {
     /// A configuration for running on loopback: every listener on an ephemeral port of `ip`, the
@@ -141,6 +151,10 @@ impl Config {
             otel: None,
             admin_addr: Some(SocketAddr::new(ip, 0)),
             connection_termination_deadline: DEFAULT_TERMINATION_DEADLINE,
+            max_connections: None,
+            max_connections_per_source: 0,
+            http: HttpLimits::default(),
+            keepalive: crate::socket::Keepalive::default(),
         }
     }
 }
@@ -192,6 +206,10 @@ pub enum ConfigError {
     Otel(#[from] crate::otel::SettingsError),
     #[error("L4MESH_METRICS_ADDR and L4MESH_READINESS_ADDR are both {0}; expected two different addresses (default ports 15020 and 15021)")]
     MetricsOnReadiness(SocketAddr),
+    #[error("{0} is 0; expected a duration above zero (e.g. 10s)")]
+    ZeroDuration(&'static str),
+    #[error("L4MESH_HTTP_MAX_CONNECTIONS is 0; expected at least 1 (the admin, metrics and readiness servers would refuse every connection)")]
+    NoHttpConnections,
     #[error("L4MESH_ADMIN_ADDR must be a loopback address (the admin API can stop l4mesh and shows its whole state), found {0}")]
     AdminNotLoopback(SocketAddr),
 }
@@ -206,6 +224,15 @@ const MAX_WINDOW: u32 = (1 << 31) - 1;
 pub fn validate_h2(t: &crate::proxy::H2Tuning) -> Result<(), ConfigError> {
     if t.max_streams_per_connection == 0 {
         return Err(ConfigError::NoStreams);
+    }
+    for (name, d) in [
+        ("L4MESH_HBONE_PING_INTERVAL", t.ping_interval),
+        ("L4MESH_HBONE_IDLE_TIMEOUT", t.server_idle_timeout),
+        ("POOL_UNUSED_RELEASE_TIMEOUT", t.unused_release_timeout),
+    ] {
+        if d.is_zero() {
+            return Err(ConfigError::ZeroDuration(name));
+        }
     }
     if !(MIN_FRAME..=MAX_FRAME).contains(&t.frame_size) {
         return Err(ConfigError::FrameSize(t.frame_size));
@@ -412,6 +439,45 @@ pub struct Args {
     /// Kubernetes' terminationGracePeriodSeconds; the drain deadline is set a little below it.
     #[arg(long, env = "TERMINATION_GRACE_PERIOD_SECONDS")]
     pub termination_grace_period_seconds: Option<u64>,
+    /// Connections each data-path listener holds at once; over it, new ones are closed at once
+    /// and counted. Default: a quarter of the open-file limit (raised to its hard limit at start).
+    #[arg(long, env = "L4MESH_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Connections one source address may hold on each data-path listener (0 = no cap, as
+    /// ztunnel). Mind sources that stand for many clients (a node's HBONE, a NAT).
+    #[arg(long, env = "L4MESH_MAX_CONNECTIONS_PER_SOURCE", default_value_t = 0)]
+    pub max_connections_per_source: usize,
+    /// The operators' HTTP servers (admin, metrics, readiness) close a connection that has not
+    /// sent a whole request head this long after connecting or after its last answer (ztunnel: 2s).
+    #[arg(long, env = "L4MESH_HTTP_HEADER_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
+    pub http_header_timeout: Duration,
+    /// Connections each operators' HTTP server holds at once.
+    #[arg(long, env = "L4MESH_HTTP_MAX_CONNECTIONS", default_value_t = 128)]
+    pub http_max_connections: usize,
+    /// Both HBONE ends PING the peer this often and drop a connection whose PING is still
+    /// unanswered at the next one (ztunnel: 10s).
+    #[arg(long, env = "L4MESH_HBONE_PING_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    pub hbone_ping_interval: Duration,
+    /// An inbound HBONE connection with no tunnel for this long gets a GOAWAY (longer than the
+    /// clients' POOL_UNUSED_RELEASE_TIMEOUT, so that they normally close first).
+    #[arg(long, env = "L4MESH_HBONE_IDLE_TIMEOUT", default_value = "15m", value_parser = parse_duration)]
+    pub hbone_idle_timeout: Duration,
+    /// TCP keepalive on accepted and upstream sockets (ztunnel's setting).
+    #[arg(long, env = "KEEPALIVE_ENABLED", default_value = "true", value_parser = parse_bool, action = clap::ArgAction::Set)]
+    pub keepalive_enabled: bool,
+    /// Idle time before the first keepalive probe.
+    #[arg(long, env = "KEEPALIVE_TIME", default_value = "180s", value_parser = parse_duration)]
+    pub keepalive_time: Duration,
+    /// Time between keepalive probes.
+    #[arg(long, env = "KEEPALIVE_INTERVAL", default_value = "180s", value_parser = parse_duration)]
+    pub keepalive_interval: Duration,
+    /// Unanswered probes before the connection is dropped.
+    #[arg(long, env = "KEEPALIVE_RETRIES", default_value_t = 9)]
+    pub keepalive_retries: u32,
+    /// Also set TCP_USER_TIMEOUT = KEEPALIVE_TIME + KEEPALIVE_RETRIES × KEEPALIVE_INTERVAL, so that
+    /// unacknowledged data to a dead peer ends the connection too (off, as in ztunnel).
+    #[arg(long, env = "USER_TIMEOUT_ENABLED", default_value = "false", value_parser = parse_bool, action = clap::ArgAction::Set)]
+    pub user_timeout_enabled: bool,
 }
 
 /// Subcommands besides running the proxy.
@@ -460,12 +526,26 @@ impl Args {
         if self.worker_threads == 0 {
             return Err(ConfigError::NoWorkers);
         }
+        if self.http_max_connections == 0 {
+            return Err(ConfigError::NoHttpConnections);
+        }
+        for (name, d) in [
+            ("L4MESH_HTTP_HEADER_TIMEOUT", self.http_header_timeout),
+            ("KEEPALIVE_TIME", self.keepalive_time),
+            ("KEEPALIVE_INTERVAL", self.keepalive_interval),
+        ] {
+            if d.is_zero() {
+                return Err(ConfigError::ZeroDuration(name));
+            }
+        }
         let h2 = crate::proxy::H2Tuning {
             max_streams_per_connection: self.pool_max_streams_per_connection,
             unused_release_timeout: self.pool_unused_release_timeout,
             stream_window: self.http2_stream_window_size,
             connection_window: self.http2_connection_window_size,
             frame_size: self.http2_frame_size,
+            ping_interval: self.hbone_ping_interval,
+            server_idle_timeout: self.hbone_idle_timeout,
         };
         validate_h2(&h2)?;
         let otel_endpoint = self.otel_exporter_otlp_endpoint.trim();
@@ -551,6 +631,19 @@ impl Args {
                 self.connection_termination_deadline,
                 self.termination_grace_period_seconds,
             ),
+            max_connections: self.max_connections,
+            max_connections_per_source: self.max_connections_per_source,
+            http: HttpLimits {
+                header_timeout: self.http_header_timeout,
+                max_connections: self.http_max_connections,
+            },
+            keepalive: crate::socket::Keepalive {
+                enabled: self.keepalive_enabled,
+                time: self.keepalive_time,
+                interval: self.keepalive_interval,
+                retries: self.keepalive_retries,
+                user_timeout: self.user_timeout_enabled,
+            },
         })
     }
 }

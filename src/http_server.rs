@@ -5,6 +5,7 @@
 //! A basic building block: it knows nothing of what the servers answer.
 
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::time::Duration;
 
 use http_body_util::Full;
@@ -12,18 +13,49 @@ use hyper::body::{Bytes, Incoming};
 use hyper::{header, Request, Response, StatusCode};
 use tokio::net::TcpListener;
 
+/// The largest request head the servers read (ztunnel's 8 KiB): their requests are short.
+const MAX_BUF: usize = 8 * 1024;
+
 /// How long to pause after a failed accept: the usual cause (out of file descriptors) does not
 /// clear at once, and retrying at full speed would only spin and flood the log.
 const ACCEPT_RETRY: Duration = Duration::from_millis(50);
 
+/// Limits of the small HTTP servers for operators and probes, which bind the wildcard address
+/// (15020, 15021): a client must send a whole request head within `header_timeout` (also the
+/// idle time allowed between keep-alive requests), and each server holds at most
+/// `max_connections` at once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct HttpLimits {
+    #[serde(serialize_with = "crate::model::serialize_duration")]
+    pub header_timeout: Duration,
+    pub max_connections: usize,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        Self {
+            header_timeout: Duration::from_secs(2),
+            max_connections: 128,
+        }
+    }
+}
+
 /// Serves HTTP/1 on `listener` until the future is dropped, one task per connection, answering
-/// each request with `answer`. `what` names the server in the log line of a failed accept.
-pub async fn serve<F>(listener: TcpListener, what: &'static str, answer: F)
-where
+/// each request with `answer`, within `limits`: a connection over `limiter`'s cap is closed at
+/// once (counted there), and one that sends no complete request head within
+/// `limits.header_timeout` (after connecting, or idle after an answer) is closed. The limiter's
+/// name names the server in log lines.
+pub async fn serve<F>(
+    listener: TcpListener,
+    limiter: Arc<crate::limits::Limiter>,
+    limits: HttpLimits,
+    answer: F,
+) where
     F: Fn(&Request<Incoming>) -> Response<Full<Bytes>> + Clone + Send + Sync + 'static,
 {
+    let what = limiter.name();
     loop {
-        let (stream, _) = match listener.accept().await {
+        let (stream, peer) = match listener.accept().await {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(error = %e, "{what} accept failed; retrying in {ACCEPT_RETRY:?}");
@@ -31,14 +63,21 @@ where
                 continue;
             }
         };
+        let Ok(permit) = limiter.admit(peer.ip().to_canonical()) else {
+            continue;
+        };
         let answer = answer.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let resp = answer(&req);
                 async move { Ok::<_, Infallible>(resp) }
             });
             let io = hyper_util::rt::TokioIo::new(stream);
             let _ = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(limits.header_timeout)
+                .max_buf_size(MAX_BUF)
                 .serve_connection(io, svc)
                 .await;
         });

@@ -1,11 +1,12 @@
 //! l4mesh: an L4 node proxy for Istio's ambient mesh.
 //!
 //! Module map, with the layering rule: imports point down this list, never up.
-//! 1. [`socket`], [`telemetry`], [`otel`], [`http_server`], [`readiness`], [`redirect`], [`drain`] —
+//! 1. [`socket`], [`telemetry`], [`otel`], [`http_server`], [`readiness`], [`redirect`], [`drain`],
+//!    [`limits`] —
 //!    basics (the only `unsafe`/libc lives in `socket`; the only `std::process::Command` in
 //!    `redirect`, the capture-rules subcommand; `otel` exports spans and records the proxy
 //!    describes to it; `http_server` is the accept loop of the small HTTP servers; `drain` is
-//!    graceful shutdown's signal and connection count);
+//!    graceful shutdown's signal and connection count; `limits` caps each listener's connections);
 //! 2. [`proto`], [`model`] — generated wire types, and the plain domain types validated from them;
 //! 3. [`store`], [`localconfig`], [`rbac`] — the lock-free snapshot of the mesh, the YAML file that
 //!    feeds it, and L4 authorization evaluated against a snapshot;
@@ -28,6 +29,7 @@ pub mod control_plane;
 pub mod drain;
 pub mod http_server;
 pub mod identity;
+pub mod limits;
 pub mod localconfig;
 pub mod metrics;
 pub mod model;

@@ -43,6 +43,8 @@ pub const BUILD_COMPONENT: &str = "ztunnel";
 /// counters when there is a control plane, the certificates, and the data-plane runtime.
 pub struct Sources {
     pub proxy: Arc<ProxyCtx>,
+    /// Every listener's connection caps and refusals.
+    pub limits: Arc<crate::limits::Registry>,
     pub xds: Option<Arc<XdsMetrics>>,
     pub secrets: Arc<SecretManager>,
     /// The runtime the listeners run on (its figures are exported, not the admin runtime's).
@@ -110,6 +112,7 @@ impl Metrics {
         registry.register_collector(Box::new(collect::Runtime(sources.runtime)));
         registry.register_collector(Box::new(collect::Certificates(sources.secrets)));
         registry.register_collector(Box::new(collect::Hbone(sources.proxy)));
+        registry.register_collector(Box::new(collect::Limits(sources.limits)));
         if let Some(x) = sources.xds {
             registry.register_collector(Box::new(collect::Xds(x)));
         }

@@ -305,19 +305,26 @@ impl Role {
     }
 }
 
-/// A bound listener and the path its connections take.
+/// A bound listener, the path its connections take, and its connection caps.
 pub struct Listener {
     listener: tokio::net::TcpListener,
     ctx: Arc<ProxyCtx>,
     role: Role,
+    limiter: Arc<crate::limits::Limiter>,
 }
 
 impl Listener {
-    pub fn new(listener: tokio::net::TcpListener, ctx: Arc<ProxyCtx>, role: Role) -> Self {
+    pub fn new(
+        listener: tokio::net::TcpListener,
+        ctx: Arc<ProxyCtx>,
+        role: Role,
+        limiter: Arc<crate::limits::Limiter>,
+    ) -> Self {
         Self {
             listener,
             ctx,
             role,
+            limiter,
         }
     }
 
@@ -329,14 +336,16 @@ impl Listener {
     /// connections are refused) or the task is dropped.
     pub async fn run(self) {
         let (ctx, role) = (self.ctx, self.role);
-        let drain = ctx.drain.clone();
+        let (drain, keepalive) = (ctx.drain.clone(), ctx.upstream.keepalive);
         accept_loop(
             self.listener,
-            role.name(),
+            &self.limiter,
+            keepalive,
             &drain,
-            move |stream, peer, watcher| {
+            move |stream, peer, watcher, permit| {
                 let ctx = ctx.clone();
                 async move {
+                    let _permit = permit;
                     // The watcher lives as long as the connection; an HBONE connection hands it
                     // over, counting as a connection until its tunnels do instead.
                     match (role, watcher) {
@@ -363,15 +372,20 @@ impl Listener {
 /// the drain for its whole life ([`crate::drain::Signal::hold`]), checks the drain before every
 /// accept (`biased`), and watches an accepted connection before anything else, so the count of
 /// holders never drops to zero between an accept and its watcher.
+///
+/// A connection over the listener's caps ([`crate::limits`]) is closed before it is watched or
+/// spawned; the permit of an admitted one goes with it to `handle`.
 async fn accept_loop<F, Fut>(
     listener: tokio::net::TcpListener,
-    name: &'static str,
+    limiter: &Arc<crate::limits::Limiter>,
+    keepalive: crate::socket::Keepalive,
     drain: &crate::drain::Signal,
     handle: F,
 ) where
-    F: Fn(tokio::net::TcpStream, SocketAddr, crate::drain::Watcher) -> Fut,
+    F: Fn(tokio::net::TcpStream, SocketAddr, crate::drain::Watcher, crate::limits::Permit) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
+    let name = limiter.name();
     let _hold = drain.hold();
     let mut draining = std::pin::pin!(drain.draining());
     loop {
@@ -388,10 +402,14 @@ async fn accept_loop<F, Fut>(
                 let watcher = drain.watch();
                 // Canonical once, here: every phase after sees `::ffff:a.b.c.d` as `a.b.c.d`.
                 let peer = crate::socket::canonical(peer);
-                if let Err(e) = crate::socket::tune_accepted(&stream) {
+                let Ok(permit) = limiter.admit(peer.ip()) else {
+                    // Closed unserved (dropping the stream); counted and logged by the limiter.
+                    continue;
+                };
+                if let Err(e) = crate::socket::tune_accepted(&stream, &keepalive) {
                     tracing::debug!(listener = name, %peer, error = %e, "could not tune accepted socket");
                 }
-                tokio::spawn(handle(stream, peer, watcher));
+                tokio::spawn(handle(stream, peer, watcher, permit));
             }
             Err(e) => {
                 tracing::warn!(listener = name, error = %e, "accept failed; retrying in 50ms");

@@ -92,8 +92,14 @@ impl Readiness {
 }
 
 /// Serves `GET /healthz/ready` on `listener` forever (also while draining: it answers 503 then).
-pub async fn serve(listener: TcpListener, readiness: Readiness, drain: crate::drain::Signal) {
-    crate::http_server::serve(listener, "readiness", move |req| {
+pub async fn serve(
+    listener: TcpListener,
+    readiness: Readiness,
+    drain: crate::drain::Signal,
+    limiter: Arc<crate::limits::Limiter>,
+    limits: crate::http_server::HttpLimits,
+) {
+    crate::http_server::serve(listener, limiter, limits, move |req| {
         answer(req, &readiness, drain.is_draining())
     })
     .await

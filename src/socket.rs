@@ -99,6 +99,65 @@ pub struct UpstreamOptions {
     /// l4mesh's own after the kernel refused it (logged at debug each time). Shared by the clones
     /// of these options; read it through `ProxyCtx::upstream`.
     pub orig_src_fallbacks: Arc<AtomicU64>,
+    /// TCP keepalive (and `TCP_USER_TIMEOUT`) of the sockets.
+    pub keepalive: Keepalive,
+}
+
+/// TCP keepalive of the proxy's sockets (ztunnel's `KEEPALIVE_*` settings and defaults): probes
+/// after `time` idle, every `interval`, `retries` times, so that a peer that vanished without a
+/// FIN or RST is noticed and its connection's descriptors freed. With `user_timeout`, also
+/// `TCP_USER_TIMEOUT = time + retries × interval`, which bounds how long sent data may stay
+/// unacknowledged (keepalive alone only probes idle connections); off by default, as in ztunnel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Keepalive {
+    pub enabled: bool,
+    #[serde(serialize_with = "serialize_secs")]
+    pub time: Duration,
+    #[serde(serialize_with = "serialize_secs")]
+    pub interval: Duration,
+    pub retries: u32,
+    pub user_timeout: bool,
+}
+
+impl Default for Keepalive {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            time: Duration::from_secs(180),
+            interval: Duration::from_secs(180),
+            retries: 9,
+            user_timeout: false,
+        }
+    }
+}
+
+impl Keepalive {
+    /// `TCP_USER_TIMEOUT` when on: the time keepalive needs to give up on a dead peer.
+    pub fn user_timeout(&self) -> Option<Duration> {
+        (self.enabled && self.user_timeout).then(|| {
+            self.time
+                .saturating_add(self.interval.saturating_mul(self.retries))
+        })
+    }
+
+    fn apply(&self, socket: &socket2::SockRef<'_>) -> io::Result<()> {
+        if !self.enabled {
+            return Ok(());
+        }
+        let ka = TcpKeepalive::new()
+            .with_time(self.time)
+            .with_interval(self.interval)
+            .with_retries(self.retries);
+        socket.set_tcp_keepalive(&ka)?;
+        if let Some(t) = self.user_timeout() {
+            socket.set_tcp_user_timeout(Some(t))?;
+        }
+        Ok(())
+    }
+}
+
+fn serialize_secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format!("{}s", d.as_secs_f64()))
 }
 
 /// Why `ENABLE_ORIG_SRC` cannot be honoured.
@@ -179,7 +238,7 @@ pub async fn connect_from(
     }
     socket.set_nonblocking(true)?;
     socket.set_tcp_nodelay(true)?;
-    set_keepalive(&socket)?;
+    opts.keepalive.apply(&socket2::SockRef::from(&socket))?;
     let socket = TcpSocket::from_std_stream(socket.into());
     match tokio::time::timeout(opts.connect_timeout, socket.connect(dst)).await {
         Ok(r) => r,
@@ -239,18 +298,10 @@ fn bind_transparent(socket: &Socket, src: IpAddr, dst: SocketAddr) -> io::Result
     socket.bind(&SocketAddr::new(src, 0).into())
 }
 
-fn set_keepalive(socket: &Socket) -> io::Result<()> {
-    let ka = TcpKeepalive::new()
-        .with_time(Duration::from_secs(180))
-        .with_interval(Duration::from_secs(180))
-        .with_retries(9);
-    socket.set_tcp_keepalive(&ka)
-}
-
 /// Applied to accepted downstream connections.
-pub fn tune_accepted(stream: &TcpStream) -> io::Result<()> {
+pub fn tune_accepted(stream: &TcpStream, keepalive: &Keepalive) -> io::Result<()> {
     stream.set_nodelay(true)?;
-    set_keepalive(&socket2::SockRef::from(stream))
+    keepalive.apply(&socket2::SockRef::from(stream))
 }
 
 /// A kernel pipe used to move bytes between two sockets with `splice(2)`, so that a plaintext
@@ -331,6 +382,7 @@ mod tests {
             connect_timeout: Duration::from_secs(2),
             orig_src,
             orig_src_fallbacks: Default::default(),
+            keepalive: Keepalive::default(),
         }
     }
 
@@ -342,6 +394,40 @@ mod tests {
         let (up, acc) = tokio::join!(connect_from(dst, src, &o), l.accept());
         up.expect("the connection is made whatever happens to the source address");
         acc.unwrap().1.ip()
+    }
+
+    #[tokio::test]
+    async fn keepalive_and_user_timeout_are_set_on_both_ends() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut o = opts(false);
+        o.keepalive = Keepalive {
+            enabled: true,
+            time: Duration::from_secs(30),
+            interval: Duration::from_secs(5),
+            retries: 4,
+            user_timeout: true,
+        };
+        let (up, acc) = tokio::join!(connect(l.local_addr().unwrap(), &o), l.accept());
+        let (up, (down, _)) = (up.unwrap(), acc.unwrap());
+        tune_accepted(&down, &o.keepalive).unwrap();
+        for s in [&up, &down] {
+            let s = socket2::SockRef::from(s);
+            assert!(s.keepalive().unwrap());
+            assert_eq!(s.tcp_keepalive_time().unwrap(), Duration::from_secs(30));
+            assert_eq!(s.tcp_keepalive_interval().unwrap(), Duration::from_secs(5));
+            assert_eq!(s.tcp_keepalive_retries().unwrap(), 4);
+            // 30 s + 4 × 5 s.
+            assert_eq!(s.tcp_user_timeout().unwrap(), Some(Duration::from_secs(50)));
+        }
+        // ztunnel's defaults: keepalive on, no user timeout.
+        let d = Keepalive::default();
+        assert_eq!(d.user_timeout(), None);
+        let plain = opts(false);
+        let (up, _acc) = tokio::join!(connect(l.local_addr().unwrap(), &plain), l.accept());
+        let up = up.unwrap();
+        let up = socket2::SockRef::from(&up);
+        assert_eq!(up.tcp_keepalive_time().unwrap(), Duration::from_secs(180));
+        assert_eq!(up.tcp_user_timeout().unwrap(), None);
     }
 
     #[tokio::test]

@@ -12,6 +12,7 @@ mod integration {
     pub mod harness;
     mod hbone;
     mod identity;
+    mod limits;
     mod local_mode;
     mod metrics;
     pub mod netns;

@@ -309,3 +309,67 @@ fn admin_must_be_loopback() {
         Args::try_parse_from(["l4mesh", "--connection-termination-deadline", "soon"]).unwrap_err();
     assert!(e.to_string().contains("expected a duration"), "{e}");
 }
+
+#[test]
+fn limits_and_keepalive_as_ztunnel_names_them() {
+    let defaults = Args::try_parse_from(["l4mesh"])
+        .unwrap()
+        .into_config()
+        .unwrap();
+    assert_eq!(defaults.keepalive, crate::socket::Keepalive::default());
+    assert_eq!(defaults.keepalive.time, Duration::from_secs(180));
+    assert_eq!(defaults.keepalive.retries, 9);
+    assert!(!defaults.keepalive.user_timeout);
+    assert_eq!(defaults.max_connections, None);
+    assert_eq!(defaults.max_connections_per_source, 0);
+    assert_eq!(defaults.http.header_timeout, Duration::from_secs(2));
+    assert_eq!(defaults.h2.ping_interval, Duration::from_secs(10));
+    let c = Args::try_parse_from([
+        "l4mesh",
+        "--keepalive-time",
+        "30s",
+        "--keepalive-interval",
+        "5s",
+        "--keepalive-retries",
+        "3",
+        "--user-timeout-enabled",
+        "true",
+        "--max-connections",
+        "1000",
+        "--max-connections-per-source",
+        "50",
+        "--http-header-timeout",
+        "500ms",
+        "--hbone-idle-timeout",
+        "1m",
+    ])
+    .unwrap()
+    .into_config()
+    .unwrap();
+    assert_eq!(
+        c.keepalive.user_timeout(),
+        Some(Duration::from_secs(30 + 3 * 5))
+    );
+    assert_eq!(c.max_connections, Some(1000));
+    assert_eq!(c.max_connections_per_source, 50);
+    assert_eq!(c.http.header_timeout, Duration::from_millis(500));
+    assert_eq!(c.h2.server_idle_timeout, Duration::from_secs(60));
+    for (flag, name) in [
+        ("--keepalive-time", "KEEPALIVE_TIME"),
+        ("--http-header-timeout", "L4MESH_HTTP_HEADER_TIMEOUT"),
+        ("--hbone-ping-interval", "L4MESH_HBONE_PING_INTERVAL"),
+    ] {
+        let e = Args::try_parse_from(["l4mesh", flag, "0s"])
+            .unwrap()
+            .into_config()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(name), "{e}");
+    }
+    let e = Args::try_parse_from(["l4mesh", "--http-max-connections", "0"])
+        .unwrap()
+        .into_config()
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("L4MESH_HTTP_MAX_CONNECTIONS"), "{e}");
+}

@@ -169,6 +169,44 @@ impl Collector for Process {
     }
 }
 
+/// Every listener's open connections, caps and refusals ([`crate::limits`]).
+#[derive(Debug)]
+pub struct Limits(pub Arc<crate::limits::Registry>);
+
+impl Collector for Limits {
+    fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
+        use crate::limits::Refusal;
+        let all = self.0.all();
+        counters(
+            &mut enc,
+            "l4mesh_connections_refused",
+            "Connections closed at accept because a listener's cap was reached, by listener and reason (listener_limit, source_limit)",
+            all.iter().flat_map(|l| {
+                [Refusal::ListenerLimit, Refusal::SourceLimit].map(|r| {
+                    (
+                        vec![("listener", l.name().to_owned()), ("reason", r.as_str().to_owned())],
+                        l.refused(r),
+                    )
+                })
+            }),
+        )?;
+        gauges(
+            &mut enc,
+            "l4mesh_listener_connections",
+            "Connections each listener holds now (counted against its cap)",
+            all.iter()
+                .map(|l| (label("listener", l.name()), l.open() as i64)),
+        )?;
+        gauges(
+            &mut enc,
+            "l4mesh_listener_max_connections",
+            "Each listener's cap on the connections it holds (0: none)",
+            all.iter()
+                .map(|l| (label("listener", l.name()), l.caps().max_connections as i64)),
+        )
+    }
+}
+
 /// The data-plane runtime's stable figures.
 #[derive(Debug)]
 pub struct Runtime(pub tokio::runtime::Handle);

@@ -24,8 +24,13 @@ pub const PROMETHEUS_CONTENT_TYPE: &str =
 
 /// Serves the metrics on `listener` until the future is dropped. Runtime-agnostic apart from
 /// needing a tokio runtime to spawn one task per connection on.
-pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
-    crate::http_server::serve(listener, "metrics", move |req| answer(req, &metrics)).await
+pub async fn serve(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    limiter: Arc<crate::limits::Limiter>,
+    limits: crate::http_server::HttpLimits,
+) {
+    crate::http_server::serve(listener, limiter, limits, move |req| answer(req, &metrics)).await
 }
 
 /// Whether the client accepts OpenMetrics text.

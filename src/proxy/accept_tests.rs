@@ -26,12 +26,23 @@ async fn no_connection_is_accepted_after_the_drain_ended() {
         let d = Drain::new();
         let signal = d.signal();
         let listener = tokio::net::TcpListener::bind("127.55.1.1:0").await.unwrap();
+        let limiter = crate::limits::Limiter::new(
+            "test",
+            crate::limits::Caps {
+                max_connections: 0,
+                max_per_source: 0,
+            },
+        );
         let addr = listener.local_addr().unwrap();
         let ended = Arc::new(AtomicBool::new(false));
         let late = Arc::new(AtomicUsize::new(0));
         let (e, l) = (ended.clone(), late.clone());
-        let looping =
-            super::accept_loop(listener, "test", &signal, move |_stream, _peer, watcher| {
+        let looping = super::accept_loop(
+            listener,
+            &limiter,
+            Default::default(),
+            &signal,
+            move |_stream, _peer, watcher, _p| {
                 let (e, l) = (e.clone(), l.clone());
                 async move {
                     let _watcher = watcher;
@@ -39,7 +50,8 @@ async fn no_connection_is_accepted_after_the_drain_ended() {
                         l.fetch_add(1, SeqCst);
                     }
                 }
-            });
+            },
+        );
         let mut looping = std::pin::pin!(looping);
         assert!(
             poll_once(&mut looping).await.is_pending(),

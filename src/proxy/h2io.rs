@@ -33,6 +33,15 @@ pub struct Tuning {
     pub connection_window: u32,
     /// Largest frame this end accepts (`HTTP2_FRAME_SIZE`).
     pub frame_size: u32,
+    /// Both ends PING their peer this often; a PING still unanswered at the next one means the
+    /// peer is gone and the connection is dropped (ztunnel: 10 s).
+    #[serde(serialize_with = "crate::model::serialize_duration")]
+    pub ping_interval: std::time::Duration,
+    /// An inbound HBONE connection that carried no stream for this long gets a GOAWAY
+    /// (`L4MESH_HBONE_IDLE_TIMEOUT`). Longer than the clients' pool release, so that a client
+    /// normally closes first.
+    #[serde(serialize_with = "crate::model::serialize_duration")]
+    pub server_idle_timeout: std::time::Duration,
 }
 
 impl Default for Tuning {
@@ -43,6 +52,8 @@ impl Default for Tuning {
             stream_window: 4 * 1024 * 1024,
             connection_window: 16 * 1024 * 1024,
             frame_size: 1024 * 1024,
+            ping_interval: std::time::Duration::from_secs(10),
+            server_idle_timeout: std::time::Duration::from_secs(15 * 60),
         }
     }
 }
@@ -202,6 +213,7 @@ pub fn server_builder(t: &Tuning) -> h2::server::Builder {
     let mut b = h2::server::Builder::new();
     b.max_concurrent_streams(s::MAX_CONCURRENT_STREAMS)
         .max_header_list_size(s::MAX_HEADER_LIST_SIZE)
+        .max_send_buffer_size(s::MAX_SEND_BUFFER)
         .initial_window_size(t.stream_window)
         .initial_connection_window_size(t.connection_window)
         .max_frame_size(t.frame_size);
@@ -213,6 +225,7 @@ pub fn client_builder(t: &Tuning) -> h2::client::Builder {
     use super::hbone::settings as s;
     let mut b = h2::client::Builder::new();
     b.max_header_list_size(s::MAX_HEADER_LIST_SIZE)
+        .max_send_buffer_size(s::MAX_SEND_BUFFER)
         .initial_window_size(t.stream_window)
         .initial_connection_window_size(t.connection_window)
         .max_frame_size(t.frame_size)

@@ -19,6 +19,9 @@ pub mod settings {
     pub const MAX_CONCURRENT_STREAMS: u32 = 100;
     /// Largest header block accepted: CONNECT headers are small, anything bigger is abuse.
     pub const MAX_HEADER_LIST_SIZE: u32 = 16 * 1024;
+    /// Bytes one stream may hold queued for a peer that does not read (ztunnel: 400 KiB); past it
+    /// the copy waits, so a stalled peer costs at most this plus its flow-control windows.
+    pub const MAX_SEND_BUFFER: usize = 400 * 1024;
 }
 
 /// Why a CONNECT was refused, or that it was accepted; each maps to the status HBONE peers expect.

@@ -150,7 +150,20 @@ async fn serve_h2(
     let mut draining = std::pin::pin!(drain.draining());
     let mut forced = std::pin::pin!(drain.forced());
     let mut going_away = false;
+    // A peer that vanished (no FIN, no RST) is found by a PING still unanswered a tick later; a
+    // connection that carries no stream for `server_idle_timeout` gets a GOAWAY.
+    let (ping_interval, idle_limit) = (ctx.h2.ping_interval, ctx.h2.server_idle_timeout);
+    let mut pings = conn.ping_pong();
+    let mut tick =
+        tokio::time::interval_at(tokio::time::Instant::now() + ping_interval, ping_interval);
+    let mut ping_sent = false;
+    let mut idle_since: Option<tokio::time::Instant> = None;
+    let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     loop {
+        let pong = std::future::poll_fn(|cx| match pings.as_mut() {
+            Some(p) if ping_sent => p.poll_pong(cx),
+            _ => std::task::Poll::Pending,
+        });
         let next = tokio::select! {
             () = &mut forced => {
                 tracing::debug!(%src, %dialled, "HBONE connection closed at the drain deadline");
@@ -158,6 +171,36 @@ async fn serve_h2(
             }
             () = &mut draining, if !going_away => None,
             next = conn.accept() => Some(next),
+            r = pong => {
+                match r {
+                    Ok(_) => ping_sent = false,
+                    Err(e) => {
+                        tracing::debug!(%src, %dialled, error = %e, "HBONE keepalive failed; closing");
+                        return;
+                    }
+                }
+                continue;
+            }
+            _ = tick.tick() => {
+                if ping_sent {
+                    tracing::info!(%src, %dialled, peer = %peer, "HBONE peer left a PING unanswered for {ping_interval:?}; closing its connection and its tunnels");
+                    return;
+                }
+                if let Some(p) = pings.as_mut() {
+                    ping_sent = p.send_ping(h2::Ping::opaque()).is_ok();
+                }
+                if open.load(std::sync::atomic::Ordering::Acquire) == 0 && !going_away {
+                    let since = *idle_since.get_or_insert_with(tokio::time::Instant::now);
+                    if since.elapsed() >= idle_limit {
+                        tracing::debug!(%src, %dialled, "HBONE connection idle for {idle_limit:?}: sending GOAWAY");
+                        conn.graceful_shutdown();
+                        going_away = true;
+                    }
+                } else {
+                    idle_since = None;
+                }
+                continue;
+            }
         };
         match next {
             None => {
@@ -169,8 +212,10 @@ async fn serve_h2(
             Some(Some(Ok((req, respond)))) => {
                 let (ctx, peer) = (ctx.clone(), peer.clone());
                 let watcher = ctx.drain.watch();
+                let open = OpenStream::new(open.clone());
+                idle_since = None;
                 tokio::spawn(async move {
-                    let _watcher = watcher;
+                    let (_watcher, _open) = (watcher, open);
                     stream(&ctx, req, respond, src, dialled, &peer).await
                 });
             }
@@ -179,6 +224,22 @@ async fn serve_h2(
                 return;
             }
         }
+    }
+}
+
+/// One open stream of an inbound HBONE connection, counted while it lives (the idle check).
+struct OpenStream(Arc<std::sync::atomic::AtomicUsize>);
+
+impl OpenStream {
+    fn new(n: Arc<std::sync::atomic::AtomicUsize>) -> Self {
+        n.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Self(n)
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     }
 }
 

@@ -298,7 +298,7 @@ async fn connect(ctx: &ProxyCtx, key: &PoolKey) -> Result<Conn, ProxyError> {
         dead.clone(),
         Liveness {
             idle: ctx.h2.unused_release_timeout,
-            ..Liveness::default()
+            ping_interval: ctx.h2.ping_interval,
         },
         key.addr,
     );

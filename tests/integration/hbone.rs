@@ -11,7 +11,7 @@ use xds_testserver::Handle;
 
 use super::harness::{
     endpoint_of_yaml, exchange, service_yaml, socks5_connect_from, testserver, testserver_ca,
-    two_nodes, two_workloads_yaml, workload_yaml, Backend, TwoNodes,
+    two_nodes_with, two_workloads_yaml, workload_yaml, Backend, TwoNodes,
 };
 
 /// Backends listen on fixed ports below the ephemeral range: an ephemeral backend port could equal
@@ -57,8 +57,17 @@ async fn mesh(n: u8) -> Mesh {
 
 /// A mesh whose CA is `ca` (plug-in CA material) when given.
 async fn mesh_with_ca(n: u8, ca: Option<xds_testserver::CaPem>) -> Mesh {
+    mesh_with(n, ca, |_| {}).await
+}
+
+/// A mesh whose nodes' configurations `configure` adjusts.
+async fn mesh_with(
+    n: u8,
+    ca: Option<xds_testserver::CaPem>,
+    configure: impl FnMut(&mut l4mesh::config::Config),
+) -> Mesh {
     let ts = testserver(state(n), "127.0.0.1", ca).await;
-    let TwoNodes { a, b, ts } = two_nodes(ts, &format!("127.43.{n}")).await;
+    let TwoNodes { a, b, ts } = two_nodes_with(ts, &format!("127.43.{n}"), configure).await;
     Mesh {
         a,
         b,
@@ -163,12 +172,12 @@ fn id(sa: &str) -> l4mesh::model::SpiffeId {
         .unwrap()
 }
 
-/// A raw HBONE client to B's listener, presenting `client`'s certificate and expecting `server`.
-async fn raw_client(
+/// TLS to B's HBONE listener, presenting `client`'s certificate and expecting `server`.
+async fn raw_tls(
     m: &Mesh,
     client: &str,
     server: &str,
-) -> Result<h2::client::SendRequest<bytes::Bytes>, std::io::Error> {
+) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, std::io::Error> {
     use std::sync::Arc;
     let secrets = l4mesh::identity::SecretManager::new(l4mesh::identity::CaClient::Istio(
         testserver_ca(&m._ts),
@@ -183,9 +192,18 @@ async fn raw_client(
     let addr = m.b.hbone;
     let tcp = tokio::net::TcpStream::connect(addr).await?;
     let name = rustls_pki_types::ServerName::IpAddress(addr.ip().into());
-    let tls = tokio_rustls::TlsConnector::from(Arc::<rustls::ClientConfig>::clone(&cfg))
+    tokio_rustls::TlsConnector::from(Arc::<rustls::ClientConfig>::clone(&cfg))
         .connect(name, tcp)
-        .await?;
+        .await
+}
+
+/// A raw HBONE client to B's listener, presenting `client`'s certificate and expecting `server`.
+async fn raw_client(
+    m: &Mesh,
+    client: &str,
+    server: &str,
+) -> Result<h2::client::SendRequest<bytes::Bytes>, std::io::Error> {
+    let tls = raw_tls(m, client, server).await?;
     let (send, conn) = h2::client::handshake(tls)
         .await
         .map_err(std::io::Error::other)?;
@@ -423,4 +441,66 @@ async fn refused_tunnel(
         tokio::time::timeout(Duration::from_secs(5), resp).await,
         Ok(Ok(r)) if r.status() == 200
     )
+}
+
+/// Reads `s` until the peer closes it; how long that took, or None if it stayed open `limit`.
+async fn closed_within<S: tokio::io::AsyncRead + Unpin>(
+    s: &mut S,
+    limit: Duration,
+) -> Option<Duration> {
+    let t0 = std::time::Instant::now();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(limit.saturating_sub(t0.elapsed()), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return Some(t0.elapsed()),
+            Ok(Ok(_)) => continue,
+            Err(_) => return None,
+        }
+    }
+}
+
+/// Issue 14, item 4: the inbound HBONE listener drops a peer that stopped answering PINGs (it
+/// vanished without a FIN), and sends a GOAWAY to a connection that carries no tunnel for the
+/// idle timeout; a busy connection stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbound_hbone_drops_dead_peers_and_idle_connections() {
+    let m = mesh_with(9, None, |c| {
+        c.h2.ping_interval = Duration::from_millis(200);
+        c.h2.server_idle_timeout = Duration::from_millis(600);
+    })
+    .await;
+    // A peer that speaks HTTP/2's preface and SETTINGS, then never answers anything.
+    let mut dead = raw_tls(&m, "client", "server").await.unwrap();
+    dead.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .unwrap();
+    let took = closed_within(&mut dead, Duration::from_secs(5)).await;
+    assert!(
+        matches!(took, Some(t) if t < Duration::from_secs(2)),
+        "a peer that answers no PING must be dropped after about two intervals: {took:?}"
+    );
+
+    // A live peer with no tunnel: GOAWAY at the idle timeout, then the connection ends.
+    let tls = raw_tls(&m, "client", "server").await.unwrap();
+    let (_send, conn) = h2::client::handshake(tls).await.unwrap();
+    let t0 = std::time::Instant::now();
+    let ended = tokio::time::timeout(Duration::from_secs(5), conn).await;
+    assert!(ended.is_ok(), "an idle HBONE connection must be closed");
+    assert!(
+        t0.elapsed() >= Duration::from_millis(500),
+        "{:?}",
+        t0.elapsed()
+    );
+
+    // A tunnel held open longer than the idle timeout is untouched (the peer answers PINGs).
+    let _b = Backend::start(&format!("{}:{BACKEND_PORT}", m.b_wl), "b").await;
+    let mut s = socks5_connect_from(m.a_ip, m.a.socks5.unwrap(), &m.b_wl, BACKEND_PORT)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    s.write_all(b"late").await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    assert_eq!(out, "b:late");
 }
