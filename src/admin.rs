@@ -7,6 +7,10 @@
 //! - `GET /logging` shows the log filter; `POST /logging?level=…` changes it at runtime;
 //! - `POST /quitquitquit`: drain, then exit (the same path as SIGTERM).
 //!
+//! Loopback is its first guard; in dedicated mode the workload shares that loopback, so the
+//! mutating endpoints (`POST /logging`, `POST /quitquitquit`) can also require a token
+//! ([`AdminToken`], `L4MESH_ADMIN_TOKEN_FILE`) sent as `Authorization: Bearer <token>`.
+//!
 //! It runs on the operators' runtime, apart from the data plane: a slow request never stalls
 //! traffic. It only reads shared state (the store snapshot, counters) and never blocks on a lock
 //! the data path takes per connection. Readiness (`/healthz/ready`) is served on its own port by
@@ -29,8 +33,64 @@ use crate::identity::SecretManager;
 use crate::store::Store;
 use crate::xds::XdsMetrics;
 
+/// The secret the mutating endpoints require, read once from a file at startup.
+pub struct AdminToken(Box<[u8]>);
+
+/// Why the admin token file cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminTokenError {
+    #[error("reading the admin token file {path}: {source} (L4MESH_ADMIN_TOKEN_FILE)")]
+    Read {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the admin token file {path} holds {len} bytes after trimming; expected a token of at least 16 bytes (L4MESH_ADMIN_TOKEN_FILE)")]
+    TooShort {
+        path: std::path::PathBuf,
+        len: usize,
+    },
+}
+
+impl AdminToken {
+    /// The token in `path`, surrounding white space removed.
+    pub fn read(path: &std::path::Path) -> Result<Self, AdminTokenError> {
+        let raw = std::fs::read(path).map_err(|source| AdminTokenError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let token = raw.trim_ascii();
+        if token.len() < 16 {
+            return Err(AdminTokenError::TooShort {
+                path: path.to_owned(),
+                len: token.len(),
+            });
+        }
+        Ok(Self(token.into()))
+    }
+
+    /// Whether `req` carries the token, compared in constant time.
+    fn admits<B>(&self, req: &Request<B>) -> bool {
+        let Some(given) = req
+            .headers()
+            .get(hyper::header::AUTHORIZATION)
+            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+        else {
+            return false;
+        };
+        given.len() == self.0.len()
+            && given
+                .iter()
+                .zip(self.0.iter())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0
+    }
+}
+
 /// What the admin server reads and acts on.
 pub struct AdminState {
+    /// Required by the mutating endpoints when set.
+    pub token: Option<AdminToken>,
     pub store: Arc<Store>,
     pub secrets: Arc<SecretManager>,
     /// The effective configuration, serialised once by the caller (admin does not depend on
@@ -64,6 +124,17 @@ pub async fn serve(
 /// Answers one request; every handler is synchronous (they read snapshots and counters).
 fn route<B>(req: &Request<B>, state: &AdminState) -> Response<Full<Bytes>> {
     let (method, path) = (req.method(), req.uri().path());
+    if method == Method::POST && matches!(path, "/logging" | "/quitquitquit") {
+        if let Some(token) = &state.token {
+            if !token.admits(req) {
+                tracing::warn!(%path, "admin: refused a POST without the admin token");
+                return text(
+                    StatusCode::UNAUTHORIZED,
+                    format!("POST {path} needs this l4mesh's admin token (the contents of L4MESH_ADMIN_TOKEN_FILE) as `Authorization: Bearer <token>`; none or another was sent\n"),
+                );
+            }
+        }
+    }
     match path {
         "/" => text(
             StatusCode::OK,

@@ -46,6 +46,8 @@ pub enum AppError {
     Otel(#[from] crate::otel::OtelError),
     #[error(transparent)]
     OrigSrc(#[from] crate::socket::OrigSrcError),
+    #[error(transparent)]
+    AdminToken(#[from] crate::admin::AdminTokenError),
 }
 
 /// A started l4mesh: its bound addresses and store, and the tasks serving them (aborted on drop).
@@ -419,7 +421,12 @@ async fn build(
         }));
     }
     if let Some((l, _)) = admin_l {
+        let token = match &config.admin_token_file {
+            Some(p) => Some(crate::admin::AdminToken::read(p)?),
+            None => None,
+        };
         let state = Arc::new(crate::admin::AdminState {
+            token,
             store: store.clone(),
             secrets: secrets.clone(),
             config: serde_json::to_value(config).unwrap_or_else(|e| {

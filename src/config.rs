@@ -117,6 +117,9 @@ pub struct Config {
     pub http: HttpLimits,
     /// TCP keepalive of accepted and upstream sockets.
     pub keepalive: crate::socket::Keepalive,
+    /// A file holding the token the admin server's mutating endpoints (`POST /logging`,
+    /// `POST /quitquitquit`) require; `None`: loopback alone guards them, as in ztunnel.
+    pub admin_token_file: Option<PathBuf>,
 }
 
 pub use crate::http_server::HttpLimits;
@@ -155,6 +158,7 @@ impl Config {
             max_connections_per_source: 0,
             http: HttpLimits::default(),
             keepalive: crate::socket::Keepalive::default(),
+            admin_token_file: None,
         }
     }
 }
@@ -206,6 +210,8 @@ pub enum ConfigError {
     Otel(#[from] crate::otel::SettingsError),
     #[error("L4MESH_METRICS_ADDR and L4MESH_READINESS_ADDR are both {0}; expected two different addresses (default ports 15020 and 15021)")]
     MetricsOnReadiness(SocketAddr),
+    #[error("L4MESH_SOCKS5_ADDR must be a loopback address (SOCKS5 has no authentication: whoever reaches it sends traffic with this node's identities), found {0}; set L4MESH_SOCKS5_ALLOW_REMOTE=true to allow it")]
+    Socks5NotLoopback(SocketAddr),
     #[error("{0} is 0; expected a duration above zero (e.g. 10s)")]
     ZeroDuration(&'static str),
     #[error("L4MESH_HTTP_MAX_CONNECTIONS is 0; expected at least 1 (the admin, metrics and readiness servers would refuse every connection)")]
@@ -357,9 +363,13 @@ pub struct Args {
     /// Enables the SOCKS5 listener.
     #[arg(long, env = "UNSTABLE_ENABLE_SOCKS5", default_value = "true", value_parser = parse_bool, action = clap::ArgAction::Set)]
     pub enable_socks5: bool,
-    /// SOCKS5 listener address (localhost only by default).
+    /// SOCKS5 listener address; a loopback address unless L4MESH_SOCKS5_ALLOW_REMOTE is true.
     #[arg(long, env = "L4MESH_SOCKS5_ADDR", default_value = "127.0.0.1:15080")]
     pub socks5_addr: SocketAddr,
+    /// Lets L4MESH_SOCKS5_ADDR be a non-loopback address. SOCKS5 has no authentication: anyone
+    /// who reaches it sends traffic with this node's identities.
+    #[arg(long, env = "L4MESH_SOCKS5_ALLOW_REMOTE", default_value = "false", value_parser = parse_bool, action = clap::ArgAction::Set)]
+    pub socks5_allow_remote: bool,
     /// Istio CA address for workload certificates; defaults to XDS_ADDRESS when a control plane is set.
     #[arg(long, env = "CA_ADDRESS", default_value = "")]
     pub ca_address: String,
@@ -429,6 +439,11 @@ pub struct Args {
     /// Admin server (`/config_dump`, `/logging`, `/quitquitquit`); must be a loopback address.
     #[arg(long, env = "L4MESH_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
     pub admin_addr: SocketAddr,
+    /// A file holding a token that `POST /logging` and `POST /quitquitquit` require as
+    /// `Authorization: Bearer <token>`, so that a workload sharing the loopback cannot change
+    /// log levels or stop l4mesh. Unset: loopback alone guards them (ztunnel's behaviour).
+    #[arg(long, env = "L4MESH_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
     /// Disables the admin server.
     #[arg(long, env = "L4MESH_DISABLE_ADMIN", default_value = "false", value_parser = parse_bool, action = clap::ArgAction::Set)]
     pub disable_admin: bool,
@@ -528,6 +543,9 @@ impl Args {
         }
         if self.http_max_connections == 0 {
             return Err(ConfigError::NoHttpConnections);
+        }
+        if self.enable_socks5 && !self.socks5_addr.ip().is_loopback() && !self.socks5_allow_remote {
+            return Err(ConfigError::Socks5NotLoopback(self.socks5_addr));
         }
         for (name, d) in [
             ("L4MESH_HTTP_HEADER_TIMEOUT", self.http_header_timeout),
@@ -637,6 +655,7 @@ impl Args {
                 header_timeout: self.http_header_timeout,
                 max_connections: self.http_max_connections,
             },
+            admin_token_file: self.admin_token_file,
             keepalive: crate::socket::Keepalive {
                 enabled: self.keepalive_enabled,
                 time: self.keepalive_time,

@@ -6,6 +6,7 @@ fn state() -> AdminState {
     store.apply(batch);
     let ca = crate::identity::LocalCa::generate("cluster.local").unwrap();
     AdminState {
+        token: None,
         store,
         secrets: SecretManager::new(crate::identity::CaClient::Local {
             ca: Arc::new(ca),
@@ -99,4 +100,59 @@ fn timestamps() {
     assert_eq!(config_dump::rfc3339(0), "1970-01-01T00:00:00Z");
     assert_eq!(config_dump::rfc3339(951_782_400), "2000-02-29T00:00:00Z");
     assert_eq!(config_dump::rfc3339(1_798_761_599), "2026-12-31T23:59:59Z");
+}
+
+#[test]
+fn mutating_endpoints_need_the_token_when_one_is_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("token");
+    std::fs::write(&path, "  0123456789abcdef-secret\n").unwrap();
+    let mut s = state();
+    s.token = Some(AdminToken::read(&path).unwrap());
+    let with = |method: Method, uri: &str, auth: Option<&str>| {
+        let mut b = Request::builder().method(method).uri(uri);
+        if let Some(a) = auth {
+            b = b.header("authorization", a);
+        }
+        body(route(&b.body(()).unwrap(), &s))
+    };
+    for auth in [
+        None,
+        Some("Bearer wrong"),
+        Some("Bearer 0123456789abcdef-secreT"),
+        Some("0123456789abcdef-secret"),
+    ] {
+        let (code, text) = with(Method::POST, "/quitquitquit", auth);
+        assert_eq!(code, StatusCode::UNAUTHORIZED, "{auth:?}");
+        assert!(text.contains("L4MESH_ADMIN_TOKEN_FILE"), "{text}");
+        assert_eq!(
+            with(Method::POST, "/logging?level=debug", auth).0,
+            StatusCode::UNAUTHORIZED
+        );
+    }
+    assert!(
+        !s.drain.signal().is_draining(),
+        "a refused quit must not drain"
+    );
+    // Reading stays open; the right token passes.
+    assert_eq!(with(Method::GET, "/config_dump", None).0, StatusCode::OK);
+    let (code, _) = with(
+        Method::POST,
+        "/quitquitquit",
+        Some("Bearer 0123456789abcdef-secret"),
+    );
+    assert_eq!(code, StatusCode::OK);
+    assert!(s.drain.signal().is_draining());
+    // A short or missing token file is a startup error naming it.
+    std::fs::write(&path, "short").unwrap();
+    let e = AdminToken::read(&path).err().unwrap().to_string();
+    assert!(
+        e.contains("at least 16") && e.contains("L4MESH_ADMIN_TOKEN_FILE"),
+        "{e}"
+    );
+    let e = AdminToken::read(&dir.path().join("none"))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("reading the admin token file"), "{e}");
 }

@@ -373,3 +373,38 @@ fn limits_and_keepalive_as_ztunnel_names_them() {
         .to_string();
     assert!(e.contains("L4MESH_HTTP_MAX_CONNECTIONS"), "{e}");
 }
+
+#[test]
+fn socks5_stays_on_loopback_unless_allowed() {
+    let e = Args::try_parse_from(["l4mesh", "--socks5-addr", "0.0.0.0:15080"])
+        .unwrap()
+        .into_config()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("L4MESH_SOCKS5_ALLOW_REMOTE") && e.contains("0.0.0.0:15080"),
+        "{e}"
+    );
+    let c = Args::try_parse_from([
+        "l4mesh",
+        "--socks5-addr",
+        "0.0.0.0:15080",
+        "--socks5-allow-remote",
+        "true",
+    ])
+    .unwrap()
+    .into_config()
+    .unwrap();
+    assert_eq!(c.socks5_addr, Some("0.0.0.0:15080".parse().unwrap()));
+    // Disabled SOCKS5 needs no check.
+    assert!(Args::try_parse_from([
+        "l4mesh",
+        "--socks5-addr",
+        "0.0.0.0:15080",
+        "--enable-socks5",
+        "false",
+    ])
+    .unwrap()
+    .into_config()
+    .is_ok());
+}
