@@ -414,6 +414,7 @@ fn main() {
             ttl: Duration::from_secs(86400),
             own_identity: None,
             packet_mark: 0,
+            timeout: l4mesh::identity::DEFAULT_CA_TIMEOUT,
         });
         let server = rt
             .block_on(

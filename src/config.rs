@@ -212,6 +212,8 @@ pub enum ConfigError {
     MetricsOnReadiness(SocketAddr),
     #[error("L4MESH_SOCKS5_ADDR must be a loopback address (SOCKS5 has no authentication: whoever reaches it sends traffic with this node's identities), found {0}; set L4MESH_SOCKS5_ALLOW_REMOTE=true to allow it")]
     Socks5NotLoopback(SocketAddr),
+    #[error("{name} is {address}: plaintext to a host that is not loopback sends the AUTH_TOKEN in clear and lets anyone on the path answer (for the CA: choose the mesh root). Use https:// (istiod serves TLS on 15012), or set L4MESH_ALLOW_PLAINTEXT_CONTROL_PLANE=true for a test network")]
+    PlaintextControlPlane { name: &'static str, address: String },
     #[error("{0} is 0; expected a duration above zero (e.g. 10s)")]
     ZeroDuration(&'static str),
     #[error("L4MESH_HTTP_MAX_CONNECTIONS is 0; expected at least 1 (the admin, metrics and readiness servers would refuse every connection)")]
@@ -252,6 +254,23 @@ pub fn validate_h2(t: &crate::proxy::H2Tuning) -> Result<(), ConfigError> {
         }
     }
     Ok(())
+}
+
+/// Whether `address` is `http://` to a host that is not loopback (`localhost`, 127/8, `::1`).
+fn is_remote_plaintext(address: &str) -> bool {
+    let Some(rest) = address.strip_prefix("http://") else {
+        return false;
+    };
+    let authority = rest.split('/').next().unwrap_or_default();
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or_default(),
+        None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
+    };
+    let loopback = host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.to_canonical().is_loopback());
+    !loopback
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -439,6 +458,10 @@ pub struct Args {
     /// Admin server (`/config_dump`, `/logging`, `/quitquitquit`); must be a loopback address.
     #[arg(long, env = "L4MESH_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
     pub admin_addr: SocketAddr,
+    /// Allows http:// XDS_ADDRESS and CA_ADDRESS on hosts that are not loopback (test networks
+    /// only: the token goes in clear and the CA's answer is not authenticated).
+    #[arg(long, env = "L4MESH_ALLOW_PLAINTEXT_CONTROL_PLANE", default_value = "false", value_parser = parse_bool, action = clap::ArgAction::Set)]
+    pub allow_plaintext_control_plane: bool,
     /// A file holding a token that `POST /logging` and `POST /quitquitquit` require as
     /// `Authorization: Bearer <token>`, so that a workload sharing the loopback cannot change
     /// log levels or stop l4mesh. Unset: loopback alone guards them (ztunnel's behaviour).
@@ -596,6 +619,23 @@ impl Args {
         } else {
             None
         };
+        // Plaintext sends the bearer token in clear and, for the CA, lets an unauthenticated
+        // answer choose the mesh root: only on loopback, or when the operator says so.
+        if !self.allow_plaintext_control_plane {
+            let xds = match &source {
+                Source::Xds(x) => Some(x.address.as_str()),
+                _ => None,
+            };
+            let ca = ca_address.as_deref().filter(|_| self.fake_ca != Some(true));
+            for (name, address) in [("XDS_ADDRESS", xds), ("CA_ADDRESS", ca)] {
+                if let Some(a) = address.filter(|a| is_remote_plaintext(a)) {
+                    return Err(ConfigError::PlaintextControlPlane {
+                        name,
+                        address: a.to_owned(),
+                    });
+                }
+            }
+        }
         let ca = match (self.fake_ca, ca_address) {
             (Some(true), _) | (None, None) => CaSource::Local {
                 ttl: self.secret_ttl,
@@ -619,6 +659,7 @@ impl Args {
                     own_identity,
                     // The CA's sockets carry PACKET_MARK: a captured pod must not redirect them.
                     packet_mark: self.packet_mark,
+                    timeout: crate::identity::DEFAULT_CA_TIMEOUT,
                 })
             }
         };

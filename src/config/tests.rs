@@ -408,3 +408,43 @@ fn socks5_stays_on_loopback_unless_allowed() {
     .into_config()
     .is_ok());
 }
+
+#[test]
+fn plaintext_control_plane_only_on_loopback_or_when_allowed() {
+    let parse = |flags: &[&str]| {
+        let mut argv = vec!["l4mesh"];
+        argv.extend_from_slice(flags);
+        Args::try_parse_from(argv).unwrap().into_config()
+    };
+    for ok in [
+        "http://127.0.0.1:15010",
+        "http://localhost:15010",
+        "http://[::1]:15010",
+        "https://istiod.istio-system.svc:15012",
+    ] {
+        assert!(parse(&["--xds-address", ok]).is_ok(), "{ok}");
+    }
+    let e = parse(&["--xds-address", "http://10.0.0.2:15010"])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("XDS_ADDRESS") && e.contains("L4MESH_ALLOW_PLAINTEXT_CONTROL_PLANE"),
+        "{e}"
+    );
+    let e = parse(&[
+        "--xds-address",
+        "https://istiod:15012",
+        "--ca-address",
+        "http://istiod:15010",
+    ])
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("CA_ADDRESS"), "{e}");
+    assert!(parse(&[
+        "--xds-address",
+        "http://10.0.0.2:15010",
+        "--allow-plaintext-control-plane",
+        "true"
+    ])
+    .is_ok());
+}

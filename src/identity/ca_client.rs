@@ -32,7 +32,14 @@ pub struct IstioCaSettings {
     /// none), so that a captured pod does not redirect them.
     #[serde(skip)]
     pub packet_mark: u32,
+    /// How long one `CreateCertificate` call (connect, TLS, answer) may take: a CA that accepts
+    /// the call and never answers must not stall renewal.
+    #[serde(serialize_with = "crate::model::serialize_duration")]
+    pub timeout: Duration,
 }
+
+/// The default of [`IstioCaSettings::timeout`].
+pub const DEFAULT_CA_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why a certificate could not be obtained.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +58,12 @@ pub enum FetchError {
         identity: SpiffeId,
         #[source]
         source: CertError,
+    },
+    #[error("the CA at {address} did not answer the request for {identity} within {after:?} (is istiod overloaded or unreachable?)")]
+    Timeout {
+        address: String,
+        identity: SpiffeId,
+        after: Duration,
     },
     #[error("local CA: {0}")]
     Local(#[from] CaError),
@@ -81,7 +94,15 @@ impl CaClient {
     pub async fn fetch(&self, id: &SpiffeId) -> Result<WorkloadCert, FetchError> {
         match self {
             CaClient::Local { ca, ttl } => Ok(ca.issue(id, *ttl)?),
-            CaClient::Istio(s) => fetch_istio(s, id).await,
+            CaClient::Istio(s) => tokio::time::timeout(s.timeout, fetch_istio(s, id))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(FetchError::Timeout {
+                        address: s.address.clone(),
+                        identity: id.clone(),
+                        after: s.timeout,
+                    })
+                }),
         }
     }
 }

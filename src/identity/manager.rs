@@ -30,11 +30,12 @@ pub enum CertState {
 }
 
 impl CertState {
-    /// The certificate to use now, if any is valid.
+    /// The certificate to use now, if any is valid: an expired one is never presented, even
+    /// the latest issued (its renewal may be stuck behind an unreachable CA).
     pub fn usable(&self, now: SystemTime) -> Option<Arc<WorkloadCert>> {
         match self {
-            CertState::Available(c) => Some(c.clone()),
-            CertState::Unavailable {
+            CertState::Available(c)
+            | CertState::Unavailable {
                 current: Some(c), ..
             } if c.is_valid_at(now) => Some(c.clone()),
             _ => None,
@@ -46,7 +47,8 @@ impl CertState {
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct CertStatus {
     pub identity: String,
-    /// `initializing`, `available` or `unavailable`.
+    /// `initializing`, `available`, `expired` (issued, but renewal has not replaced it in time)
+    /// or `unavailable` (the last fetch failed).
     pub state: &'static str,
     pub error: Option<String>,
     /// Seconds since the Unix epoch.
@@ -78,14 +80,29 @@ impl Drop for Entry {
 pub struct SecretManager {
     ca: CaClient,
     entries: Mutex<HashMap<SpiffeId, Entry>>,
+    /// Handshakes that needed a certificate of a kept identity and found none valid.
+    unavailable: std::sync::atomic::AtomicU64,
+    /// When that was last logged (at most once per [`UNAVAILABLE_LOG_EVERY`]).
+    unavailable_logged: Mutex<Option<std::time::Instant>>,
 }
+
+/// How often, at most, a missing or expired certificate is logged at warn.
+const UNAVAILABLE_LOG_EVERY: Duration = Duration::from_secs(10);
 
 impl SecretManager {
     pub fn new(ca: CaClient) -> Arc<Self> {
         Arc::new(Self {
             ca,
             entries: Mutex::new(HashMap::new()),
+            unavailable: Default::default(),
+            unavailable_logged: Mutex::new(None),
         })
+    }
+
+    /// How many times a certificate was needed and none valid was held (metric
+    /// `l4mesh_certificate_unavailable_total`): each is a failed handshake.
+    pub fn unavailable_total(&self) -> u64 {
+        self.unavailable.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SpiffeId, Entry>> {
@@ -139,11 +156,41 @@ impl SecretManager {
         }
     }
 
-    /// The certificate to use now, without waiting.
+    /// The certificate to use now, without waiting; `None` (counted and logged) when the
+    /// identity is kept but holds no valid certificate, expired ones included.
     pub fn current(&self, id: &SpiffeId) -> Option<Arc<WorkloadCert>> {
-        let entries = self.lock();
-        let state = entries.get(id)?.state.borrow().clone();
-        state.usable(SystemTime::now())
+        let state = self.lock().get(id)?.state.borrow().clone();
+        let now = SystemTime::now();
+        let usable = state.usable(now);
+        if usable.is_none() {
+            self.unavailable
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.log_unavailable(id, &state, now);
+        }
+        usable
+    }
+
+    fn log_unavailable(&self, id: &SpiffeId, state: &CertState, now: SystemTime) {
+        let mut last = self
+            .unavailable_logged
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if last.is_some_and(|t| t.elapsed() < UNAVAILABLE_LOG_EVERY) {
+            return;
+        }
+        *last = Some(std::time::Instant::now());
+        let (held, error) = match state {
+            CertState::Initializing => (None, None),
+            CertState::Available(c) => (Some(c), None),
+            CertState::Unavailable { error, current } => (current.as_ref(), Some(error.as_str())),
+        };
+        let expired_for = held.and_then(|c| now.duration_since(c.not_after).ok());
+        tracing::warn!(
+            identity = %id,
+            ?expired_for,
+            last_error = error,
+            "no valid certificate to present: the handshake fails (the certificate expired or was never issued; is the CA reachable? see l4mesh_certificate_unavailable_total)"
+        );
     }
 
     /// Stops keeping `id` (its workloads left the node).
@@ -183,6 +230,9 @@ impl SecretManager {
                 };
                 let (name, error, exp) = match &state {
                     CertState::Initializing => ("initializing", None, None),
+                    CertState::Available(c) if !c.is_valid_at(SystemTime::now()) => {
+                        ("expired", None, expiry(c))
+                    }
                     CertState::Available(c) => ("available", None, expiry(c)),
                     CertState::Unavailable { error, current } => (
                         "unavailable",

@@ -264,6 +264,12 @@ impl Collector for Certificates {
             status
                 .iter()
                 .filter_map(|s| Some((label("identity", s.identity.clone()), s.expiry? as i64))),
+        )?;
+        counters(
+            &mut enc,
+            "l4mesh_certificate_unavailable",
+            "Handshakes that needed a certificate of this node and found none valid (expired, or never issued): each failed",
+            one(self.0.unavailable_total()),
         )
     }
 }

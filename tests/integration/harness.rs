@@ -171,6 +171,7 @@ pub fn istio_ca_at(addr: std::net::SocketAddr) -> l4mesh::identity::IstioCaSetti
         ttl: Duration::from_secs(3600),
         own_identity: None,
         packet_mark: 0,
+        timeout: l4mesh::identity::DEFAULT_CA_TIMEOUT,
     }
 }
 

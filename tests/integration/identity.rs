@@ -220,6 +220,7 @@ async fn node_identities_follow_the_store() {
         ttl: Duration::from_secs(3600),
         own_identity: None,
         packet_mark: 0,
+        timeout: l4mesh::identity::DEFAULT_CA_TIMEOUT,
     });
     l4mesh::telemetry::init(l4mesh::telemetry::LogFormat::Plain);
     let r = l4mesh::app::start(&config).await.unwrap();
@@ -247,4 +248,146 @@ async fn node_identities_follow_the_store() {
     // The client workload leaves: its certificate is dropped.
     assert!(ts.remove(Kind::Address, "cluster1//v1/Pod/default/client"));
     wait_for(vec!["server"]).await;
+}
+
+/// A TCP gate in front of `upstream`: while open it forwards connections; closed, it accepts
+/// them and holds them unanswered (a CA that takes the call and never replies). Connections
+/// forwarded before it closed are cut, as when the CA's process hangs.
+struct Gate {
+    addr: SocketAddr,
+    open: Arc<std::sync::atomic::AtomicBool>,
+    generation: Arc<tokio::sync::watch::Sender<u64>>,
+}
+
+impl Gate {
+    async fn start(upstream: SocketAddr) -> Gate {
+        let l = TcpListener::bind("127.41.0.2:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let open = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let generation = Arc::new(tokio::sync::watch::channel(0u64).0);
+        let (o, g) = (open.clone(), generation.clone());
+        tokio::spawn(async move {
+            while let Ok((mut down, _)) = l.accept().await {
+                let mut closed = g.subscribe();
+                if !o.load(std::sync::atomic::Ordering::SeqCst) {
+                    // Held, never answered, until the test ends.
+                    tokio::spawn(async move {
+                        let _held = down;
+                        std::future::pending::<()>().await
+                    });
+                    continue;
+                }
+                tokio::spawn(async move {
+                    let Ok(mut up) = TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut down, &mut up) => {}
+                        _ = closed.changed() => {}
+                    }
+                });
+            }
+        });
+        Gate {
+            addr,
+            open,
+            generation,
+        }
+    }
+
+    fn set(&self, open: bool) {
+        self.open.store(open, std::sync::atomic::Ordering::SeqCst);
+        if !open {
+            self.generation.send_modify(|g| *g += 1);
+        }
+    }
+}
+
+/// Issue 14, item 5: a CA that accepts the call and never answers does not stall renewal (each
+/// call has a deadline, retried with backoff); while the certificate is valid it keeps being
+/// presented, and once it expires it never is: the handshake fails, a metric counts it, and the
+/// state says `expired`. When the CA answers again, a new certificate is issued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_ca_never_leaves_an_expired_certificate_in_use() {
+    let ts = ca_server("127.0.0.1:0".parse().unwrap(), Duration::from_secs(3600)).await;
+    let gate = Gate::start(ts.addr()).await;
+    let mut settings = super::harness::istio_ca_at(gate.addr);
+    settings.ttl = Duration::from_secs(3);
+    settings.timeout = Duration::from_millis(300);
+    let secrets = SecretManager::new(CaClient::Istio(settings));
+    let server = id("server");
+    let first = secrets.fetch(&server).await.unwrap();
+    gate.set(false);
+
+    // Renewal is due at half-life (~1.5 s) and hangs; until expiry the old one is presented.
+    let t_expiry = first.not_after;
+    while std::time::SystemTime::now() + Duration::from_millis(300) < t_expiry {
+        let c = secrets
+            .current(&server)
+            .expect("a valid certificate must be presented while the CA hangs");
+        assert!(Arc::ptr_eq(&c, &first));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(secrets.unavailable_total(), 0);
+    let st = secrets.status();
+    assert_eq!(st[0].state, "unavailable", "{st:?}");
+    let err = st[0].error.clone().unwrap_or_default();
+    assert!(
+        err.contains("did not answer") && err.contains("300ms"),
+        "{err}"
+    );
+
+    // Expired: never presented, a TLS server on it refuses handshakes, and it is counted.
+    tokio::time::sleep(
+        t_expiry
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or_default()
+            + Duration::from_millis(100),
+    )
+    .await;
+    assert!(secrets.current(&server).is_none());
+    let roots = first.roots.clone();
+    let srv = tls::server_config(
+        Arc::new(SourceResolver::new(ManagedCert::new(
+            secrets.clone(),
+            server.clone(),
+        ))),
+        roots.clone(),
+        "cluster.local",
+    )
+    .unwrap();
+    let addr = tls_echo(srv).await;
+    let client_secrets = SecretManager::new(istio_ca(ts.addr()));
+    client_secrets.fetch(&id("client")).await.unwrap();
+    let cfg = tls::client_config(
+        ManagedCert::new(client_secrets.clone(), id("client")),
+        roots,
+        vec![server.clone()],
+    )
+    .unwrap();
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let name = rustls_pki_types::ServerName::IpAddress(addr.ip().into());
+    let hs = tokio_rustls::TlsConnector::from(cfg)
+        .connect(name, tcp)
+        .await;
+    assert!(
+        hs.is_err(),
+        "a handshake succeeded on an expired certificate"
+    );
+    assert!(secrets.unavailable_total() >= 1);
+    assert_eq!(secrets.status()[0].state, "unavailable");
+
+    // The CA answers again: a fresh certificate within the backoff.
+    gate.set(true);
+    let renewed = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            if let Some(c) = secrets.current(&server) {
+                return c;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("a new certificate once the CA answers");
+    assert!(renewed.not_after > first.not_after);
 }

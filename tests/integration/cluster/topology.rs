@@ -285,6 +285,8 @@ impl Cluster {
         let bin = env!("CARGO_BIN_EXE_l4mesh");
         let mut envs = vec![
             ("XDS_ADDRESS", xds.as_str()),
+            // The test control plane serves plaintext on the fabric.
+            ("L4MESH_ALLOW_PLAINTEXT_CONTROL_PLANE", "true"),
             ("CA_ROOT_CA", root.to_str().unwrap()),
             ("AUTH_TOKEN", "/nonexistent/l4mesh-test-token"),
             ("NODE_NAME", node.as_str()),

@@ -284,6 +284,7 @@ async fn l4mesh_fetches_a_certificate_over_tls() {
             // Another identity: the request carries ImpersonatedIdentity.
             own_identity: Some(id("spiffe://cluster.local/ns/istio-system/sa/ztunnel")),
             packet_mark: 0,
+            timeout: l4mesh::identity::DEFAULT_CA_TIMEOUT,
         });
         let cert = client.fetch(&id(CLIENT_ID)).await.unwrap();
         assert_eq!(cert.identity, id(CLIENT_ID));
