@@ -94,15 +94,14 @@ impl CaClient {
     pub async fn fetch(&self, id: &SpiffeId) -> Result<WorkloadCert, FetchError> {
         match self {
             CaClient::Local { ca, ttl } => Ok(ca.issue(id, *ttl)?),
-            CaClient::Istio(s) => tokio::time::timeout(s.timeout, fetch_istio(s, id))
-                .await
-                .unwrap_or_else(|_| {
-                    Err(FetchError::Timeout {
-                        address: s.address.clone(),
-                        identity: id.clone(),
-                        after: s.timeout,
-                    })
+            CaClient::Istio(s) => match tokio::time::timeout(s.timeout, fetch_istio(s, id)).await {
+                Ok(r) => r,
+                Err(_) => Err(FetchError::Timeout {
+                    address: s.address.clone(),
+                    identity: id.clone(),
+                    after: s.timeout,
                 }),
+            },
         }
     }
 }
