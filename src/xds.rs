@@ -4,11 +4,13 @@
 //! it holds; while disconnected the store keeps the last known state and traffic keeps flowing.
 //!
 //! Split: `protocol` (pure bookkeeping: subscriptions, versions, ACK/NACK), `convert` (response →
-//! batch, per-resource rejects), `client` (the tonic loop, TLS, credentials, backoff, on-demand).
+//! batch, per-resource rejects), `demand` (pure bounds of on-demand xDS), `client` (the tonic
+//! loop, TLS, credentials, backoff, on-demand).
 //! Not here: certificates (identity), what the resources mean (proxy, rbac).
 
 mod client;
 mod convert;
+pub mod demand;
 pub mod protocol;
 mod settings;
 

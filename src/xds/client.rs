@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use prost::Message;
 use rand::Rng;
@@ -12,6 +12,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::convert::response_to_batch;
+use super::demand::{Admit, NotFound, Subscriptions};
 use super::protocol::{Protocol, TYPES};
 use super::settings::XdsSettings;
 use crate::control_plane::{self, error_chain as chain, ChannelError};
@@ -92,13 +93,27 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// Asks the control plane for an address the store does not know (on-demand mode) and waits a
-/// bounded time for the answer.
+/// bounded time for the answer. Bounded everywhere ([`super::demand`]): the queue to the xDS
+/// client holds [`ON_DEMAND_QUEUE`] requests (a full queue answers "unknown" at once), and an
+/// address that got no answer is not waited for again for [`NOT_FOUND_TTL`].
 #[derive(Clone)]
 pub struct OnDemand {
-    tx: mpsc::UnboundedSender<String>,
+    tx: mpsc::Sender<NetworkAddr>,
     store: Arc<Store>,
     timeout: Duration,
+    not_found: Arc<NotFound>,
 }
+
+/// Requests to the xDS client that may wait at once.
+pub const ON_DEMAND_QUEUE: usize = 1024;
+/// How long an address that got no on-demand answer is not waited for again.
+pub const NOT_FOUND_TTL: Duration = Duration::from_secs(30);
+/// Addresses remembered as not found, at most.
+pub const NOT_FOUND_MAX: usize = 16 * 1024;
+/// On-demand subscriptions one client holds, at most.
+pub const SUBSCRIPTIONS_MAX: usize = 16 * 1024;
+/// A subscription whose resource never arrived is dropped after this long.
+pub const SUBSCRIPTION_TTL: Duration = Duration::from_secs(300);
 
 impl OnDemand {
     /// Whether `addr` is (or became, within the timeout) a workload or service in the store.
@@ -111,8 +126,16 @@ impl OnDemand {
         if known(&self.store) {
             return true;
         }
-        if self.tx.send(addr.to_string()).is_err() {
+        if self.not_found.contains(addr, Instant::now()) {
             return false;
+        }
+        match self.tx.try_send(addr.clone()) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                tracing::debug!(%addr, "on-demand queue full; not waiting for the control plane");
+                return false;
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => return false,
         }
         let wait = async {
             while rx.changed().await.is_ok() {
@@ -125,8 +148,11 @@ impl OnDemand {
         let found = tokio::time::timeout(self.timeout, wait)
             .await
             .unwrap_or(false);
-        if !found {
-            tracing::debug!(%addr, timeout = ?self.timeout, "on-demand lookup got no answer");
+        if found {
+            self.not_found.remove(addr);
+        } else {
+            tracing::debug!(%addr, timeout = ?self.timeout, "on-demand lookup got no answer; not waiting again for {NOT_FOUND_TTL:?}");
+            self.not_found.insert(addr.clone(), Instant::now());
         }
         found
     }
@@ -139,7 +165,8 @@ pub struct XdsClient {
     store: Arc<Store>,
     metrics: Arc<XdsMetrics>,
     protocol: Protocol,
-    on_demand_rx: mpsc::UnboundedReceiver<String>,
+    on_demand_rx: mpsc::Receiver<NetworkAddr>,
+    demanded: Subscriptions,
     ready: HashMap<&'static str, BlockReady>,
 }
 
@@ -153,11 +180,12 @@ impl XdsClient {
         readiness: &Readiness,
     ) -> (XdsClient, OnDemand, Arc<XdsMetrics>) {
         let node = node(&settings, cluster_id, node_name);
-        let (tx, on_demand_rx) = mpsc::unbounded_channel();
+        let (tx, on_demand_rx) = mpsc::channel(ON_DEMAND_QUEUE);
         let on_demand = OnDemand {
             tx,
             store: store.clone(),
             timeout: settings.on_demand_timeout,
+            not_found: Arc::new(NotFound::new(NOT_FOUND_MAX, NOT_FOUND_TTL)),
         };
         let ready = TYPES
             .iter()
@@ -171,6 +199,7 @@ impl XdsClient {
             store,
             metrics: metrics.clone(),
             on_demand_rx,
+            demanded: Subscriptions::new(SUBSCRIPTIONS_MAX, SUBSCRIPTION_TTL),
             ready,
         };
         (client, on_demand, metrics)
@@ -227,6 +256,7 @@ impl XdsClient {
         };
         self.metrics.connected.store(true, Ordering::Relaxed);
         tracing::info!(%address, "xDS stream open");
+        let mut sweep = tokio::time::interval(SUBSCRIPTION_TTL / 4);
         loop {
             tokio::select! {
                 msg = stream.message() => match msg {
@@ -240,14 +270,51 @@ impl XdsClient {
                     Ok(None) => return XdsError::Closed { address },
                     Err(status) => return status_error(&address, status),
                 },
-                Some(name) = self.on_demand_rx.recv() => {
-                    if let Some(req) = self.protocol.subscribe(ADDRESS_TYPE_URL, &name) {
-                        tracing::debug!(%name, "on-demand subscription");
+                Some(addr) = self.on_demand_rx.recv() => {
+                    for req in self.demand(&addr) {
                         if tx.send(req).await.is_err() {
                             return XdsError::Closed { address };
                         }
                     }
                 }
+                _ = sweep.tick(), if !self.demanded.is_empty() => {
+                    let store = self.store.clone();
+                    let stale = self.demanded.sweep(Instant::now(), &|a| known(&store, a));
+                    if let Some(req) = self.protocol.unsubscribe(ADDRESS_TYPE_URL, &stale) {
+                        tracing::debug!(names = stale.len(), "dropping on-demand subscriptions that never got a resource");
+                        if tx.send(req).await.is_err() {
+                            return XdsError::Closed { address };
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The requests for an on-demand name: unsubscribing stale names to make room, then
+    /// subscribing; none when it is subscribed already or the ledger is full.
+    fn demand(
+        &mut self,
+        addr: &NetworkAddr,
+    ) -> Vec<crate::proto::envoy::discovery::DeltaDiscoveryRequest> {
+        let store = self.store.clone();
+        match self
+            .demanded
+            .admit(addr, Instant::now(), |a| known(&store, a))
+        {
+            Admit::Known => Vec::new(),
+            Admit::Full => {
+                tracing::warn!(%addr, max = SUBSCRIPTIONS_MAX, "on-demand subscriptions are full of live names; not asking the control plane about this address");
+                Vec::new()
+            }
+            Admit::Subscribe { stale } => {
+                let name = addr.to_string();
+                tracing::debug!(%name, "on-demand subscription");
+                let unsub = self.protocol.unsubscribe(ADDRESS_TYPE_URL, &stale);
+                unsub
+                    .into_iter()
+                    .chain(self.protocol.subscribe(ADDRESS_TYPE_URL, &name))
+                    .collect()
             }
         }
     }
@@ -293,6 +360,12 @@ impl XdsClient {
         }
         ack
     }
+}
+
+/// Whether the store holds a workload or service at `addr` (its subscription is live).
+fn known(store: &Store, addr: &NetworkAddr) -> bool {
+    let s = store.load();
+    s.workload_by_addr(addr).is_some() || s.service_by_vip(addr).is_some()
 }
 
 fn status_error(address: &str, status: tonic::Status) -> XdsError {

@@ -170,6 +170,26 @@ impl Protocol {
         })
     }
 
+    /// Unsubscribes on-demand names (what the store holds of them is removed by the server);
+    /// `None` when none of them was subscribed.
+    pub fn unsubscribe(
+        &mut self,
+        type_url: &str,
+        names: &[String],
+    ) -> Option<DeltaDiscoveryRequest> {
+        let st = self.state_mut(type_url)?;
+        let gone: Vec<String> = names
+            .iter()
+            .filter(|n| st.names.remove(n.as_str()))
+            .cloned()
+            .collect();
+        (!gone.is_empty()).then(|| DeltaDiscoveryRequest {
+            type_url: type_url.to_owned(),
+            resource_names_unsubscribe: gone,
+            ..Default::default()
+        })
+    }
+
     /// Whether every type has applied at least one response.
     pub fn all_synced(&self) -> bool {
         self.types.iter().all(|(_, s)| s.synced)
@@ -327,5 +347,14 @@ mod tests {
         // A reconnect re-subscribes the names.
         let reqs = p.initial_requests();
         assert_eq!(reqs[0].resource_names_subscribe, vec!["*", "/10.0.0.1"]);
+        // An unsubscribed name is gone from the next reconnect; unknown names send nothing.
+        let un = p
+            .unsubscribe(ADDRESS_TYPE_URL, &["/10.0.0.1".into(), "/10.9.9.9".into()])
+            .unwrap();
+        assert_eq!(un.resource_names_unsubscribe, vec!["/10.0.0.1"]);
+        assert!(p
+            .unsubscribe(ADDRESS_TYPE_URL, &["/10.0.0.1".into()])
+            .is_none());
+        assert_eq!(p.initial_requests()[0].resource_names_subscribe, vec!["*"]);
     }
 }

@@ -370,6 +370,57 @@ async fn on_demand_resolves_an_unknown_ip() {
     assert_eq!(snap.counts().0, 1, "only what was asked for");
 }
 
+/// Issue 14, item 7: a connection to an address the control plane does not know waits the
+/// on-demand timeout once; repeat connections to it pass through at once (negative cache), and
+/// a flood of distinct unknown addresses never blocks the data path longer than the timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_demand_does_not_wait_twice_for_an_unknown_address() {
+    let backend = Backend::start("127.35.2.9:0", "outside").await;
+    let ts = testserver(&state(37, &[])).await;
+    let mut s = XdsSettings::plaintext(&format!("http://{}", ts.addr()));
+    s.on_demand = true;
+    s.on_demand_timeout = Duration::from_millis(800);
+    let r = start(&xds_config("127.35.2.1", s)).await;
+    ready(&r).await;
+    let port = backend.addr.port();
+    let t0 = std::time::Instant::now();
+    let conn = socks5_connect(r.socks5.unwrap(), "127.35.2.9", port)
+        .await
+        .unwrap();
+    assert_eq!(exchange(conn, "1").await, "outside:1");
+    let first = t0.elapsed();
+    assert!(
+        first >= Duration::from_millis(700),
+        "the first waits: {first:?}"
+    );
+    for i in 0..5 {
+        let t = std::time::Instant::now();
+        let conn = socks5_connect(r.socks5.unwrap(), "127.35.2.9", port)
+            .await
+            .unwrap();
+        assert_eq!(exchange(conn, &i.to_string()).await, format!("outside:{i}"));
+        assert!(
+            t.elapsed() < Duration::from_millis(400),
+            "repeat {i} waited {:?}",
+            t.elapsed()
+        );
+    }
+    // Many distinct unknown addresses at once: each waits at most the timeout, together.
+    let t = std::time::Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..64u8 {
+        let socks = r.socks5.unwrap();
+        tasks.push(tokio::spawn(async move {
+            // Nothing listens there: refused, after the on-demand wait.
+            socks5_connect(socks, &format!("127.35.3.{}", i + 1), 9).await
+        }));
+    }
+    for t in tasks {
+        assert!(t.await.unwrap().is_err());
+    }
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_waits_for_the_control_plane() {
     // Reserve a port for a control plane that starts later.
