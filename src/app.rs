@@ -376,7 +376,12 @@ async fn build(
         runtime: tokio::runtime::Handle::current(),
     }));
     // Closes established inbound connections that a policy change now denies.
-    tasks.push(tokio::spawn(ctx.conns.clone().follow(store.clone())));
+    // On the operators' runtime: re-checking 10 000 connections against a new policy set must not
+    // take a data-plane worker's turn.
+    tasks.push(spawn_control(
+        operators,
+        ctx.conns.clone().follow(store.clone()),
+    ));
     if let Some(l) = readiness_l {
         tasks.push(tokio::spawn(crate::readiness::serve(
             l,

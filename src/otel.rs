@@ -516,6 +516,14 @@ fn any_value(v: opentelemetry::Value) -> AnyValue {
     }
 }
 
+/// The caller's span that a `traceparent` (with its `tracestate`) in `headers` names, when it is
+/// valid: what [`Otel::start`] continues. Outside input: fuzzed (`fuzz/`).
+pub fn remote_parent(headers: &http::HeaderMap) -> Option<SpanContext> {
+    let cx = TraceContextPropagator::new().extract(&Headers(headers));
+    let sc = cx.span().span_context().clone();
+    sc.is_valid().then_some(sc)
+}
+
 /// Reads `traceparent`/`tracestate` from request headers.
 struct Headers<'a>(&'a http::HeaderMap);
 

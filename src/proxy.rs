@@ -22,7 +22,7 @@ mod outbound;
 mod pool;
 pub mod route;
 mod self_call;
-mod socks5;
+pub mod socks5;
 #[cfg(test)]
 mod source_tests;
 mod stop;
@@ -232,8 +232,9 @@ pub(crate) fn admit(
     snapshot: &crate::store::Snapshot,
     wl: &crate::model::Workload,
     conn: crate::rbac::ConnCtx,
+    via: conn_tracker::Via,
 ) -> Result<conn_tracker::Registration, ProxyError> {
-    let result = admit_once(ctx, snapshot, wl, conn);
+    let result = admit_once(ctx, snapshot, wl, conn, via);
     // One decision per connection, whichever snapshot made it.
     ctx.metrics.rbac_decision(result.is_ok());
     result
@@ -244,9 +245,10 @@ fn admit_once(
     snapshot: &crate::store::Snapshot,
     wl: &crate::model::Workload,
     conn: crate::rbac::ConnCtx,
+    via: conn_tracker::Via,
 ) -> Result<conn_tracker::Registration, ProxyError> {
     decide(snapshot, wl, &conn)?;
-    let reg = ctx.conns.register(conn.clone(), wl.uid.clone());
+    let reg = ctx.conns.register(conn.clone(), wl.uid.clone(), via);
     let now = ctx.store.load();
     if now.version() != snapshot.version() {
         if let Some(wl) = now.workload(&wl.uid) {

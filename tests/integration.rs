@@ -9,6 +9,7 @@ mod integration {
     mod cluster;
     mod drain;
     mod envoy;
+    mod faults;
     pub mod harness;
     mod hbone;
     mod identity;

@@ -79,6 +79,8 @@ pub enum ProxyError {
         policy: String,
         reason: &'static str,
     },
+    #[error("closed: after a mesh change the established connection is no longer admitted: {0}")]
+    Unadmitted(String),
     #[error("closed: l4mesh is shutting down and the connection was still open at the drain deadline (CONNECTION_TERMINATION_DEADLINE)")]
     Drained,
     #[error("SOCKS5 handshake: {0}")]
@@ -98,7 +100,9 @@ impl ProxyError {
             ProxyError::Connect { .. } => ("UF", Blame::Upstream),
             ProxyError::NotLocalWorkload { .. } => ("NR", Blame::Downstream),
             ProxyError::Socks5(_) => ("DPE", Blame::Downstream),
-            ProxyError::Rbac { .. } | ProxyError::Revoked { .. } => ("RBAC", Blame::Policy),
+            ProxyError::Rbac { .. } | ProxyError::Revoked { .. } | ProxyError::Unadmitted(_) => {
+                ("RBAC", Blame::Policy)
+            }
             ProxyError::Refused(o) => match o {
                 super::hbone::Outcome::Denied(_) => ("RBAC", Blame::Policy),
                 super::hbone::Outcome::NoUpstream(_) => ("UF", Blame::Upstream),
@@ -132,7 +136,10 @@ impl ProxyError {
         use crate::metrics::ResponseFlag;
         if matches!(
             self,
-            ProxyError::Copy(_) | ProxyError::Revoked { .. } | ProxyError::Drained
+            ProxyError::Copy(_)
+                | ProxyError::Revoked { .. }
+                | ProxyError::Unadmitted(_)
+                | ProxyError::Drained
         ) {
             return ResponseFlag::None;
         }

@@ -375,7 +375,17 @@ async fn open(
         dst_ip: addr.ip(),
         dst_port: addr.port(),
     };
-    let reg = super::admit(ctx, &snapshot, &wl, conn)?;
+    // The workload the tunnel was sent to, when it is not the destination (a waypoint's pod):
+    // the tracker re-applies the waypoint rule with it.
+    let dialled_wl = (dialled.ip().to_canonical() != addr.ip().to_canonical())
+        .then(|| ctx.local_workload(&snapshot, dialled.ip()))
+        .flatten()
+        .filter(|d| d.uid != wl.uid)
+        .map(|d| d.uid.clone());
+    let via = super::conn_tracker::Via::Hbone {
+        dialled: dialled_wl,
+    };
+    let reg = super::admit(ctx, &snapshot, &wl, conn, via)?;
     let client = original_client(&snapshot, forwarded, peer, &wl, log.src.ip());
     drop(snapshot);
     // The workload sees the client's IP rather than l4mesh's when ENABLE_ORIG_SRC allows it.
@@ -494,7 +504,8 @@ fn serves(ctx: &ProxyCtx, wl: &Workload, ip: std::net::IpAddr) -> bool {
 
 /// A workload with a waypoint takes tunnels only from that waypoint's identity, so that its policy
 /// cannot be bypassed. A tunnel dialled on the waypoint itself (the client sent it to the waypoint,
-/// which serves the destination on this node) is the waypoint's own traffic and passes.
+/// which serves the destination on this node) is the waypoint's own traffic and passes
+/// ([`waypoint::admits`], which the connection tracker re-applies on every mesh change).
 fn waypoint_rule(
     ctx: &ProxyCtx,
     snapshot: &Snapshot,
@@ -502,31 +513,14 @@ fn waypoint_rule(
     dialled: SocketAddr,
     wl: &Workload,
 ) -> Decision {
-    let Some(gw) = &wl.waypoint else {
-        return Decision::Allow;
-    };
-    if ctx
-        .local_workload(snapshot, dialled.ip())
-        .is_some_and(|d| waypoint::is_waypoint(snapshot, gw, &d))
-    {
+    if wl.waypoint.is_none() {
         return Decision::Allow;
     }
-    if waypoint::has_identity(snapshot, gw, peer) {
-        return Decision::Allow;
+    let dialled = ctx.local_workload(snapshot, dialled.ip());
+    match waypoint::admits(snapshot, wl, peer, dialled.as_deref()) {
+        Ok(()) => Decision::Allow,
+        Err(why) => Decision::Deny(why),
     }
-    let ids = waypoint::identities(snapshot, gw);
-    let expected = if ids.is_empty() {
-        "its waypoint, which is not in the mesh state".to_string()
-    } else {
-        ids.iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-            .join(" or ")
-    };
-    Decision::Deny(format!(
-        "workload {}/{} has a waypoint: tunnels must come from {expected}, not from {peer}",
-        wl.namespace, wl.name
-    ))
 }
 
 #[cfg(test)]

@@ -88,7 +88,13 @@ async fn open(ctx: &ProxyCtx, log: &mut ConnLog) -> Result<(TcpStream, Registrat
         dst_ip: dst.ip(),
         dst_port: dst.port(),
     };
-    let reg = super::admit(ctx, &snapshot, &workload, conn)?;
+    let reg = super::admit(
+        ctx,
+        &snapshot,
+        &workload,
+        conn,
+        super::conn_tracker::Via::Plaintext,
+    )?;
     drop(snapshot);
     // The workload sees the caller's IP, not l4mesh's, when ENABLE_ORIG_SRC allows it.
     let up = crate::socket::connect_from(dst, Some(log.src.ip()), &ctx.upstream)

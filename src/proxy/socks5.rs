@@ -69,13 +69,28 @@ pub(super) async fn serve(ctx: &ProxyCtx, mut down: TcpStream, src: SocketAddr) 
     }
 }
 
-type HandshakeError = (ProxyError, Option<u8>);
+/// What went wrong in a handshake, and the reply code to send back (none when the client
+/// cannot take one).
+pub type HandshakeError = (ProxyError, Option<u8>);
 
 fn proto_err(msg: impl Into<String>, rep: Option<u8>) -> HandshakeError {
     (ProxyError::Socks5(msg.into()), rep)
 }
 
 async fn handshake(ctx: &ProxyCtx, s: &mut TcpStream) -> Result<SocketAddr, HandshakeError> {
+    match read_request(s).await? {
+        Host::Ip(ip, port) => Ok(SocketAddr::new(ip, port)),
+        Host::Name(name, port) => resolve_name(ctx, &name, port).await,
+    }
+}
+
+/// Reads a client's greeting and CONNECT request (answering the greeting), up to the target;
+/// the caller resolves a name and sends the final reply. Generic over the stream so that it can
+/// be fuzzed on bytes in memory.
+pub async fn read_request<S>(s: &mut S) -> Result<Host, HandshakeError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     let io = |e: std::io::Error| proto_err(format!("reading the request: {e}"), None);
     let mut head = [0u8; 2];
     s.read_exact(&mut head).await.map_err(io)?;
@@ -109,16 +124,16 @@ async fn handshake(ctx: &ProxyCtx, s: &mut TcpStream) -> Result<SocketAddr, Hand
             Some(REP_CMD_UNSUPPORTED),
         ));
     }
-    let host = match req[3] {
+    let host: IpAddr = match req[3] {
         1 => {
             let mut b = [0u8; 4];
             s.read_exact(&mut b).await.map_err(io)?;
-            Host::Ip(IpAddr::V4(Ipv4Addr::from(b)))
+            IpAddr::V4(Ipv4Addr::from(b))
         }
         4 => {
             let mut b = [0u8; 16];
             s.read_exact(&mut b).await.map_err(io)?;
-            Host::Ip(IpAddr::V6(Ipv6Addr::from(b)))
+            IpAddr::V6(Ipv6Addr::from(b))
         }
         3 => {
             let mut len = [0u8; 1];
@@ -127,7 +142,7 @@ async fn handshake(ctx: &ProxyCtx, s: &mut TcpStream) -> Result<SocketAddr, Hand
             s.read_exact(&mut b).await.map_err(io)?;
             let name = String::from_utf8(b)
                 .map_err(|_| proto_err("domain name is not UTF-8", Some(REP_GENERAL)))?;
-            Host::Name(name)
+            return read_port(s).await.map(|port| Host::Name(name, port));
         }
         t => {
             return Err(proto_err(
@@ -136,18 +151,22 @@ async fn handshake(ctx: &ProxyCtx, s: &mut TcpStream) -> Result<SocketAddr, Hand
             ))
         }
     };
-    let mut port = [0u8; 2];
-    s.read_exact(&mut port).await.map_err(io)?;
-    let port = u16::from_be_bytes(port);
-    match host {
-        Host::Ip(ip) => Ok(SocketAddr::new(ip, port)),
-        Host::Name(name) => resolve_name(ctx, &name, port).await,
-    }
+    read_port(s).await.map(|port| Host::Ip(host, port))
 }
 
-enum Host {
-    Ip(IpAddr),
-    Name(String),
+async fn read_port<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> Result<u16, HandshakeError> {
+    let mut port = [0u8; 2];
+    s.read_exact(&mut port)
+        .await
+        .map_err(|e| proto_err(format!("reading the request: {e}"), None))?;
+    Ok(u16::from_be_bytes(port))
+}
+
+/// The target of a SOCKS5 CONNECT, with its port.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Host {
+    Ip(IpAddr, u16),
+    Name(String, u16),
 }
 
 async fn resolve_name(ctx: &ProxyCtx, name: &str, port: u16) -> Result<SocketAddr, HandshakeError> {

@@ -38,10 +38,12 @@ pub(super) fn outcome(
     drain: &Signal,
 ) -> Result<(), ProxyError> {
     match (r, stop) {
-        (Err(CopyError::Stopped), Some(Stop::Revoked(rev))) => Err(ProxyError::Revoked {
-            policy: rev.policy,
-            reason: rev.reason,
-        }),
+        (Err(CopyError::Stopped), Some(Stop::Revoked(Revocation::Policy { policy, reason }))) => {
+            Err(ProxyError::Revoked { policy, reason })
+        }
+        (Err(CopyError::Stopped), Some(Stop::Revoked(Revocation::Mesh(why)))) => {
+            Err(ProxyError::Unadmitted(why))
+        }
         (Err(CopyError::Stopped), Some(Stop::Drained)) => Err(ProxyError::Drained),
         (Err(_), None | Some(Stop::Drained)) if drain.is_forced() => Err(ProxyError::Drained),
         (r, _) => r.map_err(ProxyError::from),

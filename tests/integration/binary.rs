@@ -78,6 +78,11 @@ impl L4mesh {
         panic!("l4mesh not ready within 10 s; log:\n{}", self.log());
     }
 
+    /// The process id (for /proc).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn log(&self) -> String {
         self.lines.lock().unwrap().join("\n")
     }

@@ -504,3 +504,25 @@ async fn inbound_hbone_drops_dead_peers_and_idle_connections() {
     s.read_to_string(&mut out).await.unwrap();
     assert_eq!(out, "b:late");
 }
+
+/// Issue 14, item 2: in dedicated mode the served workload is `PROXY_WORKLOAD_INFO`'s, whatever
+/// `NODE_NAME` says: a ztunnel-style file whose workloads carry `node:` works with no NODE_NAME.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dedicated_mode_serves_its_workload_without_node_name() {
+    let m = mesh_with(10, None, |c| {
+        if c.node_name == "node-b" {
+            c.node_name = String::new();
+            c.workload_info = Some(l4mesh::config::WorkloadInfo {
+                namespace: "default".into(),
+                name: "b".into(),
+                service_account: "server".into(),
+            });
+        }
+    })
+    .await;
+    let _b = Backend::start(&format!("{}:{BACKEND_PORT}", m.b_wl), "b").await;
+    let s = socks5_connect_from(m.a_ip, m.a.socks5.unwrap(), &m.b_wl, BACKEND_PORT)
+        .await
+        .unwrap();
+    assert_eq!(exchange(s, "no-node").await, "b:no-node");
+}

@@ -125,6 +125,38 @@ pub fn is_waypoint(snapshot: &Snapshot, gw: &GatewayAddress, wl: &Workload) -> b
     }
 }
 
+/// Whether a tunnel from `peer` may reach `wl`, which may have a waypoint: a workload behind a
+/// waypoint takes tunnels only from that waypoint's identity, so that its policy cannot be
+/// bypassed, or tunnels dialled on the waypoint itself (`dialled`, the workload the client sent
+/// the tunnel to, when it is not `wl`: the waypoint serving `wl` from its own pod). The reason
+/// for a refusal names who was expected.
+pub fn admits(
+    snapshot: &Snapshot,
+    wl: &Workload,
+    peer: &SpiffeId,
+    dialled: Option<&Workload>,
+) -> Result<(), String> {
+    let Some(gw) = &wl.waypoint else {
+        return Ok(());
+    };
+    if dialled.is_some_and(|d| is_waypoint(snapshot, gw, d)) || has_identity(snapshot, gw, peer) {
+        return Ok(());
+    }
+    let ids = identities(snapshot, gw);
+    let expected = if ids.is_empty() {
+        "its waypoint, which is not in the mesh state".to_string()
+    } else {
+        ids.iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(" or ")
+    };
+    Err(format!(
+        "workload {}/{} has a waypoint: tunnels must come from {expected}, not from {peer}",
+        wl.namespace, wl.name
+    ))
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests;
