@@ -5,6 +5,7 @@
 #        FUZZ_TARGETS="socks5_request local_config" scripts/fuzz.sh 600
 # Needs the nightly toolchain (cargo +nightly) and cargo-fuzz; installs cargo-fuzz from crates.io
 # when it is missing. A crash fails the script and leaves its input in fuzz/artifacts/<target>/.
+# Targets build in release mode with debug assertions and overflow checks (cargo-fuzz's default).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs="${1:-30}"
@@ -20,7 +21,7 @@ fi
 
 targets="${FUZZ_TARGETS:-$(cd fuzz && cargo +nightly fuzz list)}"
 echo "fuzz: building $(echo $targets | wc -w) targets"
-(cd fuzz && cargo +nightly fuzz build -O)
+(cd fuzz && cargo +nightly fuzz build)
 ran=0
 for t in $targets; do
   mkdir -p "fuzz/corpus/$t" fuzz/artifacts
@@ -28,7 +29,7 @@ for t in $targets; do
   log="fuzz/artifacts/$t.log"
   # -max_len bounds one input; -rss_limit_mb an allocation a parser must never make.
   status=0
-  (cd fuzz && cargo +nightly fuzz run -O "$t" "corpus/$t" "seeds/$t" -- \
+  (cd fuzz && cargo +nightly fuzz run "$t" "corpus/$t" "seeds/$t" -- \
       -max_total_time="$secs" -max_len=65536 -rss_limit_mb=2048 -print_final_stats=1) \
     >"$log" 2>&1 || status=$?
   grep -E "^(stat::number_of_executed_runs|stat::peak_rss_mb|==[0-9]+==|SUMMARY)" "$log" || true

@@ -67,3 +67,6 @@ echo "== clippy"; cargo clippy --workspace --all-targets -- -D warnings
 # this machine has no nightly toolchain.
 echo "== fuzz";   scripts/fuzz.sh "${L4MESH_FUZZ_SECS:-30}"
 echo "== tests";  cargo test --workspace --all-targets
+# Load tests (10 000 connections, a stalled reader) on their own, so that their load makes no
+# other test's timing flaky.
+echo "== load tests"; cargo test --test integration -- --ignored

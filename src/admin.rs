@@ -39,7 +39,7 @@ pub struct AdminToken(Box<[u8]>);
 /// Why the admin token file cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum AdminTokenError {
-    #[error("reading the admin token file {path}: {source} (L4MESH_ADMIN_TOKEN_FILE)")]
+    #[error("could not read the admin token file {path} (L4MESH_ADMIN_TOKEN_FILE)")]
     Read {
         path: std::path::PathBuf,
         #[source]

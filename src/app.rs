@@ -185,6 +185,11 @@ async fn build(
     config: &Config,
     operators: Option<&tokio::runtime::Handle>,
 ) -> Result<(Running, Vec<OperatorTask>), AppError> {
+    // Read before anything is spawned: a bad file fails startup with nothing left running.
+    let admin_token = match (&config.admin_addr, &config.admin_token_file) {
+        (Some(_), Some(p)) => Some(crate::admin::AdminToken::read(p)?),
+        _ => None,
+    };
     let drain = Drain::new();
     let store = Arc::new(Store::new());
     let readiness = Readiness::new();
@@ -309,15 +314,18 @@ async fn build(
     // Every listener's connection caps ([`crate::limits`]); the data path's default follows the
     // open-file limit, raised to its hard limit first.
     let limits = Arc::new(crate::limits::Registry::default());
+    let nofile = crate::limits::raise_nofile();
     let data_caps = crate::limits::Caps {
-        max_connections: config.max_connections.unwrap_or_else(|| {
-            crate::limits::default_max_connections(crate::limits::raise_nofile())
-        }),
+        max_connections: config
+            .max_connections
+            .unwrap_or_else(|| crate::limits::default_max_connections(nofile)),
         max_per_source: config.max_connections_per_source,
     };
+    // Per source too: these bind the wildcard address, and one client holding every place would
+    // leave kubelet's probes refused.
     let http_caps = crate::limits::Caps {
         max_connections: config.http.max_connections,
-        max_per_source: 0,
+        max_per_source: crate::http_server::MAX_PER_SOURCE,
     };
     let http_limiter = |name| limits.limiter(name, http_caps);
     // Bound with the others so that its port is one of l4mesh's own from the first connection.
@@ -330,7 +338,9 @@ async fn build(
         [outbound, inbound_plaintext, hbone]
             .into_iter()
             .chain(socks5)
-            .chain(readiness_addr)
+            .map(|a| a.port()),
+        readiness_addr
+            .into_iter()
             .chain(metrics_addr)
             .chain(admin_addr)
             .map(|a| a.port()),
@@ -426,12 +436,8 @@ async fn build(
         }));
     }
     if let Some((l, _)) = admin_l {
-        let token = match &config.admin_token_file {
-            Some(p) => Some(crate::admin::AdminToken::read(p)?),
-            None => None,
-        };
         let state = Arc::new(crate::admin::AdminState {
-            token,
+            token: admin_token,
             store: store.clone(),
             secrets: secrets.clone(),
             config: serde_json::to_value(config).unwrap_or_else(|e| {

@@ -214,6 +214,12 @@ pub enum ConfigError {
     Socks5NotLoopback(SocketAddr),
     #[error("{name} is {address}: plaintext to a host that is not loopback sends the AUTH_TOKEN in clear and lets anyone on the path answer (for the CA: choose the mesh root). Use https:// (istiod serves TLS on 15012), or set L4MESH_ALLOW_PLAINTEXT_CONTROL_PLANE=true for a test network")]
     PlaintextControlPlane { name: &'static str, address: String },
+    #[error("{name} is {value}; expected {expected} (what the kernel accepts for TCP keepalive)")]
+    KeepaliveRange {
+        name: &'static str,
+        value: String,
+        expected: &'static str,
+    },
     #[error("{0} is 0; expected a duration above zero (e.g. 10s)")]
     ZeroDuration(&'static str),
     #[error("L4MESH_HTTP_MAX_CONNECTIONS is 0; expected at least 1 (the admin, metrics and readiness servers would refuse every connection)")]
@@ -570,14 +576,29 @@ impl Args {
         if self.enable_socks5 && !self.socks5_addr.ip().is_loopback() && !self.socks5_allow_remote {
             return Err(ConfigError::Socks5NotLoopback(self.socks5_addr));
         }
+        if self.http_header_timeout.is_zero() {
+            return Err(ConfigError::ZeroDuration("L4MESH_HTTP_HEADER_TIMEOUT"));
+        }
+        // The kernel takes whole seconds in 1..=32767 and 1..=127 probes; anything else would make
+        // every upstream connect fail with EINVAL.
         for (name, d) in [
-            ("L4MESH_HTTP_HEADER_TIMEOUT", self.http_header_timeout),
             ("KEEPALIVE_TIME", self.keepalive_time),
             ("KEEPALIVE_INTERVAL", self.keepalive_interval),
         ] {
-            if d.is_zero() {
-                return Err(ConfigError::ZeroDuration(name));
+            if !(1..=32767).contains(&d.as_secs()) || d.subsec_nanos() != 0 {
+                return Err(ConfigError::KeepaliveRange {
+                    name,
+                    value: format!("{d:?}"),
+                    expected: "whole seconds from 1s to 32767s",
+                });
             }
+        }
+        if !(1..=127).contains(&self.keepalive_retries) {
+            return Err(ConfigError::KeepaliveRange {
+                name: "KEEPALIVE_RETRIES",
+                value: self.keepalive_retries.to_string(),
+                expected: "1 to 127 probes",
+            });
         }
         let h2 = crate::proxy::H2Tuning {
             max_streams_per_connection: self.pool_max_streams_per_connection,

@@ -13,6 +13,10 @@ use hyper::body::{Bytes, Incoming};
 use hyper::{header, Request, Response, StatusCode};
 use tokio::net::TcpListener;
 
+/// Connections one source address may hold on each of these servers: room for Prometheus, a
+/// probe and a person with curl, not for one client taking every place.
+pub const MAX_PER_SOURCE: usize = 16;
+
 /// The largest request head the servers read (ztunnel's 8 KiB): their requests are short.
 const MAX_BUF: usize = 8 * 1024;
 

@@ -260,8 +260,8 @@ impl Otel {
         parent: Option<&http::HeaderMap>,
         attributes: Vec<KeyValue>,
     ) -> ConnTrace {
-        let parent_cx = match parent {
-            Some(h) => TraceContextPropagator::new().extract(&Headers(h)),
+        let parent_cx = match parent.and_then(remote_parent) {
+            Some(sc) => Context::new().with_remote_span_context(sc),
             None => Context::new(),
         };
         let span = self

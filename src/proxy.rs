@@ -141,13 +141,17 @@ impl ProxyCtx {
     ) -> Option<Arc<crate::model::Workload>> {
         let wl =
             snapshot.workload_by_addr(&crate::model::NetworkAddr::new(self.network.clone(), ip))?;
-        let served = match &self.own_workload {
+        self.serves(wl, ip).then(|| wl.clone())
+    }
+
+    /// Whether this l4mesh serves `wl` at its address `ip` ([`Self::local_workload`]'s rule).
+    pub fn serves(&self, wl: &crate::model::Workload, ip: std::net::IpAddr) -> bool {
+        match &self.own_workload {
             Some(own) => {
                 own.is(wl) || wl.node == self.node_name && crate::socket::is_local_address(ip)
             }
             None => wl.node == self.node_name,
-        };
-        served.then(|| wl.clone())
+        }
     }
 
     /// The workload whose identity an outbound connection from `src` carries, or why it has

@@ -4,10 +4,15 @@
 
 use libfuzzer_sys::fuzz_target;
 
+/// One runtime for every input (building one per input would dominate the run).
+static RT: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+
 fuzz_target!(|data: &[u8]| {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .expect("a current-thread runtime");
+    let rt = RT.get_or_init(|| {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("a current-thread runtime")
+    });
     rt.block_on(async {
         let mut io = tokio::io::join(data, tokio::io::sink());
         let _ = l4mesh::proxy::socks5::read_request(&mut io).await;

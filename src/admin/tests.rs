@@ -154,5 +154,5 @@ fn mutating_endpoints_need_the_token_when_one_is_set() {
         .err()
         .unwrap()
         .to_string();
-    assert!(e.contains("reading the admin token file"), "{e}");
+    assert!(e.contains("could not read the admin token file"), "{e}");
 }

@@ -354,12 +354,16 @@ fn limits_and_keepalive_as_ztunnel_names_them() {
     assert_eq!(c.max_connections_per_source, 50);
     assert_eq!(c.http.header_timeout, Duration::from_millis(500));
     assert_eq!(c.h2.server_idle_timeout, Duration::from_secs(60));
-    for (flag, name) in [
-        ("--keepalive-time", "KEEPALIVE_TIME"),
-        ("--http-header-timeout", "L4MESH_HTTP_HEADER_TIMEOUT"),
-        ("--hbone-ping-interval", "L4MESH_HBONE_PING_INTERVAL"),
+    for (flag, value, name) in [
+        ("--keepalive-time", "0s", "KEEPALIVE_TIME"),
+        ("--keepalive-time", "500ms", "KEEPALIVE_TIME"),
+        ("--keepalive-interval", "40000s", "KEEPALIVE_INTERVAL"),
+        ("--keepalive-retries", "0", "KEEPALIVE_RETRIES"),
+        ("--keepalive-retries", "200", "KEEPALIVE_RETRIES"),
+        ("--http-header-timeout", "0s", "L4MESH_HTTP_HEADER_TIMEOUT"),
+        ("--hbone-ping-interval", "0s", "L4MESH_HBONE_PING_INTERVAL"),
     ] {
-        let e = Args::try_parse_from(["l4mesh", flag, "0s"])
+        let e = Args::try_parse_from(["l4mesh", flag, value])
             .unwrap()
             .into_config()
             .unwrap_err()

@@ -156,6 +156,9 @@ async fn serve_h2(
     let mut pings = conn.ping_pong();
     let mut tick =
         tokio::time::interval_at(tokio::time::Instant::now() + ping_interval, ping_interval);
+    // A stalled runtime must not fire missed ticks back to back: that would send a PING and find
+    // it unanswered at once.
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut ping_sent = false;
     let mut idle_since: Option<tokio::time::Instant> = None;
     let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -164,13 +167,13 @@ async fn serve_h2(
             Some(p) if ping_sent => p.poll_pong(cx),
             _ => std::task::Poll::Pending,
         });
+        // Biased: a pong that arrived is seen before the tick that would call it missing.
         let next = tokio::select! {
+            biased;
             () = &mut forced => {
                 tracing::debug!(%src, %dialled, "HBONE connection closed at the drain deadline");
                 return;
             }
-            () = &mut draining, if !going_away => None,
-            next = conn.accept() => Some(next),
             r = pong => {
                 match r {
                     Ok(_) => ping_sent = false,
@@ -201,6 +204,8 @@ async fn serve_h2(
                 }
                 continue;
             }
+            () = &mut draining, if !going_away => None,
+            next = conn.accept() => Some(next),
         };
         match next {
             None => {
@@ -319,7 +324,7 @@ async fn open(
         // of this node would borrow it, unless the dialled one is that workload's waypoint.
         Some(wl)
             if target.ip().to_canonical() != dialled.ip().to_canonical()
-                && !dialled_is_waypoint_of(ctx, &snapshot, dialled, &wl) =>
+                && !dialled_is_or_serves(ctx, &snapshot, dialled, &wl) =>
         {
             return Err(Outcome::IpMismatch {
                 dialled: dialled.ip(),
@@ -334,8 +339,8 @@ async fn open(
         }
     };
     // Checked on the port the stream is finally delivered to (a service port resolves to its
-    // target port first): one of l4mesh's own ports there is l4mesh itself, on any address.
-    if ctx.own_ports.contains(addr.port()) {
+    // target port first): one of l4mesh's forwarding ports there is l4mesh itself.
+    if ctx.own_ports.forwards(addr.port()) {
         return Err(ProxyError::SelfCall { dst: addr });
     }
     log.dst_identity = Some(wl.identity().to_string());
@@ -477,29 +482,31 @@ fn service_endpoint(
     Ok((wl, up.addr, svc))
 }
 
-/// Whether the workload dialled on `dialled` is a waypoint of `wl` (which then takes the tunnel
-/// for `wl`'s address: a client sends a workload's traffic to its waypoint).
-fn dialled_is_waypoint_of(
+/// Whether the workload dialled on `dialled` is `wl` itself (at another of its addresses, e.g.
+/// the other family of a dual-stack pod) or a waypoint of `wl` (which then takes the tunnel for
+/// `wl`'s address: a client sends a workload's traffic to its waypoint).
+fn dialled_is_or_serves(
     ctx: &ProxyCtx,
     snapshot: &Snapshot,
     dialled: SocketAddr,
     wl: &Workload,
 ) -> bool {
-    let Some(gw) = &wl.waypoint else {
+    let Some(d) = ctx.local_workload(snapshot, dialled.ip()) else {
         return false;
     };
-    ctx.local_workload(snapshot, dialled.ip())
-        .is_some_and(|wp| waypoint::is_waypoint(snapshot, gw, &wp))
+    d.uid == wl.uid
+        || wl
+            .waypoint
+            .as_ref()
+            .is_some_and(|gw| waypoint::is_waypoint(snapshot, gw, &d))
 }
 
-/// Whether this l4mesh serves `wl` at `ip`: the workload is on this node, and (dedicated mode: one
-/// l4mesh per pod, running in the pod's network namespace) `ip` is one of this network
-/// namespace's own addresses — the pod's addresses are exactly the ones it can bind
-/// ([`crate::socket::is_local_address`]). This needs no configuration (a pod may carry several
-/// workload addresses, as the cluster harness's waypoint pod does, which INSTANCE_IP alone would
-/// miss) and is right for loopback tests too, where every 127/8 address is local.
+/// Whether this l4mesh serves `wl` at `ip`: the same rule as [`ProxyCtx::local_workload`]
+/// (dedicated mode: l4mesh runs in the pod's network namespace, so the pod's addresses are the
+/// ones it can bind; this needs no configuration, a pod may carry several workload addresses, as
+/// the cluster harness's waypoint pod does, and it is right for loopback tests too).
 fn serves(ctx: &ProxyCtx, wl: &Workload, ip: std::net::IpAddr) -> bool {
-    wl.node == ctx.node_name && crate::socket::is_local_address(ip)
+    ctx.serves(wl, ip)
 }
 
 /// A workload with a waypoint takes tunnels only from that waypoint's identity, so that its policy

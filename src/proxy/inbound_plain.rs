@@ -46,8 +46,8 @@ pub(super) async fn serve(ctx: &ProxyCtx, down: TcpStream, src: SocketAddr) {
 async fn open(ctx: &ProxyCtx, log: &mut ConnLog) -> Result<(TcpStream, Registration), ProxyError> {
     let dst = log.dst;
     // Whatever address it was sent to, an inbound connection is for this namespace: one of
-    // l4mesh's ports there is l4mesh itself.
-    if ctx.own_ports.contains(dst.port()) {
+    // l4mesh's forwarding ports there is l4mesh itself.
+    if ctx.own_ports.forwards(dst.port()) {
         return Err(ProxyError::SelfCall { dst });
     }
     let snapshot = ctx.store.load();

@@ -350,6 +350,8 @@ async fn keep<T>(
     tokio::pin!(conn);
     let start = tokio::time::Instant::now() + live.ping_interval;
     let mut tick = tokio::time::interval_at(start, live.ping_interval);
+    // After a stall, one tick (not a burst that would send a PING and call it missing at once).
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut ping_sent = false;
     let mut idle_since: Option<Instant> = None;
     let why = loop {
@@ -357,7 +359,9 @@ async fn keep<T>(
             Some(p) if ping_sent => p.poll_pong(cx),
             _ => std::task::Poll::Pending,
         });
+        // Biased: a pong that arrived is seen before the tick that would call it missing.
         tokio::select! {
+            biased;
             r = &mut conn => break match r {
                 Ok(()) => "closed".to_string(),
                 Err(e) => e.to_string(),

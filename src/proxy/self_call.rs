@@ -7,39 +7,61 @@
 //!
 //! Where each path checks:
 //! - outbound (capture and SOCKS5): the original destination, and the chosen upstream of a
-//!   plain-TCP route, when the port is one of l4mesh's and the address is this namespace's own
+//!   plain-TCP route, when the port is any of l4mesh's (the operators' servers included: nothing
+//!   reaches the admin API through the data path) and the address is this namespace's own
 //!   (loopback, unspecified, or an address a plain socket can bind). A remote pod's port 15008 is
 //!   not refused here: that pod's proxy refuses it.
-//! - inbound plaintext and HBONE: the port the connection is finally delivered to. The destination
-//!   of an inbound connection is by definition this namespace, so the port alone decides.
+//! - inbound plaintext and HBONE: the port the connection is finally delivered to, when it is one
+//!   of the data-path listeners (the ones that forward, as ztunnel's `illegal_ports`). The
+//!   destination of an inbound connection is by definition this namespace, so the port alone
+//!   decides. The metrics and readiness servers stay reachable through the mesh (a meshed
+//!   Prometheus scrapes them; they forward nothing, so no loop is possible).
 //!
 //! This module only decides; the paths log and count the refusal.
 
 use std::net::SocketAddr;
 
-/// The ports l4mesh listens on in the namespace of the workloads it serves: the data-path
-/// listeners (15001, 15006, 15008, 15080 when SOCKS5 is on) and the operators' ones (15000, 15020,
-/// 15021), as bound (a configured port 0 counts as the port the kernel chose).
+/// The ports l4mesh listens on in the namespace of the workloads it serves, as bound (a
+/// configured port 0 counts as the port the kernel chose): the data-path listeners (15001, 15006,
+/// 15008, 15080 when SOCKS5 is on), which forward, and the operators' ones (15000, 15020, 15021).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct OwnPorts(Box<[u16]>);
+pub struct OwnPorts {
+    forwarding: Box<[u16]>,
+    all: Box<[u16]>,
+}
+
+fn port_set(ports: impl IntoIterator<Item = u16>) -> Box<[u16]> {
+    let mut v: Vec<u16> = ports.into_iter().filter(|p| *p != 0).collect();
+    v.sort_unstable();
+    v.dedup();
+    v.into_boxed_slice()
+}
 
 impl OwnPorts {
-    /// The set of `ports`; port 0 (nothing bound) is left out.
-    pub fn new(ports: impl IntoIterator<Item = u16>) -> Self {
-        let mut v: Vec<u16> = ports.into_iter().filter(|p| *p != 0).collect();
-        v.sort_unstable();
-        v.dedup();
-        Self(v.into_boxed_slice())
+    /// The data-path listeners' `forwarding` ports and the operators' servers' `operators`
+    /// ports; port 0 (nothing bound) is left out.
+    pub fn new(
+        forwarding: impl IntoIterator<Item = u16>,
+        operators: impl IntoIterator<Item = u16>,
+    ) -> Self {
+        let forwarding = port_set(forwarding);
+        let all = port_set(forwarding.iter().copied().chain(operators));
+        Self { forwarding, all }
     }
 
-    /// Whether `port` is one of l4mesh's listeners.
+    /// Whether `port` is one of l4mesh's listeners that forward: never an inbound destination.
+    pub fn forwards(&self, port: u16) -> bool {
+        self.forwarding.binary_search(&port).is_ok()
+    }
+
+    /// Whether `port` is any of l4mesh's listeners.
     pub fn contains(&self, port: u16) -> bool {
-        self.0.binary_search(&port).is_ok()
+        self.all.binary_search(&port).is_ok()
     }
 
-    /// The ports, ascending (for the config dump and logs).
+    /// Every port, ascending (for the config dump and logs).
     pub fn ports(&self) -> &[u16] {
-        &self.0
+        &self.all
     }
 
     /// Whether an outbound destination is l4mesh itself: one of its ports on an address of this
@@ -63,15 +85,18 @@ mod tests {
     use super::*;
 
     fn ports() -> OwnPorts {
-        OwnPorts::new([15008, 15001, 15006, 0, 15020, 15021, 15000, 15001])
+        OwnPorts::new([15008, 15001, 15006, 0, 15001], [15020, 15021, 15000])
     }
 
     #[test]
     fn ports_are_a_sorted_set_without_zero() {
-        assert_eq!(ports().ports(), &[15000, 15001, 15006, 15008, 15020, 15021]);
-        assert!(ports().contains(15006));
-        assert!(!ports().contains(0));
-        assert!(!ports().contains(8080));
+        let p = ports();
+        assert_eq!(p.ports(), &[15000, 15001, 15006, 15008, 15020, 15021]);
+        assert!(p.contains(15006) && p.contains(15020));
+        assert!(!p.contains(0) && !p.contains(8080));
+        // Only the data-path listeners are refused as inbound destinations.
+        assert!(p.forwards(15006) && p.forwards(15008) && p.forwards(15001));
+        assert!(!p.forwards(15020) && !p.forwards(15021) && !p.forwards(15000));
     }
 
     #[test]

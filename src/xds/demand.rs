@@ -92,12 +92,16 @@ impl Subscriptions {
     }
 }
 
+/// How often, at most, a full [`NotFound`] cache is swept for expired entries.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
 /// Addresses that recently got no on-demand answer, so that repeat connections do not wait.
 #[derive(Debug)]
 pub struct NotFound {
     max: usize,
     ttl: Duration,
     until: dashmap::DashMap<NetworkAddr, Instant>,
+    last_sweep: std::sync::Mutex<Option<Instant>>,
 }
 
 impl NotFound {
@@ -106,6 +110,7 @@ impl NotFound {
             max,
             ttl,
             until: dashmap::DashMap::new(),
+            last_sweep: std::sync::Mutex::new(None),
         }
     }
 
@@ -121,11 +126,25 @@ impl NotFound {
         }
     }
 
-    /// Notes that `addr` got no answer at `now`. A full cache drops its expired entries first;
-    /// still full, the address is not cached (its connections keep waiting, nothing grows).
+    /// Notes that `addr` got no answer at `now`. A full cache drops its expired entries first,
+    /// at most once per second (a sweep visits every entry); still full, the address is not
+    /// cached (its connections keep waiting, nothing grows).
     pub fn insert(&self, addr: NetworkAddr, now: Instant) {
         if self.until.len() >= self.max {
-            self.until.retain(|_, u| now < *u);
+            let swept = self
+                .last_sweep
+                .lock()
+                .map(|mut last| {
+                    if last.is_some_and(|t| now.duration_since(t) < SWEEP_EVERY) {
+                        return false;
+                    }
+                    *last = Some(now);
+                    true
+                })
+                .unwrap_or(false);
+            if swept {
+                self.until.retain(|_, u| now < *u);
+            }
             if self.until.len() >= self.max {
                 return;
             }

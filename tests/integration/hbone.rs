@@ -259,15 +259,13 @@ async fn inbound_refusals() {
     let _b2 = Backend::start(&format!("127.43.4.3:{BACKEND_PORT}"), "b2").await;
     let other = format!("127.43.4.3:{BACKEND_PORT}");
     assert_eq!(status_of(&mut send, connect(other)).await, 400);
-    // B's own ports, whatever address they are bound to (B's listeners are on 127.43.4.12):
-    // never a destination.
+    // B's forwarding ports, whatever address they are bound to (B's listeners are on
+    // 127.43.4.12): never a destination.
     let own = [
         m.b.hbone.port(),
         m.b.outbound.port(),
         m.b.inbound_plaintext.port(),
-        m.b.metrics_addr.unwrap().port(),
-        m.b.readiness_addr.unwrap().port(),
-        m.b.admin_addr.unwrap().port(),
+        m.b.socks5.unwrap().port(),
     ];
     for port in own {
         let target = format!("{}:{port}", m.b_wl);
@@ -465,8 +463,8 @@ async fn closed_within<S: tokio::io::AsyncRead + Unpin>(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inbound_hbone_drops_dead_peers_and_idle_connections() {
     let m = mesh_with(9, None, |c| {
-        c.h2.ping_interval = Duration::from_millis(200);
-        c.h2.server_idle_timeout = Duration::from_millis(600);
+        c.h2.ping_interval = Duration::from_millis(500);
+        c.h2.server_idle_timeout = Duration::from_millis(1500);
     })
     .await;
     // A peer that speaks HTTP/2's preface and SETTINGS, then never answers anything.
@@ -476,7 +474,7 @@ async fn inbound_hbone_drops_dead_peers_and_idle_connections() {
         .unwrap();
     let took = closed_within(&mut dead, Duration::from_secs(5)).await;
     assert!(
-        matches!(took, Some(t) if t < Duration::from_secs(2)),
+        matches!(took, Some(t) if t >= Duration::from_millis(900) && t < Duration::from_secs(4)),
         "a peer that answers no PING must be dropped after about two intervals: {took:?}"
     );
 
@@ -497,7 +495,7 @@ async fn inbound_hbone_drops_dead_peers_and_idle_connections() {
     let mut s = socks5_connect_from(m.a_ip, m.a.socks5.unwrap(), &m.b_wl, BACKEND_PORT)
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    tokio::time::sleep(Duration::from_millis(3000)).await;
     s.write_all(b"late").await.unwrap();
     s.shutdown().await.unwrap();
     let mut out = String::new();

@@ -379,7 +379,7 @@ async fn on_demand_does_not_wait_twice_for_an_unknown_address() {
     let ts = testserver(&state(37, &[])).await;
     let mut s = XdsSettings::plaintext(&format!("http://{}", ts.addr()));
     s.on_demand = true;
-    s.on_demand_timeout = Duration::from_millis(800);
+    s.on_demand_timeout = Duration::from_millis(1500);
     let r = start(&xds_config("127.35.2.1", s)).await;
     ready(&r).await;
     let port = backend.addr.port();
@@ -400,7 +400,7 @@ async fn on_demand_does_not_wait_twice_for_an_unknown_address() {
             .unwrap();
         assert_eq!(exchange(conn, &i.to_string()).await, format!("outside:{i}"));
         assert!(
-            t.elapsed() < Duration::from_millis(400),
+            t.elapsed() < Duration::from_millis(700),
             "repeat {i} waited {:?}",
             t.elapsed()
         );
@@ -418,7 +418,7 @@ async fn on_demand_does_not_wait_twice_for_an_unknown_address() {
     for t in tasks {
         assert!(t.await.unwrap().is_err());
     }
-    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
