@@ -51,20 +51,11 @@ fn state() -> String {
 }
 
 fn pods() -> Vec<PodSpec> {
-    let pod = |name, node, host, mesh, sa| PodSpec {
-        name,
-        node,
-        host,
-        extra_hosts: Vec::new(),
-        mesh,
-        service_account: sa,
-        backend: "iptables",
-    };
     vec![
-        pod("a", 1, 10, true, "client"),
-        pod("b", 2, 10, true, "server"),
-        pod("da", 1, 20, false, "plain"),
-        pod("db", 2, 20, false, "plain"),
+        PodSpec::new("a", 1, 10, "client", true),
+        PodSpec::new("b", 2, 10, "server", true),
+        PodSpec::new("da", 1, 20, "plain", false),
+        PodSpec::new("db", 2, 20, "plain", false),
     ]
 }
 

@@ -250,7 +250,7 @@ impl Collector for Certificates {
         gauges(
             &mut enc,
             "l4mesh_certificate_state",
-            "1 for each identity of this node in its certificate state (initializing, available, unavailable)",
+            "1 for each identity of this node in its certificate state (initializing, available, expired, unavailable)",
             status.iter().map(|s| {
                 let mut l = label("identity", s.identity.clone());
                 l.push(("state", s.state.to_owned()));

@@ -323,4 +323,104 @@ policies:
         assert!(matches!(r, Revocation::Policy { .. }), "{r:?}");
         task.abort();
     }
+
+    /// `b` (10.0.1.1), and a waypoint `wp` (10.0.1.9, service account `waypoint`); `extra` is
+    /// appended to b's entry.
+    fn mesh(b_ip: &str, extra: &str) -> String {
+        format!(
+            r#"
+workloads:
+- uid: c//v1/Pod/default/b
+  name: b
+  namespace: default
+  serviceAccount: b
+  workloadIps: ["{b_ip}"]
+{extra}- uid: c//v1/Pod/default/wp
+  name: wp
+  namespace: default
+  serviceAccount: waypoint
+  workloadIps: ["10.0.1.9"]
+"#
+        )
+    }
+
+    const BEHIND_WP: &str = "  waypoint: { destination: \"/10.0.1.9\", hboneMtlsPort: 15008 }\n";
+
+    fn with_peer(sa: &str) -> ConnCtx {
+        ConnCtx {
+            peer: Some(SpiffeId::new("cluster.local", "default", sa)),
+            ..conn(8080)
+        }
+    }
+
+    fn revocation(reg: &mut Registration) -> Option<Revocation> {
+        reg.revoked.borrow_and_update().clone()
+    }
+
+    #[test]
+    fn a_vanished_workload_or_a_moved_address_is_revoked() {
+        let store = Store::new();
+        store.apply(crate::localconfig::parse(&mesh("10.0.1.1", "")).unwrap());
+        let tracker = Arc::new(ConnTracker::default());
+        let uid = WorkloadUid("c//v1/Pod/default/b".into());
+        let mut r = tracker.register(conn(8080), uid, Via::Plaintext);
+        assert_eq!(tracker.recheck(&store), 0);
+        // b now has another address; 10.0.1.1 is no longer the destination admitted.
+        store.apply(crate::localconfig::parse(&mesh("10.0.1.2", "")).unwrap());
+        assert_eq!(tracker.recheck(&store), 1);
+        assert!(
+            matches!(revocation(&mut r), Some(Revocation::Mesh(w)) if w.contains("no longer an address")),
+        );
+        // Gone from the mesh altogether.
+        let mut r2 = tracker.register(
+            conn(8080),
+            WorkloadUid("c//v1/Pod/default/wp".into()),
+            Via::Plaintext,
+        );
+        // A config-file batch is the whole state: wp is removed.
+        let without_wp = crate::localconfig::parse(
+            "workloads:\n- uid: c//v1/Pod/default/b\n  name: b\n  namespace: default\n  workloadIps: [\"10.0.1.1\"]\n",
+        )
+        .unwrap();
+        store.apply(without_wp);
+        assert_eq!(tracker.recheck(&store), 1);
+        assert!(
+            matches!(revocation(&mut r2), Some(Revocation::Mesh(w)) if w.contains("left the mesh")),
+        );
+    }
+
+    #[test]
+    fn a_waypoint_added_later_closes_what_bypasses_it() {
+        let store = Store::new();
+        store.apply(crate::localconfig::parse(&mesh("10.0.1.1", "")).unwrap());
+        let tracker = Arc::new(ConnTracker::default());
+        let uid = || WorkloadUid("c//v1/Pod/default/b".into());
+        let mut plain = tracker.register(conn(8080), uid(), Via::Plaintext);
+        let mut direct = tracker.register(with_peer("a"), uid(), Via::Hbone { dialled: None });
+        let mut via_wp =
+            tracker.register(with_peer("waypoint"), uid(), Via::Hbone { dialled: None });
+        let mut on_wp = tracker.register(
+            with_peer("a"),
+            uid(),
+            Via::Hbone {
+                dialled: Some(WorkloadUid("c//v1/Pod/default/wp".into())),
+            },
+        );
+        assert_eq!(tracker.recheck(&store), 0);
+        store.apply(crate::localconfig::parse(&mesh("10.0.1.1", BEHIND_WP)).unwrap());
+        assert_eq!(
+            tracker.recheck(&store),
+            2,
+            "plaintext and the direct tunnel"
+        );
+        assert!(
+            matches!(revocation(&mut plain), Some(Revocation::Mesh(w)) if w.contains("now has a waypoint"))
+        );
+        assert!(
+            matches!(revocation(&mut direct), Some(Revocation::Mesh(w)) if w.contains("tunnels must come from"))
+        );
+        // The waypoint's own tunnel, and one dialled on the waypoint, stay.
+        assert_eq!(revocation(&mut via_wp), None);
+        assert_eq!(revocation(&mut on_wp), None);
+    }
 }

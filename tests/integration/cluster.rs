@@ -110,17 +110,12 @@ fn deny_c1() -> String {
 
 fn pods(nft: bool) -> Vec<PodSpec> {
     let pod = |name, node, host, sa, mesh| PodSpec {
-        name,
-        node,
-        host,
-        extra_hosts: Vec::new(),
-        mesh,
-        service_account: sa,
         backend: if node == 2 && nft {
             "nftables"
         } else {
             "iptables"
         },
+        ..PodSpec::new(name, node, host, sa, mesh)
     };
     let mut wp = pod("wp", 2, 20, "waypoint", true);
     wp.extra_hosts.extend([21, 22]);

@@ -14,6 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::binary::L4mesh;
+use super::harness::closed_within;
 use super::harness::socks5_connect;
 
 fn rss_kib(pid: u32) -> u64 {
@@ -38,19 +39,6 @@ fn mesh_file(dir: &tempfile::TempDir, ip: &str) -> String {
     )
     .unwrap();
     path.to_str().unwrap().to_owned()
-}
-
-/// Waits (bounded) until the peer closes `s`; how long that took.
-async fn closed_within(s: &mut TcpStream, limit: Duration) -> Option<Duration> {
-    let t0 = Instant::now();
-    let mut buf = [0u8; 1024];
-    loop {
-        match tokio::time::timeout(limit.saturating_sub(t0.elapsed()), s.read(&mut buf)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => return Some(t0.elapsed()),
-            Ok(Ok(_)) => continue,
-            Err(_) => return None,
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

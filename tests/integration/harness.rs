@@ -103,6 +103,23 @@ async fn socks5_handshake(mut s: TcpStream, host: &str, port: u16) -> Result<Tcp
     }
 }
 
+/// Reads `s` until the peer closes it (EOF or an error); how long that took, or `None` if it was
+/// still open after `limit`.
+pub async fn closed_within<S: tokio::io::AsyncRead + Unpin>(
+    s: &mut S,
+    limit: Duration,
+) -> Option<Duration> {
+    let t0 = std::time::Instant::now();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(limit.saturating_sub(t0.elapsed()), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return Some(t0.elapsed()),
+            Ok(Ok(_)) => continue,
+            Err(_) => return None,
+        }
+    }
+}
+
 /// Sends `msg`, half-closes, and reads the whole answer.
 pub async fn exchange(mut s: TcpStream, msg: &str) -> String {
     tokio::time::timeout(TIMEOUT, async move {

@@ -9,6 +9,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use xds_testserver::Handle;
 
+use super::harness::closed_within;
 use super::harness::{
     endpoint_of_yaml, exchange, service_yaml, socks5_connect_from, testserver, testserver_ca,
     two_nodes_with, two_workloads_yaml, workload_yaml, Backend, TwoNodes,
@@ -441,22 +442,6 @@ async fn refused_tunnel(
     )
 }
 
-/// Reads `s` until the peer closes it; how long that took, or None if it stayed open `limit`.
-async fn closed_within<S: tokio::io::AsyncRead + Unpin>(
-    s: &mut S,
-    limit: Duration,
-) -> Option<Duration> {
-    let t0 = std::time::Instant::now();
-    let mut buf = [0u8; 4096];
-    loop {
-        match tokio::time::timeout(limit.saturating_sub(t0.elapsed()), s.read(&mut buf)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => return Some(t0.elapsed()),
-            Ok(Ok(_)) => continue,
-            Err(_) => return None,
-        }
-    }
-}
-
 /// Issue 14, item 4: the inbound HBONE listener drops a peer that stopped answering PINGs (it
 /// vanished without a FIN), and sends a GOAWAY to a connection that carries no tunnel for the
 /// idle timeout; a busy connection stays.
@@ -523,4 +508,24 @@ async fn dedicated_mode_serves_its_workload_without_node_name() {
         .await
         .unwrap();
     assert_eq!(exchange(s, "no-node").await, "b:no-node");
+}
+
+/// Issue 14, item 8: a dual-stack listener reports an IPv4 client as `::ffff:a.b.c.d`; l4mesh
+/// canonicalises it at accept, so the client is found as the workload at `a.b.c.d` (and tunnels
+/// with its identity) instead of being an unknown source with no identity to tunnel from.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipv4_clients_of_a_dual_stack_listener_are_their_workloads() {
+    let m = mesh_with(11, None, |c| {
+        if c.node_name == "node-a" {
+            c.socks5_addr = Some("[::]:0".parse().unwrap());
+        }
+    })
+    .await;
+    let _b = Backend::start(&format!("{}:{BACKEND_PORT}", m.b_wl), "b").await;
+    let port = m.a.socks5.unwrap().port();
+    let socks = SocketAddr::new("127.43.11.11".parse().unwrap(), port);
+    let s = socks5_connect_from(m.a_ip, socks, &m.b_wl, BACKEND_PORT)
+        .await
+        .unwrap();
+    assert_eq!(exchange(s, "mapped").await, "b:mapped");
 }

@@ -5,7 +5,7 @@
 //! `l4mesh_connections_refused_total`, while the listener keeps serving.
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -13,6 +13,7 @@ use tokio::net::TcpStream;
 use l4mesh::config::{Config, Source};
 
 use super::binary::http;
+use super::harness::closed_within;
 use super::harness::{exchange, socks5_connect, Backend};
 
 const MESH: &str = r#"
@@ -38,19 +39,6 @@ async fn start(configure: impl FnOnce(&mut Config)) -> (l4mesh::app::Running, te
         .await
         .unwrap();
     (r, dir)
-}
-
-/// Waits (bounded) until the peer closes `s`; how long that took, or None if it stayed open.
-async fn closed_within(s: &mut TcpStream, limit: Duration) -> Option<Duration> {
-    let t0 = Instant::now();
-    let mut buf = [0u8; 4096];
-    loop {
-        match tokio::time::timeout(limit.saturating_sub(t0.elapsed()), s.read(&mut buf)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => return Some(t0.elapsed()),
-            Ok(Ok(_)) => continue,
-            Err(_) => return None,
-        }
-    }
 }
 
 /// The value of the sample of `family` whose labels contain every `labels` pair.

@@ -65,19 +65,10 @@ fn state() -> String {
 }
 
 fn pods() -> Vec<PodSpec> {
-    let pod = |name, node, host, sa, mesh| PodSpec {
-        name,
-        node,
-        host,
-        extra_hosts: Vec::new(),
-        mesh,
-        service_account: sa,
-        backend: "iptables",
-    };
     vec![
-        pod("s", 1, 10, "server", true),
-        pod("c", 2, 10, "client", true),
-        pod("p", 2, 30, "plain", false),
+        PodSpec::new("s", 1, 10, "server", true),
+        PodSpec::new("c", 2, 10, "client", true),
+        PodSpec::new("p", 2, 30, "plain", false),
     ]
 }
 

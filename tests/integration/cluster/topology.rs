@@ -55,6 +55,20 @@ pub struct PodSpec {
 }
 
 impl PodSpec {
+    /// A pod of `node` at host `host` with the service account `sa`, in the mesh (`mesh`) with
+    /// the iptables backend, and no further addresses.
+    pub fn new(name: &'static str, node: u8, host: u8, sa: &'static str, mesh: bool) -> PodSpec {
+        PodSpec {
+            name,
+            node,
+            host,
+            extra_hosts: Vec::new(),
+            mesh,
+            service_account: sa,
+            backend: "iptables",
+        }
+    }
+
     pub fn ip(&self) -> String {
         format!("10.240.{}.{}", self.node, self.host)
     }
