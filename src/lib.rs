@@ -17,7 +17,8 @@
 //! 7. [`metrics`] — Prometheus metrics: the registry, its scrape-time collectors (which read the
 //!    proxy, xDS and identity state) and the HTTP server; its `traffic` and `peers` children
 //!    depend only on `model`/`store`, as the data path updates them;
-//! 8. [`admin`] — the operators' HTTP API (config dump, log levels, drain-then-exit);
+//! 8. [`admin`] — the operators' HTTP API (config dump, log levels, drain-then-exit); [`inpod`] —
+//!    shared mode's ZDS link to istio-cni (protocol, socket, the follow loop);
 //! 9. [`config`], [`app`] — typed configuration and the composition root.
 //!
 //! `model`, `store`, `rbac` and `proxy::route` do no I/O and are tested with plain `#[test]`s.
@@ -29,6 +30,7 @@ pub mod control_plane;
 pub mod drain;
 pub mod http_server;
 pub mod identity;
+pub mod inpod;
 pub mod limits;
 pub mod localconfig;
 pub mod metrics;

@@ -298,6 +298,18 @@ fn bind_transparent(socket: &Socket, src: IpAddr, dst: SocketAddr) -> io::Result
     socket.bind(&SocketAddr::new(src, 0).into())
 }
 
+/// Registers an owned descriptor (the ZDS socket) with tokio's reactor, for reading and writing.
+/// Safe to offer: an `OwnedFd` is open and its raw value cannot change while the `AsyncFd` owns
+/// it, which is all the registration requires.
+pub fn async_fd(
+    fd: std::os::fd::OwnedFd,
+) -> io::Result<tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>> {
+    use tokio::io::{unix::AsyncFd, Interest};
+    // SAFETY: `fd` is an open descriptor owned by the AsyncFd from here on, so it stays open and
+    // refers to the same file description until the AsyncFd drops it.
+    Ok(unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE | Interest::WRITABLE) }?)
+}
+
 /// Applied to accepted downstream connections.
 pub fn tune_accepted(stream: &TcpStream, keepalive: &Keepalive) -> io::Result<()> {
     stream.set_nodelay(true)?;

@@ -1,0 +1,166 @@
+//! The ZDS socket: a `SOCK_SEQPACKET` unix socket to istio-cni's node agent (`INPOD_UDS`), one
+//! protobuf message per packet, a pod's network namespace passed as an `SCM_RIGHTS` descriptor.
+//! Non-blocking, driven by tokio's `AsyncFd`; no `unsafe` (rustix's safe `recvmsg`/`sendmsg`).
+//!
+//! A received packet comes out with its descriptors already owned (`OwnedFd`, close-on-exec), so
+//! that they are closed on every path that drops them; more descriptors than [`MAX_FDS`] or a
+//! packet larger than [`MAX_PACKET`] is reported as truncated by the kernel's flags, never read
+//! past.
+
+use std::io::{self, IoSlice, IoSliceMut};
+use std::mem::MaybeUninit;
+use std::os::fd::OwnedFd;
+use std::path::Path;
+
+use rustix::net::{
+    AddressFamily, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags,
+    SendAncillaryBuffer, SendFlags, SocketAddrUnix, SocketFlags, SocketType,
+};
+use tokio::io::unix::AsyncFd;
+
+/// The largest packet read: a WorkloadRequest is a few hundred bytes.
+pub const MAX_PACKET: usize = 64 * 1024;
+/// Descriptors one packet may carry before the kernel reports `MSG_CTRUNC` (a valid one carries
+/// at most one; room for a few more lets l4mesh see and close what a broken agent sends).
+pub const MAX_FDS: usize = 4;
+
+/// One received packet.
+#[derive(Debug)]
+pub struct Packet {
+    pub bytes: Vec<u8>,
+    pub fds: Vec<OwnedFd>,
+    /// `MSG_TRUNC`: the packet was longer than [`MAX_PACKET`].
+    pub truncated: bool,
+    /// `MSG_CTRUNC`: it carried more descriptors than there was room for.
+    pub ctrunc: bool,
+}
+
+/// A connected ZDS socket.
+#[derive(Debug)]
+pub struct Conn {
+    fd: AsyncFd<OwnedFd>,
+}
+
+impl Conn {
+    /// Connects to the agent's socket at `path`.
+    pub async fn connect(path: &Path) -> io::Result<Conn> {
+        let fd = seqpacket()?;
+        let addr = SocketAddrUnix::new(path)?;
+        match rustix::net::connect(&fd, &addr) {
+            Ok(()) => {}
+            Err(rustix::io::Errno::INPROGRESS) | Err(rustix::io::Errno::AGAIN) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let fd = crate::socket::async_fd(fd)?;
+        // A unix connect completes at once or fails; wait for writability for the rare
+        // in-progress case, then read the outcome.
+        let _ = fd.writable().await?;
+        if let Some(e) = rustix::net::sockopt::socket_error(fd.get_ref())?.err() {
+            return Err(e.into());
+        }
+        Ok(Conn { fd })
+    }
+
+    /// Wraps one end of a connected `SOCK_SEQPACKET` pair (tests, and an agent's accepted
+    /// socket in `node-agent`).
+    pub fn from_fd(fd: OwnedFd) -> io::Result<Conn> {
+        rustix::io::ioctl_fionbio(&fd, true)?;
+        Ok(Conn {
+            fd: crate::socket::async_fd(fd)?,
+        })
+    }
+
+    /// Sends one packet, with `fds` as `SCM_RIGHTS` when given.
+    pub async fn send(&self, bytes: &[u8], fds: &[std::os::fd::BorrowedFd<'_>]) -> io::Result<()> {
+        loop {
+            let mut guard = self.fd.writable().await?;
+            let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
+            let mut control = SendAncillaryBuffer::new(&mut space);
+            if !fds.is_empty() && !control.push(rustix::net::SendAncillaryMessage::ScmRights(fds)) {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!(
+                        "{} descriptors do not fit one packet (at most {MAX_FDS})",
+                        fds.len()
+                    ),
+                ));
+            }
+            let res = rustix::net::sendmsg(
+                self.fd.get_ref(),
+                &[IoSlice::new(bytes)],
+                &mut control,
+                SendFlags::NOSIGNAL,
+            );
+            match res {
+                Ok(n) if n == bytes.len() => return Ok(()),
+                Ok(n) => {
+                    return Err(io::Error::other(format!(
+                        "sent {n} of {} bytes of a packet",
+                        bytes.len()
+                    )))
+                }
+                Err(rustix::io::Errno::AGAIN) => guard.clear_ready(),
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Receives one packet; `Ok(None)` when the peer closed the connection.
+    pub async fn recv(&self) -> io::Result<Option<Packet>> {
+        loop {
+            let mut guard = self.fd.readable().await?;
+            let mut buf = vec![0u8; MAX_PACKET];
+            let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
+            let mut control = RecvAncillaryBuffer::new(&mut space);
+            let res = rustix::net::recvmsg(
+                self.fd.get_ref(),
+                &mut [IoSliceMut::new(&mut buf)],
+                &mut control,
+                RecvFlags::CMSG_CLOEXEC,
+            );
+            match res {
+                Ok(msg) => {
+                    // Own every descriptor first, whatever the packet turns out to be.
+                    let mut fds = Vec::new();
+                    for m in control.drain() {
+                        if let RecvAncillaryMessage::ScmRights(rights) = m {
+                            fds.extend(rights);
+                        }
+                    }
+                    if msg.bytes == 0 && fds.is_empty() && !msg.flags.contains(ReturnFlags::TRUNC) {
+                        return Ok(None);
+                    }
+                    buf.truncate(msg.bytes.min(MAX_PACKET));
+                    return Ok(Some(Packet {
+                        bytes: buf,
+                        fds,
+                        truncated: msg.flags.contains(ReturnFlags::TRUNC),
+                        ctrunc: msg.flags.contains(ReturnFlags::CTRUNC),
+                    }));
+                }
+                Err(rustix::io::Errno::AGAIN) => guard.clear_ready(),
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
+
+fn seqpacket() -> io::Result<OwnedFd> {
+    Ok(rustix::net::socket_with(
+        AddressFamily::UNIX,
+        SocketType::SEQPACKET,
+        SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
+        None,
+    )?)
+}
+
+/// A connected pair of ZDS sockets (tests, and a fake agent).
+pub fn pair() -> io::Result<(Conn, Conn)> {
+    let (a, b) = rustix::net::socketpair(
+        AddressFamily::UNIX,
+        SocketType::SEQPACKET,
+        SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
+        None,
+    )?;
+    Ok((Conn::from_fd(a)?, Conn::from_fd(b)?))
+}
