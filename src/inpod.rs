@@ -2,16 +2,19 @@
 //! network namespace over ZDS (`INPOD_UDS`); l4mesh answers every request with an ack, in order.
 //!
 //! Split: [`zds`] (the protocol, pure: packet + descriptors → request, acks), [`transport`] (the
-//! `SOCK_SEQPACKET` socket with `SCM_RIGHTS`), and [`follow`] here: connect with capped backoff
+//! `SOCK_SEQPACKET` socket with `SCM_RIGHTS`), [`netns`] (the one place that enters a pod's
+//! network namespace: a thread per pod that makes its sockets), and [`follow`] here: connect with capped backoff
 //! while the agent is away, hello, then one request → one ack, handing each valid request to a
 //! [`PodHandler`]. A packet the protocol refuses gets an error ack naming why and changes nothing;
 //! its descriptors are closed. After every reconnect the agent replays its pods and then
 //! `snapshot_sent`; the handler hears [`PodHandler::reconnected`] first, so that it can tell
 //! replayed pods from vanished ones ([`zds::Replay`]).
 //!
-//! Not here yet: the pod proxies themselves (listeners bound inside each namespace) — the
-//! handler's job.
+//! Not here yet: the pod proxies themselves (a pod's listeners and upstream sockets made through
+//! its [`netns::PodNetns`], served by the proxy's phases with the pod's identity) — the handler's
+//! job, and shared mode's next step.
 
+pub mod netns;
 pub mod transport;
 pub mod zds;
 

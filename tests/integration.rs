@@ -13,6 +13,7 @@ mod integration {
     pub mod harness;
     mod hbone;
     mod identity;
+    mod inpod;
     mod limits;
     mod local_mode;
     mod metrics;
