@@ -62,6 +62,7 @@ pub async fn serve<F>(
         let (stream, peer) = match listener.accept().await {
             Ok(s) => s,
             Err(e) => {
+                limiter.accept_failed();
                 tracing::warn!(error = %e, "{what} accept failed; retrying in {ACCEPT_RETRY:?}");
                 tokio::time::sleep(ACCEPT_RETRY).await;
                 continue;

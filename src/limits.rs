@@ -53,6 +53,8 @@ pub struct Limiter {
     sources: dashmap::DashMap<IpAddr, usize>,
     refused_listener: AtomicU64,
     refused_source: AtomicU64,
+    /// `accept` calls that failed (out of descriptors, most often); the loop pauses and goes on.
+    accept_errors: AtomicU64,
     /// Refusals not yet logged, and when the last log line was written.
     unlogged: AtomicU64,
     last_log: Mutex<Option<Instant>>,
@@ -68,6 +70,7 @@ impl Limiter {
             sources: dashmap::DashMap::new(),
             refused_listener: AtomicU64::new(0),
             refused_source: AtomicU64::new(0),
+            accept_errors: AtomicU64::new(0),
             unlogged: AtomicU64::new(0),
             last_log: Mutex::new(None),
         })
@@ -92,6 +95,16 @@ impl Limiter {
             Refusal::ListenerLimit => self.refused_listener.load(Ordering::Relaxed),
             Refusal::SourceLimit => self.refused_source.load(Ordering::Relaxed),
         }
+    }
+
+    /// Counts a failed `accept` (the caller logs it and retries after a pause).
+    pub fn accept_failed(&self) {
+        self.accept_errors.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Failed `accept` calls so far.
+    pub fn accept_errors(&self) -> u64 {
+        self.accept_errors.load(Ordering::Relaxed)
     }
 
     /// Takes a place for a connection from `src`, or refuses it (counted and logged). The place

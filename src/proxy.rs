@@ -418,6 +418,7 @@ async fn accept_loop<F, Fut>(
                 tokio::spawn(handle(stream, peer, watcher, permit));
             }
             Err(e) => {
+                limiter.accept_failed();
                 tracing::warn!(listener = name, error = %e, "accept failed; retrying in 50ms");
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             }

@@ -190,6 +190,13 @@ impl Collector for Limits {
                 })
             }),
         )?;
+        counters(
+            &mut enc,
+            "l4mesh_accept_errors",
+            "Failed accept calls, by listener (out of descriptors, most often); the listener pauses 50 ms and goes on",
+            all.iter()
+                .map(|l| (label("listener", l.name()), l.accept_errors())),
+        )?;
         gauges(
             &mut enc,
             "l4mesh_listener_connections",

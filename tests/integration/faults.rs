@@ -266,3 +266,60 @@ async fn ten_thousand_concurrent_connections() {
     }
     assert!(fds() <= 300, "l4mesh still holds {} descriptors", fds());
 }
+
+/// Out of descriptors: the accept loop keeps running (it pauses and retries, counting each
+/// failure) and serves again once descriptors are free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_descriptors_the_listener_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let ip = "127.59.3.1";
+    let l = L4mesh::spawn(ip, &[("LOCAL_XDS_PATH", mesh_file(&dir, ip))]);
+    l.ready().await;
+    let backend = super::harness::Backend::start("127.59.3.9:0", "b").await;
+    let pid = l.pid();
+    let open = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count();
+    let limit = format!("--nofile={}:{}", open + 6, open + 6);
+    let ok = std::process::Command::new("prlimit")
+        .args(["--pid", &pid.to_string(), &limit])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "prlimit --pid {pid} {limit}");
+    // More connections than descriptors: the kernel queues them, l4mesh's accept fails.
+    let mut held = Vec::new();
+    for _ in 0..24 {
+        held.push(TcpStream::connect(l.socks5).await.unwrap());
+    }
+    assert!(
+        l.wait_line(&["accept failed", "socks5"], Duration::from_secs(5))
+            .await,
+        "{}",
+        l.log()
+    );
+    drop(held);
+    // Descriptors are free again: served as before.
+    let until = Instant::now() + Duration::from_secs(10);
+    let served = loop {
+        if let Ok(s) = socks5_connect(l.socks5, "127.59.3.9", backend.addr.port()).await {
+            break super::harness::exchange(s, "again").await;
+        }
+        assert!(Instant::now() < until, "never served again\n{}", l.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(served, "b:again");
+    let (code, body) = super::binary::http(
+        SocketAddr::new(ip.parse().unwrap(), 15020),
+        "GET",
+        "/metrics",
+    )
+    .await
+    .unwrap();
+    assert_eq!(code, 200);
+    let errors = body
+        .lines()
+        .find(|l| l.starts_with("l4mesh_accept_errors_total{listener=\"socks5\"}"))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok());
+    assert!(matches!(errors, Some(n) if n >= 1.0), "{errors:?}");
+}
