@@ -116,9 +116,12 @@ pub async fn serve(
     listener: TcpListener,
     state: Arc<AdminState>,
     limiter: Arc<crate::limits::Limiter>,
-    limits: crate::http_server::HttpLimits,
+    header_timeout: std::time::Duration,
 ) {
-    crate::http_server::serve(listener, limiter, limits, move |req| route(req, &state)).await
+    crate::http_server::serve(listener, limiter, header_timeout, move |req| {
+        route(req, &state)
+    })
+    .await
 }
 
 /// Answers one request; every handler is synchronous (they read snapshots and counters).

@@ -360,13 +360,7 @@ async fn build(
         on_demand,
         secrets: secrets.clone(),
         own_identity,
-        own_workload: config
-            .workload_info
-            .as_ref()
-            .map(|w| crate::proxy::ServedWorkload {
-                namespace: w.namespace.clone(),
-                name: w.name.clone(),
-            }),
+        own_workload: config.workload_info.clone(),
         h2: config.h2,
         hbone: Default::default(),
         conns: Default::default(),
@@ -398,7 +392,7 @@ async fn build(
             readiness.clone(),
             drain.signal(),
             http_limiter("readiness"),
-            config.http,
+            config.http.header_timeout,
         )));
     }
     // Listeners are bound (so a port conflict fails startup) but accept only once the mesh state
@@ -430,9 +424,9 @@ async fn build(
     let mut operators = Vec::new();
     if let Some(l) = metrics_l {
         let (m, limiter) = (metrics.clone(), http_limiter("metrics"));
-        let http = config.http;
+        let header_timeout = config.http.header_timeout;
         operators.push(operator_task("metrics", l, move |l| {
-            crate::metrics::serve(l, m, limiter, http)
+            crate::metrics::serve(l, m, limiter, header_timeout)
         }));
     }
     if let Some((l, _)) = admin_l {
@@ -447,12 +441,12 @@ async fn build(
             drain: drain.clone(),
             deadline: config.connection_termination_deadline,
         });
-        let (limiter, http) = (http_limiter("admin"), config.http);
+        let (limiter, header_timeout) = (http_limiter("admin"), config.http.header_timeout);
         operators.push(operator_task("admin", l, move |l| {
-            crate::admin::serve(l, state, limiter, http)
+            crate::admin::serve(l, state, limiter, header_timeout)
         }));
     }
-    tracing::info!(%outbound, %inbound_plaintext, %hbone, socks5 = ?socks5, readiness = ?readiness_addr, metrics = ?metrics_addr, admin = ?admin_addr, "listening");
+    tracing::info!(%outbound, %inbound_plaintext, %hbone, socks5 = ?socks5, readiness = ?readiness_addr, metrics = ?metrics_addr, admin = ?admin_addr, own_ports = ?ctx.own_ports.ports(), "listening");
     let running = Running {
         outbound,
         inbound_plaintext,

@@ -46,30 +46,7 @@ pub enum CaSource {
     Istio(crate::identity::IstioCaSettings),
 }
 
-/// `<namespace>/<name>/<service account>` of the workload a dedicated-mode l4mesh serves.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
-pub struct WorkloadInfo {
-    pub namespace: String,
-    pub name: String,
-    pub service_account: String,
-}
-
-impl std::str::FromStr for WorkloadInfo {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s.split('/').collect::<Vec<_>>().as_slice() {
-            [ns, name, sa] if !ns.is_empty() && !name.is_empty() && !sa.is_empty() => Ok(Self {
-                namespace: (*ns).into(),
-                name: (*name).into(),
-                service_account: (*sa).into(),
-            }),
-            _ => Err(format!(
-                "expected <namespace>/<name>/<service account>, found {s:?}"
-            )),
-        }
-    }
-}
+pub use crate::model::WorkloadInfo;
 
 /// The effective configuration of a running l4mesh.
 #[derive(Clone, Debug, serde::Serialize)]

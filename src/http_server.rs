@@ -45,14 +45,14 @@ impl Default for HttpLimits {
 }
 
 /// Serves HTTP/1 on `listener` until the future is dropped, one task per connection, answering
-/// each request with `answer`, within `limits`: a connection over `limiter`'s cap is closed at
-/// once (counted there), and one that sends no complete request head within
-/// `limits.header_timeout` (after connecting, or idle after an answer) is closed. The limiter's
-/// name names the server in log lines.
+/// each request with `answer`: a connection over `limiter`'s caps is closed at once (counted
+/// there), and one that sends no complete request head within `header_timeout` (after
+/// connecting, or idle after an answer) is closed. The limiter's name names the server in log
+/// lines.
 pub async fn serve<F>(
     listener: TcpListener,
     limiter: Arc<crate::limits::Limiter>,
-    limits: HttpLimits,
+    header_timeout: Duration,
     answer: F,
 ) where
     F: Fn(&Request<Incoming>) -> Response<Full<Bytes>> + Clone + Send + Sync + 'static,
@@ -81,7 +81,7 @@ pub async fn serve<F>(
             let io = hyper_util::rt::TokioIo::new(stream);
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(limits.header_timeout)
+                .header_read_timeout(header_timeout)
                 .max_buf_size(MAX_BUF)
                 .serve_connection(io, svc)
                 .await;

@@ -21,7 +21,7 @@ pub mod zds;
 use std::path::Path;
 use std::time::Duration;
 
-pub use zds::{Request, WorkloadInfo, ZdsError};
+pub use zds::{Request, ZdsError};
 
 /// What acts on the agent's requests.
 pub trait PodHandler {

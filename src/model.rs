@@ -25,7 +25,7 @@ pub use service::{
 };
 pub use workload::{
     AppTunnel, Endpoint, GatewayAddress, GatewayDestination, Locality, PortMap, TunnelProtocol,
-    Workload, WorkloadStatus, WorkloadType, WorkloadUid,
+    Workload, WorkloadInfo, WorkloadStatus, WorkloadType, WorkloadUid,
 };
 
 /// An IP on a named network. Istio allows overlapping IP ranges on different networks, so an IP alone

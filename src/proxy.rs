@@ -62,7 +62,7 @@ pub struct ProxyCtx {
     pub own_identity: Option<crate::model::SpiffeId>,
     /// The workload this l4mesh serves (dedicated mode, `PROXY_WORKLOAD_INFO`): the only source
     /// of outbound identity and, with the pod's other addresses, the destinations inbound serves.
-    pub own_workload: Option<ServedWorkload>,
+    pub own_workload: Option<crate::model::WorkloadInfo>,
     /// HTTP/2 windows, frame size and pool limits of both HBONE ends.
     pub h2: H2Tuning,
     /// Shared HBONE state: server TLS configs, the tunnel pool, counters.
@@ -75,21 +75,6 @@ pub struct ProxyCtx {
     pub metrics: Arc<crate::metrics::Traffic>,
     /// Shutdown: listeners stop accepting when it starts; copies stop at its deadline.
     pub drain: crate::drain::Signal,
-}
-
-/// The workload a dedicated-mode l4mesh serves, by name (`PROXY_WORKLOAD_INFO`), so that neither
-/// its identity nor the destinations it accepts depend on an address a workload can choose.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ServedWorkload {
-    pub namespace: String,
-    pub name: String,
-}
-
-impl ServedWorkload {
-    /// Whether `wl` is this workload.
-    pub fn is(&self, wl: &crate::model::Workload) -> bool {
-        wl.name == self.name && wl.namespace == self.namespace
-    }
 }
 
 /// HBONE state shared by all connections of one l4mesh.
@@ -166,7 +151,8 @@ impl ProxyCtx {
         snapshot: &crate::store::Snapshot,
         src: SocketAddr,
     ) -> Result<Option<Arc<crate::model::Workload>>, ProxyError> {
-        let ip = src.ip().to_canonical();
+        // `src` is canonical (accept_loop made it so).
+        let ip = src.ip();
         let wl =
             snapshot.workload_by_addr(&crate::model::NetworkAddr::new(self.network.clone(), ip));
         source_decision(self.own_workload.as_ref(), wl, src, || {
@@ -185,7 +171,7 @@ impl ProxyCtx {
 /// `is_local` says whether the address is this network namespace's, asked only when the
 /// workload is not the served one.
 fn source_decision(
-    own: Option<&ServedWorkload>,
+    own: Option<&crate::model::WorkloadInfo>,
     wl: Option<&Arc<crate::model::Workload>>,
     src: SocketAddr,
     is_local: impl FnOnce() -> bool,
@@ -214,14 +200,17 @@ fn captured_dst(
     stream: &tokio::net::TcpStream,
     src: SocketAddr,
 ) -> Result<SocketAddr, Box<(SocketAddr, ProxyError)>> {
-    let local = crate::socket::canonical(stream.local_addr().unwrap_or(src));
-    let not_redirected = |source| Box::new((local, ProxyError::NotRedirected { local, source }));
+    // Asked only on the refusal paths: `original_dst` already read the local address once.
+    let local = || crate::socket::canonical(stream.local_addr().unwrap_or(src));
+    let not_redirected =
+        |local, source| Box::new((local, ProxyError::NotRedirected { local, source }));
     match crate::socket::original_dst(stream) {
-        Ok(dst) if dst == local && ctx.own_ports.contains(local.port()) => Err(not_redirected(
+        Ok(dst) if ctx.own_ports.contains(dst.port()) && dst == local() => Err(not_redirected(
+            dst,
             std::io::Error::other("the original destination is the listener itself"),
         )),
         Ok(dst) => Ok(dst),
-        Err(e) => Err(not_redirected(e)),
+        Err(e) => Err(not_redirected(local(), e)),
     }
 }
 

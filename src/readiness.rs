@@ -97,9 +97,9 @@ pub async fn serve(
     readiness: Readiness,
     drain: crate::drain::Signal,
     limiter: Arc<crate::limits::Limiter>,
-    limits: crate::http_server::HttpLimits,
+    header_timeout: std::time::Duration,
 ) {
-    crate::http_server::serve(listener, limiter, limits, move |req| {
+    crate::http_server::serve(listener, limiter, header_timeout, move |req| {
         answer(req, &readiness, drain.is_draining())
     })
     .await

@@ -10,12 +10,14 @@ use std::os::fd::OwnedFd;
 
 use prost::Message;
 
+use crate::model::WorkloadInfo;
 use crate::proto::istio::workload::zds as pb;
 
 /// What the agent says about one pod.
 #[derive(Debug)]
 pub enum Request {
-    /// A pod to serve, with its network namespace (opened by the agent, owned now by l4mesh).
+    /// A pod to serve, with its network namespace (opened by the agent, owned now by l4mesh);
+    /// `info` is the pod as the agent knows it (its workload may not have reached the store yet).
     Add {
         uid: String,
         info: Option<WorkloadInfo>,
@@ -39,14 +41,6 @@ impl Request {
             Request::SnapshotSent => "snapshot_sent",
         }
     }
-}
-
-/// The pod's identity as the agent knows it (its workload may not have reached the store yet).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct WorkloadInfo {
-    pub name: String,
-    pub namespace: String,
-    pub service_account: String,
 }
 
 /// Why a packet was refused; answered with an ack carrying this text.

@@ -28,9 +28,12 @@ pub async fn serve(
     listener: TcpListener,
     metrics: Arc<Metrics>,
     limiter: Arc<crate::limits::Limiter>,
-    limits: crate::http_server::HttpLimits,
+    header_timeout: std::time::Duration,
 ) {
-    crate::http_server::serve(listener, limiter, limits, move |req| answer(req, &metrics)).await
+    crate::http_server::serve(listener, limiter, header_timeout, move |req| {
+        answer(req, &metrics)
+    })
+    .await
 }
 
 /// Whether the client accepts OpenMetrics text.

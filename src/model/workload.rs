@@ -131,3 +131,38 @@ pub struct Endpoint {
     pub workload: WorkloadUid,
     pub ports: PortMap,
 }
+
+/// `<namespace>/<name>/<service account>` of a workload named outside the mesh state: the one a
+/// dedicated-mode l4mesh serves (`PROXY_WORKLOAD_INFO`), or a pod the CNI agent hands over (ZDS).
+/// Matching by name means neither identity nor the destinations served depend on an address a
+/// workload can choose.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct WorkloadInfo {
+    pub namespace: String,
+    pub name: String,
+    pub service_account: String,
+}
+
+impl std::str::FromStr for WorkloadInfo {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.split('/').collect::<Vec<_>>().as_slice() {
+            [ns, name, sa] if !ns.is_empty() && !name.is_empty() && !sa.is_empty() => Ok(Self {
+                namespace: (*ns).into(),
+                name: (*name).into(),
+                service_account: (*sa).into(),
+            }),
+            _ => Err(format!(
+                "expected <namespace>/<name>/<service account>, found {s:?}"
+            )),
+        }
+    }
+}
+
+impl WorkloadInfo {
+    /// Whether `wl` is this workload.
+    pub fn is(&self, wl: &Workload) -> bool {
+        wl.name == self.name && wl.namespace == self.namespace
+    }
+}

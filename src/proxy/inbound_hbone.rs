@@ -319,13 +319,19 @@ async fn open(
     log.dst = target;
     // One snapshot for every decision about this stream.
     let snapshot = ctx.store.load();
-    let (wl, addr, service) = match ctx.local_workload(&snapshot, target.ip()) {
-        // The certificate presented was the dialled workload's: a tunnel for another workload
-        // of this node would borrow it, unless the dialled one is that workload's waypoint.
-        Some(wl)
-            if target.ip().to_canonical() != dialled.ip().to_canonical()
-                && !dialled_is_or_serves(ctx, &snapshot, dialled, &wl) =>
-        {
+    let target_wl = ctx.local_workload(&snapshot, target.ip());
+    // The workload the tunnel was dialled on (whose certificate was presented), looked up once
+    // for every rule below; the target's own when the authority names the dialled address.
+    let dialled_wl = if target.ip().to_canonical() == dialled.ip().to_canonical() {
+        target_wl.clone()
+    } else {
+        ctx.local_workload(&snapshot, dialled.ip())
+    };
+    let (wl, addr, service) = match target_wl {
+        // A tunnel for another workload of this node would borrow the dialled one's
+        // certificate, unless the dialled one is that workload (another of its addresses) or its
+        // waypoint.
+        Some(wl) if !dialled_is_or_serves(&snapshot, dialled_wl.as_deref(), &wl) => {
             return Err(Outcome::IpMismatch {
                 dialled: dialled.ip(),
                 authority: target,
@@ -334,7 +340,7 @@ async fn open(
         }
         Some(wl) => (wl, target, None),
         None => {
-            let (wl, addr, svc) = service_endpoint(ctx, &snapshot, dialled, target)?;
+            let (wl, addr, svc) = service_endpoint(ctx, &snapshot, dialled_wl.clone(), target)?;
             (wl, addr, Some(svc))
         }
     };
@@ -366,7 +372,7 @@ async fn open(
         kind: UpstreamKind::Tcp,
         waypoint: None,
     });
-    if let Decision::Deny(why) = waypoint_rule(ctx, &snapshot, peer, dialled, &wl) {
+    if let Decision::Deny(why) = waypoint_rule(&snapshot, peer, dialled_wl.as_deref(), &wl) {
         tracing::warn!(peer = %peer, workload = %format!("{}/{}", wl.namespace, wl.name), "{why}");
         // A denial like a policy's: counted with the RBAC decisions.
         ctx.metrics.rbac_decision(false);
@@ -382,13 +388,10 @@ async fn open(
     };
     // The workload the tunnel was sent to, when it is not the destination (a waypoint's pod):
     // the tracker re-applies the waypoint rule with it.
-    let dialled_wl = (dialled.ip().to_canonical() != addr.ip().to_canonical())
-        .then(|| ctx.local_workload(&snapshot, dialled.ip()))
-        .flatten()
-        .filter(|d| d.uid != wl.uid)
-        .map(|d| d.uid.clone());
     let via = super::conn_tracker::Via::Hbone {
-        dialled: dialled_wl,
+        dialled: dialled_wl
+            .filter(|d| d.uid != wl.uid)
+            .map(|d| d.uid.clone()),
     };
     let reg = super::admit(ctx, &snapshot, &wl, conn, via)?;
     let client = original_client(&snapshot, forwarded, peer, &wl, log.src.ip());
@@ -432,13 +435,11 @@ fn original_client(
 fn service_endpoint(
     ctx: &ProxyCtx,
     snapshot: &Snapshot,
-    dialled: SocketAddr,
+    dialled: Option<Arc<Workload>>,
     target: SocketAddr,
 ) -> Result<(Arc<Workload>, SocketAddr, Arc<crate::model::Service>), ProxyError> {
     let mismatch = || ProxyError::from(Outcome::AuthorityMismatch { authority: target });
-    let waypoint = ctx
-        .local_workload(snapshot, dialled.ip())
-        .ok_or_else(mismatch)?;
+    let waypoint = dialled.ok_or_else(mismatch)?;
     let svc = snapshot
         .service_by_vip(&crate::model::NetworkAddr::new(
             ctx.network.clone(),
@@ -453,7 +454,7 @@ fn service_endpoint(
     {
         return Err(mismatch());
     }
-    let keep = |wl: &Workload, ip: std::net::IpAddr| serves(ctx, wl, ip);
+    let keep = |wl: &Workload, ip: std::net::IpAddr| ctx.serves(wl, ip);
     let up = super::route::service_endpoint(
         snapshot,
         &svc,
@@ -482,31 +483,19 @@ fn service_endpoint(
     Ok((wl, up.addr, svc))
 }
 
-/// Whether the workload dialled on `dialled` is `wl` itself (at another of its addresses, e.g.
-/// the other family of a dual-stack pod) or a waypoint of `wl` (which then takes the tunnel for
-/// `wl`'s address: a client sends a workload's traffic to its waypoint).
-fn dialled_is_or_serves(
-    ctx: &ProxyCtx,
-    snapshot: &Snapshot,
-    dialled: SocketAddr,
-    wl: &Workload,
-) -> bool {
-    let Some(d) = ctx.local_workload(snapshot, dialled.ip()) else {
+/// Whether `dialled`, the workload the tunnel was dialled on, is `wl` itself (at the same or
+/// another of its addresses, e.g. the other family of a dual-stack pod) or a waypoint of `wl`
+/// (which then takes the tunnel for `wl`'s address: a client sends a workload's traffic to its
+/// waypoint).
+fn dialled_is_or_serves(snapshot: &Snapshot, dialled: Option<&Workload>, wl: &Workload) -> bool {
+    let Some(d) = dialled else {
         return false;
     };
     d.uid == wl.uid
         || wl
             .waypoint
             .as_ref()
-            .is_some_and(|gw| waypoint::is_waypoint(snapshot, gw, &d))
-}
-
-/// Whether this l4mesh serves `wl` at `ip`: the same rule as [`ProxyCtx::local_workload`]
-/// (dedicated mode: l4mesh runs in the pod's network namespace, so the pod's addresses are the
-/// ones it can bind; this needs no configuration, a pod may carry several workload addresses, as
-/// the cluster harness's waypoint pod does, and it is right for loopback tests too).
-fn serves(ctx: &ProxyCtx, wl: &Workload, ip: std::net::IpAddr) -> bool {
-    ctx.serves(wl, ip)
+            .is_some_and(|gw| waypoint::is_waypoint(snapshot, gw, d))
 }
 
 /// A workload with a waypoint takes tunnels only from that waypoint's identity, so that its policy
@@ -514,17 +503,12 @@ fn serves(ctx: &ProxyCtx, wl: &Workload, ip: std::net::IpAddr) -> bool {
 /// which serves the destination on this node) is the waypoint's own traffic and passes
 /// ([`waypoint::admits`], which the connection tracker re-applies on every mesh change).
 fn waypoint_rule(
-    ctx: &ProxyCtx,
     snapshot: &Snapshot,
     peer: &SpiffeId,
-    dialled: SocketAddr,
+    dialled: Option<&Workload>,
     wl: &Workload,
 ) -> Decision {
-    if wl.waypoint.is_none() {
-        return Decision::Allow;
-    }
-    let dialled = ctx.local_workload(snapshot, dialled.ip());
-    match waypoint::admits(snapshot, wl, peer, dialled.as_deref()) {
+    match waypoint::admits(snapshot, wl, peer, dialled) {
         Ok(()) => Decision::Allow,
         Err(why) => Decision::Deny(why),
     }

@@ -5,8 +5,8 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use super::{source_decision, ProxyError, ServedWorkload};
-use crate::model::Workload;
+use super::{source_decision, ProxyError};
+use crate::model::{Workload, WorkloadInfo};
 use crate::proto::istio::workload as pw;
 
 fn workload(name: &str) -> Arc<Workload> {
@@ -20,10 +20,11 @@ fn workload(name: &str) -> Arc<Workload> {
     Arc::new(Workload::try_from(p).unwrap())
 }
 
-fn served(name: &str) -> ServedWorkload {
-    ServedWorkload {
+fn served(name: &str) -> WorkloadInfo {
+    WorkloadInfo {
         namespace: "default".into(),
         name: name.into(),
+        service_account: "sa".into(),
     }
 }
 

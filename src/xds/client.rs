@@ -118,12 +118,8 @@ pub const SUBSCRIPTION_TTL: Duration = Duration::from_secs(300);
 impl OnDemand {
     /// Whether `addr` is (or became, within the timeout) a workload or service in the store.
     pub async fn resolve(&self, addr: &NetworkAddr) -> bool {
-        let known = |store: &Store| {
-            let s = store.load();
-            s.workload_by_addr(addr).is_some() || s.service_by_vip(addr).is_some()
-        };
         let mut rx = self.store.subscribe();
-        if known(&self.store) {
+        if known(&self.store, addr) {
             return true;
         }
         if self.not_found.contains(addr, Instant::now()) {
@@ -139,7 +135,7 @@ impl OnDemand {
         }
         let wait = async {
             while rx.changed().await.is_ok() {
-                if known(&self.store) {
+                if known(&self.store, addr) {
                     return true;
                 }
             }
@@ -278,8 +274,8 @@ impl XdsClient {
                     }
                 }
                 _ = sweep.tick(), if !self.demanded.is_empty() => {
-                    let store = self.store.clone();
-                    let stale = self.demanded.sweep(Instant::now(), &|a| known(&store, a));
+                    let store = &self.store;
+                    let stale = self.demanded.sweep(Instant::now(), &|a| known(store, a));
                     if let Some(req) = self.protocol.unsubscribe(ADDRESS_TYPE_URL, &stale) {
                         tracing::debug!(names = stale.len(), "dropping on-demand subscriptions that never got a resource");
                         if tx.send(req).await.is_err() {
@@ -297,10 +293,10 @@ impl XdsClient {
         &mut self,
         addr: &NetworkAddr,
     ) -> Vec<crate::proto::envoy::discovery::DeltaDiscoveryRequest> {
-        let store = self.store.clone();
+        let store = &self.store;
         match self
             .demanded
-            .admit(addr, Instant::now(), |a| known(&store, a))
+            .admit(addr, Instant::now(), |a| known(store, a))
         {
             Admit::Known => Vec::new(),
             Admit::Full => {
