@@ -101,6 +101,8 @@ pub struct AdminState {
     pub drain: Drain,
     /// The drain deadline, to tell a `/quitquitquit` caller how long the exit may take.
     pub deadline: Duration,
+    /// Shared mode: the pods served.
+    pub pods: Option<Arc<crate::inpod::manager::PodsView>>,
 }
 
 /// The endpoints, for `/` and for the 404 of an unknown path.

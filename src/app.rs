@@ -259,50 +259,32 @@ async fn build(
         ),
     ));
 
-    let outbound_l = bind("outbound", "outbound-addr", config.outbound_addr).await?;
-    let inbound_l = bind(
-        "inbound plaintext",
-        "inbound-plaintext-addr",
-        config.inbound_plaintext_addr,
-    )
-    .await?;
-    let hbone_l = bind("inbound HBONE", "hbone-addr", config.hbone_addr).await?;
-    let socks_l = match config.socks5_addr {
-        Some(a) => Some(bind("socks5", "socks5-addr", a).await?),
-        None => None,
+    // Dedicated mode binds the data path here; shared mode binds it in each pod's namespace.
+    let data = match &config.inpod {
+        None => Some(DataListeners::bind(config).await?),
+        Some(_) => None,
     };
-    let local = |l: &TcpListener, name: &'static str, flag: &'static str, addr: SocketAddr| {
-        l.local_addr().map_err(|source| AppError::Bind {
-            name,
-            flag,
-            addr,
-            source,
-        })
+    let (outbound, inbound_plaintext, hbone, socks5) = match &data {
+        Some(d) => (
+            d.outbound.1,
+            d.inbound.1,
+            d.hbone.1,
+            d.socks.as_ref().map(|s| s.1),
+        ),
+        // Shared mode: the addresses of every pod's listeners, each in its own namespace.
+        None => (
+            config.outbound_addr,
+            config.inbound_plaintext_addr,
+            config.hbone_addr,
+            None,
+        ),
     };
-    let outbound = local(
-        &outbound_l,
-        "outbound",
-        "outbound-addr",
-        config.outbound_addr,
-    )?;
-    let inbound_plaintext = local(
-        &inbound_l,
-        "inbound plaintext",
-        "inbound-plaintext-addr",
-        config.inbound_plaintext_addr,
-    )?;
-    let hbone = local(&hbone_l, "inbound HBONE", "hbone-addr", config.hbone_addr)?;
-    let socks5 = match (&socks_l, config.socks5_addr) {
-        (Some(l), Some(a)) => Some(local(l, "socks5", "socks5-addr", a)?),
-        _ => None,
-    };
-    let readiness_l = match config.readiness_addr {
-        Some(a) => Some(bind("readiness", "readiness-addr", a).await?),
-        None => None,
-    };
-    let readiness_addr = match (&readiness_l, config.readiness_addr) {
-        (Some(l), Some(a)) => Some(local(l, "readiness", "readiness-addr", a)?),
-        _ => None,
+    let (readiness_l, readiness_addr) = match config.readiness_addr {
+        Some(a) => {
+            let (l, local) = bind_local("readiness", "readiness-addr", a).await?;
+            (Some(l), Some(local))
+        }
+        None => (None, None),
     };
     let (metrics_l, metrics_addr) = match config.metrics_addr {
         Some(a) => {
@@ -355,6 +337,7 @@ async fn build(
             orig_src: crate::socket::orig_src_mode(config.enable_orig_src)?,
             orig_src_fallbacks: Default::default(),
             keepalive: config.keepalive,
+            netns: None,
         },
         own_ports,
         on_demand,
@@ -370,7 +353,33 @@ async fn build(
         },
         metrics: Default::default(),
         drain: drain.signal(),
+        pod: None,
     });
+    let pods = config.inpod.as_ref().map(|inpod| {
+        let limiter = |role: Role| limits.limiter(role.name(), data_caps);
+        let manager = crate::inpod::manager::PodManager::new(
+            crate::inpod::manager::NodeParts {
+                base: ctx.clone(),
+                trust_domain: config.trust_domain.clone(),
+                readiness: readiness.clone(),
+                node_drain: drain.signal(),
+                deadline: config.connection_termination_deadline,
+            },
+            crate::inpod::manager::PodListeners {
+                outbound: outbound.port(),
+                inbound_plaintext: inbound_plaintext.port(),
+                hbone: hbone.port(),
+                port_reuse: inpod.port_reuse,
+                limiters: [
+                    limiter(Role::Outbound),
+                    limiter(Role::InboundPlaintext),
+                    limiter(Role::InboundHbone),
+                ],
+            },
+        );
+        (manager, inpod.uds.clone())
+    });
+    let pods_view = pods.as_ref().map(|(m, _)| m.view());
     let metrics = Arc::new(Metrics::new(crate::metrics::Sources {
         limits: limits.clone(),
         proxy: ctx.clone(),
@@ -378,6 +387,7 @@ async fn build(
         secrets: secrets.clone(),
         // `start` runs on the data-plane runtime: its figures are the ones exported.
         runtime: tokio::runtime::Handle::current(),
+        pods: pods_view.clone(),
     }));
     // Closes established inbound connections that a policy change now denies.
     // On the operators' runtime: re-checking 10 000 connections against a new policy set must not
@@ -397,30 +407,44 @@ async fn build(
     }
     // Listeners are bound (so a port conflict fails startup) but accept only once the mesh state
     // is known: connections wait in the backlog meanwhile instead of being misrouted.
-    let (gate, signal) = (readiness.clone(), drain.signal());
-    let listener = |l, role: Role| {
-        let limiter = limits.limiter(role.name(), data_caps);
-        Listener::new(l, ctx.clone(), role, limiter)
-    };
-    let outbound_task = listener(outbound_l, Role::Outbound);
-    let inbound_task = listener(inbound_l, Role::InboundPlaintext);
-    let socks_task = socks_l.map(|l| listener(l, Role::Socks5));
-    let hbone_task = listener(hbone_l, Role::InboundHbone);
-    tasks.push(tokio::spawn(async move {
-        // A drain before readiness: the listeners are dropped (closed) unused.
-        tokio::select! {
-            () = gate.wait() => {}
-            () = signal.draining() => return,
-        }
-        let mut set = tokio::task::JoinSet::new();
-        set.spawn(outbound_task.run());
-        set.spawn(inbound_task.run());
-        set.spawn(hbone_task.run());
-        if let Some(s) = socks_task {
-            set.spawn(s.run());
-        }
-        while set.join_next().await.is_some() {}
-    }));
+    if let Some(data) = data {
+        let (gate, signal) = (readiness.clone(), drain.signal());
+        let listener = |l, role: Role| {
+            let limiter = limits.limiter(role.name(), data_caps);
+            Listener::new(l, ctx.clone(), role, limiter)
+        };
+        let mut serve = vec![
+            listener(data.outbound.0, Role::Outbound),
+            listener(data.inbound.0, Role::InboundPlaintext),
+            listener(data.hbone.0, Role::InboundHbone),
+        ];
+        serve.extend(data.socks.map(|(l, _)| listener(l, Role::Socks5)));
+        tasks.push(tokio::spawn(async move {
+            // A drain before readiness: the listeners are dropped (closed) unused.
+            tokio::select! {
+                () = gate.wait() => {}
+                () = signal.draining() => return,
+            }
+            let mut set = tokio::task::JoinSet::new();
+            for l in serve {
+                set.spawn(l.run());
+            }
+            while set.join_next().await.is_some() {}
+        }));
+    }
+    if let Some((mut manager, uds)) = pods {
+        let signal = drain.signal();
+        tracing::info!(path = %uds.display(), "shared mode: following the CNI node agent (INPOD_UDS) for pods");
+        tasks.push(tokio::spawn(async move {
+            // The node's drain waits until every pod is drained.
+            let _hold = signal.hold();
+            tokio::select! {
+                () = crate::inpod::follow(&uds, &mut manager) => {}
+                () = signal.draining() => {}
+            }
+            manager.drain_all().await;
+        }));
+    }
     let mut operators = Vec::new();
     if let Some(l) = metrics_l {
         let (m, limiter) = (metrics.clone(), http_limiter("metrics"));
@@ -440,6 +464,7 @@ async fn build(
             xds: xds_metrics.clone(),
             drain: drain.clone(),
             deadline: config.connection_termination_deadline,
+            pods: pods_view.clone(),
         });
         let (limiter, header_timeout) = (http_limiter("admin"), config.http.header_timeout);
         operators.push(operator_task("admin", l, move |l| {
@@ -466,6 +491,50 @@ async fn build(
         tasks,
     };
     Ok((running, operators))
+}
+
+/// [`bind`], with the address bound (the port the kernel chose for port 0).
+async fn bind_local(
+    name: &'static str,
+    flag: &'static str,
+    addr: SocketAddr,
+) -> Result<(TcpListener, SocketAddr), AppError> {
+    let l = bind(name, flag, addr).await?;
+    let local = l.local_addr().map_err(|source| AppError::Bind {
+        name,
+        flag,
+        addr,
+        source,
+    })?;
+    Ok((l, local))
+}
+
+/// Dedicated mode's data-path listeners with their bound addresses.
+struct DataListeners {
+    outbound: (TcpListener, SocketAddr),
+    inbound: (TcpListener, SocketAddr),
+    hbone: (TcpListener, SocketAddr),
+    socks: Option<(TcpListener, SocketAddr)>,
+}
+
+impl DataListeners {
+    async fn bind(config: &Config) -> Result<Self, AppError> {
+        let one = bind_local;
+        Ok(Self {
+            outbound: one("outbound", "outbound-addr", config.outbound_addr).await?,
+            inbound: one(
+                "inbound plaintext",
+                "inbound-plaintext-addr",
+                config.inbound_plaintext_addr,
+            )
+            .await?,
+            hbone: one("inbound HBONE", "hbone-addr", config.hbone_addr).await?,
+            socks: match config.socks5_addr {
+                Some(a) => Some(one("socks5", "socks5-addr", a).await?),
+                None => None,
+            },
+        })
+    }
 }
 
 /// Spawns a control-plane task (the xDS client, certificate renewal) on the operators' runtime

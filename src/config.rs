@@ -17,7 +17,7 @@ pub use crate::xds::{RootCa, XdsSettings};
 pub enum ProxyMode {
     /// One l4mesh per workload, inside its network namespace.
     Dedicated,
-    /// One l4mesh per node for every pod, with namespaces from istio-cni (not available yet).
+    /// One l4mesh per node for every pod, with namespaces from istio-cni over ZDS.
     Shared,
 }
 
@@ -97,6 +97,18 @@ pub struct Config {
     /// A file holding the token the admin server's mutating endpoints (`POST /logging`,
     /// `POST /quitquitquit`) require; `None`: loopback alone guards them, as in ztunnel.
     pub admin_token_file: Option<PathBuf>,
+    /// Shared mode: how the pods arrive (`None` in dedicated mode).
+    pub inpod: Option<InpodSettings>,
+}
+
+/// Shared (in-pod) mode's settings, ztunnel's names and defaults.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct InpodSettings {
+    /// `INPOD_UDS`: the CNI node agent's ZDS socket.
+    pub uds: PathBuf,
+    /// `INPOD_PORT_REUSE`: `SO_REUSEPORT` on the pod listeners, so that a second l4mesh can bind
+    /// beside a draining one.
+    pub port_reuse: bool,
 }
 
 pub use crate::http_server::HttpLimits;
@@ -136,6 +148,7 @@ impl Config {
             http: HttpLimits::default(),
             keepalive: crate::socket::Keepalive::default(),
             admin_token_file: None,
+            inpod: None,
         }
     }
 }
@@ -167,8 +180,8 @@ pub enum ConfigError {
     TwoSources(String, PathBuf),
     #[error("XDS_ADDRESS must start with http:// or https://, found {0:?}")]
     XdsScheme(String),
-    #[error("PROXY_MODE=shared is not supported yet; use PROXY_MODE=dedicated")]
-    SharedUnsupported,
+    #[error("PROXY_WORKLOAD_INFO={0} names the one workload of a dedicated l4mesh, but PROXY_MODE=shared serves the pods the CNI node agent hands over; unset one of them")]
+    SharedWithWorkload(String),
     #[error("FAKE_CA=false but no CA_ADDRESS or XDS_ADDRESS is set; expected a CA to ask for certificates")]
     NoCa,
     #[error("CA_ADDRESS must start with http:// or https://, found {0:?}")]
@@ -331,9 +344,19 @@ pub struct Args {
     /// How long a connection to an unknown IP waits for the on-demand answer.
     #[arg(long, env = "XDS_ON_DEMAND_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
     pub xds_on_demand_timeout: Duration,
-    /// `dedicated` (one l4mesh per workload) or `shared` (one per node; not available yet).
+    /// `dedicated` (one l4mesh per workload) or `shared` (one per node, pods from istio-cni).
     #[arg(long, env = "PROXY_MODE", value_enum, default_value = "dedicated")]
     pub proxy_mode: ProxyMode,
+    /// Shared mode: the CNI node agent's ZDS socket (SOCK_SEQPACKET).
+    #[arg(
+        long,
+        env = "INPOD_UDS",
+        default_value = "/var/run/ztunnel/ztunnel.sock"
+    )]
+    pub inpod_uds: PathBuf,
+    /// Shared mode: SO_REUSEPORT on the pod listeners (a second l4mesh may bind beside).
+    #[arg(long, env = "INPOD_PORT_REUSE", default_value = "true", value_parser = parse_bool, action = clap::ArgAction::Set)]
+    pub inpod_port_reuse: bool,
     /// In dedicated mode, the served workload as <namespace>/<name>/<service account>.
     #[arg(long, env = "PROXY_WORKLOAD_INFO")]
     pub proxy_workload_info: Option<WorkloadInfo>,
@@ -541,8 +564,14 @@ impl Args {
                 })
             }
         };
-        if self.proxy_mode == ProxyMode::Shared {
-            return Err(ConfigError::SharedUnsupported);
+        let shared = self.proxy_mode == ProxyMode::Shared;
+        if shared {
+            if let Some(w) = &self.proxy_workload_info {
+                return Err(ConfigError::SharedWithWorkload(format!(
+                    "{}/{}/{}",
+                    w.namespace, w.name, w.service_account
+                )));
+            }
         }
         if self.worker_threads == 0 {
             return Err(ConfigError::NoWorkers);
@@ -672,7 +701,8 @@ impl Args {
             trust_domain: self.trust_domain,
             outbound_addr: self.outbound_addr,
             inbound_plaintext_addr: self.inbound_plaintext_addr,
-            socks5_addr: self.enable_socks5.then_some(self.socks5_addr),
+            // SOCKS5 has no pod to take an identity from in shared mode.
+            socks5_addr: (self.enable_socks5 && !shared).then_some(self.socks5_addr),
             hbone_addr: self.hbone_addr,
             readiness_addr: Some(self.readiness_addr),
             metrics_addr: Some(self.metrics_addr),
@@ -695,6 +725,10 @@ impl Args {
                 max_connections: self.http_max_connections,
             },
             admin_token_file: self.admin_token_file,
+            inpod: shared.then_some(InpodSettings {
+                uds: self.inpod_uds,
+                port_reuse: self.inpod_port_reuse,
+            }),
             keepalive: crate::socket::Keepalive {
                 enabled: self.keepalive_enabled,
                 time: self.keepalive_time,

@@ -56,6 +56,7 @@ impl tonic::codegen::Service<http::Uri> for MarkedConnector {
                 connect_timeout: CONNECT_TIMEOUT,
                 orig_src: false,
                 orig_src_fallbacks: Default::default(),
+                netns: None,
                 keepalive: Default::default(),
             };
             let mut last = None;

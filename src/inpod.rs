@@ -10,10 +10,11 @@
 //! `snapshot_sent`; the handler hears [`PodHandler::reconnected`] first, so that it can tell
 //! replayed pods from vanished ones ([`zds::Replay`]).
 //!
-//! Not here yet: the pod proxies themselves (a pod's listeners and upstream sockets made through
-//! its [`netns::PodNetns`], served by the proxy's phases with the pod's identity) — the handler's
-//! job, and shared mode's next step.
+//! The handler of the binary is [`manager::PodManager`]: a proxy per pod, its listeners and
+//! upstream sockets made through the pod's [`netns::PodNetns`], served by the proxy's phases
+//! with the pod's identity.
 
+pub mod manager;
 pub mod netns;
 pub mod transport;
 pub mod zds;
@@ -27,8 +28,12 @@ pub use zds::{Request, ZdsError};
 pub trait PodHandler {
     /// A new connection to the agent: its replay follows.
     fn reconnected(&mut self);
-    /// One valid request; the error text, if any, goes back in the ack.
-    fn handle(&mut self, req: Request) -> Result<(), String>;
+    /// One valid request; the error text, if any, goes back in the ack. The ack waits for it
+    /// (an `add` is acked once the pod's listeners are bound).
+    fn handle(
+        &mut self,
+        req: Request,
+    ) -> impl std::future::Future<Output = Result<(), String>> + Send;
 }
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -36,7 +41,7 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 /// Follows the agent at `path` forever: reconnects with capped exponential backoff, logging why
 /// each attempt failed (the first at warn, then at debug until it works again).
-pub async fn follow(path: &Path, handler: &mut impl PodHandler) {
+pub async fn follow(path: &Path, handler: &mut (impl PodHandler + Send)) {
     let mut backoff = BACKOFF_MIN;
     let mut failures = 0u32;
     loop {
@@ -70,18 +75,21 @@ pub async fn follow(path: &Path, handler: &mut impl PodHandler) {
 }
 
 /// One connection: hello, then request → ack until the agent closes it.
-pub async fn session(conn: &transport::Conn, handler: &mut impl PodHandler) -> std::io::Result<()> {
+pub async fn session(
+    conn: &transport::Conn,
+    handler: &mut (impl PodHandler + Send),
+) -> std::io::Result<()> {
     conn.send(&zds::hello(), &[]).await?;
     while let Some(p) = conn.recv().await? {
-        let result = zds::decode(&p.bytes, p.fds, p.truncated, p.ctrunc)
-            .map_err(|e| e.to_string())
-            .and_then(|req| {
+        let result = match zds::decode(&p.bytes, p.fds, p.truncated, p.ctrunc) {
+            Err(e) => Err(e.to_string()),
+            Ok(req) => {
                 let kind = req.kind();
-                handler.handle(req).map_err(|e| {
+                handler.handle(req).await.inspect_err(|e| {
                     tracing::warn!(request = kind, error = %e, "ZDS request failed");
-                    e
                 })
-            });
+            }
+        };
         let ack = match &result {
             Ok(()) => zds::ack(Ok(())),
             Err(e) => {

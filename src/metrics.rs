@@ -49,6 +49,8 @@ pub struct Sources {
     pub secrets: Arc<SecretManager>,
     /// The runtime the listeners run on (its figures are exported, not the admin runtime's).
     pub runtime: tokio::runtime::Handle,
+    /// Shared mode: the pods served.
+    pub pods: Option<Arc<crate::inpod::manager::PodsView>>,
 }
 
 /// The registry of one l4mesh.
@@ -111,6 +113,12 @@ impl Metrics {
         registry.register_collector(Box::new(collect::Process));
         registry.register_collector(Box::new(collect::Runtime(sources.runtime)));
         registry.register_collector(Box::new(collect::Certificates(sources.secrets)));
+        if let Some(view) = sources.pods {
+            registry.register_collector(Box::new(collect::Pods {
+                view,
+                proxy: sources.proxy.clone(),
+            }));
+        }
         registry.register_collector(Box::new(collect::Hbone(sources.proxy)));
         registry.register_collector(Box::new(collect::Limits(sources.limits)));
         if let Some(x) = sources.xds {

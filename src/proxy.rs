@@ -65,16 +65,60 @@ pub struct ProxyCtx {
     pub own_workload: Option<crate::model::WorkloadInfo>,
     /// HTTP/2 windows, frame size and pool limits of both HBONE ends.
     pub h2: H2Tuning,
-    /// Shared HBONE state: server TLS configs, the tunnel pool, counters.
-    pub hbone: HboneState,
+    /// Shared HBONE state: server TLS configs, the tunnel pool, counters (one for the node: the
+    /// pods of shared mode share it; pool keys keep their connections apart).
+    pub hbone: Arc<HboneState>,
     /// Established inbound connections, re-checked when the policies change.
     pub conns: Arc<ConnTracker>,
     /// OpenTelemetry export of connection spans and access-log records; `None` = off.
     pub otel: Option<Arc<crate::otel::Otel>>,
     /// This l4mesh's traffic metrics (Istio TCP metrics, RBAC decisions, open connections).
     pub metrics: Arc<crate::metrics::Traffic>,
-    /// Shutdown: listeners stop accepting when it starts; copies stop at its deadline.
+    /// Shutdown: listeners stop accepting when it starts; copies stop at its deadline. In
+    /// shared mode, a pod's own (its `del` drains it alone).
     pub drain: crate::drain::Signal,
+    /// Shared mode: the pod whose network namespace this context's listeners and upstream
+    /// sockets are in ([`crate::inpod`]); `None` in dedicated mode and for the node itself.
+    pub pod: Option<Arc<PodScope>>,
+}
+
+/// The pod a shared-mode context serves, as the CNI agent named it. Its workload is found in the
+/// store by name (never by a packet's address); its identity follows from its namespace and
+/// service account, so it is known before the workload reaches the store.
+#[derive(Debug)]
+pub struct PodScope {
+    /// The pod's uid as the agent sent it (Kubernetes' pod uid).
+    pub uid: Arc<str>,
+    pub info: crate::model::WorkloadInfo,
+    /// `<namespace>/<name>`, for access lines and errors.
+    pub name: Arc<str>,
+}
+
+impl PodScope {
+    pub fn new(uid: &str, info: crate::model::WorkloadInfo) -> Self {
+        let name = format!("{}/{}", info.namespace, info.name).into();
+        Self {
+            uid: uid.into(),
+            info,
+            name,
+        }
+    }
+
+    /// The pod's workload in `snapshot`, if it arrived: the one at `ip` when that is the pod
+    /// (the common case, one lookup), else the pod's by name among the node's workloads.
+    pub fn workload<'a>(
+        &self,
+        snapshot: &'a crate::store::Snapshot,
+        network: &Arc<str>,
+        node: &str,
+        ip: Option<std::net::IpAddr>,
+    ) -> Option<&'a Arc<crate::model::Workload>> {
+        ip.and_then(|ip| {
+            snapshot.workload_by_addr(&crate::model::NetworkAddr::new(network.clone(), ip))
+        })
+        .filter(|wl| self.info.is(wl))
+        .or_else(|| snapshot.workloads_on_node(node).find(|wl| self.info.is(wl)))
+    }
 }
 
 /// HBONE state shared by all connections of one l4mesh.
@@ -131,6 +175,10 @@ impl ProxyCtx {
 
     /// Whether this l4mesh serves `wl` at its address `ip` ([`Self::local_workload`]'s rule).
     pub fn serves(&self, wl: &crate::model::Workload, ip: std::net::IpAddr) -> bool {
+        if let Some(pod) = &self.pod {
+            // Shared mode: only the pod whose namespace this listener is in.
+            return pod.info.is(wl);
+        }
         match &self.own_workload {
             Some(own) => {
                 own.is(wl) || wl.node == self.node_name && crate::socket::is_local_address(ip)
@@ -153,6 +201,13 @@ impl ProxyCtx {
     ) -> Result<Option<Arc<crate::model::Workload>>, ProxyError> {
         // `src` is canonical (accept_loop made it so).
         let ip = src.ip();
+        if let Some(pod) = &self.pod {
+            // Shared mode: whatever address it used, the connection came from this pod's
+            // namespace, so it is the pod's (its identity applies until its workload arrives).
+            return Ok(pod
+                .workload(snapshot, &self.network, &self.node_name, Some(ip))
+                .cloned());
+        }
         let wl =
             snapshot.workload_by_addr(&crate::model::NetworkAddr::new(self.network.clone(), ip));
         source_decision(self.own_workload.as_ref(), wl, src, || {
@@ -163,7 +218,52 @@ impl ProxyCtx {
     /// Whether an outbound destination is l4mesh itself (a connection to it would loop): one of
     /// its ports on loopback, the unspecified address or an address of this namespace.
     pub fn is_self_call(&self, dst: SocketAddr) -> bool {
-        self.own_ports.is_self(dst, crate::socket::is_local_address)
+        match &self.pod {
+            // The pod's namespace is not this thread's: its addresses are its workload's.
+            Some(pod) => self.own_ports.is_self(dst, |ip| {
+                let snapshot = self.store.load();
+                pod.workload(&snapshot, &self.network, &self.node_name, Some(ip))
+                    .is_some_and(|wl| wl.addresses.contains(&ip))
+            }),
+            None => self.own_ports.is_self(dst, crate::socket::is_local_address),
+        }
+    }
+
+    /// The context of one pod in shared mode: this (the node's) context with the pod's identity,
+    /// its namespace for upstream sockets and its own drain; everything else shared.
+    pub fn for_pod(
+        &self,
+        pod: Arc<PodScope>,
+        identity: crate::model::SpiffeId,
+        netns: Arc<crate::inpod::netns::PodNetns>,
+        drain: crate::drain::Signal,
+    ) -> ProxyCtx {
+        ProxyCtx {
+            store: self.store.clone(),
+            network: self.network.clone(),
+            node_name: self.node_name.clone(),
+            upstream: UpstreamOptions {
+                netns: Some(netns),
+                ..self.upstream.clone()
+            },
+            own_ports: self.own_ports.clone(),
+            on_demand: self.on_demand.clone(),
+            secrets: self.secrets.clone(),
+            own_identity: Some(identity),
+            own_workload: Some(pod.info.clone()),
+            h2: self.h2,
+            hbone: self.hbone.clone(),
+            conns: self.conns.clone(),
+            otel: self.otel.clone(),
+            metrics: self.metrics.clone(),
+            drain,
+            pod: Some(pod),
+        }
+    }
+
+    /// The pod this context serves (`<namespace>/<name>`), shared mode only.
+    pub fn pod_name(&self) -> Option<Arc<str>> {
+        self.pod.as_ref().map(|p| p.name.clone())
     }
 }
 

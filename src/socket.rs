@@ -101,6 +101,9 @@ pub struct UpstreamOptions {
     pub orig_src_fallbacks: Arc<AtomicU64>,
     /// TCP keepalive (and `TCP_USER_TIMEOUT`) of the sockets.
     pub keepalive: Keepalive,
+    /// Shared mode: the pod whose network namespace the sockets are made in (on its namespace's
+    /// thread); `None`: this thread's namespace.
+    pub netns: Option<Arc<crate::inpod::netns::PodNetns>>,
 }
 
 /// TCP keepalive of the proxy's sockets (ztunnel's `KEEPALIVE_*` settings and defaults): probes
@@ -215,30 +218,30 @@ pub async fn connect_from(
     opts: &UpstreamOptions,
 ) -> io::Result<TcpStream> {
     let dst = SocketAddr::new(dst.ip().to_canonical(), dst.port());
-    let mut socket = Socket::new(Domain::for_address(dst), Type::STREAM, None)?;
-    if let Some(src) = src.filter(|_| opts.orig_src).map(|ip| ip.to_canonical()) {
-        if let Err(e) = bind_transparent(&socket, src, dst) {
-            // The capability was checked at startup (`orig_src_mode`): what is left are
-            // per-connection cases (another address family, an address in use), counted.
-            opts.orig_src_fallbacks.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(%src, %dst, error = %e,
-                "cannot connect from the client's address; this connection uses l4mesh's own address");
-            // The failed socket may be half-configured (transparent but not bound): start over.
-            socket = Socket::new(Domain::for_address(dst), Type::STREAM, None)?;
+    let socket = match &opts.netns {
+        // A socket belongs to the namespace it was made in: the pod's thread makes it, the
+        // runtime connects it.
+        Some(netns) => {
+            let (mark, orig_src, keepalive, fallbacks) = (
+                opts.mark,
+                opts.orig_src,
+                opts.keepalive,
+                opts.orig_src_fallbacks.clone(),
+            );
+            netns
+                .run(move || upstream_socket(dst, src, mark, orig_src, &keepalive, &fallbacks))
+                .await
+                .map_err(io::Error::other)?
         }
-    }
-    if opts.mark != 0 {
-        if let Err(e) = socket.set_mark(opts.mark) {
-            // Without CAP_NET_ADMIN the mark cannot be set; fine outside a capture setup.
-            if !MARK_WARNED.swap(true, Ordering::Relaxed) {
-                tracing::warn!(mark = opts.mark, error = %e,
-                    "cannot set SO_MARK on upstream sockets (needs CAP_NET_ADMIN); traffic capture rules cannot tell proxy traffic apart");
-            }
-        }
-    }
-    socket.set_nonblocking(true)?;
-    socket.set_tcp_nodelay(true)?;
-    opts.keepalive.apply(&socket2::SockRef::from(&socket))?;
+        None => upstream_socket(
+            dst,
+            src,
+            opts.mark,
+            opts.orig_src,
+            &opts.keepalive,
+            &opts.orig_src_fallbacks,
+        )?,
+    };
     let socket = TcpSocket::from_std_stream(socket.into());
     match tokio::time::timeout(opts.connect_timeout, socket.connect(dst)).await {
         Ok(r) => r,
@@ -250,6 +253,44 @@ pub async fn connect_from(
             ),
         )),
     }
+}
+
+/// A non-blocking upstream socket for `dst`, not yet connected, made in this thread's network
+/// namespace: marked, `TCP_NODELAY`, keepalive, and bound to the client's address `src` when
+/// `orig_src` asks for it (falling back to l4mesh's own, counted in `fallbacks`).
+fn upstream_socket(
+    dst: SocketAddr,
+    src: Option<IpAddr>,
+    mark: u32,
+    orig_src: bool,
+    keepalive: &Keepalive,
+    fallbacks: &AtomicU64,
+) -> io::Result<Socket> {
+    let mut socket = Socket::new(Domain::for_address(dst), Type::STREAM, None)?;
+    if let Some(src) = src.filter(|_| orig_src).map(|ip| ip.to_canonical()) {
+        if let Err(e) = bind_transparent(&socket, src, dst) {
+            // The capability was checked at startup (`orig_src_mode`): what is left are
+            // per-connection cases (another address family, an address in use), counted.
+            fallbacks.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(%src, %dst, error = %e,
+                "cannot connect from the client's address; this connection uses l4mesh's own address");
+            // The failed socket may be half-configured (transparent but not bound): start over.
+            socket = Socket::new(Domain::for_address(dst), Type::STREAM, None)?;
+        }
+    }
+    if mark != 0 {
+        if let Err(e) = socket.set_mark(mark) {
+            // Without CAP_NET_ADMIN the mark cannot be set; fine outside a capture setup.
+            if !MARK_WARNED.swap(true, Ordering::Relaxed) {
+                tracing::warn!(mark, error = %e,
+                    "cannot set SO_MARK on upstream sockets (needs CAP_NET_ADMIN); traffic capture rules cannot tell proxy traffic apart");
+            }
+        }
+    }
+    socket.set_nonblocking(true)?;
+    socket.set_tcp_nodelay(true)?;
+    keepalive.apply(&socket2::SockRef::from(&socket))?;
+    Ok(socket)
 }
 
 /// Whether this process may set `IP_TRANSPARENT` (CAP_NET_ADMIN or CAP_NET_RAW): the default of
@@ -395,6 +436,7 @@ mod tests {
             orig_src,
             orig_src_fallbacks: Default::default(),
             keepalive: Keepalive::default(),
+            netns: None,
         }
     }
 

@@ -27,6 +27,9 @@ struct ConfigDump {
     config: serde_json::Value,
     /// `null` when the mesh state comes from a local file.
     xds: Option<XdsView>,
+    /// Shared mode: the pods the CNI agent handed over, with their state; `null` in dedicated
+    /// mode.
+    pods: Option<Vec<crate::inpod::manager::PodEntry>>,
 }
 
 #[derive(serde::Serialize)]
@@ -118,6 +121,7 @@ fn dump(state: &AdminState) -> ConfigDump {
         certificates,
         config: state.config.clone(),
         xds: state.xds.as_deref().map(xds_view),
+        pods: state.pods.as_ref().map(|p| p.pods()),
     }
 }
 

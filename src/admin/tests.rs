@@ -16,6 +16,7 @@ fn state() -> AdminState {
         xds: Some(Arc::new(XdsMetrics::default())),
         drain: Drain::new(),
         deadline: Duration::from_secs(5),
+        pods: None,
     }
 }
 

@@ -25,7 +25,7 @@ impl PodHandler for Recorder {
         self.reconnects += 1;
     }
 
-    fn handle(&mut self, req: Request) -> Result<(), String> {
+    async fn handle(&mut self, req: Request) -> Result<(), String> {
         match req {
             Request::Add { uid, netns, .. } => {
                 self.seen.push(format!("add {uid}"));

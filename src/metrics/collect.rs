@@ -393,6 +393,55 @@ impl Collector for Hbone {
     }
 }
 
+/// Shared mode's pods, under ztunnel's `workload_manager_*` names (no `istio_` prefix, as
+/// ztunnel registers them).
+pub struct Pods {
+    pub view: Arc<crate::inpod::manager::PodsView>,
+    pub proxy: Arc<ProxyCtx>,
+}
+
+impl std::fmt::Debug for Pods {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Pods")
+    }
+}
+
+impl Collector for Pods {
+    fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
+        let p = &self.proxy;
+        let snapshot = p.store.load();
+        let stats = self.view.stats(|pod| {
+            snapshot
+                .workloads_on_node(&p.node_name)
+                .any(|wl| wl.name == pod.name && wl.namespace == pod.namespace)
+        });
+        gauges(
+            &mut enc,
+            "workload_manager_active_proxy_count",
+            "Pods served now (their listeners accept in their network namespaces)",
+            one(stats.active as i64),
+        )?;
+        gauges(
+            &mut enc,
+            "workload_manager_pending_proxy_count",
+            "Pods served whose workload the control plane has not sent yet",
+            one(stats.pending as i64),
+        )?;
+        counters(
+            &mut enc,
+            "workload_manager_proxies_started",
+            "Pod proxies started (pods added by the CNI node agent)",
+            one(stats.started),
+        )?;
+        counters(
+            &mut enc,
+            "workload_manager_proxies_stopped",
+            "Pod proxies stopped (pods removed, once drained)",
+            one(stats.stopped),
+        )
+    }
+}
+
 /// The xDS client's counters.
 pub struct Xds(pub Arc<XdsMetrics>);
 

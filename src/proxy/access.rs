@@ -100,6 +100,8 @@ pub(crate) struct ConnLog {
     pub trace: Option<crate::otel::ConnTrace>,
     /// The Istio TCP metrics of the connection, once its destination is known.
     pub metrics: Option<crate::metrics::ConnMetrics>,
+    /// Shared mode: the pod (`<namespace>/<name>`) whose namespace the connection was captured in.
+    pub pod: Option<Arc<str>>,
 }
 
 impl ConnLog {
@@ -123,7 +125,14 @@ impl ConnLog {
             counters: None,
             trace: None,
             metrics: None,
+            pod: None,
         }
+    }
+
+    /// Names the pod the connection was captured in (shared mode; `None` leaves it out).
+    pub fn in_pod(mut self, pod: Option<Arc<str>>) -> Self {
+        self.pod = pod;
+        self
     }
 
     /// Marks the connection an HBONE tunnel: counts it opened now, and its end at `finish`.
@@ -161,6 +170,7 @@ impl ConnLog {
                     $level,
                     direction = self.direction,
                     listener = self.listener,
+                    pod = self.pod.as_deref(),
                     src.addr = %self.src,
                     src.workload = self.src_workload.as_deref(),
                     src.identity = self.src_identity.as_deref(),

@@ -82,6 +82,7 @@ pub(super) async fn serve(
         Err(e) => {
             let local = tcp.local_addr().unwrap_or(src);
             ConnLog::new("inbound", "inbound_hbone", src, local)
+                .in_pod(ctx.pod_name())
                 .finish(Transferred::default(), Some(&ProxyError::OrigDst(e)));
             return;
         }
@@ -92,13 +93,16 @@ pub(super) async fn serve(
             serve_h2(ctx, conn, src, dialled, peer).await
         }
         Ok(Err(e)) => ConnLog::new("inbound", "inbound_hbone", src, dialled)
+            .in_pod(ctx.pod_name())
             .finish(Transferred::default(), Some(&e)),
-        Err(_) => ConnLog::new("inbound", "inbound_hbone", src, dialled).finish(
-            Transferred::default(),
-            Some(&ProxyError::HboneHandshake(format!(
-                "the client did not complete the handshakes within {HANDSHAKE_TIMEOUT:?}"
-            ))),
-        ),
+        Err(_) => ConnLog::new("inbound", "inbound_hbone", src, dialled)
+            .in_pod(ctx.pod_name())
+            .finish(
+                Transferred::default(),
+                Some(&ProxyError::HboneHandshake(format!(
+                    "the client did not complete the handshakes within {HANDSHAKE_TIMEOUT:?}"
+                ))),
+            ),
     }
 }
 
@@ -257,7 +261,7 @@ async fn stream(
     dialled: SocketAddr,
     peer: &SpiffeId,
 ) {
-    let mut log = ConnLog::new("inbound", "inbound_hbone", src, dialled);
+    let mut log = ConnLog::new("inbound", "inbound_hbone", src, dialled).in_pod(ctx.pod_name());
     super::trace::start(ctx, &mut log, Some(req.headers()));
     log.src_identity = Some(peer.to_string());
     log.count_tunnel(&ctx.hbone.tunnels);

@@ -20,11 +20,12 @@ pub(super) async fn serve(ctx: &ProxyCtx, down: TcpStream, src: SocketAddr) {
         Err(e) => {
             let (local, e) = *e;
             ConnLog::new("inbound", "inbound_plaintext", src, local)
+                .in_pod(ctx.pod_name())
                 .finish(Transferred::default(), Some(&e));
             return;
         }
     };
-    let mut log = ConnLog::new("inbound", "inbound_plaintext", src, dst);
+    let mut log = ConnLog::new("inbound", "inbound_plaintext", src, dst).in_pod(ctx.pod_name());
     super::trace::start(ctx, &mut log, None);
     let (mut down, (mut up, mut reg)) = match open(ctx, &mut log).await {
         Ok(up) => (down, up),

@@ -25,11 +25,12 @@ pub(super) async fn serve(ctx: &ProxyCtx, down: TcpStream, src: SocketAddr) {
         Err(e) => {
             let (local, e) = *e;
             ConnLog::new("outbound", "outbound", src, local)
+                .in_pod(ctx.pod_name())
                 .finish(Transferred::default(), Some(&e));
             return;
         }
     };
-    let mut log = ConnLog::new("outbound", "outbound", src, dst);
+    let mut log = ConnLog::new("outbound", "outbound", src, dst).in_pod(ctx.pod_name());
     match open(ctx, &mut log).await {
         Ok(up) => relay(ctx, down, up, &log).await,
         Err(e) => log.finish(Transferred::default(), Some(&e)),
@@ -135,6 +136,7 @@ fn tunnel_key(
             src: src_id,
             expected: vec![wp.workload.identity()],
             addr: wp.addr,
+            pod: ctx.pod.as_ref().map(|p| p.uid.clone()),
         });
     }
     let mut expected: Vec<SpiffeId> = up.workload.iter().map(|w| w.identity()).collect();
@@ -153,6 +155,7 @@ fn tunnel_key(
         src: src_id,
         expected,
         addr: SocketAddr::new(up.addr.ip(), hbone::HBONE_PORT),
+        pod: ctx.pod.as_ref().map(|p| p.uid.clone()),
     })
 }
 

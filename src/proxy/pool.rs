@@ -36,6 +36,9 @@ pub struct PoolKey {
     pub expected: Vec<SpiffeId>,
     /// `<workload ip>:15008`.
     pub addr: SocketAddr,
+    /// Shared mode: the pod (uid) whose namespace the connection is made in. Pods never share
+    /// a connection: it would carry one pod's traffic from another's address, and outlive it.
+    pub pod: Option<Arc<str>>,
 }
 
 /// An open tunnel: both halves, and the pool slot it holds until dropped.

@@ -1,0 +1,326 @@
+//! Shared mode's pod proxies: what the CNI agent's requests do. Each added pod gets the three
+//! data-path listeners bound inside its network namespace (through its [`PodNetns`] thread) and a
+//! [`ProxyCtx`] of its own ([`ProxyCtx::for_pod`]: the pod's identity, its namespace for upstream
+//! sockets, its own drain); everything else (store, certificates, HBONE pool, metrics) is the
+//! node's. `del` drains the pod alone; the node's drain drains them all.
+//!
+//! Invariants: a replayed pod (`add` or `keep` of a uid already served) keeps its listeners and
+//! connections, and the new descriptor is closed; a pod's namespace descriptor is closed when its
+//! proxy is gone (its thread ends with the last [`PodNetns`] reference); every request is
+//! answered, an unusable one with an error naming why.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime};
+
+use super::netns::{NetnsError, PodNetns};
+use super::zds::Replay;
+use super::{PodHandler, Request};
+use crate::drain::{Drain, Signal};
+use crate::limits::Limiter;
+use crate::model::{SpiffeId, WorkloadInfo};
+use crate::proxy::{Listener, PodScope, ProxyCtx, Role};
+use crate::readiness::{BlockReady, Readiness};
+
+/// After a pod's drain deadline, how long its remaining connections get to close.
+const FORCE_GRACE: Duration = Duration::from_millis(500);
+
+/// How the pod listeners are made, the same for every pod.
+pub struct PodListeners {
+    /// The ports of the outbound (15001), inbound plaintext (15006) and HBONE (15008) listeners.
+    pub outbound: u16,
+    pub inbound_plaintext: u16,
+    pub hbone: u16,
+    /// `INPOD_PORT_REUSE`.
+    pub port_reuse: bool,
+    /// The node-wide caps of each role's listeners (shared by the pods).
+    pub limiters: [Arc<Limiter>; 3],
+}
+
+/// What the manager needs from the node.
+pub struct NodeParts {
+    /// The node's context: the template of every pod's.
+    pub base: Arc<ProxyCtx>,
+    pub trust_domain: String,
+    /// Listeners accept once this is ready (the mesh state is known).
+    pub readiness: Readiness,
+    /// The node's drain: a pod being drained holds it, so the node's drain waits for it.
+    pub node_drain: Signal,
+    /// How long a removed pod's connections may continue.
+    pub deadline: Duration,
+}
+
+/// The pods, for metrics and `/config_dump`.
+#[derive(Default)]
+pub struct PodsView {
+    pods: Mutex<BTreeMap<String, PodEntry>>,
+    started: AtomicU64,
+    stopped: AtomicU64,
+}
+
+/// One pod as `/config_dump` shows it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct PodEntry {
+    pub uid: String,
+    pub name: String,
+    pub namespace: String,
+    pub service_account: String,
+    /// `listening` or `draining`.
+    pub state: &'static str,
+    /// Seconds since the Unix epoch when the agent added it.
+    pub added: u64,
+}
+
+/// The figures of ztunnel's `workload_manager_*` metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PodStats {
+    /// Pods whose listeners accept.
+    pub active: usize,
+    /// Pods served whose workload has not reached the store yet (their identity is known from
+    /// the agent; metrics and policies of their connections wait for it).
+    pub pending: usize,
+    pub started: u64,
+    pub stopped: u64,
+}
+
+impl PodsView {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, PodEntry>> {
+        self.pods.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Every pod held, listening or draining.
+    pub fn pods(&self) -> Vec<PodEntry> {
+        self.lock().values().cloned().collect()
+    }
+
+    /// The counts now; `known` says whether a pod's workload is in the store.
+    pub fn stats(&self, known: impl Fn(&PodEntry) -> bool) -> PodStats {
+        let pods = self.lock();
+        let listening = || pods.values().filter(|p| p.state == "listening");
+        PodStats {
+            active: listening().count(),
+            pending: listening().filter(|p| !known(p)).count(),
+            started: self.started.load(Relaxed),
+            stopped: self.stopped.load(Relaxed),
+        }
+    }
+}
+
+/// A served pod.
+struct PodProxy {
+    drain: Drain,
+    listeners: tokio::task::JoinHandle<()>,
+}
+
+/// Acts on the agent's requests ([`PodHandler`]): one proxy per pod.
+pub struct PodManager {
+    node: NodeParts,
+    listeners: PodListeners,
+    pods: HashMap<String, PodProxy>,
+    replay: Replay,
+    /// Readiness waits for the first `snapshot_sent`.
+    first_snapshot: Option<BlockReady>,
+    view: Arc<PodsView>,
+}
+
+impl PodManager {
+    pub fn new(node: NodeParts, listeners: PodListeners) -> Self {
+        let first_snapshot = Some(
+            node.readiness
+                .register("the CNI node agent's pods (ZDS snapshot_sent)"),
+        );
+        Self {
+            node,
+            listeners,
+            pods: HashMap::new(),
+            replay: Replay::default(),
+            first_snapshot,
+            view: Arc::default(),
+        }
+    }
+
+    /// What metrics and the admin server read.
+    pub fn view(&self) -> Arc<PodsView> {
+        self.view.clone()
+    }
+
+    /// Drains every pod at once (the node's drain) and resolves when all are done.
+    pub async fn drain_all(&mut self) {
+        let all: Vec<String> = self.pods.keys().cloned().collect();
+        let mut set = tokio::task::JoinSet::new();
+        for uid in all {
+            if let Some(task) = self.remove(&uid, "the node drains") {
+                set.spawn(task);
+            }
+        }
+        while set.join_next().await.is_some() {}
+    }
+
+    async fn add(
+        &mut self,
+        uid: String,
+        info: Option<WorkloadInfo>,
+        netns: std::os::fd::OwnedFd,
+    ) -> Result<(), String> {
+        self.replay.saw(&uid);
+        if self.pods.contains_key(&uid) {
+            // A replay after a reconnect: the pod keeps what it has; the new descriptor closes.
+            tracing::debug!(%uid, "add of a pod already served (replay): kept as it is");
+            return Ok(());
+        }
+        let info = info.ok_or_else(|| {
+            format!("add for {uid} carries no workload_info; expected the pod's name, namespace and service account (its identity)")
+        })?;
+        let scope = Arc::new(PodScope::new(&uid, info));
+        let netns = Arc::new(PodNetns::enter(netns, &scope.name).map_err(|e| e.to_string())?);
+        let bound = self.bind(&netns).await.map_err(|e| e.to_string())?;
+        let identity = SpiffeId::new(
+            &self.node.trust_domain,
+            &scope.info.namespace,
+            &scope.info.service_account,
+        );
+        let drain = Drain::new();
+        let ctx = Arc::new(
+            self.node
+                .base
+                .for_pod(scope.clone(), identity, netns, drain.signal()),
+        );
+        let mut serve = Vec::new();
+        for ((l, role), limiter) in bound
+            .into_iter()
+            .zip([Role::Outbound, Role::InboundPlaintext, Role::InboundHbone])
+            .zip(&self.listeners.limiters)
+        {
+            let l = tokio::net::TcpListener::from_std(l).map_err(|e| {
+                format!(
+                    "the {} listener of {} could not join the runtime: {e}",
+                    role.name(),
+                    scope.name
+                )
+            })?;
+            serve.push(Listener::new(l, ctx.clone(), role, limiter.clone()));
+        }
+        let (gate, signal) = (self.node.readiness.clone(), drain.signal());
+        let listeners = tokio::spawn(async move {
+            tokio::select! {
+                () = gate.wait() => {}
+                () = signal.draining() => return,
+            }
+            let mut set = tokio::task::JoinSet::new();
+            for l in serve {
+                set.spawn(l.run());
+            }
+            while set.join_next().await.is_some() {}
+        });
+        tracing::info!(pod = %scope.name, %uid, service_account = %scope.info.service_account, "pod added: listening in its network namespace");
+        self.view.started.fetch_add(1, Relaxed);
+        self.view.lock().insert(
+            uid.clone(),
+            PodEntry {
+                uid: uid.clone(),
+                name: scope.info.name.clone(),
+                namespace: scope.info.namespace.clone(),
+                service_account: scope.info.service_account.clone(),
+                state: "listening",
+                added: SystemTime::now()
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs()),
+            },
+        );
+        self.pods.insert(uid, PodProxy { drain, listeners });
+        Ok(())
+    }
+
+    /// The pod's three listeners, on the wildcard address of its namespace (`[::]`, dual stack;
+    /// `0.0.0.0` where the namespace has no IPv6).
+    async fn bind(&self, netns: &PodNetns) -> Result<Vec<std::net::TcpListener>, NetnsError> {
+        let l = &self.listeners;
+        let mut out = Vec::with_capacity(3);
+        for port in [l.outbound, l.inbound_plaintext, l.hbone] {
+            let v6 = SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), port);
+            let bound = match netns.listen(v6, l.port_reuse).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::debug!(pod = netns.pod(), port, error = %e, "no dual-stack listener; binding IPv4 only");
+                    let v4 = SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), port);
+                    netns.listen(v4, l.port_reuse).await?
+                }
+            };
+            out.push(bound);
+        }
+        Ok(out)
+    }
+
+    /// Stops serving `uid`: its listeners close at once; the returned task lets its connections
+    /// finish until the deadline, closes the rest, then forgets the pod (dropping its namespace).
+    fn remove(
+        &mut self,
+        uid: &str,
+        why: &'static str,
+    ) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
+        let pod = self.pods.remove(uid)?;
+        pod.drain.start();
+        if let Some(e) = self.view.lock().get_mut(uid) {
+            e.state = "draining";
+        }
+        tracing::info!(%uid, reason = why, deadline = ?self.node.deadline, "pod removed: its listeners are closed; its connections may finish until the deadline");
+        let (view, uid, deadline) = (self.view.clone(), uid.to_owned(), self.node.deadline);
+        // The node's drain waits for this one too.
+        let hold = self.node.node_drain.hold();
+        Some(async move {
+            let report = pod.drain.drain(deadline, FORCE_GRACE).await;
+            pod.listeners.abort();
+            view.lock().remove(&uid);
+            view.stopped.fetch_add(1, Relaxed);
+            tracing::info!(%uid, elapsed_ms = report.elapsed.as_millis() as u64, closed_at_deadline = report.forced, "pod drained");
+            drop(hold);
+        })
+    }
+
+    fn del(&mut self, uid: &str, why: &'static str) {
+        if let Some(task) = self.remove(uid, why) {
+            tokio::spawn(task);
+        }
+    }
+}
+
+impl PodHandler for PodManager {
+    fn reconnected(&mut self) {
+        self.replay = Replay::default();
+    }
+
+    async fn handle(&mut self, req: Request) -> Result<(), String> {
+        match req {
+            Request::Add { uid, info, netns } => self.add(uid, info, netns).await,
+            Request::Keep { uid } => {
+                self.replay.saw(&uid);
+                if self.pods.contains_key(&uid) {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "keep for {uid}, which is not served; expected an add for a pod l4mesh does not hold"
+                    ))
+                }
+            }
+            Request::Del { uid } => {
+                if self.pods.contains_key(&uid) {
+                    self.del(&uid, "the CNI agent removed it");
+                } else {
+                    tracing::debug!(%uid, "del of a pod not served: nothing to do");
+                }
+                Ok(())
+            }
+            Request::SnapshotSent => {
+                for uid in self.replay.finish(self.pods.keys()) {
+                    self.del(&uid, "not in the CNI agent's replay");
+                }
+                if let Some(ready) = self.first_snapshot.take() {
+                    ready.done();
+                }
+                Ok(())
+            }
+        }
+    }
+}
