@@ -20,6 +20,8 @@ mod common;
 mod control_plane;
 #[path = "../tests/integration/netns.rs"]
 mod netns;
+#[path = "../tests/integration/cluster/shared_node.rs"]
+mod shared_node;
 #[path = "../tests/integration/cluster/topology.rs"]
 mod topology;
 

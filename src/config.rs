@@ -533,6 +533,36 @@ pub enum Command {
         #[command(subcommand)]
         action: crate::redirect::RedirectCommand,
     },
+    /// The CNI side of shared mode without Kubernetes: serves the ZDS socket, hands the pods of
+    /// a watched file (each a network namespace) to the l4mesh of this node, and installs each
+    /// pod's capture rules in its namespace.
+    NodeAgent(NodeAgentArgs),
+}
+
+/// Options of `l4mesh node-agent`.
+#[derive(clap::Args, Debug, Clone, PartialEq, Eq)]
+pub struct NodeAgentArgs {
+    /// The ZDS socket to serve: the `INPOD_UDS` of the node's l4mesh.
+    #[arg(
+        long,
+        env = "INPOD_UDS",
+        default_value = "/var/run/ztunnel/ztunnel.sock"
+    )]
+    pub socket: PathBuf,
+    /// The pods: YAML `pods: [{uid, name, namespace, serviceAccount, netns}]`, watched.
+    #[arg(long)]
+    pub pods: PathBuf,
+    /// Leave the pods' capture rules alone (someone else installs them).
+    #[arg(long)]
+    pub no_capture: bool,
+    /// How long a removed pod keeps its capture rules, so that the proxy can drain its
+    /// connections (removing NAT rules ends their translation); at least the proxy's
+    /// CONNECTION_TERMINATION_DEADLINE.
+    #[arg(long, default_value = "6s", value_parser = parse_duration)]
+    pub removal_delay: Duration,
+    /// The capture rules installed in each pod (as `l4mesh redirect install`).
+    #[command(flatten)]
+    pub capture: crate::redirect::RedirectArgs,
 }
 
 impl Args {

@@ -14,6 +14,7 @@
 //! upstream sockets made through the pod's [`netns::PodNetns`], served by the proxy's phases
 //! with the pod's identity.
 
+pub mod agent;
 pub mod manager;
 pub mod netns;
 pub mod transport;

@@ -33,6 +33,39 @@ fn main() -> std::process::ExitCode {
             }
         };
     }
+    if let Some(l4mesh::config::Command::NodeAgent(a)) = &args.command {
+        let settings = l4mesh::inpod::agent::AgentSettings {
+            socket: a.socket.clone(),
+            pods: a.pods.clone(),
+            capture: (!a.no_capture).then(|| a.capture.clone()),
+            removal_delay: a.removal_delay,
+        };
+        let result = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())
+            .and_then(|rt| {
+                rt.block_on(async {
+                    use tokio::signal::unix::{signal, SignalKind};
+                    let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
+                    tokio::select! {
+                        // Every cause, not only the outermost message.
+                        r = l4mesh::inpod::agent::run(settings) => {
+                            r.map_err(|e| format!("{:#}", anyhow::Error::from(e)))
+                        }
+                        _ = tokio::signal::ctrl_c() => Ok(()),
+                        _ = term.recv() => Ok(()),
+                    }
+                })
+            });
+        return match result {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!("l4mesh node-agent failed: {e}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
     match tikv_jemalloc_ctl::background_thread::read() {
         Ok(true) => {}
         other => tracing::debug!(state = ?other, "jemalloc background purging is off"),

@@ -21,7 +21,9 @@ const SO_ORIGINAL_DST: libc::c_int = 80;
 /// Fails with `ENOENT` when the connection was not redirected.
 pub fn original_dst(stream: &TcpStream) -> io::Result<SocketAddr> {
     let fd = stream.as_raw_fd();
-    match stream.local_addr()? {
+    // An IPv4 connection on a dual-stack (`[::]`) listener reports a v4-mapped local address;
+    // conntrack knows it as IPv4, so the IPv4 option answers for it.
+    match canonical(stream.local_addr()?) {
         SocketAddr::V4(_) => {
             let mut addr: libc::sockaddr_in = unsafe { std::mem::zeroed() };
             let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;

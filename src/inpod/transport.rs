@@ -145,6 +145,55 @@ impl Conn {
     }
 }
 
+/// The agent's end: a listening ZDS socket (`l4mesh node-agent`).
+#[derive(Debug)]
+pub struct Server {
+    fd: AsyncFd<OwnedFd>,
+}
+
+impl Server {
+    /// Listens at `path`, replacing a socket file left by an agent that is gone (one that still
+    /// answers is in use: that is an error, not a takeover).
+    pub fn bind(path: &Path) -> io::Result<Server> {
+        if path.exists() {
+            // Blocking would not matter: a unix connect completes or fails at once.
+            let probe = seqpacket()?;
+            let live = matches!(
+                rustix::net::connect(&probe, &SocketAddrUnix::new(path)?),
+                Ok(()) | Err(rustix::io::Errno::AGAIN) | Err(rustix::io::Errno::INPROGRESS)
+            );
+            if live {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    format!("{} is served by a running agent", path.display()),
+                ));
+            }
+            std::fs::remove_file(path)?;
+        }
+        let fd = seqpacket()?;
+        rustix::net::bind(&fd, &SocketAddrUnix::new(path)?)?;
+        rustix::net::listen(&fd, 16)?;
+        Ok(Server {
+            fd: crate::socket::async_fd(fd)?,
+        })
+    }
+
+    /// The next proxy that connects.
+    pub async fn accept(&self) -> io::Result<Conn> {
+        loop {
+            let mut guard = self.fd.readable().await?;
+            match rustix::net::accept_with(
+                self.fd.get_ref(),
+                SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
+            ) {
+                Ok(fd) => return Conn::from_fd(fd),
+                Err(rustix::io::Errno::AGAIN) => guard.clear_ready(),
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
+
 fn seqpacket() -> io::Result<OwnedFd> {
     Ok(rustix::net::socket_with(
         AddressFamily::UNIX,

@@ -7,6 +7,8 @@
 
 mod control_plane;
 mod self_call;
+mod shared;
+pub mod shared_node;
 pub mod topology;
 
 use std::time::Duration;

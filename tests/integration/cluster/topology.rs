@@ -23,7 +23,7 @@ pub const CONTROL_PLANE_PORT: u16 = 15010;
 pub const OUTSIDE_IP: &str = "10.240.0.3";
 
 /// Polls `http://<argv[1]>/healthz/ready` until it answers 200; exits 1 after argv[2] seconds.
-const READY_PY: &str = r#"
+pub const READY_PY: &str = r#"
 import sys, time, urllib.request
 deadline = time.time() + float(sys.argv[2])
 while time.time() < deadline:
@@ -128,6 +128,8 @@ pub struct Cluster {
     nodes: Vec<Netns>,
     _cp: Netns,
     _fabric: Netns,
+    /// Nodes in shared mode (by index): one l4mesh and one node agent each, serving their pods.
+    pub shared: BTreeMap<u8, super::shared_node::SharedNode>,
     dir: tempfile::TempDir,
     prefix: String,
     l4mesh_env: Vec<(String, String)>,
@@ -144,6 +146,20 @@ impl Cluster {
         pods: &[PodSpec],
         state: &str,
         l4mesh_env: &[(&str, &str)],
+    ) -> Cluster {
+        Self::start_mixed(prefix, nodes, pods, state, l4mesh_env, &[])
+    }
+
+    /// [`Cluster::start`] with the nodes of `shared` in shared mode: one l4mesh per node
+    /// (`PROXY_MODE=shared`, in the node's namespace) and one `l4mesh node-agent` that hands it
+    /// the node's mesh pods and installs their capture rules; the other nodes as before.
+    pub fn start_mixed(
+        prefix: &str,
+        nodes: u8,
+        pods: &[PodSpec],
+        state: &str,
+        l4mesh_env: &[(&str, &str)],
+        shared: &[u8],
     ) -> Cluster {
         let t0 = Instant::now();
         let fabric = Netns::new(&format!("{prefix}fab"));
@@ -217,6 +233,7 @@ impl Cluster {
             nodes: node_ns,
             _cp: cp,
             _fabric: fabric,
+            shared: BTreeMap::new(),
             dir,
             prefix: prefix.to_owned(),
             l4mesh_env: l4mesh_env
@@ -225,10 +242,19 @@ impl Cluster {
                 .collect(),
         };
         for spec in pods {
-            let pod = cluster.add_pod(spec.clone());
+            let pod = cluster.add_pod(spec.clone(), shared.contains(&spec.node));
             cluster.pods.insert(spec.name, pod);
         }
-        for spec in pods.iter().filter(|p| p.mesh) {
+        for &i in shared {
+            let members = pods
+                .iter()
+                .filter(|p| p.mesh && p.node == i)
+                .map(|p| p.name)
+                .collect();
+            let node = super::shared_node::SharedNode::start(&cluster, i, members);
+            cluster.shared.insert(i, node);
+        }
+        for spec in pods.iter().filter(|p| p.mesh && !shared.contains(&p.node)) {
             cluster.start_l4mesh(spec.name);
         }
         eprintln!(
@@ -239,7 +265,9 @@ impl Cluster {
         cluster
     }
 
-    fn add_pod(&self, spec: PodSpec) -> Pod {
+    /// A pod's namespace and address; a mesh pod of a dedicated node gets its capture rules
+    /// here (on a shared node, the node agent installs them).
+    fn add_pod(&self, spec: PodSpec, shared: bool) -> Pod {
         let node = &self.nodes[usize::from(spec.node - 1)];
         let ns = Netns::new(&format!("{}{}", self.prefix, spec.name));
         let port = format!("p-{}", spec.name);
@@ -275,7 +303,7 @@ impl Cluster {
             "via",
             &format!("10.240.{}.1", spec.node),
         ]);
-        if spec.mesh {
+        if spec.mesh && !shared {
             let bin = env!("CARGO_BIN_EXE_l4mesh");
             let (ok, out, err) =
                 ns.output(&[bin, "redirect", "install", "--backend", spec.backend]);
@@ -295,28 +323,13 @@ impl Cluster {
         p.stop_l4mesh();
         let (ip, node, name) = (p.spec.ip(), format!("node-{}", p.spec.node), p.spec.name);
         let info = format!("default/{name}/{}", p.spec.service_account);
-        let xds = format!("http://{CONTROL_PLANE_IP}:{CONTROL_PLANE_PORT}");
         let bin = env!("CARGO_BIN_EXE_l4mesh");
-        let mut envs = vec![
-            ("XDS_ADDRESS", xds.as_str()),
-            // The test control plane serves plaintext on the fabric.
-            ("L4MESH_ALLOW_PLAINTEXT_CONTROL_PLANE", "true"),
-            ("CA_ROOT_CA", root.to_str().unwrap()),
-            ("AUTH_TOKEN", "/nonexistent/l4mesh-test-token"),
-            ("NODE_NAME", node.as_str()),
-            ("PROXY_WORKLOAD_INFO", info.as_str()),
-            ("POD_NAME", name),
-            ("POD_NAMESPACE", "default"),
-            ("INSTANCE_IP", ip.as_str()),
-            ("UNSTABLE_ENABLE_SOCKS5", "false"),
-            ("CONNECT_TIMEOUT", "3s"),
-            ("RUST_LOG", "info"),
-        ];
-        envs.extend(
-            self.l4mesh_env
-                .iter()
-                .map(|(k, v)| (k.as_str(), v.as_str())),
-        );
+        let mut envs = base_env(&root, &node, &ip, &self.l4mesh_env);
+        envs.extend([
+            ("PROXY_WORKLOAD_INFO".to_owned(), info),
+            ("POD_NAME".to_owned(), name.to_owned()),
+        ]);
+        let envs: Vec<(&str, &str)> = envs.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         let (child, out) = p.ns.spawn_owned(&[bin], &envs, "listening");
         p.l4mesh = Some((child, out));
         let (ok, _, err) = p.run(&["python3", "-c", READY_PY, &format!("{ip}:15021"), "20"]);
@@ -361,11 +374,57 @@ impl Cluster {
     pub fn logs(&self) -> String {
         self.pods
             .values()
-            .filter(|p| p.spec.mesh)
+            .filter(|p| p.spec.mesh && !self.shared.contains_key(&p.spec.node))
             .map(|p| format!("---- l4mesh in {}:\n{}", p.spec.name, p.log()))
+            .chain(self.shared.iter().map(|(i, n)| n.logs(*i)))
             .collect::<Vec<_>>()
             .join("\n")
     }
+
+    /// The namespace of node `i` (1-based).
+    pub fn node(&self, i: u8) -> &Netns {
+        &self.nodes[usize::from(i - 1)]
+    }
+
+    /// The directory of the cluster's files (root certificate, pods files, sockets).
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
+    /// The environment every l4mesh gets, in either mode.
+    pub fn l4mesh_env(&self, node: u8, ip: &str) -> Vec<(String, String)> {
+        let root = self.dir.path().join("root-cert.pem");
+        base_env(&root, &format!("node-{node}"), ip, &self.l4mesh_env)
+    }
+}
+
+/// The environment of an l4mesh of `node` at `ip`, following the cluster's control plane;
+/// `extra` is added last (and overrides).
+fn base_env(
+    root: &std::path::Path,
+    node: &str,
+    ip: &str,
+    extra: &[(String, String)],
+) -> Vec<(String, String)> {
+    let xds = format!("http://{CONTROL_PLANE_IP}:{CONTROL_PLANE_PORT}");
+    let mut envs: Vec<(String, String)> = [
+        ("XDS_ADDRESS", xds.as_str()),
+        // The test control plane serves plaintext on the fabric.
+        ("L4MESH_ALLOW_PLAINTEXT_CONTROL_PLANE", "true"),
+        ("CA_ROOT_CA", root.to_str().unwrap()),
+        ("AUTH_TOKEN", "/nonexistent/l4mesh-test-token"),
+        ("NODE_NAME", node),
+        ("POD_NAMESPACE", "default"),
+        ("INSTANCE_IP", ip),
+        ("UNSTABLE_ENABLE_SOCKS5", "false"),
+        ("CONNECT_TIMEOUT", "3s"),
+        ("RUST_LOG", "info"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect();
+    envs.extend(extra.iter().cloned());
+    envs
 }
 
 /// Retries `f` every 100 ms until it returns `Some` or `limit` passes.
