@@ -127,7 +127,11 @@ impl Conn {
                             fds.extend(rights);
                         }
                     }
-                    if msg.bytes == 0 && fds.is_empty() && !msg.flags.contains(ReturnFlags::TRUNC) {
+                    if msg.bytes == 0
+                        && fds.is_empty()
+                        && !msg.flags.contains(ReturnFlags::TRUNC)
+                        && peer_closed(self.fd.get_ref())?
+                    {
                         return Ok(None);
                     }
                     buf.truncate(msg.bytes.min(MAX_PACKET));
@@ -192,6 +196,23 @@ impl Server {
             }
         }
     }
+}
+
+/// Whether the peer has closed: a `recvmsg` of 0 bytes is either that or an empty packet (an
+/// empty WorkloadRequest encodes to nothing), and only the hang-up flag tells them apart.
+fn peer_closed(fd: &OwnedFd) -> io::Result<bool> {
+    use rustix::event::{PollFd, PollFlags};
+    let mut pfd = [PollFd::new(fd, PollFlags::RDHUP)];
+    rustix::event::poll(
+        &mut pfd,
+        Some(&rustix::time::Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        }),
+    )?;
+    Ok(pfd[0]
+        .revents()
+        .intersects(PollFlags::HUP | PollFlags::RDHUP))
 }
 
 fn seqpacket() -> io::Result<OwnedFd> {

@@ -61,3 +61,235 @@ async fn sockets_are_made_inside_the_pod_namespace() {
     );
     assert_eq!(ns.pod(), "default/pod");
 }
+
+/// A bad request: what it is, its payload (or raw bytes), the descriptors sent with it, and
+/// what its error ack must name.
+type Case = (
+    &'static str,
+    Option<l4mesh::proto::istio::workload::zds::workload_request::Payload>,
+    Option<Vec<u8>>,
+    Vec<std::fs::File>,
+    &'static str,
+);
+
+/// The next packet l4mesh sends on the ZDS connection (within 5 s).
+async fn answer(conn: &l4mesh::inpod::transport::Conn) -> l4mesh::inpod::transport::Packet {
+    tokio::time::timeout(std::time::Duration::from_secs(5), conn.recv())
+        .await
+        .expect("an answer within 5 s")
+        .unwrap()
+        .expect("the connection stays open")
+}
+
+/// The descriptors process `pid` holds.
+fn fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// A misbehaving CNI agent against the real binary in shared mode: every bad request gets an
+/// error ack naming it (a `del` of an unknown pod a no-op ack), in order; l4mesh keeps running,
+/// a valid pod is served and removed after, and no descriptor is left behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_zds_requests_are_refused_without_leaks() {
+    use l4mesh::inpod::transport::Server;
+    use l4mesh::proto::istio::workload::zds as pb;
+    use pb::workload_request::Payload;
+    use prost::Message;
+    use std::os::fd::AsFd;
+    use std::time::Duration;
+
+    if !privileged("bad_zds_requests_are_refused_without_leaks", &[]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("zds.sock");
+    let server = Server::bind(&sock).unwrap();
+    let node = Netns::new("zdsnode");
+    let pod = Netns::new("zdspod");
+    let bin = env!("CARGO_BIN_EXE_l4mesh");
+    let (mut child, log) = node.spawn_owned(
+        &[bin],
+        &[
+            ("PROXY_MODE", "shared"),
+            ("INPOD_UDS", sock.to_str().unwrap()),
+            ("CONNECTION_TERMINATION_DEADLINE", "1s"),
+            ("RUST_LOG", "info"),
+        ],
+        "listening",
+    );
+    let pid = child.id();
+    let conn = tokio::time::timeout(Duration::from_secs(10), server.accept())
+        .await
+        .expect("l4mesh connects to the agent")
+        .unwrap();
+    let hello = answer(&conn).await;
+    assert_eq!(
+        pb::ZdsHello::decode(hello.bytes.as_slice())
+            .unwrap()
+            .version,
+        pb::Version::V1 as i32
+    );
+    let ask = |payload: Option<Payload>, raw: Option<Vec<u8>>, files: Vec<std::fs::File>| {
+        let conn = &conn;
+        async move {
+            let bytes = raw.unwrap_or_else(|| pb::WorkloadRequest { payload }.encode_to_vec());
+            let fds: Vec<_> = files.iter().map(|f| f.as_fd()).collect();
+            conn.send(&bytes, &fds).await.unwrap();
+            drop(files);
+            let p = answer(conn).await;
+            match pb::WorkloadResponse::decode(p.bytes.as_slice())
+                .unwrap()
+                .payload
+            {
+                Some(pb::workload_response::Payload::Ack(a)) => a.error,
+                None => panic!("a response without an ack"),
+            }
+        }
+    };
+    let info = |name: &str| {
+        Some(pb::WorkloadInfo {
+            name: name.into(),
+            namespace: "default".into(),
+            service_account: "sa".into(),
+        })
+    };
+    let add = |uid: &str, wi| {
+        Some(Payload::Add(pb::AddWorkload {
+            uid: uid.into(),
+            workload_info: wi,
+        }))
+    };
+    let null = || std::fs::File::open("/dev/null").unwrap();
+    let netns = || std::fs::File::open(format!("/var/run/netns/{}", pod.name)).unwrap();
+    // The first snapshot: l4mesh becomes ready, and what it opens once is open.
+    let snapshot = Some(Payload::SnapshotSent(pb::SnapshotSent {}));
+    assert_eq!(ask(snapshot.clone(), None, vec![]).await, "");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let baseline = fds(pid);
+
+    let cases: Vec<Case> = vec![
+        (
+            "garbage",
+            None,
+            Some(vec![0xff; 7]),
+            vec![],
+            "not a WorkloadRequest",
+        ),
+        (
+            "truncated",
+            None,
+            Some(vec![0x0a; 70 * 1024]),
+            vec![],
+            "truncated",
+        ),
+        ("no payload", None, Some(Vec::new()), vec![], "no payload"),
+        (
+            "add without fd",
+            add("a", info("a")),
+            None,
+            vec![],
+            "without a descriptor",
+        ),
+        (
+            "add with 2 fds",
+            add("a", info("a")),
+            None,
+            vec![null(), null()],
+            "2 descriptors",
+        ),
+        (
+            "add with 4 fds",
+            add("a", info("a")),
+            None,
+            vec![null(), null(), null(), null()],
+            "4 descriptors",
+        ),
+        (
+            "add without info",
+            add("a", None),
+            None,
+            vec![netns()],
+            "no workload_info",
+        ),
+        (
+            "add of a non-netns",
+            add("a", info("a")),
+            None,
+            vec![null()],
+            "entering the network namespace",
+        ),
+        (
+            "empty uid",
+            add("", info("a")),
+            None,
+            vec![netns()],
+            "empty uid",
+        ),
+        (
+            "del with fd",
+            Some(Payload::Del(pb::DelWorkload { uid: "a".into() })),
+            None,
+            vec![null()],
+            "1 descriptors",
+        ),
+        (
+            "snapshot with fd",
+            snapshot.clone(),
+            None,
+            vec![null()],
+            "1 descriptors",
+        ),
+        (
+            "keep of an unknown uid",
+            Some(Payload::Keep(pb::KeepWorkload {
+                uid: "ghost".into(),
+            })),
+            None,
+            vec![],
+            "not served",
+        ),
+    ];
+    for (what, payload, raw, files, expect) in cases {
+        let e = ask(payload, raw, files).await;
+        assert!(
+            e.contains(expect),
+            "{what}: ack {e:?}, expected it to name {expect:?}"
+        );
+    }
+    // A del of an unknown pod: nothing to do, acked.
+    let del = |uid: &str| Some(Payload::Del(pb::DelWorkload { uid: uid.into() }));
+    assert_eq!(ask(del("ghost"), None, vec![]).await, "");
+    // A valid pod is still served after all that, and removed cleanly.
+    assert_eq!(
+        ask(add("good", info("good")), None, vec![netns()]).await,
+        ""
+    );
+    let (_, listening, _) = pod.output(&["ss", "-ltnH"]);
+    assert!(listening.contains(":15001"), "the pod listens: {listening}");
+    assert_eq!(ask(del("good"), None, vec![]).await, "");
+    log.wait_for(&["pod drained", "uid=good"])
+        .unwrap_or_else(|| panic!("the pod was not drained:\n{}", log.all()));
+    let (_, listening, _) = pod.output(&["ss", "-ltnH"]);
+    assert!(
+        !listening.contains(":15001"),
+        "the pod's listeners are gone: {listening}"
+    );
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "l4mesh is still running"
+    );
+    let settled = (0..30).any(|_| {
+        std::thread::sleep(Duration::from_millis(100));
+        fds(pid) <= baseline
+    });
+    assert!(
+        settled,
+        "descriptors: {} now, {baseline} before the bad requests\n{}",
+        fds(pid),
+        log.all()
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}
