@@ -293,3 +293,116 @@ async fn bad_zds_requests_are_refused_without_leaks() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// Istio's ztunnel for interop tests: `ZTUNNEL_BIN`, else `../shared/bin/ztunnel` next to the
+/// project; `None` (the caller skips, saying why) when neither exists.
+pub fn ztunnel_bin() -> Option<std::path::PathBuf> {
+    let p = std::env::var_os("ZTUNNEL_BIN")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/bin/ztunnel")
+        });
+    p.exists().then_some(p)
+}
+
+/// `l4mesh node-agent` speaks the real protocol: Istio's ztunnel in shared mode, following it,
+/// says hello, acks the replay, becomes ready, binds its listeners inside the announced pod's
+/// namespace, and closes them when the pod leaves the agent's file.
+#[test]
+fn real_ztunnel_follows_the_node_agent() {
+    if !privileged("real_ztunnel_follows_the_node_agent", &["ss"]) {
+        return;
+    }
+    let Some(ztunnel) = ztunnel_bin() else {
+        eprintln!("SKIPPED real_ztunnel_follows_the_node_agent: no ztunnel at ZTUNNEL_BIN or ../shared/bin/ztunnel");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (sock, pods, mesh) = (
+        dir.path().join("zds.sock"),
+        dir.path().join("pods.yaml"),
+        dir.path().join("mesh.yaml"),
+    );
+    let mut node = Netns::new("ztnode");
+    let pod = Netns::new("ztpod");
+    let pod_file = format!(
+        "pods:\n- uid: uid-p1\n  name: p1\n  namespace: default\n  serviceAccount: sa\n  netns: /var/run/netns/{}\n",
+        pod.name
+    );
+    std::fs::write(&pods, &pod_file).unwrap();
+    std::fs::write(
+        &mesh,
+        super::harness::workload_yaml("p1", "sa", "10.251.0.2", "node-1", "  services: {}\n")
+            .replacen("- uid", "workloads:\n- uid", 1),
+    )
+    .unwrap();
+    let bin = env!("CARGO_BIN_EXE_l4mesh");
+    let agent = node.spawn(
+        &[
+            bin,
+            "node-agent",
+            "--socket",
+            sock.to_str().unwrap(),
+            "--pods",
+            pods.to_str().unwrap(),
+            "--no-capture",
+            "--removal-delay",
+            "0s",
+        ],
+        &[("RUST_LOG", "info")],
+        "serving ZDS",
+    );
+    let zt = node.spawn(
+        &[ztunnel.to_str().unwrap()],
+        &[
+            ("PROXY_MODE", "shared"),
+            ("INPOD_UDS", sock.to_str().unwrap()),
+            ("FAKE_CA", "true"),
+            ("XDS_ADDRESS", ""),
+            ("CA_ADDRESS", ""),
+            ("LOCAL_XDS_PATH", mesh.to_str().unwrap()),
+            ("NODE_NAME", "node-1"),
+            ("RUST_LOG", "info"),
+        ],
+        "",
+    );
+    let logs = || format!("agent:\n{}\nztunnel:\n{}", agent.all(), zt.all());
+    agent
+        .wait_for(&["replay to the proxy complete", "pods=1"])
+        .unwrap_or_else(|| panic!("ztunnel did not ack the replay\n{}", logs()));
+    let listens = |want: bool| {
+        (0..100).any(|_| {
+            let (_, out, _) = pod.output(&["ss", "-ltnH"]);
+            let all = [":15001", ":15006", ":15008"]
+                .iter()
+                .all(|p| out.contains(p));
+            let none = [":15001", ":15006", ":15008"]
+                .iter()
+                .all(|p| !out.contains(p));
+            if (want && all) || (!want && none) {
+                return true;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            false
+        })
+    };
+    assert!(listens(true), "ztunnel listens in the pod\n{}", logs());
+    let (ok, _, err) = node.output(&[
+        "python3",
+        "-c",
+        "import urllib.request; assert urllib.request.urlopen('http://127.0.0.1:15021/healthz/ready', timeout=3).status == 200",
+    ]);
+    assert!(ok, "ztunnel is ready after the snapshot: {err}\n{}", logs());
+    // The pod leaves the file: `del`, acked, and ztunnel stops listening there.
+    std::fs::write(&pods, "pods: []\n").unwrap();
+    assert!(
+        listens(false),
+        "ztunnel closed the pod's listeners\n{}",
+        logs()
+    );
+    assert!(
+        !agent.all().contains("refused a request"),
+        "ztunnel acked every request without error\n{}",
+        logs()
+    );
+}
