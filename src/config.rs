@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use clap::Parser;
 
+pub mod kubernetes;
+
 use crate::telemetry::LogFormat;
 pub use crate::xds::{RootCa, XdsSettings};
 
@@ -180,6 +182,10 @@ pub enum ConfigError {
     TwoSources(String, PathBuf),
     #[error("XDS_ADDRESS must start with http:// or https://, found {0:?}")]
     XdsScheme(String),
+    #[error("{0}")]
+    ProxyConfig(String),
+    #[error("`proxy {0}`: expected `proxy ztunnel` (the arguments of Istio's ztunnel chart)")]
+    ProxyKind(String),
     #[error("PROXY_WORKLOAD_INFO={0} names the one workload of a dedicated l4mesh, but PROXY_MODE=shared serves the pods the CNI node agent hands over; unset one of them")]
     SharedWithWorkload(String),
     #[error("FAKE_CA=false but no CA_ADDRESS or XDS_ADDRESS is set; expected a CA to ask for certificates")]
@@ -313,6 +319,13 @@ pub struct Args {
     /// Without a subcommand l4mesh runs the proxy.
     #[command(subcommand)]
     pub command: Option<Command>,
+    /// `proxyMetadata` of the mesh config and `PROXY_CONFIG`: xDS node metadata, under the
+    /// `ISTIO_META_*` variables (which win).
+    #[arg(skip)]
+    pub proxy_metadata: std::collections::BTreeMap<String, String>,
+    /// Why the mesh config or `PROXY_CONFIG` could not be read (reported by `into_config`).
+    #[arg(skip)]
+    pub proxy_config_error: Option<String>,
     /// Local config file (ztunnel's LOCAL_XDS_PATH YAML format), watched and re-applied on change.
     /// Without it (and without XDS_ADDRESS) the embedded default mesh is used.
     #[arg(long, env = "LOCAL_XDS_PATH")]
@@ -533,6 +546,11 @@ pub enum Command {
         #[command(subcommand)]
         action: crate::redirect::RedirectCommand,
     },
+    /// Runs the proxy, as Istio's ztunnel chart starts its container (`proxy ztunnel`).
+    Proxy {
+        /// Only `ztunnel`.
+        kind: String,
+    },
     /// The CNI side of shared mode without Kubernetes: serves the ZDS socket, hands the pods of
     /// a watched file (each a network namespace) to the l4mesh of this node, and installs each
     /// pod's capture rules in its namespace.
@@ -566,9 +584,53 @@ pub struct NodeAgentArgs {
 }
 
 impl Args {
+    /// Parses the command line and environment over the defaults of where l4mesh runs
+    /// ([`kubernetes`]: inside Kubernetes, the mesh config file, `PROXY_CONFIG`); exits with
+    /// clap's message on bad flags, as [`Parser::parse`].
+    pub fn parse_in_environment() -> Args {
+        use clap::FromArgMatches;
+        let mesh = std::fs::read_to_string(kubernetes::MESH_CONFIG).ok();
+        let pc_env = std::env::var("PROXY_CONFIG").ok();
+        let (pc, pc_error) = match kubernetes::proxy_config(mesh.as_deref(), pc_env.as_deref()) {
+            Ok(pc) => (pc, None),
+            Err(e) => (Default::default(), Some(e.to_string())),
+        };
+        let env = |k: &str| std::env::var(k).ok();
+        let cmd = Args::command_with(kubernetes::defaults(&env, &|p| p.exists(), &pc));
+        let mut args = Args::from_arg_matches(&cmd.get_matches()).unwrap_or_else(|e| e.exit());
+        args.proxy_metadata = pc.proxy_metadata;
+        args.proxy_config_error = pc_error;
+        args
+    }
+
+    /// The command line parser with `defaults` (argument id, value) in place of the built-in ones.
+    pub fn command_with(defaults: Vec<(&'static str, String)>) -> clap::Command {
+        use clap::CommandFactory;
+        let mut cmd = Args::command();
+        for (id, value) in defaults {
+            cmd = cmd.mut_arg(id, |a| a.default_value(value));
+        }
+        cmd
+    }
+
     /// Validates the flags into a [`Config`].
-    pub fn into_config(self) -> Result<Config, ConfigError> {
-        let xds = self.xds_address.trim().to_owned();
+    pub fn into_config(mut self) -> Result<Config, ConfigError> {
+        // As ztunnel: the cluster id Istio injects as node metadata wins.
+        if let Some(id) = std::env::var("ISTIO_META_CLUSTER_ID")
+            .ok()
+            .filter(|v| !v.trim().is_empty())
+        {
+            self.cluster_id = id;
+        }
+        if let Some(e) = self.proxy_config_error.take() {
+            return Err(ConfigError::ProxyConfig(e));
+        }
+        if let Some(Command::Proxy { kind }) = &self.command {
+            if kind != "ztunnel" {
+                return Err(ConfigError::ProxyKind(kind.clone()));
+            }
+        }
+        let xds = kubernetes::with_scheme(self.xds_address.trim());
         let source = match (xds.is_empty(), self.local_xds_path) {
             (true, None) => Source::EmbeddedDefault,
             (true, Some(p)) => Source::File(p),
@@ -577,9 +639,13 @@ impl Args {
                 if !xds.starts_with("http://") && !xds.starts_with("https://") {
                     return Err(ConfigError::XdsScheme(xds));
                 }
-                let meta = std::env::vars()
-                    .filter_map(|(k, v)| Some((k.strip_prefix("ISTIO_META_")?.to_owned(), v)))
-                    .collect();
+                let mut meta: std::collections::BTreeMap<String, String> =
+                    self.proxy_metadata.clone();
+                meta.extend(
+                    std::env::vars()
+                        .filter_map(|(k, v)| Some((k.strip_prefix("ISTIO_META_")?.to_owned(), v))),
+                );
+
                 Source::Xds(XdsSettings {
                     address: xds,
                     root_ca: self.xds_root_ca.as_deref().map(RootCa::parse),
@@ -670,7 +736,7 @@ impl Args {
             crate::model::SpiffeId::new(&self.trust_domain, &w.namespace, &w.service_account)
         });
         let ca_address = if !self.ca_address.trim().is_empty() {
-            Some(self.ca_address.trim().to_owned())
+            Some(kubernetes::with_scheme(self.ca_address.trim()))
         } else if let Source::Xds(x) = &source {
             Some(x.address.clone())
         } else {

@@ -1,7 +1,5 @@
 //! The l4mesh binary: flags and environment → `Config` → runtime → run until a signal.
 
-use clap::Parser;
-
 #[global_allocator]
 static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
@@ -22,7 +20,7 @@ pub static MALLOC_CONF: MallocConf = MallocConf(
 );
 
 fn main() -> std::process::ExitCode {
-    let args = l4mesh::config::Args::parse();
+    let args = l4mesh::config::Args::parse_in_environment();
     l4mesh::telemetry::init(args.log_format);
     if let Some(l4mesh::config::Command::Redirect { action }) = &args.command {
         return match l4mesh::redirect::run(action) {

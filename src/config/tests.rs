@@ -43,11 +43,29 @@ fn bad_flags_are_named() {
             .contains("<namespace>/<name>/<service account>"),
         "{e}"
     );
-    let e = Args::try_parse_from(["l4mesh", "--xds-address", "istiod:15012"])
+    let e = Args::try_parse_from(["l4mesh", "--xds-address", "ftp://istiod:15012"])
         .unwrap()
         .into_config()
         .unwrap_err();
     assert!(e.to_string().contains("http:// or https://"), "{e}");
+    // Without a scheme, https is meant (as ztunnel reads it).
+    let c = Args::try_parse_from(["l4mesh", "--xds-address", "istiod:15012"])
+        .unwrap()
+        .into_config()
+        .unwrap();
+    match c.source {
+        Source::Xds(x) => assert_eq!(x.address, "https://istiod:15012"),
+        other => panic!("{other:?}"),
+    }
+    let e = Args::try_parse_from(["l4mesh", "proxy", "envoy"])
+        .unwrap()
+        .into_config()
+        .unwrap_err();
+    assert!(e.to_string().contains("expected `proxy ztunnel`"), "{e}");
+    assert!(Args::try_parse_from(["l4mesh", "proxy", "ztunnel"])
+        .unwrap()
+        .into_config()
+        .is_ok());
     let e = Args::try_parse_from([
         "l4mesh",
         "--xds-address",
@@ -451,4 +469,78 @@ fn plaintext_control_plane_only_on_loopback_or_when_allowed() {
         "true"
     ])
     .is_ok());
+}
+
+#[test]
+fn shared_mode_takes_the_agent_socket_and_no_workload() {
+    let c = Args::try_parse_from([
+        "l4mesh",
+        "--proxy-mode",
+        "shared",
+        "--inpod-uds",
+        "/run/z.sock",
+    ])
+    .unwrap()
+    .into_config()
+    .unwrap();
+    let inpod = c.inpod.expect("shared mode has in-pod settings");
+    assert_eq!(inpod.uds, std::path::PathBuf::from("/run/z.sock"));
+    assert!(inpod.port_reuse, "INPOD_PORT_REUSE defaults to on");
+    assert_eq!(c.socks5_addr, None, "no SOCKS5 in shared mode");
+    let e = Args::try_parse_from([
+        "l4mesh",
+        "--proxy-mode",
+        "shared",
+        "--proxy-workload-info",
+        "default/a/sa",
+    ])
+    .unwrap()
+    .into_config()
+    .unwrap_err();
+    assert!(
+        e.to_string().contains("PROXY_WORKLOAD_INFO=default/a/sa"),
+        "{e}"
+    );
+    let c = Args::try_parse_from(["l4mesh"])
+        .unwrap()
+        .into_config()
+        .unwrap();
+    assert_eq!(c.inpod, None, "dedicated by default outside Kubernetes");
+}
+
+#[test]
+fn kubernetes_defaults_reach_the_config_and_flags_still_win() {
+    use clap::FromArgMatches;
+    let env = |k: &str| (k == "KUBERNETES_SERVICE_HOST").then(|| "10.96.0.1".to_owned());
+    let pc = kubernetes::ProxyConfig {
+        proxy_admin_port: Some(15100),
+        concurrency: Some(3),
+        status_port: Some(15090),
+        ..Default::default()
+    };
+    let defaults = kubernetes::defaults(&env, &|_| true, &pc);
+    let parse = |argv: &[&str]| {
+        let m = Args::command_with(defaults.clone())
+            .try_get_matches_from(argv)
+            .unwrap();
+        Args::from_arg_matches(&m).unwrap().into_config().unwrap()
+    };
+    let c = parse(&["l4mesh"]);
+    assert_eq!(c.proxy_mode, ProxyMode::Shared);
+    match &c.source {
+        Source::Xds(x) => assert_eq!(x.address, kubernetes::ISTIOD),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(c.outbound_addr, "[::]:15001".parse().unwrap());
+    assert_eq!(c.admin_addr, Some("127.0.0.1:15100".parse().unwrap()));
+    assert_eq!(c.metrics_addr, Some("[::]:15090".parse().unwrap()));
+    assert_eq!(c.worker_threads, 3);
+    let c = parse(&[
+        "l4mesh",
+        "--proxy-mode",
+        "dedicated",
+        "--proxy-workload-info",
+        "d/a/sa",
+    ]);
+    assert_eq!(c.proxy_mode, ProxyMode::Dedicated);
 }
