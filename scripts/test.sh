@@ -63,6 +63,8 @@ if [ "$(id -u)" = 0 ]; then export L4MESH_REQUIRE_PRIVILEGED=1; fi
 
 echo "== fmt";    cargo fmt --all -- --check
 echo "== clippy"; cargo clippy --workspace --all-targets -- -D warnings
+# The Kubernetes manifests and the Containerfile (no cluster needed).
+echo "== manifests"; scripts/lint-manifests.sh
 # The fuzz targets (fuzz/), each for a short bounded time; scripts/fuzz.sh says so and skips when
 # this machine has no nightly toolchain.
 echo "== fuzz";   scripts/fuzz.sh "${L4MESH_FUZZ_SECS:-30}"
