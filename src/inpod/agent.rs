@@ -292,7 +292,11 @@ async fn announce(conn: &Conn, pod: &AgentPod) -> std::io::Result<()> {
             }),
         })),
     };
-    request(conn, add, Some(netns)).await
+    let sent = std::time::Instant::now();
+    request(conn, add, Some(netns)).await?;
+    // How long the proxy took to start serving it (its ack comes once the listeners are bound).
+    tracing::info!(pod = %format!("{}/{}", pod.namespace, pod.name), ack_us = sent.elapsed().as_micros() as u64, "node agent: pod announced");
+    Ok(())
 }
 
 fn del(uid: &str) -> pb::WorkloadRequest {

@@ -138,6 +138,21 @@ impl SharedNode {
         self.agent.as_ref()?.1.wait_for(needles)
     }
 
+    /// The running l4mesh's process id (benches measure and pin it).
+    #[allow(dead_code)]
+    pub fn l4mesh_pid(&self) -> Option<u32> {
+        self.l4mesh.as_ref().map(|(c, _)| c.id())
+    }
+
+    /// The running agent's log so far.
+    #[allow(dead_code)]
+    pub fn agent_log(&self) -> String {
+        self.agent
+            .as_ref()
+            .map(|(_, o)| o.all())
+            .unwrap_or_default()
+    }
+
     pub fn logs(&self, i: u8) -> String {
         let now =
             |p: &Option<(Child, Output)>| p.as_ref().map(|(_, o)| o.all()).unwrap_or_default();

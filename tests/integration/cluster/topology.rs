@@ -77,6 +77,8 @@ impl PodSpec {
 /// A pod: its namespace, its l4mesh (when in the mesh) and its collected log.
 pub struct Pod {
     pub spec: PodSpec,
+    /// How long its (dedicated) l4mesh took from start to ready, the last time it started.
+    pub ready_after: Option<Duration>,
     l4mesh: Option<(Child, Output)>,
     pub ns: Netns,
 }
@@ -311,6 +313,7 @@ impl Cluster {
         }
         Pod {
             spec,
+            ready_after: None,
             l4mesh: None,
             ns,
         }
@@ -330,9 +333,11 @@ impl Cluster {
             ("POD_NAME".to_owned(), name.to_owned()),
         ]);
         let envs: Vec<(&str, &str)> = envs.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let started = Instant::now();
         let (child, out) = p.ns.spawn_owned(&[bin], &envs, "listening");
         p.l4mesh = Some((child, out));
         let (ok, _, err) = p.run(&["python3", "-c", READY_PY, &format!("{ip}:15021"), "20"]);
+        p.ready_after = Some(started.elapsed());
         assert!(
             ok,
             "l4mesh in {pod} not ready within 20 s: {err}\nlog:\n{}",
