@@ -225,7 +225,7 @@ fn main() {
     pin(std::process::id(), "0");
     let env = [
         ("ZTUNNEL_WORKER_THREADS", "1"),
-        ("RUST_LOG", "warn,l4mesh::inpod=info"),
+        ("RUST_LOG", "warn,l4mesh::app=info,l4mesh::inpod=info"),
     ];
 
     let shared = {

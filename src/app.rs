@@ -248,16 +248,19 @@ async fn build(
     };
     let own_identity = only.clone();
     // Certificates of the node's identities are fetched and renewed by workers this task starts,
-    // so they run where it runs.
-    tasks.push(spawn_control(
-        operators,
-        crate::identity::follow_store(
-            store.clone(),
-            config.node_name.clone(),
-            only,
-            secrets.clone(),
-        ),
-    ));
+    // so they run where it runs. In shared mode the pod manager keeps them instead: exactly the
+    // identities of the pods it serves.
+    if config.inpod.is_none() {
+        tasks.push(spawn_control(
+            operators,
+            crate::identity::follow_store(
+                store.clone(),
+                config.node_name.clone(),
+                only,
+                secrets.clone(),
+            ),
+        ));
+    }
 
     // Dedicated mode binds the data path here; shared mode binds it in each pod's namespace.
     let data = match &config.inpod {
@@ -364,6 +367,7 @@ async fn build(
                 readiness: readiness.clone(),
                 node_drain: drain.signal(),
                 deadline: config.connection_termination_deadline,
+                control: operators.cloned(),
             },
             crate::inpod::manager::PodListeners {
                 outbound: outbound.port(),

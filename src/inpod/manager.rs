@@ -50,6 +50,9 @@ pub struct NodeParts {
     pub node_drain: Signal,
     /// How long a removed pod's connections may continue.
     pub deadline: Duration,
+    /// Where certificate workers run (the operators' runtime; `None`: the current one), so that
+    /// signing requests never take a data-plane thread.
+    pub control: Option<tokio::runtime::Handle>,
 }
 
 /// The pods, for metrics and `/config_dump`.
@@ -112,6 +115,7 @@ impl PodsView {
 struct PodProxy {
     drain: Drain,
     listeners: tokio::task::JoinHandle<()>,
+    identity: SpiffeId,
 }
 
 /// Acts on the agent's requests ([`PodHandler`]): one proxy per pod.
@@ -182,11 +186,12 @@ impl PodManager {
             &scope.info.service_account,
         );
         let drain = Drain::new();
-        let ctx = Arc::new(
-            self.node
-                .base
-                .for_pod(scope.clone(), identity, netns, drain.signal()),
-        );
+        let ctx = Arc::new(self.node.base.for_pod(
+            scope.clone(),
+            identity.clone(),
+            netns,
+            drain.signal(),
+        ));
         let mut serve = Vec::new();
         for ((l, role), limiter) in bound
             .into_iter()
@@ -229,8 +234,30 @@ impl PodManager {
                     .map_or(0, |d| d.as_secs()),
             },
         );
-        self.pods.insert(uid, PodProxy { drain, listeners });
+        self.pods.insert(
+            uid,
+            PodProxy {
+                drain,
+                listeners,
+                identity,
+            },
+        );
+        self.sync_certificates();
         Ok(())
+    }
+
+    /// The certificates held are exactly those of the pods served (one per service account):
+    /// a new identity is fetched now, one no pod needs any more is forgotten.
+    fn sync_certificates(&self) {
+        let mut ids: Vec<SpiffeId> = self.pods.values().map(|p| p.identity.clone()).collect();
+        ids.sort();
+        ids.dedup();
+        let _on = self
+            .node
+            .control
+            .as_ref()
+            .map(tokio::runtime::Handle::enter);
+        self.node.base.secrets.retain(&ids);
     }
 
     /// The pod's three listeners, on the wildcard address of its namespace (`[::]`, dual stack;
@@ -262,6 +289,8 @@ impl PodManager {
     ) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
         let pod = self.pods.remove(uid)?;
         pod.drain.start();
+        // Its established connections keep their TLS sessions; no new one needs its certificate.
+        self.sync_certificates();
         if let Some(e) = self.view.lock().get_mut(uid) {
             e.state = "draining";
         }
@@ -272,7 +301,12 @@ impl PodManager {
         Some(async move {
             let report = pod.drain.drain(deadline, FORCE_GRACE).await;
             pod.listeners.abort();
-            view.lock().remove(&uid);
+            // Unless the pod was added again meanwhile (its new entry is listening).
+            let mut pods = view.lock();
+            if pods.get(&uid).is_some_and(|e| e.state == "draining") {
+                pods.remove(&uid);
+            }
+            drop(pods);
             view.stopped.fetch_add(1, Relaxed);
             tracing::info!(%uid, elapsed_ms = report.elapsed.as_millis() as u64, closed_at_deadline = report.forced, "pod drained");
             drop(hold);
