@@ -229,7 +229,13 @@ fn main() {
     ];
 
     let shared = {
-        let c = Cluster::start_mixed("sm", 2, &pods(n), &state(n), &env, &[1, 2]);
+        // BENCH_SHARED_NODES: which nodes run shared (default both; node 1 always, for its figures).
+        let nodes: Vec<u8> = std::env::var("BENCH_SHARED_NODES")
+            .unwrap_or_else(|_| "1,2".into())
+            .split(',')
+            .filter_map(|n| n.trim().parse().ok())
+            .collect();
+        let c = Cluster::start_mixed("sm", 2, &pods(n), &state(n), &env, &nodes);
         let node1 = &c.shared[&1];
         let served: Vec<Duration> = node1
             .agent_log()
@@ -251,12 +257,12 @@ fn main() {
             "every pod of node 1 announced:\n{}",
             c.logs()
         );
-        let pids = [
-            node1.l4mesh_pid().unwrap(),
-            c.shared[&2].l4mesh_pid().unwrap(),
-        ];
-        pin(pids[1], "1");
-        measure(&c, secs, &pids[..1], served)
+        let node2 = match c.shared.get(&2) {
+            Some(n) => n.l4mesh_pid(),
+            None => c.pod("b").l4mesh_pid(),
+        };
+        pin(node2.unwrap(), "1");
+        measure(&c, secs, &[node1.l4mesh_pid().unwrap()], served)
     };
     let dedicated = {
         let c = Cluster::start("dm", 2, &pods(n), &state(n), &env);

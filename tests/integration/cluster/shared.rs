@@ -1,7 +1,7 @@
-//! Shared mode on the simulated cluster: node 1 runs one l4mesh for all its pods (handed over
-//! by a real `l4mesh node-agent`), node 2 runs dedicated l4mesh per pod — a mixed cluster. Each
-//! check asserts the bytes that arrived, the source the server saw and the identity the
-//! destination proved it received.
+//! Shared mode on the simulated cluster, twice: both nodes shared (one l4mesh per node for all
+//! its pods, handed over by a real `l4mesh node-agent` per node), and a mixed cluster (node 1
+//! shared, node 2 a dedicated l4mesh per pod). Each check asserts the bytes that arrived, the
+//! source the server saw and the identity the destination received.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -16,6 +16,8 @@ const S1: &str = "10.240.1.11";
 const C2: &str = "10.240.1.12";
 const C3: &str = "10.240.1.13";
 const S2: &str = "10.240.2.10";
+const S3: &str = "10.240.2.11";
+const S4: &str = "10.240.2.12";
 const VIP: &str = "10.240.200.1";
 
 /// Connects, sends `hold`, and reads until the connection closes; prints `held`, then `closed`.
@@ -37,6 +39,8 @@ fn state() -> String {
     s += &workload_yaml("c2", "client2", C2, "node-1", "");
     s += &workload_yaml("c3", "client3", C3, "node-1", "");
     s += &workload_yaml("s1", "server", S1, "node-1", "");
+    s += &workload_yaml("s3", "server", S3, "node-2", "");
+    s += &workload_yaml("s4", "other", S4, "node-2", "");
     s += &workload_yaml(
         "s2",
         "server",
@@ -72,11 +76,40 @@ fn closed(o: &Output) -> bool {
     o.all().contains("closed")
 }
 
+/// A line of the log that saw `pod`'s inbound traffic (its node's shared l4mesh, or its own),
+/// with every needle.
+fn dst_log(c: &Cluster, pod: &str, needles: &[&str]) -> Option<String> {
+    let spec = &c.pod(pod).spec;
+    match c.shared.get(&spec.node) {
+        Some(n) => {
+            let tag = format!("pod=\"default/{pod}\"");
+            let mut all = needles.to_vec();
+            all.push(&tag);
+            n.wait_log(&all)
+        }
+        None => c.pod(pod).wait_log(needles),
+    }
+}
+
 #[test]
-fn shared_mode_scenarios() {
-    if !privileged("shared_mode_scenarios", &["ss"]) {
+fn shared_mode_on_every_node() {
+    if !privileged("shared_mode_on_every_node", &["ss"]) {
         return;
     }
+    scenarios("sa", &[1, 2]);
+}
+
+#[test]
+fn shared_mode_beside_dedicated_mode() {
+    if !privileged("shared_mode_beside_dedicated_mode", &["ss"]) {
+        return;
+    }
+    scenarios("sm", &[1]);
+}
+
+/// Node 1 (always shared): c1, s1, c2 in the mesh, c3 joining later; node 2 (`shared` or
+/// dedicated): s2 (the VIP's endpoint), s3, s4.
+fn scenarios(prefix: &str, shared: &[u8]) {
     let pods = vec![
         PodSpec::new("c1", 1, 10, "client", true),
         PodSpec::new("s1", 1, 11, "server", true),
@@ -84,14 +117,16 @@ fn shared_mode_scenarios() {
         // Not in the mesh at first: added to the agent's file during the test.
         PodSpec::new("c3", 1, 13, "client3", false),
         PodSpec::new("s2", 2, 10, "server", true),
+        PodSpec::new("s3", 2, 11, "server", true),
+        PodSpec::new("s4", 2, 12, "other", true),
     ];
     let env = [("CONNECTION_TERMINATION_DEADLINE", "2s")];
-    let mut c = Cluster::start_mixed("sh", 2, &pods, &state(), &env, &[1]);
+    let mut c = Cluster::start_mixed(prefix, 2, &pods, &state(), &env, shared);
     c.echo("s1", "0.0.0.0", 8080, "s1");
     c.echo("s2", "0.0.0.0", 8080, "s2");
     let logs = |c: &Cluster| c.logs();
 
-    // 1. pod → VIP → pod on the other (dedicated) node over HBONE, each pod with its own
+    // 1. pod → VIP → pod on the other node over HBONE, each pod with its own
     //    identity: the destination saw c1 as `client` and c2 as `client2`.
     for (pod, ip, sa) in [("c1", C1, "client"), ("c2", C2, "client2")] {
         let got = call(&c, pod, VIP, 80, pod);
@@ -101,12 +136,15 @@ fn shared_mode_scenarios() {
             "{pod} → VIP\n{}",
             logs(&c)
         );
-        c.pod("s2")
-            .wait_log(&[
+        dst_log(
+            &c,
+            "s2",
+            &[
                 "inbound_hbone",
                 &format!("spiffe://cluster.local/ns/default/sa/{sa}"),
-            ])
-            .unwrap_or_else(|| panic!("s2 did not see {pod} as {sa}\n{}", logs(&c)));
+            ],
+        )
+        .unwrap_or_else(|| panic!("s2 did not see {pod} as {sa}\n{}", logs(&c)));
         node(&c)
             .wait_log(&["access", "outbound", &format!("pod=\"default/{pod}\""), VIP])
             .unwrap_or_else(|| panic!("no outbound access line of {pod}\n{}", logs(&c)));
@@ -126,13 +164,22 @@ fn shared_mode_scenarios() {
             "spiffe://cluster.local/ns/default/sa/client",
         ])
         .unwrap_or_else(|| panic!("s1's inbound line\n{}", logs(&c)));
-    // …and from the dedicated node into the shared one.
+    // …and from node 2 into node 1, from another service account.
     assert_eq!(
-        call(&c, "s2", S1, 8080, "from-dedicated").as_deref(),
-        Some(format!("s1:{S2}:from-dedicated").as_str()),
+        call(&c, "s4", S1, 8080, "from-node-2").as_deref(),
+        Some(format!("s1:{S4}:from-node-2").as_str()),
         "{}",
         logs(&c)
     );
+    dst_log(
+        &c,
+        "s1",
+        &[
+            "inbound_hbone",
+            "spiffe://cluster.local/ns/default/sa/other",
+        ],
+    )
+    .unwrap_or_else(|| panic!("s1 did not see s4 as other\n{}", logs(&c)));
 
     // 3. a pod deleted: its listeners leave its namespace at once, its connection closes at
     //    the deadline (2 s), the other pods' connections are untouched.
@@ -177,12 +224,15 @@ fn shared_mode_scenarios() {
         "{}",
         logs(&c)
     );
-    c.pod("s2")
-        .wait_log(&[
+    dst_log(
+        &c,
+        "s2",
+        &[
             "inbound_hbone",
             "spiffe://cluster.local/ns/default/sa/client3",
-        ])
-        .unwrap_or_else(|| panic!("s2 did not see c3 as client3\n{}", logs(&c)));
+        ],
+    )
+    .unwrap_or_else(|| panic!("s2 did not see c3 as client3\n{}", logs(&c)));
     assert!(!closed(&keep), "c1's connection was untouched");
 
     // 5. the agent restarts with c3 removed meanwhile: l4mesh reconnects, the replay keeps c1
