@@ -20,24 +20,14 @@ mod common;
 mod control_plane;
 #[path = "../tests/integration/netns.rs"]
 mod netns;
+mod pod_paths;
 #[path = "../tests/integration/cluster/shared_node.rs"]
 mod shared_node;
 #[path = "../tests/integration/cluster/topology.rs"]
 mod topology;
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
-
-use control_plane::enter_netns;
+use pod_paths::{latency, pin, servers, throughput};
 use topology::{Cluster, PodSpec};
-
-const SINK_PORT: u16 = 19000;
-const ECHO_PORT: u16 = 19001;
-const CHUNK: usize = 256 * 1024;
 
 fn state() -> String {
     let mut s = String::from("workloads:\n");
@@ -59,87 +49,6 @@ fn pods() -> Vec<PodSpec> {
         PodSpec::new("da", 1, 20, "plain", false),
         PodSpec::new("db", 2, 20, "plain", false),
     ]
-}
-
-/// Runs `f` on a thread inside the network namespace `ns`.
-fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let ns = ns.to_owned();
-    std::thread::spawn(move || {
-        enter_netns(&ns).expect("setns");
-        f()
-    })
-    .join()
-    .expect("thread in namespace panicked")
-}
-
-/// A sink (counting bytes) and an echo server on the server pod's address, in its namespace.
-fn servers(ns: &str, ip: &str) -> Arc<AtomicU64> {
-    let count = Arc::new(AtomicU64::new(0));
-    let (c, ip) = (count.clone(), ip.to_owned());
-    let (sink, echo) = in_ns(ns, move || {
-        (
-            TcpListener::bind(format!("{ip}:{SINK_PORT}")).unwrap(),
-            TcpListener::bind(format!("{ip}:{ECHO_PORT}")).unwrap(),
-        )
-    });
-    common::serve_sink(sink, c, CHUNK);
-    std::thread::spawn(move || {
-        for s in echo.incoming() {
-            let Ok(mut s) = s else { return };
-            let _ = s.set_nodelay(true);
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 1024];
-                while let Ok(n) = s.read(&mut buf) {
-                    if n == 0 || s.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
-    count
-}
-
-/// A connection from the client pod `ns` to `ip:port` (its socket lives in that namespace).
-fn connect(ns: &str, ip: &str, port: u16) -> TcpStream {
-    let addr = format!("{ip}:{port}");
-    let s = in_ns(ns, move || TcpStream::connect(addr).unwrap());
-    s.set_nodelay(true).unwrap();
-    s
-}
-
-fn throughput(ns: &str, ip: &str, secs: f64, count: &AtomicU64) -> f64 {
-    let mut s = connect(ns, ip, SINK_PORT);
-    let stop = Arc::new(AtomicBool::new(false));
-    let st = stop.clone();
-    let h = std::thread::spawn(move || {
-        let buf = vec![7u8; CHUNK];
-        while !st.load(Ordering::Relaxed) {
-            if s.write_all(&buf).is_err() {
-                break;
-            }
-        }
-    });
-    std::thread::sleep(Duration::from_millis(300));
-    let b0 = count.load(Ordering::Relaxed);
-    let t0 = Instant::now();
-    std::thread::sleep(Duration::from_secs_f64(secs));
-    let bytes = count.load(Ordering::Relaxed) - b0;
-    let el = t0.elapsed().as_secs_f64();
-    stop.store(true, Ordering::Relaxed);
-    let _ = h.join();
-    bytes as f64 * 8.0 / el / 1e9
-}
-
-fn latency(ns: &str, ip: &str) -> (Duration, Duration) {
-    common::ping_pong(&mut connect(ns, ip, ECHO_PORT))
-}
-
-fn pin(pid: u32, core: &str) {
-    let _ = Command::new("taskset")
-        .args(["-a", "-p", "-c", core, &pid.to_string()])
-        .stdout(Stdio::null())
-        .status();
 }
 
 fn main() {

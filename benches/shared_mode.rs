@@ -19,24 +19,18 @@ mod common;
 mod control_plane;
 #[path = "../tests/integration/netns.rs"]
 mod netns;
+mod pod_paths;
 #[path = "../tests/integration/cluster/shared_node.rs"]
 mod shared_node;
 #[path = "../tests/integration/cluster/topology.rs"]
 mod topology;
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use control_plane::enter_netns;
+use common::rss_kib;
+use pod_paths::{latency, pin, servers, throughput};
 use topology::{Cluster, PodSpec};
 
-const SINK_PORT: u16 = 19000;
-const ECHO_PORT: u16 = 19001;
-const CHUNK: usize = 256 * 1024;
 const A: &str = "10.240.1.10";
 const B: &str = "10.240.2.10";
 
@@ -84,92 +78,6 @@ fn pods(n: usize) -> Vec<PodSpec> {
     v
 }
 
-fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let ns = ns.to_owned();
-    std::thread::spawn(move || {
-        enter_netns(&ns).expect("setns");
-        f()
-    })
-    .join()
-    .expect("thread in namespace panicked")
-}
-
-/// A counting sink and an echo server on `b`'s address, in its namespace.
-fn servers(ns: &str) -> Arc<AtomicU64> {
-    let count = Arc::new(AtomicU64::new(0));
-    let (sink, echo) = in_ns(ns, move || {
-        (
-            TcpListener::bind(format!("{B}:{SINK_PORT}")).unwrap(),
-            TcpListener::bind(format!("{B}:{ECHO_PORT}")).unwrap(),
-        )
-    });
-    common::serve_sink(sink, count.clone(), CHUNK);
-    std::thread::spawn(move || {
-        for s in echo.incoming() {
-            let Ok(mut s) = s else { return };
-            let _ = s.set_nodelay(true);
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 1024];
-                while let Ok(n) = s.read(&mut buf) {
-                    if n == 0 || s.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
-    count
-}
-
-fn connect(ns: &str, port: u16) -> TcpStream {
-    let s = in_ns(ns, move || {
-        TcpStream::connect(format!("{B}:{port}")).unwrap()
-    });
-    s.set_nodelay(true).unwrap();
-    s
-}
-
-fn throughput(ns: &str, secs: f64, count: &AtomicU64) -> f64 {
-    let mut s = connect(ns, SINK_PORT);
-    let stop = Arc::new(AtomicBool::new(false));
-    let st = stop.clone();
-    let h = std::thread::spawn(move || {
-        let buf = vec![7u8; CHUNK];
-        while !st.load(Ordering::Relaxed) {
-            if s.write_all(&buf).is_err() {
-                break;
-            }
-        }
-    });
-    std::thread::sleep(Duration::from_millis(300));
-    let (b0, t0) = (count.load(Ordering::Relaxed), Instant::now());
-    std::thread::sleep(Duration::from_secs_f64(secs));
-    let bytes = count.load(Ordering::Relaxed) - b0;
-    let el = t0.elapsed().as_secs_f64();
-    stop.store(true, Ordering::Relaxed);
-    let _ = h.join();
-    bytes as f64 * 8.0 / el / 1e9
-}
-
-fn pin(pid: u32, core: &str) {
-    let _ = Command::new("taskset")
-        .args(["-a", "-p", "-c", core, &pid.to_string()])
-        .stdout(Stdio::null())
-        .status();
-}
-
-/// Resident memory of `pid`, KiB.
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 fn percentile(v: &mut [Duration], p: f64) -> Duration {
     v.sort_unstable();
     v.get(((v.len() as f64 - 1.0) * p).round() as usize)
@@ -193,10 +101,10 @@ fn measure(c: &Cluster, secs: f64, pids: &[u32], served: Vec<Duration>) -> Figur
     // Let startup's transient allocations go back (jemalloc purges within a second or two).
     std::thread::sleep(Duration::from_secs(3));
     let rss_kib = pids.iter().map(|p| rss_kib(*p)).sum();
-    let count = servers(&c.pod("b").ns.name);
+    let count = servers(&c.pod("b").ns.name, B);
     let a = c.pod("a").ns.name.clone();
-    let gbps = throughput(&a, secs, &count);
-    let (p50, p99) = common::ping_pong(&mut connect(&a, ECHO_PORT));
+    let gbps = throughput(&a, B, secs, &count);
+    let (p50, p99) = latency(&a, B);
     Figures {
         rss_kib,
         served,

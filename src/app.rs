@@ -423,18 +423,9 @@ async fn build(
             listener(data.hbone.0, Role::InboundHbone),
         ];
         serve.extend(data.socks.map(|(l, _)| listener(l, Role::Socks5)));
-        tasks.push(tokio::spawn(async move {
-            // A drain before readiness: the listeners are dropped (closed) unused.
-            tokio::select! {
-                () = gate.wait() => {}
-                () = signal.draining() => return,
-            }
-            let mut set = tokio::task::JoinSet::new();
-            for l in serve {
-                set.spawn(l.run());
-            }
-            while set.join_next().await.is_some() {}
-        }));
+        tasks.push(tokio::spawn(crate::proxy::serve_when_ready(
+            serve, gate, signal,
+        )));
     }
     if let Some((mut manager, uds)) = pods {
         let signal = drain.signal();

@@ -458,6 +458,25 @@ impl Listener {
     }
 }
 
+/// Serves `listeners` once `ready` (the mesh state is known; connections wait in the backlog
+/// until then instead of being misrouted) until `drain` starts; a drain before readiness drops
+/// (closes) them unused. One path for dedicated mode's listeners and each pod's.
+pub async fn serve_when_ready(
+    listeners: Vec<Listener>,
+    ready: crate::readiness::Readiness,
+    drain: crate::drain::Signal,
+) {
+    tokio::select! {
+        () = ready.wait() => {}
+        () = drain.draining() => return,
+    }
+    let mut set = tokio::task::JoinSet::new();
+    for l in listeners {
+        set.spawn(l.run());
+    }
+    while set.join_next().await.is_some() {}
+}
+
 /// Accepts connections until a drain starts, spawning `handle` for each with the drain watcher it
 /// must hold for its life; a failed accept (e.g. out of file descriptors) is logged and retried
 /// after a short pause instead of killing the listener. Returning drops (closes) the listening

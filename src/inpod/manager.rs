@@ -208,17 +208,7 @@ impl PodManager {
             serve.push(Listener::new(l, ctx.clone(), role, limiter.clone()));
         }
         let (gate, signal) = (self.node.readiness.clone(), drain.signal());
-        let listeners = tokio::spawn(async move {
-            tokio::select! {
-                () = gate.wait() => {}
-                () = signal.draining() => return,
-            }
-            let mut set = tokio::task::JoinSet::new();
-            for l in serve {
-                set.spawn(l.run());
-            }
-            while set.join_next().await.is_some() {}
-        });
+        let listeners = tokio::spawn(crate::proxy::serve_when_ready(serve, gate, signal));
         tracing::info!(pod = %scope.name, %uid, service_account = %scope.info.service_account, "pod added: listening in its network namespace");
         self.view.started.fetch_add(1, Relaxed);
         self.view.lock().insert(
