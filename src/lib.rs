@@ -27,6 +27,7 @@ pub mod admin;
 pub mod app;
 pub mod config;
 pub mod control_plane;
+pub mod dns;
 pub mod drain;
 pub mod http_server;
 pub mod identity;

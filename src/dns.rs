@@ -1,0 +1,149 @@
+//! The DNS proxy (ztunnel's, on 15053 when DNS capture is on): mesh names (service hostnames,
+//! ServiceEntry hosts, wildcard hosts) are answered from the store, authoritatively; every other
+//! name goes to the upstream resolvers of `/etc/resolv.conf`.
+//!
+//! Split: [`answer`] (which mesh name a query means: pure store lookups and search-domain
+//! stripping), [`respond`] here (a query's bytes → the reply's bytes or "forward it": the DNS
+//! wire format through hickory-proto, never a parser of our own), [`forward`] (the upstream
+//! exchange, UDP with a TCP retry when truncated), [`server`] (the UDP and TCP listeners, their
+//! limits and metrics).
+
+pub mod answer;
+pub mod forward;
+pub mod server;
+
+use std::net::IpAddr;
+
+use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
+use hickory_proto::rr::rdata::{A, AAAA, CNAME};
+use hickory_proto::rr::{Name, RData, Record, RecordType};
+
+pub use server::{DnsMetrics, DnsServer};
+
+/// The TTL of answers from the store (ztunnel's).
+pub const TTL_SECS: u32 = 30;
+
+/// What to do with one query.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Reply {
+    /// Send these bytes back (an answer from the store, or an error the request earned).
+    Send { bytes: Vec<u8>, rcode: ResponseCode },
+    /// Not a mesh name: the upstream resolvers answer it (the request as it came).
+    Forward,
+    /// Not even a DNS header: nothing can be answered (no id to answer with).
+    Drop,
+}
+
+/// The reply to `request` (one DNS message, as it came over UDP or TCP) for a client in
+/// `client`'s namespace, from `snapshot`.
+pub fn respond(
+    request: &[u8],
+    snapshot: &crate::store::Snapshot,
+    client: answer::Client<'_>,
+    cluster_domain: &str,
+) -> Reply {
+    let msg = match Message::from_vec(request) {
+        Ok(m) => m,
+        Err(_) => return formerr(request),
+    };
+    if msg.message_type() != MessageType::Query {
+        // Answering a response could make two servers talk to each other forever.
+        return Reply::Drop;
+    }
+    if msg.op_code() != OpCode::Query {
+        return error(&msg, ResponseCode::NotImp);
+    }
+    let [query] = msg.queries() else {
+        // RFC 9619: one question per query.
+        return error(&msg, ResponseCode::FormErr);
+    };
+    let qname = query.name().to_lowercase().to_ascii();
+    let qname = qname.strip_suffix('.').unwrap_or(&qname);
+    let Some(found) = answer::lookup(snapshot, qname, client, cluster_domain) else {
+        return Reply::Forward;
+    };
+    let mut out = response(&msg, ResponseCode::NoError);
+    out.set_authoritative(true);
+    let mut target = query.name().clone();
+    if found.alias {
+        match Name::from_ascii(format!("{}.", found.canonical)) {
+            Ok(canonical) => {
+                out.add_answer(Record::from_rdata(
+                    query.name().clone(),
+                    TTL_SECS,
+                    RData::CNAME(CNAME(canonical.clone())),
+                ));
+                target = canonical;
+            }
+            Err(_) => return error(&msg, ResponseCode::ServFail),
+        }
+    }
+    // The other family, or another type, of a mesh name: no records, NOERROR (not NXDOMAIN).
+    for ip in &found.addrs {
+        let rdata = match (query.query_type(), ip) {
+            (RecordType::A, IpAddr::V4(v4)) => RData::A(A(*v4)),
+            (RecordType::AAAA, IpAddr::V6(v6)) => RData::AAAA(AAAA(*v6)),
+            _ => continue,
+        };
+        out.add_answer(Record::from_rdata(target.clone(), TTL_SECS, rdata));
+    }
+    send(out)
+}
+
+/// SERVFAIL for `request` (no upstream answered it); `None` when it does not parse.
+pub fn servfail(request: &[u8]) -> Option<Vec<u8>> {
+    let req = Message::from_vec(request).ok()?;
+    response(&req, ResponseCode::ServFail).to_vec().ok()
+}
+
+/// The query type, for the metrics' label (`a`, `aaaa`, …; `unknown` when it does not parse).
+pub fn query_type(request: &[u8]) -> String {
+    Message::from_vec(request)
+        .ok()
+        .and_then(|m| {
+            m.queries()
+                .first()
+                .map(|q| q.query_type().to_string().to_lowercase())
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// A response skeleton for `req`: its id, question and recursion-desired flag.
+fn response(req: &Message, rcode: ResponseCode) -> Message {
+    let mut out = Message::new();
+    out.set_id(req.id())
+        .set_message_type(MessageType::Response)
+        .set_op_code(req.op_code())
+        .set_recursion_desired(req.recursion_desired())
+        .set_recursion_available(true)
+        .set_response_code(rcode);
+    out.add_queries(req.queries().iter().cloned());
+    out
+}
+
+fn error(req: &Message, rcode: ResponseCode) -> Reply {
+    send(response(req, rcode))
+}
+
+fn send(out: Message) -> Reply {
+    let rcode = out.response_code();
+    match out.to_vec() {
+        Ok(bytes) => Reply::Send { bytes, rcode },
+        Err(_) => Reply::Drop,
+    }
+}
+
+/// FORMERR for a request that does not parse: answered with its id when it has a header at all.
+fn formerr(request: &[u8]) -> Reply {
+    let [a, b, ..] = request else {
+        return Reply::Drop;
+    };
+    let mut out = Message::new();
+    out.set_id(u16::from_be_bytes([*a, *b]))
+        .set_message_type(MessageType::Response)
+        .set_response_code(ResponseCode::FormErr);
+    send(out)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,316 @@
+//! The DNS listeners: UDP and TCP on the same address(es), every query answered from the store
+//! or forwarded ([`super::respond`], [`super::forward`]).
+//!
+//! Limits (the listener faces every process of the pod): at most [`MAX_IN_FLIGHT`] queries in
+//! flight per client address and [`MAX_TOTAL`] in all (more are dropped, as a busy resolver
+//! does; the client retries); TCP connections at most [`MAX_TCP`], closed after [`TCP_IDLE`]
+//! without a query, one message at a time of at most 65 535 bytes (the length prefix's limit).
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+
+use super::forward::Upstreams;
+use super::{answer, query_type, respond, servfail, Reply};
+use crate::store::Store;
+
+/// Queries in flight from one client address.
+pub const MAX_IN_FLIGHT: usize = 64;
+/// Queries in flight in all.
+pub const MAX_TOTAL: usize = 1024;
+/// Open TCP connections.
+pub const MAX_TCP: usize = 256;
+/// A TCP connection without a query for this long is closed.
+pub const TCP_IDLE: Duration = Duration::from_secs(10);
+
+/// ztunnel's DNS metrics (`istio_dns_*`, registered by the metrics module).
+pub struct DnsMetrics {
+    pub requests: Family<DnsLabels, Counter>,
+    pub upstream_requests: Family<DnsLabels, Counter>,
+    pub upstream_failures: Family<DnsLabels, Counter>,
+    pub upstream_duration: Family<DnsLabels, Histogram, fn() -> Histogram>,
+}
+
+impl Default for DnsMetrics {
+    fn default() -> Self {
+        Self {
+            requests: Family::default(),
+            upstream_requests: Family::default(),
+            upstream_failures: Family::default(),
+            // ztunnel's bucket bounds, in increasing order (ztunnel lists 0.005 before 0.001).
+            upstream_duration: Family::new_with_constructor(|| {
+                Histogram::new([0.001, 0.005, 0.01, 0.1, 1.0, 5.0])
+            }),
+        }
+    }
+}
+
+/// ztunnel's labels of the DNS metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DnsLabels {
+    pub request_query_type: String,
+    pub request_protocol: &'static str,
+    pub source_canonical_service: String,
+    pub source_canonical_revision: String,
+}
+
+/// Who the queries come from and where their answers come from.
+pub struct DnsContext {
+    pub store: Arc<Store>,
+    pub network: Arc<str>,
+    pub cluster_domain: String,
+    /// The served workload (dedicated mode): every client is it. `None`: the client is the
+    /// workload at the query's source address, if any.
+    pub own_workload: Option<crate::model::WorkloadInfo>,
+    pub node_name: String,
+    pub upstreams: Upstreams,
+    pub metrics: Arc<DnsMetrics>,
+}
+
+/// The bound DNS sockets.
+pub struct DnsServer {
+    udp: Vec<UdpSocket>,
+    tcp: Vec<TcpListener>,
+}
+
+/// Counts queries in flight per client; a slot is given back when its guard drops.
+#[derive(Default)]
+struct InFlight {
+    by_client: Mutex<HashMap<IpAddr, usize>>,
+}
+
+struct Slot(Arc<InFlight>, IpAddr);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut m = self
+            .0
+            .by_client
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(n) = m.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.1);
+            }
+        }
+    }
+}
+
+impl InFlight {
+    fn take(self: &Arc<Self>, ip: IpAddr) -> Option<Slot> {
+        let mut m = self
+            .by_client
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let total: usize = m.values().sum();
+        let n = m.entry(ip).or_default();
+        if *n >= MAX_IN_FLIGHT || total >= MAX_TOTAL {
+            return None;
+        }
+        *n += 1;
+        Some(Slot(self.clone(), ip))
+    }
+}
+
+impl DnsServer {
+    /// Binds UDP and TCP on each of `addrs`.
+    pub async fn bind(addrs: &[SocketAddr]) -> std::io::Result<(DnsServer, Vec<SocketAddr>)> {
+        let (mut udp, mut tcp, mut bound) = (Vec::new(), Vec::new(), Vec::new());
+        for a in addrs {
+            let u = UdpSocket::bind(a).await?;
+            let local = u.local_addr()?;
+            // The same port for TCP, also when the configured one was 0.
+            tcp.push(TcpListener::bind(local).await?);
+            udp.push(u);
+            bound.push(local);
+        }
+        Ok((DnsServer { udp, tcp }, bound))
+    }
+
+    /// Serves until dropped.
+    pub async fn run(self, ctx: Arc<DnsContext>) {
+        let inflight = Arc::new(InFlight::default());
+        let tcp_open = Arc::new(tokio::sync::Semaphore::new(MAX_TCP));
+        let mut set = tokio::task::JoinSet::new();
+        for u in self.udp {
+            set.spawn(serve_udp(Arc::new(u), ctx.clone(), inflight.clone()));
+        }
+        for t in self.tcp {
+            set.spawn(serve_tcp(
+                t,
+                ctx.clone(),
+                inflight.clone(),
+                tcp_open.clone(),
+            ));
+        }
+        while set.join_next().await.is_some() {}
+    }
+}
+
+async fn serve_udp(sock: Arc<UdpSocket>, ctx: Arc<DnsContext>, inflight: Arc<InFlight>) {
+    let mut buf = vec![0u8; 65535];
+    loop {
+        let (n, peer) = match sock.recv_from(&mut buf).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!(error = %e, "DNS: UDP receive failed");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let Some(slot) = inflight.take(peer.ip().to_canonical()) else {
+            tracing::debug!(%peer, "DNS: too many queries in flight from this client; dropped");
+            continue;
+        };
+        let (query, ctx, sock) = (buf[..n].to_vec(), ctx.clone(), sock.clone());
+        tokio::spawn(async move {
+            let _slot = slot;
+            if let Some(reply) = handle(&ctx, &query, peer, "udp").await {
+                let _ = sock.send_to(&reply, peer).await;
+            }
+        });
+    }
+}
+
+async fn serve_tcp(
+    l: TcpListener,
+    ctx: Arc<DnsContext>,
+    inflight: Arc<InFlight>,
+    open: Arc<tokio::sync::Semaphore>,
+) {
+    loop {
+        let (s, peer) = match l.accept().await {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::debug!(error = %e, "DNS: TCP accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = open.clone().try_acquire_owned() else {
+            continue; // over the cap: closed at once
+        };
+        let (ctx, inflight) = (ctx.clone(), inflight.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            let _ = tcp_conn(s, peer, &ctx, &inflight).await;
+        });
+    }
+}
+
+/// One TCP client: length-prefixed queries, one at a time, until it closes or idles.
+async fn tcp_conn(
+    mut s: TcpStream,
+    peer: SocketAddr,
+    ctx: &DnsContext,
+    inflight: &Arc<InFlight>,
+) -> std::io::Result<()> {
+    loop {
+        let len = match tokio::time::timeout(TCP_IDLE, s.read_u16()).await {
+            Ok(Ok(len)) => len,
+            _ => return Ok(()),
+        };
+        let mut query = vec![0u8; usize::from(len)];
+        tokio::time::timeout(TCP_IDLE, s.read_exact(&mut query))
+            .await
+            .map_err(|_| std::io::Error::other("idle mid-message"))??;
+        let Some(_slot) = inflight.take(peer.ip().to_canonical()) else {
+            return Ok(());
+        };
+        let Some(reply) = handle(ctx, &query, peer, "tcp").await else {
+            return Ok(());
+        };
+        let Ok(len) = u16::try_from(reply.len()) else {
+            return Ok(());
+        };
+        s.write_all(&len.to_be_bytes()).await?;
+        s.write_all(&reply).await?;
+    }
+}
+
+/// The reply to one query from `peer`, or `None` (nothing can be answered).
+async fn handle(
+    ctx: &DnsContext,
+    query: &[u8],
+    peer: SocketAddr,
+    protocol: &'static str,
+) -> Option<Vec<u8>> {
+    let started = Instant::now();
+    let snapshot = ctx.store.load();
+    let peer_ip = peer.ip().to_canonical();
+    let by_addr = || {
+        snapshot
+            .workload_by_addr(&crate::model::NetworkAddr::new(
+                ctx.network.clone(),
+                peer_ip,
+            ))
+            .cloned()
+    };
+    let client_wl = match &ctx.own_workload {
+        Some(own) => snapshot
+            .workloads_on_node(&ctx.node_name)
+            .find(|w| own.is(w))
+            .cloned()
+            .or_else(by_addr),
+        None => by_addr(),
+    };
+    let namespace = ctx
+        .own_workload
+        .as_ref()
+        .map(|w| w.namespace.as_str())
+        .or(client_wl.as_deref().map(|w| w.namespace.as_str()));
+    let client = answer::Client {
+        namespace,
+        network: &ctx.network,
+    };
+    let labels = DnsLabels {
+        request_query_type: query_type(query),
+        request_protocol: protocol,
+        source_canonical_service: client_wl
+            .as_deref()
+            .map_or_else(|| "unknown".into(), |w| w.canonical_name.clone()),
+        source_canonical_revision: client_wl
+            .as_deref()
+            .map_or_else(|| "unknown".into(), |w| w.canonical_revision.clone()),
+    };
+    ctx.metrics.requests.get_or_create(&labels).inc();
+    match respond(query, &snapshot, client, &ctx.cluster_domain) {
+        Reply::Send { bytes, rcode } => {
+            tracing::debug!(target: "dns", client = %peer, protocol, source = "store", rcode = %rcode, duration_us = started.elapsed().as_micros() as u64, "dns query answered");
+            Some(bytes)
+        }
+        Reply::Drop => {
+            tracing::debug!(target: "dns", client = %peer, protocol, "dns query dropped: not a DNS query");
+            None
+        }
+        Reply::Forward => {
+            ctx.metrics.upstream_requests.get_or_create(&labels).inc();
+            let t = Instant::now();
+            let answer = ctx.upstreams.exchange(query).await;
+            ctx.metrics
+                .upstream_duration
+                .get_or_create(&labels)
+                .observe(t.elapsed().as_secs_f64());
+            match answer {
+                Ok(bytes) => {
+                    tracing::debug!(target: "dns", client = %peer, protocol, source = "upstream", duration_us = started.elapsed().as_micros() as u64, "dns query forwarded");
+                    Some(bytes)
+                }
+                Err(e) => {
+                    ctx.metrics.upstream_failures.get_or_create(&labels).inc();
+                    tracing::debug!(target: "dns", client = %peer, protocol, error = %e, "dns query failed upstream: SERVFAIL");
+                    servfail(query)
+                }
+            }
+        }
+    }
+}
