@@ -16,6 +16,9 @@ command -v iptables >/dev/null || need_apt+=(iptables)
 command -v nft >/dev/null      || need_apt+=(nftables)
 command -v taskset >/dev/null  || need_apt+=(util-linux)
 command -v ip6tables >/dev/null || need_apt+=(iptables)
+# The DNS proxy's test: dig as the client, dnsmasq as the upstream resolver.
+command -v dig >/dev/null      || need_apt+=(bind9-dnsutils)
+command -v dnsmasq >/dev/null  || need_apt+=(dnsmasq-base)
 # Python's pip, to install Envoy below.
 if ! command -v envoy >/dev/null; then
   command -v python3 >/dev/null || need_apt+=(python3)

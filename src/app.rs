@@ -48,6 +48,12 @@ pub enum AppError {
     OrigSrc(#[from] crate::socket::OrigSrcError),
     #[error(transparent)]
     AdminToken(#[from] crate::admin::AdminTokenError),
+    #[error("binding the DNS proxy on {addr}: {source} (is another DNS proxy running? choose another address with DNS_PROXY_ADDR)")]
+    DnsBind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// A started l4mesh: its bound addresses and store, and the tasks serving them (aborted on drop).
@@ -71,6 +77,8 @@ pub struct Running {
     pub metrics: Arc<Metrics>,
     /// The admin server's address (`None` when disabled).
     pub admin_addr: Option<SocketAddr>,
+    /// Where the DNS proxy listens (UDP and TCP; empty when DNS capture is off).
+    pub dns_addrs: Vec<SocketAddr>,
     drain: Drain,
     deadline: Duration,
     tasks: Vec<JoinHandle<()>>,
@@ -289,6 +297,32 @@ async fn build(
         }
         None => (None, None),
     };
+    // The DNS proxy, with the other listeners (a port conflict fails startup).
+    let dns = match (&config.dns, &config.inpod) {
+        (Some(d), None) => {
+            let first =
+                d.addrs.first().copied().unwrap_or_else(|| {
+                    SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), 15053)
+                });
+            let (server, bound) =
+                crate::dns::DnsServer::bind(&d.addrs)
+                    .await
+                    .map_err(|source| AppError::DnsBind {
+                        addr: first,
+                        source,
+                    })?;
+            Some((server, bound, d.clone()))
+        }
+        (Some(_), Some(_)) => {
+            tracing::warn!("DNS capture is on, but shared mode does not serve DNS inside the pods yet: their queries are not answered by l4mesh");
+            None
+        }
+        _ => None,
+    };
+    let dns_addrs: Vec<SocketAddr> = dns.iter().flat_map(|(_, b, _)| b.clone()).collect();
+    let dns_metrics = dns
+        .as_ref()
+        .map(|_| Arc::new(crate::dns::DnsMetrics::default()));
     let (metrics_l, metrics_addr) = match config.metrics_addr {
         Some(a) => {
             let (l, local) = bind_std("metrics", "metrics-addr", a)?;
@@ -328,6 +362,7 @@ async fn build(
             .into_iter()
             .chain(metrics_addr)
             .chain(admin_addr)
+            .chain(dns_addrs.iter().copied())
             .map(|a| a.port()),
     );
     let ctx = Arc::new(ProxyCtx {
@@ -392,6 +427,7 @@ async fn build(
         // `start` runs on the data-plane runtime: its figures are the ones exported.
         runtime: tokio::runtime::Handle::current(),
         pods: pods_view.clone(),
+        dns: dns_metrics.clone(),
     }));
     // Closes established inbound connections that a policy change now denies.
     // On the operators' runtime: re-checking 10 000 connections against a new policy set must not
@@ -426,6 +462,28 @@ async fn build(
         tasks.push(tokio::spawn(crate::proxy::serve_when_ready(
             serve, gate, signal,
         )));
+    }
+    if let (Some((server, _, settings)), Some(metrics)) = (dns, dns_metrics) {
+        let resolv = std::fs::read_to_string(&settings.resolv_conf).unwrap_or_else(|e| {
+            tracing::warn!(path = %settings.resolv_conf.display(), error = %e, "DNS proxy: cannot read the resolvers; names outside the mesh will get SERVFAIL");
+            String::new()
+        });
+        let upstreams = crate::dns::forward::Upstreams::from_resolv_conf(
+            &resolv,
+            crate::dns::forward::DEFAULT_TIMEOUT,
+            config.packet_mark,
+        );
+        tracing::info!(addrs = ?dns_addrs, upstreams = ?upstreams.servers(), "DNS proxy: mesh names from the store, the rest forwarded");
+        let ctx = Arc::new(crate::dns::server::DnsContext {
+            store: store.clone(),
+            network: config.network.as_str().into(),
+            cluster_domain: settings.cluster_domain,
+            own_workload: config.workload_info.clone(),
+            node_name: config.node_name.clone(),
+            upstreams,
+            metrics,
+        });
+        tasks.push(tokio::spawn(server.run(ctx)));
     }
     if let Some((mut manager, uds)) = pods {
         let signal = drain.signal();
@@ -481,6 +539,7 @@ async fn build(
         proxy: ctx,
         metrics,
         admin_addr,
+        dns_addrs,
         drain,
         deadline: config.connection_termination_deadline,
         tasks,

@@ -101,6 +101,19 @@ pub struct Config {
     pub admin_token_file: Option<PathBuf>,
     /// Shared mode: how the pods arrive (`None` in dedicated mode).
     pub inpod: Option<InpodSettings>,
+    /// The DNS proxy (`None`: DNS capture off).
+    pub dns: Option<DnsSettings>,
+}
+
+/// The DNS proxy's settings, ztunnel's names and defaults.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct DnsSettings {
+    /// `DNS_PROXY_ADDR`: UDP and TCP on each.
+    pub addrs: Vec<SocketAddr>,
+    /// Where the upstream resolvers are read (`/etc/resolv.conf`).
+    pub resolv_conf: PathBuf,
+    /// `CLUSTER_DOMAIN`: the suffix of Kubernetes names (search domains).
+    pub cluster_domain: String,
 }
 
 /// Shared (in-pod) mode's settings, ztunnel's names and defaults.
@@ -151,6 +164,7 @@ impl Config {
             keepalive: crate::socket::Keepalive::default(),
             admin_token_file: None,
             inpod: None,
+            dns: None,
         }
     }
 }
@@ -370,6 +384,23 @@ pub struct Args {
     /// Shared mode: SO_REUSEPORT on the pod listeners (a second l4mesh may bind beside).
     #[arg(long, env = "INPOD_PORT_REUSE", default_value = "true", value_parser = parse_bool, action = clap::ArgAction::Set)]
     pub inpod_port_reuse: bool,
+    /// DNS capture: the DNS proxy answers mesh names and forwards the rest (ztunnel's switch,
+    /// also read from `proxyMetadata.DNS_CAPTURE`).
+    #[arg(long, env = "ISTIO_META_DNS_CAPTURE", value_parser = parse_bool, action = clap::ArgAction::Set)]
+    pub dns_capture: Option<bool>,
+    /// The DNS proxy's address (UDP and TCP); default 127.0.0.1:15053 and [::1]:15053.
+    #[arg(long, env = "DNS_PROXY_ADDR")]
+    pub dns_proxy_addr: Option<SocketAddr>,
+    /// The upstream resolvers of the DNS proxy.
+    #[arg(
+        long,
+        env = "L4MESH_DNS_RESOLV_CONF",
+        default_value = "/etc/resolv.conf"
+    )]
+    pub dns_resolv_conf: PathBuf,
+    /// The cluster's DNS domain (search domains `<ns>.svc.<domain>`, `svc.<domain>`, `<domain>`).
+    #[arg(long, env = "CLUSTER_DOMAIN", default_value = "cluster.local")]
+    pub cluster_domain: String,
     /// In dedicated mode, the served workload as <namespace>/<name>/<service account>.
     #[arg(long, env = "PROXY_WORKLOAD_INFO")]
     pub proxy_workload_info: Option<WorkloadInfo>,
@@ -661,6 +692,12 @@ impl Args {
             }
         };
         let shared = self.proxy_mode == ProxyMode::Shared;
+        // ztunnel's switch, then the mesh config's proxyMetadata.
+        let dns_on = self.dns_capture.unwrap_or_else(|| {
+            self.proxy_metadata
+                .get("DNS_CAPTURE")
+                .is_some_and(|v| v.eq_ignore_ascii_case("true"))
+        });
         if shared {
             if let Some(w) = &self.proxy_workload_info {
                 return Err(ConfigError::SharedWithWorkload(format!(
@@ -821,6 +858,17 @@ impl Args {
                 max_connections: self.http_max_connections,
             },
             admin_token_file: self.admin_token_file,
+            dns: dns_on.then(|| DnsSettings {
+                addrs: match self.dns_proxy_addr {
+                    Some(a) => vec![a],
+                    None => vec![
+                        SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), 15053),
+                        SocketAddr::new(std::net::Ipv6Addr::LOCALHOST.into(), 15053),
+                    ],
+                },
+                resolv_conf: self.dns_resolv_conf.clone(),
+                cluster_domain: self.cluster_domain.clone(),
+            }),
             inpod: shared.then_some(InpodSettings {
                 uds: self.inpod_uds,
                 port_reuse: self.inpod_port_reuse,

@@ -51,6 +51,8 @@ pub struct Sources {
     pub runtime: tokio::runtime::Handle,
     /// Shared mode: the pods served.
     pub pods: Option<Arc<crate::inpod::manager::PodsView>>,
+    /// The DNS proxy's metrics, when DNS capture is on.
+    pub dns: Option<Arc<crate::dns::DnsMetrics>>,
 }
 
 /// The registry of one l4mesh.
@@ -97,6 +99,29 @@ impl Metrics {
             })
             .set(1);
         istio.register("build", "Istio component build info", build);
+        if let Some(d) = &sources.dns {
+            istio.register(
+                "dns_requests",
+                "Total number of DNS requests (unstable)",
+                d.requests.clone(),
+            );
+            istio.register(
+                "dns_upstream_requests",
+                "Total number of DNS requests forwarded to upstream (unstable)",
+                d.upstream_requests.clone(),
+            );
+            istio.register(
+                "dns_upstream_failures",
+                "Total number of DNS requests that failed to forward upstream (unstable)",
+                d.upstream_failures.clone(),
+            );
+            istio.register_with_unit(
+                "dns_upstream_request_duration",
+                "Total time in seconds Istio takes to get DNS response from upstream (unstable)",
+                prometheus_client::registry::Unit::Seconds,
+                d.upstream_duration.clone(),
+            );
+        }
 
         let own = registry.sub_registry_with_prefix("l4mesh");
         own.register(

@@ -7,6 +7,7 @@ mod integration {
     pub mod binary;
     mod capture;
     mod cluster;
+    mod dns;
     mod drain;
     mod envoy;
     mod faults;

@@ -122,16 +122,29 @@ impl InFlight {
 }
 
 impl DnsServer {
-    /// Binds UDP and TCP on each of `addrs`.
+    /// Binds UDP and TCP on the first of `addrs` (an error if it cannot) and on the others
+    /// where it can (the IPv6 loopback of the default pair is absent where IPv6 is off).
     pub async fn bind(addrs: &[SocketAddr]) -> std::io::Result<(DnsServer, Vec<SocketAddr>)> {
         let (mut udp, mut tcp, mut bound) = (Vec::new(), Vec::new(), Vec::new());
-        for a in addrs {
-            let u = UdpSocket::bind(a).await?;
-            let local = u.local_addr()?;
-            // The same port for TCP, also when the configured one was 0.
-            tcp.push(TcpListener::bind(local).await?);
-            udp.push(u);
-            bound.push(local);
+        for (i, a) in addrs.iter().enumerate() {
+            let pair = async {
+                let u = UdpSocket::bind(a).await?;
+                let local = u.local_addr()?;
+                // The same port for TCP, also when the configured one was 0.
+                let t = TcpListener::bind(local).await?;
+                Ok::<_, std::io::Error>((u, t, local))
+            };
+            match pair.await {
+                Ok((u, t, local)) => {
+                    udp.push(u);
+                    tcp.push(t);
+                    bound.push(local);
+                }
+                Err(e) if i > 0 => {
+                    tracing::info!(addr = %a, error = %e, "DNS proxy: not listening on this address");
+                }
+                Err(e) => return Err(e),
+            }
         }
         Ok((DnsServer { udp, tcp }, bound))
     }

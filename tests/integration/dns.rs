@@ -1,0 +1,208 @@
+//! The DNS proxy with real parts, in a network namespace: the l4mesh binary with DNS capture on,
+//! dnsmasq as the upstream resolver (its `resolv.conf` given to l4mesh), `dig` as the client.
+//! Mesh names come from the store (aliases through search domains, wildcard hosts, the other
+//! family empty), other names from dnsmasq (NXDOMAIN passed through), over UDP and TCP; an
+//! upstream that never answers gives SERVFAIL within the timeout; garbage gets FORMERR and the
+//! proxy keeps answering.
+
+use super::netns::{privileged, Netns};
+
+const MESH: &str = r#"
+workloads:
+- uid: cluster1//v1/Pod/default/client
+  name: client
+  namespace: default
+  serviceAccount: client
+  workloadIps: ["127.0.0.1"]
+  protocol: TCP
+  node: n1
+services:
+- name: echo
+  namespace: default
+  hostname: echo.default.svc.cluster.local
+  vips: ["/10.9.0.1"]
+  ports: { 80: 8080 }
+- name: api
+  namespace: other
+  hostname: api.other.svc.cluster.local
+  vips: ["/10.9.0.2", "/fd00::2"]
+  ports: { 80: 8080 }
+- name: wild
+  namespace: default
+  hostname: "*.example.com"
+  vips: ["/10.9.0.3"]
+  ports: { 80: 8080 }
+"#;
+
+/// `dig` inside `ns` against `port` on 127.0.0.1; its whole output.
+fn dig(ns: &Netns, port: u16, args: &[&str]) -> String {
+    let p = port.to_string();
+    let mut full = vec!["dig", "@127.0.0.1", "-p", &p, "+time=5", "+tries=1"];
+    full.extend_from_slice(args);
+    let (_, out, err) = ns.output(&full);
+    format!("{out}{err}")
+}
+
+fn short(ns: &Netns, port: u16, args: &[&str]) -> String {
+    let mut a = vec!["+short"];
+    a.extend_from_slice(args);
+    dig(ns, port, &a).trim().to_owned()
+}
+
+#[test]
+fn dns_proxy_answers_mesh_names_and_forwards_the_rest() {
+    if !privileged(
+        "dns_proxy_answers_mesh_names_and_forwards_the_rest",
+        &["dig", "dnsmasq"],
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mesh = dir.path().join("mesh.yaml");
+    std::fs::write(&mesh, MESH).unwrap();
+    let resolv = dir.path().join("resolv.conf");
+    std::fs::write(
+        &resolv,
+        "search default.svc.cluster.local\nnameserver 127.0.0.2\n",
+    )
+    .unwrap();
+    let silent = dir.path().join("silent.conf");
+    std::fs::write(&silent, "nameserver 127.0.0.3\n").unwrap();
+    let mut ns = Netns::new("dns");
+    ns.exec(&["ip", "addr", "add", "127.0.0.2/8", "dev", "lo"]);
+    // The upstream: names under .test are its own (unknown ones NXDOMAIN).
+    ns.spawn(
+        &[
+            "dnsmasq",
+            "--no-daemon",
+            "--no-resolv",
+            "--no-hosts",
+            "--bind-interfaces",
+            "--listen-address=127.0.0.2",
+            "--local=/test/",
+            "--address=/upstream.test/192.0.2.7",
+            "--log-queries",
+        ],
+        &[],
+        "started",
+    );
+    // A resolver that reads and never answers.
+    ns.spawn(
+        &[
+            "python3",
+            "-c",
+            "import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(('127.0.0.3', 53)); print('ready', flush=True)\nwhile True: s.recv(4096)",
+        ],
+        &[],
+        "ready",
+    );
+    let bin = env!("CARGO_BIN_EXE_l4mesh");
+    let start = |ns: &mut Netns, port: &str, conf: &std::path::Path, readiness: &str| {
+        let addr = format!("127.0.0.1:{port}");
+        let metrics = format!("127.0.0.1:{}", readiness.parse::<u16>().unwrap() + 1);
+        let ready = format!("127.0.0.1:{readiness}");
+        ns.spawn(
+            &[bin],
+            &[
+                ("ISTIO_META_DNS_CAPTURE", "true"),
+                ("DNS_PROXY_ADDR", addr.as_str()),
+                ("L4MESH_DNS_RESOLV_CONF", conf.to_str().unwrap()),
+                ("LOCAL_XDS_PATH", mesh.to_str().unwrap()),
+                ("PROXY_WORKLOAD_INFO", "default/client/client"),
+                ("NODE_NAME", "n1"),
+                ("UNSTABLE_ENABLE_SOCKS5", "false"),
+                ("L4MESH_OUTBOUND_ADDR", "127.0.0.1:0"),
+                ("L4MESH_INBOUND_PLAINTEXT_ADDR", "127.0.0.1:0"),
+                ("L4MESH_HBONE_ADDR", "127.0.0.1:0"),
+                ("L4MESH_READINESS_ADDR", ready.as_str()),
+                ("L4MESH_METRICS_ADDR", metrics.as_str()),
+                ("L4MESH_DISABLE_ADMIN", "true"),
+                ("RUST_LOG", "info,dns=debug"),
+            ],
+            "listening",
+        )
+    };
+    let log = start(&mut ns, "15053", &resolv, "15021");
+    let _silent_log = start(&mut ns, "15054", &silent, "15031");
+    let p = 15053;
+
+    // From the store: the canonical name, authoritative.
+    assert_eq!(
+        short(&ns, p, &["echo.default.svc.cluster.local", "A"]),
+        "10.9.0.1",
+        "{}",
+        log.all()
+    );
+    let full = dig(&ns, p, &["ECHO.default.svc.cluster.local", "A"]);
+    assert!(
+        full.contains("status: NOERROR") && full.contains(" aa"),
+        "authoritative, any case: {full}"
+    );
+    // The other family of a mesh name: NOERROR, no answer.
+    let aaaa = dig(&ns, p, &["echo.default.svc.cluster.local", "AAAA"]);
+    assert!(
+        aaaa.contains("status: NOERROR") && aaaa.contains("ANSWER: 0"),
+        "{aaaa}"
+    );
+    assert_eq!(
+        short(&ns, p, &["api.other.svc.cluster.local", "AAAA"]),
+        "fd00::2"
+    );
+    // A search-domain spelling: a CNAME to the canonical name, then its address.
+    assert_eq!(
+        short(&ns, p, &["echo.default.default.svc.cluster.local", "A"]),
+        "echo.default.svc.cluster.local.\n10.9.0.1"
+    );
+    assert_eq!(
+        short(&ns, p, &["api.other.default.svc.cluster.local", "A"]),
+        "api.other.svc.cluster.local.\n10.9.0.2"
+    );
+    // A wildcard host.
+    assert_eq!(short(&ns, p, &["anything.example.com", "A"]), "10.9.0.3");
+    // Forwarded to dnsmasq; its NXDOMAIN passed through.
+    assert_eq!(
+        short(&ns, p, &["upstream.test", "A"]),
+        "192.0.2.7",
+        "{}",
+        log.all()
+    );
+    let nx = dig(&ns, p, &["missing.test", "A"]);
+    assert!(nx.contains("status: NXDOMAIN"), "{nx}");
+    // TCP, both kinds.
+    assert_eq!(
+        short(&ns, p, &["+tcp", "echo.default.svc.cluster.local", "A"]),
+        "10.9.0.1"
+    );
+    assert_eq!(short(&ns, p, &["+tcp", "upstream.test", "A"]), "192.0.2.7");
+    // Garbage: FORMERR for what has a header, and the proxy goes on.
+    let (ok, out, err) = ns.output(&[
+        "python3",
+        "-c",
+        "import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(3)\ns.sendto(b'\\x12\\x34\\xff\\xff\\x00', ('127.0.0.1', 15053)); r=s.recv(512); print(r[:2].hex(), r[3] & 15)\ns.sendto(b'\\x01', ('127.0.0.1', 15053))",
+    ]);
+    assert!(ok, "{out} {err}");
+    assert_eq!(out.trim(), "1234 1", "FORMERR with the request's id");
+    assert_eq!(
+        short(&ns, p, &["echo.default.svc.cluster.local", "A"]),
+        "10.9.0.1"
+    );
+    // An upstream that never answers: SERVFAIL, within the timeout (2 s), not a hang.
+    let t = std::time::Instant::now();
+    let sf = dig(&ns, 15054, &["silent.test", "A"]);
+    assert!(sf.contains("status: SERVFAIL"), "{sf}");
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(4),
+        "{:?}",
+        t.elapsed()
+    );
+    // ztunnel's metrics, by query type and protocol.
+    let (_, metrics, _) = ns.output(&["python3", "-c", "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:15022/metrics', timeout=3).read().decode())"]);
+    for needle in [
+        "istio_dns_requests_total{request_query_type=\"a\",request_protocol=\"udp\"",
+        "istio_dns_requests_total{request_query_type=\"a\",request_protocol=\"tcp\"",
+        "istio_dns_upstream_requests_total{request_query_type=\"a\"",
+        "istio_dns_upstream_request_duration_seconds_bucket",
+    ] {
+        assert!(metrics.contains(needle), "{needle} in\n{metrics}");
+    }
+}
