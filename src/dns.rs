@@ -96,16 +96,15 @@ pub fn servfail(request: &[u8]) -> Option<Vec<u8>> {
     response(&req, ResponseCode::ServFail).to_vec().ok()
 }
 
-/// The query type, for the metrics' label (`a`, `aaaa`, …; `unknown` when it does not parse).
-pub fn query_type(request: &[u8]) -> String {
-    Message::from_vec(request)
-        .ok()
-        .and_then(|m| {
-            m.queries()
-                .first()
-                .map(|q| q.query_type().to_string().to_lowercase())
-        })
-        .unwrap_or_else(|| "unknown".into())
+/// The question's name and type (`a`, `aaaa`, …), for the metrics' label and the query's log
+/// line; `None` when the request does not parse.
+pub fn question(request: &[u8]) -> Option<(String, String)> {
+    let m = Message::from_vec(request).ok()?;
+    let q = m.queries().first()?;
+    Some((
+        q.name().to_ascii(),
+        q.query_type().to_string().to_lowercase(),
+    ))
 }
 
 /// A response skeleton for `req`: its id, question and recursion-desired flag.

@@ -19,7 +19,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
 use super::forward::Upstreams;
-use super::{answer, query_type, respond, servfail, Reply};
+use super::{answer, question, respond, servfail, Reply};
 use crate::store::Store;
 
 /// Queries in flight from one client address.
@@ -285,8 +285,9 @@ async fn handle(
         namespace,
         network: &ctx.network,
     };
+    let (name, qtype) = question(query).unwrap_or_else(|| ("?".into(), "unknown".into()));
     let labels = DnsLabels {
-        request_query_type: query_type(query),
+        request_query_type: qtype.clone(),
         request_protocol: protocol,
         source_canonical_service: client_wl
             .as_deref()
@@ -298,7 +299,7 @@ async fn handle(
     ctx.metrics.requests.get_or_create(&labels).inc();
     match respond(query, &snapshot, client, &ctx.cluster_domain) {
         Reply::Send { bytes, rcode } => {
-            tracing::debug!(target: "dns", client = %peer, protocol, source = "store", rcode = %rcode, duration_us = started.elapsed().as_micros() as u64, "dns query answered");
+            tracing::debug!(target: "dns", client = %peer, protocol, %name, qtype = %qtype, source = "store", rcode = %rcode, duration_us = started.elapsed().as_micros() as u64, "dns query answered");
             Some(bytes)
         }
         Reply::Drop => {
@@ -315,12 +316,12 @@ async fn handle(
                 .observe(t.elapsed().as_secs_f64());
             match answer {
                 Ok(bytes) => {
-                    tracing::debug!(target: "dns", client = %peer, protocol, source = "upstream", duration_us = started.elapsed().as_micros() as u64, "dns query forwarded");
+                    tracing::debug!(target: "dns", client = %peer, protocol, %name, qtype = %qtype, source = "upstream", duration_us = started.elapsed().as_micros() as u64, "dns query forwarded");
                     Some(bytes)
                 }
                 Err(e) => {
                     ctx.metrics.upstream_failures.get_or_create(&labels).inc();
-                    tracing::debug!(target: "dns", client = %peer, protocol, error = %e, "dns query failed upstream: SERVFAIL");
+                    tracing::debug!(target: "dns", client = %peer, protocol, %name, qtype = %qtype, error = %e, "dns query failed upstream: SERVFAIL");
                     servfail(query)
                 }
             }

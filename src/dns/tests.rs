@@ -125,5 +125,9 @@ fn other_names_are_forwarded_and_garbage_refused() {
         Message::from_vec(&s).unwrap().response_code(),
         ResponseCode::ServFail
     );
-    assert_eq!(query_type(&query("x.", RecordType::AAAA)), "aaaa");
+    assert_eq!(
+        question(&query("x.", RecordType::AAAA)),
+        Some(("x.".to_owned(), "aaaa".to_owned()))
+    );
+    assert_eq!(question(&[1, 2, 3]), None);
 }

@@ -166,6 +166,20 @@ fn dns_proxy_answers_mesh_names_and_forwards_the_rest() {
         "{}",
         log.all()
     );
+    // One debug line per query: name, type, where the answer came from.
+    log.wait_for(&[
+        "dns query forwarded",
+        "name=upstream.test.",
+        "qtype=a",
+        "source=\"upstream\"",
+    ])
+    .unwrap_or_else(|| panic!("no query line:\n{}", log.all()));
+    log.wait_for(&[
+        "dns query answered",
+        "name=echo.default.svc.cluster.local.",
+        "source=\"store\"",
+    ])
+    .unwrap_or_else(|| panic!("no query line:\n{}", log.all()));
     let nx = dig(&ns, p, &["missing.test", "A"]);
     assert!(nx.contains("status: NXDOMAIN"), "{nx}");
     // TCP, both kinds.
