@@ -2,9 +2,9 @@
 //!
 //! A client's resolver appends its search domains to short names (`echo` → `echo.<ns>.svc.
 //! cluster.local`, `echo.other` → `echo.other.<ns>.svc.cluster.local`, …), so a name not found
-//! as asked is tried again with each of the client's search domains stripped, then completed as
-//! a Kubernetes name (`<stripped>.<domain>`, `<stripped>.svc.<domain>`,
-//! `<stripped>.<ns>.svc.<domain>`); a match found
+//! as asked is completed as a Kubernetes name when it is a partial one (`echo`, `echo.ns`,
+//! `echo.ns.svc`), then tried with each of the client's search domains stripped (and the
+//! stripped name completed the same way); a match found
 //! that way is answered as an alias (a CNAME to the canonical name, then its addresses), as
 //! ztunnel does. Wildcard hosts (`*.example.com`) match any name below them, the longest first.
 
@@ -45,6 +45,14 @@ pub fn lookup(
         return Some(f);
     }
     let ns = client.namespace?;
+    // A partial Kubernetes name asked as it is (`echo`, `echo.ns`, `echo.ns.svc`).
+    if let Some(mut f) = kube_fqdns(qname, ns, cluster_domain)
+        .iter()
+        .find_map(|c| exact(snapshot, c, client.network))
+    {
+        f.alias = true;
+        return Some(f);
+    }
     let searches = [
         format!("{ns}.svc.{cluster_domain}"),
         format!("svc.{cluster_domain}"),
@@ -58,14 +66,10 @@ pub fn lookup(
         else {
             continue;
         };
-        let candidates = [
-            stripped.to_owned(),
-            format!("{stripped}.{cluster_domain}"),
-            format!("{stripped}.svc.{cluster_domain}"),
-            format!("{stripped}.{ns}.svc.{cluster_domain}"),
-        ];
-        for c in &candidates {
-            if let Some(mut f) = exact(snapshot, c, client.network) {
+        let candidates =
+            std::iter::once(stripped.to_owned()).chain(kube_fqdns(stripped, ns, cluster_domain));
+        for c in candidates {
+            if let Some(mut f) = exact(snapshot, &c, client.network) {
                 f.alias = f.canonical != qname;
                 return Some(f);
             }
@@ -74,10 +78,25 @@ pub fn lookup(
     None
 }
 
-/// A service with exactly this hostname, else the most specific wildcard host above it.
+/// The Kubernetes names a partial one may stand for, as ztunnel expands them: one label is a
+/// service of the client's namespace, two are `<service>.<namespace>`, three ending in `svc`
+/// lack only the cluster domain.
+fn kube_fqdns(name: &str, ns: &str, domain: &str) -> Vec<String> {
+    let labels: Vec<&str> = name.split('.').collect();
+    match labels.as_slice() {
+        [_] => vec![format!("{name}.{ns}.svc.{domain}")],
+        [_, _] => vec![format!("{name}.svc.{domain}")],
+        [_, _, "svc"] => vec![format!("{name}.{domain}")],
+        _ => Vec::new(),
+    }
+}
+
+/// A service with exactly this hostname, else the most specific wildcard host above it; a
+/// service without an address on the client's network is not answered here (as ztunnel, the
+/// upstream resolvers may know it).
 fn exact(snapshot: &Snapshot, name: &str, network: &str) -> Option<Found> {
     if let Some(svc) = snapshot.service_by_hostname(name) {
-        return Some(found(svc, svc.hostname.clone(), network));
+        return Some(found(svc, svc.hostname.clone(), network)).filter(|f| !f.addrs.is_empty());
     }
     snapshot
         .services()
@@ -88,6 +107,7 @@ fn exact(snapshot: &Snapshot, name: &str, network: &str) -> Option<Found> {
         })
         .max_by_key(|s| s.hostname.len())
         .map(|svc| found(svc, name.to_owned(), network))
+        .filter(|f| !f.addrs.is_empty())
 }
 
 fn found(svc: &Service, canonical: String, network: &str) -> Found {
@@ -135,6 +155,10 @@ services:
   hostname: db.external.test
   vips: ["/10.9.0.5"]
   ports: { 5432: 5432 }
+- name: novip
+  namespace: default
+  hostname: dns-only.external.test
+  ports: { 443: 443 }
 "#;
         let store = crate::store::Store::new();
         store.apply(crate::localconfig::parse(yaml).unwrap());
@@ -199,6 +223,14 @@ services:
         assert_eq!(f.canonical, "api.other.svc.cluster.local");
         // A short name resolves only in the client's own namespace.
         assert!(lookup(&s, "api.default.svc.cluster.local", C, "cluster.local").is_none());
+        // Partial names asked as they are (no search list on the client).
+        for q in ["echo", "echo.default", "echo.default.svc"] {
+            let f = lookup(&s, q, C, "cluster.local").unwrap_or_else(|| panic!("{q}"));
+            assert_eq!(
+                (f.canonical.as_str(), f.alias),
+                ("echo.default.svc.cluster.local", true)
+            );
+        }
         // Not a mesh name: forwarded.
         assert!(lookup(&s, "example.org", C, "cluster.local").is_none());
         assert!(lookup(&s, "nope.default.svc.cluster.local", C, "cluster.local").is_none());
@@ -214,6 +246,8 @@ services:
         );
         let f = lookup(&s, "x.deep.example.com", C, "cluster.local").unwrap();
         assert_eq!(ips(&f), ["10.9.0.4"]);
+        // No address on the client's network: left to the upstream resolvers.
+        assert!(lookup(&s, "dns-only.external.test", C, "cluster.local").is_none());
         // The wildcard's own base name is not below it.
         assert!(lookup(&s, "example.com", C, "cluster.local").is_none());
     }

@@ -157,6 +157,11 @@ fn dns_proxy_answers_mesh_names_and_forwards_the_rest() {
         short(&ns, p, &["api.other.default.svc.cluster.local", "A"]),
         "api.other.svc.cluster.local.\n10.9.0.2"
     );
+    // A partial Kubernetes name asked as it is (dig uses no search list).
+    assert_eq!(
+        short(&ns, p, &["echo", "A"]),
+        "echo.default.svc.cluster.local.\n10.9.0.1"
+    );
     // A wildcard host.
     assert_eq!(short(&ns, p, &["anything.example.com", "A"]), "10.9.0.3");
     // Forwarded to dnsmasq; its NXDOMAIN passed through.
