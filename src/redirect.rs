@@ -3,6 +3,7 @@
 //!
 //! - outbound TCP → `REDIRECT` to 15001 (the outbound listener reads `SO_ORIGINAL_DST`);
 //! - inbound TCP to the pod → `REDIRECT` to 15006, except the HBONE port 15008;
+//! - with `--dns-capture`, DNS (UDP and TCP port 53, not to loopback) → `REDIRECT` to 15053;
 //! - packets carrying the packet mark (l4mesh's own sockets, `SO_MARK`; matched under istio-cni's
 //!   mask, `0x539/0xfff`, see [`mark_mask`]), loopback traffic
 //!   (`-o lo` / `-i lo`, which includes the pod talking to its own IP) and excluded ports are
@@ -28,6 +29,8 @@ use std::fmt;
 pub const OUTBOUND_PORT: u16 = 15001;
 /// Where inbound TCP is redirected (the inbound plaintext capture listener).
 pub const INBOUND_PORT: u16 = 15006;
+/// Where captured DNS is redirected (the DNS proxy).
+pub const DNS_PORT: u16 = 15053;
 /// The HBONE port: inbound tunnels reach l4mesh directly, never redirected.
 pub const HBONE_PORT: u16 = 15008;
 /// iptables chains (nat table) owned by l4mesh.
@@ -76,6 +79,10 @@ pub struct RedirectArgs {
     /// Outbound destination ports left alone (comma list).
     #[arg(long, value_delimiter = ',')]
     pub exclude_outbound_ports: Vec<u16>,
+    /// Also redirect the pod's DNS (UDP and TCP port 53, not to loopback) to l4mesh's DNS proxy
+    /// on 15053 (DNS capture, `ISTIO_META_DNS_CAPTURE`); l4mesh's own queries carry the mark.
+    #[arg(long)]
+    pub dns_capture: bool,
 }
 
 /// What the rules do, independent of the backend.
@@ -84,6 +91,8 @@ pub struct Rules {
     pub packet_mark: u32,
     pub exclude_inbound_ports: Vec<u16>,
     pub exclude_outbound_ports: Vec<u16>,
+    /// Port 53 → [`DNS_PORT`].
+    pub dns_capture: bool,
 }
 
 impl From<&RedirectArgs> for Rules {
@@ -98,6 +107,7 @@ impl From<&RedirectArgs> for Rules {
             packet_mark: a.packet_mark,
             exclude_inbound_ports: dedup(&a.exclude_inbound_ports),
             exclude_outbound_ports: dedup(&a.exclude_outbound_ports),
+            dns_capture: a.dns_capture,
         }
     }
 }
@@ -282,6 +292,13 @@ pub fn iptables_install(program: &str, r: &Rules) -> Vec<Cmd> {
         )),
         ipt(&format!("-t nat -A {out} -o lo -j RETURN")),
     ];
+    if r.dns_capture {
+        for proto in ["udp", "tcp"] {
+            v.push(ipt(&format!(
+                "-t nat -A {out} -p {proto} --dport 53 -j REDIRECT --to-ports {DNS_PORT}"
+            )));
+        }
+    }
     for p in &r.exclude_outbound_ports {
         v.push(ipt(&format!(
             "-t nat -A {out} -p tcp --dport {p} -j RETURN"
@@ -310,6 +327,9 @@ pub fn iptables_install(program: &str, r: &Rules) -> Vec<Cmd> {
         ipt(&format!("-t nat -A OUTPUT -p tcp -j {out}")),
         ipt(&format!("-t nat -A PREROUTING -p tcp -j {pre}")),
     ]);
+    if r.dns_capture {
+        v.push(ipt(&format!("-t nat -A OUTPUT -p udp --dport 53 -j {out}")));
+    }
     let (mout, mpre) = (IPT_MANGLE_OUTPUT_CHAIN, IPT_MANGLE_PREROUTING_CHAIN);
     let (rm, rk) = (ROUTE_MARK, ROUTE_MASK);
     v.extend([
@@ -357,6 +377,11 @@ pub fn nft_script(r: &Rules) -> String {
         "    meta mark & {ROUTE_MASK:#x} == {ROUTE_MARK:#x} return\n"
     ));
     s.push_str("    oifname \"lo\" return\n");
+    if r.dns_capture {
+        s.push_str(&format!(
+            "    udp dport 53 redirect to :{DNS_PORT}\n    tcp dport 53 redirect to :{DNS_PORT}\n"
+        ));
+    }
     if !r.exclude_outbound_ports.is_empty() {
         s.push_str(&format!(
             "    tcp dport {} return\n",

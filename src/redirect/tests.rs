@@ -9,7 +9,41 @@ fn rules(mark: u32, inbound: &[u16], outbound: &[u16]) -> Rules {
         packet_mark: mark,
         exclude_inbound_ports: inbound.to_vec(),
         exclude_outbound_ports: outbound.to_vec(),
+        dns_capture: false,
     }
+}
+
+#[test]
+fn dns_capture_redirects_port_53_of_both_protocols_after_the_exemptions() {
+    let r = Rules {
+        dns_capture: true,
+        ..rules(1337, &[], &[])
+    };
+    let ipt = lines(&install_plan(Backend::Iptables, &r));
+    let pos = |needle: &str| {
+        ipt.iter()
+            .position(|l| l == needle)
+            .unwrap_or_else(|| panic!("{needle} in {ipt:#?}"))
+    };
+    let lo = pos("iptables -t nat -A L4MESH_OUTPUT -o lo -j RETURN");
+    let udp =
+        pos("iptables -t nat -A L4MESH_OUTPUT -p udp --dport 53 -j REDIRECT --to-ports 15053");
+    let tcp =
+        pos("iptables -t nat -A L4MESH_OUTPUT -p tcp --dport 53 -j REDIRECT --to-ports 15053");
+    let all_tcp = pos("iptables -t nat -A L4MESH_OUTPUT -p tcp -j REDIRECT --to-ports 15001");
+    assert!(lo < udp && udp < tcp && tcp < all_tcp);
+    pos("iptables -t nat -A OUTPUT -p udp --dport 53 -j L4MESH_OUTPUT");
+    let nft = nft_script(&r);
+    let at = |n: &str| nft.find(n).unwrap_or_else(|| panic!("{n} in {nft}"));
+    assert!(at("oifname \"lo\" return") < at("udp dport 53 redirect to :15053"));
+    assert!(at("tcp dport 53 redirect to :15053") < at("meta l4proto tcp redirect to :15001"));
+    // Off by default: no port 53 rule at all.
+    assert!(
+        !lines(&install_plan(Backend::Iptables, &rules(1337, &[], &[])))
+            .join("\n")
+            .contains("53 ")
+    );
+    assert!(!nft_script(&rules(1337, &[], &[])).contains("dport 53"));
 }
 
 fn lines(cmds: &[Cmd]) -> Vec<String> {

@@ -1,5 +1,7 @@
-//! The DNS proxy with real parts, in a network namespace: the l4mesh binary with DNS capture on,
-//! dnsmasq as the upstream resolver (its `resolv.conf` given to l4mesh), `dig` as the client.
+//! The DNS proxy with real parts, in network namespaces: the l4mesh binary with DNS capture on,
+//! dnsmasq as the upstream resolver in a namespace of its own (its address in the `resolv.conf`
+//! given to l4mesh), `dig` as the client, then `l4mesh redirect install --dns-capture` capturing
+//! the namespace's port 53.
 //! Mesh names come from the store (aliases through search domains, wildcard hosts, the other
 //! family empty), other names from dnsmasq (NXDOMAIN passed through), over UDP and TCP; an
 //! upstream that never answers gives SERVFAIL within the timeout; garbage gets FORMERR and the
@@ -63,22 +65,25 @@ fn dns_proxy_answers_mesh_names_and_forwards_the_rest() {
     let resolv = dir.path().join("resolv.conf");
     std::fs::write(
         &resolv,
-        "search default.svc.cluster.local\nnameserver 127.0.0.2\n",
+        "search default.svc.cluster.local\nnameserver 10.53.0.2\n",
     )
     .unwrap();
     let silent = dir.path().join("silent.conf");
     std::fs::write(&silent, "nameserver 127.0.0.3\n").unwrap();
     let mut ns = Netns::new("dns");
-    ns.exec(&["ip", "addr", "add", "127.0.0.2/8", "dev", "lo"]);
+    // The upstream resolver in a namespace of its own, as a cluster's DNS service is: queries to
+    // it leave the client's namespace (so capture rules see them).
+    let mut up = Netns::new("dnsup");
+    ns.link(&up, "dns", "10.53.0.1/24", "10.53.0.2/24");
     // The upstream: names under .test are its own (unknown ones NXDOMAIN).
-    ns.spawn(
+    up.spawn(
         &[
             "dnsmasq",
             "--no-daemon",
             "--no-resolv",
             "--no-hosts",
             "--bind-interfaces",
-            "--listen-address=127.0.0.2",
+            "--listen-address=10.53.0.2",
             "--local=/test/",
             "--address=/upstream.test/192.0.2.7",
             "--log-queries",
@@ -214,6 +219,38 @@ fn dns_proxy_answers_mesh_names_and_forwards_the_rest() {
         "{:?}",
         t.elapsed()
     );
+    // Captured: with the pod's DNS redirected to the proxy, a query addressed to the upstream is
+    // answered from the store, and what is forwarded reaches the upstream without looping back
+    // (the proxy's own queries carry the mark).
+    let (ok, out, err) = ns.output(&[
+        bin,
+        "redirect",
+        "install",
+        "--backend",
+        "iptables",
+        "--dns-capture",
+    ]);
+    assert!(ok, "{out} {err}");
+    let via = |args: &[&str]| {
+        let mut full = vec!["dig", "@10.53.0.2", "+time=5", "+tries=1", "+short"];
+        full.extend_from_slice(args);
+        ns.output(&full).1.trim().to_owned()
+    };
+    assert_eq!(
+        via(&["echo.default.svc.cluster.local", "A"]),
+        "10.9.0.1",
+        "{}",
+        log.all()
+    );
+    assert_eq!(
+        via(&["+tcp", "echo.default.svc.cluster.local", "A"]),
+        "10.9.0.1"
+    );
+    assert_eq!(via(&["upstream.test", "A"]), "192.0.2.7", "{}", log.all());
+    let (ok, out, err) = ns.output(&[bin, "redirect", "remove"]);
+    assert!(ok, "{out} {err}");
+    // Uncaptured again: the upstream itself answers (it does not know the mesh name).
+    assert_ne!(via(&["echo.default.svc.cluster.local", "A"]), "10.9.0.1");
     // ztunnel's metrics, by query type and protocol.
     let (_, metrics, _) = ns.output(&["python3", "-c", "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:15022/metrics', timeout=3).read().decode())"]);
     for needle in [
