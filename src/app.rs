@@ -297,8 +297,9 @@ async fn build(
         }
         None => (None, None),
     };
-    // The DNS proxy, with the other listeners (a port conflict fails startup).
-    let dns = match (&config.dns, &config.inpod) {
+    // The DNS proxy: in dedicated mode bound now with the other listeners (a port conflict fails
+    // startup); in shared mode inside each pod, with the pod's other listeners.
+    let dns_server = match (&config.dns, &config.inpod) {
         (Some(d), None) => {
             let first =
                 d.addrs.first().copied().unwrap_or_else(|| {
@@ -311,18 +312,24 @@ async fn build(
                         addr: first,
                         source,
                     })?;
-            Some((server, bound, d.clone()))
-        }
-        (Some(_), Some(_)) => {
-            tracing::warn!("DNS capture is on, but shared mode does not serve DNS inside the pods yet: their queries are not answered by l4mesh");
-            None
+            Some((server, bound))
         }
         _ => None,
     };
-    let dns_addrs: Vec<SocketAddr> = dns.iter().flat_map(|(_, b, _)| b.clone()).collect();
-    let dns_metrics = dns
+    let dns_addrs: Vec<SocketAddr> = dns_server.iter().flat_map(|(_, b)| b.clone()).collect();
+    let dns_metrics = config
+        .dns
         .as_ref()
         .map(|_| Arc::new(crate::dns::DnsMetrics::default()));
+    let dns_ctx = match (&config.dns, &dns_metrics) {
+        (Some(settings), Some(metrics)) => Some(Arc::new(dns_context(
+            config,
+            settings,
+            store.clone(),
+            metrics.clone(),
+        ))),
+        _ => None,
+    };
     let (metrics_l, metrics_addr) = match config.metrics_addr {
         Some(a) => {
             let (l, local) = bind_std("metrics", "metrics-addr", a)?;
@@ -363,6 +370,8 @@ async fn build(
             .chain(metrics_addr)
             .chain(admin_addr)
             .chain(dns_addrs.iter().copied())
+            // Shared mode: the pods' DNS port.
+            .chain(config.dns.iter().flat_map(|d| d.addrs.iter().copied()))
             .map(|a| a.port()),
     );
     let ctx = Arc::new(ProxyCtx {
@@ -414,6 +423,13 @@ async fn build(
                     limiter(Role::InboundPlaintext),
                     limiter(Role::InboundHbone),
                 ],
+                dns: match (&config.dns, &dns_ctx) {
+                    (Some(d), Some(ctx)) => Some(crate::inpod::manager::PodDns {
+                        addrs: d.addrs.clone(),
+                        template: ctx.clone(),
+                    }),
+                    _ => None,
+                },
             },
         );
         (manager, inpod.uds.clone())
@@ -463,26 +479,8 @@ async fn build(
             serve, gate, signal,
         )));
     }
-    if let (Some((server, _, settings)), Some(metrics)) = (dns, dns_metrics) {
-        let resolv = std::fs::read_to_string(&settings.resolv_conf).unwrap_or_else(|e| {
-            tracing::warn!(path = %settings.resolv_conf.display(), error = %e, "DNS proxy: cannot read the resolvers; names outside the mesh will get SERVFAIL");
-            String::new()
-        });
-        let upstreams = crate::dns::forward::Upstreams::from_resolv_conf(
-            &resolv,
-            crate::dns::forward::DEFAULT_TIMEOUT,
-            config.packet_mark,
-        );
-        tracing::info!(addrs = ?dns_addrs, upstreams = ?upstreams.servers(), "DNS proxy: mesh names from the store, the rest forwarded");
-        let ctx = Arc::new(crate::dns::server::DnsContext {
-            store: store.clone(),
-            network: config.network.as_str().into(),
-            cluster_domain: settings.cluster_domain,
-            own_workload: config.workload_info.clone(),
-            node_name: config.node_name.clone(),
-            upstreams,
-            metrics,
-        });
+    if let (Some((server, _)), Some(ctx)) = (dns_server, dns_ctx) {
+        tracing::info!(addrs = ?dns_addrs, upstreams = ?ctx.upstreams.servers(), "DNS proxy: mesh names from the store, the rest forwarded");
         tasks.push(tokio::spawn(server.run(ctx)));
     }
     if let Some((mut manager, uds)) = pods {
@@ -545,6 +543,37 @@ async fn build(
         tasks,
     };
     Ok((running, operators))
+}
+
+/// The DNS proxy's context for this node (dedicated mode: every client is the served workload;
+/// shared mode: the template of each pod's). The upstream resolvers are read once, now.
+fn dns_context(
+    config: &Config,
+    settings: &crate::config::DnsSettings,
+    store: Arc<crate::store::Store>,
+    metrics: Arc<crate::dns::DnsMetrics>,
+) -> crate::dns::server::DnsContext {
+    let resolv = std::fs::read_to_string(&settings.resolv_conf).unwrap_or_else(|e| {
+        tracing::warn!(path = %settings.resolv_conf.display(), error = %e, "DNS proxy: cannot read the resolvers; names outside the mesh will get SERVFAIL");
+        String::new()
+    });
+    let upstreams = crate::dns::forward::Upstreams::from_resolv_conf(
+        &resolv,
+        crate::dns::forward::DEFAULT_TIMEOUT,
+        config.packet_mark,
+    );
+    if config.inpod.is_some() {
+        tracing::info!(addrs = ?settings.addrs, upstreams = ?upstreams.servers(), "DNS proxy: in every pod, mesh names from the store, the rest forwarded from the pod");
+    }
+    crate::dns::server::DnsContext {
+        store,
+        network: config.network.as_str().into(),
+        rules: settings.rules.clone(),
+        own_workload: config.workload_info.clone(),
+        node_name: config.node_name.clone(),
+        upstreams,
+        metrics,
+    }
 }
 
 /// [`bind`], with the address bound (the port the kernel chose for port 0).

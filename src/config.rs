@@ -112,8 +112,9 @@ pub struct DnsSettings {
     pub addrs: Vec<SocketAddr>,
     /// Where the upstream resolvers are read (`/etc/resolv.conf`).
     pub resolv_conf: PathBuf,
-    /// `CLUSTER_DOMAIN`: the suffix of Kubernetes names (search domains).
-    pub cluster_domain: String,
+    /// How names are matched (`CLUSTER_DOMAIN`, `PREFERED_SERVICE_NAMESPACE`,
+    /// `L4MESH_DNS_RESPECT_VISIBILITY`).
+    pub rules: crate::dns::answer::NameRules,
 }
 
 /// Shared (in-pod) mode's settings, ztunnel's names and defaults.
@@ -401,6 +402,14 @@ pub struct Args {
     /// The cluster's DNS domain (search domains `<ns>.svc.<domain>`, `svc.<domain>`, `<domain>`).
     #[arg(long, env = "CLUSTER_DOMAIN", default_value = "cluster.local")]
     pub cluster_domain: String,
+    /// Among services sharing a hostname (none in the client's namespace, none canonical), the
+    /// DNS proxy answers the one in this namespace (ztunnel's variable, spelled as ztunnel does).
+    #[arg(long, env = "PREFERED_SERVICE_NAMESPACE")]
+    pub prefered_service_namespace: Option<String>,
+    /// The DNS proxy does not answer a namespace-private service (visibility NAMESPACE, Kubernetes
+    /// `exportTo: ["."]`) to clients of other namespaces; off by default, as ztunnel.
+    #[arg(long, env = "L4MESH_DNS_RESPECT_VISIBILITY", default_value = "false", value_parser = parse_bool, action = clap::ArgAction::Set)]
+    pub dns_respect_visibility: bool,
     /// In dedicated mode, the served workload as <namespace>/<name>/<service account>.
     #[arg(long, env = "PROXY_WORKLOAD_INFO")]
     pub proxy_workload_info: Option<WorkloadInfo>,
@@ -692,11 +701,14 @@ impl Args {
             }
         };
         let shared = self.proxy_mode == ProxyMode::Shared;
-        // ztunnel's switch, then the mesh config's proxyMetadata.
+        // ztunnel's switch, then the mesh config's proxyMetadata; unset, on in shared mode (as
+        // ztunnel: the pods' listeners are in their own namespaces, and a pod's queries reach
+        // them only when its capture rules say so) and off in dedicated mode (several l4mesh
+        // processes often share one host's loopback there).
         let dns_on = self.dns_capture.unwrap_or_else(|| {
             self.proxy_metadata
                 .get("DNS_CAPTURE")
-                .is_some_and(|v| v.eq_ignore_ascii_case("true"))
+                .map_or(shared, |v| v.eq_ignore_ascii_case("true"))
         });
         if shared {
             if let Some(w) = &self.proxy_workload_info {
@@ -867,7 +879,11 @@ impl Args {
                     ],
                 },
                 resolv_conf: self.dns_resolv_conf.clone(),
-                cluster_domain: self.cluster_domain.clone(),
+                rules: crate::dns::answer::NameRules {
+                    cluster_domain: self.cluster_domain.clone(),
+                    preferred_namespace: self.prefered_service_namespace.clone(),
+                    respect_visibility: self.dns_respect_visibility,
+                },
             }),
             inpod: shared.then_some(InpodSettings {
                 uds: self.inpod_uds,

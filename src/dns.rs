@@ -14,14 +14,18 @@ pub mod server;
 
 use std::net::IpAddr;
 
-use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
+use hickory_proto::op::{Edns, Message, MessageType, OpCode, ResponseCode};
 use hickory_proto::rr::rdata::{A, AAAA, CNAME};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
+use rand::seq::SliceRandom;
 
 pub use server::{DnsMetrics, DnsServer};
 
 /// The TTL of answers from the store (ztunnel's).
 pub const TTL_SECS: u32 = 30;
+
+/// The UDP payload l4mesh announces in EDNS answers (DNS Flag Day 2020's safe size).
+pub const EDNS_PAYLOAD: u16 = 1232;
 
 /// What to do with one query.
 #[derive(Debug, PartialEq, Eq)]
@@ -34,13 +38,24 @@ pub enum Reply {
     Drop,
 }
 
-/// The reply to `request` (one DNS message, as it came over UDP or TCP) for a client in
-/// `client`'s namespace, from `snapshot`.
+/// How a reply travels: over UDP it must fit what the client can take (512 bytes, or the size
+/// its EDNS record announces), else it is cut and flagged truncated so that the client asks
+/// again over TCP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    Udp,
+    Tcp,
+}
+
+/// The reply to `request` (one DNS message, as it came over `transport`) for `client`, from
+/// `snapshot`. Only A and AAAA questions are answered from the store, as ztunnel: any other type
+/// is forwarded, for mesh names too.
 pub fn respond(
     request: &[u8],
     snapshot: &crate::store::Snapshot,
     client: answer::Client<'_>,
-    cluster_domain: &str,
+    rules: &answer::NameRules,
+    transport: Transport,
 ) -> Reply {
     let msg = match Message::from_vec(request) {
         Ok(m) => m,
@@ -57,9 +72,12 @@ pub fn respond(
         // RFC 9619: one question per query.
         return error(&msg, ResponseCode::FormErr);
     };
+    if !matches!(query.query_type(), RecordType::A | RecordType::AAAA) {
+        return Reply::Forward;
+    }
     let qname = query.name().to_lowercase().to_ascii();
     let qname = qname.strip_suffix('.').unwrap_or(&qname);
-    let Some(found) = answer::lookup(snapshot, qname, client, cluster_domain) else {
+    let Some(mut found) = answer::lookup(snapshot, qname, client, rules) else {
         return Reply::Forward;
     };
     let mut out = response(&msg, ResponseCode::NoError);
@@ -78,7 +96,9 @@ pub fn respond(
             Err(_) => return error(&msg, ResponseCode::ServFail),
         }
     }
-    // The other family, or another type, of a mesh name: no records, NOERROR (not NXDOMAIN).
+    // Spread the clients over the addresses, as ztunnel does.
+    found.addrs.shuffle(&mut rand::rng());
+    // The other family of a mesh name: no records, NOERROR (not NXDOMAIN).
     for ip in &found.addrs {
         let rdata = match (query.query_type(), ip) {
             (RecordType::A, IpAddr::V4(v4)) => RData::A(A(*v4)),
@@ -87,7 +107,56 @@ pub fn respond(
         };
         out.add_answer(Record::from_rdata(target.clone(), TTL_SECS, rdata));
     }
+    let limit = match transport {
+        Transport::Udp => usize::from(msg.max_payload()),
+        Transport::Tcp => usize::from(u16::MAX),
+    };
+    fit(out, limit)
+}
+
+/// `out` encoded in at most `limit` bytes: as many answers as fit, flagged truncated when some
+/// did not.
+fn fit(mut out: Message, limit: usize) -> Reply {
+    let fits = |m: &Message| m.to_vec().ok().filter(|b| b.len() <= limit);
+    if let Some(bytes) = fits(&out) {
+        return Reply::Send {
+            bytes,
+            rcode: out.response_code(),
+        };
+    }
+    let answers = out.take_answers();
+    // The client asks again over TCP: the other sections are not worth their room.
+    out.take_name_servers();
+    out.take_additionals();
+    out.set_truncated(true);
+    // The most answers that fit (a binary search: a headless service may have thousands).
+    let (mut lo, mut hi) = (0, answers.len());
+    while lo < hi {
+        let mid = (lo + hi).div_ceil(2);
+        out.insert_answers(answers[..mid].to_vec());
+        if fits(&out).is_some() {
+            lo = mid;
+        } else {
+            hi = mid - 1;
+        }
+        out.take_answers();
+    }
+    out.insert_answers(answers[..lo].to_vec());
     send(out)
+}
+
+/// An upstream's answer to `request`, made to fit a UDP reply to the client: the answer the
+/// forwarder got whole over TCP may be larger than what the client takes over UDP.
+pub fn fit_udp(request: &[u8], answer: Vec<u8>) -> Vec<u8> {
+    let limit = Message::from_vec(request).map_or(512, |m| usize::from(m.max_payload()));
+    if answer.len() <= limit {
+        return answer;
+    }
+    match Message::from_vec(&answer).map(|m| fit(m, limit)) {
+        Ok(Reply::Send { bytes, .. }) => bytes,
+        // Not a message we can cut: relayed as it came (the client's resolver decides).
+        _ => answer,
+    }
 }
 
 /// SERVFAIL for `request` (no upstream answered it); `None` when it does not parse.
@@ -107,7 +176,8 @@ pub fn question(request: &[u8]) -> Option<(String, String)> {
     ))
 }
 
-/// A response skeleton for `req`: its id, question and recursion-desired flag.
+/// A response skeleton for `req`: its id, (first) question and recursion-desired flag, and an EDNS
+/// record when it had one (RFC 6891), announcing what l4mesh takes over UDP.
 fn response(req: &Message, rcode: ResponseCode) -> Message {
     let mut out = Message::new();
     out.set_id(req.id())
@@ -116,7 +186,13 @@ fn response(req: &Message, rcode: ResponseCode) -> Message {
         .set_recursion_desired(req.recursion_desired())
         .set_recursion_available(true)
         .set_response_code(rcode);
-    out.add_queries(req.queries().iter().cloned());
+    // One question at most: a reply to a many-question query (FORMERR) stays small.
+    out.add_queries(req.queries().iter().take(1).cloned());
+    if req.extensions().is_some() {
+        let mut edns = Edns::new();
+        edns.set_max_payload(EDNS_PAYLOAD);
+        out.set_edns(edns);
+    }
     out
 }
 

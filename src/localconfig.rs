@@ -23,7 +23,8 @@
 //!   empty: `"/10.0.0.1"`), `ports` (`{ <service port>: <target port> }`), `subjectAltNames`,
 //!   `canonical`, `waypoint`, `loadBalancer` (`{mode: Standard|Strict|Failover|Passthrough,
 //!   routingPreferences: [Region|Zone|Subzone|Node|Cluster|Network], healthPolicy:
-//!   OnlyHealthy|AllowAll}`), `ipFamilies` (`Automatic|IPv4Only|IPv6Only|Dual`).
+//!   OnlyHealthy|AllowAll}`), `ipFamilies` (`Automatic|IPv4Only|IPv6Only|Dual`), `visibility` (`Public|Namespace`: who may
+//!   resolve its name, see the DNS proxy).
 //! - `policies`: `name`, `namespace`, `scope` (`Global`|`Namespace`|`WorkloadSelector`, required),
 //!   `action` (`Allow`|`Deny`, required), `dryRun`, and `rules`: a list (OR) of clauses (AND) of
 //!   matches (OR). A match has `namespaces`, `principals` (and their `not…` forms) as string matches,

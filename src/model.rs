@@ -22,6 +22,7 @@ pub use convert::{Resource, ValidationError};
 pub use identity::{IdentityError, SpiffeId};
 pub use service::{
     HealthPolicy, IpFamilies, LoadBalancing, LoadBalancingMode, RoutingScope, Service, ServiceKey,
+    Visibility,
 };
 pub use workload::{
     AppTunnel, Endpoint, GatewayAddress, GatewayDestination, Locality, PortMap, TunnelProtocol,

@@ -15,6 +15,9 @@ fn snapshot() -> &'static Arc<l4mesh::store::Snapshot> {
 services:
 - { name: echo, namespace: default, hostname: echo.default.svc.cluster.local, vips: ["/10.9.0.1", "/fd00::1"], ports: { 80: 8080 } }
 - { name: wild, namespace: default, hostname: "*.example.com", vips: ["/10.9.0.3"], ports: { 80: 8080 } }
+- { name: db, namespace: default, hostname: db.default.svc.cluster.local, ports: { 5432: 5432 } }
+workloads:
+- { uid: w/db-0, name: db-0, namespace: default, serviceAccount: db, workloadIps: ["10.1.0.10", "fd01::10"], services: { "default/db.default.svc.cluster.local": { 5432: 5432 } } }
 "#;
         if let Ok(batch) = l4mesh::localconfig::parse(yaml) {
             store.apply(batch);
@@ -28,9 +31,17 @@ fuzz_target!(|data: &[u8]| {
         namespace: Some("default"),
         network: "",
     };
-    if let l4mesh::dns::Reply::Send { bytes, .. } =
-        l4mesh::dns::respond(data, snapshot(), client, "cluster.local")
-    {
-        assert!(hickory_proto::op::Message::from_vec(&bytes).is_ok());
+    let rules = l4mesh::dns::answer::NameRules::new("cluster.local");
+    for transport in [l4mesh::dns::Transport::Udp, l4mesh::dns::Transport::Tcp] {
+        if let l4mesh::dns::Reply::Send { bytes, .. } =
+            l4mesh::dns::respond(data, snapshot(), client, &rules, transport)
+        {
+            assert!(hickory_proto::op::Message::from_vec(&bytes).is_ok());
+            if transport == l4mesh::dns::Transport::Udp {
+                // At most what the client announced (512 without EDNS).
+                let limit = hickory_proto::op::Message::from_vec(data).map_or(512, |m| m.max_payload());
+                assert!(bytes.len() <= usize::from(limit), "{} > {limit}", bytes.len());
+            }
+        }
     }
 });

@@ -1,26 +1,39 @@
-//! Which mesh name a query asks for, and its addresses: pure lookups in one store snapshot.
+//! Which mesh name a query asks for, and its addresses: pure lookups in one store snapshot, as
+//! ztunnel's DNS server decides them.
 //!
-//! A client's resolver appends its search domains to short names (`echo` → `echo.<ns>.svc.
-//! cluster.local`, `echo.other` → `echo.other.<ns>.svc.cluster.local`, …), so a name not found
-//! as asked is completed as a Kubernetes name when it is a partial one (`echo`, `echo.ns`,
-//! `echo.ns.svc`), then tried with each of the client's search domains stripped (and the
-//! stripped name completed the same way); a match found
-//! that way is answered as an alias (a CNAME to the canonical name, then its addresses), as
-//! ztunnel does. Wildcard hosts (`*.example.com`) match any name below them, the longest first.
+//! A name is tried as asked; then, for a client whose namespace is known, completed as a
+//! Kubernetes name when it is a partial one (`echo`, `echo.ns`, `echo.ns.svc`), then with each of
+//! the client's search domains (`<ns>.svc.<domain>`, `svc.<domain>`, `<domain>`) stripped, the
+//! stripped name completed the same way. A match found through another spelling is answered as
+//! an alias: a CNAME to the name the mesh knows, then its addresses.
+//!
+//! Each candidate matches, in order: a service with that hostname (several may share one: the
+//! client's namespace wins, then the canonical service, then `PREFERED_SERVICE_NAMESPACE`, then
+//! the oldest); a pod of a headless Kubernetes service (`<pod>.<service hostname>`); a wildcard
+//! host above it (`*.example.com` for `a.example.com`), the most specific first.
+//!
+//! A service answers with its VIPs on the client's network: when it has VIPs only on others, the
+//! answer is empty (NOERROR), as ztunnel's. A service without VIPs is answered only when it is a
+//! headless Kubernetes service (its hostname under `svc.<cluster domain>`): with the addresses of
+//! its healthy endpoints on the client's network. Other services without VIPs (DNS-resolved
+//! ServiceEntries) are left to the upstream resolvers.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 
-use crate::model::Service;
+use crate::model::{Service, Visibility, Workload, WorkloadStatus};
 use crate::store::Snapshot;
 
 /// A mesh name found for a query.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Found {
-    /// The name the mesh knows (a service hostname; for a wildcard host, the name asked).
+    /// The name the records are given under: the mesh's name for an alias, else the name asked.
     pub canonical: String,
-    /// The query's name is another spelling of it (search domains): answer with a CNAME first.
+    /// The query's name is another spelling of a mesh name (search domains): answer with a CNAME
+    /// to [`Found::canonical`] first.
     pub alias: bool,
-    /// Every address of the name on the client's network, both families.
+    /// Every address of the name on the client's network, both families (may be empty: the name
+    /// exists, without an address the client can use).
     pub addrs: Vec<IpAddr>,
 }
 
@@ -33,30 +46,65 @@ pub struct Client<'a> {
     pub network: &'a str,
 }
 
+/// How names are matched: the same for every client of one proxy.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct NameRules {
+    /// `CLUSTER_DOMAIN`: the suffix of Kubernetes names.
+    pub cluster_domain: String,
+    /// `PREFERED_SERVICE_NAMESPACE` (ztunnel's spelling): among services sharing a hostname, none
+    /// of them in the client's namespace and none canonical, the one in this namespace.
+    pub preferred_namespace: Option<String>,
+    /// `L4MESH_DNS_RESPECT_VISIBILITY`: a service whose visibility is its own namespace is not
+    /// answered to clients of other namespaces (stricter than ztunnel, which answers everyone;
+    /// off by default).
+    pub respect_visibility: bool,
+}
+
+impl NameRules {
+    /// ztunnel's rules for `cluster_domain`.
+    pub fn new(cluster_domain: &str) -> NameRules {
+        NameRules {
+            cluster_domain: cluster_domain.to_owned(),
+            preferred_namespace: None,
+            respect_visibility: false,
+        }
+    }
+}
+
 /// The mesh name `qname` (lower case, without the final dot) stands for, or `None` (not a mesh
 /// name: forward it).
 pub fn lookup(
     snapshot: &Snapshot,
     qname: &str,
     client: Client<'_>,
-    cluster_domain: &str,
+    rules: &NameRules,
 ) -> Option<Found> {
-    if let Some(f) = exact(snapshot, qname, client.network) {
+    let matched = |candidate: &str| {
+        let (addrs, wildcard) = host(snapshot, candidate, client, rules)?;
+        // A wildcard's records are given under the name asked (no CNAME to a name that is not
+        // the mesh's either).
+        let alias = !wildcard && candidate != qname;
+        Some(Found {
+            canonical: if alias { candidate } else { qname }.to_owned(),
+            alias,
+            addrs,
+        })
+    };
+    if let Some(f) = matched(qname) {
         return Some(f);
     }
     let ns = client.namespace?;
-    // A partial Kubernetes name asked as it is (`echo`, `echo.ns`, `echo.ns.svc`).
-    if let Some(mut f) = kube_fqdns(qname, ns, cluster_domain)
+    let domain = rules.cluster_domain.as_str();
+    if let Some(f) = kube_fqdns(qname, ns, domain)
         .iter()
-        .find_map(|c| exact(snapshot, c, client.network))
+        .find_map(|c| matched(c))
     {
-        f.alias = true;
         return Some(f);
     }
     let searches = [
-        format!("{ns}.svc.{cluster_domain}"),
-        format!("svc.{cluster_domain}"),
-        cluster_domain.to_owned(),
+        format!("{ns}.svc.{domain}"),
+        format!("svc.{domain}"),
+        domain.to_owned(),
     ];
     for search in &searches {
         let Some(stripped) = qname
@@ -67,10 +115,9 @@ pub fn lookup(
             continue;
         };
         let candidates =
-            std::iter::once(stripped.to_owned()).chain(kube_fqdns(stripped, ns, cluster_domain));
+            std::iter::once(stripped.to_owned()).chain(kube_fqdns(stripped, ns, domain));
         for c in candidates {
-            if let Some(mut f) = exact(snapshot, &c, client.network) {
-                f.alias = f.canonical != qname;
+            if let Some(f) = matched(&c) {
                 return Some(f);
             }
         }
@@ -80,175 +127,146 @@ pub fn lookup(
 
 /// The Kubernetes names a partial one may stand for, as ztunnel expands them: one label is a
 /// service of the client's namespace, two are `<service>.<namespace>`, three ending in `svc`
-/// lack only the cluster domain.
+/// lack only the cluster domain; and the names of a headless service's pods, `<pod>.<service>`,
+/// `<pod>.<service>.<namespace>`, `<pod>.<service>.<namespace>.svc`.
 fn kube_fqdns(name: &str, ns: &str, domain: &str) -> Vec<String> {
     let labels: Vec<&str> = name.split('.').collect();
+    let mut out = Vec::new();
     match labels.as_slice() {
-        [_] => vec![format!("{name}.{ns}.svc.{domain}")],
-        [_, _] => vec![format!("{name}.svc.{domain}")],
-        [_, _, "svc"] => vec![format!("{name}.{domain}")],
-        _ => Vec::new(),
+        [_] => out.push(format!("{name}.{ns}.svc.{domain}")),
+        [_, _] => {
+            out.push(format!("{name}.svc.{domain}"));
+            out.push(format!("{name}.{ns}.svc.{domain}"));
+        }
+        [_, _, last] => {
+            if *last == "svc" {
+                out.push(format!("{name}.{domain}"));
+            }
+            out.push(format!("{name}.svc.{domain}"));
+        }
+        [_, _, _, "svc"] => out.push(format!("{name}.{domain}")),
+        _ => {}
     }
+    out
 }
 
-/// A service with exactly this hostname, else the most specific wildcard host above it; a
-/// service without an address on the client's network is not answered here (as ztunnel, the
-/// upstream resolvers may know it).
-fn exact(snapshot: &Snapshot, name: &str, network: &str) -> Option<Found> {
-    if let Some(svc) = snapshot.service_by_hostname(name) {
-        return Some(found(svc, svc.hostname.clone(), network)).filter(|f| !f.addrs.is_empty());
+/// The addresses of `name` if the mesh knows it (a service, a headless service's pod, a wildcard
+/// host), and whether it matched through a wildcard.
+fn host(
+    snapshot: &Snapshot,
+    name: &str,
+    client: Client<'_>,
+    rules: &NameRules,
+) -> Option<(Vec<IpAddr>, bool)> {
+    let services = snapshot
+        .services_by_hostname(name)
+        .filter(|s| visible(s, client, rules))
+        .filter(|s| !s.vips.is_empty() || headless(s, &rules.cluster_domain));
+    if let Some(svc) = best(services, client, rules) {
+        return Some((addresses(snapshot, svc, client), false));
+    }
+    if let Some(addrs) = headless_pod(snapshot, name, client, rules) {
+        return Some((addrs, false));
+    }
+    // `a.b.example.com`: `*.b.example.com`, then `*.example.com`, then `*.com`.
+    let mut rest = name;
+    while let Some((_, parent)) = rest.split_once('.') {
+        let wildcard = format!("*.{parent}");
+        let services = snapshot
+            .services_by_hostname(&wildcard)
+            .filter(|s| visible(s, client, rules) && !s.vips.is_empty());
+        if let Some(svc) = best(services, client, rules) {
+            return Some((vips(svc, client), true));
+        }
+        rest = parent;
+    }
+    None
+}
+
+/// `<pod>.<headless service hostname>`: the addresses of that pod when it is an endpoint of the
+/// service (Kubernetes names a headless service's pods so, StatefulSets above all).
+fn headless_pod(
+    snapshot: &Snapshot,
+    name: &str,
+    client: Client<'_>,
+    rules: &NameRules,
+) -> Option<Vec<IpAddr>> {
+    let (pod, service_host) = name.split_once('.')?;
+    let services = snapshot
+        .services_by_hostname(service_host)
+        .filter(|s| visible(s, client, rules) && headless(s, &rules.cluster_domain));
+    let svc = best(services, client, rules)?;
+    let addrs: Vec<IpAddr> = snapshot
+        .endpoints(&svc.key())
+        .filter(|(wl, _)| wl.name == pod)
+        .flat_map(|(wl, _)| endpoint_addrs(wl, client))
+        .collect();
+    (!addrs.is_empty()).then_some(addrs)
+}
+
+/// Among services sharing a hostname, the one a client means (ztunnel's order): its own
+/// namespace's, else the canonical one, else the preferred namespace's, else the oldest.
+fn best<'a>(
+    services: impl Iterator<Item = &'a Arc<Service>>,
+    client: Client<'_>,
+    rules: &NameRules,
+) -> Option<&'a Arc<Service>> {
+    let (mut canonical, mut preferred, mut first) = (None, None, None);
+    for s in services {
+        if client.namespace == Some(s.namespace.as_str()) {
+            return Some(s);
+        }
+        if s.canonical {
+            canonical = canonical.or(Some(s));
+        } else if rules.preferred_namespace.as_deref() == Some(s.namespace.as_str()) {
+            preferred = preferred.or(Some(s));
+        }
+        first = first.or(Some(s));
+    }
+    canonical.or(preferred).or(first)
+}
+
+fn visible(s: &Service, client: Client<'_>, rules: &NameRules) -> bool {
+    !rules.respect_visibility
+        || s.visibility == Visibility::Public
+        || client.namespace == Some(s.namespace.as_str())
+}
+
+/// A Kubernetes service without a cluster IP: its name resolves to its pods.
+fn headless(s: &Service, cluster_domain: &str) -> bool {
+    s.vips.is_empty()
+        && s.hostname
+            .strip_suffix(cluster_domain)
+            .is_some_and(|h| h.ends_with(".svc."))
+}
+
+fn addresses(snapshot: &Snapshot, svc: &Service, client: Client<'_>) -> Vec<IpAddr> {
+    if !svc.vips.is_empty() {
+        return vips(svc, client);
     }
     snapshot
-        .services()
-        .filter(|s| {
-            s.hostname
-                .strip_prefix('*')
-                .is_some_and(|suffix| suffix.starts_with('.') && name.ends_with(suffix))
-        })
-        .max_by_key(|s| s.hostname.len())
-        .map(|svc| found(svc, name.to_owned(), network))
-        .filter(|f| !f.addrs.is_empty())
+        .endpoints(&svc.key())
+        .flat_map(|(wl, _)| endpoint_addrs(wl, client))
+        .collect()
 }
 
-fn found(svc: &Service, canonical: String, network: &str) -> Found {
-    Found {
-        canonical,
-        alias: false,
-        addrs: svc
-            .vips
-            .iter()
-            .filter(|v| &*v.network == network)
-            .map(|v| v.ip)
-            .collect(),
+fn vips(svc: &Service, client: Client<'_>) -> Vec<IpAddr> {
+    svc.vips
+        .iter()
+        .filter(|v| &*v.network == client.network)
+        .map(|v| v.ip)
+        .collect()
+}
+
+/// A healthy endpoint's first address of each family, when it is on the client's network.
+fn endpoint_addrs(wl: &Workload, client: Client<'_>) -> Vec<IpAddr> {
+    if wl.status != WorkloadStatus::Healthy || &*wl.network != client.network {
+        return Vec::new();
     }
+    let v4 = wl.addresses.iter().find(|a| a.is_ipv4());
+    let v6 = wl.addresses.iter().find(|a| a.is_ipv6());
+    v4.into_iter().chain(v6).copied().collect()
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn snapshot() -> std::sync::Arc<Snapshot> {
-        let yaml = r#"
-services:
-- name: echo
-  namespace: default
-  hostname: echo.default.svc.cluster.local
-  vips: ["/10.9.0.1", "/fd00::1"]
-  ports: { 80: 8080 }
-- name: api
-  namespace: other
-  hostname: api.other.svc.cluster.local
-  vips: ["/10.9.0.2"]
-  ports: { 80: 8080 }
-- name: wild
-  namespace: default
-  hostname: "*.example.com"
-  vips: ["/10.9.0.3"]
-  ports: { 80: 8080 }
-- name: wilder
-  namespace: default
-  hostname: "*.deep.example.com"
-  vips: ["/10.9.0.4"]
-  ports: { 80: 8080 }
-- name: se
-  namespace: default
-  hostname: db.external.test
-  vips: ["/10.9.0.5"]
-  ports: { 5432: 5432 }
-- name: novip
-  namespace: default
-  hostname: dns-only.external.test
-  ports: { 443: 443 }
-"#;
-        let store = crate::store::Store::new();
-        store.apply(crate::localconfig::parse(yaml).unwrap());
-        store.load()
-    }
-
-    const C: Client<'static> = Client {
-        namespace: Some("default"),
-        network: "",
-    };
-
-    fn ips(f: &Found) -> Vec<String> {
-        f.addrs.iter().map(ToString::to_string).collect()
-    }
-
-    #[test]
-    fn canonical_names_answer_every_address() {
-        let s = snapshot();
-        let f = lookup(&s, "echo.default.svc.cluster.local", C, "cluster.local").unwrap();
-        assert!(!f.alias);
-        assert_eq!(ips(&f), ["10.9.0.1", "fd00::1"]);
-        let f = lookup(&s, "db.external.test", C, "cluster.local").unwrap();
-        assert_eq!(ips(&f), ["10.9.0.5"]);
-        // Unknown client: only exact names.
-        let anon = Client {
-            namespace: None,
-            network: "",
-        };
-        assert!(lookup(&s, "echo.default.svc.cluster.local", anon, "cluster.local").is_some());
-        assert!(lookup(
-            &s,
-            "echo.default.default.svc.cluster.local",
-            anon,
-            "cluster.local"
-        )
-        .is_none());
-    }
-
-    #[test]
-    fn search_domains_are_stripped_and_answered_as_aliases() {
-        let s = snapshot();
-        for q in [
-            // `echo.default` from a pod of `default`: the first search domain appended.
-            "echo.default.default.svc.cluster.local",
-            // `echo.default.svc` with `svc.cluster.local` appended by the resolver.
-            "echo.default.svc.svc.cluster.local",
-            // The full name with a search domain appended (ndots).
-            "echo.default.svc.cluster.local.default.svc.cluster.local",
-        ] {
-            let f = lookup(&s, q, C, "cluster.local").unwrap_or_else(|| panic!("{q}"));
-            assert!(f.alias, "{q}");
-            assert_eq!(f.canonical, "echo.default.svc.cluster.local", "{q}");
-        }
-        // Another namespace's service by `<name>.<namespace>`.
-        let f = lookup(
-            &s,
-            "api.other.default.svc.cluster.local",
-            C,
-            "cluster.local",
-        )
-        .unwrap();
-        assert_eq!(f.canonical, "api.other.svc.cluster.local");
-        // A short name resolves only in the client's own namespace.
-        assert!(lookup(&s, "api.default.svc.cluster.local", C, "cluster.local").is_none());
-        // Partial names asked as they are (no search list on the client).
-        for q in ["echo", "echo.default", "echo.default.svc"] {
-            let f = lookup(&s, q, C, "cluster.local").unwrap_or_else(|| panic!("{q}"));
-            assert_eq!(
-                (f.canonical.as_str(), f.alias),
-                ("echo.default.svc.cluster.local", true)
-            );
-        }
-        // Not a mesh name: forwarded.
-        assert!(lookup(&s, "example.org", C, "cluster.local").is_none());
-        assert!(lookup(&s, "nope.default.svc.cluster.local", C, "cluster.local").is_none());
-    }
-
-    #[test]
-    fn wildcards_match_below_them_the_longest_first() {
-        let s = snapshot();
-        let f = lookup(&s, "a.example.com", C, "cluster.local").unwrap();
-        assert_eq!(
-            (f.canonical.as_str(), ips(&f)),
-            ("a.example.com", vec!["10.9.0.3".to_owned()])
-        );
-        let f = lookup(&s, "x.deep.example.com", C, "cluster.local").unwrap();
-        assert_eq!(ips(&f), ["10.9.0.4"]);
-        // No address on the client's network: left to the upstream resolvers.
-        assert!(lookup(&s, "dns-only.external.test", C, "cluster.local").is_none());
-        // The wildcard's own base name is not below it.
-        assert!(lookup(&s, "example.com", C, "cluster.local").is_none());
-    }
-}
+mod tests;

@@ -5,9 +5,12 @@
 //! in time does the client get SERVFAIL (the server's job).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::inpod::netns::PodNetns;
 
 /// How long one resolver gets to answer (ztunnel's forwarder waits 5 s in all; here each of
 /// at most three resolvers gets this).
@@ -28,6 +31,9 @@ pub struct Upstreams {
     servers: Vec<SocketAddr>,
     timeout: Duration,
     mark: u32,
+    /// Shared mode: the pod whose queries these are; its namespace makes the sockets (so the
+    /// queries leave from the pod, as ztunnel's do).
+    netns: Option<Arc<PodNetns>>,
 }
 
 impl Upstreams {
@@ -50,6 +56,15 @@ impl Upstreams {
             servers,
             timeout,
             mark,
+            netns: None,
+        }
+    }
+
+    /// The same resolvers, asked from `netns` (a pod's namespace).
+    pub fn from_pod(&self, netns: Arc<PodNetns>) -> Upstreams {
+        Upstreams {
+            netns: Some(netns),
+            ..self.clone()
         }
     }
 
@@ -59,6 +74,7 @@ impl Upstreams {
             servers,
             timeout,
             mark,
+            netns: None,
         }
     }
 
@@ -96,11 +112,11 @@ impl Upstreams {
             SocketAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
             SocketAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
         };
-        let s = socket2::Socket::new(
-            socket2::Domain::for_address(server),
-            socket2::Type::DGRAM,
-            None,
-        )?;
+        let (domain, ty) = (socket2::Domain::for_address(server), socket2::Type::DGRAM);
+        let s = match &self.netns {
+            Some(ns) => ns.socket(domain, ty).await.map_err(std::io::Error::other)?,
+            None => socket2::Socket::new(domain, ty, None)?,
+        };
         self.mark(&s);
         s.set_nonblocking(true)?;
         s.bind(&SocketAddr::new(any, 0).into())?;
@@ -125,7 +141,7 @@ impl Upstreams {
             orig_src: false,
             orig_src_fallbacks: Default::default(),
             keepalive: Default::default(),
-            netns: None,
+            netns: self.netns.clone(),
         };
         let mut s = crate::socket::connect(server, &opts).await?;
         let len = u16::try_from(request.len())

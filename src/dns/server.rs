@@ -19,7 +19,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
 use super::forward::Upstreams;
-use super::{answer, question, respond, servfail, Reply};
+use super::{answer, fit_udp, question, respond, servfail, Reply, Transport};
 use crate::store::Store;
 
 /// Queries in flight from one client address.
@@ -28,8 +28,8 @@ pub const MAX_IN_FLIGHT: usize = 64;
 pub const MAX_TOTAL: usize = 1024;
 /// Open TCP connections.
 pub const MAX_TCP: usize = 256;
-/// A TCP connection without a query for this long is closed.
-pub const TCP_IDLE: Duration = Duration::from_secs(10);
+/// A TCP connection without a query for this long is closed (ztunnel's TCP request timeout).
+pub const TCP_IDLE: Duration = Duration::from_secs(5);
 
 /// ztunnel's DNS metrics (`istio_dns_*`, registered by the metrics module).
 pub struct DnsMetrics {
@@ -63,12 +63,13 @@ pub struct DnsLabels {
 }
 
 /// Who the queries come from and where their answers come from.
+#[derive(Clone)]
 pub struct DnsContext {
     pub store: Arc<Store>,
     pub network: Arc<str>,
-    pub cluster_domain: String,
-    /// The served workload (dedicated mode): every client is it. `None`: the client is the
-    /// workload at the query's source address, if any.
+    pub rules: answer::NameRules,
+    /// The served workload (dedicated mode, or the pod in shared mode): every client is it.
+    /// `None`: the client is the workload at the query's source address, if any.
     pub own_workload: Option<crate::model::WorkloadInfo>,
     pub node_name: String,
     pub upstreams: Upstreams,
@@ -149,6 +150,23 @@ impl DnsServer {
         Ok((DnsServer { udp, tcp }, bound))
     }
 
+    /// Sockets bound elsewhere (a pod's namespace): non-blocking, joined to the runtime here.
+    pub fn from_std(
+        udp: Vec<std::net::UdpSocket>,
+        tcp: Vec<std::net::TcpListener>,
+    ) -> std::io::Result<DnsServer> {
+        Ok(DnsServer {
+            udp: udp
+                .into_iter()
+                .map(UdpSocket::from_std)
+                .collect::<Result<_, _>>()?,
+            tcp: tcp
+                .into_iter()
+                .map(TcpListener::from_std)
+                .collect::<Result<_, _>>()?,
+        })
+    }
+
     /// Serves until dropped.
     pub async fn run(self, ctx: Arc<DnsContext>) {
         let inflight = Arc::new(InFlight::default());
@@ -187,7 +205,7 @@ async fn serve_udp(sock: Arc<UdpSocket>, ctx: Arc<DnsContext>, inflight: Arc<InF
         let (query, ctx, sock) = (buf[..n].to_vec(), ctx.clone(), sock.clone());
         tokio::spawn(async move {
             let _slot = slot;
-            if let Some(reply) = handle(&ctx, &query, peer, "udp").await {
+            if let Some(reply) = handle(&ctx, &query, peer, Transport::Udp).await {
                 let _ = sock.send_to(&reply, peer).await;
             }
         });
@@ -239,7 +257,7 @@ async fn tcp_conn(
         let Some(_slot) = inflight.take(peer.ip().to_canonical()) else {
             return Ok(());
         };
-        let Some(reply) = handle(ctx, &query, peer, "tcp").await else {
+        let Some(reply) = handle(ctx, &query, peer, Transport::Tcp).await else {
             return Ok(());
         };
         let Ok(len) = u16::try_from(reply.len()) else {
@@ -255,8 +273,12 @@ async fn handle(
     ctx: &DnsContext,
     query: &[u8],
     peer: SocketAddr,
-    protocol: &'static str,
+    transport: Transport,
 ) -> Option<Vec<u8>> {
+    let protocol = match transport {
+        Transport::Udp => "udp",
+        Transport::Tcp => "tcp",
+    };
     let started = Instant::now();
     let snapshot = ctx.store.load();
     let peer_ip = peer.ip().to_canonical();
@@ -297,7 +319,7 @@ async fn handle(
             .map_or_else(|| "unknown".into(), |w| w.canonical_revision.clone()),
     };
     ctx.metrics.requests.get_or_create(&labels).inc();
-    match respond(query, &snapshot, client, &ctx.cluster_domain) {
+    match respond(query, &snapshot, client, &ctx.rules, transport) {
         Reply::Send { bytes, rcode } => {
             tracing::debug!(target: "dns", client = %peer, protocol, %name, qtype = %qtype, source = "store", rcode = %rcode, duration_us = started.elapsed().as_micros() as u64, "dns query answered");
             Some(bytes)
@@ -316,6 +338,10 @@ async fn handle(
                 .observe(t.elapsed().as_secs_f64());
             match answer {
                 Ok(bytes) => {
+                    let bytes = match transport {
+                        Transport::Udp => fit_udp(query, bytes),
+                        Transport::Tcp => bytes,
+                    };
                     tracing::debug!(target: "dns", client = %peer, protocol, %name, qtype = %qtype, source = "upstream", duration_us = started.elapsed().as_micros() as u64, "dns query forwarded");
                     Some(bytes)
                 }

@@ -36,8 +36,16 @@ const C: answer::Client<'static> = answer::Client {
     network: "",
 };
 
+fn rules() -> answer::NameRules {
+    answer::NameRules::new("cluster.local")
+}
+
+fn ask(q: &[u8]) -> Reply {
+    respond(q, &snapshot(), C, &rules(), Transport::Udp)
+}
+
 fn reply(q: &[u8]) -> Message {
-    match respond(q, &snapshot(), C, "cluster.local") {
+    match ask(q) {
         Reply::Send { bytes, .. } => Message::from_vec(&bytes).unwrap(),
         other => panic!("{other:?}"),
     }
@@ -87,22 +95,9 @@ fn a_search_domain_spelling_gets_a_cname_then_the_address() {
 
 #[test]
 fn other_names_are_forwarded_and_garbage_refused() {
-    assert_eq!(
-        respond(
-            &query("example.org.", RecordType::A),
-            &snapshot(),
-            C,
-            "cluster.local"
-        ),
-        Reply::Forward
-    );
+    assert_eq!(ask(&query("example.org.", RecordType::A)), Reply::Forward);
     // A header and garbage: FORMERR with the request's id.
-    let m = match respond(
-        &[0x12, 0x34, 0xff, 0xff, 1],
-        &snapshot(),
-        C,
-        "cluster.local",
-    ) {
+    let m = match ask(&[0x12, 0x34, 0xff, 0xff, 1]) {
         Reply::Send { bytes, rcode } => {
             assert_eq!(rcode, ResponseCode::FormErr);
             Message::from_vec(&bytes).unwrap()
@@ -111,15 +106,12 @@ fn other_names_are_forwarded_and_garbage_refused() {
     };
     assert_eq!(m.id(), 0x1234);
     // Not even an id: nothing to answer.
-    assert_eq!(respond(&[1], &snapshot(), C, "cluster.local"), Reply::Drop);
+    assert_eq!(ask(&[1]), Reply::Drop);
     // A response is never answered (no ping-pong between servers).
     let mut r =
         Message::from_vec(&query("echo.default.svc.cluster.local.", RecordType::A)).unwrap();
     r.set_message_type(MessageType::Response);
-    assert_eq!(
-        respond(&r.to_vec().unwrap(), &snapshot(), C, "cluster.local"),
-        Reply::Drop
-    );
+    assert_eq!(ask(&r.to_vec().unwrap()), Reply::Drop);
     let s = servfail(&query("example.org.", RecordType::A)).unwrap();
     assert_eq!(
         Message::from_vec(&s).unwrap().response_code(),
@@ -130,4 +122,76 @@ fn other_names_are_forwarded_and_garbage_refused() {
         Some(("x.".to_owned(), "aaaa".to_owned()))
     );
     assert_eq!(question(&[1, 2, 3]), None);
+}
+
+#[test]
+fn other_record_types_of_mesh_names_are_forwarded_as_ztunnel() {
+    for t in [
+        RecordType::TXT,
+        RecordType::SRV,
+        RecordType::MX,
+        RecordType::NS,
+    ] {
+        assert_eq!(
+            ask(&query("echo.default.svc.cluster.local.", t)),
+            Reply::Forward,
+            "{t}"
+        );
+    }
+}
+
+/// A headless service with `n` endpoints.
+fn many(n: u32) -> std::sync::Arc<crate::store::Snapshot> {
+    let mut yaml = String::from("workloads:\n");
+    for i in 0..n {
+        yaml += &format!(
+            "- {{ uid: w/p{i}, name: p{i}, namespace: default, serviceAccount: p, workloadIps: [\"10.2.{}.{}\"], services: {{ \"default/big.default.svc.cluster.local\": {{ 80: 80 }} }} }}\n",
+            i / 250,
+            i % 250 + 1
+        );
+    }
+    yaml += "services:\n- { name: big, namespace: default, hostname: big.default.svc.cluster.local, ports: { 80: 80 } }\n";
+    let store = crate::store::Store::new();
+    store.apply(crate::localconfig::parse(&yaml).unwrap());
+    store.load()
+}
+
+#[test]
+fn a_reply_too_large_for_udp_is_truncated_and_whole_over_tcp() {
+    let s = many(300);
+    let q = query("big.default.svc.cluster.local.", RecordType::A);
+    let (udp, tcp) = (
+        respond(&q, &s, C, &rules(), Transport::Udp),
+        respond(&q, &s, C, &rules(), Transport::Tcp),
+    );
+    let Reply::Send { bytes, .. } = udp else {
+        panic!("{udp:?}")
+    };
+    assert!(bytes.len() <= 512, "{}", bytes.len());
+    let m = Message::from_vec(&bytes).unwrap();
+    assert!(m.truncated());
+    // As many as fit: 512 bytes hold 28 A records after this question.
+    assert!(m.answers().len() > 20, "{}", m.answers().len());
+    let Reply::Send { bytes, .. } = tcp else {
+        panic!("{tcp:?}")
+    };
+    let m = Message::from_vec(&bytes).unwrap();
+    assert!(!m.truncated());
+    assert_eq!(m.answers().len(), 300);
+    // A client announcing a larger UDP payload (EDNS) gets more, and an EDNS record back.
+    let mut big = Message::from_vec(&q).unwrap();
+    let mut edns = Edns::new();
+    edns.set_max_payload(4096);
+    big.set_edns(edns);
+    let Reply::Send { bytes, .. } =
+        respond(&big.to_vec().unwrap(), &s, C, &rules(), Transport::Udp)
+    else {
+        panic!()
+    };
+    let m = Message::from_vec(&bytes).unwrap();
+    assert!(bytes.len() <= 4096 && m.truncated() && m.answers().len() > 200);
+    assert_eq!(
+        m.extensions().as_ref().map(Edns::max_payload),
+        Some(EDNS_PAYLOAD)
+    );
 }

@@ -18,6 +18,7 @@ use std::time::{Duration, SystemTime};
 use super::netns::{NetnsError, PodNetns};
 use super::zds::Replay;
 use super::{PodHandler, Request};
+use crate::dns::server::{DnsContext, DnsServer};
 use crate::drain::{Drain, Signal};
 use crate::limits::Limiter;
 use crate::model::{SpiffeId, WorkloadInfo};
@@ -37,6 +38,17 @@ pub struct PodListeners {
     pub port_reuse: bool,
     /// The node-wide caps of each role's listeners (shared by the pods).
     pub limiters: [Arc<Limiter>; 3],
+    /// The DNS proxy each pod gets (`None`: DNS capture off).
+    pub dns: Option<PodDns>,
+}
+
+/// A pod's DNS proxy: where it listens inside the pod, and the node's context it starts from
+/// (the pod's own workload and namespace are filled in per pod).
+pub struct PodDns {
+    /// `DNS_PROXY_ADDR` (default `127.0.0.1:15053` and `[::1]:15053`): the first must bind; the
+    /// others are skipped where the pod lacks them (no IPv6 loopback).
+    pub addrs: Vec<SocketAddr>,
+    pub template: Arc<DnsContext>,
 }
 
 /// What the manager needs from the node.
@@ -115,6 +127,8 @@ impl PodsView {
 struct PodProxy {
     drain: Drain,
     listeners: tokio::task::JoinHandle<()>,
+    /// Its DNS proxy: stopped with the listeners (queries are not drained).
+    dns: Option<tokio::task::JoinHandle<()>>,
     identity: SpiffeId,
 }
 
@@ -180,6 +194,14 @@ impl PodManager {
         let scope = Arc::new(PodScope::new(&uid, info));
         let netns = Arc::new(PodNetns::enter(netns, &scope.name).map_err(|e| e.to_string())?);
         let bound = self.bind(&netns).await.map_err(|e| e.to_string())?;
+        let dns = match &self.listeners.dns {
+            Some(d) => Some(
+                bind_dns(&netns, d, self.listeners.port_reuse)
+                    .await
+                    .map_err(|e| format!("the DNS proxy of {}: {e}", scope.name))?,
+            ),
+            None => None,
+        };
         let identity = SpiffeId::new(
             &self.node.trust_domain,
             &scope.info.namespace,
@@ -189,7 +211,7 @@ impl PodManager {
         let ctx = Arc::new(self.node.base.for_pod(
             scope.clone(),
             identity.clone(),
-            netns,
+            netns.clone(),
             drain.signal(),
         ));
         let mut serve = Vec::new();
@@ -207,6 +229,17 @@ impl PodManager {
             })?;
             serve.push(Listener::new(l, ctx.clone(), role, limiter.clone()));
         }
+        let dns = match (dns, &self.listeners.dns) {
+            (Some(server), Some(d)) => {
+                let ctx = Arc::new(DnsContext {
+                    own_workload: Some(scope.info.clone()),
+                    upstreams: d.template.upstreams.from_pod(netns.clone()),
+                    ..(*d.template).clone()
+                });
+                Some(tokio::spawn(server.run(ctx)))
+            }
+            _ => None,
+        };
         let (gate, signal) = (self.node.readiness.clone(), drain.signal());
         let listeners = tokio::spawn(crate::proxy::serve_when_ready(serve, gate, signal));
         tracing::info!(pod = %scope.name, %uid, service_account = %scope.info.service_account, "pod added: listening in its network namespace");
@@ -229,6 +262,7 @@ impl PodManager {
             PodProxy {
                 drain,
                 listeners,
+                dns,
                 identity,
             },
         );
@@ -270,7 +304,7 @@ impl PodManager {
         Ok(out)
     }
 
-    /// Stops serving `uid`: its listeners close at once; the returned task lets its connections
+    /// Stops serving `uid`: its listeners (and DNS proxy) close at once; the returned task lets its connections
     /// finish until the deadline, closes the rest, then forgets the pod (dropping its namespace).
     fn remove(
         &mut self,
@@ -279,6 +313,9 @@ impl PodManager {
     ) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
         let pod = self.pods.remove(uid)?;
         pod.drain.start();
+        if let Some(dns) = &pod.dns {
+            dns.abort();
+        }
         // Its established connections keep their TLS sessions; no new one needs its certificate.
         self.sync_certificates();
         if let Some(e) = self.view.lock().get_mut(uid) {
@@ -347,4 +384,34 @@ impl PodHandler for PodManager {
             }
         }
     }
+}
+
+/// The pod's DNS sockets (UDP and TCP on each address) inside its namespace.
+async fn bind_dns(
+    netns: &PodNetns,
+    dns: &PodDns,
+    port_reuse: bool,
+) -> Result<DnsServer, NetnsError> {
+    let (mut udp, mut tcp) = (Vec::new(), Vec::new());
+    for (i, addr) in dns.addrs.iter().enumerate() {
+        let pair = async {
+            let u = netns.bind_udp(*addr).await?;
+            let t = netns.listen(*addr, port_reuse).await?;
+            Ok::<_, NetnsError>((u, t))
+        };
+        match pair.await {
+            Ok((u, t)) => {
+                udp.push(u);
+                tcp.push(t);
+            }
+            Err(e) if i > 0 => {
+                tracing::debug!(pod = netns.pod(), %addr, error = %e, "pod DNS proxy: not listening on this address");
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    DnsServer::from_std(udp, tcp).map_err(|source| NetnsError::Socket {
+        pod: netns.pod().to_owned(),
+        source,
+    })
 }

@@ -138,6 +138,36 @@ impl PodNetns {
         .await
     }
 
+    /// A UDP socket bound to `addr` inside the namespace (non-blocking, for the runtime); an
+    /// IPv6 address takes IPv6 alone.
+    pub async fn bind_udp(&self, addr: SocketAddr) -> Result<std::net::UdpSocket, NetnsError> {
+        self.run(move || {
+            let s = socket2::Socket::new(
+                socket2::Domain::for_address(addr),
+                socket2::Type::DGRAM,
+                None,
+            )?;
+            if addr.is_ipv6() {
+                s.set_only_v6(true)?;
+            }
+            s.bind(&addr.into())?;
+            s.set_nonblocking(true)?;
+            Ok(std::net::UdpSocket::from(OwnedFd::from(s)))
+        })
+        .await
+    }
+
+    /// A bare socket of the namespace (blocking, unbound): what is done with it after (bind,
+    /// connect, options) happens in the namespace it was made in, from any thread.
+    pub async fn socket(
+        &self,
+        domain: socket2::Domain,
+        ty: socket2::Type,
+    ) -> Result<socket2::Socket, NetnsError> {
+        self.run(move || socket2::Socket::new(domain, ty, None))
+            .await
+    }
+
     /// The pod's name, as given to [`PodNetns::enter`].
     pub fn pod(&self) -> &str {
         &self.name

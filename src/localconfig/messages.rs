@@ -147,6 +147,10 @@ const IP_FAMILIES: &[(&str, i32)] = &[
     ("ipv6", pw::IpFamilies::Ipv6Only as i32),
     ("dual", pw::IpFamilies::Dual as i32),
 ];
+const VISIBILITY: &[(&str, i32)] = &[
+    ("public", pw::service::Visibility::Public as i32),
+    ("namespace", pw::service::Visibility::Namespace as i32),
+];
 const LB_MODES: &[(&str, i32)] = &[
     ("standard", pw::load_balancing::Mode::UnspecifiedMode as i32),
     (
@@ -383,6 +387,12 @@ pub(super) fn service(ctx: &Ctx<'_>, s: raw::Service) -> Result<pw::Service, Loc
         IP_FAMILIES,
         "Automatic, IPv4Only, IPv6Only, Dual",
     )?;
+    let visibility = ctx.enumeration(
+        "visibility",
+        s.visibility.as_deref(),
+        VISIBILITY,
+        "Public, Namespace",
+    )?;
     let waypoint = s
         .waypoint
         .map(|g| gateway(ctx, "waypoint", g))
@@ -398,6 +408,7 @@ pub(super) fn service(ctx: &Ctx<'_>, s: raw::Service) -> Result<pw::Service, Loc
         load_balancing,
         ip_families,
         canonical: s.canonical,
+        visibility,
         ..Default::default()
     })
 }

@@ -112,6 +112,7 @@ pub(super) struct Service {
     pub waypoint: Option<Gateway>,
     pub load_balancer: Option<LoadBalancer>,
     pub ip_families: Option<String>,
+    pub visibility: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

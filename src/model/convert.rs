@@ -370,9 +370,13 @@ impl TryFrom<pw::Service> for Service {
                 })
             },
         )?;
-        ctx.enumeration("visibility", s.visibility, "PUBLIC(0), NAMESPACE(1)", |v| {
-            pw::service::Visibility::try_from(v).ok()
-        })?;
+        let visibility =
+            ctx.enumeration("visibility", s.visibility, "PUBLIC(0), NAMESPACE(1)", |v| {
+                Some(match pw::service::Visibility::try_from(v).ok()? {
+                    pw::service::Visibility::Public => Visibility::Public,
+                    pw::service::Visibility::Namespace => Visibility::Namespace,
+                })
+            })?;
         let waypoint = s
             .waypoint
             .map(|g| gateway(&ctx, "waypoint", g))
@@ -388,6 +392,7 @@ impl TryFrom<pw::Service> for Service {
             load_balancing,
             ip_families,
             canonical: s.canonical,
+            visibility,
         })
     }
 }

@@ -97,6 +97,14 @@ pub enum IpFamilies {
     Dual,
 }
 
+/// Who may see a service (Kubernetes `exportTo`): everyone, or its own namespace only.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub enum Visibility {
+    #[default]
+    Public,
+    Namespace,
+}
+
 /// A service of the mesh.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct Service {
@@ -111,6 +119,9 @@ pub struct Service {
     pub load_balancing: LoadBalancing,
     pub ip_families: IpFamilies,
     pub canonical: bool,
+    /// Enforced only where l4mesh is asked to be stricter than ztunnel (the DNS proxy's
+    /// `L4MESH_DNS_RESPECT_VISIBILITY`); ztunnel carries it and decides nothing by it.
+    pub visibility: Visibility,
 }
 
 impl Service {

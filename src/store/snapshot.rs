@@ -71,6 +71,19 @@ impl Snapshot {
             .and_then(|k| self.services.get(k))
     }
 
+    /// Every service with this hostname, the oldest first: one hostname may be declared in several
+    /// namespaces (a Kubernetes service and ServiceEntries), and the DNS proxy chooses among them.
+    pub fn services_by_hostname<'a>(
+        &'a self,
+        hostname: &str,
+    ) -> impl Iterator<Item = &'a Arc<Service>> + 'a {
+        self.service_by_host
+            .get(hostname)
+            .into_iter()
+            .flatten()
+            .filter_map(|k| self.services.get(k))
+    }
+
     /// The endpoints of a service with their workloads (endpoints whose workload is gone are skipped).
     pub fn endpoints<'a>(
         &'a self,

@@ -85,6 +85,7 @@ fn service(namespace: &str, hostname: &str, vips: &[&str]) -> Service {
         load_balancing: LoadBalancing::default(),
         ip_families: crate::model::IpFamilies::Automatic,
         canonical: false,
+        visibility: Default::default(),
     }
 }
 

@@ -661,9 +661,11 @@ fn service_load_balancing_waypoint_and_families_land() {
             0,
         )),
         canonical: true,
+        visibility: pw::service::Visibility::Namespace as i32,
         ..valid_service()
     })
     .unwrap();
+    assert_eq!(s.visibility, Visibility::Namespace);
     assert_eq!(
         s.load_balancing,
         LoadBalancing {

@@ -57,6 +57,7 @@ fn service(ports: &[(u16, u16)], lb: LoadBalancing) -> Service {
         load_balancing: lb,
         ip_families: crate::model::IpFamilies::Automatic,
         canonical: true,
+        visibility: Default::default(),
     }
 }
 

@@ -60,6 +60,7 @@ fn service(name: &str, vip: &str, waypoint: Option<GatewayAddress>) -> Service {
         load_balancing: LoadBalancing::default(),
         ip_families: crate::model::IpFamilies::Automatic,
         canonical: true,
+        visibility: Default::default(),
     }
 }
 
