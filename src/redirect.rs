@@ -80,8 +80,9 @@ pub struct RedirectArgs {
     #[arg(long, value_delimiter = ',')]
     pub exclude_outbound_ports: Vec<u16>,
     /// Also redirect the pod's DNS (UDP and TCP port 53, not to loopback) to l4mesh's DNS proxy
-    /// on 15053 (DNS capture, `ISTIO_META_DNS_CAPTURE`); l4mesh's own queries carry the mark.
-    #[arg(long)]
+    /// on 15053 (DNS capture); l4mesh's own queries carry the mark. Also read from
+    /// `AMBIENT_DNS_CAPTURE`, istio-cni's variable for the same rules.
+    #[arg(long, env = "AMBIENT_DNS_CAPTURE", default_value = "false", num_args = 0..=1, default_missing_value = "true", value_parser = crate::config::parse_bool, action = clap::ArgAction::Set)]
     pub dns_capture: bool,
 }
 

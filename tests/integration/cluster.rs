@@ -8,6 +8,7 @@
 mod control_plane;
 mod self_call;
 mod shared;
+mod shared_dns;
 pub mod shared_node;
 pub mod topology;
 

@@ -88,10 +88,10 @@ impl SharedNode {
             "--backend",
             "iptables",
         ];
-        self.agent = Some(
-            c.node(i)
-                .spawn_owned(&args, &[("RUST_LOG", "info")], "serving ZDS"),
-        );
+        // The cluster's extra environment reaches the agent too (AMBIENT_DNS_CAPTURE).
+        let mut envs = vec![("RUST_LOG", "info")];
+        envs.extend(c.extra_env().iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        self.agent = Some(c.node(i).spawn_owned(&args, &envs, "serving ZDS"));
     }
 
     pub fn stop_agent(&mut self) {

@@ -391,12 +391,23 @@ impl Cluster {
         &self.nodes[usize::from(i - 1)]
     }
 
+    /// Node `i`, to start a process of its own (killed with the cluster).
+    #[allow(dead_code)]
+    pub fn node_mut(&mut self, i: u8) -> &mut Netns {
+        &mut self.nodes[usize::from(i - 1)]
+    }
+
     /// The directory of the cluster's files (root certificate, pods files, sockets).
     pub fn dir(&self) -> &std::path::Path {
         self.dir.path()
     }
 
     /// The environment every l4mesh gets, in either mode.
+    /// The environment added to every l4mesh (and node agent) of this cluster.
+    pub fn extra_env(&self) -> &[(String, String)] {
+        &self.l4mesh_env
+    }
+
     pub fn l4mesh_env(&self, node: u8, ip: &str) -> Vec<(String, String)> {
         let root = self.dir.path().join("root-cert.pem");
         base_env(&root, &format!("node-{node}"), ip, &self.l4mesh_env)
