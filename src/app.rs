@@ -299,6 +299,16 @@ async fn build(
     };
     // The DNS proxy: in dedicated mode bound now with the other listeners (a port conflict fails
     // startup); in shared mode inside each pod, with the pod's other listeners.
+    // The upstream resolvers (resolv.conf, read once now): the DNS proxy forwards to them, and
+    // on-demand DNS asks them.
+    let resolvers = crate::dns::forward::Upstreams::from_resolv_conf(
+        &std::fs::read_to_string(&config.resolv_conf).unwrap_or_else(|e| {
+            tracing::warn!(path = %config.resolv_conf.display(), error = %e, "cannot read the upstream resolvers: names outside the mesh and hostname destinations will not resolve");
+            String::new()
+        }),
+        crate::dns::forward::DEFAULT_TIMEOUT,
+        config.packet_mark,
+    );
     let dns_server = match (&config.dns, &config.inpod) {
         (Some(d), None) => {
             let first =
@@ -325,6 +335,7 @@ async fn build(
         (Some(settings), Some(metrics)) => Some(Arc::new(dns_context(
             config,
             settings,
+            resolvers.clone(),
             store.clone(),
             metrics.clone(),
         ))),
@@ -388,6 +399,7 @@ async fn build(
         },
         own_ports,
         on_demand,
+        hostnames: Arc::new(crate::dns::resolve::HostResolver::new(resolvers.clone())),
         secrets: secrets.clone(),
         own_identity,
         own_workload: config.workload_info.clone(),
@@ -546,22 +558,14 @@ async fn build(
 }
 
 /// The DNS proxy's context for this node (dedicated mode: every client is the served workload;
-/// shared mode: the template of each pod's). The upstream resolvers are read once, now.
+/// shared mode: the template of each pod's).
 fn dns_context(
     config: &Config,
     settings: &crate::config::DnsSettings,
+    upstreams: crate::dns::forward::Upstreams,
     store: Arc<crate::store::Store>,
     metrics: Arc<crate::dns::DnsMetrics>,
 ) -> crate::dns::server::DnsContext {
-    let resolv = std::fs::read_to_string(&settings.resolv_conf).unwrap_or_else(|e| {
-        tracing::warn!(path = %settings.resolv_conf.display(), error = %e, "DNS proxy: cannot read the resolvers; names outside the mesh will get SERVFAIL");
-        String::new()
-    });
-    let upstreams = crate::dns::forward::Upstreams::from_resolv_conf(
-        &resolv,
-        crate::dns::forward::DEFAULT_TIMEOUT,
-        config.packet_mark,
-    );
     if config.inpod.is_some() {
         tracing::info!(addrs = ?settings.addrs, upstreams = ?upstreams.servers(), "DNS proxy: in every pod, mesh names from the store, the rest forwarded from the pod");
     }

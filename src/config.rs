@@ -103,6 +103,9 @@ pub struct Config {
     pub inpod: Option<InpodSettings>,
     /// The DNS proxy (`None`: DNS capture off).
     pub dns: Option<DnsSettings>,
+    /// The upstream resolvers (`/etc/resolv.conf`): where the DNS proxy forwards, and what
+    /// on-demand DNS asks for destinations known by hostname only.
+    pub resolv_conf: PathBuf,
 }
 
 /// The DNS proxy's settings, ztunnel's names and defaults.
@@ -110,8 +113,6 @@ pub struct Config {
 pub struct DnsSettings {
     /// `DNS_PROXY_ADDR`: UDP and TCP on each.
     pub addrs: Vec<SocketAddr>,
-    /// Where the upstream resolvers are read (`/etc/resolv.conf`).
-    pub resolv_conf: PathBuf,
     /// How names are matched (`CLUSTER_DOMAIN`, `PREFERED_SERVICE_NAMESPACE`,
     /// `L4MESH_DNS_RESPECT_VISIBILITY`).
     pub rules: crate::dns::answer::NameRules,
@@ -166,6 +167,7 @@ impl Config {
             admin_token_file: None,
             inpod: None,
             dns: None,
+            resolv_conf: PathBuf::from("/etc/resolv.conf"),
         }
     }
 }
@@ -392,7 +394,7 @@ pub struct Args {
     /// The DNS proxy's address (UDP and TCP); default 127.0.0.1:15053 and [::1]:15053.
     #[arg(long, env = "DNS_PROXY_ADDR")]
     pub dns_proxy_addr: Option<SocketAddr>,
-    /// The upstream resolvers of the DNS proxy.
+    /// The upstream resolvers of the DNS proxy and of on-demand DNS.
     #[arg(
         long,
         env = "L4MESH_DNS_RESOLV_CONF",
@@ -878,13 +880,13 @@ impl Args {
                         SocketAddr::new(std::net::Ipv6Addr::LOCALHOST.into(), 15053),
                     ],
                 },
-                resolv_conf: self.dns_resolv_conf.clone(),
                 rules: crate::dns::answer::NameRules {
                     cluster_domain: self.cluster_domain.clone(),
                     preferred_namespace: self.prefered_service_namespace.clone(),
                     respect_visibility: self.dns_respect_visibility,
                 },
             }),
+            resolv_conf: self.dns_resolv_conf.clone(),
             inpod: shared.then_some(InpodSettings {
                 uds: self.inpod_uds,
                 port_reuse: self.inpod_port_reuse,

@@ -6,10 +6,12 @@
 //! stripping), [`respond`] here (a query's bytes → the reply's bytes or "forward it": the DNS
 //! wire format through hickory-proto, never a parser of our own), [`forward`] (the upstream
 //! exchange, UDP with a TCP retry when truncated), [`server`] (the UDP and TCP listeners, their
-//! limits and metrics).
+//! limits and metrics), [`resolve`] (on-demand DNS for destinations known by hostname only,
+//! used by the outbound path whether or not the DNS proxy runs).
 
 pub mod answer;
 pub mod forward;
+pub mod resolve;
 pub mod server;
 
 use std::net::IpAddr;

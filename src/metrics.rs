@@ -99,6 +99,11 @@ impl Metrics {
             })
             .set(1);
         istio.register("build", "Istio component build info", build);
+        istio.register(
+            "on_demand_dns",
+            "The total number of requests that used on-demand DNS (unstable)",
+            t.on_demand_dns.clone(),
+        );
         if let Some(d) = &sources.dns {
             istio.register(
                 "dns_requests",

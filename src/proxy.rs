@@ -55,6 +55,9 @@ pub struct ProxyCtx {
     pub own_ports: OwnPorts,
     /// In on-demand xDS mode: asks the control plane about unknown destinations.
     pub on_demand: Option<crate::xds::OnDemand>,
+    /// On-demand DNS: endpoints known by hostname only are resolved through it (from this
+    /// node's namespace, as ztunnel's system resolver).
+    pub hostnames: Arc<crate::dns::resolve::HostResolver>,
     /// The certificates of this node's identities (HBONE presents them on both ends).
     pub secrets: Arc<SecretManager>,
     /// The identity of this l4mesh's own workload (dedicated mode): the source identity of
@@ -248,6 +251,7 @@ impl ProxyCtx {
             },
             own_ports: self.own_ports.clone(),
             on_demand: self.on_demand.clone(),
+            hostnames: self.hostnames.clone(),
             secrets: self.secrets.clone(),
             own_identity: Some(identity),
             own_workload: Some(pod.info.clone()),

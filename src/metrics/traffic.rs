@@ -35,6 +35,47 @@ pub(super) struct ResultLabel {
     pub result: &'static str,
 }
 
+/// The labels of `istio_on_demand_dns_total`, ztunnel's: the client's, and the hostname.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OnDemandDnsLabels {
+    pub source_workload: String,
+    pub source_canonical_service: String,
+    pub source_canonical_revision: String,
+    pub source_workload_namespace: String,
+    pub source_principal: String,
+    pub source_app: String,
+    pub source_version: String,
+    pub source_cluster: String,
+    pub hostname: String,
+}
+
+impl OnDemandDnsLabels {
+    fn new(src: Option<&crate::model::Workload>, hostname: &str) -> Self {
+        let or_unknown =
+            |v: Option<&str>| v.filter(|v| !v.is_empty()).unwrap_or(UNKNOWN).to_owned();
+        let name = src.map(|w| {
+            if w.workload_name.is_empty() {
+                w.name.as_str()
+            } else {
+                w.workload_name.as_str()
+            }
+        });
+        let service = src.map(|w| w.canonical_name.as_str());
+        let revision = src.map(|w| w.canonical_revision.as_str());
+        Self {
+            source_workload: or_unknown(name),
+            source_canonical_service: or_unknown(service),
+            source_canonical_revision: or_unknown(revision),
+            source_workload_namespace: or_unknown(src.map(|w| w.namespace.as_str())),
+            source_principal: src.map_or_else(|| UNKNOWN.to_owned(), |w| w.identity().to_string()),
+            source_app: or_unknown(service),
+            source_version: or_unknown(revision),
+            source_cluster: or_unknown(src.map(|w| w.cluster_id.as_str())),
+            hostname: hostname.to_owned(),
+        }
+    }
+}
+
 /// The metric handles the data path updates; one per l4mesh (never global: several l4mesh may run
 /// in one process, each counting alone).
 #[derive(Debug)]
@@ -47,6 +88,8 @@ pub struct Traffic {
     pub(super) received: Family<LabelKey, Counter>,
     pub(super) open: Family<DirectionLabel, Gauge>,
     pub(super) rbac: Family<ResultLabel, Counter>,
+    /// ztunnel's `istio_on_demand_dns`: connections whose destination had to be resolved.
+    pub(super) on_demand_dns: Family<OnDemandDnsLabels, Counter>,
     /// The handles of `open` and `rbac`, fetched once: their label sets are fixed.
     inbound_open: Gauge,
     outbound_open: Gauge,
@@ -78,6 +121,7 @@ impl Default for Traffic {
             received: Family::default(),
             open,
             rbac,
+            on_demand_dns: Family::default(),
             inbound_open,
             outbound_open,
             allowed,
@@ -160,6 +204,13 @@ impl Traffic {
             Reporter::Source => &self.outbound_open,
             Reporter::Destination => &self.inbound_open,
         }
+    }
+
+    /// Counts a connection whose destination, known by `hostname` only, was resolved for it.
+    pub fn on_demand_dns(&self, src: Option<&crate::model::Workload>, hostname: &str) {
+        self.on_demand_dns
+            .get_or_create(&OnDemandDnsLabels::new(src, hostname))
+            .inc();
     }
 
     /// Counts one authorization decision on an inbound connection.

@@ -193,6 +193,13 @@ impl TryFrom<pw::Workload> for Workload {
             .enumerate()
             .map(|(i, a)| ctx.ip(&format!("addresses[{i}]"), a))
             .collect::<Result<Vec<_>, _>>()?;
+        // Resolved by on-demand DNS when the workload has no address: a DNS name or nothing.
+        if !w.hostname.is_empty() && hickory_proto::rr::Name::from_ascii(&w.hostname).is_err() {
+            return Err(ctx.err(
+                "hostname",
+                format!("expected a DNS name, found {:?}", w.hostname),
+            ));
+        }
         let protocol = ctx.enumeration(
             "tunnel_protocol",
             w.tunnel_protocol,

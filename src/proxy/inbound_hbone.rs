@@ -375,6 +375,7 @@ async fn open(
         service: service.clone(),
         kind: UpstreamKind::Tcp,
         waypoint: None,
+        hostname: None,
     });
     if let Decision::Deny(why) = waypoint_rule(&snapshot, peer, dialled_wl.as_deref(), &wl) {
         tracing::warn!(peer = %peer, workload = %format!("{}/{}", wl.namespace, wl.name), "{why}");
@@ -458,7 +459,9 @@ fn service_endpoint(
     {
         return Err(mismatch());
     }
-    let keep = |wl: &Workload, ip: std::net::IpAddr| ctx.serves(wl, ip);
+    // A waypoint forwards to its own pod's addresses: never to a hostname.
+    let keep =
+        |wl: &Workload, ip: Option<std::net::IpAddr>| ip.is_some_and(|ip| ctx.serves(wl, ip));
     let up = super::route::service_endpoint(
         snapshot,
         &svc,

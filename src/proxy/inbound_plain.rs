@@ -82,6 +82,7 @@ async fn open(ctx: &ProxyCtx, log: &mut ConnLog) -> Result<(TcpStream, Registrat
         service: None,
         kind: UpstreamKind::Tcp,
         waypoint: None,
+        hostname: None,
     });
     let conn = ConnCtx {
         peer: None,

@@ -47,7 +47,10 @@ pub(super) async fn open(ctx: &ProxyCtx, log: &mut ConnLog) -> Result<UpConn, Pr
         let addr = NetworkAddr::new(ctx.network.clone(), log.dst.ip());
         od.resolve(&addr).await;
     }
-    let (upstream, src_wl) = resolve(ctx, log)?;
+    let (mut upstream, src_wl) = resolve(ctx, log)?;
+    if let Some(host) = upstream.hostname.clone() {
+        upstream.addr = on_demand_dns(ctx, &upstream, &host, src_wl.as_deref(), log.dst).await?;
+    }
     let addr = upstream.addr;
     let kind = upstream.kind;
     log.metrics = Some(open_metrics(ctx, &upstream, src_wl.as_deref()));
@@ -94,6 +97,30 @@ pub(super) async fn open(ctx: &ProxyCtx, log: &mut ConnLog) -> Result<UpConn, Pr
         .await
         .map(UpConn::Tcp)
         .map_err(|source| ProxyError::Connect { addr, source })
+}
+
+/// The address of an endpoint known by `host` only (on-demand DNS), with the target port the
+/// route chose; counted in `istio_on_demand_dns_total`.
+async fn on_demand_dns(
+    ctx: &ProxyCtx,
+    up: &Upstream,
+    host: &str,
+    src_wl: Option<&Workload>,
+    dst: SocketAddr,
+) -> Result<SocketAddr, ProxyError> {
+    ctx.metrics.on_demand_dns(src_wl, host);
+    let ip = ctx.hostnames.pick(host, dst.ip()).await.map_err(|e| {
+        route::RouteError::HostnameUnresolved {
+            service: up
+                .service
+                .as_ref()
+                .map(|s| s.key())
+                .unwrap_or_else(|| crate::model::ServiceKey::from_parts("", host)),
+            reason: e.to_string(),
+        }
+    })?;
+    tracing::debug!(%host, %ip, "on-demand DNS: endpoint resolved");
+    Ok(SocketAddr::new(ip, up.addr.port()))
 }
 
 /// Counts the connection opened, reported by the source: over HBONE the source principal is the

@@ -31,6 +31,10 @@ pub struct Upstream {
     /// Set when the connection goes through a waypoint: the tunnel is opened to it (kind HBONE),
     /// and `addr` is the original destination, sent as the `:authority`.
     pub waypoint: Option<Waypoint>,
+    /// The chosen endpoint is known by this hostname only (a DNS-resolution ServiceEntry): the
+    /// IP of `addr` is unspecified until the outbound path resolves it (on-demand DNS); its
+    /// port is the target port.
+    pub hostname: Option<Arc<str>>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -58,6 +62,8 @@ pub enum RouteError {
     WaypointUnknown { owner: String, waypoint: String },
     #[error("the waypoint {waypoint} of {owner} has no healthy endpoint (are the waypoint's pods ready?)")]
     WaypointNoEndpoint { owner: String, waypoint: String },
+    #[error("the endpoint of {service} is known by hostname only, and on-demand DNS found no address: {reason}")]
+    HostnameUnresolved { service: ServiceKey, reason: String },
 }
 
 /// Resolves the upstream for a connection from `src` (the client workload, if known) to `dst`.
@@ -91,6 +97,7 @@ pub fn route(
             workload: Some(wl.clone()),
             service: None,
             waypoint: None,
+            hostname: None,
         });
     }
     Ok(Upstream {
@@ -99,6 +106,7 @@ pub fn route(
         service: None,
         kind: UpstreamKind::Passthrough,
         waypoint: None,
+        hostname: None,
     })
 }
 
@@ -116,6 +124,7 @@ fn via(
         service,
         kind: UpstreamKind::Hbone,
         waypoint: Some(wp),
+        hostname: None,
     }
 }
 
@@ -128,13 +137,14 @@ fn kind_of(wl: &Workload) -> UpstreamKind {
 
 /// Load-balances `dst` (a VIP of `svc`) over the service's endpoints for which `keep(workload, ip)`
 /// holds, ignoring the service's waypoint: what a waypoint does with the traffic sent to it. The
-/// filter runs *before* the choice, so an endpoint this proxy cannot serve is never picked.
+/// filter runs *before* the choice, so an endpoint this proxy cannot serve is never picked. An
+/// endpoint known by hostname only is a candidate with no IP (`keep(workload, None)`).
 pub fn service_endpoint(
     snapshot: &Snapshot,
     svc: &Arc<Service>,
     src: Option<&Workload>,
     dst: SocketAddr,
-    keep: &dyn Fn(&Workload, IpAddr) -> bool,
+    keep: &dyn Fn(&Workload, Option<IpAddr>) -> bool,
     rng: &mut impl Rng,
 ) -> Result<Upstream, RouteError> {
     let port = dst.port();
@@ -145,6 +155,7 @@ pub fn service_endpoint(
             service: Some(svc.clone()),
             kind: UpstreamKind::Passthrough,
             waypoint: None,
+            hostname: None,
         });
     }
     let svc_target = svc.ports.get(&port).copied();
@@ -157,9 +168,13 @@ pub fn service_endpoint(
             _ => svc_target.filter(|t| *t != 0),
         };
         any_port_mapping |= ep.ports.contains_key(&port);
-        let (Some(target), Some(ip)) = (target, pick_ip(wl, dst.ip())) else {
+        let Some(target) = target else {
             continue;
         };
+        let ip = pick_ip(wl, dst.ip());
+        if ip.is_none() && wl.hostname.is_empty() {
+            continue;
+        }
         if !keep(wl, ip) {
             continue;
         }
@@ -175,12 +190,17 @@ pub fn service_endpoint(
     let chosen = select(&candidates, &svc.load_balancing, src, rng)
         .ok_or(RouteError::NoHealthyEndpoint { service: key, port })?;
     let c = &candidates[chosen];
+    let unspecified = match dst.ip() {
+        IpAddr::V4(_) => IpAddr::from(std::net::Ipv4Addr::UNSPECIFIED),
+        IpAddr::V6(_) => IpAddr::from(std::net::Ipv6Addr::UNSPECIFIED),
+    };
     Ok(Upstream {
-        addr: SocketAddr::new(c.ip, c.target),
+        addr: SocketAddr::new(c.ip.unwrap_or(unspecified), c.target),
         kind: kind_of(c.wl),
         workload: Some(c.wl.clone()),
         service: Some(svc.clone()),
         waypoint: None,
+        hostname: c.ip.is_none().then(|| c.wl.hostname.as_str().into()),
     })
 }
 
@@ -193,10 +213,11 @@ fn pick_ip(wl: &Workload, like: IpAddr) -> Option<IpAddr> {
         .copied()
 }
 
-/// An endpoint eligible for a connection: its workload, address and target port.
+/// An endpoint eligible for a connection: its workload, address (`None`: known by hostname
+/// only) and target port.
 pub struct Candidate<'a> {
     pub wl: &'a Arc<Workload>,
-    pub ip: IpAddr,
+    pub ip: Option<IpAddr>,
     pub target: u16,
 }
 

@@ -34,7 +34,73 @@ services:
   hostname: "*.example.com"
   vips: ["/10.9.0.3"]
   ports: { 80: 8080 }
+- name: private
+  namespace: default
+  hostname: private.default.svc.cluster.local
+  vips: ["/10.9.0.7"]
+  ports: { 80: 8080 }
+  visibility: Namespace
+- name: external-db
+  namespace: default
+  hostname: db.upstream.test
+  vips: ["/10.9.0.8"]
+  ports: { 5432: 8080 }
 "#;
+
+/// A DNS-resolution ServiceEntry's endpoint: known by hostname only.
+const EXTERNAL: &str = r#"
+- uid: cluster1//v1/ServiceEntry/default/external-db/db.upstream.test
+  name: external-db
+  namespace: default
+  hostname: db.upstream.test
+  protocol: TCP
+  services: { "default/db.upstream.test": { 5432: 8080 } }
+"#;
+
+/// Through the SOCKS5 listener at argv[1] to argv[2]:argv[3]: sends argv[4], half-closes,
+/// prints the reply.
+const SOCKS_PY: &str = r#"
+import socket, sys, ipaddress
+s = socket.create_connection(('127.0.0.1', int(sys.argv[1])), timeout=5)
+s.sendall(b'\x05\x01\x00'); assert s.recv(2) == b'\x05\x00'
+s.sendall(b'\x05\x01\x00\x01' + ipaddress.ip_address(sys.argv[2]).packed + int(sys.argv[3]).to_bytes(2, 'big'))
+r = s.recv(10); assert r[1] == 0, r
+s.sendall(sys.argv[4].encode()); s.shutdown(socket.SHUT_WR)
+data = b''
+while True:
+    c = s.recv(65536)
+    if not c: break
+    data += c
+print(data.decode())
+"#;
+
+/// Sends argv[2] UDP queries for argv[3] to 127.0.0.1:argv[1] as fast as it can, without
+/// waiting for answers.
+const FLOOD_PY: &str = r#"
+import socket, struct, sys
+port, n, name = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+q = b''.join(bytes([len(l)]) + l.encode() for l in name.split('.')) + b'\x00\x00\x01\x00\x01'
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for i in range(n):
+    s.sendto(struct.pack('>HHHHHH', i & 0xffff, 0x0100, 1, 0, 0, 0) + q, ('127.0.0.1', port))
+print('sent', n)
+"#;
+
+/// The resident memory (KiB) of the process listening on UDP `port` in `ns`.
+fn rss_of_udp_listener(ns: &Netns, port: u16) -> u64 {
+    let (_, out, _) = ns.output(&["ss", "-lunpH", "sport", "=", &format!(":{port}")]);
+    let pid = out
+        .split("pid=")
+        .nth(1)
+        .and_then(|r| r.split(',').next())
+        .unwrap_or_else(|| panic!("no listener on {port}: {out}"));
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap()
+}
 
 /// `dig` inside `ns` against `port` on 127.0.0.1; its whole output.
 fn dig(ns: &Netns, port: u16, args: &[&str]) -> String {
@@ -61,7 +127,23 @@ fn dns_proxy_answers_mesh_names_and_forwards_the_rest() {
     }
     let dir = tempfile::tempdir().unwrap();
     let mesh = dir.path().join("mesh.yaml");
-    std::fs::write(&mesh, MESH).unwrap();
+    std::fs::write(
+        &mesh,
+        MESH.replacen(
+            "\nworkloads:\n",
+            &format!("\nworkloads:\n{}", EXTERNAL.trim_start_matches('\n')),
+            1,
+        ),
+    )
+    .unwrap();
+    let hosts = dir.path().join("many.hosts");
+    std::fs::write(
+        &hosts,
+        (1..=100)
+            .map(|i| format!("192.0.2.{i} many.test\n"))
+            .collect::<String>(),
+    )
+    .unwrap();
     let resolv = dir.path().join("resolv.conf");
     std::fs::write(
         &resolv,
@@ -86,10 +168,26 @@ fn dns_proxy_answers_mesh_names_and_forwards_the_rest() {
             "--listen-address=10.53.0.2",
             "--local=/test/",
             "--address=/upstream.test/192.0.2.7",
+            // A hostname-only destination, and a name too large for one UDP answer.
+            "--address=/db.upstream.test/10.53.0.2",
+            &format!("--addn-hosts={}", hosts.display()),
             "--log-queries",
         ],
         &[],
         "started",
+    );
+    // The hostname-only destination's server.
+    up.spawn(
+        &[
+            "python3",
+            "-c",
+            super::netns::ECHO_PY,
+            "10.53.0.2",
+            "8080",
+            "external",
+        ],
+        &[],
+        "ready",
     );
     // A resolver that reads and never answers.
     ns.spawn(
@@ -102,33 +200,47 @@ fn dns_proxy_answers_mesh_names_and_forwards_the_rest() {
         "ready",
     );
     let bin = env!("CARGO_BIN_EXE_l4mesh");
-    let start = |ns: &mut Netns, port: &str, conf: &std::path::Path, readiness: &str| {
+    let start = |ns: &mut Netns,
+                 port: &str,
+                 conf: &std::path::Path,
+                 readiness: &str,
+                 extra: &[(&str, &str)]| {
         let addr = format!("127.0.0.1:{port}");
         let metrics = format!("127.0.0.1:{}", readiness.parse::<u16>().unwrap() + 1);
+        let socks = format!("127.0.0.1:{}", readiness.parse::<u16>().unwrap() + 2);
         let ready = format!("127.0.0.1:{readiness}");
-        ns.spawn(
-            &[bin],
-            &[
-                ("ISTIO_META_DNS_CAPTURE", "true"),
-                ("DNS_PROXY_ADDR", addr.as_str()),
-                ("L4MESH_DNS_RESOLV_CONF", conf.to_str().unwrap()),
-                ("LOCAL_XDS_PATH", mesh.to_str().unwrap()),
-                ("PROXY_WORKLOAD_INFO", "default/client/client"),
-                ("NODE_NAME", "n1"),
-                ("UNSTABLE_ENABLE_SOCKS5", "false"),
-                ("L4MESH_OUTBOUND_ADDR", "127.0.0.1:0"),
-                ("L4MESH_INBOUND_PLAINTEXT_ADDR", "127.0.0.1:0"),
-                ("L4MESH_HBONE_ADDR", "127.0.0.1:0"),
-                ("L4MESH_READINESS_ADDR", ready.as_str()),
-                ("L4MESH_METRICS_ADDR", metrics.as_str()),
-                ("L4MESH_DISABLE_ADMIN", "true"),
-                ("RUST_LOG", "info,dns=debug"),
-            ],
-            "listening",
-        )
+        let mut envs = vec![
+            ("ISTIO_META_DNS_CAPTURE", "true"),
+            ("DNS_PROXY_ADDR", addr.as_str()),
+            ("L4MESH_DNS_RESOLV_CONF", conf.to_str().unwrap()),
+            ("LOCAL_XDS_PATH", mesh.to_str().unwrap()),
+            ("PROXY_WORKLOAD_INFO", "default/client/client"),
+            ("NODE_NAME", "n1"),
+            ("L4MESH_SOCKS5_ADDR", socks.as_str()),
+            ("L4MESH_OUTBOUND_ADDR", "127.0.0.1:0"),
+            ("L4MESH_INBOUND_PLAINTEXT_ADDR", "127.0.0.1:0"),
+            ("L4MESH_HBONE_ADDR", "127.0.0.1:0"),
+            ("L4MESH_READINESS_ADDR", ready.as_str()),
+            ("L4MESH_METRICS_ADDR", metrics.as_str()),
+            ("L4MESH_DISABLE_ADMIN", "true"),
+            ("RUST_LOG", "info,dns=debug,l4mesh=debug"),
+        ];
+        envs.extend_from_slice(extra);
+        ns.spawn(&[bin], &envs, "listening")
     };
-    let log = start(&mut ns, "15053", &resolv, "15021");
-    let _silent_log = start(&mut ns, "15054", &silent, "15031");
+    let log = start(&mut ns, "15053", &resolv, "15021", &[]);
+    let _silent_log = start(&mut ns, "15054", &silent, "15031", &[]);
+    // A client of another namespace, with the stricter visibility rule.
+    let _strict_log = start(
+        &mut ns,
+        "15055",
+        &resolv,
+        "15041",
+        &[
+            ("PROXY_WORKLOAD_INFO", "other/client/client"),
+            ("L4MESH_DNS_RESPECT_VISIBILITY", "true"),
+        ],
+    );
     let p = 15053;
 
     // From the store: the canonical name, authoritative.
@@ -251,6 +363,63 @@ fn dns_proxy_answers_mesh_names_and_forwards_the_rest() {
     assert!(ok, "{out} {err}");
     // Uncaptured again: the upstream itself answers (it does not know the mesh name).
     assert_ne!(via(&["echo.default.svc.cluster.local", "A"]), "10.9.0.1");
+    // Visibility: a namespace-private service is answered to its own namespace always (and to
+    // every namespace by default, as ztunnel); with the stricter rule, not to another one.
+    assert_eq!(
+        short(&ns, p, &["private.default.svc.cluster.local", "A"]),
+        "10.9.0.7"
+    );
+    assert_ne!(
+        short(&ns, 15055, &["private.default.svc.cluster.local", "A"]),
+        "10.9.0.7"
+    );
+    assert_eq!(
+        short(&ns, 15055, &["echo.default.svc.cluster.local", "A"]),
+        "10.9.0.1"
+    );
+    // Other record types of a mesh name go upstream (dnsmasq knows none: no answer).
+    let txt = dig(&ns, p, &["echo.default.svc.cluster.local", "TXT"]);
+    assert!(!txt.contains(" aa") && !txt.contains("10.9.0.1"), "{txt}");
+    // An upstream answer too large for UDP: the proxy asks again over TCP and gives the client
+    // what fits, flagged truncated; the client's TCP retry gets all 100.
+    let cut = dig(&ns, p, &["+ignore", "+noedns", "many.test", "A"]);
+    assert!(cut.contains(" tc"), "truncated: {cut}");
+    let size: usize = cut
+        .split("MSG SIZE  rcvd: ")
+        .nth(1)
+        .and_then(|r| r.trim().split_whitespace().next()?.parse().ok())
+        .unwrap_or(usize::MAX);
+    assert!(size <= 512, "{size} bytes over UDP without EDNS");
+    assert_eq!(short(&ns, p, &["many.test", "A"]).lines().count(), 100);
+    // A hostname-only destination: on-demand DNS through dnsmasq, then the connection.
+    let (ok, out, err) = ns.output(&["python3", "-c", SOCKS_PY, "15023", "10.9.0.8", "5432", "hi"]);
+    assert!(ok, "{out} {err}\n{}", log.all());
+    assert_eq!(out.trim(), "external:10.53.0.1:hi");
+    log.wait_for(&[
+        "on-demand DNS: endpoint resolved",
+        "db.upstream.test",
+        "10.53.0.2",
+    ])
+    .unwrap_or_else(|| panic!("{}", log.all()));
+    // A flood of queries that wait on a silent upstream: dropped beyond the limits, memory
+    // bounded, and the proxy still answers.
+    let before = rss_of_udp_listener(&ns, 15054);
+    let (ok, out, err) = ns.output(&["python3", "-c", FLOOD_PY, "15054", "50000", "flood.test"]);
+    assert!(ok, "{out} {err}");
+    let after = rss_of_udp_listener(&ns, 15054);
+    assert!(
+        after < before + 32 * 1024,
+        "RSS {before} KiB → {after} KiB after 50 000 queries"
+    );
+    // Another client (the flooding one holds its own 64 slots for the upstream's timeout).
+    assert_eq!(
+        short(
+            &ns,
+            15054,
+            &["-b", "127.0.0.2", "echo.default.svc.cluster.local", "A"]
+        ),
+        "10.9.0.1"
+    );
     // ztunnel's metrics, by query type and protocol.
     let (_, metrics, _) = ns.output(&["python3", "-c", "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:15022/metrics', timeout=3).read().decode())"]);
     for needle in [
@@ -258,6 +427,8 @@ fn dns_proxy_answers_mesh_names_and_forwards_the_rest() {
         "istio_dns_requests_total{request_query_type=\"a\",request_protocol=\"tcp\"",
         "istio_dns_upstream_requests_total{request_query_type=\"a\"",
         "istio_dns_upstream_request_duration_seconds_bucket",
+        "istio_on_demand_dns_total{source_workload=\"client\"",
+        "hostname=\"db.upstream.test\"",
     ] {
         assert!(metrics.contains(needle), "{needle} in\n{metrics}");
     }

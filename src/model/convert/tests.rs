@@ -533,6 +533,30 @@ fn workload_bad_service_keys_are_rejected() {
 }
 
 #[test]
+fn workload_hostname_must_be_a_dns_name() {
+    for bad in ["bad name.example", "a..b", &"x".repeat(300)] {
+        workload_err(
+            pw::Workload {
+                addresses: vec![],
+                hostname: bad.to_owned(),
+                ..valid_workload()
+            },
+            "hostname",
+        );
+    }
+    let w = Workload::try_from(pw::Workload {
+        addresses: vec![],
+        hostname: "db.example.com".into(),
+        ..valid_workload()
+    })
+    .unwrap();
+    assert_eq!(
+        (w.hostname.as_str(), w.addresses.len()),
+        ("db.example.com", 0)
+    );
+}
+
+#[test]
 fn workload_missing_identity_fields_are_rejected() {
     // Without a uid, the error names the workload by its name.
     assert_invalid(

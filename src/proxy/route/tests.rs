@@ -116,6 +116,52 @@ fn vip_maps_to_endpoint_target_port() {
 }
 
 #[test]
+fn an_endpoint_known_by_hostname_is_chosen_unresolved() {
+    let mut external = endpoint("ext", "10.1.0.1", &[(80, 443)]);
+    external.addresses.clear();
+    external.hostname = "db.example.com".into();
+    // Neither an address nor a hostname: never a candidate.
+    let mut nothing = endpoint("none", "10.1.0.2", &[(80, 443)]);
+    nothing.addresses.clear();
+    let store = store_with(
+        service(&[(80, 8080)], LoadBalancing::default()),
+        vec![external, nothing],
+    );
+    for seed in 0..20 {
+        let up = route(
+            &store.load(),
+            &net(),
+            None,
+            vip(80),
+            &mut SmallRng::seed_from_u64(seed),
+        )
+        .unwrap();
+        assert_eq!(up.hostname.as_deref(), Some("db.example.com"));
+        // The IP is resolved later; the target port is the endpoint's.
+        assert_eq!(up.addr, "0.0.0.0:443".parse().unwrap());
+        assert_eq!(up.workload.unwrap().name, "ext");
+    }
+    // A waypoint-style filter that takes addresses only leaves nothing.
+    let svc = store
+        .load()
+        .service_by_vip(&NetworkAddr::new("", ip("10.0.0.1")))
+        .unwrap()
+        .clone();
+    let addressed = |_: &Workload, a: Option<IpAddr>| a.is_some();
+    assert!(matches!(
+        service_endpoint(
+            &store.load(),
+            &svc,
+            None,
+            vip(80),
+            &addressed,
+            &mut SmallRng::seed_from_u64(1)
+        ),
+        Err(RouteError::NoHealthyEndpoint { .. })
+    ));
+}
+
+#[test]
 fn service_target_port_applies_when_endpoint_has_none() {
     let store = store_with(
         service(&[(80, 8080)], LoadBalancing::default()),
@@ -431,13 +477,13 @@ fn service_endpoint_filters_before_choosing() {
         .unwrap()
         .clone();
     let mut rng = SmallRng::seed_from_u64(7);
-    let only_b = |_: &Workload, a: IpAddr| a == ip("10.0.1.2");
+    let only_b = |_: &Workload, a: Option<IpAddr>| a == Some(ip("10.0.1.2"));
     for _ in 0..200 {
         let up = service_endpoint(&snap, &svc, None, vip(80), &only_b, &mut rng).unwrap();
         assert_eq!(up.addr, SocketAddr::new(ip("10.0.1.2"), 8080));
         assert!(up.service.is_some());
     }
-    let none = |_: &Workload, _: IpAddr| false;
+    let none = |_: &Workload, _: Option<IpAddr>| false;
     assert!(matches!(
         service_endpoint(&snap, &svc, None, vip(80), &none, &mut rng),
         Err(RouteError::NoHealthyEndpoint { .. })

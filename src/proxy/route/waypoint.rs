@@ -55,7 +55,7 @@ pub(super) fn resolve(
                 .filter_map(|(wl, _)| {
                     Some(Candidate {
                         wl,
-                        ip: pick_ip(wl, dst.ip())?,
+                        ip: Some(pick_ip(wl, dst.ip())?),
                         target: gw.hbone_mtls_port,
                     })
                 })
