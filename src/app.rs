@@ -577,6 +577,7 @@ fn dns_context(
         node_name: config.node_name.clone(),
         upstreams,
         metrics,
+        limits: Default::default(),
     }
 }
 

@@ -18,7 +18,7 @@ use std::net::IpAddr;
 
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, ResponseCode};
 use hickory_proto::rr::rdata::{A, AAAA, CNAME};
-use hickory_proto::rr::{Name, RData, Record, RecordType};
+use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 use rand::seq::SliceRandom;
 
 pub use server::{DnsMetrics, DnsServer};
@@ -74,7 +74,9 @@ pub fn respond(
         // RFC 9619: one question per query.
         return error(&msg, ResponseCode::FormErr);
     };
-    if !matches!(query.query_type(), RecordType::A | RecordType::AAAA) {
+    if !matches!(query.query_type(), RecordType::A | RecordType::AAAA)
+        || query.query_class() != DNSClass::IN
+    {
         return Reply::Forward;
     }
     let qname = query.name().to_lowercase().to_ascii();
@@ -116,8 +118,9 @@ pub fn respond(
     fit(out, limit)
 }
 
-/// `out` encoded in at most `limit` bytes: as many answers as fit, flagged truncated when some
-/// did not.
+/// `out` encoded in at most `limit` bytes: whole when it fits; else without its additional
+/// records when that is enough; else as many answers as fit, flagged truncated (the client asks
+/// again over TCP).
 fn fit(mut out: Message, limit: usize) -> Reply {
     let fits = |m: &Message| m.to_vec().ok().filter(|b| b.len() <= limit);
     if let Some(bytes) = fits(&out) {
@@ -126,10 +129,17 @@ fn fit(mut out: Message, limit: usize) -> Reply {
             rcode: out.response_code(),
         };
     }
+    let additionals = out.take_additionals();
+    if !additionals.is_empty() {
+        if let Some(bytes) = fits(&out) {
+            return Reply::Send {
+                bytes,
+                rcode: out.response_code(),
+            };
+        }
+    }
     let answers = out.take_answers();
-    // The client asks again over TCP: the other sections are not worth their room.
     out.take_name_servers();
-    out.take_additionals();
     out.set_truncated(true);
     // The most answers that fit (a binary search: a headless service may have thousands).
     let (mut lo, mut hi) = (0, answers.len());
@@ -148,17 +158,24 @@ fn fit(mut out: Message, limit: usize) -> Reply {
 }
 
 /// An upstream's answer to `request`, made to fit a UDP reply to the client: the answer the
-/// forwarder got whole over TCP may be larger than what the client takes over UDP.
+/// forwarder got whole over TCP may be larger than what the client takes over UDP. What cannot
+/// be cut to size becomes an empty truncated reply (the client asks again over TCP).
 pub fn fit_udp(request: &[u8], answer: Vec<u8>) -> Vec<u8> {
-    let limit = Message::from_vec(request).map_or(512, |m| usize::from(m.max_payload()));
+    let Ok(req) = Message::from_vec(request) else {
+        return answer;
+    };
+    let limit = usize::from(req.max_payload());
     if answer.len() <= limit {
         return answer;
     }
-    match Message::from_vec(&answer).map(|m| fit(m, limit)) {
-        Ok(Reply::Send { bytes, .. }) => bytes,
-        // Not a message we can cut: relayed as it came (the client's resolver decides).
-        _ => answer,
+    if let Ok(Reply::Send { bytes, .. }) = Message::from_vec(&answer).map(|m| fit(m, limit)) {
+        if bytes.len() <= limit {
+            return bytes;
+        }
     }
+    let mut empty = response(&req, ResponseCode::NoError);
+    empty.set_truncated(true);
+    empty.to_vec().unwrap_or_default()
 }
 
 /// SERVFAIL for `request` (no upstream answered it); `None` when it does not parse.

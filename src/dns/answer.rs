@@ -9,8 +9,10 @@
 //!
 //! Each candidate matches, in order: a service with that hostname (several may share one: the
 //! client's namespace wins, then the canonical service, then `PREFERED_SERVICE_NAMESPACE`, then
-//! the oldest); a pod of a headless Kubernetes service (`<pod>.<service hostname>`); a wildcard
-//! host above it (`*.example.com` for `a.example.com`), the most specific first.
+//! the one held longest, i.e. the least recently updated); a pod of a headless Kubernetes service
+//! (`<pod>.<service hostname>`); a wildcard host above it (`*.example.com` for `a.example.com`),
+//! the most specific first. As in ztunnel, a service with that hostname that cannot be answered
+//! (no VIP, not headless) does not stop the search: a wildcard above it still matches.
 //!
 //! A service answers with its VIPs on the client's network: when it has VIPs only on others, the
 //! answer is empty (NOERROR), as ztunnel's. A service without VIPs is answered only when it is a
@@ -205,7 +207,7 @@ fn headless_pod(
 }
 
 /// Among services sharing a hostname, the one a client means (ztunnel's order): its own
-/// namespace's, else the canonical one, else the preferred namespace's, else the oldest.
+/// namespace's, else the canonical one, else the preferred namespace's, else the first held.
 fn best<'a>(
     services: impl Iterator<Item = &'a Arc<Service>>,
     client: Client<'_>,

@@ -123,7 +123,10 @@ impl Upstreams {
         let s = tokio::net::UdpSocket::from_std(s.into())?;
         s.connect(server).await?;
         s.send(request).await?;
-        let mut buf = vec![0u8; 65535];
+        // The upstream answers within the size the request announces (512 without EDNS).
+        let cap = hickory_proto::op::Message::from_vec(request)
+            .map_or(512, |m| usize::from(m.max_payload()));
+        let mut buf = vec![0u8; cap];
         loop {
             let n = s.recv(&mut buf).await?;
             // Only the answer to this request (same id) counts; anything else is ignored.

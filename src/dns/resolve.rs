@@ -35,12 +35,8 @@ pub enum ResolveError {
     InvalidName { host: String },
     #[error("{host} has no address (the resolvers answered, with no A or AAAA record)")]
     NoAddress { host: String },
-    #[error("resolving {host}: {source}")]
-    Upstream {
-        host: String,
-        #[source]
-        source: ForwardError,
-    },
+    #[error("resolving {host}: {cause}")]
+    Upstream { host: String, cause: ForwardError },
     #[error("resolving {host}: the resolver answered {rcode}")]
     Rcode { host: String, rcode: ResponseCode },
 }
@@ -97,9 +93,13 @@ impl HostResolver {
             self.query(&key, &name, RecordType::A),
             self.query(&key, &name, RecordType::AAAA)
         );
-        // One family failing is fine when the other answered.
+        // One family failing is fine when the other gave addresses; with none, the failure is
+        // the answer (and not remembered as "no address").
         let (addrs, ttl) = match (v4, v6) {
             (Err(e), Err(_)) => return Err(e),
+            (Err(e), Ok((found, _))) | (Ok((found, _)), Err(e)) if found.is_empty() => {
+                return Err(e)
+            }
             (a, b) => {
                 let (mut addrs, mut ttl) = (Vec::new(), None::<u32>);
                 for (found, t) in [a, b].into_iter().flatten() {
@@ -174,13 +174,13 @@ impl HostResolver {
             self.upstreams
                 .exchange(&request)
                 .await
-                .map_err(|source| ResolveError::Upstream {
+                .map_err(|cause| ResolveError::Upstream {
                     host: host.to_owned(),
-                    source,
+                    cause,
                 })?;
         let answer = Message::from_vec(&bytes).map_err(|e| ResolveError::Upstream {
             host: host.to_owned(),
-            source: ForwardError::Failed(format!("an answer that does not parse: {e}")),
+            cause: ForwardError::Failed(format!("an answer that does not parse: {e}")),
         })?;
         match answer.response_code() {
             ResponseCode::NoError => {}

@@ -4,7 +4,10 @@
 //! Limits (the listener faces every process of the pod): at most [`MAX_IN_FLIGHT`] queries in
 //! flight per client address and [`MAX_TOTAL`] in all (more are dropped, as a busy resolver
 //! does; the client retries); TCP connections at most [`MAX_TCP`], closed after [`TCP_IDLE`]
-//! without a query, one message at a time of at most 65 535 bytes (the length prefix's limit).
+//! without a query or with a reply unread, one message at a time of at most 65 535 bytes (the
+//! length prefix's limit). The limits are the node's ([`DnsLimits`], shared by every pod's
+//! server in shared mode). A server's tasks (each query, each TCP client) are its own: stopping
+//! it (a removed pod) ends them all and closes every socket it had.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -30,6 +33,9 @@ pub const MAX_TOTAL: usize = 1024;
 pub const MAX_TCP: usize = 256;
 /// A TCP connection without a query for this long is closed (ztunnel's TCP request timeout).
 pub const TCP_IDLE: Duration = Duration::from_secs(5);
+/// The largest UDP query read whole; a longer datagram is cut, fails to parse and gets FORMERR
+/// (queries are a question and an OPT record: a few hundred bytes at most).
+pub const MAX_UDP_QUERY: usize = 4096;
 
 /// ztunnel's DNS metrics (`istio_dns_*`, registered by the metrics module).
 pub struct DnsMetrics {
@@ -74,6 +80,23 @@ pub struct DnsContext {
     pub node_name: String,
     pub upstreams: Upstreams,
     pub metrics: Arc<DnsMetrics>,
+    /// The node's limits, shared by every server made from this context.
+    pub limits: Arc<DnsLimits>,
+}
+
+/// Queries in flight and TCP clients, counted for the whole node.
+pub struct DnsLimits {
+    inflight: Arc<InFlight>,
+    tcp_open: Arc<tokio::sync::Semaphore>,
+}
+
+impl Default for DnsLimits {
+    fn default() -> Self {
+        Self {
+            inflight: Arc::default(),
+            tcp_open: Arc::new(tokio::sync::Semaphore::new(MAX_TCP)),
+        }
+    }
 }
 
 /// The bound DNS sockets.
@@ -167,10 +190,10 @@ impl DnsServer {
         })
     }
 
-    /// Serves until dropped.
+    /// Serves until dropped (its tasks with it).
     pub async fn run(self, ctx: Arc<DnsContext>) {
-        let inflight = Arc::new(InFlight::default());
-        let tcp_open = Arc::new(tokio::sync::Semaphore::new(MAX_TCP));
+        let inflight = ctx.limits.inflight.clone();
+        let tcp_open = ctx.limits.tcp_open.clone();
         let mut set = tokio::task::JoinSet::new();
         for u in self.udp {
             set.spawn(serve_udp(Arc::new(u), ctx.clone(), inflight.clone()));
@@ -188,8 +211,11 @@ impl DnsServer {
 }
 
 async fn serve_udp(sock: Arc<UdpSocket>, ctx: Arc<DnsContext>, inflight: Arc<InFlight>) {
-    let mut buf = vec![0u8; 65535];
+    let mut buf = vec![0u8; MAX_UDP_QUERY];
+    // The queries being answered: bounded by the in-flight limits, aborted with this task.
+    let mut queries = tokio::task::JoinSet::new();
     loop {
+        while queries.try_join_next().is_some() {}
         let (n, peer) = match sock.recv_from(&mut buf).await {
             Ok(r) => r,
             Err(e) => {
@@ -203,7 +229,7 @@ async fn serve_udp(sock: Arc<UdpSocket>, ctx: Arc<DnsContext>, inflight: Arc<InF
             continue;
         };
         let (query, ctx, sock) = (buf[..n].to_vec(), ctx.clone(), sock.clone());
-        tokio::spawn(async move {
+        queries.spawn(async move {
             let _slot = slot;
             if let Some(reply) = handle(&ctx, &query, peer, Transport::Udp).await {
                 let _ = sock.send_to(&reply, peer).await;
@@ -218,7 +244,10 @@ async fn serve_tcp(
     inflight: Arc<InFlight>,
     open: Arc<tokio::sync::Semaphore>,
 ) {
+    // The TCP clients: bounded by `open`, aborted with this task.
+    let mut clients = tokio::task::JoinSet::new();
     loop {
+        while clients.try_join_next().is_some() {}
         let (s, peer) = match l.accept().await {
             Ok(a) => a,
             Err(e) => {
@@ -231,7 +260,7 @@ async fn serve_tcp(
             continue; // over the cap: closed at once
         };
         let (ctx, inflight) = (ctx.clone(), inflight.clone());
-        tokio::spawn(async move {
+        clients.spawn(async move {
             let _permit = permit;
             let _ = tcp_conn(s, peer, &ctx, &inflight).await;
         });
@@ -263,8 +292,13 @@ async fn tcp_conn(
         let Ok(len) = u16::try_from(reply.len()) else {
             return Ok(());
         };
-        s.write_all(&len.to_be_bytes()).await?;
-        s.write_all(&reply).await?;
+        let mut framed = Vec::with_capacity(reply.len() + 2);
+        framed.extend_from_slice(&len.to_be_bytes());
+        framed.extend_from_slice(&reply);
+        // A client that does not read its reply does not keep its place.
+        tokio::time::timeout(TCP_IDLE, s.write_all(&framed))
+            .await
+            .map_err(|_| std::io::Error::other("reply unread"))??;
     }
 }
 

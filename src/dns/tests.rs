@@ -170,8 +170,12 @@ fn a_reply_too_large_for_udp_is_truncated_and_whole_over_tcp() {
     assert!(bytes.len() <= 512, "{}", bytes.len());
     let m = Message::from_vec(&bytes).unwrap();
     assert!(m.truncated());
-    // As many as fit: 512 bytes hold 28 A records after this question.
-    assert!(m.answers().len() > 20, "{}", m.answers().len());
+    // As many as fit: one more would not.
+    let kept = m.answers().len();
+    let mut more = m.clone();
+    let extra = more.answers()[0].clone();
+    more.add_answer(extra);
+    assert!(kept > 20 && more.to_vec().unwrap().len() > 512, "{kept}");
     let Reply::Send { bytes, .. } = tcp else {
         panic!("{tcp:?}")
     };
@@ -193,5 +197,48 @@ fn a_reply_too_large_for_udp_is_truncated_and_whole_over_tcp() {
     assert_eq!(
         m.extensions().as_ref().map(Edns::max_payload),
         Some(EDNS_PAYLOAD)
+    );
+}
+
+#[test]
+fn a_cname_stays_first_when_truncated() {
+    // `big` through the search list: a CNAME, then as many addresses as fit.
+    let s = many(300);
+    let q = query("big.default.default.svc.cluster.local.", RecordType::A);
+    let Reply::Send { bytes, .. } = respond(&q, &s, C, &rules(), Transport::Udp) else {
+        panic!()
+    };
+    let m = Message::from_vec(&bytes).unwrap();
+    assert!(m.truncated() && bytes.len() <= 512);
+    assert!(matches!(m.answers()[0].data(), RData::CNAME(_)));
+}
+
+#[test]
+fn forwarded_answers_fit_the_clients_udp_size() {
+    let s = many(300);
+    let q = query("big.default.svc.cluster.local.", RecordType::A);
+    // What an upstream would send whole over TCP: 300 answers.
+    let Reply::Send { bytes: whole, .. } = respond(&q, &s, C, &rules(), Transport::Tcp) else {
+        panic!()
+    };
+    let cut = fit_udp(&q, whole.clone());
+    assert!(cut.len() <= 512);
+    let m = Message::from_vec(&cut).unwrap();
+    assert!(m.truncated() && m.id() == 4242 && !m.answers().is_empty());
+    // Small enough already: as it came.
+    let small = query("x.", RecordType::A);
+    assert_eq!(fit_udp(&small, small.clone()), small);
+    // Not a message at all (an upstream's garbage): an empty truncated reply, within the size.
+    let junk = vec![0xffu8; 2000];
+    let m = Message::from_vec(&fit_udp(&q, junk)).unwrap();
+    assert!(m.truncated() && m.answers().is_empty() && m.id() == 4242);
+    // A question of another class is not the mesh's: forwarded.
+    let mut chaos = Message::from_vec(&q).unwrap();
+    let mut cq = chaos.take_queries().remove(0);
+    cq.set_query_class(hickory_proto::rr::DNSClass::CH);
+    chaos.add_query(cq);
+    assert_eq!(
+        respond(&chaos.to_vec().unwrap(), &s, C, &rules(), Transport::Udp),
+        Reply::Forward
     );
 }

@@ -194,12 +194,15 @@ impl PodManager {
         let scope = Arc::new(PodScope::new(&uid, info));
         let netns = Arc::new(PodNetns::enter(netns, &scope.name).map_err(|e| e.to_string())?);
         let bound = self.bind(&netns).await.map_err(|e| e.to_string())?;
+        // A pod whose DNS port is taken (by its application) is still served, without DNS.
         let dns = match &self.listeners.dns {
-            Some(d) => Some(
-                bind_dns(&netns, d, self.listeners.port_reuse)
-                    .await
-                    .map_err(|e| format!("the DNS proxy of {}: {e}", scope.name))?,
-            ),
+            Some(d) => match bind_dns(&netns, d, self.listeners.port_reuse).await {
+                Ok(server) => Some(server),
+                Err(e) => {
+                    tracing::warn!(pod = %scope.name, error = %e, "pod DNS proxy not started: its DNS queries are not answered by l4mesh");
+                    None
+                }
+            },
             None => None,
         };
         let identity = SpiffeId::new(
@@ -395,7 +398,7 @@ async fn bind_dns(
     let (mut udp, mut tcp) = (Vec::new(), Vec::new());
     for (i, addr) in dns.addrs.iter().enumerate() {
         let pair = async {
-            let u = netns.bind_udp(*addr).await?;
+            let u = netns.bind_udp(*addr, port_reuse).await?;
             let t = netns.listen(*addr, port_reuse).await?;
             Ok::<_, NetnsError>((u, t))
         };

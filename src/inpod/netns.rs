@@ -139,14 +139,22 @@ impl PodNetns {
     }
 
     /// A UDP socket bound to `addr` inside the namespace (non-blocking, for the runtime); an
-    /// IPv6 address takes IPv6 alone.
-    pub async fn bind_udp(&self, addr: SocketAddr) -> Result<std::net::UdpSocket, NetnsError> {
+    /// IPv6 address takes IPv6 alone; `reuse_port` as for [`PodNetns::listen`].
+    pub async fn bind_udp(
+        &self,
+        addr: SocketAddr,
+        reuse_port: bool,
+    ) -> Result<std::net::UdpSocket, NetnsError> {
         self.run(move || {
             let s = socket2::Socket::new(
                 socket2::Domain::for_address(addr),
                 socket2::Type::DGRAM,
                 None,
             )?;
+            s.set_reuse_address(true)?;
+            if reuse_port {
+                s.set_reuse_port(true)?;
+            }
             if addr.is_ipv6() {
                 s.set_only_v6(true)?;
             }

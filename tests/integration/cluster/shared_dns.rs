@@ -166,11 +166,28 @@ fn shared_mode_serves_dns_in_every_pod() {
         assert!(metrics.contains(needle), "{needle} in\n{metrics}");
     }
 
-    // The pod deleted: its DNS listener leaves with its other listeners.
+    // The pod deleted: its DNS listener leaves with its other listeners, and a TCP client it
+    // was serving is closed then (not at the 5 s idle timeout).
+    let held = c
+        .pod_mut("c1")
+        .ns
+        .spawn(&["python3", "-c", HOLD_TCP_PY], &[], "answered");
     let mut n = c.shared.remove(&1).unwrap();
     n.members.remove("c1");
     n.write_pods(&c);
     c.shared.insert(1, n);
+    let t = std::time::Instant::now();
+    assert!(
+        within(Duration::from_secs(4), || held
+            .all()
+            .contains("closed")
+            .then_some(()))
+        .is_some(),
+        "c1's TCP DNS client closed with the pod: {}\n{}",
+        held.all(),
+        logs(&c)
+    );
+    assert!(t.elapsed() < Duration::from_secs(4), "{:?}", t.elapsed());
     let gone = within(Duration::from_secs(5), || {
         let (_, out, _) = c.pod("c1").run(&["ss", "-lnuH"]);
         (!out.contains(":15053")).then_some(())
@@ -193,7 +210,32 @@ fn shared_mode_serves_dns_in_every_pod() {
         "s1 still served\n{}",
         logs(&c)
     );
+    // Added again: its DNS proxy is back.
+    let mut n = c.shared.remove(&1).unwrap();
+    n.members.insert("c1");
+    n.write_pods(&c);
+    c.shared.insert(1, n);
+    let back = within(Duration::from_secs(5), || {
+        (dig(&c, "c1", &[&at, "echo.default.svc.cluster.local"]) == VIP).then_some(())
+    });
+    assert!(back.is_some(), "c1 served again\n{}", logs(&c));
 }
+
+/// A TCP DNS client of 127.0.0.1:15053: one query answered, then held open until the server
+/// closes it.
+const HOLD_TCP_PY: &str = r#"
+import socket, struct
+q = struct.pack('>HHHHHH', 7, 0x0100, 1, 0, 0, 0) + b'\x04echo\x07default\x03svc\x07cluster\x05local\x00\x00\x01\x00\x01'
+s = socket.create_connection(('127.0.0.1', 15053), timeout=30)
+s.sendall(struct.pack('>H', len(q)) + q)
+n = struct.unpack('>H', s.recv(2))[0]
+print('answered', flush=True)
+try:
+    while s.recv(4096): pass
+except OSError:
+    pass
+print('closed', flush=True)
+"#;
 
 /// `dig +short` in `pod`; its answer lines.
 fn dig(c: &Cluster, pod: &str, args: &[&str]) -> String {

@@ -402,12 +402,12 @@ impl Cluster {
         self.dir.path()
     }
 
-    /// The environment every l4mesh gets, in either mode.
     /// The environment added to every l4mesh (and node agent) of this cluster.
     pub fn extra_env(&self) -> &[(String, String)] {
         &self.l4mesh_env
     }
 
+    /// The environment every l4mesh gets, in either mode.
     pub fn l4mesh_env(&self, node: u8, ip: &str) -> Vec<(String, String)> {
         let root = self.dir.path().join("root-cert.pem");
         base_env(&root, &format!("node-{node}"), ip, &self.l4mesh_env)
