@@ -21,8 +21,8 @@ pub use authorization::{
 pub use convert::{Resource, ValidationError};
 pub use identity::{IdentityError, SpiffeId};
 pub use service::{
-    HealthPolicy, IpFamilies, LoadBalancing, LoadBalancingMode, RoutingScope, Service, ServiceKey,
-    Visibility,
+    best_match, HealthPolicy, IpFamilies, LoadBalancing, LoadBalancingMode, NetworkCidr,
+    RoutingScope, Service, ServiceKey, Visibility,
 };
 pub use workload::{
     AppTunnel, Endpoint, GatewayAddress, GatewayDestination, Locality, PortMap, TunnelProtocol,

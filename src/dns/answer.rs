@@ -23,7 +23,7 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use crate::model::{Service, Visibility, Workload, WorkloadStatus};
+use crate::model::{best_match, Service, Visibility, Workload, WorkloadStatus};
 use crate::store::Snapshot;
 
 /// A mesh name found for a query.
@@ -206,26 +206,18 @@ fn headless_pod(
     (!addrs.is_empty()).then_some(addrs)
 }
 
-/// Among services sharing a hostname, the one a client means (ztunnel's order): its own
-/// namespace's, else the canonical one, else the preferred namespace's, else the first held.
+/// Among services sharing a hostname, the one a client means ([`best_match`], with the
+/// preferred namespace).
 fn best<'a>(
     services: impl Iterator<Item = &'a Arc<Service>>,
     client: Client<'_>,
     rules: &NameRules,
 ) -> Option<&'a Arc<Service>> {
-    let (mut canonical, mut preferred, mut first) = (None, None, None);
-    for s in services {
-        if client.namespace == Some(s.namespace.as_str()) {
-            return Some(s);
-        }
-        if s.canonical {
-            canonical = canonical.or(Some(s));
-        } else if rules.preferred_namespace.as_deref() == Some(s.namespace.as_str()) {
-            preferred = preferred.or(Some(s));
-        }
-        first = first.or(Some(s));
-    }
-    canonical.or(preferred).or(first)
+    best_match(
+        services,
+        client.namespace,
+        rules.preferred_namespace.as_deref(),
+    )
 }
 
 fn visible(s: &Service, client: Client<'_>, rules: &NameRules) -> bool {

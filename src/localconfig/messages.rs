@@ -38,20 +38,23 @@ impl Ctx<'_> {
         })
     }
 
-    /// `"<network>/<ip>"`; the default network is the empty string, so `"/10.0.0.1"`.
-    fn network_addr(&self, field: &str, s: &str) -> Result<pw::NetworkAddress, LocalConfigError> {
-        let expected = "\"<network>/<ip>\", e.g. \"/10.0.0.1\" on the default network";
-        let (network, ip) = s
-            .split_once('/')
-            .ok_or_else(|| self.err(field, expected, format!("{s:?}")))?;
-        let ip: IpAddr = ip
-            .trim()
-            .parse()
-            .map_err(|_| self.err(field, expected, format!("{s:?}")))?;
+    /// A service address: `"<network>/<ip>"`, or a range `"<network>/<ip>/<prefix length>"` (a
+    /// ServiceEntry's CIDR address).
+    fn vip(&self, field: &str, s: &str) -> Result<pw::NetworkAddress, LocalConfigError> {
+        let expected = "\"<network>/<ip>\" or \"<network>/<ip>/<prefix length>\", e.g. \"/10.0.0.1\" or \"/10.1.0.0/16\"";
+        let bad = || self.err(field, expected, format!("{s:?}"));
+        let mut parts = s.splitn(3, '/');
+        let (network, ip, len) = (parts.next(), parts.next(), parts.next());
+        let ip: IpAddr = ip.ok_or_else(bad)?.trim().parse().map_err(|_| bad())?;
+        let length = match len {
+            None => None,
+            // Range-checked by the model's conversion.
+            Some(l) => Some(l.trim().parse::<u32>().map_err(|_| bad())?),
+        };
         Ok(pw::NetworkAddress {
-            network: network.to_owned(),
+            network: network.unwrap_or_default().to_owned(),
             address: ip_bytes(ip),
-            length: None,
+            length,
         })
     }
 
@@ -375,7 +378,7 @@ pub(super) fn service(ctx: &Ctx<'_>, s: raw::Service) -> Result<pw::Service, Loc
         .vips
         .iter()
         .enumerate()
-        .map(|(i, v)| ctx.network_addr(&format!("vips[{i}]"), v))
+        .map(|(i, v)| ctx.vip(&format!("vips[{i}]"), v))
         .collect::<Result<Vec<_>, _>>()?;
     let load_balancing = s
         .load_balancer

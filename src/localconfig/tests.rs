@@ -122,7 +122,7 @@ fn wire_facts_example_yields_the_batch() {
     let snap = store.load();
     assert_eq!(snap.counts(), (1, 1, 1));
     assert!(snap
-        .service_by_vip(&NetworkAddr::new("", ip("127.10.0.1")))
+        .service_by_vip(&NetworkAddr::new("", ip("127.10.0.1")), None)
         .is_some());
     assert_eq!(snap.endpoints(&echo).count(), 1);
     assert!(snap
@@ -724,4 +724,31 @@ fn port_keys_may_be_quoted_and_lists_empty() {
         services(&batch)[0].ports,
         [(80, 8080), (443, 8443)].into_iter().collect()
     );
+}
+
+#[test]
+fn service_address_ranges_and_bad_vips() {
+    let yaml = r#"
+services:
+- { name: ext, namespace: default, hostname: ext.example.com, vips: ["/10.1.0.0/16", "net2/10.9.0.1"], ports: { 443: 443 } }
+"#;
+    let batch = crate::localconfig::parse(yaml).unwrap();
+    let store = Store::new();
+    store.apply(batch);
+    let snap = store.load();
+    let host = |a: NetworkAddr| snap.service_by_vip(&a, None).map(|s| s.hostname.clone());
+    assert_eq!(
+        host(NetworkAddr::new("", ip("10.1.200.7"))).as_deref(),
+        Some("ext.example.com")
+    );
+    assert_eq!(
+        host(NetworkAddr::new("net2", ip("10.9.0.1"))).as_deref(),
+        Some("ext.example.com")
+    );
+    for bad in ["10.0.0.1", "/10.0.0.1/33", "/10.0.0.1/x", "/not-an-ip"] {
+        let e = crate::localconfig::parse(&yaml.replace("/10.1.0.0/16", bad))
+            .err()
+            .unwrap_or_else(|| panic!("{bad} accepted"));
+        assert!(e.to_string().contains("vips[0]"), "{bad}: {e}");
+    }
 }

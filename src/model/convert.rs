@@ -339,12 +339,19 @@ impl TryFrom<pw::Service> for Service {
         let namespace = ctx.non_empty("namespace", s.namespace)?;
         let hostname = ctx.non_empty("hostname", s.hostname)?;
         ServiceKey::parse(&ctx.name).map_err(|e| ctx.err("namespace/hostname", e))?;
-        let mut vips = Vec::with_capacity(s.addresses.len());
+        let (mut vips, mut cidr_vips) = (Vec::with_capacity(s.addresses.len()), Vec::new());
         for (i, a) in s.addresses.iter().enumerate() {
             let field = format!("addresses[{i}]");
             let ip = ctx.ip(&format!("{field}.address"), &a.address)?;
             if let Some(len) = a.length {
-                ctx.cidr(&format!("{field}.length"), &a.address, len)?;
+                let net = ctx.cidr(&format!("{field}.length"), &a.address, len)?;
+                if net.prefix_len() < net.max_prefix_len() {
+                    cidr_vips.push(NetworkCidr {
+                        network: a.network.as_str().into(),
+                        net: net.trunc(),
+                    });
+                    continue;
+                }
             }
             vips.push(NetworkAddr::new(a.network.clone(), ip));
         }
@@ -393,6 +400,7 @@ impl TryFrom<pw::Service> for Service {
             namespace,
             hostname,
             vips,
+            cidr_vips,
             ports,
             subject_alt_names: s.subject_alt_names,
             waypoint,

@@ -97,6 +97,21 @@ pub enum IpFamilies {
     Dual,
 }
 
+/// A service address covering a range (a ServiceEntry's CIDR address, e.g. `10.1.0.0/16`): a
+/// destination inside it that is no exact VIP goes to the service, the longest prefix first.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+pub struct NetworkCidr {
+    pub network: Arc<str>,
+    pub net: ipnet::IpNet,
+}
+
+impl NetworkCidr {
+    /// Whether `addr` is inside this range, on the same network.
+    pub fn contains(&self, addr: &NetworkAddr) -> bool {
+        self.network == addr.network && self.net.contains(&addr.ip)
+    }
+}
+
 /// Who may see a service (Kubernetes `exportTo`): everyone, or its own namespace only.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub enum Visibility {
@@ -111,7 +126,10 @@ pub struct Service {
     pub name: String,
     pub namespace: String,
     pub hostname: String,
+    /// Exact addresses (a prefix of the full length, or none).
     pub vips: Vec<NetworkAddr>,
+    /// Address ranges (a shorter prefix).
+    pub cidr_vips: Vec<NetworkCidr>,
     /// Service port → target port; a target of 0 means "the endpoint's own mapping".
     pub ports: BTreeMap<u16, u16>,
     pub subject_alt_names: Vec<String>,
@@ -128,4 +146,27 @@ impl Service {
     pub fn key(&self) -> ServiceKey {
         ServiceKey::from_parts(&self.namespace, &self.hostname)
     }
+}
+
+/// Among services sharing an address or a hostname, the one a client means (ztunnel's
+/// `ServiceMatch`): the one in the client's namespace, else the canonical one, else the one in
+/// `preferred_namespace`, else the first given.
+pub fn best_match<'a>(
+    services: impl Iterator<Item = &'a Arc<Service>>,
+    client_namespace: Option<&str>,
+    preferred_namespace: Option<&str>,
+) -> Option<&'a Arc<Service>> {
+    let (mut canonical, mut preferred, mut first) = (None, None, None);
+    for s in services {
+        if client_namespace == Some(s.namespace.as_str()) {
+            return Some(s);
+        }
+        if s.canonical {
+            canonical = canonical.or(Some(s));
+        } else if preferred_namespace == Some(s.namespace.as_str()) {
+            preferred = preferred.or(Some(s));
+        }
+        first = first.or(Some(s));
+    }
+    canonical.or(preferred).or(first)
 }

@@ -446,10 +446,10 @@ fn service_endpoint(
     let mismatch = || ProxyError::from(Outcome::AuthorityMismatch { authority: target });
     let waypoint = dialled.ok_or_else(mismatch)?;
     let svc = snapshot
-        .service_by_vip(&crate::model::NetworkAddr::new(
-            ctx.network.clone(),
-            target.ip(),
-        ))
+        .service_by_vip(
+            &crate::model::NetworkAddr::new(ctx.network.clone(), target.ip()),
+            Some(waypoint.namespace.as_str()),
+        )
         .ok_or_else(mismatch)?
         .clone();
     if !svc

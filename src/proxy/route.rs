@@ -75,7 +75,7 @@ pub fn route(
     rng: &mut impl Rng,
 ) -> Result<Upstream, RouteError> {
     let key = NetworkAddr::new(network.clone(), dst.ip());
-    if let Some(svc) = snapshot.service_by_vip(&key) {
+    if let Some(svc) = snapshot.service_by_vip(&key, src.map(|w| w.namespace.as_str())) {
         if let Some(gw) = &svc.waypoint {
             let owner = format!("service {}", svc.key());
             if let Some(wp) = waypoint::resolve(snapshot, gw, &owner, src, dst, rng)? {
@@ -222,8 +222,8 @@ pub struct Candidate<'a> {
 }
 
 /// Picks an endpoint (an index into `candidates`) with Istio's load-balancing semantics:
-/// unhealthy endpoints are skipped unless the health policy allows all; with routing preferences,
-/// endpoints are ranked by how many leading scopes they share with the client (STRICT keeps only
+/// unhealthy endpoints are skipped unless the health policy allows all; in STRICT and FAILOVER
+/// modes (STANDARD ignores routing preferences, as ztunnel), endpoints are ranked by how many leading scopes they share with the client (STRICT keeps only
 /// full matches, FAILOVER the best rank present); among the survivors, weighted random by capacity.
 pub fn select(
     candidates: &[Candidate<'_>],
@@ -238,7 +238,11 @@ pub fn select(
             lb.health_policy == HealthPolicy::AllowAll || c.wl.status == WorkloadStatus::Healthy
         })
         .filter_map(|(i, c)| {
-            let rank = rank(&lb.routing_preference, src, c.wl);
+            // Standard mode weighs no routing preference (ztunnel's rule).
+            let rank = match lb.mode {
+                LoadBalancingMode::Standard => 0,
+                _ => rank(&lb.routing_preference, src, c.wl),
+            };
             if lb.mode == LoadBalancingMode::Strict && rank != lb.routing_preference.len() {
                 return None;
             }

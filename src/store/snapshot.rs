@@ -8,8 +8,8 @@ use imbl::{HashMap, HashSet};
 
 use super::{Removal, Upsert};
 use crate::model::{
-    Authorization, Endpoint, NetworkAddr, PolicyKey, PolicyScope, Service, ServiceKey, Workload,
-    WorkloadUid,
+    best_match, Authorization, Endpoint, NetworkAddr, PolicyKey, PolicyScope, Service, ServiceKey,
+    Workload, WorkloadUid,
 };
 
 /// One version of the mesh state. Cloning is O(1): every index is a persistent map.
@@ -26,6 +26,8 @@ pub struct Snapshot {
     services: HashMap<ServiceKey, Arc<Service>>,
     service_by_vip: HashMap<NetworkAddr, Vec<ServiceKey>>,
     service_by_host: HashMap<Arc<str>, Vec<ServiceKey>>,
+    /// The services with address ranges (CIDR VIPs), scanned when no exact VIP matches.
+    cidr_services: HashMap<ServiceKey, Arc<Service>>,
     /// Per service key, whether or not the service is known yet: a workload may arrive first.
     endpoints: HashMap<ServiceKey, HashMap<WorkloadUid, Arc<Endpoint>>>,
     policies: HashMap<PolicyKey, Arc<Authorization>>,
@@ -56,11 +58,40 @@ impl Snapshot {
         self.services.get(key)
     }
 
-    pub fn service_by_vip(&self, addr: &NetworkAddr) -> Option<&Arc<Service>> {
-        self.service_by_vip
-            .get(addr)
-            .and_then(|keys| keys.last())
-            .and_then(|k| self.services.get(k))
+    /// The service a client of `client_namespace` reaches at `addr`: among the services with
+    /// that exact VIP, else among those whose address range holds it (the longest prefix), the
+    /// [`best_match`] (as ztunnel: its own namespace's, else the canonical one, else the first).
+    pub fn service_by_vip(
+        &self,
+        addr: &NetworkAddr,
+        client_namespace: Option<&str>,
+    ) -> Option<&Arc<Service>> {
+        if let Some(keys) = self.service_by_vip.get(addr) {
+            return best_match(
+                keys.iter().filter_map(|k| self.services.get(k)),
+                client_namespace,
+                None,
+            );
+        }
+        if self.cidr_services.is_empty() {
+            return None;
+        }
+        let longest = self
+            .cidr_services
+            .values()
+            .flat_map(|s| s.cidr_vips.iter())
+            .filter(|c| c.contains(addr))
+            .map(|c| c.net.prefix_len())
+            .max()?;
+        best_match(
+            self.cidr_services.values().filter(|s| {
+                s.cidr_vips
+                    .iter()
+                    .any(|c| c.net.prefix_len() == longest && c.contains(addr))
+            }),
+            client_namespace,
+            None,
+        )
     }
 
     /// A service by its hostname alone (`echo.default.svc.cluster.local`), for SOCKS5 and DNS names.
@@ -230,7 +261,11 @@ impl Snapshot {
             index_add(&mut self.service_by_vip, vip.clone(), &key);
         }
         index_add(&mut self.service_by_host, s.hostname.as_str().into(), &key);
-        self.services.insert(key, Arc::new(s));
+        let s = Arc::new(s);
+        if !s.cidr_vips.is_empty() {
+            self.cidr_services.insert(key.clone(), s.clone());
+        }
+        self.services.insert(key, s);
     }
 
     fn remove_service(&mut self, key: &ServiceKey) -> bool {
@@ -241,6 +276,7 @@ impl Snapshot {
             index_remove(&mut self.service_by_vip, vip, key);
         }
         index_remove(&mut self.service_by_host, old.hostname.as_str(), key);
+        self.cidr_services.remove(key);
         true
     }
 

@@ -86,6 +86,7 @@ fn service(namespace: &str, hostname: &str, vips: &[&str]) -> Service {
         ip_families: crate::model::IpFamilies::Automatic,
         canonical: false,
         visibility: Default::default(),
+        cidr_vips: Vec::new(),
     }
 }
 
@@ -353,10 +354,10 @@ fn upsert_replaces_service_vips() {
         &["10.96.0.2"],
     ))]));
     let snap = store.load();
-    assert!(snap.service_by_vip(&addr("10.96.0.1")).is_none());
-    assert!(snap.service_by_vip(&addr("fd10::1")).is_none());
+    assert!(snap.service_by_vip(&addr("10.96.0.1"), None).is_none());
+    assert!(snap.service_by_vip(&addr("fd10::1"), None).is_none());
     assert_eq!(
-        snap.service_by_vip(&addr("10.96.0.2")).unwrap().key(),
+        snap.service_by_vip(&addr("10.96.0.2"), None).unwrap().key(),
         skey(ECHO)
     );
     assert_eq!(
@@ -382,15 +383,15 @@ fn removing_a_service_by_name_cleans_every_index() {
     assert_eq!((s.removed, s.unknown_removals), (1, 0));
     let snap = store.load();
     assert!(snap.service(&skey(ECHO)).is_none());
-    assert!(snap.service_by_vip(&addr("10.96.0.1")).is_none());
-    assert!(snap.service_by_vip(&addr("fd10::1")).is_none());
+    assert!(snap.service_by_vip(&addr("10.96.0.1"), None).is_none());
+    assert!(snap.service_by_vip(&addr("fd10::1"), None).is_none());
     assert!(snap.service_by_hostname(ECHO_HOST).is_none());
     assert!(snap.services().all(|s| s.key() != skey(ECHO)));
     // The other service and the workload are untouched.
     assert!(snap
         .service_by_hostname("other.default.svc.cluster.local")
         .is_some());
-    assert!(snap.service_by_vip(&addr("10.96.0.5")).is_some());
+    assert!(snap.service_by_vip(&addr("10.96.0.5"), None).is_some());
     assert_eq!(
         snap.workload_by_addr(&addr("10.0.0.1")).unwrap().uid,
         uid("w1")
@@ -405,9 +406,9 @@ fn removing_a_service_by_name_cleans_every_index() {
         &["10.96.0.9"],
     ))]));
     let snap = store.load();
-    assert!(snap.service_by_vip(&addr("10.96.0.1")).is_none());
+    assert!(snap.service_by_vip(&addr("10.96.0.1"), None).is_none());
     assert_eq!(
-        snap.service_by_vip(&addr("10.96.0.9")).unwrap().key(),
+        snap.service_by_vip(&addr("10.96.0.9"), None).unwrap().key(),
         skey(ECHO)
     );
     assert_eq!(endpoint_uids(&snap, ECHO), vec!["w1"]);
@@ -485,7 +486,7 @@ fn endpoints_join_whichever_arrives_first() {
         assert_eq!(w.uid, uid("w1"));
         assert_eq!(ep.workload, uid("w1"));
         assert_eq!(ep.ports, PortMap::from([(80, 8080)]));
-        let svc = snap.service_by_vip(&addr("10.96.0.1")).unwrap();
+        let svc = snap.service_by_vip(&addr("10.96.0.1"), None).unwrap();
         assert_eq!(svc.key(), skey(ECHO));
         assert_eq!(snap.counts(), (1, 1, 0));
     }
@@ -527,8 +528,8 @@ fn old_snapshot_is_unaffected_by_later_writes() {
         uid("w1")
     );
     assert!(old.workload_by_addr(&addr("10.0.0.3")).is_none());
-    assert!(old.service_by_vip(&addr("10.96.0.1")).is_some());
-    assert!(old.service_by_vip(&addr("10.96.0.2")).is_none());
+    assert!(old.service_by_vip(&addr("10.96.0.1"), None).is_some());
+    assert!(old.service_by_vip(&addr("10.96.0.2"), None).is_none());
     assert_eq!(endpoint_uids(&old, ECHO), vec!["w1", "w2"]);
     assert!(old.policy(&pkey("default/p1")).is_some());
     assert!(old.policy(&pkey("default/p2")).is_none());
@@ -540,8 +541,8 @@ fn old_snapshot_is_unaffected_by_later_writes() {
     assert_eq!(new.version(), 2);
     assert_eq!(new.counts(), (2, 1, 1));
     assert!(new.workload_by_addr(&addr("10.0.0.1")).is_none());
-    assert!(new.service_by_vip(&addr("10.96.0.1")).is_none());
-    assert!(new.service_by_vip(&addr("10.96.0.2")).is_some());
+    assert!(new.service_by_vip(&addr("10.96.0.1"), None).is_none());
+    assert!(new.service_by_vip(&addr("10.96.0.2"), None).is_some());
     assert_eq!(endpoint_uids(&new, ECHO), vec!["w2", "w3"]);
     assert_eq!(policy_keys(&new, &w2), vec!["default/p2"]);
 }
@@ -622,7 +623,7 @@ fn replace_all_removes_everything_not_in_the_batch() {
         snap.workload_by_addr(&addr("10.0.0.2")).unwrap().uid,
         uid("w2")
     );
-    assert!(snap.service_by_vip(&addr("10.96.0.2")).is_none());
+    assert!(snap.service_by_vip(&addr("10.96.0.2"), None).is_none());
     assert!(snap
         .service_by_hostname("gone.default.svc.cluster.local")
         .is_none());
@@ -858,7 +859,7 @@ fn scale_20k_workloads_2k_services_then_one_change() {
         assert_eq!(after.service_by_hostname(host).unwrap().key(), skey(&key));
         assert_eq!(
             after
-                .service_by_vip(&addr(&format!("172.16.{}.{}", i >> 8, i & 0xff)))
+                .service_by_vip(&addr(&format!("172.16.{}.{}", i >> 8, i & 0xff)), None)
                 .unwrap()
                 .key(),
             skey(&key)
@@ -931,11 +932,33 @@ fn services_sharing_a_hostname_or_vip_survive_each_others_removal() {
             .namespace,
         "b"
     );
+    // By VIP, as ztunnel: the client's namespace's, else the first registered.
     assert_eq!(
-        snap.service_by_vip(&addr("240.240.0.1")).unwrap().namespace,
+        snap.service_by_vip(&addr("240.240.0.1"), Some("b"))
+            .unwrap()
+            .namespace,
         "b"
     );
+    assert_eq!(
+        snap.service_by_vip(&addr("240.240.0.1"), None)
+            .unwrap()
+            .namespace,
+        "a"
+    );
 
+    store.apply(removals(vec![remove_addr("a/api.example.com")]));
+    let snap = store.load();
+    assert_eq!(
+        snap.service_by_vip(&addr("240.240.0.1"), None)
+            .unwrap()
+            .namespace,
+        "b"
+    );
+    store.apply(upserts(vec![Upsert::Service(service(
+        "a",
+        "api.example.com",
+        &["240.240.0.1"],
+    ))]));
     store.apply(removals(vec![remove_addr("b/api.example.com")]));
     let snap = store.load();
     assert_eq!(
@@ -946,7 +969,7 @@ fn services_sharing_a_hostname_or_vip_survive_each_others_removal() {
         "a/api.example.com is still there and must stay resolvable by hostname"
     );
     assert_eq!(
-        snap.service_by_vip(&addr("240.240.0.1"))
+        snap.service_by_vip(&addr("240.240.0.1"), None)
             .map(|s| s.namespace.clone())
             .as_deref(),
         Some("a")
@@ -954,7 +977,7 @@ fn services_sharing_a_hostname_or_vip_survive_each_others_removal() {
     store.apply(removals(vec![remove_addr("a/api.example.com")]));
     let snap = store.load();
     assert!(snap.service_by_hostname("api.example.com").is_none());
-    assert!(snap.service_by_vip(&addr("240.240.0.1")).is_none());
+    assert!(snap.service_by_vip(&addr("240.240.0.1"), None).is_none());
 }
 
 #[test]
@@ -997,4 +1020,78 @@ fn workloads_on_node_follow_upserts_and_removals() {
     });
     assert!(names("n1").is_empty());
     assert_eq!(names("n2"), vec!["b", "c"]);
+}
+
+#[test]
+fn a_shared_vip_is_the_clients_namespace_then_canonical_then_first() {
+    let store = Store::new();
+    let mut canonical = service("c", "shared.c.svc.cluster.local", &["10.96.7.1"]);
+    canonical.canonical = true;
+    store.apply(upserts(vec![
+        Upsert::Service(service("a", "shared.a.svc.cluster.local", &["10.96.7.1"])),
+        Upsert::Service(service("b", "shared.b.svc.cluster.local", &["10.96.7.1"])),
+    ]));
+    let snap = store.load();
+    let ns_of = |snap: &Snapshot, client| {
+        snap.service_by_vip(&addr("10.96.7.1"), client)
+            .unwrap()
+            .namespace
+            .clone()
+    };
+    assert_eq!(ns_of(&snap, Some("b")), "b");
+    assert_eq!(ns_of(&snap, Some("a")), "a");
+    // From elsewhere: the first registered.
+    assert_eq!(ns_of(&snap, Some("z")), "a");
+    assert_eq!(ns_of(&snap, None), "a");
+    store.apply(upserts(vec![Upsert::Service(canonical)]));
+    let snap = store.load();
+    assert_eq!(ns_of(&snap, Some("z")), "c");
+    assert_eq!(ns_of(&snap, Some("b")), "b");
+}
+
+#[test]
+fn address_ranges_match_after_exact_vips_the_longest_prefix_first() {
+    let store = Store::new();
+    let ranged = |ns: &str, host: &str, cidrs: &[&str]| {
+        let mut s = service(ns, host, &[]);
+        s.cidr_vips = cidrs
+            .iter()
+            .map(|c| crate::model::NetworkCidr {
+                network: "".into(),
+                net: c.parse().unwrap(),
+            })
+            .collect();
+        s
+    };
+    store.apply(upserts(vec![
+        Upsert::Service(ranged("default", "wide.example.com", &["10.1.0.0/16"])),
+        Upsert::Service(ranged(
+            "default",
+            "narrow.example.com",
+            &["10.1.2.0/24", "fd00::/64"],
+        )),
+        Upsert::Service(service("default", ECHO_HOST, &["10.1.2.3"])),
+    ]));
+    let snap = store.load();
+    let host = |ip: &str| {
+        snap.service_by_vip(&addr(ip), None)
+            .map(|s| s.hostname.clone())
+    };
+    assert_eq!(host("10.1.2.3").as_deref(), Some(ECHO_HOST), "exact first");
+    assert_eq!(host("10.1.2.4").as_deref(), Some("narrow.example.com"));
+    assert_eq!(host("10.1.9.9").as_deref(), Some("wide.example.com"));
+    assert_eq!(host("fd00::7").as_deref(), Some("narrow.example.com"));
+    assert_eq!(host("10.2.0.1"), None);
+    // Another network's address is not in the range.
+    assert!(snap
+        .service_by_vip(&NetworkAddr::new("far", ip("10.1.2.4")), None)
+        .is_none());
+    // Gone with its service.
+    store.apply(removals(vec![remove_addr("default/narrow.example.com")]));
+    let snap = store.load();
+    assert_eq!(
+        snap.service_by_vip(&addr("10.1.2.4"), None)
+            .map(|s| s.hostname.as_str()),
+        Some("wide.example.com")
+    );
 }

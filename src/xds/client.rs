@@ -361,7 +361,7 @@ impl XdsClient {
 /// Whether the store holds a workload or service at `addr` (its subscription is live).
 fn known(store: &Store, addr: &NetworkAddr) -> bool {
     let s = store.load();
-    s.workload_by_addr(addr).is_some() || s.service_by_vip(addr).is_some()
+    s.workload_by_addr(addr).is_some() || s.service_by_vip(addr, None).is_some()
 }
 
 fn status_error(address: &str, status: tonic::Status) -> XdsError {

@@ -45,10 +45,42 @@ services:
   hostname: db.upstream.test
   vips: ["/10.9.0.8"]
   ports: { 5432: 8080 }
+- name: range
+  namespace: default
+  hostname: range.example.com
+  vips: ["/10.60.0.0/16"]
+  ports: { 5432: 8080 }
+# One VIP, three namespaces (the client's neither first nor last): the client's namespace wins.
+- name: shared
+  namespace: other
+  hostname: shared.example.com
+  vips: ["/10.61.0.1"]
+  ports: { 80: 9999 }
+- name: shared
+  namespace: default
+  hostname: shared.example.com
+  vips: ["/10.61.0.1"]
+  ports: { 80: 8080 }
+- name: shared
+  namespace: third
+  hostname: shared.example.com
+  vips: ["/10.61.0.1"]
+  ports: { 80: 9999 }
 "#;
 
-/// A DNS-resolution ServiceEntry's endpoint: known by hostname only.
+/// A DNS-resolution ServiceEntry's endpoint: known by hostname only; and the endpoints of a
+/// service with an address range and of two services sharing a VIP.
 const EXTERNAL: &str = r#"
+- uid: cluster1//v1/WorkloadEntry/default/ranged
+  name: ranged
+  namespace: default
+  workloadIps: ["10.53.0.2"]
+  protocol: TCP
+  services:
+    "default/range.example.com": { 5432: 8080 }
+    "default/shared.example.com": { 80: 8080 }
+    "other/shared.example.com": { 80: 9999 }
+    "third/shared.example.com": { 80: 9999 }
 - uid: cluster1//v1/ServiceEntry/default/external-db/db.upstream.test
   name: external-db
   namespace: default
@@ -402,6 +434,13 @@ fn dns_proxy_answers_mesh_names_and_forwards_the_rest() {
         "10.53.0.2",
     ])
     .unwrap_or_else(|| panic!("{}", log.all()));
+    // An address inside a service's range, and a VIP two namespaces share: the range's service,
+    // and the client's namespace's service.
+    for (dst, port) in [("10.60.7.7", "5432"), ("10.61.0.1", "80")] {
+        let (ok, out, err) = ns.output(&["python3", "-c", SOCKS_PY, "15023", dst, port, dst]);
+        assert!(ok, "{dst}: {out} {err}\n{}", log.all());
+        assert_eq!(out.trim(), format!("external:10.53.0.1:{dst}"));
+    }
     // A flood of queries that wait on a silent upstream: dropped beyond the limits, memory
     // bounded, and the proxy still answers.
     let before = peak_rss_of_udp_listener(&ns, 15054);

@@ -533,6 +533,28 @@ fn workload_bad_service_keys_are_rejected() {
 }
 
 #[test]
+fn service_address_ranges_are_kept_apart_from_exact_vips() {
+    let addr = |ip: [u8; 4], length| pw::NetworkAddress {
+        network: String::new(),
+        address: ip.to_vec(),
+        length,
+    };
+    let s = Service::try_from(pw::Service {
+        addresses: vec![
+            addr([10, 0, 0, 1], None),
+            addr([10, 0, 0, 2], Some(32)),
+            addr([10, 1, 2, 3], Some(16)),
+        ],
+        ..valid_service()
+    })
+    .unwrap();
+    assert_eq!(s.vips.len(), 2);
+    assert_eq!(s.cidr_vips.len(), 1);
+    // The range's host bits are cleared.
+    assert_eq!(s.cidr_vips[0].net.to_string(), "10.1.0.0/16");
+}
+
+#[test]
 fn workload_hostname_must_be_a_dns_name() {
     for bad in ["bad name.example", "a..b", &"x".repeat(300)] {
         workload_err(

@@ -58,6 +58,7 @@ fn service(ports: &[(u16, u16)], lb: LoadBalancing) -> Service {
         ip_families: crate::model::IpFamilies::Automatic,
         canonical: true,
         visibility: Default::default(),
+        cidr_vips: Vec::new(),
     }
 }
 
@@ -116,6 +117,25 @@ fn vip_maps_to_endpoint_target_port() {
 }
 
 #[test]
+fn standard_mode_weighs_no_routing_preference() {
+    let mut near = endpoint("near", "10.1.0.1", &[(80, 8080)]);
+    near.locality.region = "r1".into();
+    let mut far = endpoint("far", "10.1.0.2", &[(80, 8080)]);
+    far.locality.region = "r2".into();
+    let mut client = workload("client", "10.2.0.1");
+    client.locality.region = "r1".into();
+    let lb = LoadBalancing {
+        mode: LoadBalancingMode::Standard,
+        routing_preference: vec![RoutingScope::Region],
+        ..LoadBalancing::default()
+    };
+    let store = store_with(service(&[(80, 8080)], lb), vec![near, far]);
+    let h = histogram(&store, Some(&client), 400);
+    // Both chosen (ztunnel: STANDARD ignores preferences); FAILOVER would pick `near` only.
+    assert_eq!(h.len(), 2, "{h:?}");
+}
+
+#[test]
 fn an_endpoint_known_by_hostname_is_chosen_unresolved() {
     let mut external = endpoint("ext", "10.1.0.1", &[(80, 443)]);
     external.addresses.clear();
@@ -144,7 +164,7 @@ fn an_endpoint_known_by_hostname_is_chosen_unresolved() {
     // A waypoint-style filter that takes addresses only leaves nothing.
     let svc = store
         .load()
-        .service_by_vip(&NetworkAddr::new("", ip("10.0.0.1")))
+        .service_by_vip(&NetworkAddr::new("", ip("10.0.0.1")), None)
         .unwrap()
         .clone();
     let addressed = |_: &Workload, a: Option<IpAddr>| a.is_some();
@@ -473,7 +493,7 @@ fn service_endpoint_filters_before_choosing() {
     );
     let snap = store.load();
     let svc = snap
-        .service_by_vip(&NetworkAddr::new(net(), ip("10.0.0.1")))
+        .service_by_vip(&NetworkAddr::new(net(), ip("10.0.0.1")), None)
         .unwrap()
         .clone();
     let mut rng = SmallRng::seed_from_u64(7);

@@ -61,6 +61,7 @@ fn service(name: &str, vip: &str, waypoint: Option<GatewayAddress>) -> Service {
         ip_families: crate::model::IpFamilies::Automatic,
         canonical: true,
         visibility: Default::default(),
+        cidr_vips: Vec::new(),
     }
 }
 
