@@ -23,26 +23,13 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{rss_kib, wait_port, which, Proc};
+use common::{pid_on_udp, pin_self, rss_kib, wait_port, which, Proc};
 use hickory_proto::op::{Message, Query};
 use hickory_proto::rr::{Name, RecordType};
 
 const NAMES: usize = 1000;
 const IN_FLIGHT: usize = 32;
 const UPSTREAM: &str = "127.0.0.77";
-
-fn pin_self(core: usize) {
-    let _ = Command::new("taskset")
-        .args([
-            "-a",
-            "-p",
-            "-c",
-            &core.to_string(),
-            &std::process::id().to_string(),
-        ])
-        .stdout(Stdio::null())
-        .status();
-}
 
 fn vip(i: usize) -> String {
     format!("10.9.{}.{}", i / 250, i % 250 + 1)
@@ -260,16 +247,6 @@ fn start_ztunnel(mesh: &Path, resolv: &Path) -> Option<(Proc, SocketAddr)> {
     Some((p, "127.0.0.1:15053".parse().unwrap()))
 }
 
-/// The pid of the process listening on UDP `port` (the proxy itself, not its wrapper).
-fn pid_on(port: u16) -> Option<u32> {
-    let out = Command::new("ss")
-        .args(["-lunpH", "sport", "=", &format!(":{port}")])
-        .output()
-        .ok()?;
-    let s = String::from_utf8_lossy(&out.stdout);
-    s.split("pid=").nth(1)?.split(',').next()?.parse().ok()
-}
-
 fn main() {
     if !std::env::args().any(|a| a == "--bench") {
         return;
@@ -310,11 +287,11 @@ fn main() {
     let mesh_name = |i: usize| format!("svc-{i}.default.svc.cluster.local");
     let ext_name = |i: usize| format!("ext-{i}.bench.test");
     let mut servers: Vec<(&str, SocketAddr, Option<u32>)> = vec![
-        ("dnsmasq (direct)", upstream, pid_on(53)),
-        ("l4mesh", l4_dns, pid_on(l4_dns.port())),
+        ("dnsmasq (direct)", upstream, pid_on_udp(53)),
+        ("l4mesh", l4_dns, pid_on_udp(l4_dns.port())),
     ];
     if let Some((_, addr)) = &zt {
-        servers.push(("ztunnel", *addr, pid_on(addr.port())));
+        servers.push(("ztunnel", *addr, pid_on_udp(addr.port())));
     }
     println!(
         "DNS: {IN_FLIGHT} queries in flight over UDP, {NAMES} names each kind, {secs} s per case; servers on core 1, client on core 0"

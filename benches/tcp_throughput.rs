@@ -7,7 +7,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
-use common::{wait_port, which, Proc};
+use common::{pin_self, wait_port, which, Proc};
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -17,20 +17,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const CHUNK: usize = 256 * 1024;
-
-fn pin_self(core: usize) {
-    // Best effort: `taskset` the current process so client and sink stay off the proxy's core.
-    let _ = Command::new("taskset")
-        .args([
-            "-a",
-            "-p",
-            "-c",
-            &core.to_string(),
-            &std::process::id().to_string(),
-        ])
-        .stdout(Stdio::null())
-        .status();
-}
 
 /// A sink that reads and discards everything, counting bytes.
 fn sink() -> (SocketAddr, Arc<AtomicU64>) {

@@ -19,6 +19,32 @@ impl Drop for Proc {
     }
 }
 
+/// Pins this process (all its threads) to `core`, best effort: the load generator stays off the
+/// proxy's core.
+pub fn pin_self(core: usize) {
+    let _ = std::process::Command::new("taskset")
+        .args([
+            "-a",
+            "-p",
+            "-c",
+            &core.to_string(),
+            &std::process::id().to_string(),
+        ])
+        .stdout(std::process::Stdio::null())
+        .status();
+}
+
+/// The pid of the process listening on UDP `port` (the proxy itself, not a wrapper that
+/// started it), from `ss`.
+pub fn pid_on_udp(port: u16) -> Option<u32> {
+    let out = std::process::Command::new("ss")
+        .args(["-lunpH", "sport", "=", &format!(":{port}")])
+        .output()
+        .ok()?;
+    let s = String::from_utf8_lossy(&out.stdout);
+    s.split("pid=").nth(1)?.split(',').next()?.parse().ok()
+}
+
 /// Waits up to 10 s for `addr` to accept connections.
 pub fn wait_port(addr: SocketAddr) {
     for _ in 0..200 {

@@ -117,49 +117,22 @@ impl PodNetns {
         reuse_port: bool,
     ) -> Result<std::net::TcpListener, NetnsError> {
         self.run(move || {
-            let s = socket2::Socket::new(
-                socket2::Domain::for_address(addr),
-                socket2::Type::STREAM,
-                None,
-            )?;
-            s.set_reuse_address(true)?;
-            if reuse_port {
-                s.set_reuse_port(true)?;
-            }
-            if addr.is_ipv6() {
-                // `[::]` takes IPv4 too (dual stack), as ztunnel binds its pod listeners.
-                s.set_only_v6(false)?;
-            }
-            s.bind(&addr.into())?;
+            let s = bound(addr, socket2::Type::STREAM, reuse_port)?;
             s.listen(1024)?;
-            s.set_nonblocking(true)?;
             Ok(std::net::TcpListener::from(OwnedFd::from(s)))
         })
         .await
     }
 
-    /// A UDP socket bound to `addr` inside the namespace (non-blocking, for the runtime); an
-    /// IPv6 address takes IPv6 alone; `reuse_port` as for [`PodNetns::listen`].
+    /// A UDP socket bound to `addr` inside the namespace (non-blocking, for the runtime);
+    /// `reuse_port` as for [`PodNetns::listen`].
     pub async fn bind_udp(
         &self,
         addr: SocketAddr,
         reuse_port: bool,
     ) -> Result<std::net::UdpSocket, NetnsError> {
         self.run(move || {
-            let s = socket2::Socket::new(
-                socket2::Domain::for_address(addr),
-                socket2::Type::DGRAM,
-                None,
-            )?;
-            s.set_reuse_address(true)?;
-            if reuse_port {
-                s.set_reuse_port(true)?;
-            }
-            if addr.is_ipv6() {
-                s.set_only_v6(true)?;
-            }
-            s.bind(&addr.into())?;
-            s.set_nonblocking(true)?;
+            let s = bound(addr, socket2::Type::DGRAM, reuse_port)?;
             Ok(std::net::UdpSocket::from(OwnedFd::from(s)))
         })
         .await
@@ -180,4 +153,22 @@ impl PodNetns {
     pub fn pod(&self) -> &str {
         &self.name
     }
+}
+
+/// A non-blocking socket of `ty` bound to `addr`, made on the calling thread (so in its
+/// namespace): `SO_REUSEADDR`, `SO_REUSEPORT` when asked, and for IPv6 dual stack when `addr` is
+/// the unspecified address (`[::]` takes IPv4 too, as ztunnel binds its pod listeners), IPv6 alone
+/// otherwise.
+fn bound(addr: SocketAddr, ty: socket2::Type, reuse_port: bool) -> io::Result<socket2::Socket> {
+    let s = socket2::Socket::new(socket2::Domain::for_address(addr), ty, None)?;
+    s.set_reuse_address(true)?;
+    if reuse_port {
+        s.set_reuse_port(true)?;
+    }
+    if addr.is_ipv6() {
+        s.set_only_v6(!addr.ip().is_unspecified())?;
+    }
+    s.bind(&addr.into())?;
+    s.set_nonblocking(true)?;
+    Ok(s)
 }

@@ -14,6 +14,9 @@ use super::workload_yaml;
 const C1: &str = "10.240.1.10";
 const S1: &str = "10.240.1.11";
 const VIP: &str = "10.240.200.1";
+/// The pod's own DNS proxy, and the service asked most.
+const OWN_PROXY: &str = "@127.0.0.1";
+const ECHO: &str = "echo.default.svc.cluster.local";
 /// The node's resolver: dnsmasq on node 1's pod bridge.
 const RESOLVER: &str = "10.240.1.1";
 
@@ -131,19 +134,7 @@ fn shared_mode_serves_dns_in_every_pod() {
     );
     assert_eq!(dig(&c, "s1", &[&at, "+tcp", "upstream.test"]), "192.0.2.7");
     // Straight to the proxy's address inside the pod.
-    assert_eq!(
-        dig(
-            &c,
-            "s1",
-            &[
-                "@127.0.0.1",
-                "-p",
-                "15053",
-                "echo.default.svc.cluster.local"
-            ]
-        ),
-        VIP
-    );
+    assert_eq!(dig(&c, "s1", &[OWN_PROXY, "-p", "15053", ECHO]), VIP);
     // A pod outside the mesh is not captured: dnsmasq answers it.
     assert_eq!(
         dig(&c, "p1", &[&at, "echo.default.svc.cluster.local"]),
@@ -196,16 +187,7 @@ fn shared_mode_serves_dns_in_every_pod() {
     let members: BTreeSet<_> = c.shared.get(&1).unwrap().members.iter().copied().collect();
     assert_eq!(members, BTreeSet::from(["s1"]));
     assert_eq!(
-        dig(
-            &c,
-            "s1",
-            &[
-                "@127.0.0.1",
-                "-p",
-                "15053",
-                "echo.default.svc.cluster.local"
-            ]
-        ),
+        dig(&c, "s1", &[OWN_PROXY, "-p", "15053", ECHO]),
         VIP,
         "s1 still served\n{}",
         logs(&c)
