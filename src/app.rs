@@ -404,6 +404,7 @@ async fn build(
         own_identity,
         own_workload: config.workload_info.clone(),
         h2: config.h2,
+        localhost_app_tunnel: config.localhost_app_tunnel,
         hbone: Default::default(),
         conns: Default::default(),
         otel: match &config.otel {

@@ -106,6 +106,8 @@ pub struct Config {
     /// The upstream resolvers (`/etc/resolv.conf`): where the DNS proxy forwards, and what
     /// on-demand DNS asks for destinations known by hostname only.
     pub resolv_conf: PathBuf,
+    /// `LOCALHOST_APP_TUNNEL`: PROXY-protocol application tunnels are delivered on loopback.
+    pub localhost_app_tunnel: bool,
 }
 
 /// The DNS proxy's settings, ztunnel's names and defaults.
@@ -168,6 +170,7 @@ impl Config {
             inpod: None,
             dns: None,
             resolv_conf: PathBuf::from("/etc/resolv.conf"),
+            localhost_app_tunnel: true,
         }
     }
 }
@@ -404,6 +407,10 @@ pub struct Args {
     /// The cluster's DNS domain (search domains `<ns>.svc.<domain>`, `svc.<domain>`, `<domain>`).
     #[arg(long, env = "CLUSTER_DOMAIN", default_value = "cluster.local")]
     pub cluster_domain: String,
+    /// A workload whose application tunnel speaks PROXY protocol gets its inbound streams on its
+    /// loopback address (so that only the proxy can reach its PROXY port), as ztunnel.
+    #[arg(long, env = "LOCALHOST_APP_TUNNEL", default_value = "true", value_parser = parse_bool, action = clap::ArgAction::Set)]
+    pub localhost_app_tunnel: bool,
     /// Among services sharing a hostname (none in the client's namespace, none canonical), the
     /// DNS proxy answers the one in this namespace (ztunnel's variable, spelled as ztunnel does).
     #[arg(long, env = "PREFERED_SERVICE_NAMESPACE")]
@@ -887,6 +894,7 @@ impl Args {
                 },
             }),
             resolv_conf: self.dns_resolv_conf.clone(),
+            localhost_app_tunnel: self.localhost_app_tunnel,
             inpod: shared.then_some(InpodSettings {
                 uds: self.inpod_uds,
                 port_reuse: self.inpod_port_reuse,

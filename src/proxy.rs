@@ -20,6 +20,7 @@ mod inbound_plain;
 mod metering;
 mod outbound;
 mod pool;
+pub mod proxy_protocol;
 pub mod route;
 mod self_call;
 pub mod socks5;
@@ -68,6 +69,9 @@ pub struct ProxyCtx {
     pub own_workload: Option<crate::model::WorkloadInfo>,
     /// HTTP/2 windows, frame size and pool limits of both HBONE ends.
     pub h2: H2Tuning,
+    /// `LOCALHOST_APP_TUNNEL`: a workload whose application tunnel speaks PROXY protocol gets its
+    /// streams on its loopback (`127.0.0.1:<port>`), so that only the proxy reaches that port.
+    pub localhost_app_tunnel: bool,
     /// Shared HBONE state: server TLS configs, the tunnel pool, counters (one for the node: the
     /// pods of shared mode share it; pool keys keep their connections apart).
     pub hbone: Arc<HboneState>,
@@ -256,6 +260,7 @@ impl ProxyCtx {
             own_identity: Some(identity),
             own_workload: Some(pod.info.clone()),
             h2: self.h2,
+            localhost_app_tunnel: self.localhost_app_tunnel,
             hbone: self.hbone.clone(),
             conns: self.conns.clone(),
             otel: self.otel.clone(),

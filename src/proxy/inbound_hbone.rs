@@ -331,22 +331,42 @@ async fn open(
     } else {
         ctx.local_workload(&snapshot, dialled.ip())
     };
-    let (wl, addr, service) = match target_wl {
+    // The dialled workload asks for an application tunnel: every stream sent to it goes to it
+    // (on the tunnel's port), whatever the authority names; with PROXY protocol the header tells
+    // it the client and the target (a waypoint receiving every destination's traffic so, as in
+    // ztunnel, or an application that wants PROXY protocol).
+    let app_tunnel = dialled_wl
+        .as_ref()
+        .and_then(|d| Some((d.clone(), d.application_tunnel.clone()?)));
+    let (wl, addr, service) = match (&app_tunnel, target_wl) {
+        (Some((d, t)), _) => (
+            d.clone(),
+            SocketAddr::new(dialled.ip(), t.port.unwrap_or(target.port())),
+            None,
+        ),
         // A tunnel for another workload of this node would borrow the dialled one's
         // certificate, unless the dialled one is that workload (another of its addresses) or its
         // waypoint.
-        Some(wl) if !dialled_is_or_serves(&snapshot, dialled_wl.as_deref(), &wl) => {
+        (None, Some(wl)) if !dialled_is_or_serves(&snapshot, dialled_wl.as_deref(), &wl) => {
             return Err(Outcome::IpMismatch {
                 dialled: dialled.ip(),
                 authority: target,
             }
             .into());
         }
-        Some(wl) => (wl, target, None),
-        None => {
+        (None, Some(wl)) => (wl, target, None),
+        (None, None) => {
             let (wl, addr, svc) = service_endpoint(ctx, &snapshot, dialled_wl.clone(), target)?;
             (wl, addr, Some(svc))
         }
+    };
+    let proxy_protocol = app_tunnel.as_ref().is_some_and(|(_, t)| t.proxy_protocol);
+    // Only the proxy reaches an app's PROXY port: on the pod's loopback (LOCALHOST_APP_TUNNEL).
+    let on_loopback = proxy_protocol && ctx.localhost_app_tunnel;
+    let delivery = if on_loopback {
+        SocketAddr::new(loopback_like(addr.ip()), addr.port())
+    } else {
+        addr
     };
     // Checked on the port the stream is finally delivered to (a service port resolves to its
     // target port first): one of l4mesh's forwarding ports there is l4mesh itself.
@@ -370,7 +390,7 @@ async fn open(
         service.as_deref(),
     ));
     log.upstream = Some(Upstream {
-        addr,
+        addr: delivery,
         workload: Some(wl.clone()),
         service: service.clone(),
         kind: UpstreamKind::Tcp,
@@ -385,11 +405,14 @@ async fn open(
     }
     // On the waypoint path (`service`), `dst_ip` is the chosen endpoint's IP, not the VIP the
     // client dialled: policies of the destination workload are written for its own addresses.
+    // Through an application tunnel, the destination the client asked for (the port it delivers
+    // to is the tunnel's, which no policy names).
+    let policy_dst = if app_tunnel.is_some() { target } else { addr };
     let conn = ConnCtx {
         peer: Some(peer.clone()),
         src_ip: log.src.ip(),
-        dst_ip: addr.ip(),
-        dst_port: addr.port(),
+        dst_ip: policy_dst.ip(),
+        dst_port: policy_dst.port(),
     };
     // The workload the tunnel was sent to, when it is not the destination (a waypoint's pod):
     // the tracker re-applies the waypoint rule with it.
@@ -401,11 +424,38 @@ async fn open(
     let reg = super::admit(ctx, &snapshot, &wl, conn, via)?;
     let client = original_client(&snapshot, forwarded, peer, &wl, log.src.ip());
     drop(snapshot);
-    // The workload sees the client's IP rather than l4mesh's when ENABLE_ORIG_SRC allows it.
-    let up = crate::socket::connect_from(addr, Some(client), &ctx.upstream)
-        .await
-        .map_err(|source| ProxyError::Connect { addr, source })?;
+    let mut up = if on_loopback {
+        crate::socket::connect(delivery, &ctx.upstream)
+            .await
+            .map_err(|source| ProxyError::Connect {
+                addr: delivery,
+                source,
+            })?
+    } else {
+        // The workload sees the client's IP rather than l4mesh's when ENABLE_ORIG_SRC allows it.
+        crate::socket::connect_from(addr, Some(client), &ctx.upstream)
+            .await
+            .map_err(|source| ProxyError::Connect { addr, source })?
+    };
+    if proxy_protocol {
+        use tokio::io::AsyncWriteExt;
+        let header = super::proxy_protocol::header(log.src, target, Some(&peer.to_string()));
+        up.write_all(&header)
+            .await
+            .map_err(|source| ProxyError::Connect {
+                addr: delivery,
+                source,
+            })?;
+    }
     Ok((up, reg))
+}
+
+/// The loopback address of `ip`'s family.
+fn loopback_like(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip.to_canonical() {
+        std::net::IpAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+        std::net::IpAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+    }
 }
 
 /// The client address the workload should see. The tunnel's TCP source is the client pod's IP
