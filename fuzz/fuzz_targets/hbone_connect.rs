@@ -23,6 +23,11 @@ fuzz_target!(|data: &[u8]| {
     let Ok(req) = b.body(()) else {
         return;
     };
-    let _ = l4mesh::proxy::hbone::validate(&req);
+    // A hostname authority that passes is a DNS name with a port: nothing else reaches lookups.
+    if let Ok(l4mesh::proxy::hbone::Authority::Host { host, port }) =
+        l4mesh::proxy::hbone::validate(&req)
+    {
+        assert!(port != 0 && hickory_proto::rr::Name::from_ascii(&host).is_ok());
+    }
     let _ = l4mesh::metrics::peers::forwarded_for(req.headers());
 });

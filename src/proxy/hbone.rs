@@ -124,7 +124,7 @@ pub fn connect_request(
 }
 
 /// Checks a request a server received: CONNECT with an `ip:port` authority. Returns the target.
-pub fn validate<B>(req: &Request<B>) -> Result<SocketAddr, Outcome> {
+pub fn validate<B>(req: &Request<B>) -> Result<Authority, Outcome> {
     if req.method() != Method::CONNECT {
         return Err(Outcome::BadRequest(format!(
             "method {} is not CONNECT: an HBONE server only tunnels",
@@ -135,12 +135,31 @@ pub fn validate<B>(req: &Request<B>) -> Result<SocketAddr, Outcome> {
         .uri()
         .authority()
         .ok_or_else(|| Outcome::BadRequest("CONNECT without :authority".into()))?;
-    authority.as_str().parse::<SocketAddr>().map_err(|_| {
+    if let Ok(addr) = authority.as_str().parse::<SocketAddr>() {
+        return Ok(Authority::Addr(addr));
+    }
+    let bad = || {
         Outcome::BadRequest(format!(
-            "authority {:?} is not ip:port (hostnames are not supported)",
+            "authority {:?} is neither ip:port nor <service hostname>:port",
             authority.as_str()
         ))
-    })
+    };
+    let port = authority.port_u16().filter(|p| *p != 0).ok_or_else(bad)?;
+    let host = authority.host().trim_end_matches('.').to_ascii_lowercase();
+    // Stricter than ztunnel (which takes any host): a DNS name, so that nothing else reaches the
+    // store's lookups or the logs.
+    if host.is_empty() || hickory_proto::rr::Name::from_ascii(&host).is_err() {
+        return Err(bad());
+    }
+    Ok(Authority::Host { host, port })
+}
+
+/// What a CONNECT names: a workload's (or a VIP's) address, or a service by hostname (ztunnel's
+/// `SvcHostname`, which its double-HBONE path through a network gateway sends).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Authority {
+    Addr(SocketAddr),
+    Host { host: String, port: u16 },
 }
 
 #[cfg(test)]
@@ -234,7 +253,10 @@ workloads:
             .unwrap()
             .contains("k8s.namespace.name=ns1"));
         assert!(h["traceparent"].to_str().unwrap().starts_with("00-"));
-        assert_eq!(validate(&req).unwrap(), "10.0.0.2:8080".parse().unwrap());
+        assert_eq!(
+            validate(&req).unwrap(),
+            Authority::Addr("10.0.0.2:8080".parse().unwrap())
+        );
 
         let anon = connect_request(
             "[fd00::2]:80".parse().unwrap(),
@@ -244,7 +266,10 @@ workloads:
         )
         .unwrap();
         assert!(!anon.headers().contains_key("baggage"));
-        assert_eq!(validate(&anon).unwrap(), "[fd00::2]:80".parse().unwrap());
+        assert_eq!(
+            validate(&anon).unwrap(),
+            Authority::Addr("[fd00::2]:80".parse().unwrap())
+        );
     }
 
     #[test]
@@ -258,12 +283,24 @@ workloads:
             .body(())
             .unwrap();
         assert_eq!(validate(&no_auth).unwrap_err().status(), 400);
-        let host = Request::builder()
-            .method(Method::CONNECT)
-            .uri("web.ns1.svc:80")
-            .body(())
-            .unwrap();
-        assert_eq!(validate(&host).unwrap_err().status(), 400);
+        let connect = |uri: &str| {
+            Request::builder()
+                .method(Method::CONNECT)
+                .uri(uri)
+                .body(())
+                .unwrap()
+        };
+        // A service hostname is an authority (any case, a final dot).
+        assert_eq!(
+            validate(&connect("Web.NS1.svc.cluster.local.:80")).unwrap(),
+            Authority::Host {
+                host: "web.ns1.svc.cluster.local".into(),
+                port: 80
+            }
+        );
+        for bad in ["web.ns1.svc", "web..ns1:80", "web.ns1:0"] {
+            assert_eq!(validate(&connect(bad)).unwrap_err().status(), 400, "{bad}");
+        }
         let no_port = Request::builder()
             .method(Method::CONNECT)
             .uri("10.0.0.2")

@@ -319,10 +319,20 @@ async fn open(
     dialled: SocketAddr,
     log: &mut ConnLog,
 ) -> Result<(TcpStream, Registration), ProxyError> {
-    let target = hbone::validate(req)?;
-    log.dst = target;
+    let authority = hbone::validate(req)?;
     // One snapshot for every decision about this stream.
     let snapshot = ctx.store.load();
+    // A service hostname is delivered to the dialled workload, on the port the service maps to.
+    let (target, by_host, header_dst) = match authority {
+        hbone::Authority::Addr(a) => (a, None, a),
+        hbone::Authority::Host { host, port } => {
+            let (target, svc) = hostname_target(ctx, &snapshot, dialled, &host, port)?;
+            let header_dst =
+                service_vip(&svc, &ctx.network).map_or(target, |vip| SocketAddr::new(vip, port));
+            (target, Some(svc), header_dst)
+        }
+    };
+    log.dst = target;
     let target_wl = ctx.local_workload(&snapshot, target.ip());
     // The workload the tunnel was dialled on (whose certificate was presented), looked up once
     // for every rule below; the target's own when the authority names the dialled address.
@@ -360,6 +370,7 @@ async fn open(
             (wl, addr, Some(svc))
         }
     };
+    let service = service.or(by_host);
     let proxy_protocol = app_tunnel.as_ref().is_some_and(|(_, t)| t.proxy_protocol);
     // Only the proxy reaches an app's PROXY port: on the pod's loopback (LOCALHOST_APP_TUNNEL).
     let on_loopback = proxy_protocol && ctx.localhost_app_tunnel;
@@ -439,7 +450,8 @@ async fn open(
     };
     if proxy_protocol {
         use tokio::io::AsyncWriteExt;
-        let header = super::proxy_protocol::header(log.src, target, Some(&peer.to_string()));
+        // PROXY names addresses only: a hostname's service by its VIP, as ztunnel.
+        let header = super::proxy_protocol::header(log.src, header_dst, Some(&peer.to_string()));
         up.write_all(&header)
             .await
             .map_err(|source| ProxyError::Connect {
@@ -448,6 +460,57 @@ async fn open(
             })?;
     }
     Ok((up, reg))
+}
+
+/// Where a CONNECT naming service `host` on `port` goes (ztunnel's `SvcHostname`): to the
+/// workload the tunnel was dialled on, on the port it (as the service's endpoint) or the service
+/// maps `port` to; among services sharing the hostname, the workload's namespace's first.
+fn hostname_target(
+    ctx: &ProxyCtx,
+    snapshot: &Snapshot,
+    dialled: SocketAddr,
+    host: &str,
+    port: u16,
+) -> Result<(SocketAddr, Arc<crate::model::Service>), ProxyError> {
+    let Some(wl) = ctx.local_workload(snapshot, dialled.ip()) else {
+        return Err(Outcome::NoUpstream(format!(
+            "a CONNECT for {host}:{port} goes to the workload it was dialled on, and {} is none of this node's",
+            dialled.ip()
+        ))
+        .into());
+    };
+    let svc = crate::model::best_match(
+        snapshot.services_by_hostname(host),
+        Some(&wl.namespace),
+        None,
+    )
+    .ok_or_else(|| Outcome::NoUpstream(format!("no service has the hostname {host}")))?
+    .clone();
+    let mapped = |p: Option<&u16>| p.copied().filter(|p| *p != 0);
+    let target = snapshot
+        .endpoints(&svc.key())
+        .find(|(w, _)| w.uid == wl.uid)
+        .and_then(|(_, ep)| mapped(ep.ports.get(&port)))
+        .or_else(|| mapped(svc.ports.get(&port)))
+        .ok_or_else(|| {
+            Outcome::NoUpstream(format!(
+                "service {} maps no port {port} for {}/{} (expected one of {:?})",
+                svc.key(),
+                wl.namespace,
+                wl.name,
+                svc.ports.keys().collect::<Vec<_>>()
+            ))
+        })?;
+    Ok((SocketAddr::new(dialled.ip(), target), svc))
+}
+
+/// A VIP of `svc` on `network`, IPv4 first.
+fn service_vip(svc: &crate::model::Service, network: &str) -> Option<std::net::IpAddr> {
+    let on_net = || svc.vips.iter().filter(|v| &*v.network == network);
+    on_net()
+        .find(|v| v.ip.is_ipv4())
+        .or_else(|| on_net().next())
+        .map(|v| v.ip)
 }
 
 /// The loopback address of `ip`'s family.

@@ -246,9 +246,13 @@ async fn inbound_refusals() {
         .body(())
         .unwrap();
     assert_eq!(status_of(&mut send, get).await, 400);
-    // A hostname authority is not supported.
+    // A hostname authority no service has: 503 (and not even a DNS name: 400).
     assert_eq!(
         status_of(&mut send, connect("b.default:80".into())).await,
+        503
+    );
+    assert_eq!(
+        status_of(&mut send, connect("b..default:80".into())).await,
         400
     );
     // Nothing listens there: 503.
@@ -528,4 +532,48 @@ async fn ipv4_clients_of_a_dual_stack_listener_are_their_workloads() {
         .await
         .unwrap();
     assert_eq!(exchange(s, "mapped").await, "b:mapped");
+}
+
+/// A CONNECT naming a service by hostname (ztunnel's `SvcHostname`, sent through network
+/// gateways) goes to the workload the tunnel was dialled on, on the port the service maps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_hostname_is_delivered_to_the_dialled_workload() {
+    let n = 9;
+    let ts = testserver(state(n), "127.0.0.1", None).await;
+    let b_wl = format!("127.43.{n}.2");
+    // B's HBONE listener on b's own address, as in a pod: the tunnel is dialled on b.
+    let _b = super::harness::mesh_node(&ts, &b_wl, "node-b", &b_wl).await;
+    let _backend = Backend::start(&format!("{b_wl}:{BACKEND_PORT}"), "b").await;
+    let hbone: SocketAddr = format!("{b_wl}:15008").parse().unwrap();
+    let raw = || async {
+        let tcp = tokio::net::TcpStream::connect(hbone).await.unwrap();
+        super::raw_hbone::client(testserver_ca(&ts), "client", tcp).await
+    };
+    let (resp, mut send) =
+        super::raw_hbone::connect(raw().await, "Echo.default.svc.cluster.local:80".into()).await;
+    assert_eq!(resp.status(), 200);
+    send.send_data(bytes::Bytes::from_static(b"by name"), true)
+        .unwrap();
+    let mut body = resp.into_body();
+    let mut got = Vec::new();
+    while let Some(chunk) = tokio::time::timeout(Duration::from_secs(5), body.data())
+        .await
+        .unwrap()
+    {
+        let chunk = chunk.unwrap();
+        let _ = body.flow_control().release_capacity(chunk.len());
+        got.extend_from_slice(&chunk);
+    }
+    assert_eq!(String::from_utf8(got).unwrap(), "b:by name");
+    // A port the service does not have, a hostname no service has: 503.
+    for authority in [
+        "echo.default.svc.cluster.local:81",
+        "nope.default.svc.cluster.local:80",
+    ] {
+        assert_eq!(
+            super::raw_hbone::status(raw().await, authority.into()).await,
+            503,
+            "{authority}"
+        );
+    }
 }
