@@ -405,6 +405,7 @@ async fn build(
         own_workload: config.workload_info.clone(),
         h2: config.h2,
         localhost_app_tunnel: config.localhost_app_tunnel,
+        enforce_waypoint: config.enforce_waypoint,
         hbone: Default::default(),
         conns: Default::default(),
         otel: match &config.otel {

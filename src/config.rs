@@ -108,6 +108,8 @@ pub struct Config {
     pub resolv_conf: PathBuf,
     /// `LOCALHOST_APP_TUNNEL`: PROXY-protocol application tunnels are delivered on loopback.
     pub localhost_app_tunnel: bool,
+    /// `L4MESH_ENFORCE_WAYPOINT`: workloads with a waypoint take traffic only through it.
+    pub enforce_waypoint: bool,
 }
 
 /// The DNS proxy's settings, ztunnel's names and defaults.
@@ -171,6 +173,7 @@ impl Config {
             dns: None,
             resolv_conf: PathBuf::from("/etc/resolv.conf"),
             localhost_app_tunnel: true,
+            enforce_waypoint: false,
         }
     }
 }
@@ -407,6 +410,10 @@ pub struct Args {
     /// The cluster's DNS domain (search domains `<ns>.svc.<domain>`, `svc.<domain>`, `<domain>`).
     #[arg(long, env = "CLUSTER_DOMAIN", default_value = "cluster.local")]
     pub cluster_domain: String,
+    /// A workload with a waypoint takes HBONE only from its waypoint and refuses plaintext, so that
+    /// nothing bypasses the waypoint; off by default, as ztunnel (an AuthorizationPolicy does it).
+    #[arg(long, env = "L4MESH_ENFORCE_WAYPOINT", default_value = "false", value_parser = parse_bool, action = clap::ArgAction::Set)]
+    pub enforce_waypoint: bool,
     /// A workload whose application tunnel speaks PROXY protocol gets its inbound streams on its
     /// loopback address (so that only the proxy can reach its PROXY port), as ztunnel.
     #[arg(long, env = "LOCALHOST_APP_TUNNEL", default_value = "true", value_parser = parse_bool, action = clap::ArgAction::Set)]
@@ -895,6 +902,7 @@ impl Args {
             }),
             resolv_conf: self.dns_resolv_conf.clone(),
             localhost_app_tunnel: self.localhost_app_tunnel,
+            enforce_waypoint: self.enforce_waypoint,
             inpod: shared.then_some(InpodSettings {
                 uds: self.inpod_uds,
                 port_reuse: self.inpod_port_reuse,

@@ -72,6 +72,9 @@ pub struct ProxyCtx {
     /// `LOCALHOST_APP_TUNNEL`: a workload whose application tunnel speaks PROXY protocol gets its
     /// streams on its loopback (`127.0.0.1:<port>`), so that only the proxy reaches that port.
     pub localhost_app_tunnel: bool,
+    /// `L4MESH_ENFORCE_WAYPOINT`: a workload with a waypoint takes HBONE only from the waypoint
+    /// and no plaintext (stricter than ztunnel, where an AuthorizationPolicy does that).
+    pub enforce_waypoint: bool,
     /// Shared HBONE state: server TLS configs, the tunnel pool, counters (one for the node: the
     /// pods of shared mode share it; pool keys keep their connections apart).
     pub hbone: Arc<HboneState>,
@@ -261,6 +264,7 @@ impl ProxyCtx {
             own_workload: Some(pod.info.clone()),
             h2: self.h2,
             localhost_app_tunnel: self.localhost_app_tunnel,
+            enforce_waypoint: self.enforce_waypoint,
             hbone: self.hbone.clone(),
             conns: self.conns.clone(),
             otel: self.otel.clone(),

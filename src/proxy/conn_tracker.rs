@@ -51,6 +51,8 @@ pub enum Via {
     /// An HBONE tunnel; `dialled` is the workload the tunnel was sent to when it is not the
     /// destination (a waypoint serving the destination from its own pod).
     Hbone { dialled: Option<WorkloadUid> },
+    /// Either, with no rule depending on it (waypoints not enforced: ztunnel's default).
+    Unchecked,
 }
 
 struct Tracked {

@@ -408,7 +408,13 @@ async fn open(
         waypoint: None,
         hostname: None,
     });
-    if let Decision::Deny(why) = waypoint_rule(&snapshot, peer, dialled_wl.as_deref(), &wl) {
+    // Without L4MESH_ENFORCE_WAYPOINT (ztunnel's default), policies alone decide.
+    let waypoint = if ctx.enforce_waypoint {
+        waypoint_rule(&snapshot, peer, dialled_wl.as_deref(), &wl)
+    } else {
+        Decision::Allow
+    };
+    if let Decision::Deny(why) = waypoint {
         tracing::warn!(peer = %peer, workload = %format!("{}/{}", wl.namespace, wl.name), "{why}");
         // A denial like a policy's: counted with the RBAC decisions.
         ctx.metrics.rbac_decision(false);
@@ -416,21 +422,24 @@ async fn open(
     }
     // On the waypoint path (`service`), `dst_ip` is the chosen endpoint's IP, not the VIP the
     // client dialled: policies of the destination workload are written for its own addresses.
-    // Through an application tunnel, the destination the client asked for (the port it delivers
-    // to is the tunnel's, which no policy names).
-    let policy_dst = if app_tunnel.is_some() { target } else { addr };
+    // The delivered address, as ztunnel (through an application tunnel: the dialled workload's
+    // address and the tunnel's port).
     let conn = ConnCtx {
         peer: Some(peer.clone()),
         src_ip: log.src.ip(),
-        dst_ip: policy_dst.ip(),
-        dst_port: policy_dst.port(),
+        dst_ip: addr.ip(),
+        dst_port: addr.port(),
     };
     // The workload the tunnel was sent to, when it is not the destination (a waypoint's pod):
     // the tracker re-applies the waypoint rule with it.
-    let via = super::conn_tracker::Via::Hbone {
-        dialled: dialled_wl
-            .filter(|d| d.uid != wl.uid)
-            .map(|d| d.uid.clone()),
+    let via = if ctx.enforce_waypoint {
+        super::conn_tracker::Via::Hbone {
+            dialled: dialled_wl
+                .filter(|d| d.uid != wl.uid)
+                .map(|d| d.uid.clone()),
+        }
+    } else {
+        super::conn_tracker::Via::Unchecked
     };
     let reg = super::admit(ctx, &snapshot, &wl, conn, via)?;
     let client = original_client(&snapshot, forwarded, peer, &wl, log.src.ip());

@@ -67,9 +67,10 @@ async fn open(ctx: &ProxyCtx, log: &mut ConnLog) -> Result<(TcpStream, Registrat
         dst.port(),
         None,
     ));
-    // A workload behind a waypoint takes traffic only from its waypoint, over HBONE: plaintext
-    // proves no identity, so it would bypass the waypoint's policy.
-    if workload.waypoint.is_some() {
+    // With L4MESH_ENFORCE_WAYPOINT, a workload behind a waypoint takes traffic only from its
+    // waypoint, over HBONE: plaintext proves no identity, so it would bypass the waypoint's policy.
+    // (ztunnel, the default, lets it through: an AuthorizationPolicy is what forces the waypoint.)
+    if ctx.enforce_waypoint && workload.waypoint.is_some() {
         return Err(super::hbone::Outcome::Denied(format!(
             "workload {}/{} has a waypoint; plaintext inbound traffic would bypass it (expected HBONE from the waypoint)",
             workload.namespace, workload.name
@@ -90,13 +91,12 @@ async fn open(ctx: &ProxyCtx, log: &mut ConnLog) -> Result<(TcpStream, Registrat
         dst_ip: dst.ip(),
         dst_port: dst.port(),
     };
-    let reg = super::admit(
-        ctx,
-        &snapshot,
-        &workload,
-        conn,
-        super::conn_tracker::Via::Plaintext,
-    )?;
+    let via = if ctx.enforce_waypoint {
+        super::conn_tracker::Via::Plaintext
+    } else {
+        super::conn_tracker::Via::Unchecked
+    };
+    let reg = super::admit(ctx, &snapshot, &workload, conn, via)?;
     drop(snapshot);
     // The workload sees the caller's IP, not l4mesh's, when ENABLE_ORIG_SRC allows it.
     let up = crate::socket::connect_from(dst, Some(log.src.ip()), &ctx.upstream)

@@ -113,6 +113,8 @@ fn iptables_redirect_outbound_and_inbound() {
             ("RUST_LOG", "info"),
             ("L4MESH_INBOUND_PLAINTEXT_ADDR", "0.0.0.0:15006"),
             ("UNSTABLE_ENABLE_SOCKS5", "false"),
+            // The stricter waypoint rule (ztunnel's default lets plaintext through).
+            ("L4MESH_ENFORCE_WAYPOINT", "true"),
         ],
         "listening",
     );
@@ -166,7 +168,8 @@ fn iptables_redirect_outbound_and_inbound() {
     log.wait_for(&["no workload on this node"])
         .unwrap_or_else(|| panic!("no refusal logged:\n{}", log.all()));
 
-    // Inbound plaintext to a workload behind a waypoint: refused (it would bypass the waypoint).
+    // Inbound plaintext to a workload behind a waypoint, with L4MESH_ENFORCE_WAYPOINT: refused
+    // (it would bypass the waypoint).
     pod.exec(&[
         "ip",
         "addr",

@@ -196,7 +196,14 @@ fn cluster_scenarios() {
     }
     let nft = true;
     let t0 = std::time::Instant::now();
-    let mut c = Cluster::start("k", 2, &pods(nft), &state(), &[]);
+    // The stricter waypoint rule: a direct tunnel to a workload with a waypoint is refused.
+    let mut c = Cluster::start(
+        "k",
+        2,
+        &pods(nft),
+        &state(),
+        &[("L4MESH_ENFORCE_WAYPOINT", "true")],
+    );
     let s1 = c.echo("s1", "0.0.0.0", 8080, "s1");
     let s1_9090 = c.echo("s1", "0.0.0.0", 9090, "s1-9090");
     let s2 = c.echo("s2", "0.0.0.0", 8080, "s2");
@@ -362,7 +369,8 @@ fn cluster_scenarios() {
         .wait_log(&["access", "inbound_hbone", &format!("{D}:8080"), "sa/client"])
         .unwrap_or_else(|| panic!("the waypoint did not carry the call\n{}", logs(&c)));
 
-    //    A direct tunnel to d (bypassing its waypoint) with c1's identity, from c1's pod: 401.
+    //    A direct tunnel to d (bypassing its waypoint) with c1's identity, from c1's pod: 401
+    //    (L4MESH_ENFORCE_WAYPOINT).
     assert_eq!(
         raw_tunnel_status(&c.pod("c1").ns.name, D, "client", &format!("{D}:8080")),
         401,

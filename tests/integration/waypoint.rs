@@ -12,7 +12,7 @@ use xds_testserver::Handle;
 
 use super::harness::{
     endpoint_of_yaml, exchange, mesh_node as node, service_yaml, socks5_connect_from, testserver,
-    testserver_ca, two_nodes, two_workloads_yaml, workload_yaml, Backend, TwoNodes,
+    testserver_ca, two_workloads_yaml, workload_yaml, Backend, TwoNodes,
 };
 use super::raw_hbone;
 
@@ -56,8 +56,16 @@ impl Mesh {
 }
 
 async fn mesh(n: u8) -> Mesh {
+    mesh_with(n, false).await
+}
+
+/// [`mesh`], with `L4MESH_ENFORCE_WAYPOINT` as `enforce` on the nodes.
+async fn mesh_with(n: u8, enforce: bool) -> Mesh {
     let ts = testserver(state(n), "127.0.0.1", None).await;
-    let TwoNodes { a, b, ts } = two_nodes(ts, &format!("127.47.{n}")).await;
+    let TwoNodes { a, b, ts } = super::harness::two_nodes_with(ts, &format!("127.47.{n}"), |c| {
+        c.enforce_waypoint = enforce
+    })
+    .await;
     let w = node(
         &ts,
         format!("127.47.{n}.13"),
@@ -91,8 +99,19 @@ async fn workload_with_a_waypoint_is_reached_through_it() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn by_default_a_direct_tunnel_is_left_to_policies() {
+    // ztunnel's behaviour: the waypoint is not enforced by the destination's proxy (an
+    // AuthorizationPolicy allowing only the waypoint's identity does that).
+    let m = mesh(3).await;
+    let _b = Backend::start(&format!("{}:{BACKEND_PORT}", m.ip(2)), "b").await;
+    let target = format!("{}:{BACKEND_PORT}", m.ip(2));
+    assert_eq!(raw_connect(&m, "client", target.clone()).await, 200);
+    assert_eq!(raw_connect(&m, "waypoint", target).await, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_workload_with_a_waypoint_refuses_direct_tunnels() {
-    let m = mesh(2).await;
+    let m = mesh_with(2, true).await;
     let _b = Backend::start(&format!("{}:{BACKEND_PORT}", m.ip(2)), "b").await;
     let target = format!("{}:{BACKEND_PORT}", m.ip(2));
     // Straight from the client's identity: 401 (the waypoint's policy would be bypassed).
