@@ -21,7 +21,7 @@
 //!   and `services`: `"<namespace>/<hostname>"` → `{ <service port>: <target port> }`.
 //! - `services`: `name`, `namespace`, `hostname`, `vips` (`"<network>/<ip>"`, the default network is
 //!   empty: `"/10.0.0.1"`; a range as `"<network>/<ip>/<prefix length>"`), `ports` (`{ <service port>: <target port> }`), `subjectAltNames`,
-//!   `canonical`, `waypoint`, `loadBalancer` (`{mode: Standard|Strict|Failover|Passthrough,
+//!   `canonical`, `waypoint`, `weightedWaypoints` (`[{waypoint, weight}]`), `loadBalancer` (`{mode: Standard|Strict|Failover|Passthrough,
 //!   routingPreferences: [Region|Zone|Subzone|Node|Cluster|Network], healthPolicy:
 //!   OnlyHealthy|AllowAll}`), `ipFamilies` (`Automatic|IPv4Only|IPv6Only|Dual`), `visibility` (`Public|Namespace`: who may
 //!   resolve its name, see the DNS proxy).

@@ -22,7 +22,7 @@ pub use convert::{Resource, ValidationError};
 pub use identity::{IdentityError, SpiffeId};
 pub use service::{
     best_match, HealthPolicy, IpFamilies, LoadBalancing, LoadBalancingMode, NetworkCidr,
-    RoutingScope, Service, ServiceKey, Visibility,
+    RoutingScope, Service, ServiceKey, Visibility, WeightedWaypoint,
 };
 pub use workload::{
     AppTunnel, Endpoint, GatewayAddress, GatewayDestination, Locality, PortMap, TunnelProtocol,

@@ -400,6 +400,21 @@ pub(super) fn service(ctx: &Ctx<'_>, s: raw::Service) -> Result<pw::Service, Loc
         .waypoint
         .map(|g| gateway(ctx, "waypoint", g))
         .transpose()?;
+    let weighted_waypoints = s
+        .weighted_waypoints
+        .into_iter()
+        .enumerate()
+        .map(|(i, w)| {
+            Ok(pw::WeightedWaypoint {
+                destination: Some(gateway(
+                    ctx,
+                    &format!("weightedWaypoints[{i}].waypoint"),
+                    w.waypoint,
+                )?),
+                weight: w.weight,
+            })
+        })
+        .collect::<Result<Vec<_>, LocalConfigError>>()?;
     Ok(pw::Service {
         name: s.name,
         namespace: s.namespace,
@@ -412,6 +427,7 @@ pub(super) fn service(ctx: &Ctx<'_>, s: raw::Service) -> Result<pw::Service, Loc
         ip_families,
         canonical: s.canonical,
         visibility,
+        weighted_waypoints,
         ..Default::default()
     })
 }

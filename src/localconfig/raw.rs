@@ -80,6 +80,14 @@ pub(super) struct Gateway {
     pub hbone_mtls_port: u32,
 }
 
+/// A service's waypoint with its weight: `{waypoint: <gateway>, weight: 3}`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub(super) struct WeightedWaypoint {
+    pub waypoint: Gateway,
+    pub weight: u32,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub(super) struct NamespacedHostname {
@@ -110,6 +118,7 @@ pub(super) struct Service {
     pub subject_alt_names: Vec<String>,
     pub canonical: bool,
     pub waypoint: Option<Gateway>,
+    pub weighted_waypoints: Vec<WeightedWaypoint>,
     pub load_balancer: Option<LoadBalancer>,
     pub ip_families: Option<String>,
     pub visibility: Option<String>,

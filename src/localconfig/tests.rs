@@ -752,3 +752,34 @@ services:
         assert!(e.to_string().contains("vips[0]"), "{bad}: {e}");
     }
 }
+
+#[test]
+fn weighted_waypoints_from_the_file() {
+    let yaml = r#"
+services:
+- name: echo
+  namespace: default
+  hostname: echo.default.svc.cluster.local
+  vips: ["/10.0.0.1"]
+  ports: { 80: 8080 }
+  weightedWaypoints:
+  - { waypoint: { destination: "/10.0.0.9" }, weight: 1 }
+  - { waypoint: { destination: "istio-system/canary.istio-system.svc.cluster.local", hboneMtlsPort: 15009 }, weight: 3 }
+"#;
+    let store = Store::new();
+    store.apply(crate::localconfig::parse(yaml).unwrap());
+    let snap = store.load();
+    let svc = snap
+        .service_by_vip(&NetworkAddr::new("", ip("10.0.0.1")), None)
+        .unwrap();
+    let weights: Vec<u32> = svc.weighted_waypoints.iter().map(|w| w.weight).collect();
+    assert_eq!(weights, [1, 3]);
+    assert_eq!(svc.weighted_waypoints[1].gateway.hbone_mtls_port, 15009);
+    // A weighted waypoint without a destination is refused, naming it.
+    let e = crate::localconfig::parse(
+        &yaml.replace(r#"destination: "/10.0.0.9""#, "hboneMtlsPort: 15008"),
+    )
+    .err()
+    .unwrap();
+    assert!(e.to_string().contains("weightedWaypoints[0]"), "{e}");
+}

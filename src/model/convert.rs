@@ -395,6 +395,17 @@ impl TryFrom<pw::Service> for Service {
             .waypoint
             .map(|g| gateway(&ctx, "waypoint", g))
             .transpose()?;
+        let mut weighted_waypoints = Vec::with_capacity(s.weighted_waypoints.len());
+        for (i, w) in s.weighted_waypoints.into_iter().enumerate() {
+            let field = format!("weighted_waypoints[{i}]");
+            let g = w
+                .destination
+                .ok_or_else(|| ctx.err(&field, "expected a destination, found none"))?;
+            weighted_waypoints.push(WeightedWaypoint {
+                gateway: gateway(&ctx, &format!("{field}.destination"), g)?,
+                weight: w.weight,
+            });
+        }
         Ok(Service {
             name,
             namespace,
@@ -404,6 +415,7 @@ impl TryFrom<pw::Service> for Service {
             ports,
             subject_alt_names: s.subject_alt_names,
             waypoint,
+            weighted_waypoints,
             load_balancing,
             ip_families,
             canonical: s.canonical,

@@ -134,6 +134,9 @@ pub struct Service {
     pub ports: BTreeMap<u16, u16>,
     pub subject_alt_names: Vec<String>,
     pub waypoint: Option<GatewayAddress>,
+    /// Several waypoints sharing the service's traffic by weight (a waypoint canary); when set,
+    /// a connection picks one of them instead of `waypoint`.
+    pub weighted_waypoints: Vec<WeightedWaypoint>,
     pub load_balancing: LoadBalancing,
     pub ip_families: IpFamilies,
     pub canonical: bool,
@@ -142,9 +145,49 @@ pub struct Service {
     pub visibility: Visibility,
 }
 
+/// One of a service's weighted waypoints.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct WeightedWaypoint {
+    pub gateway: GatewayAddress,
+    pub weight: u32,
+}
+
 impl Service {
     pub fn key(&self) -> ServiceKey {
         ServiceKey::from_parts(&self.namespace, &self.hostname)
+    }
+
+    /// The waypoint one connection to this service goes through: one of the weighted waypoints
+    /// drawn by weight (all weights 0: any of them), else the waypoint.
+    pub fn pick_waypoint(&self, rng: &mut impl rand::Rng) -> Option<&GatewayAddress> {
+        let w = &self.weighted_waypoints;
+        if w.is_empty() {
+            return self.waypoint.as_ref();
+        }
+        let total: u64 = w.iter().map(|x| u64::from(x.weight)).sum();
+        if total == 0 {
+            return w.get(rng.random_range(0..w.len())).map(|x| &x.gateway);
+        }
+        let mut pick = rng.random_range(0..total);
+        for x in w {
+            let weight = u64::from(x.weight);
+            if pick < weight {
+                return Some(&x.gateway);
+            }
+            pick -= weight;
+        }
+        w.last().map(|x| &x.gateway)
+    }
+
+    /// Every waypoint of the service (the weighted ones, else the one): a tunnel dialled on any of
+    /// them is the service's waypoint traffic.
+    pub fn waypoints(&self) -> impl Iterator<Item = &GatewayAddress> {
+        let weighted = self.weighted_waypoints.iter().map(|x| &x.gateway);
+        let single = self
+            .waypoint
+            .iter()
+            .filter(|_| self.weighted_waypoints.is_empty());
+        weighted.chain(single)
     }
 }
 

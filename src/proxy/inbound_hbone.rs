@@ -575,9 +575,8 @@ fn service_endpoint(
         .ok_or_else(mismatch)?
         .clone();
     if !svc
-        .waypoint
-        .as_ref()
-        .is_some_and(|gw| waypoint::is_waypoint(snapshot, gw, &waypoint))
+        .waypoints()
+        .any(|gw| waypoint::is_waypoint(snapshot, gw, &waypoint))
     {
         return Err(mismatch());
     }

@@ -76,7 +76,7 @@ pub fn route(
 ) -> Result<Upstream, RouteError> {
     let key = NetworkAddr::new(network.clone(), dst.ip());
     if let Some(svc) = snapshot.service_by_vip(&key, src.map(|w| w.namespace.as_str())) {
-        if let Some(gw) = &svc.waypoint {
+        if let Some(gw) = svc.pick_waypoint(rng) {
             let owner = format!("service {}", svc.key());
             if let Some(wp) = waypoint::resolve(snapshot, gw, &owner, src, dst, rng)? {
                 return Ok(via(wp, dst, None, Some(svc.clone())));

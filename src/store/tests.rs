@@ -87,6 +87,7 @@ fn service(namespace: &str, hostname: &str, vips: &[&str]) -> Service {
         canonical: false,
         visibility: Default::default(),
         cidr_vips: Vec::new(),
+        weighted_waypoints: Vec::new(),
     }
 }
 

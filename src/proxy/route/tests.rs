@@ -59,6 +59,7 @@ fn service(ports: &[(u16, u16)], lb: LoadBalancing) -> Service {
         canonical: true,
         visibility: Default::default(),
         cidr_vips: Vec::new(),
+        weighted_waypoints: Vec::new(),
     }
 }
 

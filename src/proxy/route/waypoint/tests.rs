@@ -62,6 +62,7 @@ fn service(name: &str, vip: &str, waypoint: Option<GatewayAddress>) -> Service {
         canonical: true,
         visibility: Default::default(),
         cidr_vips: Vec::new(),
+        weighted_waypoints: Vec::new(),
     }
 }
 
@@ -216,4 +217,59 @@ fn waypoint_identities_and_membership() {
         assert!(!is_waypoint(&snap, &gw, &other));
     }
     assert!(identities(&snap, &by_addr("10.9.9.9")).is_empty());
+}
+
+#[test]
+fn weighted_waypoints_share_a_service_by_weight() {
+    let mut svc = service("echo", "10.0.0.1", Some(by_addr("10.0.0.7")));
+    svc.weighted_waypoints = vec![
+        crate::model::WeightedWaypoint {
+            gateway: by_addr("10.0.0.9"),
+            weight: 1,
+        },
+        crate::model::WeightedWaypoint {
+            gateway: by_addr("10.0.0.8"),
+            weight: 3,
+        },
+    ];
+    let canary = workload("canary", "10.0.0.8", "waypoint");
+    let s = store(vec![svc], vec![echo_endpoint(), waypoint_wl(), canary]);
+    let snap = s.load();
+    let mut rng = SmallRng::seed_from_u64(9);
+    let mut counts = std::collections::HashMap::new();
+    for _ in 0..4000 {
+        let up = route(
+            &snap,
+            &Arc::from(""),
+            None,
+            "10.0.0.1:80".parse().unwrap(),
+            &mut rng,
+        )
+        .unwrap();
+        *counts
+            .entry(up.waypoint.unwrap().workload.name.clone())
+            .or_insert(0u32) += 1;
+    }
+    // About 1 : 3; the single `waypoint` field is not used while weighted ones are set.
+    let (stable, canary) = (counts["waypoint"], counts["canary"]);
+    assert_eq!(stable + canary, 4000, "{counts:?}");
+    assert!((800..1200).contains(&stable), "{counts:?}");
+    // All weights 0: any of them.
+    let mut svc = service("zero", "10.0.0.2", None);
+    svc.weighted_waypoints = vec![
+        crate::model::WeightedWaypoint {
+            gateway: by_addr("10.0.0.9"),
+            weight: 0,
+        },
+        crate::model::WeightedWaypoint {
+            gateway: by_addr("10.0.0.8"),
+            weight: 0,
+        },
+    ];
+    let seen: std::collections::HashSet<_> = (0..200)
+        .map(|_| svc.pick_waypoint(&mut rng).unwrap().clone())
+        .map(|g| format!("{g:?}"))
+        .collect();
+    assert_eq!(seen.len(), 2);
+    assert_eq!(svc.waypoints().count(), 2);
 }
