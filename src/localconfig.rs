@@ -20,10 +20,12 @@
 //!   `networkMode` (`Standard`|`HostNetwork`), `applicationTunnel` (`{protocol: NONE|PROXY, port}`),
 //!   and `services`: `"<namespace>/<hostname>"` → `{ <service port>: <target port> }`.
 //! - `services`: `name`, `namespace`, `hostname`, `vips` (`"<network>/<ip>"`, the default network is
-//!   empty: `"/10.0.0.1"`; a range as `"<network>/<ip>/<prefix length>"`), `ports` (`{ <service port>: <target port> }`), `subjectAltNames`,
-//!   `canonical`, `waypoint`, `weightedWaypoints` (`[{waypoint, weight}]`), `loadBalancer` (`{mode: Standard|Strict|Failover|Passthrough,
-//!   routingPreferences: [Region|Zone|Subzone|Node|Cluster|Network], healthPolicy:
-//!   OnlyHealthy|AllowAll}`), `ipFamilies` (`Automatic|IPv4Only|IPv6Only|Dual`), `visibility` (`Public|Namespace`: who may
+//!   empty: `"/10.0.0.1"`; a range as `"<network>/<ip>/<prefix length>"`), `ports`
+//!   (`{ <service port>: <target port> }`), `subjectAltNames`, `canonical`, `waypoint`,
+//!   `weightedWaypoints` (`[{waypoint, weight}]`), `loadBalancer` (`{mode:
+//!   Standard|Strict|Failover|Passthrough, routingPreferences:
+//!   [Region|Zone|Subzone|Node|Cluster|Network], healthPolicy: OnlyHealthy|AllowAll}`),
+//!   `ipFamilies` (`Automatic|IPv4Only|IPv6Only|Dual`), `visibility` (`Public|Namespace`: who may
 //!   resolve its name, see the DNS proxy).
 //! - `policies`: `name`, `namespace`, `scope` (`Global`|`Namespace`|`WorkloadSelector`, required),
 //!   `action` (`Allow`|`Deny`, required), `dryRun`, and `rules`: a list (OR) of clauses (AND) of
