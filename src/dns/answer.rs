@@ -9,7 +9,7 @@
 //!
 //! Each candidate matches, in order: a service with that hostname (several may share one: the
 //! client's namespace wins, then the canonical service, then `PREFERED_SERVICE_NAMESPACE`, then
-//! the one held longest, i.e. the least recently updated); a pod of a headless Kubernetes service
+//! the first registered); a pod of a headless Kubernetes service
 //! (`<pod>.<service hostname>`); a wildcard host above it (`*.example.com` for `a.example.com`),
 //! the most specific first. As in ztunnel, a service with that hostname that cannot be answered
 //! (no VIP, not headless) does not stop the search: a wildcard above it still matches.

@@ -254,13 +254,29 @@ impl Snapshot {
         true
     }
 
+    /// An update keeps the service's place among the holders of its hostname and of the VIPs it
+    /// keeps: "the first held" (DNS answers, VIP routing) means the first registered, and a
+    /// control plane resending its state reorders nothing.
     fn upsert_service(&mut self, s: Service) {
         let key = s.key();
-        self.remove_service(&key);
-        for vip in &s.vips {
-            index_add(&mut self.service_by_vip, vip.clone(), &key);
+        match self.services.get(&key).cloned() {
+            Some(old) => {
+                for vip in old.vips.iter().filter(|v| !s.vips.contains(v)) {
+                    index_remove(&mut self.service_by_vip, vip, &key);
+                }
+                for vip in s.vips.iter().filter(|v| !old.vips.contains(v)) {
+                    index_add(&mut self.service_by_vip, vip.clone(), &key);
+                }
+                // The key is `<namespace>/<hostname>`: its hostname entry stays as it is.
+                self.cidr_services.remove(&key);
+            }
+            None => {
+                for vip in &s.vips {
+                    index_add(&mut self.service_by_vip, vip.clone(), &key);
+                }
+                index_add(&mut self.service_by_host, s.hostname.as_str().into(), &key);
+            }
         }
-        index_add(&mut self.service_by_host, s.hostname.as_str().into(), &key);
         let s = Arc::new(s);
         if !s.cidr_vips.is_empty() {
             self.cidr_services.insert(key.clone(), s.clone());

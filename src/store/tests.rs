@@ -1096,3 +1096,56 @@ fn address_ranges_match_after_exact_vips_the_longest_prefix_first() {
         Some("wide.example.com")
     );
 }
+
+#[test]
+fn an_updated_service_keeps_its_place_among_holders() {
+    let store = Store::new();
+    store.apply(upserts(vec![
+        Upsert::Service(service("a", "shared.example.com", &["10.96.8.1"])),
+        Upsert::Service(service("b", "shared.example.com", &["10.96.8.1"])),
+    ]));
+    // `a` resent (a control plane's reconnect), then updated with a second VIP: still first.
+    store.apply(upserts(vec![Upsert::Service(service(
+        "a",
+        "shared.example.com",
+        &["10.96.8.1"],
+    ))]));
+    store.apply(upserts(vec![Upsert::Service(service(
+        "a",
+        "shared.example.com",
+        &["10.96.8.1", "10.96.8.2"],
+    ))]));
+    let snap = store.load();
+    let first = |snap: &Snapshot| {
+        snap.service_by_vip(&addr("10.96.8.1"), None)
+            .unwrap()
+            .namespace
+            .clone()
+    };
+    assert_eq!(first(&snap), "a");
+    let hosts: Vec<String> = snap
+        .services_by_hostname("shared.example.com")
+        .map(|s| s.namespace.clone())
+        .collect();
+    assert_eq!(hosts, ["a", "b"]);
+    assert_eq!(
+        snap.service_by_vip(&addr("10.96.8.2"), None)
+            .unwrap()
+            .namespace,
+        "a"
+    );
+    // A VIP dropped by the update is `a`'s no more.
+    store.apply(upserts(vec![Upsert::Service(service(
+        "a",
+        "shared.example.com",
+        &["10.96.8.2"],
+    ))]));
+    let snap = store.load();
+    assert_eq!(first(&snap), "b");
+    assert_eq!(
+        snap.service_by_vip(&addr("10.96.8.2"), None)
+            .unwrap()
+            .namespace,
+        "a"
+    );
+}
