@@ -18,6 +18,7 @@
 
 mod config_dump;
 mod logging;
+mod ztunnel_shape;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,7 +1,8 @@
-//! `GET /config_dump`: one JSON document of what l4mesh believes, shaped like ztunnel's (the mesh
-//! state's `workloads`, `services`, `policies`; `certificates`; `config`) plus `xds`, the
-//! control-plane client's status. The model types serialise as they are; this file only adds the
-//! views that need shaping (timestamps, counters behind locks).
+//! `GET /config_dump`: one JSON document of what l4mesh believes, in ztunnel's shape (the mesh
+//! state's `workloads`, `services`, `policies`, `certificates` as [`super::ztunnel_shape`] writes
+//! them; `version`; `config`; `staticConfig`; `workloadState` in shared mode) so that tools that
+//! read ztunnel's dump read this one, plus l4mesh's own sections: `storeVersion`, `xds` (the
+//! control-plane client's status) and `pods`.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
@@ -11,40 +12,74 @@ use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper::{Response, StatusCode};
 
+use super::ztunnel_shape::{CertView, ServiceView, WorkloadView};
 use super::{text, AdminState};
-use crate::model::{Authorization, Service, Workload};
+use crate::model::Authorization;
 use crate::xds::XdsMetrics;
 
 #[derive(serde::Serialize)]
-struct ConfigDump {
-    version: &'static str,
+#[serde(rename_all = "camelCase")]
+struct ConfigDump<'a> {
+    version: BuildInfo,
     /// The store snapshot's version: it grows with every applied update.
     store_version: u64,
-    workloads: Vec<Arc<Workload>>,
-    services: Vec<Arc<Service>>,
+    workloads: Vec<WorkloadView<'a>>,
+    services: Vec<ServiceView<'a>>,
     policies: Vec<Arc<Authorization>>,
-    certificates: Vec<CertView>,
+    certificates: Vec<CertsView>,
     config: serde_json::Value,
+    /// ztunnel's parsed local file; l4mesh applies its local file into the state above: `null`.
+    static_config: Option<()>,
     /// `null` when the mesh state comes from a local file.
     xds: Option<XdsView>,
-    /// Shared mode: the pods the CNI agent handed over, with their state; `null` in dedicated
-    /// mode.
+    /// Shared mode: the pods the CNI agent handed over, by uid, as ztunnel lists them; absent in
+    /// dedicated mode.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    workload_state: Option<BTreeMap<String, PodStateView>>,
+    /// Shared mode: the same pods with l4mesh's details; `null` in dedicated mode.
     pods: Option<Vec<crate::inpod::manager::PodEntry>>,
 }
 
 #[derive(serde::Serialize)]
-struct CertView {
-    identity: String,
-    /// `initializing`, `available` or `unavailable`.
+#[serde(rename_all = "camelCase")]
+struct BuildInfo {
+    version: &'static str,
+    build_profile: &'static str,
+}
+
+#[derive(serde::Serialize)]
+struct PodStateView {
+    /// `Up` (listening) or `Draining`.
     state: &'static str,
+    info: PodInfoView,
+}
+
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct PodInfoView {
+    name: String,
+    namespace: String,
+    service_account: String,
+}
+
+/// An identity's certificate as ztunnel lists it, with l4mesh's error and expiry beside.
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct CertsView {
+    identity: String,
+    /// ztunnel's words: `Initializing`, `Available`, `Unavailable: <why>`.
+    state: String,
+    cert_chain: Vec<CertView>,
+    root_certs: Vec<CertView>,
     error: Option<String>,
-    /// RFC 3339, UTC.
+    /// RFC 3339, UTC, of the leaf's end of validity.
     expiration_time: Option<String>,
-    /// Seconds since the Unix epoch.
+    /// The same, in seconds since the Unix epoch.
     expiry: Option<u64>,
 }
 
 #[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
 struct XdsView {
     connected: bool,
     /// RFC 3339, UTC, of the last applied response; `null` before the first.
@@ -92,41 +127,85 @@ fn xds_view(m: &XdsMetrics) -> XdsView {
     }
 }
 
-fn dump(state: &AdminState) -> ConfigDump {
-    let snapshot = state.store.load();
-    let mut workloads: Vec<_> = snapshot.workloads().cloned().collect();
-    workloads.sort_by(|a, b| a.uid.cmp(&b.uid));
-    let mut services: Vec<_> = snapshot.services().cloned().collect();
-    services.sort_by_key(|s| s.key());
-    let mut policies: Vec<_> = snapshot.policies().cloned().collect();
-    policies.sort_by_key(|p| p.key());
-    let certificates = state
-        .secrets
-        .status()
-        .into_iter()
-        .map(|c| CertView {
-            expiration_time: c.expiry.map(rfc3339),
-            identity: c.identity,
-            state: c.state,
-            error: c.error,
-            expiry: c.expiry,
-        })
-        .collect();
-    ConfigDump {
-        version: env!("CARGO_PKG_VERSION"),
-        store_version: snapshot.version(),
-        workloads,
-        services,
-        policies,
-        certificates,
-        config: state.config.clone(),
-        xds: state.xds.as_deref().map(xds_view),
-        pods: state.pods.as_ref().map(|p| p.pods()),
+fn certs_view(c: crate::identity::CertStatus) -> CertsView {
+    let views = |ders: &[rustls_pki_types::CertificateDer<'static>]| {
+        ders.iter().filter_map(|d| CertView::of(d)).collect()
+    };
+    let state = match (c.state, &c.error) {
+        ("initializing", _) => "Initializing".to_owned(),
+        ("available", _) => "Available".to_owned(),
+        ("expired", _) => "Unavailable: the certificate expired before its renewal".to_owned(),
+        (_, Some(e)) => format!("Unavailable: {e}"),
+        (other, None) => format!("Unavailable: {other}"),
+    };
+    CertsView {
+        identity: c.identity,
+        state,
+        cert_chain: c.cert.as_ref().map_or_else(Vec::new, |w| views(&w.chain)),
+        root_certs: c.cert.as_ref().map_or_else(Vec::new, |w| views(&w.roots)),
+        error: c.error,
+        expiration_time: c.expiry.map(rfc3339),
+        expiry: c.expiry,
     }
 }
 
+fn answer_dump(state: &AdminState) -> serde_json::Result<Vec<u8>> {
+    let snapshot = state.store.load();
+    let mut workloads: Vec<_> = snapshot.workloads().collect();
+    workloads.sort_by(|a, b| a.uid.cmp(&b.uid));
+    let mut services: Vec<_> = snapshot.services().collect();
+    services.sort_by_key(|s| s.key());
+    let mut policies: Vec<_> = snapshot.policies().cloned().collect();
+    policies.sort_by_key(|p| p.key());
+    let pods = state.pods.as_ref().map(|p| p.pods());
+    let dump = ConfigDump {
+        version: BuildInfo {
+            version: env!("CARGO_PKG_VERSION"),
+            build_profile: if cfg!(debug_assertions) {
+                "debug"
+            } else {
+                "release"
+            },
+        },
+        store_version: snapshot.version(),
+        workloads: workloads.into_iter().map(|w| WorkloadView::of(w)).collect(),
+        services: services
+            .into_iter()
+            .map(|s| ServiceView::of(s, &snapshot))
+            .collect(),
+        policies,
+        certificates: state.secrets.status().into_iter().map(certs_view).collect(),
+        config: state.config.clone(),
+        static_config: None,
+        xds: state.xds.as_deref().map(xds_view),
+        workload_state: pods.as_ref().map(|pods| {
+            pods.iter()
+                .map(|p| {
+                    (
+                        p.uid.clone(),
+                        PodStateView {
+                            state: if p.state == "listening" {
+                                "Up"
+                            } else {
+                                "Draining"
+                            },
+                            info: PodInfoView {
+                                name: p.name.clone(),
+                                namespace: p.namespace.clone(),
+                                service_account: p.service_account.clone(),
+                            },
+                        },
+                    )
+                })
+                .collect()
+        }),
+        pods,
+    };
+    serde_json::to_vec_pretty(&dump)
+}
+
 pub(super) fn answer(state: &AdminState) -> Response<Full<Bytes>> {
-    match serde_json::to_vec_pretty(&dump(state)) {
+    match answer_dump(state) {
         Ok(body) => {
             let mut resp = Response::new(Full::new(Bytes::from(body)));
             resp.headers_mut().insert(

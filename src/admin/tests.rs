@@ -60,7 +60,7 @@ fn config_dump_has_every_section() {
     assert!(v["certificates"].is_array());
     assert_eq!(v["config"]["node_name"], "n1");
     assert_eq!(v["xds"]["connected"], false);
-    assert!(v["store_version"].as_u64().unwrap() >= 1);
+    assert!(v["storeVersion"].as_u64().unwrap() >= 1);
 }
 
 #[test]
@@ -156,4 +156,197 @@ fn mutating_endpoints_need_the_token_when_one_is_set() {
         .unwrap()
         .to_string();
     assert!(e.contains("could not read the admin token file"), "{e}");
+}
+
+/// ztunnel's own dump types (field names from its `Workload`, `Service`, `Authorization` and
+/// `CertsDump`, which deny unknown fields): l4mesh's dump must read with them.
+mod ztunnel_types {
+    use std::collections::BTreeMap;
+
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "camelCase", deny_unknown_fields)]
+    pub struct Workload {
+        pub workload_ips: Vec<String>,
+        pub waypoint: Option<Gateway>,
+        pub network_gateway: Option<Gateway>,
+        pub protocol: String,
+        pub network_mode: String,
+        pub uid: String,
+        pub name: String,
+        pub namespace: String,
+        pub trust_domain: Option<String>,
+        pub service_account: Option<String>,
+        pub network: Option<String>,
+        pub workload_name: Option<String>,
+        pub workload_type: Option<String>,
+        pub canonical_name: Option<String>,
+        pub canonical_revision: Option<String>,
+        pub hostname: Option<String>,
+        pub node: Option<String>,
+        pub native_tunnel: Option<bool>,
+        pub application_tunnel: Option<AppTunnel>,
+        pub authorization_policies: Option<Vec<String>>,
+        pub status: String,
+        pub cluster_id: String,
+        pub locality: Option<Locality>,
+        pub services: Option<Vec<String>>,
+        pub capacity: u32,
+    }
+
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "camelCase", deny_unknown_fields)]
+    pub struct Gateway {
+        pub destination: String,
+        pub hbone_mtls_port: u16,
+    }
+
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct AppTunnel {
+        pub protocol: String,
+        pub port: Option<u16>,
+    }
+
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Locality {
+        pub region: String,
+        pub zone: String,
+        pub subzone: String,
+    }
+
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "camelCase", deny_unknown_fields)]
+    pub struct Service {
+        pub name: String,
+        pub namespace: String,
+        pub hostname: String,
+        pub vips: Vec<String>,
+        pub ports: BTreeMap<String, u16>,
+        pub endpoints: BTreeMap<String, Endpoint>,
+        pub subject_alt_names: Vec<String>,
+        pub waypoint: Option<Gateway>,
+        pub load_balancer: Option<LoadBalancer>,
+        pub ip_families: Option<String>,
+    }
+
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "camelCase", deny_unknown_fields)]
+    pub struct Endpoint {
+        pub workload_uid: String,
+        pub port: BTreeMap<String, u16>,
+        pub status: String,
+    }
+
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "camelCase", deny_unknown_fields)]
+    pub struct LoadBalancer {
+        pub routing_preferences: Vec<String>,
+        pub mode: String,
+        pub health_policy: String,
+    }
+
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "camelCase", deny_unknown_fields)]
+    pub struct Policy {
+        pub name: String,
+        pub namespace: String,
+        pub scope: String,
+        pub action: String,
+        pub rules: Vec<Vec<Vec<serde_json::Map<String, serde_json::Value>>>>,
+        pub dry_run: bool,
+    }
+}
+
+#[test]
+fn config_dump_reads_with_ztunnels_field_names() {
+    use ztunnel_types as zt;
+    let s = state();
+    s.store.apply(
+        crate::localconfig::parse(
+            r#"
+workloads:
+- uid: c//v1/Pod/ns1/web-1
+  name: web-1
+  namespace: ns1
+  serviceAccount: web
+  workloadIps: ["10.0.0.1", "fd00::1"]
+  protocol: HBONE
+  node: n1
+  canonicalName: web
+  locality: { region: r1, zone: z1, subzone: s1 }
+  waypoint: { destination: "/10.0.0.9", hboneMtlsPort: 15008 }
+  applicationTunnel: { protocol: PROXY, port: 15088 }
+  services: { "ns1/web.ns1.svc.cluster.local": { 80: 8080 } }
+services:
+- name: web
+  namespace: ns1
+  hostname: web.ns1.svc.cluster.local
+  vips: ["/10.96.0.1", "/10.1.0.0/16"]
+  ports: { 80: 8080 }
+  loadBalancer: { mode: Failover, routingPreferences: [Region, Zone] }
+  ipFamilies: Dual
+policies:
+- name: p
+  namespace: ns1
+  scope: Namespace
+  action: Deny
+  rules: [[[ { principals: [!Prefix "cluster.local/ns/x", !Presence ""], serviceAccounts: [{namespace: a, serviceAccount: b}], destinationPorts: [9999] } ]]]
+"#,
+        )
+        .unwrap(),
+    );
+    let (status, b) = body(route(&req(Method::GET, "/config_dump"), &s));
+    assert_eq!(status, StatusCode::OK);
+    let v: serde_json::Value = serde_json::from_str(&b).unwrap();
+    let web = v["workloads"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["name"] == "web-1")
+        .unwrap();
+    let w: zt::Workload = serde_json::from_value(web.clone()).unwrap();
+    assert_eq!(w.workload_ips, ["10.0.0.1", "fd00::1"]);
+    assert_eq!(
+        (w.protocol.as_str(), w.status.as_str()),
+        ("HBONE", "Healthy")
+    );
+    assert_eq!(w.waypoint.unwrap().destination, "/10.0.0.9");
+    let t = w.application_tunnel.unwrap();
+    assert_eq!((t.protocol.as_str(), t.port), ("PROXY", Some(15088)));
+    assert_eq!(w.locality.unwrap().zone, "z1");
+    assert_eq!(w.services.unwrap(), ["ns1/web.ns1.svc.cluster.local"]);
+    let svc = v["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "web")
+        .unwrap();
+    let svc: zt::Service = serde_json::from_value(svc.clone()).unwrap();
+    assert_eq!(svc.vips, ["/10.96.0.1", "/10.1.0.0/16"]);
+    assert_eq!(svc.ports["80"], 8080);
+    let ep = &svc.endpoints["c//v1/Pod/ns1/web-1"];
+    assert_eq!((ep.port["80"], ep.status.as_str()), (8080, "Healthy"));
+    let lb = svc.load_balancer.unwrap();
+    assert_eq!(
+        (lb.mode.as_str(), lb.routing_preferences.len()),
+        ("Failover", 2)
+    );
+    assert_eq!(svc.ip_families.as_deref(), Some("Dual"));
+    let p: zt::Policy = serde_json::from_value(v["policies"][0].clone()).unwrap();
+    assert_eq!(
+        (p.scope.as_str(), p.action.as_str(), p.dry_run),
+        ("Namespace", "Deny", false)
+    );
+    let m = &p.rules[0][0][0];
+    assert_eq!(
+        m["principals"],
+        serde_json::json!([{"Prefix": "cluster.local/ns/x"}, {"Presence": []}])
+    );
+    assert_eq!(
+        m["serviceAccounts"],
+        serde_json::json!([{"namespace": "a", "serviceAccount": "b"}])
+    );
+    assert_eq!(m["destinationPorts"], serde_json::json!([9999]));
+    assert!(v["staticConfig"].is_null() && v["version"]["version"].is_string());
 }

@@ -53,6 +53,9 @@ pub struct CertStatus {
     pub error: Option<String>,
     /// Seconds since the Unix epoch.
     pub expiry: Option<u64>,
+    /// The certificate served (or last served), with its chain and roots.
+    #[serde(skip)]
+    pub cert: Option<Arc<WorkloadCert>>,
 }
 
 /// Why no certificate could be had.
@@ -228,23 +231,22 @@ impl SecretManager {
                         .ok()
                         .map(|d| d.as_secs())
                 };
-                let (name, error, exp) = match &state {
+                let (name, error, cert) = match &state {
                     CertState::Initializing => ("initializing", None, None),
                     CertState::Available(c) if !c.is_valid_at(SystemTime::now()) => {
-                        ("expired", None, expiry(c))
+                        ("expired", None, Some(c.clone()))
                     }
-                    CertState::Available(c) => ("available", None, expiry(c)),
-                    CertState::Unavailable { error, current } => (
-                        "unavailable",
-                        Some(error.clone()),
-                        current.as_deref().and_then(expiry),
-                    ),
+                    CertState::Available(c) => ("available", None, Some(c.clone())),
+                    CertState::Unavailable { error, current } => {
+                        ("unavailable", Some(error.clone()), current.clone())
+                    }
                 };
                 CertStatus {
                     identity: id.to_string(),
                     state: name,
                     error,
-                    expiry: exp,
+                    expiry: cert.as_deref().and_then(expiry),
+                    cert,
                 }
             })
             .collect();

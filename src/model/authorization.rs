@@ -28,13 +28,27 @@ pub enum Action {
     Deny,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+/// Serialised as ztunnel dumps it: `{"Exact": "x"}`, …, `{"Presence": []}`.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum StringMatch {
     Exact(String),
     Prefix(String),
     Suffix(String),
     /// Any non-empty value.
     Presence,
+}
+
+impl serde::Serialize for StringMatch {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            StringMatch::Exact(v) => s.serialize_newtype_variant("StringMatch", 0, "Exact", v),
+            StringMatch::Prefix(v) => s.serialize_newtype_variant("StringMatch", 1, "Prefix", v),
+            StringMatch::Suffix(v) => s.serialize_newtype_variant("StringMatch", 2, "Suffix", v),
+            StringMatch::Presence => {
+                s.serialize_newtype_variant("StringMatch", 3, "Presence", &[(); 0])
+            }
+        }
+    }
 }
 
 impl StringMatch {
@@ -49,6 +63,7 @@ impl StringMatch {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct ServiceAccountMatch {
     pub namespace: String,
     pub service_account: String,
@@ -56,6 +71,7 @@ pub struct ServiceAccountMatch {
 
 /// One match: every populated field must pass.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Match {
     pub namespaces: Vec<StringMatch>,
     pub not_namespaces: Vec<StringMatch>,
@@ -73,6 +89,7 @@ pub struct Match {
 
 /// An L4 authorization policy. `rules` is rules (OR) of clauses (AND) of matches (OR).
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Authorization {
     pub name: String,
     pub namespace: String,

@@ -49,8 +49,8 @@ async fn config_dump_follows_an_xds_push_and_lists_certificates() {
     assert_eq!(names(&dump), vec!["a"]);
     assert_eq!(dump["config"]["node_name"], "node-a");
     assert_eq!(dump["xds"]["connected"], true, "{}", dump["xds"]);
-    assert!(dump["xds"]["last_update"].is_string(), "{}", dump["xds"]);
-    let before = dump["store_version"].as_u64().unwrap();
+    assert!(dump["xds"]["lastUpdate"].is_string(), "{}", dump["xds"]);
+    let before = dump["storeVersion"].as_u64().unwrap();
 
     // The node's identity gets its certificate (asked as the workload appeared): listed with
     // its state and an expiry in the future.
@@ -62,14 +62,14 @@ async fn config_dump_follows_an_xds_push_and_lists_certificates() {
             .as_array()
             .unwrap()
             .iter()
-            .find(|c| c["identity"] == id && c["state"] == "available")
+            .find(|c| c["identity"] == id && c["state"] == "Available")
         {
             cert = c.clone();
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(cert["state"], "available", "no certificate for {id}");
+    assert_eq!(cert["state"], "Available", "no certificate for {id}");
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap()
@@ -77,9 +77,19 @@ async fn config_dump_follows_an_xds_push_and_lists_certificates() {
     let expiry = cert["expiry"].as_u64().unwrap();
     assert!(expiry > now && expiry <= now + 3600 + 60, "{cert}");
     assert!(
-        cert["expiration_time"].as_str().unwrap().ends_with('Z'),
+        cert["expirationTime"].as_str().unwrap().ends_with('Z'),
         "{cert}"
     );
+    // ztunnel's shape: the leaf (and its roots) with PEM, serial and validity.
+    let leaf = &cert["certChain"][0];
+    assert_eq!(leaf["expirationTime"], cert["expirationTime"], "{cert}");
+    assert!(leaf["validFrom"].as_str().unwrap().ends_with('Z'), "{cert}");
+    let serial = leaf["serialNumber"].as_str().unwrap();
+    assert!(
+        !serial.is_empty() && serial.bytes().all(|b| b.is_ascii_digit()),
+        "{cert}"
+    );
+    assert!(!cert["rootCerts"].as_array().unwrap().is_empty(), "{cert}");
 
     // A pushed workload shows up.
     ts.upsert_yaml(&format!(
@@ -103,9 +113,9 @@ async fn config_dump_follows_an_xds_push_and_lists_certificates() {
     }
     assert_eq!(names(&dump), vec!["a", "pushed"]);
     let pushed = &dump["workloads"][1];
-    assert_eq!(pushed["addresses"][0], "127.53.1.5");
+    assert_eq!(pushed["workloadIps"][0], "127.53.1.5");
     assert_eq!(pushed["node"], "node-x");
-    assert!(dump["store_version"].as_u64().unwrap() > before);
+    assert!(dump["storeVersion"].as_u64().unwrap() > before);
     assert!(
         dump["xds"]["resources"]
             .as_object()
