@@ -301,11 +301,12 @@ async fn build(
     // startup); in shared mode inside each pod, with the pod's other listeners.
     // The upstream resolvers (resolv.conf, read once now): the DNS proxy forwards to them, and
     // on-demand DNS asks them.
+    let resolv_conf = std::fs::read_to_string(&config.resolv_conf).unwrap_or_else(|e| {
+        tracing::warn!(path = %config.resolv_conf.display(), error = %e, "cannot read the upstream resolvers: names outside the mesh and hostname destinations will not resolve");
+        String::new()
+    });
     let resolvers = crate::dns::forward::Upstreams::from_resolv_conf(
-        &std::fs::read_to_string(&config.resolv_conf).unwrap_or_else(|e| {
-            tracing::warn!(path = %config.resolv_conf.display(), error = %e, "cannot read the upstream resolvers: names outside the mesh and hostname destinations will not resolve");
-            String::new()
-        }),
+        &resolv_conf,
         crate::dns::forward::DEFAULT_TIMEOUT,
         config.packet_mark,
     );
@@ -335,7 +336,7 @@ async fn build(
         (Some(settings), Some(metrics)) => Some(Arc::new(dns_context(
             config,
             settings,
-            resolvers.clone(),
+            (resolvers.clone(), &resolv_conf),
             store.clone(),
             metrics.clone(),
         ))),
@@ -564,7 +565,7 @@ async fn build(
 fn dns_context(
     config: &Config,
     settings: &crate::config::DnsSettings,
-    upstreams: crate::dns::forward::Upstreams,
+    (upstreams, resolv_conf): (crate::dns::forward::Upstreams, &str),
     store: Arc<crate::store::Store>,
     metrics: Arc<crate::dns::DnsMetrics>,
 ) -> crate::dns::server::DnsContext {
@@ -576,6 +577,11 @@ fn dns_context(
         network: config.network.as_str().into(),
         rules: settings.rules.clone(),
         own_workload: config.workload_info.clone(),
+        // Dedicated mode runs in the pod: its resolv.conf is the client's (ztunnel's rule).
+        search: config
+            .inpod
+            .is_none()
+            .then(|| crate::dns::forward::search_domains(resolv_conf)),
         node_name: config.node_name.clone(),
         upstreams,
         metrics,

@@ -426,6 +426,10 @@ pub struct Args {
     /// `exportTo: ["."]`) to clients of other namespaces; off by default, as ztunnel.
     #[arg(long, env = "L4MESH_DNS_RESPECT_VISIBILITY", default_value = "false", value_parser = parse_bool, action = clap::ArgAction::Set)]
     pub dns_respect_visibility: bool,
+    /// The DNS proxy answers a headless service's pods by name (`<pod>.<service>.<ns>.svc.<domain>`)
+    /// from the mesh state instead of forwarding them; off by default, as ztunnel's release.
+    #[arg(long, env = "L4MESH_DNS_HEADLESS_PODS", default_value = "false", value_parser = parse_bool, action = clap::ArgAction::Set)]
+    pub dns_headless_pods: bool,
     /// In dedicated mode, the served workload as <namespace>/<name>/<service account>.
     #[arg(long, env = "PROXY_WORKLOAD_INFO")]
     pub proxy_workload_info: Option<WorkloadInfo>,
@@ -898,6 +902,7 @@ impl Args {
                     cluster_domain: self.cluster_domain.clone(),
                     preferred_namespace: self.prefered_service_namespace.clone(),
                     respect_visibility: self.dns_respect_visibility,
+                    headless_pods: self.dns_headless_pods,
                 },
             }),
             resolv_conf: self.dns_resolv_conf.clone(),

@@ -9,13 +9,14 @@ mod integration {
     mod capture;
     mod cluster;
     mod dns;
+    mod dns_ztunnel;
     mod drain;
     mod envoy;
     mod faults;
     pub mod harness;
     mod hbone;
     mod identity;
-    mod inpod;
+    pub mod inpod;
     mod limits;
     mod local_mode;
     mod metrics;

@@ -30,6 +30,7 @@ fuzz_target!(|data: &[u8]| {
     let client = l4mesh::dns::answer::Client {
         namespace: Some("default"),
         network: "",
+        search: None,
     };
     let rules = l4mesh::dns::answer::NameRules::new("cluster.local");
     for transport in [l4mesh::dns::Transport::Udp, l4mesh::dns::Transport::Tcp] {

@@ -1,15 +1,17 @@
 //! Which mesh name a query asks for, and its addresses: pure lookups in one store snapshot, as
 //! ztunnel's DNS server decides them.
 //!
-//! A name is tried as asked; then, for a client whose namespace is known, completed as a
-//! Kubernetes name when it is a partial one (`echo`, `echo.ns`, `echo.ns.svc`), then with each of
-//! the client's search domains (`<ns>.svc.<domain>`, `svc.<domain>`, `<domain>`) stripped, the
-//! stripped name completed the same way. A match found through another spelling is answered as
-//! an alias: a CNAME to the name the mesh knows, then its addresses.
+//! Checked against Istio's ztunnel side by side (`tests/integration/dns_ztunnel.rs`). A name is
+//! tried as asked, and for a client whose namespace is known completed as a Kubernetes name when
+//! it is a partial one (`echo`, `echo.ns`, `echo.ns.svc`): found so, the records are given under
+//! the name asked (`echo. A <vip>`). Then each of the client's search domains is stripped (in
+//! dedicated mode the pod's resolv.conf `search` list, in shared mode `<ns>.svc.<domain>`,
+//! `svc.<domain>`, `<domain>`) and the rest tried the same way: found so, the answer is a CNAME
+//! from the name asked to the stripped name, then the stripped name's records.
 //!
 //! Each candidate matches, in order: a service with that hostname (several may share one: the
 //! client's namespace wins, then the canonical service, then `PREFERED_SERVICE_NAMESPACE`, then
-//! the first registered); a pod of a headless Kubernetes service
+//! the first registered); with `L4MESH_DNS_HEADLESS_PODS`, a pod of a headless Kubernetes service
 //! (`<pod>.<service hostname>`); a wildcard host above it (`*.example.com` for `a.example.com`),
 //! the most specific first. As in ztunnel, a service with that hostname that cannot be answered
 //! (no VIP, not headless) does not stop the search: a wildcard above it still matches.
@@ -42,10 +44,14 @@ pub struct Found {
 /// The client of a query, as far as it matters for names.
 #[derive(Clone, Copy, Debug)]
 pub struct Client<'a> {
-    /// The client's namespace (its search domains follow from it), when its workload is known.
+    /// The client's namespace (partial Kubernetes names are completed in it), when its workload
+    /// is known.
     pub namespace: Option<&'a str>,
     /// The network whose addresses are answered.
     pub network: &'a str,
+    /// The client's search domains: dedicated mode reads them from the pod's resolv.conf, as
+    /// ztunnel; `None` (shared mode): `<ns>.svc.<domain>`, `svc.<domain>`, `<domain>`.
+    pub search: Option<&'a [String]>,
 }
 
 /// How names are matched: the same for every client of one proxy.
@@ -60,6 +66,11 @@ pub struct NameRules {
     /// answered to clients of other namespaces (stricter than ztunnel, which answers everyone;
     /// off by default).
     pub respect_visibility: bool,
+    /// `L4MESH_DNS_HEADLESS_PODS`: a headless service's pods are answered by name
+    /// (`<pod>.<service>.<ns>.svc.<domain>`) from the store, as ztunnel's newest source does;
+    /// off by default, as the ztunnel release l4mesh is compared with (they are forwarded, and
+    /// the cluster's DNS answers them).
+    pub headless_pods: bool,
 }
 
 impl NameRules {
@@ -69,6 +80,7 @@ impl NameRules {
             cluster_domain: cluster_domain.to_owned(),
             preferred_namespace: None,
             respect_visibility: false,
+            headless_pods: false,
         }
     }
 }
@@ -81,34 +93,40 @@ pub fn lookup(
     client: Client<'_>,
     rules: &NameRules,
 ) -> Option<Found> {
-    let matched = |candidate: &str| {
-        let (addrs, wildcard) = host(snapshot, candidate, client, rules)?;
-        // A wildcard's records are given under the name asked (no CNAME to a name that is not
-        // the mesh's either).
-        let alias = !wildcard && candidate != qname;
-        Some(Found {
-            canonical: if alias { candidate } else { qname }.to_owned(),
-            alias,
-            addrs,
-        })
+    // `name` as it is, else completed as a Kubernetes name: the records are given under `name`
+    // (ztunnel answers `echo` with `echo. A <vip>`, no CNAME).
+    let as_named = |name: &str| {
+        let (addrs, wildcard) = host(snapshot, name, client, rules).or_else(|| {
+            let ns = client.namespace?;
+            kube_fqdns(name, ns, &rules.cluster_domain)
+                .iter()
+                .find_map(|c| host(snapshot, c, client, rules))
+        })?;
+        Some((addrs, wildcard))
     };
-    if let Some(f) = matched(qname) {
-        return Some(f);
+    if let Some((addrs, _)) = as_named(qname) {
+        return Some(Found {
+            canonical: qname.to_owned(),
+            alias: false,
+            addrs,
+        });
     }
-    let ns = client.namespace?;
-    let domain = rules.cluster_domain.as_str();
-    if let Some(f) = kube_fqdns(qname, ns, domain)
-        .iter()
-        .find_map(|c| matched(c))
-    {
-        return Some(f);
-    }
-    let searches = [
-        format!("{ns}.svc.{domain}"),
-        format!("svc.{domain}"),
-        domain.to_owned(),
-    ];
-    for search in &searches {
+    let derived;
+    let searches: &[String] = match client.search {
+        Some(list) => list,
+        None => {
+            let (Some(ns), domain) = (client.namespace, rules.cluster_domain.as_str()) else {
+                return None;
+            };
+            derived = [
+                format!("{ns}.svc.{domain}"),
+                format!("svc.{domain}"),
+                domain.to_owned(),
+            ];
+            &derived
+        }
+    };
+    for search in searches {
         let Some(stripped) = qname
             .strip_suffix(search.as_str())
             .and_then(|s| s.strip_suffix('.'))
@@ -116,12 +134,14 @@ pub fn lookup(
         else {
             continue;
         };
-        let candidates =
-            std::iter::once(stripped.to_owned()).chain(kube_fqdns(stripped, ns, domain));
-        for c in candidates {
-            if let Some(f) = matched(&c) {
-                return Some(f);
-            }
+        if let Some((addrs, wildcard)) = as_named(stripped) {
+            // The resolver appended a search domain: a CNAME to the name without it, then that
+            // name's records (a wildcard's records under the name asked, with no CNAME).
+            return Some(Found {
+                canonical: if wildcard { qname } else { stripped }.to_owned(),
+                alias: !wildcard,
+                addrs,
+            });
         }
     }
     None
@@ -167,7 +187,11 @@ fn host(
     if let Some(svc) = best(services, client, rules) {
         return Some((addresses(snapshot, svc, client), false));
     }
-    if let Some(addrs) = headless_pod(snapshot, name, client, rules) {
+    if let Some(addrs) = rules
+        .headless_pods
+        .then(|| headless_pod(snapshot, name, client, rules))
+        .flatten()
+    {
         return Some((addrs, false));
     }
     // `a.b.example.com`: `*.b.example.com`, then `*.example.com`, then `*.com`.

@@ -25,6 +25,22 @@ pub enum ForwardError {
     Failed(String),
 }
 
+/// The search domains of a resolv.conf text (the last `search` or `domain` line wins, as the C
+/// library reads them), lower case, without final dots.
+pub fn search_domains(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for l in text.lines() {
+        let mut words = l.split_whitespace();
+        if let Some("search" | "domain") = words.next() {
+            out = words
+                .map(|d| d.trim_end_matches('.').to_ascii_lowercase())
+                .filter(|d| !d.is_empty())
+                .collect();
+        }
+    }
+    out
+}
+
 /// The resolvers and how to reach them.
 #[derive(Clone, Debug)]
 pub struct Upstreams {
@@ -179,5 +195,10 @@ mod tests {
         );
         let s: Vec<String> = u.servers().iter().map(ToString::to_string).collect();
         assert_eq!(s, ["10.96.0.10:53", "[fe80::1]:53", "1.1.1.1:53"]);
+        assert_eq!(
+            search_domains("domain x.y\nsearch Default.svc.cluster.local. svc.cluster.local\n"),
+            ["default.svc.cluster.local", "svc.cluster.local"]
+        );
+        assert!(search_domains("nameserver 1.1.1.1\n").is_empty());
     }
 }

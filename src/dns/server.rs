@@ -77,6 +77,9 @@ pub struct DnsContext {
     /// The served workload (dedicated mode, or the pod in shared mode): every client is it.
     /// `None`: the client is the workload at the query's source address, if any.
     pub own_workload: Option<crate::model::WorkloadInfo>,
+    /// The clients' search domains: dedicated mode's are the pod's resolv.conf `search` list;
+    /// `None` (shared mode): derived from each pod's namespace.
+    pub search: Option<Vec<String>>,
     pub node_name: String,
     pub upstreams: Upstreams,
     pub metrics: Arc<DnsMetrics>,
@@ -340,6 +343,7 @@ async fn handle(
     let client = answer::Client {
         namespace,
         network: &ctx.network,
+        search: ctx.search.as_deref(),
     };
     let (name, qtype) = question(query).unwrap_or_else(|| ("?".into(), "unknown".into()));
     let labels = DnsLabels {
@@ -372,10 +376,14 @@ async fn handle(
                 .observe(t.elapsed().as_secs_f64());
             match answer {
                 Ok(bytes) => {
-                    let bytes = match transport {
+                    let mut bytes = match transport {
                         Transport::Udp => fit_udp(query, bytes),
                         Transport::Tcp => bytes,
                     };
+                    // Not l4mesh's to vouch for: AA cleared, as ztunnel answers forwarded names.
+                    if let Some(flags) = bytes.get_mut(2) {
+                        *flags &= !0x04;
+                    }
                     tracing::debug!(target: "dns", client = %peer, protocol, %name, qtype = %qtype, source = "upstream", duration_us = started.elapsed().as_micros() as u64, "dns query forwarded");
                     Some(bytes)
                 }

@@ -85,10 +85,14 @@ fn snapshot() -> std::sync::Arc<Snapshot> {
 const C: Client<'static> = Client {
     namespace: Some("default"),
     network: "",
+    search: None,
 };
 
 fn rules() -> NameRules {
-    NameRules::new("cluster.local")
+    NameRules {
+        headless_pods: true,
+        ..NameRules::new("cluster.local")
+    }
 }
 
 fn get(s: &Snapshot, q: &str, c: Client<'_>) -> Option<Found> {
@@ -113,6 +117,7 @@ fn canonical_names_answer_every_address() {
     let anon = Client {
         namespace: None,
         network: "",
+        search: None,
     };
     assert!(get(&s, "echo.default.svc.cluster.local", anon).is_some());
     assert!(get(&s, "echo.default.default.svc.cluster.local", anon).is_none());
@@ -121,31 +126,49 @@ fn canonical_names_answer_every_address() {
 #[test]
 fn search_domains_are_stripped_and_answered_as_aliases() {
     let s = snapshot();
-    for q in [
+    // The resolver appended a search domain: a CNAME to the name without it (ztunnel's answer).
+    for (q, stripped) in [
         // `echo.default` from a pod of `default`: the first search domain appended.
-        "echo.default.default.svc.cluster.local",
+        ("echo.default.default.svc.cluster.local", "echo.default"),
         // `echo.default.svc` with `svc.cluster.local` appended by the resolver.
-        "echo.default.svc.svc.cluster.local",
+        ("echo.default.svc.svc.cluster.local", "echo.default.svc"),
         // The full name with a search domain appended (ndots).
-        "echo.default.svc.cluster.local.default.svc.cluster.local",
+        (
+            "echo.default.svc.cluster.local.default.svc.cluster.local",
+            "echo.default.svc.cluster.local",
+        ),
+        // Another namespace's service by `<name>.<namespace>`.
+        ("api.other.default.svc.cluster.local", "api.other"),
     ] {
         let f = get(&s, q, C).unwrap_or_else(|| panic!("{q}"));
-        assert!(f.alias, "{q}");
-        assert_eq!(f.canonical, "echo.default.svc.cluster.local", "{q}");
+        assert_eq!((f.canonical.as_str(), f.alias), (stripped, true), "{q}");
     }
-    // Another namespace's service by `<name>.<namespace>`.
-    let f = get(&s, "api.other.default.svc.cluster.local", C).unwrap();
-    assert_eq!(f.canonical, "api.other.svc.cluster.local");
     // A short name resolves only in the client's own namespace.
     assert!(get(&s, "api.default.svc.cluster.local", C).is_none());
-    // Partial names asked as they are (no search list on the client).
+    // Partial names asked as they are (no search list on the client): answered under that name.
     for q in ["echo", "echo.default", "echo.default.svc"] {
         let f = get(&s, q, C).unwrap_or_else(|| panic!("{q}"));
-        assert_eq!(
-            (f.canonical.as_str(), f.alias),
-            ("echo.default.svc.cluster.local", true)
-        );
+        assert_eq!((f.canonical.as_str(), f.alias), (q, false));
+        assert_eq!(ips(&f), ["10.9.0.1", "fd00::1"]);
     }
+    // Dedicated mode: the pod's own search list (here none: nothing is stripped).
+    let none: &[String] = &[];
+    let bare = Client {
+        search: Some(none),
+        ..C
+    };
+    assert!(get(&s, "echo.default.default.svc.cluster.local", bare).is_none());
+    assert!(
+        get(&s, "echo", bare).is_some(),
+        "partial names still complete"
+    );
+    let custom = ["corp.example".to_owned()];
+    let corp = Client {
+        search: Some(&custom),
+        ..C
+    };
+    let f = get(&s, "echo.default.corp.example", corp).unwrap();
+    assert_eq!((f.canonical.as_str(), f.alias), ("echo.default", true));
     // Not a mesh name: forwarded.
     assert!(get(&s, "example.org", C).is_none());
     assert!(get(&s, "nope.default.svc.cluster.local", C).is_none());
@@ -178,6 +201,7 @@ fn services_without_an_address_here() {
     let far = Client {
         namespace: Some("default"),
         network: "far",
+        search: None,
     };
     assert_eq!(
         ips(&get(&s, "far.external.test", far).unwrap()),
@@ -191,27 +215,35 @@ fn headless_services_answer_their_healthy_endpoints_and_pods() {
     // Healthy endpoints on the client's network, the first address of each family.
     let f = get(&s, "db.default.svc.cluster.local", C).unwrap();
     assert_eq!(ips(&f), ["10.1.0.10", "10.1.0.11", "fd01::10"]);
-    // Through the search list too.
+    // Its short name, answered under that name.
     let f = get(&s, "db", C).unwrap();
-    assert_eq!(
-        (f.canonical.as_str(), f.alias),
-        ("db.default.svc.cluster.local", true)
-    );
+    assert_eq!((f.canonical.as_str(), f.alias), ("db", false));
     // One pod of it by name.
     let f = get(&s, "db-1.db.default.svc.cluster.local", C).unwrap();
     assert_eq!((f.alias, ips(&f)), (false, vec!["10.1.0.11".to_owned()]));
-    // Its partial names, asked as they are and through the search list.
-    for q in [
-        "db-0.db",
-        "db-0.db.default",
-        "db-0.db.default.svc",
-        "db-0.db.default.default.svc.cluster.local",
-        "db-0.db.default.svc.cluster.local",
+    // Its partial names, asked as they are (under that name) and through the search list (a
+    // CNAME to the name without the search domain).
+    for (q, canonical) in [
+        ("db-0.db", "db-0.db"),
+        ("db-0.db.default", "db-0.db.default"),
+        ("db-0.db.default.svc", "db-0.db.default.svc"),
+        (
+            "db-0.db.default.default.svc.cluster.local",
+            "db-0.db.default",
+        ),
+        (
+            "db-0.db.default.svc.cluster.local",
+            "db-0.db.default.svc.cluster.local",
+        ),
     ] {
         let f = get(&s, q, C).unwrap_or_else(|| panic!("{q}"));
-        assert_eq!(f.canonical, "db-0.db.default.svc.cluster.local", "{q}");
+        assert_eq!(f.canonical, canonical, "{q}");
         assert_eq!(ips(&f), ["10.1.0.10", "fd01::10"], "{q}");
     }
+    // Off (the default, as the ztunnel release compared with): forwarded.
+    let plain = NameRules::new("cluster.local");
+    assert!(lookup(&s, "db-1.db.default.svc.cluster.local", C, &plain).is_none());
+    assert!(lookup(&s, "db.default.svc.cluster.local", C, &plain).is_some());
     // Not a pod of it, unhealthy, or on another network: not answered here.
     for q in [
         "db-9.db.default.svc.cluster.local",
@@ -228,6 +260,7 @@ fn a_shared_hostname_is_the_clients_namespace_then_canonical_then_preferred_then
     let from = |ns: &'static str| Client {
         namespace: Some(ns),
         network: "",
+        search: None,
     };
     let one = |s: &Snapshot, c, r: &NameRules| ips(&lookup(s, "shared.test", c, r).unwrap());
     assert_eq!(one(&s, from("b"), &rules()), ["10.9.1.2"]);
@@ -261,6 +294,7 @@ fn visibility_is_respected_only_when_asked() {
     let own = Client {
         namespace: Some("other"),
         network: "",
+        search: None,
     };
     assert!(lookup(&s, "private.other.svc.cluster.local", own, &strict).is_some());
     assert!(lookup(&s, "private", own, &strict).is_some());

@@ -72,6 +72,8 @@ fn shared_mode_serves_dns_in_every_pod() {
     let env = [
         ("L4MESH_DNS_RESOLV_CONF", resolv.to_str().unwrap()),
         ("AMBIENT_DNS_CAPTURE", "true"),
+        // Pods of headless services by name from the store (off by default, as ztunnel).
+        ("L4MESH_DNS_HEADLESS_PODS", "true"),
         ("RUST_LOG", "info,dns=debug"),
     ];
     let mut c = Cluster::start_mixed("sd", 1, &pods, &state(), &env, &[1]);
@@ -117,10 +119,13 @@ fn shared_mode_serves_dns_in_every_pod() {
         dig(&c, "c1", &[&at, "+tcp", "echo.default.svc.cluster.local"]),
         VIP
     );
-    // As the pod: its namespace completes a short name (a CNAME to the full one).
+    // As the pod: its namespace completes a short name, and strips its search domains (a
+    // CNAME to the name without it).
+    assert_eq!(dig(&c, "c1", &[&at, "echo"]), VIP);
+    assert_eq!(dig(&c, "c1", &[&at, "echo.default.svc.cluster.local"]), VIP);
     assert_eq!(
-        dig(&c, "c1", &[&at, "echo"]),
-        format!("echo.default.svc.cluster.local.\n{VIP}")
+        dig(&c, "c1", &[&at, "echo.default.default.svc.cluster.local"]),
+        format!("echo.default.\n{VIP}")
     );
     // A headless service: its endpoints; one pod of it by name.
     assert_eq!(dig(&c, "c1", &[&at, "db.default.svc.cluster.local"]), S1);
