@@ -15,63 +15,13 @@ use super::harness::{
     exchange, socks5_connect_from, testserver, two_nodes_with, two_workloads_yaml, Backend,
     TwoNodes,
 };
-use super::netns::has_tool;
+use super::netns::{has_tool, spawn_on_host, Output};
 
-/// A process on the host's network (b's loopback is the host's in these in-process tests), its
-/// output collected, killed on drop.
+/// A process on the host's network (b's loopback is the host's in these in-process tests), killed
+/// on drop.
 struct HostProc {
     child: std::process::Child,
-    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
-}
-
-impl HostProc {
-    fn start(args: &[&str]) -> HostProc {
-        use std::io::BufRead;
-        let mut child = std::process::Command::new(args[0])
-            .args(&args[1..])
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("{args:?}: {e}"));
-        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let streams: [Option<Box<dyn std::io::Read + Send>>; 2] = [
-            child.stdout.take().map(|s| Box::new(s) as _),
-            child.stderr.take().map(|s| Box::new(s) as _),
-        ];
-        for stream in streams.into_iter().flatten() {
-            let lines = lines.clone();
-            std::thread::spawn(move || {
-                for line in std::io::BufReader::new(stream)
-                    .lines()
-                    .map_while(Result::ok)
-                {
-                    lines.lock().unwrap().push(line);
-                }
-            });
-        }
-        HostProc { child, lines }
-    }
-
-    fn all(&self) -> String {
-        self.lines.lock().unwrap().join("\n")
-    }
-
-    /// Waits up to 5 s for a line with every needle.
-    fn wait_for(&self, needles: &[&str]) -> Option<String> {
-        for _ in 0..50 {
-            if let Some(l) = self
-                .lines
-                .lock()
-                .unwrap()
-                .iter()
-                .find(|l| needles.iter().all(|n| l.contains(n)))
-            {
-                return Some(l.clone());
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        None
-    }
+    out: Output,
 }
 
 impl Drop for HostProc {
@@ -250,7 +200,9 @@ backend echo
         ),
     )
     .unwrap();
-    let log = HostProc::start(&["haproxy", "-db", "-f", cfg.to_str().unwrap()]);
+    // HAProxy says nothing when it starts: the first exchange below waits for it.
+    let (child, out) = spawn_on_host(&["haproxy", "-db", "-f", cfg.to_str().unwrap()], &[], "");
+    let log = HostProc { child, out };
     let a_ip: IpAddr = "127.44.2.1".parse().unwrap();
     let mut answer = None;
     for _ in 0..50 {
@@ -269,10 +221,11 @@ backend echo
         answer.as_deref(),
         Some("app:through haproxy"),
         "{}",
-        log.all()
+        log.out.all()
     );
     let line = log
+        .out
         .wait_for(&["pp client=127.0.0.1", "frontend=127.44.2.2:18080"])
-        .unwrap_or_else(|| panic!("HAProxy's view of the connection:\n{}", log.all()));
+        .unwrap_or_else(|| panic!("HAProxy's view of the connection:\n{}", log.out.all()));
     assert!(line.contains("pp "), "{line}");
 }

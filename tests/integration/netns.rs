@@ -162,47 +162,8 @@ impl Netns {
         if has_setpriv() {
             cmd.args(["setpriv", "--pdeathsig", "KILL"]);
         }
-        cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
-        for (k, v) in envs {
-            cmd.env(k, v);
-        }
-        let mut child = cmd.spawn().expect("spawn in netns");
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = mpsc::channel();
-        for stream in [
-            child
-                .stdout
-                .take()
-                .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
-            child
-                .stderr
-                .take()
-                .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
-        ]
-        .into_iter()
-        .flatten()
-        {
-            let lines = lines.clone();
-            let tx = tx.clone();
-            let ready = ready.to_owned();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stream).lines().map_while(Result::ok) {
-                    if line.contains(&ready) {
-                        let _ = tx.send(());
-                    }
-                    lines.lock().unwrap().push(line);
-                }
-            });
-        }
-        if rx.recv_timeout(Duration::from_secs(10)).is_err() {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "{args:?} did not print {ready:?} within 10s; output: {:#?}",
-                lines.lock().unwrap()
-            );
-        }
-        (child, Output { lines })
+        cmd.args(args);
+        collect(cmd, args, envs, ready)
     }
 
     /// Joins this namespace to `other` with a veth pair, addressing both ends on a /24.
@@ -241,6 +202,61 @@ impl Drop for Netns {
             .args(["netns", "del", &self.name])
             .output();
     }
+}
+
+/// Starts `cmd` (its output piped) and waits until a line of it contains `ready` (or 10 s
+/// pass; not at all for an empty `ready`), collecting its output.
+fn collect(mut cmd: Command, args: &[&str], envs: &[(&str, &str)], ready: &str) -> (Child, Output) {
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("spawn");
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let (tx, rx) = mpsc::channel();
+    for stream in [
+        child
+            .stdout
+            .take()
+            .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+        child
+            .stderr
+            .take()
+            .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        let lines = lines.clone();
+        let tx = tx.clone();
+        let ready = ready.to_owned();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                if line.contains(&ready) {
+                    let _ = tx.send(());
+                }
+                lines.lock().unwrap().push(line);
+            }
+        });
+    }
+    // An empty `ready`: the process may print nothing; the caller waits its own way.
+    if !ready.is_empty() && rx.recv_timeout(Duration::from_secs(10)).is_err() {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!(
+            "{args:?} did not print {ready:?} within 10s; output: {:#?}",
+            lines.lock().unwrap()
+        );
+    }
+    (child, Output { lines })
+}
+
+/// A process on the host's own network (tests whose l4mesh runs in-process on loopback), its
+/// output collected as [`Netns::spawn_owned`]'s; the caller owns (and must kill) it.
+pub fn spawn_on_host(args: &[&str], envs: &[(&str, &str)], ready: &str) -> (Child, Output) {
+    let mut cmd = Command::new(args[0]);
+    cmd.args(&args[1..]);
+    collect(cmd, args, envs, ready)
 }
 
 /// The collected output lines of a spawned process.
