@@ -736,7 +736,11 @@ services:
     let store = Store::new();
     store.apply(batch);
     let snap = store.load();
-    let host = |a: NetworkAddr| snap.service_by_vip(&a, None).map(|s| s.hostname.clone());
+    let host = |a: NetworkAddr| {
+        snap.service_by_vip(&a, None)
+            .or_else(|| snap.service_by_range(&a, None))
+            .map(|s| s.hostname.clone())
+    };
     assert_eq!(
         host(NetworkAddr::new("", ip("10.1.200.7"))).as_deref(),
         Some("ext.example.com")

@@ -353,7 +353,11 @@ impl TryFrom<pw::Service> for Service {
                     continue;
                 }
             }
-            vips.push(NetworkAddr::new(a.network.clone(), ip));
+            let vip = NetworkAddr::new(a.network.clone(), ip);
+            // Listed twice is held once.
+            if !vips.contains(&vip) {
+                vips.push(vip);
+            }
         }
         let mut ports = BTreeMap::new();
         for (i, p) in s.ports.iter().enumerate() {

@@ -380,9 +380,15 @@ async fn open(
         addr
     };
     // Checked on the port the stream is finally delivered to (a service port resolves to its
-    // target port first): one of l4mesh's forwarding ports there is l4mesh itself.
-    if ctx.own_ports.forwards(addr.port()) {
-        return Err(ProxyError::SelfCall { dst: addr });
+    // target port first): one of l4mesh's forwarding ports there is l4mesh itself. On loopback
+    // every one of its ports is (the admin API answers there alone).
+    let own = if on_loopback {
+        ctx.own_ports.contains(addr.port())
+    } else {
+        ctx.own_ports.forwards(addr.port())
+    };
+    if own {
+        return Err(ProxyError::SelfCall { dst: delivery });
     }
     log.dst_identity = Some(wl.identity().to_string());
     // The source workload is the one at the `forwarded` client address, else at the TCP peer,
@@ -496,10 +502,11 @@ fn hostname_target(
     .ok_or_else(|| Outcome::NoUpstream(format!("no service has the hostname {host}")))?
     .clone();
     let mapped = |p: Option<&u16>| p.copied().filter(|p| *p != 0);
-    let target = snapshot
-        .endpoints(&svc.key())
-        .find(|(w, _)| w.uid == wl.uid)
-        .and_then(|(_, ep)| mapped(ep.ports.get(&port)))
+    // The workload's own membership (one map lookup, not a scan of the service's endpoints).
+    let target = wl
+        .services
+        .get(&svc.key())
+        .and_then(|ports| mapped(ports.get(&port)))
         .or_else(|| mapped(svc.ports.get(&port)))
         .ok_or_else(|| {
             Outcome::NoUpstream(format!(
@@ -567,19 +574,18 @@ fn service_endpoint(
 ) -> Result<(Arc<Workload>, SocketAddr, Arc<crate::model::Service>), ProxyError> {
     let mismatch = || ProxyError::from(Outcome::AuthorityMismatch { authority: target });
     let waypoint = dialled.ok_or_else(mismatch)?;
-    let svc = snapshot
-        .service_by_vip(
-            &crate::model::NetworkAddr::new(ctx.network.clone(), target.ip()),
-            Some(waypoint.namespace.as_str()),
-        )
-        .ok_or_else(mismatch)?
-        .clone();
-    if !svc
-        .waypoints()
-        .any(|gw| waypoint::is_waypoint(snapshot, gw, &waypoint))
-    {
-        return Err(mismatch());
-    }
+    // Among the services at that VIP, the ones this waypoint serves.
+    let vip = crate::model::NetworkAddr::new(ctx.network.clone(), target.ip());
+    let svc = crate::model::best_match(
+        snapshot.services_at_vip(&vip).filter(|s| {
+            s.waypoints()
+                .any(|gw| waypoint::is_waypoint(snapshot, gw, &waypoint))
+        }),
+        Some(waypoint.namespace.as_str()),
+        None,
+    )
+    .ok_or_else(mismatch)?
+    .clone();
     // A waypoint forwards to its own pod's addresses: never to a hostname.
     let keep =
         |wl: &Workload, ip: Option<std::net::IpAddr>| ip.is_some_and(|ip| ctx.serves(wl, ip));

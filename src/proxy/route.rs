@@ -75,14 +75,9 @@ pub fn route(
     rng: &mut impl Rng,
 ) -> Result<Upstream, RouteError> {
     let key = NetworkAddr::new(network.clone(), dst.ip());
-    if let Some(svc) = snapshot.service_by_vip(&key, src.map(|w| w.namespace.as_str())) {
-        if let Some(gw) = svc.pick_waypoint(rng) {
-            let owner = format!("service {}", svc.key());
-            if let Some(wp) = waypoint::resolve(snapshot, gw, &owner, src, dst, rng)? {
-                return Ok(via(wp, dst, None, Some(svc.clone())));
-            }
-        }
-        return service_endpoint(snapshot, svc, src, dst, &|_, _| true, rng);
+    let client_ns = src.map(|w| w.namespace.as_str());
+    if let Some(svc) = snapshot.service_by_vip(&key, client_ns) {
+        return to_service(snapshot, svc, src, dst, rng);
     }
     if let Some(wl) = snapshot.workload_by_addr(&key) {
         if let Some(gw) = &wl.waypoint {
@@ -100,6 +95,10 @@ pub fn route(
             hostname: None,
         });
     }
+    // An address range (a ServiceEntry's CIDR) last: a VIP or a workload's own address wins.
+    if let Some(svc) = snapshot.service_by_range(&key, client_ns) {
+        return to_service(snapshot, svc, src, dst, rng);
+    }
     Ok(Upstream {
         addr: dst,
         workload: None,
@@ -108,6 +107,28 @@ pub fn route(
         waypoint: None,
         hostname: None,
     })
+}
+
+/// A connection to service `svc`: through one of its waypoints, unless the client is one of
+/// them (its own traffic is not sent back to a waypoint), else to an endpoint.
+fn to_service(
+    snapshot: &Snapshot,
+    svc: &Arc<Service>,
+    src: Option<&Workload>,
+    dst: SocketAddr,
+    rng: &mut impl Rng,
+) -> Result<Upstream, RouteError> {
+    let from_a_waypoint = src.is_some_and(|s| {
+        svc.waypoints()
+            .any(|gw| waypoint::is_waypoint(snapshot, gw, s))
+    });
+    if let Some(gw) = svc.pick_waypoint(rng).filter(|_| !from_a_waypoint) {
+        let owner = format!("service {}", svc.key());
+        if let Some(wp) = waypoint::resolve(snapshot, gw, &owner, src, dst, rng)? {
+            return Ok(via(wp, dst, None, Some(svc.clone())));
+        }
+    }
+    service_endpoint(snapshot, svc, src, dst, &|_, _| true, rng)
 }
 
 /// An upstream through waypoint `wp`: the authority stays the original destination `dst` (the

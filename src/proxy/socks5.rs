@@ -175,13 +175,17 @@ async fn resolve_name(ctx: &ProxyCtx, name: &str, port: u16) -> Result<SocketAdd
     }
     let vip = {
         let snapshot = ctx.store.load();
-        snapshot.service_by_hostname(name).and_then(|svc| {
-            svc.vips
-                .iter()
-                .find(|v| v.network == ctx.network)
-                .or(svc.vips.first())
-                .map(|v| v.ip)
-        })
+        // As the DNS proxy would answer the served workload: its namespace's service first.
+        let client_ns = ctx.own_workload.as_ref().map(|w| w.namespace.as_str());
+        crate::model::best_match(snapshot.services_by_hostname(name), client_ns, None).and_then(
+            |svc| {
+                svc.vips
+                    .iter()
+                    .find(|v| v.network == ctx.network)
+                    .or(svc.vips.first())
+                    .map(|v| v.ip)
+            },
+        )
     };
     if let Some(ip) = vip {
         return Ok(SocketAddr::new(ip, port));

@@ -58,21 +58,37 @@ impl Snapshot {
         self.services.get(key)
     }
 
-    /// The service a client of `client_namespace` reaches at `addr`: among the services with
-    /// that exact VIP, else among those whose address range holds it (the longest prefix), the
-    /// [`best_match`] (as ztunnel: its own namespace's, else the canonical one, else the first).
+    /// The service a client of `client_namespace` reaches at the exact VIP `addr`: among the
+    /// services holding it, the [`best_match`] (as ztunnel: its own namespace's, else the
+    /// canonical one, else the first registered).
     pub fn service_by_vip(
         &self,
         addr: &NetworkAddr,
         client_namespace: Option<&str>,
     ) -> Option<&Arc<Service>> {
-        if let Some(keys) = self.service_by_vip.get(addr) {
-            return best_match(
-                keys.iter().filter_map(|k| self.services.get(k)),
-                client_namespace,
-                None,
-            );
-        }
+        best_match(self.services_at_vip(addr), client_namespace, None)
+    }
+
+    /// Every service holding the exact VIP `addr`, the first registered first.
+    pub fn services_at_vip<'a>(
+        &'a self,
+        addr: &NetworkAddr,
+    ) -> impl Iterator<Item = &'a Arc<Service>> + 'a {
+        self.service_by_vip
+            .get(addr)
+            .into_iter()
+            .flatten()
+            .filter_map(|k| self.services.get(k))
+    }
+
+    /// The service whose address range holds `addr` (a ServiceEntry's CIDR), the longest prefix
+    /// first; ties go to [`best_match`] in key order (the same on every node). Asked only for
+    /// destinations that are neither a VIP nor a workload, so ranges never take a pod's traffic.
+    pub fn service_by_range(
+        &self,
+        addr: &NetworkAddr,
+        client_namespace: Option<&str>,
+    ) -> Option<&Arc<Service>> {
         if self.cidr_services.is_empty() {
             return None;
         }
@@ -83,23 +99,23 @@ impl Snapshot {
             .filter(|c| c.contains(addr))
             .map(|c| c.net.prefix_len())
             .max()?;
-        best_match(
-            self.cidr_services.values().filter(|s| {
+        let mut tied: Vec<&Arc<Service>> = self
+            .cidr_services
+            .values()
+            .filter(|s| {
                 s.cidr_vips
                     .iter()
                     .any(|c| c.net.prefix_len() == longest && c.contains(addr))
-            }),
-            client_namespace,
-            None,
-        )
+            })
+            .collect();
+        tied.sort_by_key(|s| s.key());
+        best_match(tied.into_iter(), client_namespace, None)
     }
 
-    /// A service by its hostname alone (`echo.default.svc.cluster.local`), for SOCKS5 and DNS names.
+    /// The first registered service with this hostname (tests and tools; the data path and the
+    /// DNS proxy choose among all of them with [`best_match`]).
     pub fn service_by_hostname(&self, hostname: &str) -> Option<&Arc<Service>> {
-        self.service_by_host
-            .get(hostname)
-            .and_then(|keys| keys.last())
-            .and_then(|k| self.services.get(k))
+        self.services_by_hostname(hostname).next()
     }
 
     /// Every service with this hostname, the oldest first: one hostname may be declared in several
@@ -261,11 +277,15 @@ impl Snapshot {
         let key = s.key();
         match self.services.get(&key).cloned() {
             Some(old) => {
-                for vip in old.vips.iter().filter(|v| !s.vips.contains(v)) {
-                    index_remove(&mut self.service_by_vip, vip, &key);
+                let (before, after): (std::collections::HashSet<&NetworkAddr>, _) = (
+                    old.vips.iter().collect(),
+                    s.vips.iter().collect::<std::collections::HashSet<_>>(),
+                );
+                for vip in before.difference(&after) {
+                    index_remove(&mut self.service_by_vip, *vip, &key);
                 }
-                for vip in s.vips.iter().filter(|v| !old.vips.contains(v)) {
-                    index_add(&mut self.service_by_vip, vip.clone(), &key);
+                for vip in after.difference(&before) {
+                    index_add(&mut self.service_by_vip, (*vip).clone(), &key);
                 }
                 // The key is `<namespace>/<hostname>`: its hostname entry stays as it is.
                 self.cidr_services.remove(&key);

@@ -927,11 +927,12 @@ fn services_sharing_a_hostname_or_vip_survive_each_others_removal() {
         Upsert::Service(service("b", "api.example.com", &["240.240.0.1"])),
     ]));
     let snap = store.load();
+    // By hostname, the first registered.
     assert_eq!(
         snap.service_by_hostname("api.example.com")
             .unwrap()
             .namespace,
-        "b"
+        "a"
     );
     // By VIP, as ztunnel: the client's namespace's, else the first registered.
     assert_eq!(
@@ -1074,24 +1075,27 @@ fn address_ranges_match_after_exact_vips_the_longest_prefix_first() {
         Upsert::Service(service("default", ECHO_HOST, &["10.1.2.3"])),
     ]));
     let snap = store.load();
+    // Exact VIPs first (the router asks ranges only for what no VIP or workload holds).
     let host = |ip: &str| {
         snap.service_by_vip(&addr(ip), None)
+            .or_else(|| snap.service_by_range(&addr(ip), None))
             .map(|s| s.hostname.clone())
     };
     assert_eq!(host("10.1.2.3").as_deref(), Some(ECHO_HOST), "exact first");
+    assert!(snap.service_by_vip(&addr("10.1.2.4"), None).is_none());
     assert_eq!(host("10.1.2.4").as_deref(), Some("narrow.example.com"));
     assert_eq!(host("10.1.9.9").as_deref(), Some("wide.example.com"));
     assert_eq!(host("fd00::7").as_deref(), Some("narrow.example.com"));
     assert_eq!(host("10.2.0.1"), None);
     // Another network's address is not in the range.
     assert!(snap
-        .service_by_vip(&NetworkAddr::new("far", ip("10.1.2.4")), None)
+        .service_by_range(&NetworkAddr::new("far", ip("10.1.2.4")), None)
         .is_none());
     // Gone with its service.
     store.apply(removals(vec![remove_addr("default/narrow.example.com")]));
     let snap = store.load();
     assert_eq!(
-        snap.service_by_vip(&addr("10.1.2.4"), None)
+        snap.service_by_range(&addr("10.1.2.4"), None)
             .map(|s| s.hostname.as_str()),
         Some("wide.example.com")
     );

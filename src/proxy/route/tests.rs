@@ -510,3 +510,46 @@ fn service_endpoint_filters_before_choosing() {
         Err(RouteError::NoHealthyEndpoint { .. })
     ));
 }
+
+#[test]
+fn an_address_range_never_takes_a_workloads_or_a_vips_traffic() {
+    let mut ranged = service(&[(80, 8080)], LoadBalancing::default());
+    ranged.name = "ranged".into();
+    ranged.hostname = "ranged.example.com".into();
+    ranged.vips.clear();
+    ranged.cidr_vips = vec![crate::model::NetworkCidr {
+        network: "".into(),
+        net: "10.0.0.0/8".parse().unwrap(),
+    }];
+    let store = Store::new();
+    store.apply(crate::store::Batch {
+        upserts: vec![
+            crate::store::Upsert::Service(ranged),
+            crate::store::Upsert::Service(service(&[(80, 8080)], LoadBalancing::default())),
+            crate::store::Upsert::Workload(endpoint("a", "10.1.0.1", &[(80, 8080)])),
+        ],
+        ..Default::default()
+    });
+    let snap = store.load();
+    let go = |dst: &str| {
+        route(
+            &snap,
+            &net(),
+            None,
+            dst.parse().unwrap(),
+            &mut SmallRng::seed_from_u64(1),
+        )
+    };
+    // The VIP and the pod keep their own routes.
+    assert_eq!(go("10.0.0.1:80").unwrap().service.unwrap().name, "echo");
+    let pod = go("10.1.0.1:8080").unwrap();
+    assert!(pod.service.is_none());
+    assert_eq!(pod.workload.unwrap().name, "a");
+    // Anything else in the range is the range's service (which has no endpoint here).
+    match go("10.200.0.1:80") {
+        Err(RouteError::NoHealthyEndpoint { service, .. }) => {
+            assert_eq!(service.hostname(), "ranged.example.com")
+        }
+        other => panic!("{other:?}"),
+    }
+}

@@ -273,3 +273,40 @@ fn weighted_waypoints_share_a_service_by_weight() {
     assert_eq!(seen.len(), 2);
     assert_eq!(svc.waypoints().count(), 2);
 }
+
+#[test]
+fn a_weighted_waypoints_own_traffic_is_not_sent_to_another() {
+    let mut svc = service("echo", "10.0.0.1", None);
+    svc.weighted_waypoints = vec![
+        crate::model::WeightedWaypoint {
+            gateway: by_addr("10.0.0.9"),
+            weight: 1,
+        },
+        crate::model::WeightedWaypoint {
+            gateway: by_addr("10.0.0.8"),
+            weight: 1,
+        },
+    ];
+    let canary = workload("canary", "10.0.0.8", "waypoint");
+    let s = store(
+        vec![svc],
+        vec![echo_endpoint(), waypoint_wl(), canary.clone()],
+    );
+    let snap = s.load();
+    let mut rng = SmallRng::seed_from_u64(3);
+    // From either waypoint: straight to the endpoint, never through the other waypoint.
+    for _ in 0..100 {
+        for from in [&canary, &waypoint_wl()] {
+            let up = route(
+                &snap,
+                &Arc::from(""),
+                Some(from),
+                "10.0.0.1:80".parse().unwrap(),
+                &mut rng,
+            )
+            .unwrap();
+            assert!(up.waypoint.is_none(), "{} → {:?}", from.name, up.waypoint);
+            assert_eq!(up.workload.unwrap().name, "a");
+        }
+    }
+}
