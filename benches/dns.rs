@@ -248,13 +248,9 @@ fn start_ztunnel(mesh: &Path, resolv: &Path) -> Option<(Proc, SocketAddr)> {
 }
 
 fn main() {
-    if !std::env::args().any(|a| a == "--bench") {
+    let Some(secs) = common::bench_secs(4.0) else {
         return;
-    }
-    let secs: f64 = std::env::var("BENCH_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(4.0);
+    };
     let dir = tempfile::tempdir().unwrap();
     let (mesh, hosts_file, resolv) = (
         dir.path().join("mesh.yaml"),

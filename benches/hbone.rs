@@ -363,17 +363,10 @@ async fn echo() {
 }
 
 fn main() {
-    if !std::env::args().any(|a| a == "--bench") {
+    let Some(secs) = common::bench_secs(4.0) else {
         return;
-    }
-    let secs: f64 = std::env::var("BENCH_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(4.0);
-    let _ = Command::new("taskset")
-        .args(["-a", "-p", "-c", "0", &std::process::id().to_string()])
-        .stdout(Stdio::null())
-        .status();
+    };
+    common::pin_self(0);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()

@@ -52,16 +52,12 @@ fn pods() -> Vec<PodSpec> {
 }
 
 fn main() {
-    if !std::env::args().any(|a| a == "--bench") {
+    let Some(secs) = common::bench_secs(4.0) else {
         return;
-    }
+    };
     if !netns::privileged("pod_to_pod bench", &[]) {
         return;
     }
-    let secs: f64 = std::env::var("BENCH_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(4.0);
     pin(std::process::id(), "0");
     let c = Cluster::start(
         "pb",

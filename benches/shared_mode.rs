@@ -115,16 +115,12 @@ fn measure(c: &Cluster, secs: f64, pids: &[u32], served: Vec<Duration>) -> Figur
 }
 
 fn main() {
-    if !std::env::args().any(|a| a == "--bench") {
+    let Some(secs) = common::bench_secs(4.0) else {
         return;
-    }
+    };
     if !netns::privileged("shared_mode bench", &[]) {
         return;
     }
-    let secs: f64 = std::env::var("BENCH_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(4.0);
     let n: usize = std::env::var("BENCH_PODS")
         .ok()
         .and_then(|s| s.parse().ok())

@@ -173,13 +173,9 @@ fn start_envoy(target: SocketAddr) -> Option<(Proc, SocketAddr)> {
 
 fn main() {
     // `cargo bench` passes --bench; `cargo test --benches` passes nothing and should not run it.
-    if !std::env::args().any(|a| a == "--bench") {
+    let Some(secs) = common::bench_secs(5.0) else {
         return;
-    }
-    let secs: f64 = std::env::var("BENCH_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(5.0);
+    };
     let (l4, socks) = start_l4mesh();
     pin_self(0);
     let (target, count) = sink();

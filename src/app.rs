@@ -336,7 +336,12 @@ async fn build(
         (Some(settings), Some(metrics)) => Some(Arc::new(dns_context(
             config,
             settings,
-            (resolvers.clone(), &resolv_conf),
+            resolvers.clone(),
+            // Dedicated mode runs in the pod: its resolv.conf is the client's (ztunnel's rule).
+            config
+                .inpod
+                .is_none()
+                .then(|| crate::dns::forward::search_domains(&resolv_conf)),
             store.clone(),
             metrics.clone(),
         ))),
@@ -565,7 +570,8 @@ async fn build(
 fn dns_context(
     config: &Config,
     settings: &crate::config::DnsSettings,
-    (upstreams, resolv_conf): (crate::dns::forward::Upstreams, &str),
+    upstreams: crate::dns::forward::Upstreams,
+    search: Option<Vec<String>>,
     store: Arc<crate::store::Store>,
     metrics: Arc<crate::dns::DnsMetrics>,
 ) -> crate::dns::server::DnsContext {
@@ -577,11 +583,7 @@ fn dns_context(
         network: config.network.as_str().into(),
         rules: settings.rules.clone(),
         own_workload: config.workload_info.clone(),
-        // Dedicated mode runs in the pod: its resolv.conf is the client's (ztunnel's rule).
-        search: config
-            .inpod
-            .is_none()
-            .then(|| crate::dns::forward::search_domains(resolv_conf)),
+        search,
         node_name: config.node_name.clone(),
         upstreams,
         metrics,

@@ -19,6 +19,17 @@ impl Drop for Proc {
     }
 }
 
+/// `BENCH_SECS` (else `default`) per case when run by `cargo bench`; `None` under `cargo test
+/// --benches`, which builds benches without running them.
+pub fn bench_secs(default: f64) -> Option<f64> {
+    std::env::args().any(|a| a == "--bench").then(|| {
+        std::env::var("BENCH_SECS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(default)
+    })
+}
+
 /// Pins this process (all its threads) to `core`, best effort: the load generator stays off the
 /// proxy's core.
 pub fn pin_self(core: usize) {

@@ -267,16 +267,9 @@ impl CertView {
         let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
         let validity = cert.validity();
         let secs = |t: x509_parser::time::ASN1Time| u64::try_from(t.timestamp()).unwrap_or(0);
-        let b64 = base64::engine::general_purpose::STANDARD;
-        let body = b64.encode(der);
-        let mut pem = String::from("-----BEGIN CERTIFICATE-----\n");
-        for line in body.as_bytes().chunks(64) {
-            pem.push_str(&String::from_utf8_lossy(line));
-            pem.push('\n');
-        }
-        pem.push_str("-----END CERTIFICATE-----\n");
+        let pem = crate::identity::der_to_pem("CERTIFICATE", der);
         Some(CertView {
-            pem: b64.encode(pem),
+            pem: base64::engine::general_purpose::STANDARD.encode(pem),
             serial_number: cert.serial.to_string(),
             valid_from: super::config_dump::rfc3339(secs(validity.not_before)),
             expiration_time: super::config_dump::rfc3339(secs(validity.not_after)),

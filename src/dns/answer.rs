@@ -96,13 +96,12 @@ pub fn lookup(
     // `name` as it is, else completed as a Kubernetes name: the records are given under `name`
     // (ztunnel answers `echo` with `echo. A <vip>`, no CNAME).
     let as_named = |name: &str| {
-        let (addrs, wildcard) = host(snapshot, name, client, rules).or_else(|| {
+        host(snapshot, name, client, rules).or_else(|| {
             let ns = client.namespace?;
             kube_fqdns(name, ns, &rules.cluster_domain)
                 .iter()
                 .find_map(|c| host(snapshot, c, client, rules))
-        })?;
-        Some((addrs, wildcard))
+        })
     };
     if let Some((addrs, _)) = as_named(qname) {
         return Some(Found {

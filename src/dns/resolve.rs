@@ -101,15 +101,15 @@ impl HostResolver {
                 return Err(e)
             }
             (a, b) => {
-                let (mut addrs, mut ttl) = (Vec::new(), None::<u32>);
-                for (found, t) in [a, b].into_iter().flatten() {
-                    addrs.extend(found);
-                    ttl = match (ttl, t) {
-                        (Some(x), Some(y)) => Some(x.min(y)),
-                        (x, y) => x.or(y),
-                    };
-                }
-                (addrs, ttl)
+                let answered: Vec<_> = [a, b].into_iter().flatten().collect();
+                let ttl = answered.iter().filter_map(|(_, t)| *t).min();
+                (
+                    answered
+                        .into_iter()
+                        .flat_map(|(found, _)| found)
+                        .collect::<Vec<_>>(),
+                    ttl,
+                )
             }
         };
         let keep = match ttl {

@@ -152,45 +152,45 @@ impl DnsServer {
     /// Binds UDP and TCP on the first of `addrs` (an error if it cannot) and on the others
     /// where it can (the IPv6 loopback of the default pair is absent where IPv6 is off).
     pub async fn bind(addrs: &[SocketAddr]) -> std::io::Result<(DnsServer, Vec<SocketAddr>)> {
+        Self::bind_with(addrs, "this node", |a| async move {
+            let u = std::net::UdpSocket::bind(a)?;
+            // The same port for TCP, also when the configured one was 0.
+            let t = std::net::TcpListener::bind(u.local_addr()?)?;
+            u.set_nonblocking(true)?;
+            t.set_nonblocking(true)?;
+            Ok((u, t))
+        })
+        .await
+    }
+
+    /// [`DnsServer::bind`] with `pair` making each address's sockets (non-blocking; a pod's are
+    /// made in its namespace); `owner` names whose they are in the line of a skipped address.
+    pub async fn bind_with<F, Fut>(
+        addrs: &[SocketAddr],
+        owner: &str,
+        pair: F,
+    ) -> std::io::Result<(DnsServer, Vec<SocketAddr>)>
+    where
+        F: Fn(SocketAddr) -> Fut,
+        Fut: std::future::Future<
+            Output = std::io::Result<(std::net::UdpSocket, std::net::TcpListener)>,
+        >,
+    {
         let (mut udp, mut tcp, mut bound) = (Vec::new(), Vec::new(), Vec::new());
         for (i, a) in addrs.iter().enumerate() {
-            let pair = async {
-                let u = UdpSocket::bind(a).await?;
-                let local = u.local_addr()?;
-                // The same port for TCP, also when the configured one was 0.
-                let t = TcpListener::bind(local).await?;
-                Ok::<_, std::io::Error>((u, t, local))
-            };
-            match pair.await {
-                Ok((u, t, local)) => {
-                    udp.push(u);
-                    tcp.push(t);
-                    bound.push(local);
+            match pair(*a).await {
+                Ok((u, t)) => {
+                    bound.push(u.local_addr()?);
+                    udp.push(UdpSocket::from_std(u)?);
+                    tcp.push(TcpListener::from_std(t)?);
                 }
                 Err(e) if i > 0 => {
-                    tracing::info!(addr = %a, error = %e, "DNS proxy: not listening on this address");
+                    tracing::info!(addr = %a, owner, error = %e, "DNS proxy: not listening on this address");
                 }
                 Err(e) => return Err(e),
             }
         }
         Ok((DnsServer { udp, tcp }, bound))
-    }
-
-    /// Sockets bound elsewhere (a pod's namespace): non-blocking, joined to the runtime here.
-    pub fn from_std(
-        udp: Vec<std::net::UdpSocket>,
-        tcp: Vec<std::net::TcpListener>,
-    ) -> std::io::Result<DnsServer> {
-        Ok(DnsServer {
-            udp: udp
-                .into_iter()
-                .map(UdpSocket::from_std)
-                .collect::<Result<_, _>>()?,
-            tcp: tcp
-                .into_iter()
-                .map(TcpListener::from_std)
-                .collect::<Result<_, _>>()?,
-        })
     }
 
     /// Serves until dropped (its tasks with it).

@@ -472,27 +472,13 @@ fn random_serial() -> SerialNumber {
     SerialNumber::from_slice(&bytes)
 }
 
-/// PEM text of a DER certificate (64-column base64, as every PEM reader expects).
-/// PEM text of one DER object (`label`: `CERTIFICATE`, `PRIVATE KEY`…), for tools that read files
-/// (Envoy, operators).
+/// PEM text of one DER object (`label`: `CERTIFICATE`, `PRIVATE KEY`…), 64-column base64 as
+/// every PEM reader expects, for tools that read files (Envoy, operators) and `/config_dump`.
 pub fn der_to_pem(label: &str, der: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut b64 = Vec::with_capacity(der.len().div_ceil(3) * 4);
-    for chunk in der.chunks(3) {
-        let n = chunk
-            .iter()
-            .enumerate()
-            .fold(0u32, |n, (i, &b)| n | u32::from(b) << (16 - 8 * i));
-        for i in 0..4 {
-            b64.push(if i <= chunk.len() {
-                ALPHABET[(n >> (18 - 6 * i) & 0x3f) as usize]
-            } else {
-                b'='
-            });
-        }
-    }
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
     let mut pem = format!("-----BEGIN {label}-----\n");
-    for line in b64.chunks(64) {
+    for line in b64.as_bytes().chunks(64) {
         pem.push_str(&String::from_utf8_lossy(line));
         pem.push('\n');
     }

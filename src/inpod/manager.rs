@@ -51,6 +51,18 @@ pub struct PodDns {
     pub template: Arc<DnsContext>,
 }
 
+impl PodDns {
+    /// The context of `pod`'s DNS proxy: every client is the pod, forwarded queries leave from
+    /// its namespace.
+    fn for_pod(&self, pod: &WorkloadInfo, netns: &Arc<PodNetns>) -> Arc<DnsContext> {
+        Arc::new(DnsContext {
+            own_workload: Some(pod.clone()),
+            upstreams: self.template.upstreams.from_pod(netns.clone()),
+            ..(*self.template).clone()
+        })
+    }
+}
+
 /// What the manager needs from the node.
 pub struct NodeParts {
     /// The node's context: the template of every pod's.
@@ -197,7 +209,7 @@ impl PodManager {
         // A pod whose DNS port is taken (by its application) is still served, without DNS.
         let dns = match &self.listeners.dns {
             Some(d) => match bind_dns(&netns, d, self.listeners.port_reuse).await {
-                Ok(server) => Some(server),
+                Ok(server) => Some((server, d.for_pod(&scope.info, &netns))),
                 Err(e) => {
                     tracing::warn!(pod = %scope.name, error = %e, "pod DNS proxy not started: its DNS queries are not answered by l4mesh");
                     None
@@ -232,17 +244,8 @@ impl PodManager {
             })?;
             serve.push(Listener::new(l, ctx.clone(), role, limiter.clone()));
         }
-        let dns = match (dns, &self.listeners.dns) {
-            (Some(server), Some(d)) => {
-                let ctx = Arc::new(DnsContext {
-                    own_workload: Some(scope.info.clone()),
-                    upstreams: d.template.upstreams.from_pod(netns.clone()),
-                    ..(*d.template).clone()
-                });
-                Some(tokio::spawn(server.run(ctx)))
-            }
-            _ => None,
-        };
+        // Started once nothing can fail any more (a failed add leaves no task behind).
+        let dns = dns.map(|(server, ctx)| tokio::spawn(server.run(ctx)));
         let (gate, signal) = (self.node.readiness.clone(), drain.signal());
         let listeners = tokio::spawn(crate::proxy::serve_when_ready(serve, gate, signal));
         tracing::info!(pod = %scope.name, %uid, service_account = %scope.info.service_account, "pod added: listening in its network namespace");
@@ -390,31 +393,13 @@ impl PodHandler for PodManager {
 }
 
 /// The pod's DNS sockets (UDP and TCP on each address) inside its namespace.
-async fn bind_dns(
-    netns: &PodNetns,
-    dns: &PodDns,
-    port_reuse: bool,
-) -> Result<DnsServer, NetnsError> {
-    let (mut udp, mut tcp) = (Vec::new(), Vec::new());
-    for (i, addr) in dns.addrs.iter().enumerate() {
-        let pair = async {
-            let u = netns.bind_udp(*addr, port_reuse).await?;
-            let t = netns.listen(*addr, port_reuse).await?;
-            Ok::<_, NetnsError>((u, t))
-        };
-        match pair.await {
-            Ok((u, t)) => {
-                udp.push(u);
-                tcp.push(t);
-            }
-            Err(e) if i > 0 => {
-                tracing::debug!(pod = netns.pod(), %addr, error = %e, "pod DNS proxy: not listening on this address");
-            }
-            Err(e) => return Err(e),
-        }
-    }
-    DnsServer::from_std(udp, tcp).map_err(|source| NetnsError::Socket {
-        pod: netns.pod().to_owned(),
-        source,
+async fn bind_dns(netns: &PodNetns, dns: &PodDns, port_reuse: bool) -> std::io::Result<DnsServer> {
+    let (server, _) = DnsServer::bind_with(&dns.addrs, netns.pod(), |addr| async move {
+        let udp = netns.bind_udp(addr, port_reuse).await;
+        let udp = udp.map_err(std::io::Error::other)?;
+        let tcp = netns.listen(addr, port_reuse).await;
+        Ok((udp, tcp.map_err(std::io::Error::other)?))
     })
+    .await?;
+    Ok(server)
 }

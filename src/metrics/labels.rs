@@ -125,7 +125,7 @@ pub struct Peer<'a> {
 
 /// The workload's `workload_name`, else its own name (istiod always fills the former; a local
 /// config may not).
-fn workload_name(w: &Workload) -> &str {
+pub(super) fn workload_name(w: &Workload) -> &str {
     if w.workload_name.is_empty() {
         &w.name
     } else {

@@ -53,13 +53,7 @@ impl OnDemandDnsLabels {
     fn new(src: Option<&crate::model::Workload>, hostname: &str) -> Self {
         let or_unknown =
             |v: Option<&str>| v.filter(|v| !v.is_empty()).unwrap_or(UNKNOWN).to_owned();
-        let name = src.map(|w| {
-            if w.workload_name.is_empty() {
-                w.name.as_str()
-            } else {
-                w.workload_name.as_str()
-            }
-        });
+        let name = src.map(super::labels::workload_name);
         let service = src.map(|w| w.canonical_name.as_str());
         let revision = src.map(|w| w.canonical_revision.as_str());
         Self {

@@ -157,28 +157,6 @@ impl Service {
         ServiceKey::from_parts(&self.namespace, &self.hostname)
     }
 
-    /// The waypoint one connection to this service goes through: one of the weighted waypoints
-    /// drawn by weight (all weights 0: any of them), else the waypoint.
-    pub fn pick_waypoint(&self, rng: &mut impl rand::Rng) -> Option<&GatewayAddress> {
-        let w = &self.weighted_waypoints;
-        if w.is_empty() {
-            return self.waypoint.as_ref();
-        }
-        let total: u64 = w.iter().map(|x| u64::from(x.weight)).sum();
-        if total == 0 {
-            return w.get(rng.random_range(0..w.len())).map(|x| &x.gateway);
-        }
-        let mut pick = rng.random_range(0..total);
-        for x in w {
-            let weight = u64::from(x.weight);
-            if pick < weight {
-                return Some(&x.gateway);
-            }
-            pick -= weight;
-        }
-        w.last().map(|x| &x.gateway)
-    }
-
     /// Every waypoint of the service (the weighted ones, else the one): a tunnel dialled on any of
     /// them is the service's waypoint traffic.
     pub fn waypoints(&self) -> impl Iterator<Item = &GatewayAddress> {

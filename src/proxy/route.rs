@@ -12,8 +12,8 @@ use std::sync::Arc;
 use rand::Rng;
 
 use crate::model::{
-    HealthPolicy, LoadBalancing, LoadBalancingMode, NetworkAddr, RoutingScope, Service, ServiceKey,
-    TunnelProtocol, Workload, WorkloadStatus,
+    GatewayAddress, HealthPolicy, LoadBalancing, LoadBalancingMode, NetworkAddr, RoutingScope,
+    Service, ServiceKey, TunnelProtocol, Workload, WorkloadStatus,
 };
 use crate::store::Snapshot;
 pub use waypoint::Waypoint;
@@ -118,11 +118,14 @@ fn to_service(
     dst: SocketAddr,
     rng: &mut impl Rng,
 ) -> Result<Upstream, RouteError> {
-    let from_a_waypoint = src.is_some_and(|s| {
-        svc.waypoints()
-            .any(|gw| waypoint::is_waypoint(snapshot, gw, s))
-    });
-    if let Some(gw) = svc.pick_waypoint(rng).filter(|_| !from_a_waypoint) {
+    // Asked only of a service that has a waypoint.
+    let from_a_waypoint = || {
+        src.is_some_and(|s| {
+            svc.waypoints()
+                .any(|gw| waypoint::is_waypoint(snapshot, gw, s))
+        })
+    };
+    if let Some(gw) = pick_waypoint(svc, rng).filter(|_| !from_a_waypoint()) {
         let owner = format!("service {}", svc.key());
         if let Some(wp) = waypoint::resolve(snapshot, gw, &owner, src, dst, rng)? {
             return Ok(via(wp, dst, None, Some(svc.clone())));
@@ -298,25 +301,40 @@ fn rank(prefs: &[RoutingScope], src: Option<&Workload>, wl: &Workload) -> usize 
 }
 
 fn weighted(pool: &[usize], candidates: &[Candidate<'_>], rng: &mut impl Rng) -> Option<usize> {
-    if pool.is_empty() {
+    weighted_choice(pool, |i| u64::from(candidates[*i].wl.capacity), rng).copied()
+}
+
+/// One of `items` drawn with probability proportional to `weight` (all weights 0: uniformly).
+fn weighted_choice<'a, T>(
+    items: &'a [T],
+    weight: impl Fn(&T) -> u64,
+    rng: &mut impl Rng,
+) -> Option<&'a T> {
+    if items.is_empty() {
         return None;
     }
-    let total: u64 = pool
-        .iter()
-        .map(|i| u64::from(candidates[*i].wl.capacity))
-        .sum();
+    let total: u64 = items.iter().map(&weight).sum();
     if total == 0 {
-        return Some(pool[rng.random_range(0..pool.len())]);
+        return items.get(rng.random_range(0..items.len()));
     }
     let mut pick = rng.random_range(0..total);
-    for i in pool {
-        let w = u64::from(candidates[*i].wl.capacity);
+    for item in items {
+        let w = weight(item);
         if pick < w {
-            return Some(*i);
+            return Some(item);
         }
         pick -= w;
     }
-    pool.last().copied()
+    items.last()
+}
+
+/// The waypoint one connection to `svc` goes through: one of its weighted waypoints drawn by
+/// weight, else its waypoint.
+pub fn pick_waypoint<'a>(svc: &'a Service, rng: &mut impl Rng) -> Option<&'a GatewayAddress> {
+    if svc.weighted_waypoints.is_empty() {
+        return svc.waypoint.as_ref();
+    }
+    weighted_choice(&svc.weighted_waypoints, |w| u64::from(w.weight), rng).map(|w| &w.gateway)
 }
 
 #[cfg(test)]

@@ -301,16 +301,7 @@ async fn hbone_peer_gets_goaway_and_the_active_tunnel_finishes() {
     raw_send
         .send_data(bytes::Bytes::from_static(b" stream"), true)
         .unwrap();
-    let mut body = resp.into_body();
-    let mut got = Vec::new();
-    while let Some(chunk) = tokio::time::timeout(Duration::from_secs(5), body.data())
-        .await
-        .unwrap()
-    {
-        let chunk = chunk.unwrap();
-        let _ = body.flow_control().release_capacity(chunk.len());
-        got.extend_from_slice(&chunk);
-    }
+    let got = raw_hbone::read_to_end(resp).await;
     assert_eq!(got, b"b:raw stream");
     tunnel.write_all(b" and on").await.unwrap();
     tunnel.shutdown().await.unwrap();

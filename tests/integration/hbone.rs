@@ -554,16 +554,7 @@ async fn a_service_hostname_is_delivered_to_the_dialled_workload() {
     assert_eq!(resp.status(), 200);
     send.send_data(bytes::Bytes::from_static(b"by name"), true)
         .unwrap();
-    let mut body = resp.into_body();
-    let mut got = Vec::new();
-    while let Some(chunk) = tokio::time::timeout(Duration::from_secs(5), body.data())
-        .await
-        .unwrap()
-    {
-        let chunk = chunk.unwrap();
-        let _ = body.flow_control().release_capacity(chunk.len());
-        got.extend_from_slice(&chunk);
-    }
+    let got = super::raw_hbone::read_to_end(resp).await;
     assert_eq!(String::from_utf8(got).unwrap(), "b:by name");
     // A port the service does not have, a hostname no service has: 503.
     for authority in [

@@ -70,3 +70,19 @@ pub async fn connect(
 pub async fn status(send: SendRequest<Bytes>, authority: String) -> u16 {
     connect(send, authority).await.0.status().as_u16()
 }
+
+/// Everything the stream of `resp` carries until its end (5 s at most per chunk), with flow
+/// control released as it is read.
+pub async fn read_to_end(resp: http::Response<RecvStream>) -> Vec<u8> {
+    let mut body = resp.into_body();
+    let mut got = Vec::new();
+    while let Some(chunk) = tokio::time::timeout(Duration::from_secs(5), body.data())
+        .await
+        .unwrap()
+    {
+        let chunk = chunk.unwrap();
+        let _ = body.flow_control().release_capacity(chunk.len());
+        got.extend_from_slice(&chunk);
+    }
+    got
+}

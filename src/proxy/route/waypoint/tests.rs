@@ -219,19 +219,20 @@ fn waypoint_identities_and_membership() {
     assert!(identities(&snap, &by_addr("10.9.9.9")).is_empty());
 }
 
+/// Weighted waypoints by address.
+fn weighted(list: &[(&str, u32)]) -> Vec<crate::model::WeightedWaypoint> {
+    list.iter()
+        .map(|(addr, weight)| crate::model::WeightedWaypoint {
+            gateway: by_addr(addr),
+            weight: *weight,
+        })
+        .collect()
+}
+
 #[test]
 fn weighted_waypoints_share_a_service_by_weight() {
     let mut svc = service("echo", "10.0.0.1", Some(by_addr("10.0.0.7")));
-    svc.weighted_waypoints = vec![
-        crate::model::WeightedWaypoint {
-            gateway: by_addr("10.0.0.9"),
-            weight: 1,
-        },
-        crate::model::WeightedWaypoint {
-            gateway: by_addr("10.0.0.8"),
-            weight: 3,
-        },
-    ];
+    svc.weighted_waypoints = weighted(&[("10.0.0.9", 1), ("10.0.0.8", 3)]);
     let canary = workload("canary", "10.0.0.8", "waypoint");
     let s = store(vec![svc], vec![echo_endpoint(), waypoint_wl(), canary]);
     let snap = s.load();
@@ -256,18 +257,9 @@ fn weighted_waypoints_share_a_service_by_weight() {
     assert!((800..1200).contains(&stable), "{counts:?}");
     // All weights 0: any of them.
     let mut svc = service("zero", "10.0.0.2", None);
-    svc.weighted_waypoints = vec![
-        crate::model::WeightedWaypoint {
-            gateway: by_addr("10.0.0.9"),
-            weight: 0,
-        },
-        crate::model::WeightedWaypoint {
-            gateway: by_addr("10.0.0.8"),
-            weight: 0,
-        },
-    ];
+    svc.weighted_waypoints = weighted(&[("10.0.0.9", 0), ("10.0.0.8", 0)]);
     let seen: std::collections::HashSet<_> = (0..200)
-        .map(|_| svc.pick_waypoint(&mut rng).unwrap().clone())
+        .map(|_| super::super::pick_waypoint(&svc, &mut rng).unwrap().clone())
         .map(|g| format!("{g:?}"))
         .collect();
     assert_eq!(seen.len(), 2);
@@ -277,16 +269,7 @@ fn weighted_waypoints_share_a_service_by_weight() {
 #[test]
 fn a_weighted_waypoints_own_traffic_is_not_sent_to_another() {
     let mut svc = service("echo", "10.0.0.1", None);
-    svc.weighted_waypoints = vec![
-        crate::model::WeightedWaypoint {
-            gateway: by_addr("10.0.0.9"),
-            weight: 1,
-        },
-        crate::model::WeightedWaypoint {
-            gateway: by_addr("10.0.0.8"),
-            weight: 1,
-        },
-    ];
+    svc.weighted_waypoints = weighted(&[("10.0.0.9", 1), ("10.0.0.8", 1)]);
     let canary = workload("canary", "10.0.0.8", "waypoint");
     let s = store(
         vec![svc],
