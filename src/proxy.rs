@@ -442,8 +442,46 @@ impl Listener {
 
     /// Serves connections until a drain starts (then the socket is closed, so that new
     /// connections are refused) or the task is dropped.
+    ///
+    /// Each role spawns its own handler, so a connection's task is the size of its own path's
+    /// future, not of the largest of the four (an outbound task was 16 KiB for SOCKS5's sake).
     pub async fn run(self) {
-        let (ctx, role) = (self.ctx, self.role);
+        match self.role {
+            // The watcher lives as long as the connection (moved into its future); an HBONE
+            // connection hands it over, counting as a connection until its tunnels do instead.
+            Role::InboundHbone => self.serve(inbound_hbone::serve).await,
+            Role::Outbound => {
+                self.serve(|ctx, stream, peer, watcher| async move {
+                    let _watcher = watcher;
+                    outbound::serve(&ctx, stream, peer).await
+                })
+                .await
+            }
+            Role::InboundPlaintext => {
+                self.serve(|ctx, stream, peer, watcher| async move {
+                    let _watcher = watcher;
+                    inbound_plain::serve(&ctx, stream, peer).await
+                })
+                .await
+            }
+            Role::Socks5 => {
+                self.serve(|ctx, stream, peer, watcher| async move {
+                    let _watcher = watcher;
+                    socks5::serve(&ctx, stream, peer).await
+                })
+                .await
+            }
+        }
+    }
+
+    /// The accept loop with `handle` spawned for each admitted connection; the connection's
+    /// permit is held until `handle` ends.
+    async fn serve<F, Fut>(self, handle: F)
+    where
+        F: Fn(Arc<ProxyCtx>, tokio::net::TcpStream, SocketAddr, crate::drain::Watcher) -> Fut,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let ctx = self.ctx;
         let (drain, keepalive) = (ctx.drain.clone(), ctx.upstream.keepalive);
         accept_loop(
             self.listener,
@@ -451,19 +489,10 @@ impl Listener {
             keepalive,
             &drain,
             move |stream, peer, watcher, permit| {
-                let ctx = ctx.clone();
+                let conn = handle(ctx.clone(), stream, peer, watcher);
                 async move {
                     let _permit = permit;
-                    // The watcher lives as long as the connection; an HBONE connection hands it
-                    // over, counting as a connection until its tunnels do instead.
-                    match (role, watcher) {
-                        (Role::InboundHbone, w) => inbound_hbone::serve(ctx, stream, peer, w).await,
-                        (Role::Outbound, _w) => outbound::serve(&ctx, stream, peer).await,
-                        (Role::InboundPlaintext, _w) => {
-                            inbound_plain::serve(&ctx, stream, peer).await
-                        }
-                        (Role::Socks5, _w) => socks5::serve(&ctx, stream, peer).await,
-                    }
+                    conn.await
                 }
             },
         )

@@ -1,22 +1,45 @@
 //! Copying bytes both ways between a downstream and an upstream without interpreting them.
 //!
-//! Each direction has its own buffer that starts small (an idle connection costs little) and grows
-//! when reads fill it (a bulk transfer gets large reads and few syscalls). End of stream in one
-//! direction is propagated as a half-close (`shutdown(SHUT_WR)`), and the other direction keeps
-//! flowing until it ends too. An error in either direction ends both. Between two TCP sockets the
-//! bytes move with `splice(2)` through a kernel pipe (made lazily, at the first byte) instead.
+//! Between two TCP sockets the bytes move with `splice(2)` through a kernel pipe (made lazily, at
+//! the first byte) and never enter user space. Between a TCP socket and an HBONE tunnel stream
+//! they are copied once: read from the socket into a fresh buffer that is handed to h2 as it is,
+//! and written to the socket from the chunks h2 decoded. Read sizes grow with the volume a
+//! direction has moved (a request/response connection reads little at a time, a bulk transfer
+//! gets large reads and few syscalls), and nothing is held between reads: an idle connection
+//! costs no buffer. End of stream in one direction is propagated as a half-close
+//! (`shutdown(SHUT_WR)`, END_STREAM), and the other direction keeps flowing until it ends too. An
+//! error in either direction ends both.
 //!
 //! Every chunk moved is also added to the connection's [`Meter`] (its live byte metrics): one
 //! atomic add per chunk, so metrics follow long connections without a per-byte cost.
 
 use std::io;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use bytes::BytesMut;
 
+use super::h2io::{H2Recv, H2Send};
 use crate::metrics::Meter;
 
-/// Buffer sizes a direction steps through as traffic shows it needs more.
-const STEPS: [usize; 3] = [1024, 16 * 1024, 256 * 1024];
+/// How much a direction reads at once, growing with the bytes it has moved (as ztunnel's copy
+/// does): 1 KiB, 16 KiB after 128 KiB, 256 KiB after 10 MB.
+#[derive(Default)]
+struct ReadSize {
+    moved: u64,
+}
+
+impl ReadSize {
+    fn next(&self) -> usize {
+        match self.moved {
+            0..128_000 => 1024,
+            128_000..10_000_000 => 16 * 1024,
+            _ => 256 * 1024,
+        }
+    }
+
+    fn moved(&mut self, n: usize) {
+        self.moved += n as u64;
+    }
+}
 
 /// Bytes moved in each direction, reported even when the copy ended with an error.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -67,60 +90,107 @@ impl Flow {
     }
 }
 
-async fn one_way<R, W>(
-    r: &mut R,
-    w: &mut W,
+/// Which end of the connection the TCP socket of a tunnelled copy is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TcpEnd {
+    /// The client's connection (outbound: the tunnel goes upstream).
+    Downstream,
+    /// The connection to the workload (inbound: the tunnel came from downstream).
+    Upstream,
+}
+
+/// Copies between a TCP socket and an HBONE tunnel stream until both directions ended or one
+/// failed, or until `stop` resolves ([`CopyError::Stopped`]); the bytes moved until then are
+/// reported either way.
+pub async fn tcp_tunnel_until(
+    tcp: &tokio::net::TcpStream,
+    recv: &mut H2Recv,
+    send: &mut H2Send,
+    end: TcpEnd,
+    meter: &Meter,
+    stop: impl std::future::Future<Output = ()>,
+) -> (Transferred, Result<(), CopyError>) {
+    let mut t = Transferred::default();
+    let result = match end {
+        TcpEnd::Downstream => {
+            both_ways(
+                tcp_to_tunnel(tcp, send, &mut t.sent, meter, Flow::ClientToServer),
+                tunnel_to_tcp(recv, tcp, &mut t.received, meter, Flow::ServerToClient),
+                stop,
+            )
+            .await
+        }
+        TcpEnd::Upstream => {
+            both_ways(
+                tunnel_to_tcp(recv, tcp, &mut t.sent, meter, Flow::ClientToServer),
+                tcp_to_tunnel(tcp, send, &mut t.received, meter, Flow::ServerToClient),
+                stop,
+            )
+            .await
+        }
+    };
+    (t, result)
+}
+
+/// Socket → tunnel: each read fills a buffer of its own, which goes to h2 without a copy and is
+/// freed once written; between reads nothing is held.
+async fn tcp_to_tunnel(
+    r: &tokio::net::TcpStream,
+    w: &mut H2Send,
     counter: &mut u64,
     meter: &Meter,
     flow: Flow,
-) -> Result<(), Side>
-where
-    R: AsyncRead + Unpin + ?Sized,
-    W: AsyncWrite + Unpin + ?Sized,
-{
-    let mut step = 0;
-    let mut buf = vec![0u8; STEPS[0]];
+) -> Result<(), Side> {
+    let mut size = ReadSize::default();
     loop {
-        let n = r.read(&mut buf).await.map_err(Side::Read)?;
+        r.readable().await.map_err(Side::Read)?;
+        let mut buf = BytesMut::with_capacity(size.next());
+        let n = match r.try_read_buf(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(Side::Read(e)),
+        };
         if n == 0 {
             // Half-close: tell the other side no more data comes from here.
-            w.shutdown().await.map_err(Side::Write)?;
+            w.finish().map_err(Side::Write)?;
             return Ok(());
         }
-        w.write_all(&buf[..n]).await.map_err(Side::Write)?;
+        w.send_chunk(buf.freeze()).await.map_err(Side::Write)?;
         *counter += n as u64;
         flow.meter(meter, n as u64);
-        if n == buf.len() && step + 1 < STEPS.len() {
-            step += 1;
-            buf = vec![0u8; STEPS[step]];
-        }
+        size.moved(n);
     }
 }
 
-/// Copies until both directions reached end of stream or one failed, or until `stop` resolves
-/// ([`CopyError::Stopped`]); the bytes moved until then are reported either way.
-pub async fn bidirectional_until<DR, DW, UR, UW>(
-    down_r: &mut DR,
-    down_w: &mut DW,
-    up_r: &mut UR,
-    up_w: &mut UW,
+/// Tunnel → socket: the chunks h2 decoded are written as they are; the peer's window reopens
+/// only once a chunk is in the socket (a slow reader slows the sender).
+async fn tunnel_to_tcp(
+    r: &mut H2Recv,
+    w: &tokio::net::TcpStream,
+    counter: &mut u64,
     meter: &Meter,
-    stop: impl std::future::Future<Output = ()>,
-) -> (Transferred, Result<(), CopyError>)
-where
-    DR: AsyncRead + Unpin + ?Sized,
-    DW: AsyncWrite + Unpin + ?Sized,
-    UR: AsyncRead + Unpin + ?Sized,
-    UW: AsyncWrite + Unpin + ?Sized,
-{
-    let mut t = Transferred::default();
-    let result = both_ways(
-        one_way(down_r, up_w, &mut t.sent, meter, Flow::ClientToServer),
-        one_way(up_r, down_w, &mut t.received, meter, Flow::ServerToClient),
-        stop,
-    )
-    .await;
-    (t, result)
+    flow: Flow,
+) -> Result<(), Side> {
+    while let Some(chunk) = r.chunk().await.map_err(Side::Read)? {
+        write_all(w, &chunk).await.map_err(Side::Write)?;
+        r.release(chunk.len()).map_err(Side::Read)?;
+        *counter += chunk.len() as u64;
+        flow.meter(meter, chunk.len() as u64);
+    }
+    crate::socket::shutdown_write(w).map_err(Side::Write)
+}
+
+/// Writes all of `buf` to a socket shared with the other direction's reader.
+async fn write_all(w: &tokio::net::TcpStream, mut buf: &[u8]) -> io::Result<()> {
+    while !buf.is_empty() {
+        w.writable().await?;
+        match w.try_write(buf) {
+            Ok(m) => buf = &buf[m..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Drives both directions until both ended cleanly or one failed (which ends both).
@@ -189,7 +259,8 @@ async fn splice_one_way(
         Ok(p) => p,
         Err(e) => {
             tracing::debug!(error = %e, "no pipe for splice; using the buffered copy");
-            return buffered_one_way(r, w, counter, meter, flow).await;
+            // Boxed: the rare fallback's state would otherwise enlarge every copy.
+            return Box::pin(buffered_one_way(r, w, counter, meter, flow)).await;
         }
     };
     loop {
@@ -222,10 +293,11 @@ async fn buffered_one_way(
     meter: &Meter,
     flow: Flow,
 ) -> Result<(), Side> {
-    let mut step = 0;
-    let mut buf = vec![0u8; STEPS[0]];
+    let mut size = ReadSize::default();
+    let mut buf = Vec::new();
     loop {
         r.readable().await.map_err(Side::Read)?;
+        buf.resize(size.next(), 0);
         let n = match r.try_read(&mut buf) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
@@ -235,20 +307,9 @@ async fn buffered_one_way(
             crate::socket::shutdown_write(w).map_err(Side::Write)?;
             return Ok(());
         }
-        let mut off = 0;
-        while off < n {
-            w.writable().await.map_err(Side::Write)?;
-            match w.try_write(&buf[off..n]) {
-                Ok(m) => off += m,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(Side::Write(e)),
-            }
-        }
+        write_all(w, &buf[..n]).await.map_err(Side::Write)?;
         *counter += n as u64;
         flow.meter(meter, n as u64);
-        if n == buf.len() && step + 1 < STEPS.len() {
-            step += 1;
-            buf = vec![0u8; STEPS[step]];
-        }
+        size.moved(n);
     }
 }

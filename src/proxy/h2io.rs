@@ -1,5 +1,8 @@
-//! An HTTP/2 stream as a byte stream: [`H2Recv`] is `AsyncRead` over a `RecvStream`, [`H2Send`] is
-//! `AsyncWrite` over a `SendStream`, so `copy::bidirectional_until` copies between TCP and a tunnel.
+//! An HTTP/2 stream as a byte stream: [`H2Recv`] hands out the received chunks ([`H2Recv::chunk`],
+//! the bytes h2 decoded, not copied) and [`H2Send`] sends chunks the caller owns
+//! ([`H2Send::send_chunk`], handed to h2 as they are), so `copy::tcp_tunnel_until` moves bytes
+//! between TCP and a tunnel without copying them in user space. Both are also `AsyncRead` /
+//! `AsyncWrite`, for callers that want a byte stream.
 //!
 //! Flow control follows the bytes: receive capacity is released as the reader consumes data (a
 //! slow reader stops the peer instead of buffering without bound), and a write reserves send
@@ -91,6 +94,33 @@ impl H2Recv {
     }
 }
 
+impl H2Recv {
+    /// The next received chunk, `None` at the end of the stream. The chunk still counts against
+    /// the peer's window until [`H2Recv::release`] says it left this process.
+    pub async fn chunk(&mut self) -> io::Result<Option<Bytes>> {
+        if !self.pending.is_empty() {
+            return Ok(Some(std::mem::take(&mut self.pending)));
+        }
+        if self.eof {
+            return Ok(None);
+        }
+        match std::future::poll_fn(|cx| self.recv.poll_data(cx)).await {
+            None => {}
+            Some(Ok(data)) => return Ok(Some(data)),
+            // A reset with NO_ERROR after the peer is done is a clean end.
+            Some(Err(e)) if e.reason() == Some(Reason::NO_ERROR) => {}
+            Some(Err(e)) => return Err(to_io(e)),
+        }
+        self.eof = true;
+        Ok(None)
+    }
+
+    /// `n` bytes of received chunks were delivered: the peer may send that much more.
+    pub fn release(&mut self, n: usize) -> io::Result<()> {
+        self.recv.flow_control().release_capacity(n).map_err(to_io)
+    }
+}
+
 impl AsyncRead for H2Recv {
     fn poll_read(
         mut self: Pin<&mut Self>,
@@ -137,30 +167,22 @@ impl H2Send {
     pub fn reset(&mut self, reason: Reason) {
         self.send.send_reset(reason);
     }
-}
 
-impl AsyncWrite for H2Send {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        if buf.is_empty() {
-            return Poll::Ready(Ok(0));
-        }
-        let this = &mut *self;
-        if this.shut {
+    /// Send capacity for up to `want` bytes: what h2 assigned already, else waits for the peer's
+    /// window (noticing a reset by the peer meanwhile).
+    fn poll_room(&mut self, cx: &mut Context<'_>, want: usize) -> Poll<io::Result<usize>> {
+        if self.shut {
             return Poll::Ready(Err(io::Error::new(
                 io::ErrorKind::BrokenPipe,
                 "write after shutdown of the tunnel stream",
             )));
         }
-        let want = buf.len().min(MAX_CHUNK);
-        this.send.reserve_capacity(want);
+        let want = want.min(MAX_CHUNK);
+        self.send.reserve_capacity(want);
         // `poll_capacity` only reports increases: use what is assigned already first.
-        let mut have = this.send.capacity();
+        let mut have = self.send.capacity();
         while have == 0 {
-            match this.send.poll_capacity(cx) {
+            match self.send.poll_capacity(cx) {
                 Poll::Ready(Some(Ok(n))) => have = n,
                 Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(to_io(e))),
                 Poll::Ready(None) => {
@@ -170,8 +192,7 @@ impl AsyncWrite for H2Send {
                     )))
                 }
                 Poll::Pending => {
-                    // Waiting for window: notice a reset by the peer meanwhile.
-                    if let Poll::Ready(r) = this.send.poll_reset(cx) {
+                    if let Poll::Ready(r) = self.send.poll_reset(cx) {
                         let e = match r {
                             Ok(reason) => io::Error::new(
                                 io::ErrorKind::ConnectionReset,
@@ -185,7 +206,42 @@ impl AsyncWrite for H2Send {
                 }
             }
         }
-        let n = have.min(want);
+        Poll::Ready(Ok(have.min(want)))
+    }
+
+    /// Sends `data` as it is (no copy: h2 holds it until written), as the peer's window allows.
+    pub async fn send_chunk(&mut self, mut data: Bytes) -> io::Result<()> {
+        while !data.is_empty() {
+            let n = std::future::poll_fn(|cx| self.poll_room(cx, data.len())).await?;
+            self.send
+                .send_data(data.split_to(n), false)
+                .map_err(to_io)?;
+        }
+        Ok(())
+    }
+
+    /// Ends the sending half (END_STREAM: the TCP half-close).
+    pub fn finish(&mut self) -> io::Result<()> {
+        if !self.shut {
+            self.shut = true;
+            self.send.reserve_capacity(0);
+            self.send.send_data(Bytes::new(), true).map_err(to_io)?;
+        }
+        Ok(())
+    }
+}
+
+impl AsyncWrite for H2Send {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        let this = &mut *self;
+        let n = ready!(this.poll_room(cx, buf.len()))?;
         this.send
             .send_data(Bytes::copy_from_slice(&buf[..n]), false)
             .map_err(to_io)?;
@@ -198,12 +254,7 @@ impl AsyncWrite for H2Send {
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if !self.shut {
-            self.shut = true;
-            self.send.reserve_capacity(0);
-            self.send.send_data(Bytes::new(), true).map_err(to_io)?;
-        }
-        Poll::Ready(Ok(()))
+        Poll::Ready(self.finish())
     }
 }
 

@@ -265,7 +265,8 @@ async fn stream(
     super::trace::start(ctx, &mut log, Some(req.headers()));
     log.src_identity = Some(peer.to_string());
     log.count_tunnel(&ctx.hbone.tunnels);
-    let (mut up, mut reg) = match open(ctx, &req, peer, dialled, &mut log).await {
+    // Boxed, as outbound's: connecting's state is needed only until the copy starts.
+    let (up, mut reg) = match Box::pin(open(ctx, &req, peer, dialled, &mut log)).await {
         Ok(up) => up,
         Err(e) => {
             let status = match &e {
@@ -294,12 +295,12 @@ async fn stream(
     log.status = Some(200);
     super::trace::connected(&log);
     let (mut tr, mut tw) = (H2Recv::new(req.into_body()), H2Send::new(send));
-    let (mut ur, mut uw) = up.split();
     // A policy change that now denies the tunnel, or the drain deadline, ends the copy; the
     // bytes moved until then are still reported.
     let mut stop = None;
     let meter = log.meter();
-    let (t, r) = copy::bidirectional_until(&mut tr, &mut tw, &mut ur, &mut uw, &meter, async {
+    let end = copy::TcpEnd::Upstream;
+    let (t, r) = copy::tcp_tunnel_until(&up, &mut tr, &mut tw, end, &meter, async {
         stop = Some(super::stop::revoked_or_drained(&mut reg, &ctx.drain).await);
     })
     .await;

@@ -31,7 +31,9 @@ pub(super) async fn serve(ctx: &ProxyCtx, down: TcpStream, src: SocketAddr) {
         }
     };
     let mut log = ConnLog::new("outbound", "outbound", src, dst).in_pod(ctx.pod_name());
-    match open(ctx, &mut log).await {
+    // Boxed: connecting needs more state than copying does, and only for a moment; inline, a
+    // held connection's task would keep that room for its whole life.
+    match Box::pin(open(ctx, &mut log)).await {
         Ok(up) => relay(ctx, down, up, &log).await,
         Err(e) => log.finish(Transferred::default(), Some(&e)),
     }
@@ -217,9 +219,9 @@ pub(super) async fn relay(ctx: &ProxyCtx, mut down: TcpStream, up: UpConn, log: 
     let (t, r) = match up {
         UpConn::Tcp(mut up) => copy::tcp_until(&mut down, &mut up, &meter, until).await,
         UpConn::Tunnel(mut tunnel) => {
-            let (mut dr, mut dw) = down.split();
             let Tunnel { recv, send, .. } = &mut *tunnel;
-            let res = copy::bidirectional_until(&mut dr, &mut dw, recv, send, &meter, until).await;
+            let end = copy::TcpEnd::Downstream;
+            let res = copy::tcp_tunnel_until(&down, recv, send, end, &meter, until).await;
             if res.1.is_err() {
                 send.reset(h2::Reason::CANCEL);
             }
