@@ -446,27 +446,35 @@ impl Listener {
     /// Each role spawns its own handler, so a connection's task is the size of its own path's
     /// future, not of the largest of the four (an outbound task was 16 KiB for SOCKS5's sake).
     pub async fn run(self) {
+        // Each handler's future is made inside the task's async block, not moved into it: a
+        // future moved in and then awaited takes its room twice in the task.
         match self.role {
-            // The watcher lives as long as the connection (moved into its future); an HBONE
-            // connection hands it over, counting as a connection until its tunnels do instead.
-            Role::InboundHbone => self.serve(inbound_hbone::serve).await,
+            // The watcher lives as long as the connection; an HBONE connection hands it over,
+            // counting as a connection until its tunnels do instead.
+            Role::InboundHbone => {
+                self.serve(|ctx, stream, peer, watcher, permit| async move {
+                    let _permit = permit;
+                    inbound_hbone::serve(ctx, stream, peer, watcher).await
+                })
+                .await
+            }
             Role::Outbound => {
-                self.serve(|ctx, stream, peer, watcher| async move {
-                    let _watcher = watcher;
+                self.serve(|ctx, stream, peer, watcher, permit| async move {
+                    let _held = (watcher, permit);
                     outbound::serve(&ctx, stream, peer).await
                 })
                 .await
             }
             Role::InboundPlaintext => {
-                self.serve(|ctx, stream, peer, watcher| async move {
-                    let _watcher = watcher;
+                self.serve(|ctx, stream, peer, watcher, permit| async move {
+                    let _held = (watcher, permit);
                     inbound_plain::serve(&ctx, stream, peer).await
                 })
                 .await
             }
             Role::Socks5 => {
-                self.serve(|ctx, stream, peer, watcher| async move {
-                    let _watcher = watcher;
+                self.serve(|ctx, stream, peer, watcher, permit| async move {
+                    let _held = (watcher, permit);
                     socks5::serve(&ctx, stream, peer).await
                 })
                 .await
@@ -474,11 +482,17 @@ impl Listener {
         }
     }
 
-    /// The accept loop with `handle` spawned for each admitted connection; the connection's
-    /// permit is held until `handle` ends.
+    /// The accept loop with `handle` spawned for each admitted connection, given the drain
+    /// watcher and the limiter's permit to hold for the connection's life.
     async fn serve<F, Fut>(self, handle: F)
     where
-        F: Fn(Arc<ProxyCtx>, tokio::net::TcpStream, SocketAddr, crate::drain::Watcher) -> Fut,
+        F: Fn(
+            Arc<ProxyCtx>,
+            tokio::net::TcpStream,
+            SocketAddr,
+            crate::drain::Watcher,
+            crate::limits::Permit,
+        ) -> Fut,
         Fut: std::future::Future<Output = ()> + Send + 'static,
     {
         let ctx = self.ctx;
@@ -488,13 +502,7 @@ impl Listener {
             &self.limiter,
             keepalive,
             &drain,
-            move |stream, peer, watcher, permit| {
-                let conn = handle(ctx.clone(), stream, peer, watcher);
-                async move {
-                    let _permit = permit;
-                    conn.await
-                }
-            },
+            move |stream, peer, watcher, permit| handle(ctx.clone(), stream, peer, watcher, permit),
         )
         .await
     }

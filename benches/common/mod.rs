@@ -67,15 +67,21 @@ pub fn wait_port(addr: SocketAddr) {
     panic!("{addr} never came up");
 }
 
-/// Resident memory of process `pid` in KiB (0 if it is gone).
+/// Resident memory of process `pid` in KiB (0 if it is gone): the `Rss` of `smaps_rollup`, summed
+/// from the page tables when asked. `VmRSS` in `status` is kept per CPU by recent kernels and may
+/// lag by megabytes, which made a per-connection figure (a delta over 1 000 connections) wrong.
 pub fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
+    let field = |file: &str, name: &str| {
+        std::fs::read_to_string(format!("/proc/{pid}/{file}"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with(name))
+                    .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            })
+    };
+    field("smaps_rollup", "Rss:")
+        .or_else(|| field("status", "VmRSS:"))
         .unwrap_or(0)
 }
 

@@ -13,7 +13,9 @@
 //! Every chunk moved is also added to the connection's [`Meter`] (its live byte metrics): one
 //! atomic add per chunk, so metrics follow long connections without a per-byte cost.
 
+use std::future::Future;
 use std::io;
+use std::pin::{pin, Pin};
 
 use bytes::BytesMut;
 
@@ -108,23 +110,47 @@ pub async fn tcp_tunnel_until(
     send: &mut H2Send,
     end: TcpEnd,
     meter: &Meter,
-    stop: impl std::future::Future<Output = ()>,
+    stop: impl Future<Output = ()>,
 ) -> (Transferred, Result<(), CopyError>) {
     let mut t = Transferred::default();
     let result = match end {
         TcpEnd::Downstream => {
             both_ways(
-                tcp_to_tunnel(tcp, send, &mut t.sent, meter, Flow::ClientToServer),
-                tunnel_to_tcp(recv, tcp, &mut t.received, meter, Flow::ServerToClient),
-                stop,
+                pin!(tcp_to_tunnel(
+                    tcp,
+                    send,
+                    &mut t.sent,
+                    meter,
+                    Flow::ClientToServer
+                )),
+                pin!(tunnel_to_tcp(
+                    recv,
+                    tcp,
+                    &mut t.received,
+                    meter,
+                    Flow::ServerToClient
+                )),
+                pin!(stop),
             )
             .await
         }
         TcpEnd::Upstream => {
             both_ways(
-                tunnel_to_tcp(recv, tcp, &mut t.sent, meter, Flow::ClientToServer),
-                tcp_to_tunnel(tcp, send, &mut t.received, meter, Flow::ServerToClient),
-                stop,
+                pin!(tunnel_to_tcp(
+                    recv,
+                    tcp,
+                    &mut t.sent,
+                    meter,
+                    Flow::ClientToServer
+                )),
+                pin!(tcp_to_tunnel(
+                    tcp,
+                    send,
+                    &mut t.received,
+                    meter,
+                    Flow::ServerToClient
+                )),
+                pin!(stop),
             )
             .await
         }
@@ -194,12 +220,19 @@ async fn write_all(w: &tokio::net::TcpStream, mut buf: &[u8]) -> io::Result<()> 
 }
 
 /// Drives both directions until both ended cleanly or one failed (which ends both).
-async fn both_ways(
-    to_up: impl std::future::Future<Output = Result<(), Side>>,
-    to_down: impl std::future::Future<Output = Result<(), Side>>,
-    stop: impl std::future::Future<Output = ()>,
-) -> Result<(), CopyError> {
-    tokio::pin!(to_up, to_down, stop);
+///
+/// The futures come pinned where the caller made them: moved in here and pinned again, each
+/// would take its room twice in the connection's task.
+async fn both_ways<U, D, S>(
+    mut to_up: Pin<&mut U>,
+    mut to_down: Pin<&mut D>,
+    mut stop: Pin<&mut S>,
+) -> Result<(), CopyError>
+where
+    U: Future<Output = Result<(), Side>>,
+    D: Future<Output = Result<(), Side>>,
+    S: Future<Output = ()>,
+{
     let (mut up_done, mut down_done) = (false, false);
     loop {
         tokio::select! {
@@ -232,14 +265,26 @@ pub async fn tcp_until(
     down: &mut tokio::net::TcpStream,
     up: &mut tokio::net::TcpStream,
     meter: &Meter,
-    stop: impl std::future::Future<Output = ()>,
+    stop: impl Future<Output = ()>,
 ) -> (Transferred, Result<(), CopyError>) {
     let mut t = Transferred::default();
     let (down, up) = (&*down, &*up);
     let result = both_ways(
-        splice_one_way(down, up, &mut t.sent, meter, Flow::ClientToServer),
-        splice_one_way(up, down, &mut t.received, meter, Flow::ServerToClient),
-        stop,
+        pin!(splice_one_way(
+            down,
+            up,
+            &mut t.sent,
+            meter,
+            Flow::ClientToServer
+        )),
+        pin!(splice_one_way(
+            up,
+            down,
+            &mut t.received,
+            meter,
+            Flow::ServerToClient
+        )),
+        pin!(stop),
     )
     .await;
     (t, result)

@@ -219,14 +219,11 @@ async fn serve_h2(
             }
             Some(None) => return,
             Some(Some(Ok((req, respond)))) => {
-                let (ctx, peer) = (ctx.clone(), peer.clone());
-                let watcher = ctx.drain.watch();
-                let open = OpenStream::new(open.clone());
+                let held = (ctx.drain.watch(), OpenStream::new(open.clone()));
                 idle_since = None;
-                tokio::spawn(async move {
-                    let (_watcher, _open) = (watcher, open);
-                    stream(&ctx, req, respond, src, dialled, &peer).await
-                });
+                // The stream's own future is the task (no wrapper holding its arguments twice).
+                let (ctx, peer) = (ctx.clone(), peer.clone());
+                tokio::spawn(stream(ctx, req, respond, src, dialled, peer, held));
             }
             Some(Some(Err(e))) => {
                 tracing::debug!(%src, %dialled, error = %e, "HBONE connection ended");
@@ -252,15 +249,18 @@ impl Drop for OpenStream {
     }
 }
 
-/// One CONNECT stream, from validation to the access-log line.
+/// One CONNECT stream, from validation to the access-log line; `_held` (the drain's watcher, the
+/// connection's count of open streams) is released when it ends.
 async fn stream(
-    ctx: &ProxyCtx,
+    ctx: Arc<ProxyCtx>,
     req: http::Request<h2::RecvStream>,
     mut respond: h2::server::SendResponse<Bytes>,
     src: SocketAddr,
     dialled: SocketAddr,
-    peer: &SpiffeId,
+    peer: Arc<SpiffeId>,
+    _held: (crate::drain::Watcher, OpenStream),
 ) {
+    let (ctx, peer) = (&*ctx, &*peer);
     let mut log = ConnLog::new("inbound", "inbound_hbone", src, dialled).in_pod(ctx.pod_name());
     super::trace::start(ctx, &mut log, Some(req.headers()));
     log.src_identity = Some(peer.to_string());
