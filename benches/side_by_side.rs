@@ -31,6 +31,7 @@ mod common;
 mod control_plane;
 #[path = "../tests/integration/netns.rs"]
 mod netns;
+mod pod_paths;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -40,9 +41,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{ping_pong, rss_kib};
+use common::{cpu_secs, ping_pong, rss_kib};
 use control_plane::enter_netns;
 use netns::Netns;
+use pod_paths::{in_ns, pin};
 
 /// The client workload: every connection of the bench leaves from it.
 const CLIENT: &str = "10.77.0.1";
@@ -556,17 +558,6 @@ fn echo_server(ns: &str) {
     rx.recv().unwrap();
 }
 
-/// Runs `f` on a thread inside the network namespace `ns` (its sockets are made there).
-fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let ns = ns.to_owned();
-    std::thread::spawn(move || {
-        enter_netns(&ns).expect("setns");
-        f()
-    })
-    .join()
-    .expect("thread in namespace panicked")
-}
-
 /// Whether `GET path` on `addr` answers 200.
 fn http_ok(addr: &str, path: &str) -> bool {
     let Ok(mut s) = TcpStream::connect(addr) else {
@@ -582,23 +573,6 @@ fn http_ok(addr: &str, path: &str) -> bool {
     }
     let mut head = [0u8; 12];
     s.read_exact(&mut head).is_ok() && head.ends_with(b"200")
-}
-
-fn pin(pid: u32, core: &str) {
-    let _ = Command::new("taskset")
-        .args(["-a", "-p", "-c", core, &pid.to_string()])
-        .stdout(Stdio::null())
-        .status();
-}
-
-/// CPU seconds (user + system) used so far by process `pid`.
-fn cpu_secs(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which may hold spaces) start after the last ')'.
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    (ticks(11) + ticks(12)) / 100.0
 }
 
 fn micros((p50, p99): (Duration, Duration)) -> (f64, f64) {

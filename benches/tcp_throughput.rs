@@ -7,7 +7,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
-use common::{pin_self, wait_port, which, Proc};
+use common::{cpu_secs, pin_self, wait_port, which, Proc};
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -44,16 +44,6 @@ fn socks5(proxy: SocketAddr, dst: SocketAddr) -> TcpStream {
     s.read_exact(&mut rep).unwrap();
     assert_eq!(rep[1], 0, "SOCKS5 refused");
     s
-}
-
-/// CPU seconds (user + system) used so far by process `pid`.
-fn cpu_secs(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which may hold spaces) start after the last ')'.
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    (ticks(11) + ticks(12)) / 100.0
 }
 
 /// Runs a case and returns (Gbit/s, proxy CPU utilisation in % of one core).
