@@ -402,6 +402,7 @@ async fn build(
             orig_src_fallbacks: Default::default(),
             keepalive: config.keepalive,
             netns: None,
+            splice_after: config.splice_after,
         },
         own_ports,
         on_demand,

@@ -1,9 +1,10 @@
 //! Copying bytes both ways between a downstream and an upstream without interpreting them.
 //!
-//! Between two TCP sockets a direction's first 128 KiB are copied through a buffer, and after
-//! that the bytes move with `splice(2)` through a kernel pipe and never enter user space: a pipe
-//! costs more to make and close than a short request/response connection moves, and a bulk
-//! transfer spends a third less CPU spliced. Between a TCP socket and an HBONE tunnel stream
+//! Between two TCP sockets the bytes are copied through a buffer made for each read, as ztunnel
+//! does; with `L4MESH_SPLICE_AFTER`, a direction that has moved that many bytes switches to
+//! `splice(2)` through a kernel pipe, and the bytes no longer enter user space (a third less CPU
+//! per GB, but a lower single-stream throughput and a slower round trip on this machine:
+//! docs/performance.md). Between a TCP socket and an HBONE tunnel stream
 //! they are copied once: read from the socket into a fresh buffer that is handed to h2 as it is,
 //! and written to the socket from the chunks h2 decoded. Read sizes grow with the volume a
 //! direction has moved (a request/response connection reads little at a time, a bulk transfer
@@ -258,26 +259,27 @@ where
 
 /// Bytes moved per `splice` call and the pipe size asked of the kernel.
 const SPLICE_CHUNK: usize = 1 << 20;
-/// Bytes a direction moves through a buffer before it gets a pipe.
-const SPLICE_AFTER: u64 = 128 * 1024;
 
-/// Copies between two TCP streams: buffered at first, then (past `SPLICE_AFTER` in a direction)
-/// socket → pipe → socket with `splice(2)`; if a pipe cannot be had (out of file descriptors),
-/// the buffered copy goes on.
+/// Copies between two TCP streams through a buffer; a direction that has moved `splice_after`
+/// bytes (if given) goes on socket → pipe → socket with `splice(2)`; if a pipe cannot be had (out
+/// of file descriptors), the buffered copy goes on.
 /// Ends early with [`CopyError::Stopped`] when `stop` resolves.
 pub async fn tcp_until(
     down: &mut tokio::net::TcpStream,
     up: &mut tokio::net::TcpStream,
+    splice_after: Option<u64>,
     meter: &Meter,
     stop: impl Future<Output = ()>,
 ) -> (Transferred, Result<(), CopyError>) {
     let mut t = Transferred::default();
     let (down, up) = (&*down, &*up);
+    let after = splice_after.unwrap_or(u64::MAX);
     let result = both_ways(
         pin!(splice_one_way(
             down,
             up,
             &mut t.sent,
+            after,
             meter,
             Flow::ClientToServer
         )),
@@ -285,6 +287,7 @@ pub async fn tcp_until(
             up,
             down,
             &mut t.received,
+            after,
             meter,
             Flow::ServerToClient
         )),
@@ -298,13 +301,14 @@ async fn splice_one_way(
     r: &tokio::net::TcpStream,
     w: &tokio::net::TcpStream,
     counter: &mut u64,
+    splice_after: u64,
     meter: &Meter,
     flow: Flow,
 ) -> Result<(), Side> {
     use tokio::io::Interest;
-    // Short exchanges are copied through a buffer: a pipe costs more to make and close than a
-    // request/response connection moves. A direction that keeps flowing gets one.
-    if buffered_one_way(r, w, counter, meter, flow, SPLICE_AFTER).await? == Copied::All {
+    // A short exchange never gets a pipe: one costs more to make and close than a
+    // request/response connection moves.
+    if buffered_one_way(r, w, counter, meter, flow, splice_after).await? == Copied::All {
         return Ok(());
     }
     let pipe = match crate::socket::Pipe::new(SPLICE_CHUNK) {

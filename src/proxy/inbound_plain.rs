@@ -36,9 +36,15 @@ pub(super) async fn serve(ctx: &ProxyCtx, down: TcpStream, src: SocketAddr) {
     // reported.
     let mut stop = None;
     let meter = log.meter();
-    let (t, r) = copy::tcp_until(&mut down, &mut up, &meter, async {
-        stop = Some(super::stop::revoked_or_drained(&mut reg, &ctx.drain).await);
-    })
+    let (t, r) = copy::tcp_until(
+        &mut down,
+        &mut up,
+        ctx.upstream.splice_after,
+        &meter,
+        async {
+            stop = Some(super::stop::revoked_or_drained(&mut reg, &ctx.drain).await);
+        },
+    )
     .await;
     let r = super::stop::outcome(r, stop, &ctx.drain);
     log.finish(t, r.err().as_ref());

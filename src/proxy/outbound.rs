@@ -217,7 +217,10 @@ pub(super) async fn relay(ctx: &ProxyCtx, mut down: TcpStream, up: UpConn, log: 
     let mut stop = None;
     let until = async { stop = Some(super::stop::drained(&ctx.drain).await) };
     let (t, r) = match up {
-        UpConn::Tcp(mut up) => copy::tcp_until(&mut down, &mut up, &meter, until).await,
+        UpConn::Tcp(mut up) => {
+            let after = ctx.upstream.splice_after;
+            copy::tcp_until(&mut down, &mut up, after, &meter, until).await
+        }
         UpConn::Tunnel(mut tunnel) => {
             let Tunnel { recv, send, .. } = &mut *tunnel;
             let end = copy::TcpEnd::Downstream;

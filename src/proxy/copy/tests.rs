@@ -1,5 +1,5 @@
-//! The TCP↔TCP copy across its two phases (buffered, then spliced): every byte arrives in order,
-//! each direction is counted, and a half-close travels both ways.
+//! The TCP↔TCP copy, buffered and (with `L4MESH_SPLICE_AFTER`) switching to splice: every byte
+//! arrives in order, each direction is counted, and a half-close travels both ways.
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -16,7 +16,11 @@ async fn pair() -> (TcpStream, TcpStream) {
 
 /// The client sends `up` and half-closes; the server answers with `down` and closes after the
 /// client's end. Returns what each received and what the copy counted.
-async fn exchange(up: Vec<u8>, down: Vec<u8>) -> (Vec<u8>, Vec<u8>, Transferred) {
+async fn exchange(
+    up: Vec<u8>,
+    down: Vec<u8>,
+    splice_after: Option<u64>,
+) -> (Vec<u8>, Vec<u8>, Transferred) {
     let (mut client, mut proxy_down) = pair().await;
     let (mut proxy_up, mut server) = pair().await;
     let copy = tokio::spawn(async move {
@@ -24,6 +28,7 @@ async fn exchange(up: Vec<u8>, down: Vec<u8>) -> (Vec<u8>, Vec<u8>, Transferred)
         let (t, r) = tcp_until(
             &mut proxy_down,
             &mut proxy_up,
+            splice_after,
             &meter,
             std::future::pending(),
         )
@@ -52,21 +57,29 @@ fn pattern(len: usize, seed: u32) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_short_exchange_stays_buffered_and_arrives_whole() {
     let (up, down) = (pattern(100, 7), pattern(3000, 11));
-    let (at_server, at_client, t) = exchange(up.clone(), down.clone()).await;
+    let (at_server, at_client, t) = exchange(up.clone(), down.clone(), Some(128 * 1024)).await;
     assert_eq!(at_server, up);
     assert_eq!(at_client, down);
     assert_eq!((t.sent, t.received), (100, 3000));
 }
 
-/// Past `SPLICE_AFTER` a direction switches to splice mid-stream: nothing is lost, duplicated or
-/// reordered at the switch, in either direction.
+/// Past `splice_after` a direction switches to splice mid-stream: nothing is lost, duplicated or
+/// reordered at the switch, in either direction; without it, the buffered copy moves it all.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_bulk_transfer_switches_to_splice_without_losing_a_byte() {
-    let (up, down) = (pattern(5_000_001, 13), pattern(3_000_017, 17));
-    let (at_server, at_client, t) = exchange(up.clone(), down.clone()).await;
-    assert!(at_server == up, "client → server bytes intact");
-    assert!(at_client == down, "server → client bytes intact");
-    assert_eq!((t.sent, t.received), (5_000_001, 3_000_017));
+async fn a_bulk_transfer_arrives_whole_buffered_or_spliced() {
+    for splice_after in [None, Some(128 * 1024), Some(1)] {
+        let (up, down) = (pattern(5_000_001, 13), pattern(3_000_017, 17));
+        let (at_server, at_client, t) = exchange(up.clone(), down.clone(), splice_after).await;
+        assert!(
+            at_server == up,
+            "client → server bytes intact ({splice_after:?})"
+        );
+        assert!(
+            at_client == down,
+            "server → client bytes intact ({splice_after:?})"
+        );
+        assert_eq!((t.sent, t.received), (5_000_001, 3_000_017));
+    }
 }
 
 #[test]
