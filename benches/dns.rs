@@ -212,16 +212,16 @@ fn start_l4mesh(mesh: &Path, resolv: &Path) -> (Proc, SocketAddr) {
 
 /// ztunnel with DNS capture on, in a mount namespace whose /etc/resolv.conf names dnsmasq.
 fn start_ztunnel(mesh: &Path, resolv: &Path) -> Option<(Proc, SocketAddr)> {
-    let bin = std::env::var_os("ZTUNNEL_BIN")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/bin/ztunnel"));
-    if !bin.is_file() {
-        eprintln!(
-            "ztunnel: skipped ({} not found; set ZTUNNEL_BIN)",
-            bin.display()
-        );
-        return None;
-    }
+    let bin = match common::ztunnel_bin() {
+        Ok(b) => b,
+        Err(looked) => {
+            eprintln!(
+                "ztunnel: skipped ({} not found; set ZTUNNEL_BIN)",
+                looked.display()
+            );
+            return None;
+        }
+    };
     let script = format!(
         "mount --bind {} /etc/resolv.conf && exec taskset -c 1 {}",
         resolv.display(),

@@ -16,7 +16,7 @@ use common::{rss_kib, wait_port, which, Proc};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -292,33 +292,8 @@ fn connect(path: Path, port: u16) -> TcpStream {
 }
 
 fn throughput(path: Path, streams: usize, secs: f64, count: &AtomicU64) -> f64 {
-    let stop = Arc::new(AtomicBool::new(false));
-    let conns: Vec<TcpStream> = (0..streams).map(|_| connect(path, SINK_PORT)).collect();
-    let handles: Vec<_> = conns
-        .into_iter()
-        .map(|mut s| {
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                let buf = vec![7u8; CHUNK];
-                while !stop.load(Ordering::Relaxed) {
-                    if s.write_all(&buf).is_err() {
-                        break;
-                    }
-                }
-            })
-        })
-        .collect();
-    std::thread::sleep(Duration::from_millis(300));
-    let b0 = count.load(Ordering::Relaxed);
-    let t0 = Instant::now();
-    std::thread::sleep(Duration::from_secs_f64(secs));
-    let bytes = count.load(Ordering::Relaxed) - b0;
-    let el = t0.elapsed().as_secs_f64();
-    stop.store(true, Ordering::Relaxed);
-    for h in handles {
-        let _ = h.join();
-    }
-    bytes as f64 * 8.0 / el / 1e9
+    let conns = (0..streams).map(|_| connect(path, SINK_PORT)).collect();
+    common::push(conns, CHUNK, secs, count, None).gbps
 }
 
 fn latency(path: Path) -> (Duration, Duration) {

@@ -37,7 +37,7 @@ use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -196,10 +196,11 @@ fn main() {
     };
 
     let mut proxies = vec![];
-    match ztunnel_bin() {
-        Some(_) => proxies.push(Proxy::Ztunnel),
-        None => println!(
-            "SKIPPED ztunnel: no binary at ../shared/bin/ztunnel and ZTUNNEL_BIN is not set"
+    match common::ztunnel_bin() {
+        Ok(_) => proxies.push(Proxy::Ztunnel),
+        Err(looked) => println!(
+            "SKIPPED ztunnel: no binary at {} (set ZTUNNEL_BIN)",
+            looked.display()
         ),
     }
     proxies.push(Proxy::L4mesh);
@@ -250,15 +251,6 @@ fn paths(p: Proxy) -> &'static [&'static str] {
         Proxy::Envoy => &[TCP_DST],
         _ => &[TCP_DST, HBONE_DST],
     }
-}
-
-fn ztunnel_bin() -> Option<PathBuf> {
-    let p = std::env::var_os("ZTUNNEL_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/bin/ztunnel")
-        });
-    p.exists().then_some(p)
 }
 
 /// One path's figures for one proxy (or none).
@@ -339,7 +331,7 @@ impl World {
         let mesh = self.dir.path().join("mesh.yaml");
         let envoy_cfg = self.dir.path().join("envoy.yaml");
         let bin = match p {
-            Proxy::Ztunnel => ztunnel_bin().unwrap(),
+            Proxy::Ztunnel => common::ztunnel_bin().unwrap(),
             Proxy::L4mesh => PathBuf::from(env!("CARGO_BIN_EXE_l4mesh")),
             Proxy::Envoy => common::which("envoy").unwrap(),
         };
@@ -430,37 +422,9 @@ impl World {
 
     /// Gbit/s into the sink over `streams` connections, and the proxy's CPU seconds per GB moved.
     fn throughput(&self, pid: Option<u32>, dst: &str, streams: usize) -> (f64, Option<f64>) {
-        let stop = Arc::new(AtomicBool::new(false));
-        let writers: Vec<_> = (0..streams)
-            .map(|_| {
-                let mut s = self.connect(dst, SINK_PORT);
-                let stop = stop.clone();
-                std::thread::spawn(move || {
-                    let buf = vec![7u8; CHUNK];
-                    while !stop.load(Ordering::Relaxed) {
-                        if s.write_all(&buf).is_err() {
-                            break;
-                        }
-                    }
-                })
-            })
-            .collect();
-        std::thread::sleep(Duration::from_millis(300));
-        let (b0, c0, t0) = (
-            self.sunk.load(Ordering::Relaxed),
-            pid.map(cpu_secs),
-            Instant::now(),
-        );
-        std::thread::sleep(Duration::from_secs_f64(self.secs));
-        let bytes = self.sunk.load(Ordering::Relaxed) - b0;
-        let cpu = pid.map(cpu_secs).zip(c0).map(|(c1, c0)| c1 - c0);
-        let elapsed = t0.elapsed().as_secs_f64();
-        stop.store(true, Ordering::Relaxed);
-        for w in writers {
-            let _ = w.join();
-        }
-        let gb = bytes as f64 / 1e9;
-        (bytes as f64 * 8.0 / elapsed / 1e9, cpu.map(|c| c / gb))
+        let conns = (0..streams).map(|_| self.connect(dst, SINK_PORT)).collect();
+        let p = common::push(conns, CHUNK, self.secs, &self.sunk, pid);
+        (p.gbps, p.cpu_secs.map(|c| c / (p.bytes as f64 / 1e9)))
     }
 
     /// New connections per second from two clients, each in turn: connect, 64 B each way, close;

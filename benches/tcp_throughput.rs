@@ -12,9 +12,9 @@ use common::{cpu_secs, pin_self, wait_port, which, Proc};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 const CHUNK: usize = 256 * 1024;
 
@@ -63,33 +63,8 @@ fn run_measured(
 
 /// Pushes data over `streams` connections for `secs`; returns Gbit/s measured at the sink.
 fn run(streams: usize, secs: f64, count: &AtomicU64, connect: &dyn Fn() -> TcpStream) -> f64 {
-    let stop = Arc::new(AtomicBool::new(false));
-    let conns: Vec<TcpStream> = (0..streams).map(|_| connect()).collect();
-    let handles: Vec<_> = conns
-        .into_iter()
-        .map(|mut s| {
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                let buf = vec![7u8; CHUNK];
-                while !stop.load(Ordering::Relaxed) {
-                    if s.write_all(&buf).is_err() {
-                        break;
-                    }
-                }
-            })
-        })
-        .collect();
-    std::thread::sleep(Duration::from_millis(300)); // warm-up
-    let start_bytes = count.load(Ordering::Relaxed);
-    let start = Instant::now();
-    std::thread::sleep(Duration::from_secs_f64(secs));
-    let bytes = count.load(Ordering::Relaxed) - start_bytes;
-    let elapsed = start.elapsed().as_secs_f64();
-    stop.store(true, Ordering::Relaxed);
-    for h in handles {
-        let _ = h.join();
-    }
-    bytes as f64 * 8.0 / elapsed / 1e9
+    let conns = (0..streams).map(|_| connect()).collect();
+    common::push(conns, CHUNK, secs, count, None).gbps
 }
 
 fn start_l4mesh() -> (Proc, SocketAddr) {

@@ -57,7 +57,6 @@ impl tonic::codegen::Service<http::Uri> for MarkedConnector {
                 orig_src: false,
                 orig_src_fallbacks: Default::default(),
                 netns: None,
-                splice_after: None,
                 keepalive: Default::default(),
             };
             let mut last = None;

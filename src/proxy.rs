@@ -69,6 +69,9 @@ pub struct ProxyCtx {
     pub own_workload: Option<crate::model::WorkloadInfo>,
     /// HTTP/2 windows, frame size and pool limits of both HBONE ends.
     pub h2: H2Tuning,
+    /// `L4MESH_SPLICE_AFTER`: a plain TCP↔TCP copy direction that has moved this many bytes goes
+    /// on with `splice(2)`; `None`: always the buffered copy (ztunnel's way).
+    pub splice_after: Option<u64>,
     /// `LOCALHOST_APP_TUNNEL`: a workload whose application tunnel speaks PROXY protocol gets its
     /// streams on its loopback (`127.0.0.1:<port>`), so that only the proxy reaches that port.
     pub localhost_app_tunnel: bool,
@@ -263,6 +266,7 @@ impl ProxyCtx {
             own_identity: Some(identity),
             own_workload: Some(pod.info.clone()),
             h2: self.h2,
+            splice_after: self.splice_after,
             localhost_app_tunnel: self.localhost_app_tunnel,
             enforce_waypoint: self.enforce_waypoint,
             hbone: self.hbone.clone(),

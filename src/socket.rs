@@ -106,9 +106,6 @@ pub struct UpstreamOptions {
     /// Shared mode: the pod whose network namespace the sockets are made in (on its namespace's
     /// thread); `None`: this thread's namespace.
     pub netns: Option<Arc<crate::inpod::netns::PodNetns>>,
-    /// `L4MESH_SPLICE_AFTER`: a TCP↔TCP copy direction that has moved this many bytes goes on
-    /// with `splice(2)`; `None`: always the buffered copy (ztunnel's way).
-    pub splice_after: Option<u64>,
 }
 
 /// TCP keepalive of the proxy's sockets (ztunnel's `KEEPALIVE_*` settings and defaults): probes
@@ -442,7 +439,6 @@ mod tests {
             orig_src_fallbacks: Default::default(),
             keepalive: Keepalive::default(),
             netns: None,
-            splice_after: None,
         }
     }
 

@@ -95,6 +95,21 @@ pub fn cpu_secs(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
+/// Istio's ztunnel for side-by-side runs: `ZTUNNEL_BIN`, else `../shared/bin/ztunnel`; the
+/// path looked at when there is none.
+pub fn ztunnel_bin() -> Result<std::path::PathBuf, std::path::PathBuf> {
+    let p = std::env::var_os("ZTUNNEL_BIN")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/bin/ztunnel")
+        });
+    if p.is_file() {
+        Ok(p)
+    } else {
+        Err(p)
+    }
+}
+
 /// The path of `bin` on PATH, if any.
 pub fn which(bin: &str) -> Option<std::path::PathBuf> {
     std::env::var_os("PATH").and_then(|paths| {
@@ -122,6 +137,60 @@ pub fn serve_sink(l: std::net::TcpListener, count: Arc<AtomicU64>, chunk: usize)
             });
         }
     });
+}
+
+/// What a throughput window measured: Gbit/s at the sink, the bytes behind it, and the CPU
+/// seconds the proxy used meanwhile (when its pid was given).
+pub struct Pushed {
+    pub gbps: f64,
+    pub bytes: u64,
+    pub cpu_secs: Option<f64>,
+}
+
+/// Writes `chunk`-byte buffers on every one of `conns` from a thread each; after 300 ms of warm-up,
+/// measures for `secs` how much the sink's `count` grew and what CPU `pid` used; then stops the
+/// writers.
+pub fn push(
+    conns: Vec<TcpStream>,
+    chunk: usize,
+    secs: f64,
+    count: &AtomicU64,
+    pid: Option<u32>,
+) -> Pushed {
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writers: Vec<_> = conns
+        .into_iter()
+        .map(|mut s| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let buf = vec![7u8; chunk];
+                while !stop.load(Ordering::Relaxed) {
+                    if s.write_all(&buf).is_err() {
+                        break;
+                    }
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let (b0, c0, t0) = (
+        count.load(Ordering::Relaxed),
+        pid.map(cpu_secs),
+        std::time::Instant::now(),
+    );
+    std::thread::sleep(Duration::from_secs_f64(secs));
+    let bytes = count.load(Ordering::Relaxed) - b0;
+    let cpu = pid.map(cpu_secs).zip(c0).map(|(c1, c0)| c1 - c0);
+    let elapsed = t0.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    for w in writers {
+        let _ = w.join();
+    }
+    Pushed {
+        gbps: bytes as f64 * 8.0 / elapsed / 1e9,
+        bytes,
+        cpu_secs: cpu,
+    }
 }
 
 /// 2 200 ping-pongs of 1 KiB on `s` against an echo server, the first 200 as warm-up: the median

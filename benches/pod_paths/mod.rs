@@ -6,9 +6,9 @@
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::common;
 use super::control_plane::enter_netns;
@@ -65,26 +65,7 @@ pub fn connect(ns: &str, ip: &str, port: u16) -> TcpStream {
 }
 
 pub fn throughput(ns: &str, ip: &str, secs: f64, count: &AtomicU64) -> f64 {
-    let mut s = connect(ns, ip, SINK_PORT);
-    let stop = Arc::new(AtomicBool::new(false));
-    let st = stop.clone();
-    let h = std::thread::spawn(move || {
-        let buf = vec![7u8; CHUNK];
-        while !st.load(Ordering::Relaxed) {
-            if s.write_all(&buf).is_err() {
-                break;
-            }
-        }
-    });
-    std::thread::sleep(Duration::from_millis(300));
-    let b0 = count.load(Ordering::Relaxed);
-    let t0 = Instant::now();
-    std::thread::sleep(Duration::from_secs_f64(secs));
-    let bytes = count.load(Ordering::Relaxed) - b0;
-    let el = t0.elapsed().as_secs_f64();
-    stop.store(true, Ordering::Relaxed);
-    let _ = h.join();
-    bytes as f64 * 8.0 / el / 1e9
+    common::push(vec![connect(ns, ip, SINK_PORT)], CHUNK, secs, count, None).gbps
 }
 
 pub fn latency(ns: &str, ip: &str) -> (Duration, Duration) {

@@ -161,7 +161,6 @@ impl Upstreams {
             orig_src_fallbacks: Default::default(),
             keepalive: Default::default(),
             netns: self.netns.clone(),
-            splice_after: None,
         };
         let mut s = crate::socket::connect(server, &opts).await?;
         let len = u16::try_from(request.len())

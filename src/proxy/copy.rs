@@ -25,24 +25,28 @@ use bytes::BytesMut;
 use super::h2io::{H2Recv, H2Send};
 use crate::metrics::Meter;
 
-/// How much a direction reads at once, growing with the bytes it has moved (as ztunnel's copy
-/// does): 1 KiB, 16 KiB after 128 KiB, 256 KiB after 10 MB.
-#[derive(Default)]
-struct ReadSize {
-    moved: u64,
+/// How much a direction reads at once, growing with the bytes it has `moved` (as ztunnel's copy
+/// does): 1 KiB, 16 KiB after 128 KB, 256 KiB after 10 MB.
+fn read_size(moved: u64) -> usize {
+    match moved {
+        0..128_000 => 1024,
+        128_000..10_000_000 => 16 * 1024,
+        _ => 256 * 1024,
+    }
 }
 
-impl ReadSize {
-    fn next(&self) -> usize {
-        match self.moved {
-            0..128_000 => 1024,
-            128_000..10_000_000 => 16 * 1024,
-            _ => 256 * 1024,
+/// The next read from `r` into a buffer of its own, sized by the bytes the direction has `moved`
+/// (nothing is held while the socket is idle); `None` at the end of the stream.
+async fn read_chunk(r: &tokio::net::TcpStream, moved: u64) -> io::Result<Option<BytesMut>> {
+    loop {
+        r.readable().await?;
+        let mut buf = BytesMut::with_capacity(read_size(moved));
+        match r.try_read_buf(&mut buf) {
+            Ok(0) => return Ok(None),
+            Ok(_) => return Ok(Some(buf)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
         }
-    }
-
-    fn moved(&mut self, n: usize) {
-        self.moved += n as u64;
     }
 }
 
@@ -170,25 +174,14 @@ async fn tcp_to_tunnel(
     meter: &Meter,
     flow: Flow,
 ) -> Result<(), Side> {
-    let mut size = ReadSize::default();
-    loop {
-        r.readable().await.map_err(Side::Read)?;
-        let mut buf = BytesMut::with_capacity(size.next());
-        let n = match r.try_read_buf(&mut buf) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(Side::Read(e)),
-        };
-        if n == 0 {
-            // Half-close: tell the other side no more data comes from here.
-            w.finish().map_err(Side::Write)?;
-            return Ok(());
-        }
+    while let Some(buf) = read_chunk(r, *counter).await.map_err(Side::Read)? {
+        let n = buf.len() as u64;
         w.send_chunk(buf.freeze()).await.map_err(Side::Write)?;
-        *counter += n as u64;
-        flow.meter(meter, n as u64);
-        size.moved(n);
+        *counter += n;
+        flow.meter(meter, n);
     }
+    // Half-close: tell the other side no more data comes from here.
+    w.finish().map_err(Side::Write)
 }
 
 /// Tunnel → socket: the chunks h2 decoded are written as they are; the peer's window reopens
@@ -265,14 +258,13 @@ const SPLICE_CHUNK: usize = 1 << 20;
 /// of file descriptors), the buffered copy goes on.
 /// Ends early with [`CopyError::Stopped`] when `stop` resolves.
 pub async fn tcp_until(
-    down: &mut tokio::net::TcpStream,
-    up: &mut tokio::net::TcpStream,
+    down: &tokio::net::TcpStream,
+    up: &tokio::net::TcpStream,
     splice_after: Option<u64>,
     meter: &Meter,
     stop: impl Future<Output = ()>,
 ) -> (Transferred, Result<(), CopyError>) {
     let mut t = Transferred::default();
-    let (down, up) = (&*down, &*up);
     let after = splice_after.unwrap_or(u64::MAX);
     let result = both_ways(
         pin!(splice_one_way(
@@ -361,23 +353,14 @@ async fn buffered_one_way(
     flow: Flow,
     enough: u64,
 ) -> Result<Copied, Side> {
-    let mut size = ReadSize { moved: *counter };
     while *counter < enough {
-        r.readable().await.map_err(Side::Read)?;
-        let mut buf = Vec::with_capacity(size.next());
-        let n = match r.try_read_buf(&mut buf) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(Side::Read(e)),
-        };
-        if n == 0 {
+        let Some(buf) = read_chunk(r, *counter).await.map_err(Side::Read)? else {
             crate::socket::shutdown_write(w).map_err(Side::Write)?;
             return Ok(Copied::All);
-        }
+        };
         write_all(w, &buf).await.map_err(Side::Write)?;
-        *counter += n as u64;
-        flow.meter(meter, n as u64);
-        size.moved(n);
+        *counter += buf.len() as u64;
+        flow.meter(meter, buf.len() as u64);
     }
     Ok(Copied::Enough)
 }

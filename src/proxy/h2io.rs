@@ -92,32 +92,36 @@ impl H2Recv {
             eof: false,
         }
     }
-}
 
-impl H2Recv {
     /// The next received chunk, `None` at the end of the stream. The chunk still counts against
     /// the peer's window until [`H2Recv::release`] says it left this process.
     pub async fn chunk(&mut self) -> io::Result<Option<Bytes>> {
-        if !self.pending.is_empty() {
-            return Ok(Some(std::mem::take(&mut self.pending)));
-        }
-        if self.eof {
-            return Ok(None);
-        }
-        match std::future::poll_fn(|cx| self.recv.poll_data(cx)).await {
-            None => {}
-            Some(Ok(data)) => return Ok(Some(data)),
-            // A reset with NO_ERROR after the peer is done is a clean end.
-            Some(Err(e)) if e.reason() == Some(Reason::NO_ERROR) => {}
-            Some(Err(e)) => return Err(to_io(e)),
-        }
-        self.eof = true;
-        Ok(None)
+        std::future::poll_fn(|cx| self.poll_chunk(cx)).await
     }
 
     /// `n` bytes of received chunks were delivered: the peer may send that much more.
     pub fn release(&mut self, n: usize) -> io::Result<()> {
         self.recv.flow_control().release_capacity(n).map_err(to_io)
+    }
+
+    /// What is left of the last chunk a reader took part of, else the next chunk from h2.
+    fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Option<Bytes>>> {
+        if !self.pending.is_empty() {
+            return Poll::Ready(Ok(Some(std::mem::take(&mut self.pending))));
+        }
+        if self.eof {
+            return Poll::Ready(Ok(None));
+        }
+        match ready!(self.recv.poll_data(cx)) {
+            Some(Ok(data)) => return Poll::Ready(Ok(Some(data))),
+            // A reset with NO_ERROR after the peer is done is a clean end.
+            Some(Err(e)) if e.reason() != Some(Reason::NO_ERROR) => {
+                return Poll::Ready(Err(to_io(e)))
+            }
+            None | Some(Err(_)) => {}
+        }
+        self.eof = true;
+        Poll::Ready(Ok(None))
     }
 }
 
@@ -128,26 +132,20 @@ impl AsyncRead for H2Recv {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        while this.pending.is_empty() {
-            if this.eof {
-                return Poll::Ready(Ok(()));
+        // An empty chunk (h2 may hand one over) reads as nothing: ask again.
+        let mut chunk = loop {
+            match ready!(this.poll_chunk(cx))? {
+                None => return Poll::Ready(Ok(())),
+                Some(c) if c.is_empty() => continue,
+                Some(c) => break c,
             }
-            match ready!(this.recv.poll_data(cx)) {
-                None => this.eof = true,
-                Some(Ok(data)) => this.pending = data,
-                // A reset with NO_ERROR after the peer is done is a clean end.
-                Some(Err(e)) if e.reason() == Some(Reason::NO_ERROR) => this.eof = true,
-                Some(Err(e)) => return Poll::Ready(Err(to_io(e))),
-            }
-        }
-        let n = this.pending.len().min(buf.remaining());
-        buf.put_slice(&this.pending[..n]);
-        this.pending.advance(n);
+        };
+        let n = chunk.len().min(buf.remaining());
+        buf.put_slice(&chunk[..n]);
+        chunk.advance(n);
+        this.pending = chunk;
         // The bytes left h2's hands: let the peer send that much more.
-        this.recv
-            .flow_control()
-            .release_capacity(n)
-            .map_err(to_io)?;
+        this.release(n)?;
         Poll::Ready(Ok(()))
     }
 }

@@ -162,7 +162,6 @@ fn raw_tunnel_status(netns: &str, ip: &str, sa: &str, authority: &str) -> u16 {
                 orig_src_fallbacks: Default::default(),
                 keepalive: Default::default(),
                 netns: None,
-                splice_after: None,
             };
             let tcp = l4mesh::socket::connect(hbone, &opts).await.unwrap();
             let send = raw_hbone::client(ca, &sa, tcp).await;
