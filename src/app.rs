@@ -10,6 +10,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::os::fd::AsFd;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,6 +20,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::{CaSource, Config, Source};
 use crate::drain::{Drain, DrainReport};
+use crate::handoff::{wire::Kind, Sockets};
 use crate::identity::{CaClient, LocalCa, SecretManager};
 use crate::localconfig::{self, LocalConfigError};
 use crate::metrics::Metrics;
@@ -48,6 +50,8 @@ pub enum AppError {
     OrigSrc(#[from] crate::socket::OrigSrcError),
     #[error(transparent)]
     AdminToken(#[from] crate::admin::AdminTokenError),
+    #[error(transparent)]
+    Handoff(#[from] crate::handoff::HandoffError),
     #[error("binding the DNS proxy on {addr}: {source} (is another DNS proxy running? choose another address with DNS_PROXY_ADDR)")]
     DnsBind {
         addr: SocketAddr,
@@ -79,8 +83,15 @@ pub struct Running {
     pub admin_addr: Option<SocketAddr>,
     /// Where the DNS proxy listens (UDP and TCP; empty when DNS capture is off).
     pub dns_addrs: Vec<SocketAddr>,
+    /// The process being replaced, while this one takes over from it (`--handoff-socket`).
+    pub predecessor: Option<Arc<crate::handoff::PredecessorState>>,
     drain: Drain,
     deadline: Duration,
+    upgrade_deadline: Duration,
+    /// Set when a successor took over (the drain is an upgrade's).
+    released: crate::handoff::Released,
+    /// Set when this process must not serve (its take-over was refused); the drain has started.
+    failed: Arc<std::sync::OnceLock<String>>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -94,7 +105,26 @@ impl Running {
     /// deadline (`connection_termination_deadline`) passes; then the rest are closed. The same
     /// path as SIGTERM and `/quitquitquit`; resolves when it is over.
     pub async fn drain(&self) -> DrainReport {
-        self.drain.drain(self.deadline, FORCE_GRACE).await
+        self.drain.drain(self.drain_deadline(), FORCE_GRACE).await
+    }
+
+    /// The deadline of this process's drain: an upgrade's (`UPGRADE_DRAIN_DEADLINE`) once a
+    /// successor took over, else `connection_termination_deadline`.
+    pub fn drain_deadline(&self) -> Duration {
+        match self.released.successor() {
+            Some(_) => self.upgrade_deadline,
+            None => self.deadline,
+        }
+    }
+
+    /// The successor's pid, once one took over this process's sockets.
+    pub fn successor(&self) -> Option<u32> {
+        self.released.successor()
+    }
+
+    /// Why this process must not serve (its take-over was refused), once known.
+    pub fn failure(&self) -> Option<&str> {
+        self.failed.get().map(String::as_str)
     }
 
     /// Resolves once a drain has been asked for (by `/quitquitquit` or [`Running::drain`]).
@@ -117,6 +147,7 @@ pub type OperatorTask = Box<dyn FnOnce() -> Pin<Box<dyn Future<Output = ()> + Se
 pub fn operator_task<F, Fut>(
     name: &'static str,
     listener: std::net::TcpListener,
+    tenure: crate::handoff::Tenure,
     serve: F,
 ) -> OperatorTask
 where
@@ -126,7 +157,7 @@ where
     Box::new(move || {
         Box::pin(async move {
             match TcpListener::from_std(listener) {
-                Ok(l) => serve(l).await,
+                Ok(l) => tenure.serve(serve(l)).await,
                 Err(e) => {
                     tracing::error!(server = name, error = %e, "cannot serve: the listener could not join the runtime")
                 }
@@ -135,8 +166,11 @@ where
     })
 }
 
-/// Binds a listener for an operator server: a non-blocking std socket, to be moved to its runtime.
-fn bind_std(
+/// A TCP listener for `name` (the flag's name without `-addr` names it in a hand-off): the
+/// predecessor's in an upgrade, else bound now (`SO_REUSEADDR`, a backlog of 1024, as tokio);
+/// non-blocking, and kept for a successor.
+fn listen_tcp(
+    sockets: &mut Sockets,
     name: &'static str,
     flag: &'static str,
     addr: SocketAddr,
@@ -147,10 +181,70 @@ fn bind_std(
         addr,
         source,
     };
-    let l = std::net::TcpListener::bind(addr).map_err(err)?;
+    let key = flag.trim_end_matches("-addr");
+    let l = match sockets.take(key, Kind::Tcp, addr)? {
+        Some(fd) => std::net::TcpListener::from(fd),
+        None => bind_tcp(addr).map_err(err)?,
+    };
     l.set_nonblocking(true).map_err(err)?;
     let local = l.local_addr().map_err(err)?;
+    sockets.keep(key, Kind::Tcp, Some(local), l.as_fd());
     Ok((l, local))
+}
+
+fn bind_tcp(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    s.set_reuse_address(true)?;
+    s.bind(&addr.into())?;
+    s.listen(1024)?;
+    Ok(s.into())
+}
+
+/// [`listen_tcp`], registered with the current runtime (the data path's and readiness's).
+fn listen_tokio(
+    sockets: &mut Sockets,
+    name: &'static str,
+    flag: &'static str,
+    addr: SocketAddr,
+) -> Result<(TcpListener, SocketAddr), AppError> {
+    let (l, local) = listen_tcp(sockets, name, flag, addr)?;
+    let l = TcpListener::from_std(l).map_err(|source| AppError::Bind {
+        name,
+        flag,
+        addr,
+        source,
+    })?;
+    Ok((l, local))
+}
+
+/// The DNS proxy's UDP socket and TCP listener on `addr` (the same port for both, also when the
+/// configured one is 0): the predecessor's in an upgrade, else bound now; kept for a successor.
+fn dns_pair(
+    sockets: &mut Sockets,
+    addr: SocketAddr,
+) -> std::io::Result<(std::net::UdpSocket, std::net::TcpListener)> {
+    let (ukey, tkey) = (format!("dns-udp {addr}"), format!("dns-tcp {addr}"));
+    let take = |sockets: &mut Sockets, key: &str, kind| {
+        sockets.take(key, kind, addr).map_err(std::io::Error::other)
+    };
+    let u = match take(sockets, &ukey, Kind::Udp)? {
+        Some(fd) => std::net::UdpSocket::from(fd),
+        None => std::net::UdpSocket::bind(addr)?,
+    };
+    let bound = u.local_addr()?;
+    let t = match take(sockets, &tkey, Kind::Tcp)? {
+        Some(fd) => std::net::TcpListener::from(fd),
+        None => bind_tcp(bound)?,
+    };
+    u.set_nonblocking(true)?;
+    t.set_nonblocking(true)?;
+    sockets.keep(&ukey, Kind::Udp, Some(bound), u.as_fd());
+    sockets.keep(&tkey, Kind::Tcp, Some(bound), t.as_fd());
+    Ok((u, t))
 }
 
 impl Drop for Running {
@@ -159,21 +253,6 @@ impl Drop for Running {
             t.abort();
         }
     }
-}
-
-async fn bind(
-    name: &'static str,
-    flag: &'static str,
-    addr: SocketAddr,
-) -> Result<TcpListener, AppError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| AppError::Bind {
-            name,
-            flag,
-            addr,
-            source,
-        })
 }
 
 /// Starts l4mesh on the current tokio runtime, the operators' servers included. Ready to serve
@@ -198,6 +277,19 @@ async fn build(
         (Some(_), Some(p)) => Some(crate::admin::AdminToken::read(p)?),
         _ => None,
     };
+    // An upgrade: the running l4mesh's sockets, before anything is bound.
+    let (mut sockets, takeover) = match &config.handoff_socket {
+        Some(path) => match crate::handoff::take_over(path).await? {
+            Some((sockets, takeover)) => (sockets, Some(takeover)),
+            None => (Sockets::keeping(), None),
+        },
+        None => (Sockets::none(), None),
+    };
+    let predecessor = takeover.as_ref().map(|t| t.state.clone());
+    let released = crate::handoff::Released::default();
+    // The ports a client expects one answer from are served from the take-over on.
+    let (taken_tx, taken_rx) = tokio::sync::watch::channel(takeover.is_none());
+    let tenure = crate::handoff::Tenure::new(taken_rx, released.clone());
     let drain = Drain::new();
     let store = Arc::new(Store::new());
     let readiness = Readiness::new();
@@ -272,7 +364,7 @@ async fn build(
 
     // Dedicated mode binds the data path here; shared mode binds it in each pod's namespace.
     let data = match &config.inpod {
-        None => Some(DataListeners::bind(config).await?),
+        None => Some(DataListeners::bind(config, &mut sockets)?),
         Some(_) => None,
     };
     let (outbound, inbound_plaintext, hbone, socks5) = match &data {
@@ -292,7 +384,7 @@ async fn build(
     };
     let (readiness_l, readiness_addr) = match config.readiness_addr {
         Some(a) => {
-            let (l, local) = bind_local("readiness", "readiness-addr", a).await?;
+            let (l, local) = listen_tokio(&mut sockets, "readiness", "readiness-addr", a)?;
             (Some(l), Some(local))
         }
         None => (None, None),
@@ -316,13 +408,26 @@ async fn build(
                 d.addrs.first().copied().unwrap_or_else(|| {
                     SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), 15053)
                 });
-            let (server, bound) =
-                crate::dns::DnsServer::bind(&d.addrs)
-                    .await
-                    .map_err(|source| AppError::DnsBind {
-                        addr: first,
-                        source,
-                    })?;
+            // Made now (an upgrade takes the predecessor's), handed to the server as made.
+            let pairs: std::sync::Mutex<std::collections::HashMap<_, _>> = std::sync::Mutex::new(
+                d.addrs
+                    .iter()
+                    .map(|a| (*a, dns_pair(&mut sockets, *a)))
+                    .collect(),
+            );
+            let (server, bound) = crate::dns::DnsServer::bind_with(&d.addrs, "this node", |a| {
+                let made = pairs
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .remove(&a)
+                    .unwrap_or_else(|| Err(std::io::Error::other("address listed twice")));
+                std::future::ready(made)
+            })
+            .await
+            .map_err(|source| AppError::DnsBind {
+                addr: first,
+                source,
+            })?;
             Some((server, bound))
         }
         _ => None,
@@ -349,7 +454,7 @@ async fn build(
     };
     let (metrics_l, metrics_addr) = match config.metrics_addr {
         Some(a) => {
-            let (l, local) = bind_std("metrics", "metrics-addr", a)?;
+            let (l, local) = listen_tcp(&mut sockets, "metrics", "metrics-addr", a)?;
             (Some(l), Some(local))
         }
         None => (None, None),
@@ -373,7 +478,7 @@ async fn build(
     let http_limiter = |name| limits.limiter(name, http_caps);
     // Bound with the others so that its port is one of l4mesh's own from the first connection.
     let admin_l = match config.admin_addr {
-        Some(a) => Some(bind_std("admin", "admin-addr", a)?),
+        Some(a) => Some(listen_tcp(&mut sockets, "admin", "admin-addr", a)?),
         None => None,
     };
     let admin_addr = admin_l.as_ref().map(|(_, local)| *local);
@@ -465,6 +570,7 @@ async fn build(
         runtime: tokio::runtime::Handle::current(),
         pods: pods_view.clone(),
         dns: dns_metrics.clone(),
+        predecessor: predecessor.clone(),
     }));
     // Closes established inbound connections that a policy change now denies.
     // On the operators' runtime: re-checking 10 000 connections against a new policy set must not
@@ -474,13 +580,13 @@ async fn build(
         ctx.conns.clone().follow(store.clone()),
     ));
     if let Some(l) = readiness_l {
-        tasks.push(tokio::spawn(crate::readiness::serve(
+        tasks.push(tokio::spawn(tenure.clone().serve(crate::readiness::serve(
             l,
             readiness.clone(),
             drain.signal(),
             http_limiter("readiness"),
             config.http.header_timeout,
-        )));
+        ))));
     }
     // Listeners are bound (so a port conflict fails startup) but accept only once the mesh state
     // is known: connections wait in the backlog meanwhile instead of being misrouted.
@@ -502,7 +608,7 @@ async fn build(
     }
     if let (Some((server, _)), Some(ctx)) = (dns_server, dns_ctx) {
         tracing::info!(addrs = ?dns_addrs, upstreams = ?ctx.upstreams.servers(), "DNS proxy: mesh names from the store, the rest forwarded");
-        tasks.push(tokio::spawn(server.run(ctx)));
+        tasks.push(tokio::spawn(tenure.clone().serve(server.run(ctx))));
     }
     if let Some((mut manager, uds)) = pods {
         let signal = drain.signal();
@@ -521,7 +627,7 @@ async fn build(
     if let Some(l) = metrics_l {
         let (m, limiter) = (metrics.clone(), http_limiter("metrics"));
         let header_timeout = config.http.header_timeout;
-        operators.push(operator_task("metrics", l, move |l| {
+        operators.push(operator_task("metrics", l, tenure.clone(), move |l| {
             crate::metrics::serve(l, m, limiter, header_timeout)
         }));
     }
@@ -539,8 +645,39 @@ async fn build(
             pods: pods_view.clone(),
         });
         let (limiter, header_timeout) = (http_limiter("admin"), config.http.header_timeout);
-        operators.push(operator_task("admin", l, move |l| {
+        operators.push(operator_task("admin", l, tenure.clone(), move |l| {
             crate::admin::serve(l, state, limiter, header_timeout)
+        }));
+    }
+    let failed = Arc::new(std::sync::OnceLock::new());
+    if let Some(path) = &config.handoff_socket {
+        let server = crate::handoff::listen(path, &mut sockets)?;
+        let handover = crate::handoff::Handover {
+            drain: drain.clone(),
+            released: released.clone(),
+            metrics: Some({
+                let m = metrics.clone();
+                Box::new(move |om| m.encode_own(om).ok())
+            }),
+        };
+        let (readiness, drain, failed) = (readiness.clone(), drain.clone(), failed.clone());
+        tracing::info!(path = %path.display(), "upgrade: a successor started with --handoff-socket at this path takes over these listeners");
+        tasks.push(tokio::spawn(async move {
+            if let Some(t) = takeover {
+                match t.complete(readiness.wait()).await {
+                    Ok((_, follow)) => {
+                        taken_tx.send_replace(true);
+                        tokio::spawn(follow.run());
+                    }
+                    Err(e) => {
+                        // Never accepted: the predecessor serves on.
+                        let _ = failed.set(e.to_string());
+                        drain.start();
+                        return;
+                    }
+                }
+            }
+            crate::handoff::serve(server, sockets, handover).await
         }));
     }
     tracing::info!(%outbound, %inbound_plaintext, %hbone, socks5 = ?socks5, readiness = ?readiness_addr, metrics = ?metrics_addr, admin = ?admin_addr, own_ports = ?ctx.own_ports.ports(), "listening");
@@ -559,8 +696,12 @@ async fn build(
         metrics,
         admin_addr,
         dns_addrs,
+        predecessor,
         drain,
         deadline: config.connection_termination_deadline,
+        upgrade_deadline: config.upgrade_drain_deadline,
+        released,
+        failed,
         tasks,
     };
     Ok((running, operators))
@@ -592,22 +733,6 @@ fn dns_context(
     }
 }
 
-/// [`bind`], with the address bound (the port the kernel chose for port 0).
-async fn bind_local(
-    name: &'static str,
-    flag: &'static str,
-    addr: SocketAddr,
-) -> Result<(TcpListener, SocketAddr), AppError> {
-    let l = bind(name, flag, addr).await?;
-    let local = l.local_addr().map_err(|source| AppError::Bind {
-        name,
-        flag,
-        addr,
-        source,
-    })?;
-    Ok((l, local))
-}
-
 /// Dedicated mode's data-path listeners with their bound addresses.
 struct DataListeners {
     outbound: (TcpListener, SocketAddr),
@@ -617,19 +742,18 @@ struct DataListeners {
 }
 
 impl DataListeners {
-    async fn bind(config: &Config) -> Result<Self, AppError> {
-        let one = bind_local;
+    fn bind(config: &Config, sockets: &mut Sockets) -> Result<Self, AppError> {
         Ok(Self {
-            outbound: one("outbound", "outbound-addr", config.outbound_addr).await?,
-            inbound: one(
+            outbound: listen_tokio(sockets, "outbound", "outbound-addr", config.outbound_addr)?,
+            inbound: listen_tokio(
+                sockets,
                 "inbound plaintext",
                 "inbound-plaintext-addr",
                 config.inbound_plaintext_addr,
-            )
-            .await?,
-            hbone: one("inbound HBONE", "hbone-addr", config.hbone_addr).await?,
+            )?,
+            hbone: listen_tokio(sockets, "inbound HBONE", "hbone-addr", config.hbone_addr)?,
             socks: match config.socks5_addr {
-                Some(a) => Some(one("socks5", "socks5-addr", a).await?),
+                Some(a) => Some(listen_tokio(sockets, "socks5", "socks5-addr", a)?),
                 None => None,
             },
         })
@@ -737,11 +861,19 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         operator_rt.spawn(operators);
         let why = tokio::select! {
             s = signals.recv() => s,
-            () = running.drain_requested() => "POST /quitquitquit",
+            () = running.drain_requested() => match (running.failure(), running.successor()) {
+                (Some(_), _) => "the take-over failed",
+                (None, Some(_)) => "a successor took over (upgrade)",
+                (None, None) => "POST /quitquitquit",
+            },
         };
+        if let Some(e) = running.failure() {
+            // Never accepted a connection: nothing to drain.
+            return Err(anyhow::anyhow!("{e}"));
+        }
         tracing::info!(
             reason = why,
-            deadline = ?config.connection_termination_deadline,
+            deadline = ?running.drain_deadline(),
             open_connections = running.open_connections(),
             "draining: readiness fails, listeners closed, HBONE peers told to go away; open connections may finish until the deadline"
         );

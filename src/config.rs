@@ -112,6 +112,13 @@ pub struct Config {
     pub enforce_waypoint: bool,
     /// `L4MESH_SPLICE_AFTER`: TCP↔TCP copies splice after this many bytes per direction.
     pub splice_after: Option<u64>,
+    /// `L4MESH_HANDOFF_SOCKET`: where a running l4mesh hands its listening sockets to a
+    /// successor (upgrades without refused connections); `None`: no hand-off.
+    pub handoff_socket: Option<PathBuf>,
+    /// `UPGRADE_DRAIN_DEADLINE`: how long an l4mesh replaced by a successor keeps serving the
+    /// connections it holds.
+    #[serde(serialize_with = "crate::model::serialize_duration")]
+    pub upgrade_drain_deadline: Duration,
 }
 
 /// The DNS proxy's settings, ztunnel's names and defaults.
@@ -177,9 +184,15 @@ impl Config {
             localhost_app_tunnel: true,
             enforce_waypoint: false,
             splice_after: None,
+            handoff_socket: None,
+            upgrade_drain_deadline: DEFAULT_UPGRADE_DRAIN_DEADLINE,
         }
     }
 }
+
+/// How long a replaced l4mesh serves its connections by default: long-lived connections
+/// (databases, brokers, streams) end on their own schedule, not the upgrade's.
+pub const DEFAULT_UPGRADE_DRAIN_DEADLINE: Duration = Duration::from_secs(3600);
 
 /// ztunnel's default drain deadline.
 pub const DEFAULT_TERMINATION_DEADLINE: Duration = Duration::from_secs(5);
@@ -214,6 +227,8 @@ pub enum ConfigError {
     ProxyKind(String),
     #[error("PROXY_WORKLOAD_INFO={0} names the one workload of a dedicated l4mesh, but PROXY_MODE=shared serves the pods the CNI node agent hands over; unset one of them")]
     SharedWithWorkload(String),
+    #[error("L4MESH_HANDOFF_SOCKET={0:?} hands over a dedicated l4mesh's listeners, but PROXY_MODE=shared binds them in each pod; in shared mode a new l4mesh binds beside the old one (INPOD_PORT_REUSE)")]
+    HandoffShared(PathBuf),
     #[error("FAKE_CA=false but no CA_ADDRESS or XDS_ADDRESS is set; expected a CA to ask for certificates")]
     NoCa,
     #[error("CA_ADDRESS must start with http:// or https://, found {0:?}")]
@@ -422,6 +437,15 @@ pub struct Args {
     /// throughput and slower round trips on loopback); unset: never, as ztunnel.
     #[arg(long, env = "L4MESH_SPLICE_AFTER")]
     pub splice_after: Option<u64>,
+    /// A unix socket through which this l4mesh hands its listening sockets to a new l4mesh
+    /// started with the same path (an upgrade that refuses no connection); the new one takes
+    /// them, becomes ready, and the old one stops accepting and drains. Dedicated mode only.
+    #[arg(long, env = "L4MESH_HANDOFF_SOCKET")]
+    pub handoff_socket: Option<PathBuf>,
+    /// How long an l4mesh replaced through the hand-off socket keeps serving the connections it
+    /// holds before closing the rest (e.g. 1h, 30m).
+    #[arg(long, env = "UPGRADE_DRAIN_DEADLINE", value_parser = parse_duration, default_value = "1h")]
+    pub upgrade_drain_deadline: Duration,
     /// A workload whose application tunnel speaks PROXY protocol gets its inbound streams on its
     /// loopback address (so that only the proxy can reach its PROXY port), as ztunnel.
     #[arg(long, env = "LOCALHOST_APP_TUNNEL", default_value = "true", value_parser = parse_bool, action = clap::ArgAction::Set)]
@@ -738,6 +762,9 @@ impl Args {
                 .get("DNS_CAPTURE")
                 .map_or(shared, |v| v.eq_ignore_ascii_case("true"))
         });
+        if let (true, Some(p)) = (shared, &self.handoff_socket) {
+            return Err(ConfigError::HandoffShared(p.clone()));
+        }
         if shared {
             if let Some(w) = &self.proxy_workload_info {
                 return Err(ConfigError::SharedWithWorkload(format!(
@@ -917,6 +944,8 @@ impl Args {
             localhost_app_tunnel: self.localhost_app_tunnel,
             enforce_waypoint: self.enforce_waypoint,
             splice_after: self.splice_after,
+            handoff_socket: self.handoff_socket.clone(),
+            upgrade_drain_deadline: self.upgrade_drain_deadline,
             inpod: shared.then_some(InpodSettings {
                 uds: self.inpod_uds,
                 port_reuse: self.inpod_port_reuse,

@@ -17,7 +17,7 @@
 pub mod agent;
 pub mod manager;
 pub mod netns;
-pub mod transport;
+pub use crate::seqpacket as transport;
 pub mod zds;
 
 use std::path::Path;

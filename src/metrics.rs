@@ -53,11 +53,14 @@ pub struct Sources {
     pub pods: Option<Arc<crate::inpod::manager::PodsView>>,
     /// The DNS proxy's metrics, when DNS capture is on.
     pub dns: Option<Arc<crate::dns::DnsMetrics>>,
+    /// The l4mesh this one took over from: its metrics are relayed while it drains.
+    pub predecessor: Option<Arc<crate::handoff::PredecessorState>>,
 }
 
 /// The registry of one l4mesh.
 pub struct Metrics {
     registry: Registry,
+    predecessor: Option<Arc<crate::handoff::PredecessorState>>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -154,11 +157,29 @@ impl Metrics {
         if let Some(x) = sources.xds {
             registry.register_collector(Box::new(collect::Xds(x)));
         }
-        Self { registry }
+        Self {
+            registry,
+            predecessor: sources.predecessor,
+        }
     }
 
-    /// The exposition: OpenMetrics text when `openmetrics`, else Prometheus text 0.0.4.
+    /// The exposition: OpenMetrics text when `openmetrics`, else Prometheus text 0.0.4. While a
+    /// predecessor drains after an upgrade, its series are in it too, labelled
+    /// `l4mesh_process="predecessor"`.
     pub fn encode(&self, openmetrics: bool) -> Result<String, std::fmt::Error> {
+        let own = self.encode_own(openmetrics)?;
+        match self
+            .predecessor
+            .as_ref()
+            .and_then(|p| p.metrics(openmetrics))
+        {
+            Some(theirs) => Ok(crate::handoff::metrics_text::merge(&own, &theirs)),
+            None => Ok(own),
+        }
+    }
+
+    /// This process's own exposition (what it relays to a successor while it drains).
+    pub fn encode_own(&self, openmetrics: bool) -> Result<String, std::fmt::Error> {
         let mut out = String::new();
         if openmetrics {
             prometheus_client::encoding::text::encode(&mut out, &self.registry)?;

@@ -370,7 +370,10 @@ fn http_paths_and_formats() {
     let c: prometheus_client::metrics::counter::Counter = Default::default();
     c.inc();
     registry.register("probe", "a probe", c);
-    let m = Metrics { registry };
+    let m = Metrics {
+        registry,
+        predecessor: None,
+    };
     let req = |path: &str, accept: Option<&str>| {
         let mut b = http::Request::builder().uri(path);
         if let Some(a) = accept {

@@ -1,6 +1,8 @@
-//! The ZDS socket: a `SOCK_SEQPACKET` unix socket to istio-cni's node agent (`INPOD_UDS`), one
-//! protobuf message per packet, a pod's network namespace passed as an `SCM_RIGHTS` descriptor.
-//! Non-blocking, driven by tokio's `AsyncFd`; no `unsafe` (rustix's safe `recvmsg`/`sendmsg`).
+//! `SOCK_SEQPACKET` unix sockets carrying descriptors: the ZDS socket to istio-cni's node agent
+//! (`INPOD_UDS`: one protobuf message per packet, a pod's network namespace passed as an
+//! `SCM_RIGHTS` descriptor) and the upgrade hand-off socket (listening sockets passed from an old
+//! l4mesh to a new one). Non-blocking, driven by tokio's `AsyncFd`; no `unsafe` (rustix's safe
+//! `recvmsg`/`sendmsg`).
 //!
 //! A received packet comes out with its descriptors already owned (`OwnedFd`, close-on-exec), so
 //! that they are closed on every path that drops them; more descriptors than [`MAX_FDS`] or a
@@ -18,7 +20,8 @@ use rustix::net::{
 };
 use tokio::io::unix::AsyncFd;
 
-/// The largest packet read: a WorkloadRequest is a few hundred bytes.
+/// The largest packet read: a WorkloadRequest is a few hundred bytes, a hand-off message a few
+/// KiB.
 pub const MAX_PACKET: usize = 64 * 1024;
 /// Descriptors one packet may carry before the kernel reports `MSG_CTRUNC` (a valid one carries
 /// at most one; room for a few more lets l4mesh see and close what a broken agent sends).
@@ -149,7 +152,8 @@ impl Conn {
     }
 }
 
-/// The agent's end: a listening ZDS socket (`l4mesh node-agent`).
+/// A listening socket: the agent's end of ZDS (`l4mesh node-agent`), or the hand-off socket of
+/// a running l4mesh.
 #[derive(Debug)]
 pub struct Server {
     fd: AsyncFd<OwnedFd>,
@@ -182,7 +186,22 @@ impl Server {
         })
     }
 
-    /// The next proxy that connects.
+    /// Wraps a listening socket received from another process (the hand-off socket itself is
+    /// handed over).
+    pub fn from_fd(fd: OwnedFd) -> io::Result<Server> {
+        rustix::io::ioctl_fionbio(&fd, true)?;
+        Ok(Server {
+            fd: crate::socket::async_fd(fd)?,
+        })
+    }
+
+    /// The listening socket, to duplicate for a successor.
+    pub fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.fd.get_ref().as_fd()
+    }
+
+    /// The next peer that connects.
     pub async fn accept(&self) -> io::Result<Conn> {
         loop {
             let mut guard = self.fd.readable().await?;

@@ -1,0 +1,747 @@
+//! Upgrades that drop nothing: a running l4mesh hands its listening sockets to its successor over
+//! a unix socket (`--handoff-socket`, `L4MESH_HANDOFF_SOCKET`), so that the listen queues are never
+//! closed: a connection that reached one is accepted by one process or the other.
+//!
+//! The exchange, one JSON message per `SOCK_SEQPACKET` packet ([`crate::seqpacket`]):
+//! 1. the successor connects and says `hello` (hand-off protocol and version);
+//! 2. the running one answers `offer` (what it listens on), then one `socket` packet per listening
+//!    socket, each carrying the socket as an `SCM_RIGHTS` descriptor (the hand-off socket itself
+//!    among them), or `refused` with the reason (another protocol, a hand-off already under way);
+//! 3. the successor builds itself on those sockets (bound addresses are checked against its own
+//!    configuration), waits until it is ready (the same readiness as its listeners), and says
+//!    `ready`;
+//! 4. the old one stops accepting everywhere (its drain, with `UPGRADE_DRAIN_DEADLINE`), closes its
+//!    copies of the sockets, answers `released`, and then reports `status` (connections still
+//!    open, its metrics) every [`STATUS_EVERY`] until it exits.
+//!
+//! A successor that fails or closes before `ready` changes nothing for the running one (its
+//! sockets never stopped accepting). A predecessor that goes away without a word (a crash) leaves
+//! the successor with the only copies: it serves alone. A predecessor that gives up waiting says
+//! `refused`, and the successor exits.
+//!
+//! Split: [`wire`] (the messages, pure), this file (both ends of the exchange and the sockets a
+//! process holds).
+
+pub mod metrics_text;
+pub mod wire;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use crate::seqpacket::{Conn, Server};
+use wire::{Kind, Message, SocketInfo, PROTOCOL};
+
+/// How long the running l4mesh waits for a successor's `hello`, and a successor for the `offer`
+/// and the sockets: a live peer answers at once.
+const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the running l4mesh waits for a successor to become ready (its first xDS responses,
+/// certificates) before it gives up and refuses it.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(300);
+/// How often a draining predecessor reports what it still holds.
+pub const STATUS_EVERY: Duration = Duration::from_secs(2);
+/// The most sockets one hand-off carries (a configuration has about ten).
+const MAX_SOCKETS: usize = 64;
+/// The largest metrics exposition of a predecessor that is relayed.
+const MAX_METRICS: usize = 16 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum HandoffError {
+    #[error("hand-off socket {path}: {source}")]
+    Socket {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the running l4mesh at {path} refused the hand-off: {reason}")]
+    Refused { path: PathBuf, reason: String },
+    #[error("the running l4mesh at {path} broke the hand-off: expected {expected}, got {got}")]
+    Protocol {
+        path: PathBuf,
+        expected: &'static str,
+        got: String,
+    },
+    #[error("the running l4mesh (pid {pid}) has its {name} socket on {offered}, this one is configured for {configured}: start the new l4mesh with the same listener addresses")]
+    Mismatch {
+        pid: u32,
+        name: String,
+        offered: String,
+        configured: SocketAddr,
+    },
+}
+
+/// A listening socket this process holds, kept (a duplicate) to hand to a successor.
+struct HeldSocket {
+    info: SocketInfo,
+    fd: OwnedFd,
+}
+
+/// Where this process's listening sockets come from (a predecessor's hand-off, else a fresh bind)
+/// and which ones it will hand on. Filled while the process binds; then moved to [`serve`].
+#[derive(Default)]
+pub struct Sockets {
+    /// Offered by the predecessor and not yet taken, by name.
+    inherited: HashMap<String, (SocketInfo, OwnedFd)>,
+    predecessor_pid: u32,
+    held: Vec<HeldSocket>,
+    /// Whether sockets are kept for a successor at all (off without `--handoff-socket`, so that a
+    /// drain's closed listener really closes).
+    keep: bool,
+}
+
+impl Sockets {
+    /// Sockets that are bound fresh and not kept (no hand-off configured).
+    pub fn none() -> Self {
+        Self::default()
+    }
+
+    /// Bound fresh, kept for a successor.
+    pub fn keeping() -> Self {
+        Self {
+            keep: true,
+            ..Self::default()
+        }
+    }
+
+    /// The predecessor's socket called `name`, if it offered one, checked against the address
+    /// this process is configured for (port 0: any port on that IP).
+    pub fn take(
+        &mut self,
+        name: &str,
+        kind: Kind,
+        configured: SocketAddr,
+    ) -> Result<Option<OwnedFd>, HandoffError> {
+        let Some((info, fd)) = self.inherited.remove(name) else {
+            return Ok(None);
+        };
+        let matches = info.kind == kind
+            && info.addr.is_some_and(|a| {
+                a == configured || (configured.port() == 0 && a.ip() == configured.ip())
+            });
+        if !matches {
+            return Err(HandoffError::Mismatch {
+                pid: self.predecessor_pid,
+                name: name.into(),
+                offered: info.describe(),
+                configured,
+            });
+        }
+        Ok(Some(fd))
+    }
+
+    /// Records a listening socket for a successor (a duplicate descriptor: the process's own
+    /// listener is closed by its drain, this copy when the hand-off completes or a drain starts).
+    pub fn keep(&mut self, name: &str, kind: Kind, addr: Option<SocketAddr>, fd: BorrowedFd<'_>) {
+        if !self.keep {
+            return;
+        }
+        match fd.try_clone_to_owned() {
+            Ok(fd) => self.held.push(HeldSocket {
+                info: SocketInfo {
+                    name: name.into(),
+                    kind,
+                    addr,
+                },
+                fd,
+            }),
+            Err(e) => {
+                tracing::warn!(socket = name, error = %e, "cannot keep this socket for a successor: an upgrade will not hand it over")
+            }
+        }
+    }
+
+    /// The inherited hand-off socket, if the predecessor offered it.
+    fn take_handoff(&mut self) -> Option<OwnedFd> {
+        self.inherited
+            .remove(wire::HANDOFF_SOCKET)
+            .filter(|(info, _)| info.kind == Kind::Unix)
+            .map(|(_, fd)| fd)
+    }
+
+    /// Offered sockets this process did not take (its configuration no longer has them): closed
+    /// here, and named in the log.
+    fn drop_untaken(&mut self) {
+        for (name, (info, _)) in self.inherited.drain() {
+            if name != wire::HANDOFF_SOCKET {
+                tracing::info!(socket = %name, addr = %info.describe(), "the predecessor's socket is not in this configuration: closed when the predecessor releases it");
+            }
+        }
+    }
+}
+
+/// What a successor knows of the process it replaces, for its metrics and admin.
+#[derive(Debug, Default)]
+pub struct PredecessorState {
+    pub pid: u32,
+    pub version: String,
+    /// Connections it still holds (0 once gone).
+    open: AtomicU64,
+    /// Released: it stopped accepting and drains.
+    released: AtomicBool,
+    /// Gone: its hand-off connection closed (it exited).
+    gone: AtomicBool,
+    /// Its last metrics exposition, relayed with its own label: [Prometheus text 0.0.4,
+    /// OpenMetrics text].
+    metrics: Mutex<[Option<Arc<str>>; 2]>,
+}
+
+impl PredecessorState {
+    pub fn open_connections(&self) -> u64 {
+        self.open.load(Relaxed)
+    }
+
+    /// Whether it still runs (draining what it holds).
+    pub fn draining(&self) -> bool {
+        self.released.load(Relaxed) && !self.gone.load(Relaxed)
+    }
+
+    /// Its last metrics in the format asked for, while it still runs.
+    pub fn metrics(&self, openmetrics: bool) -> Option<Arc<str>> {
+        if self.gone.load(Relaxed) {
+            return None;
+        }
+        self.metrics.lock().unwrap_or_else(PoisonError::into_inner)[usize::from(openmetrics)]
+            .clone()
+    }
+}
+
+/// A successor's open exchange with its predecessor, between receiving the sockets and ready.
+pub struct Takeover {
+    path: PathBuf,
+    conn: Conn,
+    pub state: Arc<PredecessorState>,
+}
+
+/// What this l4mesh tells a draining predecessor or a successor about itself.
+fn hello() -> Message {
+    Message::Hello {
+        protocol: PROTOCOL,
+        version: env!("CARGO_PKG_VERSION").into(),
+        pid: std::process::id(),
+    }
+}
+
+/// Asks a running l4mesh at `path` for its sockets. `Ok(None)`: nothing runs there (no file, or
+/// a file no process listens on), so this process binds its own.
+pub async fn take_over(path: &Path) -> Result<Option<(Sockets, Takeover)>, HandoffError> {
+    let sock_err = |source| HandoffError::Socket {
+        path: path.into(),
+        source,
+    };
+    let conn = match Conn::connect(path).await {
+        Ok(c) => c,
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            return Ok(None)
+        }
+        Err(e) => return Err(sock_err(e)),
+    };
+    let proto_err = |expected, got: String| HandoffError::Protocol {
+        path: path.into(),
+        expected,
+        got,
+    };
+    send(&conn, &hello(), &[]).await.map_err(sock_err)?;
+    let (offer, _) = recv_within(&conn, EXCHANGE_TIMEOUT)
+        .await
+        .map_err(sock_err)?;
+    let (pid, version, offered) = match offer {
+        Some(Message::Offer {
+            protocol,
+            version,
+            pid,
+            sockets,
+        }) if protocol == PROTOCOL => (pid, version, sockets),
+        Some(Message::Offer {
+            protocol, version, ..
+        }) => {
+            return Err(proto_err(
+                "hand-off protocol 1",
+                format!("protocol {protocol} (l4mesh {version})"),
+            ))
+        }
+        Some(Message::Refused { reason }) => {
+            return Err(HandoffError::Refused {
+                path: path.into(),
+                reason,
+            })
+        }
+        other => return Err(proto_err("an offer", wire::describe(other.as_ref()))),
+    };
+    if offered.len() > MAX_SOCKETS {
+        return Err(proto_err(
+            "at most 64 sockets",
+            format!("{} sockets", offered.len()),
+        ));
+    }
+    let mut sockets = Sockets {
+        keep: true,
+        predecessor_pid: pid,
+        ..Sockets::default()
+    };
+    let mut infos: HashMap<String, SocketInfo> =
+        offered.into_iter().map(|s| (s.name.clone(), s)).collect();
+    while !infos.is_empty() {
+        let (msg, mut fds) = recv_within(&conn, EXCHANGE_TIMEOUT)
+            .await
+            .map_err(sock_err)?;
+        let name = match msg {
+            Some(Message::Socket { name }) => name,
+            other => return Err(proto_err("a socket", wire::describe(other.as_ref()))),
+        };
+        let Some(info) = infos.remove(&name) else {
+            return Err(proto_err("a socket of the offer", format!("{name:?}")));
+        };
+        let (Some(fd), true) = (fds.pop(), fds.is_empty()) else {
+            return Err(proto_err(
+                "one descriptor with the socket",
+                format!("{} descriptors with {name:?}", fds.len()),
+            ));
+        };
+        wire::check_socket(&fd, &info)
+            .map_err(|got| proto_err("a listening socket as offered", got))?;
+        sockets.inherited.insert(name, (info, fd));
+    }
+    tracing::info!(predecessor = pid, %version, sockets = sockets.inherited.len(), "upgrade: received the running l4mesh's listening sockets; taking over once ready");
+    Ok(Some((
+        sockets,
+        Takeover {
+            path: path.into(),
+            conn,
+            state: Arc::new(PredecessorState {
+                pid,
+                version,
+                ..PredecessorState::default()
+            }),
+        },
+    )))
+}
+
+/// How a successor's take-over ended.
+pub enum TakeoverEnd {
+    /// The predecessor stopped accepting: this process serves alone.
+    Released,
+    /// The predecessor went away without a word (it crashed): this process holds the only
+    /// copies of the sockets and serves alone.
+    PredecessorGone,
+}
+
+impl Takeover {
+    /// Waits until `ready` resolves (this process accepts), then tells the predecessor to let
+    /// go, and keeps following its reports in `state` until it exits. An error (the predecessor
+    /// refused, or broke the exchange) means this process must not serve.
+    pub async fn complete(
+        self,
+        ready: impl std::future::Future<Output = ()>,
+    ) -> Result<(TakeoverEnd, Follow), HandoffError> {
+        let Takeover { path, conn, state } = self;
+        let pid = state.pid;
+        let sock_err = |source| HandoffError::Socket {
+            path: path.clone(),
+            source,
+        };
+        tokio::select! {
+            () = ready => {}
+            msg = conn.recv() => {
+                return match msg.map_err(sock_err)?.map(|p| wire::decode(&p.bytes)) {
+                    None => Ok((TakeoverEnd::PredecessorGone, Follow::none(state))),
+                    Some(Ok(Message::Refused { reason })) => Err(HandoffError::Refused { path, reason }),
+                    Some(other) => Err(HandoffError::Protocol {
+                        path,
+                        expected: "nothing before ready",
+                        got: wire::describe(other.ok().as_ref()),
+                    }),
+                };
+            }
+        }
+        if send(&conn, &Message::Ready, &[]).await.is_err() {
+            return Ok((TakeoverEnd::PredecessorGone, Follow::none(state)));
+        }
+        match recv_within(&conn, EXCHANGE_TIMEOUT).await {
+            Ok((Some(Message::Released { open_connections }), _)) => {
+                state.open.store(open_connections, Relaxed);
+                state.released.store(true, Relaxed);
+                tracing::info!(
+                    predecessor = pid,
+                    open_connections,
+                    "upgrade: the predecessor stopped accepting and drains; this l4mesh serves"
+                );
+                Ok((
+                    TakeoverEnd::Released,
+                    Follow {
+                        conn: Some(conn),
+                        state,
+                    },
+                ))
+            }
+            Ok((None, _)) | Err(_) => Ok((TakeoverEnd::PredecessorGone, Follow::none(state))),
+            Ok((other, _)) => Err(HandoffError::Protocol {
+                path,
+                expected: "released",
+                got: wire::describe(other.as_ref()),
+            }),
+        }
+    }
+}
+
+/// A successor's view of its draining predecessor: its reports, until it exits.
+pub struct Follow {
+    conn: Option<Conn>,
+    state: Arc<PredecessorState>,
+}
+
+impl Follow {
+    fn none(state: Arc<PredecessorState>) -> Self {
+        state.gone.store(true, Relaxed);
+        Self { conn: None, state }
+    }
+
+    /// Reads the predecessor's reports into its state until it exits (its socket closes).
+    pub async fn run(self) {
+        let Follow { conn, state } = self;
+        if let Some(conn) = conn {
+            // Metrics arrive in pieces; each format's text is kept once whole.
+            let mut partial = [String::new(), String::new()];
+            loop {
+                let msg = match conn.recv().await {
+                    Ok(Some(p)) => wire::decode(&p.bytes),
+                    Ok(None) => {
+                        tracing::info!(predecessor = state.pid, "upgrade: the predecessor exited");
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(predecessor = state.pid, error = %e, "upgrade: lost the predecessor's reports");
+                        break;
+                    }
+                };
+                match msg {
+                    Ok(Message::Status { open_connections }) => {
+                        state.open.store(open_connections, Relaxed);
+                    }
+                    Ok(Message::Metrics {
+                        openmetrics,
+                        text,
+                        more,
+                    }) => {
+                        let buf = &mut partial[usize::from(openmetrics)];
+                        if buf.len() + text.len() > MAX_METRICS {
+                            tracing::warn!(predecessor = state.pid, limit = MAX_METRICS, "upgrade: the predecessor's metrics are larger than relayed; dropped");
+                            buf.clear();
+                            continue;
+                        }
+                        buf.push_str(&text);
+                        if !more {
+                            let whole: Arc<str> = Arc::from(std::mem::take(buf));
+                            state.metrics.lock().unwrap_or_else(PoisonError::into_inner)
+                                [usize::from(openmetrics)] = Some(whole);
+                        }
+                    }
+                    other => {
+                        tracing::warn!(predecessor = state.pid, got = %wire::describe(other.ok().as_ref()), "upgrade: unexpected report from the predecessor; no longer following it");
+                        break;
+                    }
+                }
+            }
+        }
+        state.gone.store(true, Relaxed);
+        state.open.store(0, Relaxed);
+    }
+}
+
+/// The hand-off listener of a process: the predecessor's (handed over with the rest), else one
+/// bound at `path` (replacing a file no process listens on).
+pub fn listen(path: &Path, sockets: &mut Sockets) -> Result<Server, HandoffError> {
+    let sock_err = |source| HandoffError::Socket {
+        path: path.into(),
+        source,
+    };
+    let server = match sockets.take_handoff() {
+        Some(fd) => Server::from_fd(fd).map_err(sock_err)?,
+        None => Server::bind(path).map_err(sock_err)?,
+    };
+    sockets.drop_untaken();
+    sockets.keep(wire::HANDOFF_SOCKET, Kind::Unix, None, server.as_fd());
+    Ok(server)
+}
+
+/// What the running process does when a successor is ready to take over.
+pub struct Handover {
+    /// Starts this process's drain (every listener stops accepting).
+    pub drain: crate::drain::Drain,
+    /// Told that the drain is an upgrade (its deadline is `UPGRADE_DRAIN_DEADLINE`), and when
+    /// the successor took over, so that servers not under the drain stop accepting too.
+    pub released: Released,
+    /// This process's metrics exposition (OpenMetrics text when `true`), relayed to the
+    /// successor while it drains.
+    pub metrics: Option<Box<dyn Fn(bool) -> Option<String> + Send + Sync>>,
+}
+
+/// Set once a successor took over: the process drains as an upgrade, and its servers that
+/// answer during a drain (readiness, metrics, admin, DNS) stop accepting, their ports now the
+/// successor's.
+#[derive(Clone)]
+pub struct Released {
+    tx: Arc<tokio::sync::watch::Sender<Option<u32>>>,
+}
+
+impl Default for Released {
+    fn default() -> Self {
+        Self {
+            tx: Arc::new(tokio::sync::watch::channel(None).0),
+        }
+    }
+}
+
+impl Released {
+    /// The successor's pid, once it took over.
+    pub fn successor(&self) -> Option<u32> {
+        *self.tx.borrow()
+    }
+
+    fn set(&self, pid: u32) {
+        self.tx.send_replace(Some(pid));
+    }
+
+    /// Resolves once a successor took over.
+    pub async fn wait(&self) {
+        let mut rx = self.tx.subscribe();
+        let _ = rx.wait_for(Option::is_some).await;
+    }
+
+    /// Runs `serve` until a successor takes over (then its listener is dropped: closed here,
+    /// accepting in the successor).
+    pub async fn until(&self, serve: impl std::future::Future<Output = ()>) {
+        tokio::select! {
+            () = serve => {}
+            () = self.wait() => {}
+        }
+    }
+}
+
+/// When a server on a handed-over port serves (readiness, metrics, admin, DNS: the ports a
+/// scraper, a probe or a client expects one answer from): from the take-over (at once when there
+/// is no predecessor) until a successor takes over. The data path is not under it: its listeners
+/// accept from readiness on, beside the predecessor's, until the predecessor lets go.
+#[derive(Clone)]
+pub struct Tenure {
+    taken: tokio::sync::watch::Receiver<bool>,
+    released: Released,
+}
+
+impl Tenure {
+    /// `taken`: true once this process holds the ports alone (a failed take-over drops the
+    /// sender: the server never starts).
+    pub fn new(taken: tokio::sync::watch::Receiver<bool>, released: Released) -> Self {
+        Self { taken, released }
+    }
+
+    /// Runs `serve` for this process's tenure of its ports.
+    pub async fn serve(mut self, serve: impl std::future::Future<Output = ()>) {
+        if self.taken.wait_for(|t| *t).await.is_err() {
+            return;
+        }
+        self.released.until(serve).await
+    }
+}
+
+/// Serves successors on `server` until one takes over (then reports to it until this process
+/// exits) or a drain starts (then the kept sockets are closed, so that closed listeners refuse).
+pub async fn serve(server: Server, sockets: Sockets, handover: Handover) {
+    let signal = handover.drain.signal();
+    let mut held = sockets.held;
+    let conn = loop {
+        let conn = tokio::select! {
+            biased;
+            () = signal.draining() => {
+                drop(held);
+                return;
+            }
+            c = server.accept() => c,
+        };
+        match conn {
+            Ok(conn) => match offer(&conn, &held, &signal).await {
+                Ok(Some(pid)) => break (conn, pid),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "upgrade: the hand-off to a successor failed; serving on as before")
+                }
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "upgrade: accepting on the hand-off socket failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    let (conn, pid) = conn;
+    // Order matters: the deadline is chosen from `released` when the drain starts.
+    handover.released.set(pid);
+    handover.drain.start();
+    held.clear();
+    drop(server);
+    let open = handover.drain.live() as u64;
+    tracing::info!(successor = pid, open_connections = open, "upgrade: the successor is ready and accepts; this l4mesh stopped accepting and drains what it holds");
+    if send(
+        &conn,
+        &Message::Released {
+            open_connections: open,
+        },
+        &[],
+    )
+    .await
+    .is_err()
+    {
+        return;
+    }
+    loop {
+        let status = Message::Status {
+            open_connections: handover.drain.live() as u64,
+        };
+        let mut report = vec![status];
+        if let Some(metrics) = &handover.metrics {
+            for om in [false, true] {
+                if let Some(text) = metrics(om) {
+                    report.extend(wire::metrics_pieces(&text, om));
+                }
+            }
+        }
+        for msg in &report {
+            if let Err(e) = send(&conn, msg, &[]).await {
+                tracing::info!(successor = pid, error = %e, "upgrade: the successor no longer hears reports");
+                return;
+            }
+        }
+        tokio::time::sleep(STATUS_EVERY).await;
+    }
+}
+
+/// One successor's exchange: `Ok(Some(pid))` once it is ready to take over, `Ok(None)` when it
+/// went away or was refused before that (this process serves on).
+async fn offer(
+    conn: &Conn,
+    held: &[HeldSocket],
+    signal: &crate::drain::Signal,
+) -> std::io::Result<Option<u32>> {
+    let (pid, version) = match recv_within(conn, EXCHANGE_TIMEOUT).await? {
+        (
+            Some(Message::Hello {
+                protocol,
+                version,
+                pid,
+            }),
+            _,
+        ) => {
+            if protocol != PROTOCOL {
+                let reason = format!("this l4mesh ({}) speaks hand-off protocol {PROTOCOL}, the successor (l4mesh {version}, pid {pid}) protocol {protocol}: upgrade through a restart", env!("CARGO_PKG_VERSION"));
+                tracing::warn!(successor = pid, "upgrade refused: {reason}");
+                send(conn, &Message::Refused { reason }, &[]).await?;
+                return Ok(None);
+            }
+            (pid, version)
+        }
+        (other, _) => {
+            tracing::warn!(got = %wire::describe(other.as_ref()), "upgrade: a client of the hand-off socket did not say hello; closed");
+            return Ok(None);
+        }
+    };
+    tracing::info!(successor = pid, %version, sockets = held.len(), "upgrade: handing the listening sockets to a successor; serving on until it is ready");
+    let Message::Hello { version: own, .. } = hello() else {
+        unreachable!("hello() is a Hello")
+    };
+    send(
+        conn,
+        &Message::Offer {
+            protocol: PROTOCOL,
+            version: own,
+            pid: std::process::id(),
+            sockets: held.iter().map(|h| h.info.clone()).collect(),
+        },
+        &[],
+    )
+    .await?;
+    for h in held {
+        send(
+            conn,
+            &Message::Socket {
+                name: h.info.name.clone(),
+            },
+            &[h.fd.as_fd()],
+        )
+        .await?;
+    }
+    let waited = tokio::select! {
+        r = tokio::time::timeout(READY_TIMEOUT, conn.recv()) => r,
+        // A drain of this process ends the exchange: the successor is told to exit.
+        () = signal.draining() => {
+            let reason = "the running l4mesh started draining before this one was ready".to_string();
+            send(conn, &Message::Refused { reason }, &[]).await?;
+            return Ok(None);
+        }
+    };
+    match waited {
+        Err(_) => {
+            let reason =
+                format!("not ready within {READY_TIMEOUT:?}; the running l4mesh serves on");
+            tracing::warn!(successor = pid, "upgrade abandoned: {reason}");
+            send(conn, &Message::Refused { reason }, &[]).await?;
+            Ok(None)
+        }
+        Ok(Ok(None)) => {
+            tracing::warn!(
+                successor = pid,
+                "upgrade: the successor went away before it was ready; serving on as before"
+            );
+            Ok(None)
+        }
+        Ok(Ok(Some(p))) => match wire::decode(&p.bytes) {
+            Ok(Message::Ready) => Ok(Some(pid)),
+            other => {
+                tracing::warn!(successor = pid, got = %wire::describe(other.ok().as_ref()), "upgrade: expected ready from the successor; serving on as before");
+                Ok(None)
+            }
+        },
+        Ok(Err(e)) => Err(e),
+    }
+}
+
+async fn send(conn: &Conn, msg: &Message, fds: &[BorrowedFd<'_>]) -> std::io::Result<()> {
+    conn.send(&wire::encode(msg), fds).await
+}
+
+/// The next message (`None`: the peer closed) with the descriptors it carried; an undecodable
+/// packet is an error naming what was wrong.
+async fn recv_within(
+    conn: &Conn,
+    limit: Duration,
+) -> std::io::Result<(Option<Message>, Vec<OwnedFd>)> {
+    let packet = tokio::time::timeout(limit, conn.recv())
+        .await
+        .map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no message within {limit:?}"),
+            )
+        })??;
+    let Some(p) = packet else {
+        return Ok((None, Vec::new()));
+    };
+    if p.truncated || p.ctrunc {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "a hand-off packet larger than allowed, or with too many descriptors",
+        ));
+    }
+    let msg = wire::decode(&p.bytes)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+    Ok((Some(msg), p.fds))
+}
+
+#[cfg(test)]
+mod tests;
