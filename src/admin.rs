@@ -104,11 +104,16 @@ pub struct AdminState {
     pub deadline: Duration,
     /// Shared mode: the pods served.
     pub pods: Option<Arc<crate::inpod::manager::PodsView>>,
+    /// The hand-off socket (`--handoff-socket`), when upgrades hand listeners over.
+    pub handoff_socket: Option<std::path::PathBuf>,
+    /// The l4mesh this one took over from, while it drains.
+    pub predecessor: Option<Arc<crate::handoff::PredecessorState>>,
 }
 
 /// The endpoints, for `/` and for the 404 of an unknown path.
 const ENDPOINTS: &str = "\
 GET  /config_dump                 workloads, services, policies, certificates, configuration, xDS status (JSON)
+GET  /upgrade                     the hand-off socket, and the replaced l4mesh still draining (JSON)
 GET  /logging                     the log filter in force
 POST /logging?level=<filter>      change it: a level (debug) or target=level items (access=debug,info); &reset starts from the startup filter
 POST /quitquitquit                drain (readiness fails, listeners close, HBONE peers get GOAWAY), then exit
@@ -147,11 +152,12 @@ fn route<B>(req: &Request<B>, state: &AdminState) -> Response<Full<Bytes>> {
             format!("l4mesh admin endpoints:\n{ENDPOINTS}"),
         ),
         "/config_dump" if method == Method::GET => config_dump::answer(state),
+        "/upgrade" if method == Method::GET => upgrade(state),
         "/logging" if method == Method::GET || method == Method::POST => {
             logging::answer(method, req.uri().query())
         }
         "/quitquitquit" if method == Method::POST => quit(state),
-        "/config_dump" | "/logging" | "/quitquitquit" => text(
+        "/config_dump" | "/logging" | "/quitquitquit" | "/upgrade" => text(
             StatusCode::METHOD_NOT_ALLOWED,
             format!("{method} is not allowed on {path}; expected one of:\n{ENDPOINTS}"),
         ),
@@ -160,6 +166,29 @@ fn route<B>(req: &Request<B>, state: &AdminState) -> Response<Full<Bytes>> {
             format!("no endpoint {path}; expected one of:\n{ENDPOINTS}"),
         ),
     }
+}
+
+/// What an operator watching an upgrade asks: is the hand-off on, and what does the replaced
+/// process still hold.
+fn upgrade(state: &AdminState) -> Response<Full<Bytes>> {
+    let predecessor = state.predecessor.as_ref().map(|p| {
+        serde_json::json!({
+            "pid": p.pid,
+            "version": p.version,
+            "draining": p.draining(),
+            "open_connections": p.open_connections(),
+        })
+    });
+    let body = serde_json::json!({
+        "handoff_socket": state.handoff_socket,
+        "predecessor": predecessor,
+    });
+    let mut resp = Response::new(Full::new(Bytes::from(format!("{body:#}\n"))));
+    resp.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    resp
 }
 
 fn quit(state: &AdminState) -> Response<Full<Bytes>> {

@@ -643,6 +643,8 @@ async fn build(
             drain: drain.clone(),
             deadline: config.connection_termination_deadline,
             pods: pods_view.clone(),
+            handoff_socket: config.handoff_socket.clone(),
+            predecessor: predecessor.clone(),
         });
         let (limiter, header_timeout) = (http_limiter("admin"), config.http.header_timeout);
         operators.push(operator_task("admin", l, tenure.clone(), move |l| {

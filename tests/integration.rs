@@ -25,6 +25,7 @@ mod integration {
     mod raw_hbone;
     mod rbac;
     mod redirect;
+    mod upgrade;
     mod waypoint;
     mod xds;
 }

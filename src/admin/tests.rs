@@ -17,6 +17,8 @@ fn state() -> AdminState {
         drain: Drain::new(),
         deadline: Duration::from_secs(5),
         pods: None,
+        handoff_socket: None,
+        predecessor: None,
     }
 }
 
