@@ -538,6 +538,7 @@ async fn build(
                 node_drain: drain.signal(),
                 deadline: config.connection_termination_deadline,
                 control: operators.cloned(),
+                held: sockets.held(),
             },
             crate::inpod::manager::PodListeners {
                 outbound: outbound.port(),
@@ -557,9 +558,23 @@ async fn build(
                     _ => None,
                 },
             },
+            takeover.is_some(),
         );
         (manager, inpod.uds.clone())
     });
+    // An upgrade in shared mode: the predecessor's pods, on their own sockets.
+    let pods = match pods {
+        Some((mut manager, uds)) => {
+            for pod in sockets.take_pods() {
+                let (name, uid) = (pod.pod.name.clone(), pod.pod.uid.clone());
+                if let Err(e) = manager.adopt(pod).await {
+                    tracing::warn!(pod = %name, %uid, error = %e, "upgrade: could not serve a pod handed over; left to the CNI agent's replay");
+                }
+            }
+            Some((manager, uds))
+        }
+        None => None,
+    };
     let pods_view = pods.as_ref().map(|(m, _)| m.view());
     let metrics = Arc::new(Metrics::new(crate::metrics::Sources {
         limits: limits.clone(),
@@ -612,15 +627,31 @@ async fn build(
     }
     if let Some((mut manager, uds)) = pods {
         let signal = drain.signal();
+        let (tenure, released) = (tenure.clone(), released.clone());
+        let deadlines = (
+            config.connection_termination_deadline,
+            config.upgrade_drain_deadline,
+        );
         tracing::info!(path = %uds.display(), "shared mode: following the CNI node agent (INPOD_UDS) for pods");
         tasks.push(tokio::spawn(async move {
             // The node's drain waits until every pod is drained.
             let _hold = signal.hold();
+            // In an upgrade, the agent is followed once the predecessor let go of it (it closes
+            // its ZDS connection as it drains): the agent sees one proxy at a time.
+            let follow = async {
+                if tenure.taken().await {
+                    crate::inpod::follow(&uds, &mut manager).await
+                }
+            };
             tokio::select! {
-                () = crate::inpod::follow(&uds, &mut manager) => {}
+                () = follow => {}
                 () = signal.draining() => {}
             }
-            manager.drain_all().await;
+            let deadline = match released.successor() {
+                Some(_) => deadlines.1,
+                None => deadlines.0,
+            };
+            manager.drain_all(deadline).await;
         }));
     }
     let mut operators = Vec::new();

@@ -227,8 +227,6 @@ pub enum ConfigError {
     ProxyKind(String),
     #[error("PROXY_WORKLOAD_INFO={0} names the one workload of a dedicated l4mesh, but PROXY_MODE=shared serves the pods the CNI node agent hands over; unset one of them")]
     SharedWithWorkload(String),
-    #[error("L4MESH_HANDOFF_SOCKET={0:?} hands over a dedicated l4mesh's listeners, but PROXY_MODE=shared binds them in each pod; in shared mode a new l4mesh binds beside the old one (INPOD_PORT_REUSE)")]
-    HandoffShared(PathBuf),
     #[error("FAKE_CA=false but no CA_ADDRESS or XDS_ADDRESS is set; expected a CA to ask for certificates")]
     NoCa,
     #[error("CA_ADDRESS must start with http:// or https://, found {0:?}")]
@@ -439,7 +437,8 @@ pub struct Args {
     pub splice_after: Option<u64>,
     /// A unix socket through which this l4mesh hands its listening sockets to a new l4mesh
     /// started with the same path (an upgrade that refuses no connection); the new one takes
-    /// them, becomes ready, and the old one stops accepting and drains. Dedicated mode only.
+    /// them, becomes ready, and the old one stops accepting and drains (shared mode: with every
+    /// pod's listeners, and the CNI agent's connection once the old one lets go of it).
     #[arg(long, env = "L4MESH_HANDOFF_SOCKET")]
     pub handoff_socket: Option<PathBuf>,
     /// How long an l4mesh replaced through the hand-off socket keeps serving the connections it
@@ -762,9 +761,6 @@ impl Args {
                 .get("DNS_CAPTURE")
                 .map_or(shared, |v| v.eq_ignore_ascii_case("true"))
         });
-        if let (true, Some(p)) = (shared, &self.handoff_socket) {
-            return Err(ConfigError::HandoffShared(p.clone()));
-        }
         if shared {
             if let Some(w) = &self.proxy_workload_info {
                 return Err(ConfigError::SharedWithWorkload(format!(

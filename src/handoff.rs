@@ -34,7 +34,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use crate::seqpacket::{Conn, Server};
-use wire::{Kind, Message, SocketInfo, PROTOCOL};
+use wire::{Kind, Message, PodOffer, SocketInfo, PROTOCOL};
 
 /// How long the running l4mesh waits for a successor's `hello`, and a successor for the `offer`
 /// and the sockets: a live peer answers at once.
@@ -44,8 +44,9 @@ const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const READY_TIMEOUT: Duration = Duration::from_secs(300);
 /// How often a draining predecessor reports what it still holds.
 pub const STATUS_EVERY: Duration = Duration::from_secs(2);
-/// The most sockets one hand-off carries (a configuration has about ten).
-const MAX_SOCKETS: usize = 64;
+/// The most sockets one hand-off carries (a dedicated configuration has about ten; shared mode
+/// six per pod).
+const MAX_SOCKETS: usize = 65536;
 /// The largest metrics exposition of a predecessor that is relayed.
 const MAX_METRICS: usize = 16 << 20;
 
@@ -80,17 +81,130 @@ struct HeldSocket {
     fd: OwnedFd,
 }
 
+#[derive(Default)]
+struct HeldInner {
+    sockets: Vec<HeldSocket>,
+    pods: std::collections::BTreeMap<String, PodOffer>,
+}
+
+/// What this process would hand to a successor now: duplicates of its listening sockets (and,
+/// in shared mode, of each pod's sockets and namespace, added and forgotten as pods come and
+/// go). Clones share one set; a set that is not keeping ignores everything (no hand-off
+/// configured, so that a closed listener really closes).
+#[derive(Clone, Default)]
+pub struct Held {
+    inner: Option<Arc<Mutex<HeldInner>>>,
+}
+
+impl Held {
+    fn keeping() -> Self {
+        Self {
+            inner: Some(Arc::default()),
+        }
+    }
+
+    fn lock(&self) -> Option<std::sync::MutexGuard<'_, HeldInner>> {
+        self.inner
+            .as_ref()
+            .map(|m| m.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Keeps a duplicate of `fd` for a successor, under `name`.
+    pub fn keep(&self, name: &str, kind: Kind, addr: Option<SocketAddr>, fd: BorrowedFd<'_>) {
+        let Some(mut inner) = self.lock() else {
+            return;
+        };
+        match fd.try_clone_to_owned() {
+            Ok(fd) => {
+                inner.sockets.retain(|h| h.info.name != name);
+                inner.sockets.push(HeldSocket {
+                    info: SocketInfo {
+                        name: name.into(),
+                        kind,
+                        addr,
+                    },
+                    fd,
+                });
+            }
+            Err(e) => {
+                tracing::warn!(socket = name, error = %e, "cannot keep this socket for a successor: an upgrade will not hand it over")
+            }
+        }
+    }
+
+    /// Records a pod served (its sockets are kept under [`wire::pod_socket`] names).
+    pub fn keep_pod(&self, pod: PodOffer) {
+        if let Some(mut inner) = self.lock() {
+            inner.pods.insert(pod.uid.clone(), pod);
+        }
+    }
+
+    /// Forgets a pod no longer served, closing the copies of its sockets and namespace.
+    pub fn forget_pod(&self, uid: &str) {
+        if let Some(mut inner) = self.lock() {
+            inner.pods.remove(uid);
+            let prefix = wire::pod_socket(uid, "");
+            inner.sockets.retain(|h| !h.info.name.starts_with(&prefix));
+        }
+    }
+
+    /// What an offer carries now: every socket (duplicated again, so that the set may change
+    /// while they are sent) and the pods.
+    fn offer(&self) -> (Vec<HeldSocket>, Vec<PodOffer>) {
+        let Some(inner) = self.lock() else {
+            return (Vec::new(), Vec::new());
+        };
+        let sockets = inner
+            .sockets
+            .iter()
+            .filter_map(|h| {
+                Some(HeldSocket {
+                    info: h.info.clone(),
+                    fd: h.fd.try_clone().ok()?,
+                })
+            })
+            .collect();
+        (sockets, inner.pods.values().cloned().collect())
+    }
+
+    /// Closes every copy (the hand-off completed, or a drain started) and keeps nothing more.
+    fn close(&self) {
+        if let Some(mut inner) = self.lock() {
+            *inner = HeldInner::default();
+        }
+    }
+}
+
+/// A pod received from the predecessor (shared mode): its identity, namespace and sockets.
+pub struct InheritedPod {
+    pub pod: PodOffer,
+    pub netns: OwnedFd,
+    sockets: HashMap<String, (SocketInfo, OwnedFd)>,
+}
+
+impl InheritedPod {
+    /// The pod's socket `what` (`outbound`, `dns-udp 127.0.0.1:15053`, ...), if it was handed
+    /// over with the kind expected and a port `port` (0: any).
+    pub fn take(&mut self, what: &str, kind: Kind, port: u16) -> Option<OwnedFd> {
+        let (info, fd) = self.sockets.remove(what)?;
+        let ok = info.kind == kind && info.addr.is_some_and(|a| port == 0 || a.port() == port);
+        if !ok {
+            tracing::info!(pod = %self.pod.name, socket = what, offered = %info.describe(), port, "the predecessor's pod socket does not match this configuration: bound afresh");
+        }
+        ok.then_some(fd)
+    }
+}
+
 /// Where this process's listening sockets come from (a predecessor's hand-off, else a fresh bind)
 /// and which ones it will hand on. Filled while the process binds; then moved to [`serve`].
 #[derive(Default)]
 pub struct Sockets {
     /// Offered by the predecessor and not yet taken, by name.
     inherited: HashMap<String, (SocketInfo, OwnedFd)>,
+    /// Shared mode: the predecessor's pods.
+    pods: Vec<PodOffer>,
     predecessor_pid: u32,
-    held: Vec<HeldSocket>,
-    /// Whether sockets are kept for a successor at all (off without `--handoff-socket`, so that a
-    /// drain's closed listener really closes).
-    keep: bool,
+    held: Held,
 }
 
 impl Sockets {
@@ -102,9 +216,14 @@ impl Sockets {
     /// Bound fresh, kept for a successor.
     pub fn keeping() -> Self {
         Self {
-            keep: true,
+            held: Held::keeping(),
             ..Self::default()
         }
+    }
+
+    /// The set kept for a successor (shared with the pod manager).
+    pub fn held(&self) -> Held {
+        self.held.clone()
     }
 
     /// The predecessor's socket called `name`, if it offered one, checked against the address
@@ -136,22 +255,39 @@ impl Sockets {
     /// Records a listening socket for a successor (a duplicate descriptor: the process's own
     /// listener is closed by its drain, this copy when the hand-off completes or a drain starts).
     pub fn keep(&mut self, name: &str, kind: Kind, addr: Option<SocketAddr>, fd: BorrowedFd<'_>) {
-        if !self.keep {
-            return;
-        }
-        match fd.try_clone_to_owned() {
-            Ok(fd) => self.held.push(HeldSocket {
-                info: SocketInfo {
-                    name: name.into(),
-                    kind,
-                    addr,
-                },
-                fd,
-            }),
-            Err(e) => {
-                tracing::warn!(socket = name, error = %e, "cannot keep this socket for a successor: an upgrade will not hand it over")
+        self.held.keep(name, kind, addr, fd);
+    }
+
+    /// The predecessor's pods (shared mode), each with its namespace and sockets; a pod whose
+    /// namespace was not handed over is left out (the CNI agent's replay adds it again).
+    pub fn take_pods(&mut self) -> Vec<InheritedPod> {
+        let mut out = Vec::new();
+        for pod in std::mem::take(&mut self.pods) {
+            let prefix = wire::pod_socket(&pod.uid, "");
+            let names: Vec<String> = self
+                .inherited
+                .keys()
+                .filter(|n| n.starts_with(&prefix))
+                .cloned()
+                .collect();
+            let mut sockets = HashMap::new();
+            for n in names {
+                if let Some(v) = self.inherited.remove(&n) {
+                    sockets.insert(n[prefix.len()..].to_string(), v);
+                }
+            }
+            match sockets.remove("netns") {
+                Some((info, netns)) if info.kind == Kind::Netns => out.push(InheritedPod {
+                    pod,
+                    netns,
+                    sockets,
+                }),
+                _ => {
+                    tracing::warn!(pod = %pod.name, uid = %pod.uid, "the predecessor handed over a pod without its namespace; left to the CNI agent's replay")
+                }
             }
         }
+        out
     }
 
     /// The inherited hand-off socket, if the predecessor offered it.
@@ -253,13 +389,14 @@ pub async fn take_over(path: &Path) -> Result<Option<(Sockets, Takeover)>, Hando
     let (offer, _) = recv_within(&conn, EXCHANGE_TIMEOUT)
         .await
         .map_err(sock_err)?;
-    let (pid, version, offered) = match offer {
+    let (pid, version, offered, pods) = match offer {
         Some(Message::Offer {
             protocol,
             version,
             pid,
             sockets,
-        }) if protocol == PROTOCOL => (pid, version, sockets),
+            pods,
+        }) if protocol == PROTOCOL => (pid, version, sockets, pods),
         Some(Message::Offer {
             protocol, version, ..
         }) => {
@@ -278,14 +415,14 @@ pub async fn take_over(path: &Path) -> Result<Option<(Sockets, Takeover)>, Hando
     };
     if offered.len() > MAX_SOCKETS {
         return Err(proto_err(
-            "at most 64 sockets",
+            "at most 65536 sockets",
             format!("{} sockets", offered.len()),
         ));
     }
     let mut sockets = Sockets {
-        keep: true,
         predecessor_pid: pid,
-        ..Sockets::default()
+        pods,
+        ..Sockets::keeping()
     };
     let mut infos: HashMap<String, SocketInfo> =
         offered.into_iter().map(|s| (s.name.clone(), s)).collect();
@@ -310,7 +447,7 @@ pub async fn take_over(path: &Path) -> Result<Option<(Sockets, Takeover)>, Hando
             .map_err(|got| proto_err("a listening socket as offered", got))?;
         sockets.inherited.insert(name, (info, fd));
     }
-    tracing::info!(predecessor = pid, %version, sockets = sockets.inherited.len(), "upgrade: received the running l4mesh's listening sockets; taking over once ready");
+    tracing::info!(predecessor = pid, %version, sockets = sockets.inherited.len(), pods = sockets.pods.len(), "upgrade: received the running l4mesh's listening sockets; taking over once ready");
     Ok(Some((
         sockets,
         Takeover {
@@ -543,6 +680,12 @@ impl Tenure {
         Self { taken, released }
     }
 
+    /// Resolves `true` once this process holds its ports alone, `false` if it never will (its
+    /// take-over failed).
+    pub async fn taken(&self) -> bool {
+        self.taken.clone().wait_for(|t| *t).await.is_ok()
+    }
+
     /// Runs `serve` for this process's tenure of its ports.
     pub async fn serve(mut self, serve: impl std::future::Future<Output = ()>) {
         if self.taken.wait_for(|t| *t).await.is_err() {
@@ -556,12 +699,12 @@ impl Tenure {
 /// exits) or a drain starts (then the kept sockets are closed, so that closed listeners refuse).
 pub async fn serve(server: Server, sockets: Sockets, handover: Handover) {
     let signal = handover.drain.signal();
-    let mut held = sockets.held;
+    let held = sockets.held;
     let conn = loop {
         let conn = tokio::select! {
             biased;
             () = signal.draining() => {
-                drop(held);
+                held.close();
                 return;
             }
             c = server.accept() => c,
@@ -584,7 +727,7 @@ pub async fn serve(server: Server, sockets: Sockets, handover: Handover) {
     // Order matters: the deadline is chosen from `released` when the drain starts.
     handover.released.set(pid);
     handover.drain.start();
-    held.clear();
+    held.close();
     drop(server);
     let open = handover.drain.live() as u64;
     tracing::info!(successor = pid, open_connections = open, "upgrade: the successor is ready and accepts; this l4mesh stopped accepting and drains what it holds");
@@ -626,7 +769,7 @@ pub async fn serve(server: Server, sockets: Sockets, handover: Handover) {
 /// went away or was refused before that (this process serves on).
 async fn offer(
     conn: &Conn,
-    held: &[HeldSocket],
+    held: &Held,
     signal: &crate::drain::Signal,
 ) -> std::io::Result<Option<u32>> {
     let (pid, version) = match recv_within(conn, EXCHANGE_TIMEOUT).await? {
@@ -651,7 +794,8 @@ async fn offer(
             return Ok(None);
         }
     };
-    tracing::info!(successor = pid, %version, sockets = held.len(), "upgrade: handing the listening sockets to a successor; serving on until it is ready");
+    let (held, pods) = held.offer();
+    tracing::info!(successor = pid, %version, sockets = held.len(), pods = pods.len(), "upgrade: handing the listening sockets to a successor; serving on until it is ready");
     let Message::Hello { version: own, .. } = hello() else {
         unreachable!("hello() is a Hello")
     };
@@ -662,11 +806,12 @@ async fn offer(
             version: own,
             pid: std::process::id(),
             sockets: held.iter().map(|h| h.info.clone()).collect(),
+            pods,
         },
         &[],
     )
     .await?;
-    for h in held {
+    for h in &held {
         send(
             conn,
             &Message::Socket {

@@ -193,6 +193,44 @@ impl DnsServer {
         Ok((DnsServer { udp, tcp }, bound))
     }
 
+    /// A server on sockets made elsewhere (handed over by a predecessor in an upgrade).
+    pub fn from_std(
+        pairs: Vec<(std::net::UdpSocket, std::net::TcpListener)>,
+    ) -> std::io::Result<DnsServer> {
+        let (mut udp, mut tcp) = (Vec::new(), Vec::new());
+        for (u, t) in pairs {
+            u.set_nonblocking(true)?;
+            t.set_nonblocking(true)?;
+            udp.push(UdpSocket::from_std(u)?);
+            tcp.push(TcpListener::from_std(t)?);
+        }
+        Ok(DnsServer { udp, tcp })
+    }
+
+    /// Shows `keep` each socket (`dns-udp <addr>`, `dns-tcp <addr>`) to be kept for a successor.
+    pub fn keep_sockets(
+        &self,
+        mut keep: impl FnMut(
+            String,
+            crate::handoff::wire::Kind,
+            SocketAddr,
+            std::os::fd::BorrowedFd<'_>,
+        ),
+    ) {
+        use crate::handoff::wire::Kind;
+        use std::os::fd::AsFd;
+        for u in &self.udp {
+            if let Ok(a) = u.local_addr() {
+                keep(format!("dns-udp {a}"), Kind::Udp, a, u.as_fd());
+            }
+        }
+        for t in &self.tcp {
+            if let Ok(a) = t.local_addr() {
+                keep(format!("dns-tcp {a}"), Kind::Tcp, a, t.as_fd());
+            }
+        }
+    }
+
     /// Serves until dropped (its tasks with it).
     pub async fn run(self, ctx: Arc<DnsContext>) {
         let inflight = ctx.limits.inflight.clone();

@@ -24,6 +24,22 @@ pub enum Kind {
     Udp,
     /// The listening hand-off socket.
     Unix,
+    /// A pod's network namespace (shared mode), as the CNI agent handed it over.
+    Netns,
+}
+
+/// A pod served in shared mode, as the CNI agent described it (its identity).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PodOffer {
+    pub uid: String,
+    pub name: String,
+    pub namespace: String,
+    pub service_account: String,
+}
+
+/// The name under which a pod's socket (or namespace: `netns`) is handed over.
+pub fn pod_socket(uid: &str, what: &str) -> String {
+    format!("pod/{uid}/{what}")
 }
 
 /// A socket as offered: its name (what it is for), kind and bound address.
@@ -60,6 +76,9 @@ pub enum Message {
         version: String,
         pid: u32,
         sockets: Vec<SocketInfo>,
+        /// Shared mode: the pods whose sockets and namespaces are among them.
+        #[serde(default)]
+        pods: Vec<PodOffer>,
     },
     /// Running → successor: one socket, as the packet's one descriptor.
     Socket { name: String },
@@ -146,6 +165,10 @@ fn floor_char_boundary(s: &str, mut i: usize) -> usize {
 /// Whether `fd` is the socket `info` says it is: its type, listening (TCP, unix), bound to the
 /// address. `Err` says what it is instead.
 pub fn check_socket(fd: &OwnedFd, info: &SocketInfo) -> Result<(), String> {
+    if info.kind == Kind::Netns {
+        // Entering it checks it (`setns` refuses anything but a network namespace).
+        return Ok(());
+    }
     let sock = socket2::SockRef::from(fd);
     let ty = sock
         .r#type()
@@ -154,6 +177,7 @@ pub fn check_socket(fd: &OwnedFd, info: &SocketInfo) -> Result<(), String> {
         Kind::Tcp => socket2::Type::STREAM,
         Kind::Udp => socket2::Type::DGRAM,
         Kind::Unix => socket2::Type::SEQPACKET,
+        Kind::Netns => return Ok(()),
     };
     if ty != want {
         return Err(format!(
@@ -192,6 +216,7 @@ mod tests {
                 kind: Kind::Tcp,
                 addr: Some("127.0.0.1:15001".parse().unwrap()),
             }],
+            pods: vec![],
         };
         let bytes = encode(&offer);
         assert!(String::from_utf8_lossy(&bytes).contains(r#""type":"offer""#));

@@ -77,6 +77,8 @@ pub struct NodeParts {
     /// Where certificate workers run (the operators' runtime; `None`: the current one), so that
     /// signing requests never take a data-plane thread.
     pub control: Option<tokio::runtime::Handle>,
+    /// What an upgrade hands to a successor: every pod's sockets and namespace are kept in it.
+    pub held: crate::handoff::Held,
 }
 
 /// The pods, for metrics and `/config_dump`.
@@ -156,11 +158,13 @@ pub struct PodManager {
 }
 
 impl PodManager {
-    pub fn new(node: NodeParts, listeners: PodListeners) -> Self {
-        let first_snapshot = Some(
+    /// `adopting`: the pods come from a predecessor's hand-off first ([`PodManager::adopt`]), so
+    /// readiness does not wait for the agent (followed only once the predecessor lets go).
+    pub fn new(node: NodeParts, listeners: PodListeners, adopting: bool) -> Self {
+        let first_snapshot = (!adopting).then(|| {
             node.readiness
-                .register("the CNI node agent's pods (ZDS snapshot_sent)"),
-        );
+                .register("the CNI node agent's pods (ZDS snapshot_sent)")
+        });
         Self {
             node,
             listeners,
@@ -176,8 +180,10 @@ impl PodManager {
         self.view.clone()
     }
 
-    /// Drains every pod at once (the node's drain) and resolves when all are done.
-    pub async fn drain_all(&mut self) {
+    /// Drains every pod at once (the node's drain, `deadline` its own or an upgrade's) and
+    /// resolves when all are done.
+    pub async fn drain_all(&mut self, deadline: Duration) {
+        self.node.deadline = deadline;
         let all: Vec<String> = self.pods.keys().cloned().collect();
         let mut set = tokio::task::JoinSet::new();
         for uid in all {
@@ -186,6 +192,65 @@ impl PodManager {
             }
         }
         while set.join_next().await.is_some() {}
+    }
+
+    /// Serves a pod handed over by the predecessor (an upgrade): its listeners and DNS sockets
+    /// are the predecessor's (their queues never closed); what was not handed over, or does not
+    /// match this configuration, is bound afresh in the pod's namespace.
+    pub async fn adopt(&mut self, mut pod: crate::handoff::InheritedPod) -> Result<(), String> {
+        use crate::handoff::wire::Kind;
+        let info = WorkloadInfo {
+            name: pod.pod.name.clone(),
+            namespace: pod.pod.namespace.clone(),
+            service_account: pod.pod.service_account.clone(),
+        };
+        let uid = pod.pod.uid.clone();
+        let scope = Arc::new(PodScope::new(&uid, info));
+        let netns_copy = pod.netns.try_clone().map_err(|e| e.to_string())?;
+        let netns = Arc::new(PodNetns::enter(netns_copy, &scope.name).map_err(|e| e.to_string())?);
+        let l = &self.listeners;
+        let mut bound = Vec::with_capacity(3);
+        for (what, port) in [
+            ("outbound", l.outbound),
+            ("inbound-plaintext", l.inbound_plaintext),
+            ("hbone", l.hbone),
+        ] {
+            match pod.take(what, Kind::Tcp, port) {
+                Some(fd) => bound.push(std::net::TcpListener::from(fd)),
+                None => bound.push(
+                    self.bind_one(&netns, port)
+                        .await
+                        .map_err(|e| e.to_string())?,
+                ),
+            }
+        }
+        let dns = match &self.listeners.dns {
+            Some(d) => {
+                let mut pairs = Vec::new();
+                for a in &d.addrs {
+                    let u = pod.take(&format!("dns-udp {a}"), Kind::Udp, a.port());
+                    let t = pod.take(&format!("dns-tcp {a}"), Kind::Tcp, a.port());
+                    if let (Some(u), Some(t)) = (u, t) {
+                        pairs.push((std::net::UdpSocket::from(u), std::net::TcpListener::from(t)));
+                    }
+                }
+                let server = if pairs.is_empty() {
+                    bind_dns(&netns, d, self.listeners.port_reuse).await
+                } else {
+                    DnsServer::from_std(pairs)
+                };
+                match server {
+                    Ok(server) => Some((server, d.for_pod(&scope.info, &netns))),
+                    Err(e) => {
+                        tracing::warn!(pod = %scope.name, error = %e, "pod DNS proxy not started: its DNS queries are not answered by l4mesh");
+                        None
+                    }
+                }
+            }
+            None => None,
+        };
+        self.serve_pod(uid, scope, netns, pod.netns, bound, dns, true)?;
+        Ok(())
     }
 
     async fn add(
@@ -204,6 +269,7 @@ impl PodManager {
             format!("add for {uid} carries no workload_info; expected the pod's name, namespace and service account (its identity)")
         })?;
         let scope = Arc::new(PodScope::new(&uid, info));
+        let netns_copy = netns.try_clone().map_err(|e| e.to_string())?;
         let netns = Arc::new(PodNetns::enter(netns, &scope.name).map_err(|e| e.to_string())?);
         let bound = self.bind(&netns).await.map_err(|e| e.to_string())?;
         // A pod whose DNS port is taken (by its application) is still served, without DNS.
@@ -217,6 +283,52 @@ impl PodManager {
             },
             None => None,
         };
+        self.serve_pod(uid, scope, netns, netns_copy, bound, dns, false)
+    }
+
+    /// Serves a pod on its bound listeners (and DNS server), keeping copies of them and of its
+    /// namespace (`netns_fd`) for a successor. `adopted`: handed over by a predecessor.
+    #[allow(clippy::too_many_arguments)]
+    fn serve_pod(
+        &mut self,
+        uid: String,
+        scope: Arc<PodScope>,
+        netns: Arc<PodNetns>,
+        netns_fd: std::os::fd::OwnedFd,
+        bound: Vec<std::net::TcpListener>,
+        dns: Option<(DnsServer, Arc<DnsContext>)>,
+        adopted: bool,
+    ) -> Result<(), String> {
+        use crate::handoff::wire::{pod_socket, Kind, PodOffer};
+        use std::os::fd::AsFd;
+        let held = &self.node.held;
+        held.forget_pod(&uid);
+        held.keep(
+            &pod_socket(&uid, "netns"),
+            Kind::Netns,
+            None,
+            netns_fd.as_fd(),
+        );
+        drop(netns_fd);
+        for (l, what) in bound.iter().zip(["outbound", "inbound-plaintext", "hbone"]) {
+            held.keep(
+                &pod_socket(&uid, what),
+                Kind::Tcp,
+                l.local_addr().ok(),
+                l.as_fd(),
+            );
+        }
+        if let Some((server, _)) = &dns {
+            server.keep_sockets(|what, kind, addr, fd| {
+                held.keep(&pod_socket(&uid, &what), kind, Some(addr), fd)
+            });
+        }
+        held.keep_pod(PodOffer {
+            uid: uid.clone(),
+            name: scope.info.name.clone(),
+            namespace: scope.info.namespace.clone(),
+            service_account: scope.info.service_account.clone(),
+        });
         let identity = SpiffeId::new(
             &self.node.trust_domain,
             &scope.info.namespace,
@@ -248,7 +360,11 @@ impl PodManager {
         let dns = dns.map(|(server, ctx)| tokio::spawn(server.run(ctx)));
         let (gate, signal) = (self.node.readiness.clone(), drain.signal());
         let listeners = tokio::spawn(crate::proxy::serve_when_ready(serve, gate, signal));
-        tracing::info!(pod = %scope.name, %uid, service_account = %scope.info.service_account, "pod added: listening in its network namespace");
+        if adopted {
+            tracing::info!(pod = %scope.name, %uid, service_account = %scope.info.service_account, "pod adopted from the predecessor: listening on its sockets");
+        } else {
+            tracing::info!(pod = %scope.name, %uid, service_account = %scope.info.service_account, "pod added: listening in its network namespace");
+        }
         self.view.started.fetch_add(1, Relaxed);
         self.view.lock().insert(
             uid.clone(),
@@ -296,18 +412,26 @@ impl PodManager {
         let l = &self.listeners;
         let mut out = Vec::with_capacity(3);
         for port in [l.outbound, l.inbound_plaintext, l.hbone] {
-            let v6 = SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), port);
-            let bound = match netns.listen(v6, l.port_reuse).await {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::debug!(pod = netns.pod(), port, error = %e, "no dual-stack listener; binding IPv4 only");
-                    let v4 = SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), port);
-                    netns.listen(v4, l.port_reuse).await?
-                }
-            };
-            out.push(bound);
+            out.push(self.bind_one(netns, port).await?);
         }
         Ok(out)
+    }
+
+    async fn bind_one(
+        &self,
+        netns: &PodNetns,
+        port: u16,
+    ) -> Result<std::net::TcpListener, NetnsError> {
+        let reuse = self.listeners.port_reuse;
+        let v6 = SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), port);
+        match netns.listen(v6, reuse).await {
+            Ok(s) => Ok(s),
+            Err(e) => {
+                tracing::debug!(pod = netns.pod(), port, error = %e, "no dual-stack listener; binding IPv4 only");
+                let v4 = SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), port);
+                netns.listen(v4, reuse).await
+            }
+        }
     }
 
     /// Stops serving `uid`: its listeners (and DNS proxy) close at once; the returned task lets its connections
@@ -318,6 +442,7 @@ impl PodManager {
         why: &'static str,
     ) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
         let pod = self.pods.remove(uid)?;
+        self.node.held.forget_pod(uid);
         pod.drain.start();
         if let Some(dns) = &pod.dns {
             dns.abort();

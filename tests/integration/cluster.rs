@@ -10,6 +10,7 @@ mod self_call;
 mod shared;
 mod shared_dns;
 pub mod shared_node;
+mod shared_upgrade;
 pub mod topology;
 
 use std::time::Duration;

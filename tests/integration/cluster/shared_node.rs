@@ -13,6 +13,8 @@ use super::topology::{Cluster, READY_PY};
 /// One shared node: its processes and files.
 pub struct SharedNode {
     l4mesh: Option<(Child, Output)>,
+    /// The l4mesh replaced by an upgrade, while it drains.
+    pub predecessor: Option<(Child, Output)>,
     agent: Option<(Child, Output)>,
     /// Logs of processes stopped earlier (a restart keeps them for failure messages).
     earlier: Vec<String>,
@@ -24,6 +26,7 @@ pub struct SharedNode {
 
 impl Drop for SharedNode {
     fn drop(&mut self) {
+        kill(&mut self.predecessor, &mut self.earlier);
         self.stop_l4mesh();
         self.stop_agent();
     }
@@ -43,6 +46,7 @@ impl SharedNode {
     pub fn start(c: &Cluster, i: u8, members: BTreeSet<&'static str>) -> SharedNode {
         let mut n = SharedNode {
             l4mesh: None,
+            predecessor: None,
             agent: None,
             earlier: Vec::new(),
             pods_file: c.dir().join(format!("node-{i}-pods.yaml")),
@@ -102,18 +106,7 @@ impl SharedNode {
     pub fn start_l4mesh(&mut self, c: &Cluster, i: u8) {
         kill(&mut self.l4mesh, &mut self.earlier);
         let ip = format!("10.240.0.{}", 10 + i);
-        let mut envs = c.l4mesh_env(i, &ip);
-        envs.extend([
-            ("PROXY_MODE".to_owned(), "shared".to_owned()),
-            (
-                "INPOD_UDS".to_owned(),
-                self.socket.to_str().unwrap().to_owned(),
-            ),
-            ("POD_NAME".to_owned(), format!("l4mesh-node-{i}")),
-        ]);
-        let envs: Vec<(&str, &str)> = envs.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        let bin = env!("CARGO_BIN_EXE_l4mesh");
-        self.l4mesh = Some(c.node(i).spawn_owned(&[bin], &envs, "listening"));
+        self.l4mesh = Some(self.spawn_l4mesh(c, i));
         let (ok, _, err) =
             c.node(i)
                 .output(&["python3", "-c", READY_PY, &format!("{ip}:15021"), "20"]);
@@ -124,6 +117,44 @@ impl SharedNode {
         );
     }
 
+    /// Upgrades the node's l4mesh: a new one started with the same configuration takes the
+    /// running one's sockets through the hand-off socket; returns once the old one let go (it
+    /// then drains, as [`SharedNode::predecessor`]).
+    pub fn upgrade_l4mesh(&mut self, c: &Cluster, i: u8) {
+        kill(&mut self.predecessor, &mut self.earlier);
+        let new = self.spawn_l4mesh(c, i);
+        self.predecessor = self.l4mesh.replace(new);
+        let old = &self.predecessor.as_ref().expect("a running l4mesh").1;
+        let took = super::topology::within(std::time::Duration::from_secs(30), || {
+            old.wait_for(&["the successor is ready"])
+        });
+        assert!(took.is_some(), "node-{i}: no hand-off\n{}", self.logs(i));
+    }
+
+    fn spawn_l4mesh(&self, c: &Cluster, i: u8) -> (Child, Output) {
+        let ip = format!("10.240.0.{}", 10 + i);
+        let mut envs = c.l4mesh_env(i, &ip);
+        envs.extend([
+            ("PROXY_MODE".to_owned(), "shared".to_owned()),
+            (
+                "INPOD_UDS".to_owned(),
+                self.socket.to_str().unwrap().to_owned(),
+            ),
+            ("POD_NAME".to_owned(), format!("l4mesh-node-{i}")),
+            // Upgrades hand the listeners over (as a node would be deployed).
+            (
+                "L4MESH_HANDOFF_SOCKET".to_owned(),
+                c.dir()
+                    .join(format!("node-{i}-handoff.sock"))
+                    .display()
+                    .to_string(),
+            ),
+        ]);
+        let envs: Vec<(&str, &str)> = envs.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let bin = env!("CARGO_BIN_EXE_l4mesh");
+        c.node(i).spawn_owned(&[bin], &envs, "listening")
+    }
+
     pub fn stop_l4mesh(&mut self) {
         kill(&mut self.l4mesh, &mut self.earlier);
     }
@@ -131,6 +162,14 @@ impl SharedNode {
     /// Waits (bounded) for a line of the running l4mesh's log containing every needle.
     pub fn wait_log(&self, needles: &[&str]) -> Option<String> {
         self.l4mesh.as_ref()?.1.wait_for(needles)
+    }
+
+    /// The running l4mesh's log so far.
+    pub fn l4mesh_log(&self) -> String {
+        self.l4mesh
+            .as_ref()
+            .map(|(_, o)| o.all())
+            .unwrap_or_default()
     }
 
     /// Waits (bounded) for a line of the running agent's log containing every needle.
@@ -157,9 +196,10 @@ impl SharedNode {
         let now =
             |p: &Option<(Child, Output)>| p.as_ref().map(|(_, o)| o.all()).unwrap_or_default();
         format!(
-            "---- earlier processes of node-{i}:\n{}\n---- node agent of node-{i}:\n{}\n---- shared l4mesh of node-{i}:\n{}",
+            "---- earlier processes of node-{i}:\n{}\n---- node agent of node-{i}:\n{}\n---- predecessor l4mesh of node-{i}:\n{}\n---- shared l4mesh of node-{i}:\n{}",
             self.earlier.join("\n"),
             now(&self.agent),
+            now(&self.predecessor),
             now(&self.l4mesh)
         )
     }
