@@ -26,6 +26,7 @@
 //! Run (root: it builds a network namespace): `cargo bench --bench side_by_side`.
 #![allow(clippy::unwrap_used, clippy::expect_used, dead_code)]
 
+mod capture;
 mod common;
 #[path = "../tests/integration/cluster/control_plane.rs"]
 mod control_plane;
@@ -34,142 +35,24 @@ mod netns;
 mod pod_paths;
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::net::TcpStream;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use capture::{Capture, Proxy, Running, CHUNK, DIRECT, ECHO_PORT, HBONE_DST, SINK_PORT, TCP_DST};
 use common::{cpu_secs, ping_pong, rss_kib};
 use control_plane::enter_netns;
-use netns::Netns;
-use pod_paths::{in_ns, pin};
+use pod_paths::pin;
 
-/// The client workload: every connection of the bench leaves from it.
-const CLIENT: &str = "10.77.0.1";
-/// A workload without HBONE: the TCP path.
-const TCP_DST: &str = "10.77.0.2";
-/// An HBONE workload on this node: the HBONE path.
-const HBONE_DST: &str = "10.77.0.3";
-/// Not captured: the direct path.
-const DIRECT: &str = "10.77.1.1";
-const SINK_PORT: u16 = 19000;
-const ECHO_PORT: u16 = 19001;
-const CHUNK: usize = 256 * 1024;
+/// Connections held open to measure the RSS each costs.
 const HELD: usize = 1000;
-
-const MESH: &str = r#"
-workloads:
-- uid: cluster1//v1/Pod/default/client
-  name: client
-  namespace: default
-  serviceAccount: client
-  workloadIps: ["10.77.0.1"]
-  protocol: HBONE
-  node: node1
-  services: {}
-- uid: cluster1//v1/Pod/default/server-tcp
-  name: server-tcp
-  namespace: default
-  serviceAccount: client
-  workloadIps: ["10.77.0.2"]
-  protocol: TCP
-  node: node1
-  services: {}
-- uid: cluster1//v1/Pod/default/server-hbone
-  name: server-hbone
-  namespace: default
-  serviceAccount: client
-  workloadIps: ["10.77.0.3"]
-  protocol: HBONE
-  node: node1
-  services: {}
-"#;
-
-/// Envoy's capture: an original-destination listener on 15001 proxying to an original-destination
-/// cluster whose sockets carry mark 1337 (SOL_SOCKET=1, SO_MARK=36), so they are not captured again.
-const ENVOY: &str = r#"
-admin: { address: { socket_address: { address: 127.0.0.1, port_value: 15000 } } }
-static_resources:
-  listeners:
-  - name: capture
-    address: { socket_address: { address: 0.0.0.0, port_value: 15001 } }
-    listener_filters:
-    - name: envoy.filters.listener.original_dst
-      typed_config: { "@type": type.googleapis.com/envoy.extensions.filters.listener.original_dst.v3.OriginalDst }
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.tcp_proxy
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
-          stat_prefix: capture
-          cluster: original
-  - name: ready
-    address: { socket_address: { address: 0.0.0.0, port_value: 15021 } }
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: ready
-          http_filters:
-          - name: envoy.filters.http.router
-            typed_config: { "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }
-          route_config:
-            virtual_hosts:
-            - name: ready
-              domains: ["*"]
-              routes:
-              - match: { prefix: "/" }
-                direct_response: { status: 200 }
-  clusters:
-  - name: original
-    type: ORIGINAL_DST
-    lb_policy: CLUSTER_PROVIDED
-    connect_timeout: 5s
-    upstream_bind_config:
-      source_address: { address: 0.0.0.0, port_value: 0 }
-      socket_options: [ { level: 1, name: 36, int_value: 1337, state: STATE_PREBIND } ]
-"#;
-
-#[derive(Clone, Copy, PartialEq)]
-enum Proxy {
-    Ztunnel,
-    L4mesh,
-    Envoy,
-}
-
-impl Proxy {
-    fn name(self) -> &'static str {
-        match self {
-            Proxy::Ztunnel => "ztunnel",
-            Proxy::L4mesh => "l4mesh",
-            Proxy::Envoy => "Envoy",
-        }
-    }
-}
 
 /// Where the bench's network lives: the namespace, its servers, the mesh file.
 struct World {
-    ns: Netns,
-    sunk: Arc<AtomicU64>,
-    dir: tempfile::TempDir,
+    cap: Capture,
     secs: f64,
     runs: usize,
-}
-
-/// A proxy running in the namespace: killed on drop.
-struct Running {
-    child: Child,
-    pid: u32,
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 fn main() {
@@ -185,7 +68,11 @@ fn main() {
         .unwrap_or(3usize)
         .max(1);
     common::pin_self(0);
-    let world = World::new(secs, runs);
+    let world = World {
+        cap: Capture::new("sbs"),
+        secs,
+        runs,
+    };
     // BENCH_PROXIES=l4mesh,ztunnel runs only those (the direct path always runs).
     let only = std::env::var("BENCH_PROXIES").ok();
     let wanted = |p: Proxy| {
@@ -217,11 +104,11 @@ fn main() {
     let mut hbone = vec![];
     let mut idle = vec![];
     for p in proxies.into_iter().filter(|p| wanted(*p)) {
-        let running = world.start(p);
+        let running = world.cap.start(p, &[], &[]);
         // Idle: after one connection on each path the proxy takes (certificates fetched, pools
         // and caches warmed), then a second of rest.
         for dst in paths(p) {
-            let mut s = world.connect(dst, ECHO_PORT);
+            let mut s = world.cap.connect(dst, ECHO_PORT);
             s.write_all(b"x").unwrap();
             s.read_exact(&mut [0u8]).unwrap();
         }
@@ -268,128 +155,6 @@ struct Figures {
 }
 
 impl World {
-    fn new(secs: f64, runs: usize) -> World {
-        let ns = Netns::new("sbs");
-        for ip in [CLIENT, TCP_DST, HBONE_DST, DIRECT] {
-            ns.exec(&["ip", "addr", "add", &format!("{ip}/32"), "dev", "lo"]);
-            if ip != CLIENT {
-                // Connections to the other local addresses leave from the client's address, as
-                // from a pod: the proxies find the source workload by it.
-                ns.exec(&[
-                    "ip", "route", "replace", "local", ip, "dev", "lo", "table", "local", "proto",
-                    "kernel", "scope", "host", "src", CLIENT,
-                ]);
-            }
-        }
-        ns.exec(&[
-            "iptables",
-            "-t",
-            "nat",
-            "-A",
-            "OUTPUT",
-            "-p",
-            "tcp",
-            "-d",
-            "10.77.0.0/24",
-            "-m",
-            "mark",
-            "!",
-            "--mark",
-            "0x539/0xfff",
-            "-j",
-            "REDIRECT",
-            "--to-ports",
-            "15001",
-        ]);
-        // Thousands of short connections per second: reuse ports in TIME_WAIT.
-        ns.exec(&["sysctl", "-q", "-w", "net.ipv4.tcp_tw_reuse=1"]);
-        ns.exec(&[
-            "sysctl",
-            "-q",
-            "-w",
-            "net.ipv4.ip_local_port_range=20000 65000",
-        ]);
-        let sunk = Arc::new(AtomicU64::new(0));
-        let name = ns.name.clone();
-        let sink = in_ns(&name, || TcpListener::bind(("0.0.0.0", SINK_PORT)).unwrap());
-        common::serve_sink(sink, sunk.clone(), CHUNK);
-        echo_server(&name);
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("mesh.yaml"), MESH).unwrap();
-        std::fs::write(dir.path().join("envoy.yaml"), ENVOY).unwrap();
-        World {
-            ns,
-            sunk,
-            dir,
-            secs,
-            runs,
-        }
-    }
-
-    /// Starts `p` in the namespace, pinned to core 1, and waits for its readiness port.
-    fn start(&self, p: Proxy) -> Running {
-        let mesh = self.dir.path().join("mesh.yaml");
-        let envoy_cfg = self.dir.path().join("envoy.yaml");
-        let bin = match p {
-            Proxy::Ztunnel => common::ztunnel_bin().unwrap(),
-            Proxy::L4mesh => PathBuf::from(env!("CARGO_BIN_EXE_l4mesh")),
-            Proxy::Envoy => common::which("envoy").unwrap(),
-        };
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.ns.name, "taskset", "-c", "1"])
-            .arg(&bin)
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit());
-        match p {
-            Proxy::Envoy => {
-                cmd.arg("-c")
-                    .arg(&envoy_cfg)
-                    .args(["--concurrency", "2", "-l", "warning"]);
-            }
-            _ => {
-                cmd.envs([
-                    ("PROXY_MODE", "dedicated"),
-                    ("PROXY_WORKLOAD_INFO", "default/client/client"),
-                    ("FAKE_CA", "true"),
-                    ("XDS_ADDRESS", ""),
-                    ("CA_ADDRESS", ""),
-                    ("TRUST_DOMAIN", "cluster.local"),
-                    ("NODE_NAME", "node1"),
-                    ("PACKET_MARK", "1337"),
-                    ("ZTUNNEL_WORKER_THREADS", "2"),
-                    ("RUST_LOG", "warn"),
-                ])
-                .env("LOCAL_XDS_PATH", &mesh);
-            }
-        }
-        let child = cmd.spawn().expect("start proxy");
-        // `ip netns exec` and `taskset` exec the proxy: the child's pid is the proxy's.
-        let running = Running {
-            pid: child.id(),
-            child,
-        };
-        let name = self.ns.name.clone();
-        let ready = in_ns(&name, || {
-            let t0 = Instant::now();
-            while t0.elapsed() < Duration::from_secs(15) {
-                if http_ok("127.0.0.1:15021", "/healthz/ready") {
-                    return true;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            false
-        });
-        assert!(ready, "{} never became ready", p.name());
-        running
-    }
-
-    fn connect(&self, ip: &str, port: u16) -> TcpStream {
-        let addr = format!("{ip}:{port}");
-        let s = in_ns(&self.ns.name, move || TcpStream::connect(addr).unwrap());
-        s.set_nodelay(true).unwrap();
-        s
-    }
-
     fn figures(&self, proxy: Option<&Running>, dst: &str) -> Figures {
         let pid = proxy.map(|r| r.pid);
         let one: Vec<(f64, Option<f64>)> = (0..self.runs)
@@ -398,10 +163,10 @@ impl World {
         let four: Vec<f64> = (0..self.runs)
             .map(|_| self.throughput(pid, dst, 4).0)
             .collect();
-        let (p50_us, p99_us) = micros(ping_pong(&mut self.connect(dst, ECHO_PORT)));
+        let (p50_us, p99_us) = micros(ping_pong(&mut self.cap.connect(dst, ECHO_PORT)));
         let p50_one_core_us = pid.map(|pid| {
             pin(pid, "0");
-            let (p50, _) = micros(ping_pong(&mut self.connect(dst, ECHO_PORT)));
+            let (p50, _) = micros(ping_pong(&mut self.cap.connect(dst, ECHO_PORT)));
             pin(pid, "1");
             p50
         });
@@ -422,8 +187,10 @@ impl World {
 
     /// Gbit/s into the sink over `streams` connections, and the proxy's CPU seconds per GB moved.
     fn throughput(&self, pid: Option<u32>, dst: &str, streams: usize) -> (f64, Option<f64>) {
-        let conns = (0..streams).map(|_| self.connect(dst, SINK_PORT)).collect();
-        let p = common::push(conns, CHUNK, self.secs, &self.sunk, pid);
+        let conns = (0..streams)
+            .map(|_| self.cap.connect(dst, SINK_PORT))
+            .collect();
+        let p = common::push(conns, CHUNK, self.secs, &self.cap.sunk, pid);
         (p.gbps, p.cpu_secs.map(|c| c / (p.bytes as f64 / 1e9)))
     }
 
@@ -436,7 +203,7 @@ impl World {
         let clients: Vec<_> = (0..2)
             .map(|_| {
                 let (ns, addr, done) = (
-                    self.ns.name.clone(),
+                    self.cap.ns.name.clone(),
                     format!("{dst}:{ECHO_PORT}"),
                     done.clone(),
                 );
@@ -477,7 +244,7 @@ impl World {
         let before = rss_kib(pid);
         let conns: Vec<TcpStream> = (0..HELD)
             .map(|_| {
-                let mut s = self.connect(dst, ECHO_PORT);
+                let mut s = self.cap.connect(dst, ECHO_PORT);
                 s.write_all(b"x").unwrap();
                 s.read_exact(&mut [0u8]).unwrap();
                 s
@@ -489,54 +256,6 @@ impl World {
         std::thread::sleep(Duration::from_secs(1));
         after.saturating_sub(before) as f64 / HELD as f64
     }
-}
-
-/// An echo server (tokio, one thread) in the namespace: thousands of held connections cost it
-/// little.
-fn echo_server(ns: &str) {
-    let ns = ns.to_owned();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        enter_netns(&ns).unwrap();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let l = tokio::net::TcpListener::bind(("0.0.0.0", ECHO_PORT))
-                .await
-                .unwrap();
-            tx.send(()).unwrap();
-            loop {
-                let Ok((s, _)) = l.accept().await else {
-                    continue;
-                };
-                let _ = s.set_nodelay(true);
-                tokio::spawn(async move {
-                    let (mut r, mut w) = s.into_split();
-                    let _ = tokio::io::copy(&mut r, &mut w).await;
-                });
-            }
-        });
-    });
-    rx.recv().unwrap();
-}
-
-/// Whether `GET path` on `addr` answers 200.
-fn http_ok(addr: &str, path: &str) -> bool {
-    let Ok(mut s) = TcpStream::connect(addr) else {
-        return false;
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-    if s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .is_err()
-    {
-        return false;
-    }
-    let mut head = [0u8; 12];
-    s.read_exact(&mut head).is_ok() && head.ends_with(b"200")
 }
 
 fn micros((p50, p99): (Duration, Duration)) -> (f64, f64) {

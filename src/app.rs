@@ -910,23 +910,39 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             open_connections = running.open_connections(),
             "draining: readiness fails, listeners closed, HBONE peers told to go away; open connections may finish until the deadline"
         );
-        let hurried = tokio::select! {
-            r = running.drain() => {
-                tracing::info!(
-                    elapsed_ms = r.elapsed.as_millis() as u64,
-                    closed_at_deadline = r.forced,
-                    still_open = r.left,
-                    "drained; exiting (connections and HBONE tunnels closed at the deadline, and still open after the grace)"
-                );
-                false
-            }
-            s = signals.recv() => {
-                tracing::warn!(
-                    signal = s,
-                    open_connections = running.open_connections(),
-                    "second signal during the drain; exiting now"
-                );
-                true
+        let drained = running.drain();
+        tokio::pin!(drained);
+        // A drain for an upgrade ignores one signal: Kubernetes sends SIGTERM to the replaced
+        // pod after its successor took over, and its connections must not end for that.
+        let mut spare = running.successor().is_some() && why != "SIGTERM" && why != "SIGINT";
+        let hurried = loop {
+            tokio::select! {
+                r = &mut drained => {
+                    tracing::info!(
+                        elapsed_ms = r.elapsed.as_millis() as u64,
+                        closed_at_deadline = r.forced,
+                        still_open = r.left,
+                        "drained; exiting (connections and HBONE tunnels closed at the deadline, and still open after the grace)"
+                    );
+                    break false;
+                }
+                s = signals.recv() => {
+                    if std::mem::take(&mut spare) {
+                        tracing::info!(
+                            signal = s,
+                            open_connections = running.open_connections(),
+                            deadline = ?running.drain_deadline(),
+                            "signal during the upgrade's drain: the successor serves, open connections continue until the deadline (a second signal exits now)"
+                        );
+                        continue;
+                    }
+                    tracing::warn!(
+                        signal = s,
+                        open_connections = running.open_connections(),
+                        "second signal during the drain; exiting now"
+                    );
+                    break true;
+                }
             }
         };
         match running.proxy.otel.clone() {

@@ -389,14 +389,15 @@ pub async fn take_over(path: &Path) -> Result<Option<(Sockets, Takeover)>, Hando
     let (offer, _) = recv_within(&conn, EXCHANGE_TIMEOUT)
         .await
         .map_err(sock_err)?;
-    let (pid, version, offered, pods) = match offer {
+    let (pid, version, offered, pods, netns) = match offer {
         Some(Message::Offer {
             protocol,
             version,
             pid,
             sockets,
             pods,
-        }) if protocol == PROTOCOL => (pid, version, sockets, pods),
+            netns,
+        }) if protocol == PROTOCOL => (pid, version, sockets, pods, netns),
         Some(Message::Offer {
             protocol, version, ..
         }) => {
@@ -446,6 +447,12 @@ pub async fn take_over(path: &Path) -> Result<Option<(Sockets, Takeover)>, Hando
         wire::check_socket(&fd, &info)
             .map_err(|got| proto_err("a listening socket as offered", got))?;
         sockets.inherited.insert(name, (info, fd));
+    }
+    // Another pod: its node-level sockets are in its namespace, where this process's clients
+    // (probes, scrapers) do not look; they are closed here and bound afresh.
+    if netns.is_some() && netns != wire::own_netns() {
+        sockets.inherited.retain(|name, _| wire::travels(name));
+        tracing::info!(predecessor = pid, "upgrade: the running l4mesh is in another network namespace; only the pods' sockets and the hand-off socket are taken");
     }
     tracing::info!(predecessor = pid, %version, sockets = sockets.inherited.len(), pods = sockets.pods.len(), "upgrade: received the running l4mesh's listening sockets; taking over once ready");
     Ok(Some((
@@ -807,6 +814,7 @@ async fn offer(
             pid: std::process::id(),
             sockets: held.iter().map(|h| h.info.clone()).collect(),
             pods,
+            netns: wire::own_netns(),
         },
         &[],
     )

@@ -79,6 +79,10 @@ pub enum Message {
         /// Shared mode: the pods whose sockets and namespaces are among them.
         #[serde(default)]
         pods: Vec<PodOffer>,
+        /// The offering process's network namespace ([`own_netns`]): a successor in another
+        /// one (another pod) takes only what does not belong to a namespace of its own.
+        #[serde(default)]
+        netns: Option<String>,
     },
     /// Running → successor: one socket, as the packet's one descriptor.
     Socket { name: String },
@@ -97,6 +101,20 @@ pub enum Message {
         text: String,
         more: bool,
     },
+}
+
+/// This process's network namespace, as `device:inode` of `/proc/self/ns/net` (`None` where it
+/// cannot be read).
+pub fn own_netns() -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata("/proc/self/ns/net").ok()?;
+    Some(format!("{}:{}", m.dev(), m.ino()))
+}
+
+/// Whether a socket called `name` belongs to a pod (or is the hand-off socket): a successor in
+/// another network namespace still takes those, as they are not in its predecessor's namespace.
+pub fn travels(name: &str) -> bool {
+    name == HANDOFF_SOCKET || name.starts_with("pod/")
 }
 
 pub fn encode(msg: &Message) -> Vec<u8> {
@@ -217,6 +235,7 @@ mod tests {
                 addr: Some("127.0.0.1:15001".parse().unwrap()),
             }],
             pods: vec![],
+            netns: own_netns(),
         };
         let bytes = encode(&offer);
         assert!(String::from_utf8_lossy(&bytes).contains(r#""type":"offer""#));
@@ -226,6 +245,25 @@ mod tests {
         let e = decode(br#"{"type":"launch"}"#).unwrap_err();
         assert!(e.contains("expected a hand-off message"), "{e}");
         assert!(decode(b"\xff\x00").is_err());
+    }
+
+    #[test]
+    fn only_pod_sockets_and_the_handoff_socket_leave_their_namespace() {
+        assert!(travels(HANDOFF_SOCKET));
+        assert!(travels(&pod_socket("uid-1", "outbound")));
+        assert!(travels(&pod_socket("uid-1", "netns")));
+        for name in [
+            "admin",
+            "metrics",
+            "readiness",
+            "outbound",
+            "dns-udp 127.0.0.1:15053",
+        ] {
+            assert!(!travels(name), "{name}");
+        }
+        let own = own_netns().expect("/proc/self/ns/net");
+        assert!(own.contains(':'), "{own}");
+        assert_eq!(own_netns(), Some(own));
     }
 
     #[test]

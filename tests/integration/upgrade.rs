@@ -302,6 +302,19 @@ async fn upgrading_both_nodes_under_load_loses_nothing() {
         .unwrap();
     assert_eq!(code, 200);
 
+    // Kubernetes sends SIGTERM to the replaced pod after the new one is ready: the old process
+    // keeps its connections (one signal is spared during an upgrade's drain).
+    old_c.signal("TERM");
+    assert!(
+        old_c
+            .wait_line(
+                &["signal during the upgrade's drain"],
+                Duration::from_secs(5)
+            )
+            .await,
+        "{}",
+        old_c.log()
+    );
     stop_load.store(true, Relaxed);
     tokio::time::timeout(Duration::from_secs(20), load)
         .await

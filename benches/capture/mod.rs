@@ -1,0 +1,313 @@
+//! A network namespace where a proxy captures TCP as a node proxy does (iptables REDIRECT of
+//! outgoing TCP to 10.77.0.0/24 into port 15001; the proxy's own sockets carry mark 1337 and are
+//! let through), with a counting sink and an echo server in it, and the proxies (l4mesh,
+//! ztunnel, Envoy) started there with the same environment. Used by `side_by_side` and
+//! `upgrade`, next to `common`, `control_plane`, `netns` and `pod_paths`.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::common;
+use super::control_plane::enter_netns;
+use super::netns::Netns;
+use super::pod_paths::in_ns;
+
+/// The client workload: every connection of the bench leaves from it.
+pub const CLIENT: &str = "10.77.0.1";
+/// A workload without HBONE: the TCP path.
+pub const TCP_DST: &str = "10.77.0.2";
+/// An HBONE workload on this node: the HBONE path.
+pub const HBONE_DST: &str = "10.77.0.3";
+/// Not captured: the direct path.
+pub const DIRECT: &str = "10.77.1.1";
+pub const SINK_PORT: u16 = 19000;
+pub const ECHO_PORT: u16 = 19001;
+pub const CHUNK: usize = 256 * 1024;
+
+pub const MESH: &str = r#"
+workloads:
+- uid: cluster1//v1/Pod/default/client
+  name: client
+  namespace: default
+  serviceAccount: client
+  workloadIps: ["10.77.0.1"]
+  protocol: HBONE
+  node: node1
+  services: {}
+- uid: cluster1//v1/Pod/default/server-tcp
+  name: server-tcp
+  namespace: default
+  serviceAccount: client
+  workloadIps: ["10.77.0.2"]
+  protocol: TCP
+  node: node1
+  services: {}
+- uid: cluster1//v1/Pod/default/server-hbone
+  name: server-hbone
+  namespace: default
+  serviceAccount: client
+  workloadIps: ["10.77.0.3"]
+  protocol: HBONE
+  node: node1
+  services: {}
+"#;
+
+/// Envoy's capture: an original-destination listener on 15001 proxying to an original-destination
+/// cluster whose sockets carry mark 1337 (SOL_SOCKET=1, SO_MARK=36), so they are not captured again.
+pub const ENVOY: &str = r#"
+admin: { address: { socket_address: { address: 127.0.0.1, port_value: 15000 } } }
+static_resources:
+  listeners:
+  - name: capture
+    address: { socket_address: { address: 0.0.0.0, port_value: 15001 } }
+    listener_filters:
+    - name: envoy.filters.listener.original_dst
+      typed_config: { "@type": type.googleapis.com/envoy.extensions.filters.listener.original_dst.v3.OriginalDst }
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.tcp_proxy
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: capture
+          cluster: original
+  - name: ready
+    address: { socket_address: { address: 0.0.0.0, port_value: 15021 } }
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: ready
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: { "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }
+          route_config:
+            virtual_hosts:
+            - name: ready
+              domains: ["*"]
+              routes:
+              - match: { prefix: "/" }
+                direct_response: { status: 200 }
+  clusters:
+  - name: original
+    type: ORIGINAL_DST
+    lb_policy: CLUSTER_PROVIDED
+    connect_timeout: 5s
+    upstream_bind_config:
+      source_address: { address: 0.0.0.0, port_value: 0 }
+      socket_options: [ { level: 1, name: 36, int_value: 1337, state: STATE_PREBIND } ]
+"#;
+
+#[derive(Clone, Copy, PartialEq)]
+pub enum Proxy {
+    Ztunnel,
+    L4mesh,
+    Envoy,
+}
+
+impl Proxy {
+    pub fn name(self) -> &'static str {
+        match self {
+            Proxy::Ztunnel => "ztunnel",
+            Proxy::L4mesh => "l4mesh",
+            Proxy::Envoy => "Envoy",
+        }
+    }
+}
+
+/// The namespace, its servers and the proxies' files.
+pub struct Capture {
+    pub ns: Netns,
+    /// Bytes the sink received.
+    pub sunk: Arc<AtomicU64>,
+    pub dir: tempfile::TempDir,
+}
+
+/// A proxy running in the namespace: killed on drop.
+pub struct Running {
+    pub child: Child,
+    pub pid: u32,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Capture {
+    /// Builds the namespace `name` (its addresses, capture rule, sink and echo server) and the
+    /// files the proxies read.
+    pub fn new(name: &str) -> Capture {
+        let ns = Netns::new(name);
+        for ip in [CLIENT, TCP_DST, HBONE_DST, DIRECT] {
+            ns.exec(&["ip", "addr", "add", &format!("{ip}/32"), "dev", "lo"]);
+            if ip != CLIENT {
+                // Connections to the other local addresses leave from the client's address, as
+                // from a pod: the proxies find the source workload by it.
+                ns.exec(&[
+                    "ip", "route", "replace", "local", ip, "dev", "lo", "table", "local", "proto",
+                    "kernel", "scope", "host", "src", CLIENT,
+                ]);
+            }
+        }
+        ns.exec(&[
+            "iptables",
+            "-t",
+            "nat",
+            "-A",
+            "OUTPUT",
+            "-p",
+            "tcp",
+            "-d",
+            "10.77.0.0/24",
+            "-m",
+            "mark",
+            "!",
+            "--mark",
+            "0x539/0xfff",
+            "-j",
+            "REDIRECT",
+            "--to-ports",
+            "15001",
+        ]);
+        // Thousands of short connections per second: reuse ports in TIME_WAIT.
+        ns.exec(&["sysctl", "-q", "-w", "net.ipv4.tcp_tw_reuse=1"]);
+        ns.exec(&[
+            "sysctl",
+            "-q",
+            "-w",
+            "net.ipv4.ip_local_port_range=20000 65000",
+        ]);
+        let sunk = Arc::new(AtomicU64::new(0));
+        let name = ns.name.clone();
+        let sink = in_ns(&name, || TcpListener::bind(("0.0.0.0", SINK_PORT)).unwrap());
+        common::serve_sink(sink, sunk.clone(), CHUNK);
+        echo_server(&name);
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("mesh.yaml"), MESH).unwrap();
+        std::fs::write(dir.path().join("envoy.yaml"), ENVOY).unwrap();
+        Capture { ns, sunk, dir }
+    }
+
+    /// Starts `p` in the namespace, pinned to core 1, with `env` added (l4mesh, ztunnel) or
+    /// `args` added (Envoy), and waits for its readiness port.
+    pub fn start(&self, p: Proxy, env: &[(&str, &str)], args: &[&str]) -> Running {
+        let mesh = self.dir.path().join("mesh.yaml");
+        let envoy_cfg = self.dir.path().join("envoy.yaml");
+        let bin = match p {
+            Proxy::Ztunnel => common::ztunnel_bin().unwrap(),
+            Proxy::L4mesh => PathBuf::from(env!("CARGO_BIN_EXE_l4mesh")),
+            Proxy::Envoy => common::which("envoy").unwrap(),
+        };
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.ns.name, "taskset", "-c", "1"])
+            .arg(&bin)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        match p {
+            Proxy::Envoy => {
+                cmd.arg("-c")
+                    .arg(&envoy_cfg)
+                    .args(["--concurrency", "2", "-l", "warning"])
+                    .args(args);
+            }
+            _ => {
+                cmd.envs([
+                    ("PROXY_MODE", "dedicated"),
+                    ("PROXY_WORKLOAD_INFO", "default/client/client"),
+                    ("FAKE_CA", "true"),
+                    ("XDS_ADDRESS", ""),
+                    ("CA_ADDRESS", ""),
+                    ("TRUST_DOMAIN", "cluster.local"),
+                    ("NODE_NAME", "node1"),
+                    ("PACKET_MARK", "1337"),
+                    ("ZTUNNEL_WORKER_THREADS", "2"),
+                    ("RUST_LOG", "warn"),
+                ])
+                .env("LOCAL_XDS_PATH", &mesh)
+                .envs(env.iter().copied());
+            }
+        }
+        let child = cmd.spawn().expect("start proxy");
+        // `ip netns exec` and `taskset` exec the proxy: the child's pid is the proxy's.
+        let running = Running {
+            pid: child.id(),
+            child,
+        };
+        let name = self.ns.name.clone();
+        let ready = in_ns(&name, || {
+            let t0 = Instant::now();
+            while t0.elapsed() < Duration::from_secs(15) {
+                if http_ok("127.0.0.1:15021", "/healthz/ready") {
+                    return true;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            false
+        });
+        assert!(ready, "{} never became ready", p.name());
+        running
+    }
+
+    pub fn connect(&self, ip: &str, port: u16) -> TcpStream {
+        let addr = format!("{ip}:{port}");
+        let s = in_ns(&self.ns.name, move || TcpStream::connect(addr).unwrap());
+        s.set_nodelay(true).unwrap();
+        s
+    }
+}
+
+/// An echo server (tokio, one thread) in the namespace: thousands of held connections cost it
+/// little.
+pub fn echo_server(ns: &str) {
+    let ns = ns.to_owned();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        enter_netns(&ns).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let l = tokio::net::TcpListener::bind(("0.0.0.0", ECHO_PORT))
+                .await
+                .unwrap();
+            tx.send(()).unwrap();
+            loop {
+                let Ok((s, _)) = l.accept().await else {
+                    continue;
+                };
+                let _ = s.set_nodelay(true);
+                tokio::spawn(async move {
+                    let (mut r, mut w) = s.into_split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                });
+            }
+        });
+    });
+    rx.recv().unwrap();
+}
+
+/// Whether `GET path` on `addr` answers 200.
+pub fn http_ok(addr: &str, path: &str) -> bool {
+    let Ok(mut s) = TcpStream::connect(addr) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    if s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .is_err()
+    {
+        return false;
+    }
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).is_ok() && head.ends_with(b"200")
+}
