@@ -65,7 +65,8 @@ struct Outcome {
     /// From the first failed new connection to the last one.
     window: Duration,
     kept: usize,
-    /// From the start of the upgrade to the new process being ready.
+    /// From the start of the upgrade until the new process serves alone (hand-off, hot restart:
+    /// the old one let go; restart: the new one is ready).
     took: Duration,
 }
 
@@ -188,6 +189,30 @@ fn stream(dst: SocketAddr, id: u8, stop: &AtomicBool) -> bool {
     true
 }
 
+/// Polls `GET path` on the admin port (15000) in the namespace until the body contains `needle`
+/// (at most 30 s).
+fn until(ns: &str, path: &'static str, needle: &'static str) {
+    let seen = pod_paths::in_ns(ns, move || {
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(30) {
+            if let Ok(mut s) = TcpStream::connect("127.0.0.1:15000") {
+                let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+                let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+                let mut body = String::new();
+                if s.write_all(req.as_bytes()).is_ok()
+                    && s.read_to_string(&mut body).is_ok()
+                    && body.contains(needle)
+                {
+                    return true;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        false
+    });
+    assert!(seen, "GET {path} never showed {needle}");
+}
+
 fn signal(pid: u32, sig: &str) {
     let _ = std::process::Command::new("kill")
         .args([&format!("-{sig}"), &pid.to_string()])
@@ -239,8 +264,18 @@ fn run(cap: &Capture, v: Variant, secs: f64, rate: u64) -> Outcome {
     std::thread::sleep(Duration::from_secs(2));
     let t0 = Instant::now();
     let new = match v {
-        Variant::L4meshHandoff => cap.start(Proxy::L4mesh, env, &[]),
-        Variant::EnvoyHotRestart => cap.start(Proxy::Envoy, &[], &envoy_epoch("1")),
+        Variant::L4meshHandoff => {
+            let new = cap.start(Proxy::L4mesh, env, &[]);
+            // The old process answers readiness until the new one took over: that is seen on
+            // the new one's admin API.
+            until(&cap.ns.name, "/upgrade", "\"draining\": true");
+            new
+        }
+        Variant::EnvoyHotRestart => {
+            let new = cap.start(Proxy::Envoy, &[], &envoy_epoch("1"));
+            until(&cap.ns.name, "/server_info", "\"restart_epoch\": 1");
+            new
+        }
         Variant::L4meshRestart | Variant::ZtunnelRestart => {
             signal(old.pid, "TERM");
             assert!(
@@ -293,13 +328,13 @@ fn main() {
         "upgrade under load through iptables capture: {rate} new connections/s and {STREAMS} long-lived echo streams for {secs} s, upgrade 2 s in"
     );
     println!(
-        "{:<20}{:>10}{:>10}{:>16}{:>16}{:>14}",
-        "variant", "new conns", "failed", "failing (ms)", "long-lived kept", "upgrade (ms)"
+        "{:<20}{:>10}{:>10}{:>14}{:>17}{:>16}",
+        "variant", "new conns", "failed", "failing (ms)", "long-lived kept", "took over (ms)"
     );
     for v in variants {
         let o = run(&cap, v, secs, rate);
         println!(
-            "{:<20}{:>10}{:>10}{:>16}{:>16}{:>14}",
+            "{:<20}{:>10}{:>10}{:>14}{:>17}{:>16}",
             v.name(),
             o.tried,
             o.failed,

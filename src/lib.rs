@@ -2,11 +2,13 @@
 //!
 //! Module map, with the layering rule: imports point down this list, never up.
 //! 1. [`socket`], [`telemetry`], [`otel`], [`http_server`], [`readiness`], [`redirect`], [`drain`],
-//!    [`limits`] —
+//!    [`limits`], [`seqpacket`], [`handoff`] —
 //!    basics (the only `unsafe`/libc lives in `socket`; the only `std::process::Command` in
 //!    `redirect`, the capture-rules subcommand; `otel` exports spans and records the proxy
 //!    describes to it; `http_server` is the accept loop of the small HTTP servers; `drain` is
-//!    graceful shutdown's signal and connection count; `limits` caps each listener's connections);
+//!    graceful shutdown's signal and connection count; `limits` caps each listener's connections;
+//!    `seqpacket` passes descriptors over unix sockets; `handoff` hands listening sockets to a
+//!    successor in an upgrade);
 //! 2. [`proto`], [`model`] — generated wire types, and the plain domain types validated from them;
 //! 3. [`store`], [`localconfig`], [`rbac`] — the lock-free snapshot of the mesh, the YAML file that
 //!    feeds it, and L4 authorization evaluated against a snapshot;
