@@ -58,6 +58,8 @@ pub enum HandoffError {
         #[source]
         source: std::io::Error,
     },
+    #[error("the process at {path} runs as user {uid}, not as this l4mesh's user {own} or root: it is not an l4mesh to take sockets from")]
+    Stranger { path: PathBuf, uid: u32, own: u32 },
     #[error("the running l4mesh at {path} refused the hand-off: {reason}")]
     Refused { path: PathBuf, reason: String },
     #[error("the running l4mesh at {path} broke the hand-off: expected {expected}, got {got}")]
@@ -380,6 +382,15 @@ pub async fn take_over(path: &Path) -> Result<Option<(Sockets, Takeover)>, Hando
         }
         Err(e) => return Err(sock_err(e)),
     };
+    // Sockets (and pods' namespaces) are taken only from a process as privileged as this one.
+    let uid = conn.peer_uid().map_err(sock_err)?;
+    if !trusted_uid(uid) {
+        return Err(HandoffError::Stranger {
+            path: path.into(),
+            uid,
+            own: rustix::process::geteuid().as_raw(),
+        });
+    }
     let proto_err = |expected, got: String| HandoffError::Protocol {
         path: path.into(),
         expected,
@@ -414,39 +425,48 @@ pub async fn take_over(path: &Path) -> Result<Option<(Sockets, Takeover)>, Hando
         }
         other => return Err(proto_err("an offer", wire::describe(other.as_ref()))),
     };
-    if offered.len() > MAX_SOCKETS {
+    if offered > MAX_SOCKETS || pods > MAX_SOCKETS {
         return Err(proto_err(
-            "at most 65536 sockets",
-            format!("{} sockets", offered.len()),
+            "at most 65536 sockets and pods",
+            format!("{offered} sockets and {pods} pods"),
         ));
     }
     let mut sockets = Sockets {
         predecessor_pid: pid,
-        pods,
         ..Sockets::keeping()
     };
-    let mut infos: HashMap<String, SocketInfo> =
-        offered.into_iter().map(|s| (s.name.clone(), s)).collect();
-    while !infos.is_empty() {
+    for _ in 0..pods {
+        match recv_within(&conn, EXCHANGE_TIMEOUT)
+            .await
+            .map_err(sock_err)?
+        {
+            (Some(Message::Pod(pod)), fds) if fds.is_empty() => sockets.pods.push(pod),
+            (other, _) => return Err(proto_err("a pod", wire::describe(other.as_ref()))),
+        }
+    }
+    for _ in 0..offered {
         let (msg, mut fds) = recv_within(&conn, EXCHANGE_TIMEOUT)
             .await
             .map_err(sock_err)?;
-        let name = match msg {
-            Some(Message::Socket { name }) => name,
+        let info = match msg {
+            Some(Message::Socket(info)) => info,
             other => return Err(proto_err("a socket", wire::describe(other.as_ref()))),
-        };
-        let Some(info) = infos.remove(&name) else {
-            return Err(proto_err("a socket of the offer", format!("{name:?}")));
         };
         let (Some(fd), true) = (fds.pop(), fds.is_empty()) else {
             return Err(proto_err(
                 "one descriptor with the socket",
-                format!("{} descriptors with {name:?}", fds.len()),
+                format!("{} descriptors with {:?}", fds.len(), info.name),
             ));
         };
+        if sockets.inherited.contains_key(&info.name) {
+            return Err(proto_err(
+                "each socket once",
+                format!("{:?} twice", info.name),
+            ));
+        }
         wire::check_socket(&fd, &info)
             .map_err(|got| proto_err("a listening socket as offered", got))?;
-        sockets.inherited.insert(name, (info, fd));
+        sockets.inherited.insert(info.name.clone(), (info, fd));
     }
     // Another pod: its node-level sockets are in its namespace, where this process's clients
     // (probes, scrapers) do not look; they are closed here and bound afresh.
@@ -609,7 +629,15 @@ pub fn listen(path: &Path, sockets: &mut Sockets) -> Result<Server, HandoffError
     };
     let server = match sockets.take_handoff() {
         Some(fd) => Server::from_fd(fd).map_err(sock_err)?,
-        None => Server::bind(path).map_err(sock_err)?,
+        None => {
+            let server = Server::bind(path).map_err(sock_err)?;
+            // Whoever connects gets every listener: only this user may (the peer's uid is
+            // checked too, whatever the file's mode).
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+                .map_err(sock_err)?;
+            server
+        }
     };
     sockets.drop_untaken();
     sockets.keep(wire::HANDOFF_SOCKET, Kind::Unix, None, server.as_fd());
@@ -716,6 +744,17 @@ pub async fn serve(server: Server, sockets: Sockets, handover: Handover) {
             }
             c = server.accept() => c,
         };
+        let conn = match conn.map(|c| {
+            let uid = c.peer_uid();
+            (c, uid)
+        }) {
+            Ok((_, Ok(uid))) if !trusted_uid(uid) => {
+                tracing::warn!(uid, "upgrade: a process of another user connected to the hand-off socket; closed without an offer");
+                continue;
+            }
+            Ok((c, Ok(_))) => Ok(c),
+            Ok((_, Err(e))) | Err(e) => Err(e),
+        };
         match conn {
             Ok(conn) => match offer(&conn, &held, &signal).await {
                 Ok(Some(pid)) => break (conn, pid),
@@ -803,31 +842,24 @@ async fn offer(
     };
     let (held, pods) = held.offer();
     tracing::info!(successor = pid, %version, sockets = held.len(), pods = pods.len(), "upgrade: handing the listening sockets to a successor; serving on until it is ready");
-    let Message::Hello { version: own, .. } = hello() else {
-        unreachable!("hello() is a Hello")
-    };
     send(
         conn,
         &Message::Offer {
             protocol: PROTOCOL,
-            version: own,
+            version: env!("CARGO_PKG_VERSION").into(),
             pid: std::process::id(),
-            sockets: held.iter().map(|h| h.info.clone()).collect(),
-            pods,
+            sockets: held.len(),
+            pods: pods.len(),
             netns: wire::own_netns(),
         },
         &[],
     )
     .await?;
+    for pod in pods {
+        send(conn, &Message::Pod(pod), &[]).await?;
+    }
     for h in &held {
-        send(
-            conn,
-            &Message::Socket {
-                name: h.info.name.clone(),
-            },
-            &[h.fd.as_fd()],
-        )
-        .await?;
+        send(conn, &Message::Socket(h.info.clone()), &[h.fd.as_fd()]).await?;
     }
     let waited = tokio::select! {
         r = tokio::time::timeout(READY_TIMEOUT, conn.recv()) => r,
@@ -862,6 +894,11 @@ async fn offer(
         },
         Ok(Err(e)) => Err(e),
     }
+}
+
+/// Whether a peer of the hand-off socket runs as this process's user, or as root.
+fn trusted_uid(uid: u32) -> bool {
+    uid == 0 || uid == rustix::process::geteuid().as_raw()
 }
 
 async fn send(conn: &Conn, msg: &Message, fds: &[BorrowedFd<'_>]) -> std::io::Result<()> {

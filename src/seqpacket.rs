@@ -73,6 +73,14 @@ impl Conn {
         })
     }
 
+    /// The user id of the process at the other end (`SO_PEERCRED`, as it was when it
+    /// connected).
+    pub fn peer_uid(&self) -> io::Result<u32> {
+        Ok(rustix::net::sockopt::socket_peercred(self.fd.get_ref())?
+            .uid
+            .as_raw())
+    }
+
     /// Sends one packet, with `fds` as `SCM_RIGHTS` when given.
     pub async fn send(&self, bytes: &[u8], fds: &[std::os::fd::BorrowedFd<'_>]) -> io::Result<()> {
         loop {

@@ -181,3 +181,117 @@ async fn another_protocol_is_refused_and_no_file_means_no_predecessor() {
         m => panic!("{m:?}"),
     }
 }
+
+#[tokio::test]
+async fn a_node_of_many_pods_is_handed_over_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("handoff.sock");
+    let mut sockets = Sockets::keeping();
+    let held = sockets.held();
+    let netns = std::fs::File::open("/proc/self/ns/net").unwrap();
+    let mut listeners = Vec::new();
+    for i in 0..300 {
+        let uid = format!("uid-{i:03}-{}", "x".repeat(30));
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        held.keep(
+            &wire::pod_socket(&uid, "outbound"),
+            Kind::Tcp,
+            l.local_addr().ok(),
+            l.as_fd(),
+        );
+        held.keep(
+            &wire::pod_socket(&uid, "netns"),
+            Kind::Netns,
+            None,
+            netns.as_fd(),
+        );
+        held.keep_pod(PodOffer {
+            uid,
+            name: format!("pod-{i}-{}", "n".repeat(60)),
+            namespace: "default".into(),
+            service_account: "sa".into(),
+        });
+        listeners.push(l);
+    }
+    // A pod removed before the offer is not in it.
+    held.forget_pod(&format!("uid-000-{}", "x".repeat(30)));
+    let server = listen(&path, &mut sockets).unwrap();
+    let drain = crate::drain::Drain::new();
+    let (h, _) = handover(&drain);
+    let _running = tokio::spawn(serve(server, sockets, h));
+    let (mut inherited, _takeover) = take_over(&path).await.unwrap().unwrap();
+    let mut pods = inherited.take_pods();
+    assert_eq!(pods.len(), 299);
+    pods.sort_by(|a, b| a.pod.uid.cmp(&b.pod.uid));
+    let first = &mut pods[0];
+    assert!(first.pod.uid.starts_with("uid-001-"));
+    let fd = first.take("outbound", Kind::Tcp, 0).expect("outbound");
+    let l = std::net::TcpListener::from(fd);
+    assert_eq!(l.local_addr().unwrap(), listeners[1].local_addr().unwrap());
+    // A port other than configured is not taken (bound afresh instead).
+    let mut second = pods.remove(1);
+    assert!(second.take("outbound", Kind::Tcp, 1).is_none());
+}
+
+/// Connects to `path` as user `nobody` (root and `setpriv` needed) and says hello: what the
+/// process saw (`refused`: it could not connect; `closed`: connected, and closed without a word).
+fn hello_as_nobody(path: &Path) -> Option<String> {
+    // Debian's python (another user may not run one installed under /root).
+    let python = Path::new("/usr/bin/python3");
+    if !rustix::process::geteuid().is_root() || !python.exists() {
+        return None;
+    }
+    let py = r#"
+import socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+try:
+    s.connect(sys.argv[1])
+except OSError as e:
+    print('refused', e.errno); sys.exit(0)
+s.send(b'{"type":"hello","protocol":1,"version":"x","pid":1}')
+s.settimeout(5)
+try:
+    print('closed' if s.recv(65536) == b'' else 'answered')
+except ConnectionResetError:
+    print('closed')
+"#;
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(python)
+        .args(["-c", py])
+        .arg(path)
+        .output()
+        .ok()?;
+    Some(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+#[tokio::test]
+async fn only_this_user_or_root_may_take_the_sockets() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, _own, sockets, server) = running_side(dir.path());
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+    let drain = crate::drain::Drain::new();
+    let (h, _) = handover(&drain);
+    let _running = tokio::spawn(serve(server, sockets, h));
+    let dir_mode = std::fs::Permissions::from_mode(0o755);
+    std::fs::set_permissions(dir.path(), dir_mode).unwrap();
+    let path2 = path.clone();
+    let Some(seen) = tokio::task::spawn_blocking(move || hello_as_nobody(&path2))
+        .await
+        .unwrap()
+    else {
+        return; // not root, or no setpriv/python3: the file mode above is what protects
+    };
+    assert!(seen.starts_with("refused 13"), "{seen}");
+    // Even with the file opened to everyone, the peer's user is checked.
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let path2 = path.clone();
+    let seen = tokio::task::spawn_blocking(move || hello_as_nobody(&path2))
+        .await
+        .unwrap();
+    assert_eq!(seen.as_deref(), Some("closed"));
+    // And the running side still serves its own user.
+    assert!(take_over(&path).await.unwrap().is_some());
+}

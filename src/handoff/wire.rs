@@ -70,22 +70,25 @@ pub enum Message {
         version: String,
         pid: u32,
     },
-    /// Running → successor: the sockets that follow, one per [`Message::Socket`].
+    /// Running → successor: what follows, `pods` [`Message::Pod`]s then `sockets`
+    /// [`Message::Socket`]s (one packet each, so that a node of many pods fits).
     Offer {
         protocol: u32,
         version: String,
         pid: u32,
-        sockets: Vec<SocketInfo>,
-        /// Shared mode: the pods whose sockets and namespaces are among them.
+        sockets: usize,
+        /// Shared mode: the pods whose sockets and namespaces are among the sockets.
         #[serde(default)]
-        pods: Vec<PodOffer>,
+        pods: usize,
         /// The offering process's network namespace ([`own_netns`]): a successor in another
         /// one (another pod) takes only what does not belong to a namespace of its own.
         #[serde(default)]
         netns: Option<String>,
     },
+    /// Running → successor: a pod served in shared mode.
+    Pod(PodOffer),
     /// Running → successor: one socket, as the packet's one descriptor.
-    Socket { name: String },
+    Socket(SocketInfo),
     /// Running → successor: no hand-off (or no longer), and why.
     Refused { reason: String },
     /// Successor → running: accepting; stop.
@@ -229,12 +232,8 @@ mod tests {
             protocol: PROTOCOL,
             version: "1.2.3".into(),
             pid: 7,
-            sockets: vec![SocketInfo {
-                name: "outbound".into(),
-                kind: Kind::Tcp,
-                addr: Some("127.0.0.1:15001".parse().unwrap()),
-            }],
-            pods: vec![],
+            sockets: 1,
+            pods: 0,
             netns: own_netns(),
         };
         let bytes = encode(&offer);
@@ -245,6 +244,21 @@ mod tests {
         let e = decode(br#"{"type":"launch"}"#).unwrap_err();
         assert!(e.contains("expected a hand-off message"), "{e}");
         assert!(decode(b"\xff\x00").is_err());
+        let socket = Message::Socket(SocketInfo {
+            name: "outbound".into(),
+            kind: Kind::Tcp,
+            addr: Some("127.0.0.1:15001".parse().unwrap()),
+        });
+        assert_eq!(decode(&encode(&socket)).unwrap(), socket);
+        // The largest pod name Kubernetes allows, with its namespace, fits a packet many times.
+        let pod = Message::Pod(PodOffer {
+            uid: "u".repeat(36),
+            name: "n".repeat(253),
+            namespace: "s".repeat(63),
+            service_account: "a".repeat(253),
+        });
+        assert!(encode(&pod).len() < 1024);
+        assert_eq!(decode(&encode(&pod)).unwrap(), pod);
     }
 
     #[test]
