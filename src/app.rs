@@ -277,9 +277,11 @@ async fn build(
         (Some(_), Some(p)) => Some(crate::admin::AdminToken::read(p)?),
         _ => None,
     };
+    // Every listener and received descriptor counts against it: raised to the hard limit first.
+    let nofile = crate::limits::raise_nofile();
     // An upgrade: the running l4mesh's sockets, before anything is bound.
     let (mut sockets, takeover) = match &config.handoff_socket {
-        Some(path) => match crate::handoff::take_over(path).await? {
+        Some(path) => match crate::handoff::take_over(path, config.inpod.is_some()).await? {
             Some((sockets, takeover)) => (sockets, Some(takeover)),
             None => (Sockets::keeping(), None),
         },
@@ -462,7 +464,6 @@ async fn build(
     // Every listener's connection caps ([`crate::limits`]); the data path's default follows the
     // open-file limit, raised to its hard limit first.
     let limits = Arc::new(crate::limits::Registry::default());
-    let nofile = crate::limits::raise_nofile();
     let data_caps = crate::limits::Caps {
         max_connections: config
             .max_connections
@@ -623,7 +624,12 @@ async fn build(
     }
     if let (Some((server, _)), Some(ctx)) = (dns_server, dns_ctx) {
         tracing::info!(addrs = ?dns_addrs, upstreams = ?ctx.upstreams.servers(), "DNS proxy: mesh names from the store, the rest forwarded");
-        tasks.push(tokio::spawn(tenure.clone().serve(server.run(ctx))));
+        let (tenure, stop) = (tenure.clone(), tenure.release_signal());
+        tasks.push(tokio::spawn(async move {
+            if tenure.taken().await {
+                server.run(ctx, stop).await
+            }
+        }));
     }
     if let Some((mut manager, uds)) = pods {
         let signal = drain.signal();
@@ -694,17 +700,26 @@ async fn build(
             }),
         };
         let (readiness, drain, failed) = (readiness.clone(), drain.clone(), failed.clone());
+        let signal = drain.signal();
         tracing::info!(path = %path.display(), "upgrade: a successor started with --handoff-socket at this path takes over these listeners");
         tasks.push(tokio::spawn(async move {
             if let Some(t) = takeover {
-                match t.complete(readiness.wait()).await {
+                let ready = async {
+                    tokio::select! {
+                        () = readiness.wait() => true,
+                        () = signal.draining() => false,
+                    }
+                };
+                match t.complete(ready).await {
+                    Ok((crate::handoff::TakeoverEnd::Abandoned, _)) => return,
                     Ok((_, follow)) => {
                         taken_tx.send_replace(true);
                         tokio::spawn(follow.run());
                     }
                     Err(e) => {
-                        // Never accepted: the predecessor serves on.
-                        let _ = failed.set(e.to_string());
+                        // The predecessor serves on; what this process accepted (if it was
+                        // ready) drains.
+                        let _ = failed.set(crate::handoff::with_causes(&e));
                         drain.start();
                         return;
                     }
@@ -901,7 +916,11 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             },
         };
         if let Some(e) = running.failure() {
-            // Never accepted a connection: nothing to drain.
+            // The predecessor serves on; the connections this process accepted meanwhile (if
+            // any) finish within the normal deadline.
+            let e = e.to_owned();
+            tracing::error!(error = %e, "upgrade failed; draining what this process accepted, then exiting");
+            running.drain().await;
             return Err(anyhow::anyhow!("{e}"));
         }
         tracing::info!(

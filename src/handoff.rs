@@ -4,9 +4,11 @@
 //!
 //! The exchange, one JSON message per `SOCK_SEQPACKET` packet ([`crate::seqpacket`]):
 //! 1. the successor connects and says `hello` (hand-off protocol and version);
-//! 2. the running one answers `offer` (what it listens on), then one `socket` packet per listening
-//!    socket, each carrying the socket as an `SCM_RIGHTS` descriptor (the hand-off socket itself
-//!    among them), or `refused` with the reason (another protocol, a hand-off already under way);
+//! 2. the running one answers `offer` (how many pods and sockets follow), then one `pod` packet
+//!    per pod (shared mode) and one `socket` packet per listening socket, each carrying the socket
+//!    as an `SCM_RIGHTS` descriptor (the hand-off socket itself among them); or `refused` with the
+//!    reason (another protocol). One successor at a time: a second one waits in the backlog for
+//!    the first's outcome, and gives up after 10 s;
 //! 3. the successor builds itself on those sockets (bound addresses are checked against its own
 //!    configuration), waits until it is ready (the same readiness as its listeners), and says
 //!    `ready`;
@@ -14,10 +16,11 @@
 //!    copies of the sockets, answers `released`, and then reports `status` (connections still
 //!    open, its metrics) every [`STATUS_EVERY`] until it exits.
 //!
-//! A successor that fails or closes before `ready` changes nothing for the running one (its
-//! sockets never stopped accepting). A predecessor that goes away without a word (a crash) leaves
-//! the successor with the only copies: it serves alone. A predecessor that gives up waiting says
-//! `refused`, and the successor exits.
+//! A successor that fails, closes or starts draining before `ready` changes nothing for the
+//! running one (its sockets never stopped accepting). A predecessor that goes away without a
+//! word (a crash, or its own drain) leaves the successor with the only copies: it serves alone.
+//! A predecessor that serves on says `refused` before closing (it gave up waiting, or the
+//! exchange broke), and the successor exits, draining what it accepted if it was ready.
 //!
 //! Split: [`wire`] (the messages, pure), this file (both ends of the exchange and the sockets a
 //! process holds).
@@ -52,7 +55,7 @@ const MAX_METRICS: usize = 16 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HandoffError {
-    #[error("hand-off socket {path}: {source}")]
+    #[error("hand-off socket {path}")]
     Socket {
         path: PathBuf,
         #[source]
@@ -68,6 +71,12 @@ pub enum HandoffError {
         expected: &'static str,
         got: String,
     },
+    #[error("the running l4mesh (pid {pid}) is in another network namespace ({theirs}, this one {ours}): a dedicated l4mesh's listeners only serve the namespace they were made in; run the new one beside the old one (same pod, or hostNetwork)")]
+    OtherNamespace {
+        pid: u32,
+        theirs: String,
+        ours: String,
+    },
     #[error("the running l4mesh (pid {pid}) has its {name} socket on {offered}, this one is configured for {configured}: start the new l4mesh with the same listener addresses")]
     Mismatch {
         pid: u32,
@@ -76,6 +85,21 @@ pub enum HandoffError {
         configured: SocketAddr,
     },
 }
+
+/// `e` and its causes, `: `-separated (for a log line or a message kept as text).
+pub fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
+}
+
+/// The longest text field of a pod handed over (Kubernetes names are at most 253 bytes).
+const MAX_FIELD: usize = 1024;
 
 /// A listening socket this process holds, kept (a duplicate) to hand to a successor.
 struct HeldSocket {
@@ -364,8 +388,13 @@ fn hello() -> Message {
 }
 
 /// Asks a running l4mesh at `path` for its sockets. `Ok(None)`: nothing runs there (no file, or
-/// a file no process listens on), so this process binds its own.
-pub async fn take_over(path: &Path) -> Result<Option<(Sockets, Takeover)>, HandoffError> {
+/// a file no process listens on), so this process binds its own. `shared`: this process serves
+/// pods (shared mode), whose sockets are in the pods' namespaces, so a predecessor in another
+/// namespace (another Kubernetes pod) is fine; a dedicated one refuses it.
+pub async fn take_over(
+    path: &Path,
+    shared: bool,
+) -> Result<Option<(Sockets, Takeover)>, HandoffError> {
     let sock_err = |source| HandoffError::Socket {
         path: path.into(),
         source,
@@ -435,12 +464,36 @@ pub async fn take_over(path: &Path) -> Result<Option<(Sockets, Takeover)>, Hando
         predecessor_pid: pid,
         ..Sockets::keeping()
     };
+    let refused = |reason| HandoffError::Refused {
+        path: path.into(),
+        reason,
+    };
     for _ in 0..pods {
         match recv_within(&conn, EXCHANGE_TIMEOUT)
             .await
             .map_err(sock_err)?
         {
-            (Some(Message::Pod(pod)), fds) if fds.is_empty() => sockets.pods.push(pod),
+            (Some(Message::Pod(pod)), fds) => {
+                if !fds.is_empty() {
+                    return Err(proto_err(
+                        "a pod without descriptors",
+                        format!("a pod with {}", fds.len()),
+                    ));
+                }
+                let longest = [&pod.uid, &pod.name, &pod.namespace, &pod.service_account]
+                    .iter()
+                    .map(|f| f.len())
+                    .max()
+                    .unwrap_or(0);
+                if longest > MAX_FIELD {
+                    return Err(proto_err(
+                        "pod fields of at most 1024 bytes",
+                        format!("{longest} bytes"),
+                    ));
+                }
+                sockets.pods.push(pod)
+            }
+            (Some(Message::Refused { reason }), _) => return Err(refused(reason)),
             (other, _) => return Err(proto_err("a pod", wire::describe(other.as_ref()))),
         }
     }
@@ -450,12 +503,14 @@ pub async fn take_over(path: &Path) -> Result<Option<(Sockets, Takeover)>, Hando
             .map_err(sock_err)?;
         let info = match msg {
             Some(Message::Socket(info)) => info,
+            Some(Message::Refused { reason }) => return Err(refused(reason)),
             other => return Err(proto_err("a socket", wire::describe(other.as_ref()))),
         };
-        let (Some(fd), true) = (fds.pop(), fds.is_empty()) else {
+        let count = fds.len();
+        let (Some(fd), 1) = (fds.pop(), count) else {
             return Err(proto_err(
                 "one descriptor with the socket",
-                format!("{} descriptors with {:?}", fds.len(), info.name),
+                format!("{count} descriptors with {:?}", info.name),
             ));
         };
         if sockets.inherited.contains_key(&info.name) {
@@ -470,7 +525,16 @@ pub async fn take_over(path: &Path) -> Result<Option<(Sockets, Takeover)>, Hando
     }
     // Another pod: its node-level sockets are in its namespace, where this process's clients
     // (probes, scrapers) do not look; they are closed here and bound afresh.
-    if netns.is_some() && netns != wire::own_netns() {
+    let ours = wire::own_netns();
+    if netns.is_some() && netns != ours {
+        if !shared {
+            // Closing the exchange before ready: the running one serves on.
+            return Err(HandoffError::OtherNamespace {
+                pid,
+                theirs: netns.unwrap_or_default(),
+                ours: ours.unwrap_or_default(),
+            });
+        }
         sockets.inherited.retain(|name, _| wire::travels(name));
         tracing::info!(predecessor = pid, "upgrade: the running l4mesh is in another network namespace; only the pods' sockets and the hand-off socket are taken");
     }
@@ -493,18 +557,22 @@ pub async fn take_over(path: &Path) -> Result<Option<(Sockets, Takeover)>, Hando
 pub enum TakeoverEnd {
     /// The predecessor stopped accepting: this process serves alone.
     Released,
-    /// The predecessor went away without a word (it crashed): this process holds the only
-    /// copies of the sockets and serves alone.
+    /// The predecessor went away without a word (it crashed, or started draining): this process
+    /// holds the only copies of the sockets and serves alone.
     PredecessorGone,
+    /// This process started draining before it was ready: it never said ready, and the
+    /// predecessor serves on.
+    Abandoned,
 }
 
 impl Takeover {
-    /// Waits until `ready` resolves (this process accepts), then tells the predecessor to let
-    /// go, and keeps following its reports in `state` until it exits. An error (the predecessor
-    /// refused, or broke the exchange) means this process must not serve.
+    /// Waits until `ready` resolves `true` (this process accepts; `false`: it drains instead),
+    /// then tells the predecessor to let go, and keeps following its reports in `state` until
+    /// it exits. An error (the predecessor refused, or broke the exchange) means this process
+    /// must not serve.
     pub async fn complete(
         self,
-        ready: impl std::future::Future<Output = ()>,
+        ready: impl std::future::Future<Output = bool>,
     ) -> Result<(TakeoverEnd, Follow), HandoffError> {
         let Takeover { path, conn, state } = self;
         let pid = state.pid;
@@ -513,7 +581,9 @@ impl Takeover {
             source,
         };
         tokio::select! {
-            () = ready => {}
+            ready = ready => if !ready {
+                return Ok((TakeoverEnd::Abandoned, Follow::none(state)));
+            },
             msg = conn.recv() => {
                 return match msg.map_err(sock_err)?.map(|p| wire::decode(&p.bytes)) {
                     None => Ok((TakeoverEnd::PredecessorGone, Follow::none(state))),
@@ -547,6 +617,9 @@ impl Takeover {
                 ))
             }
             Ok((None, _)) | Err(_) => Ok((TakeoverEnd::PredecessorGone, Follow::none(state))),
+            Ok((Some(Message::Refused { reason }), _)) => {
+                Err(HandoffError::Refused { path, reason })
+            }
             Ok((other, _)) => Err(HandoffError::Protocol {
                 path,
                 expected: "released",
@@ -572,8 +645,10 @@ impl Follow {
     pub async fn run(self) {
         let Follow { conn, state } = self;
         if let Some(conn) = conn {
-            // Metrics arrive in pieces; each format's text is kept once whole.
+            // Metrics arrive in pieces; each format's text is kept once whole. An exposition over
+            // the limit is dropped to its last piece.
             let mut partial = [String::new(), String::new()];
+            let mut overflowed = [false, false];
             loop {
                 let msg = match conn.recv().await {
                     Ok(Some(p)) => wire::decode(&p.bytes),
@@ -595,10 +670,14 @@ impl Follow {
                         text,
                         more,
                     }) => {
-                        let buf = &mut partial[usize::from(openmetrics)];
-                        if buf.len() + text.len() > MAX_METRICS {
-                            tracing::warn!(predecessor = state.pid, limit = MAX_METRICS, "upgrade: the predecessor's metrics are larger than relayed; dropped");
+                        let i = usize::from(openmetrics);
+                        let buf = &mut partial[i];
+                        if overflowed[i] || buf.len() + text.len() > MAX_METRICS {
+                            if !overflowed[i] {
+                                tracing::warn!(predecessor = state.pid, limit = MAX_METRICS, "upgrade: the predecessor's metrics are larger than relayed; dropped");
+                            }
                             buf.clear();
+                            overflowed[i] = more;
                             continue;
                         }
                         buf.push_str(&text);
@@ -629,15 +708,9 @@ pub fn listen(path: &Path, sockets: &mut Sockets) -> Result<Server, HandoffError
     };
     let server = match sockets.take_handoff() {
         Some(fd) => Server::from_fd(fd).map_err(sock_err)?,
-        None => {
-            let server = Server::bind(path).map_err(sock_err)?;
-            // Whoever connects gets every listener: only this user may (the peer's uid is
-            // checked too, whatever the file's mode).
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-                .map_err(sock_err)?;
-            server
-        }
+        // Whoever connects gets every listener: only this user may (the peer's uid is checked
+        // too, whatever the file's mode).
+        None => Server::bind_with_mode(path, 0o600).map_err(sock_err)?,
     };
     sockets.drop_untaken();
     sockets.keep(wire::HANDOFF_SOCKET, Kind::Unix, None, server.as_fd());
@@ -721,6 +794,19 @@ impl Tenure {
         self.taken.clone().wait_for(|t| *t).await.is_ok()
     }
 
+    /// A drain signal that starts when a successor takes over: for a server that finishes what
+    /// it received rather than being dropped (the DNS proxy).
+    pub fn release_signal(&self) -> crate::drain::Signal {
+        let drain = crate::drain::Drain::new();
+        let signal = drain.signal();
+        let released = self.released.clone();
+        tokio::spawn(async move {
+            released.wait().await;
+            drain.start();
+        });
+        signal
+    }
+
     /// Runs `serve` for this process's tenure of its ports.
     pub async fn serve(mut self, serve: impl std::future::Future<Output = ()>) {
         if self.taken.wait_for(|t| *t).await.is_err() {
@@ -752,20 +838,32 @@ pub async fn serve(server: Server, sockets: Sockets, handover: Handover) {
                 tracing::warn!(uid, "upgrade: a process of another user connected to the hand-off socket; closed without an offer");
                 continue;
             }
-            Ok((c, Ok(_))) => Ok(c),
-            Ok((_, Err(e))) | Err(e) => Err(e),
-        };
-        match conn {
-            Ok(conn) => match offer(&conn, &held, &signal).await {
-                Ok(Some(pid)) => break (conn, pid),
-                Ok(None) => {}
-                Err(e) => {
-                    tracing::warn!(error = %e, "upgrade: the hand-off to a successor failed; serving on as before")
-                }
-            },
-            Err(e) => {
+            Ok((c, Ok(_))) => c,
+            Ok((_, Err(e))) | Err(e) => {
                 tracing::warn!(error = %e, "upgrade: accepting on the hand-off socket failed");
                 tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let outcome = tokio::select! {
+            biased;
+            // This process drains (SIGTERM) during the exchange: it lets go without a word, and
+            // the successor, holding the sockets too, serves alone once ready.
+            () = signal.draining() => {
+                held.close();
+                return;
+            }
+            r = offer(&conn, &held) => r,
+        };
+        match outcome {
+            Ok(pid) => break (conn, pid),
+            Err(reason) => {
+                tracing::warn!("upgrade: no hand-off, serving on as before: {reason}");
+                // Said before closing, so that the successor exits instead of taking the
+                // silence for this process's end (it may be gone already: then nothing is said).
+                let refused = Message::Refused { reason };
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(1), send(&conn, &refused, &[])).await;
             }
         }
     };
@@ -811,88 +909,76 @@ pub async fn serve(server: Server, sockets: Sockets, handover: Handover) {
     }
 }
 
-/// One successor's exchange: `Ok(Some(pid))` once it is ready to take over, `Ok(None)` when it
-/// went away or was refused before that (this process serves on).
-async fn offer(
-    conn: &Conn,
-    held: &Held,
-    signal: &crate::drain::Signal,
-) -> std::io::Result<Option<u32>> {
-    let (pid, version) = match recv_within(conn, EXCHANGE_TIMEOUT).await? {
-        (
+/// One successor's exchange: its pid once it is ready to take over; else why not (it went
+/// away, spoke another protocol, sent something else, or was not ready in time).
+async fn offer(conn: &Conn, held: &Held) -> Result<u32, String> {
+    let (pid, version) = match recv_within(conn, EXCHANGE_TIMEOUT).await {
+        Ok((
             Some(Message::Hello {
                 protocol,
                 version,
                 pid,
             }),
             _,
-        ) => {
+        )) => {
             if protocol != PROTOCOL {
-                let reason = format!("this l4mesh ({}) speaks hand-off protocol {PROTOCOL}, the successor (l4mesh {version}, pid {pid}) protocol {protocol}: upgrade through a restart", env!("CARGO_PKG_VERSION"));
-                tracing::warn!(successor = pid, "upgrade refused: {reason}");
-                send(conn, &Message::Refused { reason }, &[]).await?;
-                return Ok(None);
+                return Err(format!("this l4mesh ({}) speaks hand-off protocol {PROTOCOL}, the successor (l4mesh {version}, pid {pid}) protocol {protocol}: upgrade through a restart", env!("CARGO_PKG_VERSION")));
             }
             (pid, version)
         }
-        (other, _) => {
-            tracing::warn!(got = %wire::describe(other.as_ref()), "upgrade: a client of the hand-off socket did not say hello; closed");
-            return Ok(None);
+        Ok((other, _)) => {
+            return Err(format!(
+                "expected hello from a client of the hand-off socket, got {}",
+                wire::describe(other.as_ref())
+            ))
         }
+        Err(e) => return Err(format!("waiting for a successor's hello: {e}")),
     };
     let (held, pods) = held.offer();
     tracing::info!(successor = pid, %version, sockets = held.len(), pods = pods.len(), "upgrade: handing the listening sockets to a successor; serving on until it is ready");
-    send(
-        conn,
-        &Message::Offer {
-            protocol: PROTOCOL,
-            version: env!("CARGO_PKG_VERSION").into(),
-            pid: std::process::id(),
-            sockets: held.len(),
-            pods: pods.len(),
-            netns: wire::own_netns(),
-        },
-        &[],
-    )
-    .await?;
-    for pod in pods {
-        send(conn, &Message::Pod(pod), &[]).await?;
-    }
-    for h in &held {
-        send(conn, &Message::Socket(h.info.clone()), &[h.fd.as_fd()]).await?;
-    }
-    let waited = tokio::select! {
-        r = tokio::time::timeout(READY_TIMEOUT, conn.recv()) => r,
-        // A drain of this process ends the exchange: the successor is told to exit.
-        () = signal.draining() => {
-            let reason = "the running l4mesh started draining before this one was ready".to_string();
-            send(conn, &Message::Refused { reason }, &[]).await?;
-            return Ok(None);
+    let sending = async {
+        send(
+            conn,
+            &Message::Offer {
+                protocol: PROTOCOL,
+                version: env!("CARGO_PKG_VERSION").into(),
+                pid: std::process::id(),
+                sockets: held.len(),
+                pods: pods.len(),
+                netns: wire::own_netns(),
+            },
+            &[],
+        )
+        .await?;
+        for pod in pods {
+            send(conn, &Message::Pod(pod), &[]).await?;
         }
+        for h in &held {
+            send(conn, &Message::Socket(h.info.clone()), &[h.fd.as_fd()]).await?;
+        }
+        Ok::<_, std::io::Error>(())
     };
-    match waited {
+    // A successor that stops reading (frozen, stopped) does not hold this process.
+    match tokio::time::timeout(EXCHANGE_TIMEOUT, sending).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(format!("sending the sockets to pid {pid}: {e}")),
         Err(_) => {
-            let reason =
-                format!("not ready within {READY_TIMEOUT:?}; the running l4mesh serves on");
-            tracing::warn!(successor = pid, "upgrade abandoned: {reason}");
-            send(conn, &Message::Refused { reason }, &[]).await?;
-            Ok(None)
+            return Err(format!(
+                "pid {pid} did not take the sockets within {EXCHANGE_TIMEOUT:?}"
+            ))
         }
-        Ok(Ok(None)) => {
-            tracing::warn!(
-                successor = pid,
-                "upgrade: the successor went away before it was ready; serving on as before"
-            );
-            Ok(None)
-        }
+    }
+    match tokio::time::timeout(READY_TIMEOUT, conn.recv()).await {
+        Err(_) => Err(format!("pid {pid} was not ready within {READY_TIMEOUT:?}")),
+        Ok(Ok(None)) => Err(format!("pid {pid} went away before it was ready")),
         Ok(Ok(Some(p))) => match wire::decode(&p.bytes) {
-            Ok(Message::Ready) => Ok(Some(pid)),
-            other => {
-                tracing::warn!(successor = pid, got = %wire::describe(other.ok().as_ref()), "upgrade: expected ready from the successor; serving on as before");
-                Ok(None)
-            }
+            Ok(Message::Ready) => Ok(pid),
+            other => Err(format!(
+                "expected ready from pid {pid}, got {}",
+                wire::describe(other.ok().as_ref())
+            )),
         },
-        Ok(Err(e)) => Err(e),
+        Ok(Err(e)) => Err(format!("waiting for pid {pid} to be ready: {e}")),
     }
 }
 

@@ -171,24 +171,32 @@ impl Server {
     /// Listens at `path`, replacing a socket file left by an agent that is gone (one that still
     /// answers is in use: that is an error, not a takeover).
     pub fn bind(path: &Path) -> io::Result<Server> {
-        if path.exists() {
-            // Blocking would not matter: a unix connect completes or fails at once.
-            let probe = seqpacket()?;
-            let live = matches!(
-                rustix::net::connect(&probe, &SocketAddrUnix::new(path)?),
-                Ok(()) | Err(rustix::io::Errno::AGAIN) | Err(rustix::io::Errno::INPROGRESS)
-            );
-            if live {
-                return Err(io::Error::new(
-                    io::ErrorKind::AddrInUse,
-                    format!("{} is served by a running agent", path.display()),
-                ));
-            }
-            std::fs::remove_file(path)?;
-        }
+        remove_stale(path)?;
         let fd = seqpacket()?;
         rustix::net::bind(&fd, &SocketAddrUnix::new(path)?)?;
         rustix::net::listen(&fd, 16)?;
+        Ok(Server {
+            fd: crate::socket::async_fd(fd)?,
+        })
+    }
+
+    /// [`Server::bind`] with the socket file at `mode` from the start (bound under a temporary
+    /// name, given the mode, then renamed into place): no moment where the umask's mode lets
+    /// another user connect.
+    pub fn bind_with_mode(path: &Path, mode: u32) -> io::Result<Server> {
+        use std::os::unix::fs::PermissionsExt;
+        remove_stale(path)?;
+        let tmp = path.with_extension(format!("{}.tmp", std::process::id()));
+        let _ = std::fs::remove_file(&tmp);
+        let fd = seqpacket()?;
+        rustix::net::bind(&fd, &SocketAddrUnix::new(&tmp)?)?;
+        let placed = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
+            .and_then(|()| rustix::net::listen(&fd, 16).map_err(io::Error::from))
+            .and_then(|()| std::fs::rename(&tmp, path));
+        if let Err(e) = placed {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
         Ok(Server {
             fd: crate::socket::async_fd(fd)?,
         })
@@ -223,6 +231,27 @@ impl Server {
             }
         }
     }
+}
+
+/// Removes a socket file at `path` that no process listens on; one that still answers is in
+/// use: that is an error, not a takeover.
+fn remove_stale(path: &Path) -> io::Result<()> {
+    if path.exists() {
+        // Blocking would not matter: a unix connect completes or fails at once.
+        let probe = seqpacket()?;
+        let live = matches!(
+            rustix::net::connect(&probe, &SocketAddrUnix::new(path)?),
+            Ok(()) | Err(rustix::io::Errno::AGAIN) | Err(rustix::io::Errno::INPROGRESS)
+        );
+        if live {
+            return Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                format!("{} is served by a running process", path.display()),
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    Ok(())
 }
 
 /// Whether the peer has closed: a `recvmsg` of 0 bytes is either that or an empty packet (an

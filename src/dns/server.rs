@@ -231,13 +231,19 @@ impl DnsServer {
         }
     }
 
-    /// Serves until dropped (its tasks with it).
-    pub async fn run(self, ctx: Arc<DnsContext>) {
+    /// Serves until `stop` drains (then it stops receiving and lets the queries and TCP clients
+    /// in flight finish, for at most [`STOP_GRACE`]) or until dropped (its tasks with it).
+    pub async fn run(self, ctx: Arc<DnsContext>, stop: crate::drain::Signal) {
         let inflight = ctx.limits.inflight.clone();
         let tcp_open = ctx.limits.tcp_open.clone();
         let mut set = tokio::task::JoinSet::new();
         for u in self.udp {
-            set.spawn(serve_udp(Arc::new(u), ctx.clone(), inflight.clone()));
+            set.spawn(serve_udp(
+                Arc::new(u),
+                ctx.clone(),
+                inflight.clone(),
+                stop.clone(),
+            ));
         }
         for t in self.tcp {
             set.spawn(serve_tcp(
@@ -245,19 +251,35 @@ impl DnsServer {
                 ctx.clone(),
                 inflight.clone(),
                 tcp_open.clone(),
+                stop.clone(),
             ));
         }
         while set.join_next().await.is_some() {}
     }
 }
 
-async fn serve_udp(sock: Arc<UdpSocket>, ctx: Arc<DnsContext>, inflight: Arc<InFlight>) {
+/// How long a stopped DNS server lets the queries it received finish (a forwarded one waits for
+/// its upstream).
+pub const STOP_GRACE: Duration = Duration::from_secs(5);
+
+async fn serve_udp(
+    sock: Arc<UdpSocket>,
+    ctx: Arc<DnsContext>,
+    inflight: Arc<InFlight>,
+    stop: crate::drain::Signal,
+) {
     let mut buf = vec![0u8; MAX_UDP_QUERY];
     // The queries being answered: bounded by the in-flight limits, aborted with this task.
     let mut queries = tokio::task::JoinSet::new();
+    let mut stopped = std::pin::pin!(stop.draining());
     loop {
         while queries.try_join_next().is_some() {}
-        let (n, peer) = match sock.recv_from(&mut buf).await {
+        let received = tokio::select! {
+            biased;
+            () = &mut stopped => break,
+            r = sock.recv_from(&mut buf) => r,
+        };
+        let (n, peer) = match received {
             Ok(r) => r,
             Err(e) => {
                 tracing::debug!(error = %e, "DNS: UDP receive failed");
@@ -277,6 +299,10 @@ async fn serve_udp(sock: Arc<UdpSocket>, ctx: Arc<DnsContext>, inflight: Arc<InF
             }
         });
     }
+    let _ = tokio::time::timeout(STOP_GRACE, async {
+        while queries.join_next().await.is_some() {}
+    })
+    .await;
 }
 
 async fn serve_tcp(
@@ -284,12 +310,19 @@ async fn serve_tcp(
     ctx: Arc<DnsContext>,
     inflight: Arc<InFlight>,
     open: Arc<tokio::sync::Semaphore>,
+    stop: crate::drain::Signal,
 ) {
     // The TCP clients: bounded by `open`, aborted with this task.
     let mut clients = tokio::task::JoinSet::new();
+    let mut stopped = std::pin::pin!(stop.draining());
     loop {
         while clients.try_join_next().is_some() {}
-        let (s, peer) = match l.accept().await {
+        let accepted = tokio::select! {
+            biased;
+            () = &mut stopped => break,
+            a = l.accept() => a,
+        };
+        let (s, peer) = match accepted {
             Ok(a) => a,
             Err(e) => {
                 tracing::debug!(error = %e, "DNS: TCP accept failed");
@@ -306,6 +339,12 @@ async fn serve_tcp(
             let _ = tcp_conn(s, peer, &ctx, &inflight).await;
         });
     }
+    // Stopped: the listener closes now; clients get the grace to finish.
+    drop(l);
+    let _ = tokio::time::timeout(STOP_GRACE, async {
+        while clients.join_next().await.is_some() {}
+    })
+    .await;
 }
 
 /// One TCP client: length-prefixed queries, one at a time, until it closes or idles.

@@ -59,6 +59,16 @@ fn families(text: &str) -> (Vec<Family<'_>>, bool) {
     (out, eof)
 }
 
+impl Family<'_> {
+    /// Its `# TYPE` (`counter`, `gauge`, ...), if declared.
+    fn kind(&self) -> Option<&str> {
+        self.lines
+            .iter()
+            .find_map(|l| l.strip_prefix("# TYPE "))
+            .and_then(|rest| rest.split(' ').nth(1))
+    }
+}
+
 fn sample_name(line: &str) -> &str {
     let end = line.find(['{', ' ']).unwrap_or(line.len());
     &line[..end]
@@ -89,7 +99,8 @@ fn relabel(line: &str, out: &mut String) {
 }
 
 /// `own` with `predecessor`'s samples added to their families (relabelled), and the families
-/// only the predecessor has after the rest.
+/// only the predecessor has after the rest. A family whose type changed between the two versions
+/// keeps only this process's samples (one family cannot have two types).
 pub fn merge(own: &str, predecessor: &str) -> String {
     let (mine, eof) = families(own);
     let (theirs, _) = families(predecessor);
@@ -103,7 +114,9 @@ pub fn merge(own: &str, predecessor: &str) -> String {
         for (i, t) in theirs.iter().enumerate() {
             if t.name == f.name {
                 used[i] = true;
-                t.samples.iter().for_each(|s| relabel(s, &mut out));
+                if t.kind() == f.kind() {
+                    t.samples.iter().for_each(|s| relabel(s, &mut out));
+                }
             }
         }
     }
@@ -170,5 +183,8 @@ mod tests {
             "a 1\na{l4mesh_process=\"predecessor\"} 2\nb{l4mesh_process=\"predecessor\"} 3\n"
         );
         assert_eq!(merge(own, ""), own);
+        // A family whose type changed keeps this process's samples only.
+        let retyped = "# TYPE l4mesh_up counter\nl4mesh_up_total 5\n# EOF\n";
+        assert_eq!(merge(own, retyped), own);
     }
 }

@@ -41,7 +41,10 @@ async fn a_successor_takes_the_sockets_and_the_old_one_lets_go() {
     let conn = drain.signal().watch();
     let running = tokio::spawn(serve(server, sockets, h));
 
-    let (mut inherited, takeover) = take_over(&path).await.unwrap().expect("a running l4mesh");
+    let (mut inherited, takeover) = take_over(&path, false)
+        .await
+        .unwrap()
+        .expect("a running l4mesh");
     assert_eq!(takeover.state.pid, std::process::id());
     // A wrong address for a socket is refused with both addresses named.
     let wrong: SocketAddr = "127.0.0.2:1".parse().unwrap();
@@ -55,7 +58,7 @@ async fn a_successor_takes_the_sockets_and_the_old_one_lets_go() {
         // The dropped exchange was the running side's only successor: it serves on.
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(!drain.signal().is_draining());
-        take_over(&path).await.unwrap().unwrap()
+        take_over(&path, false).await.unwrap().unwrap()
     };
     let any_port = SocketAddr::new(addr.ip(), 0);
     let fd = inherited
@@ -78,7 +81,7 @@ async fn a_successor_takes_the_sockets_and_the_old_one_lets_go() {
     assert!(!drain.signal().is_draining());
 
     let successor_server = listen(&path, &mut inherited).unwrap();
-    let (end, follow) = takeover.complete(async {}).await.unwrap();
+    let (end, follow) = takeover.complete(async { true }).await.unwrap();
     assert!(matches!(end, TakeoverEnd::Released));
     assert_eq!(released.successor(), Some(std::process::id()));
     assert!(drain.signal().is_draining());
@@ -121,14 +124,32 @@ async fn a_successor_that_fails_before_ready_changes_nothing() {
     let (h, released) = handover(&drain);
     let running = tokio::spawn(serve(server, sockets, h));
     for _ in 0..2 {
-        let (inherited, takeover) = take_over(&path).await.unwrap().unwrap();
+        let (inherited, takeover) = take_over(&path, false).await.unwrap().unwrap();
         drop((inherited, takeover));
     }
-    // A client that speaks no hand-off is closed, and the next successor is still served.
+    // A client that speaks no hand-off is refused and closed, and the next successor is still
+    // served.
     let raw = crate::seqpacket::Conn::connect(&path).await.unwrap();
     raw.send(b"{\"type\":\"launch\"}", &[]).await.unwrap();
+    let p = raw.recv().await.unwrap().expect("a refusal");
+    match wire::decode(&p.bytes).unwrap() {
+        Message::Refused { reason } => {
+            assert!(
+                reason.contains("not a hand-off message")
+                    || reason.contains("expected a hand-off message"),
+                "{reason}"
+            )
+        }
+        m => panic!("{m:?}"),
+    }
     assert!(raw.recv().await.unwrap().is_none());
-    let (inherited, takeover) = take_over(&path).await.unwrap().unwrap();
+    // A successor that starts draining before it is ready lets go without a word: the running
+    // side serves on.
+    let (abandoning, takeover) = take_over(&path, false).await.unwrap().unwrap();
+    let (end, _) = takeover.complete(async { false }).await.unwrap();
+    assert!(matches!(end, TakeoverEnd::Abandoned));
+    drop(abandoning);
+    let (inherited, takeover) = take_over(&path, false).await.unwrap().unwrap();
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert!(!drain.signal().is_draining());
     assert_eq!(released.successor(), None);
@@ -137,25 +158,22 @@ async fn a_successor_that_fails_before_ready_changes_nothing() {
     let _c = std::net::TcpStream::connect(addr).unwrap();
     own.accept().unwrap();
 
-    // A drain of the running side refuses the waiting successor, which must not serve.
+    // A drain of the running side (SIGTERM) during the exchange: it lets go without a word, and
+    // the waiting successor, holding the sockets too, serves alone.
     drain.start();
-    let e = takeover
-        .complete(std::future::pending())
-        .await
-        .err()
-        .expect("refused");
-    assert!(e.to_string().contains("started draining"), "{e}");
+    let (end, _) = takeover.complete(std::future::pending()).await.unwrap();
+    assert!(matches!(end, TakeoverEnd::PredecessorGone));
     running.await.unwrap();
-    // Its kept copies are closed with the drain (the refused successor's with its exit): the
-    // hand-off socket no longer answers.
+    // Its kept copies are closed with the drain (the successor's with its exit): the hand-off
+    // socket no longer answers.
     drop(inherited);
-    assert!(take_over(&path).await.unwrap().is_none());
+    assert!(take_over(&path, false).await.unwrap().is_none());
 }
 
 #[tokio::test]
 async fn another_protocol_is_refused_and_no_file_means_no_predecessor() {
     let dir = tempfile::tempdir().unwrap();
-    assert!(take_over(&dir.path().join("absent.sock"))
+    assert!(take_over(&dir.path().join("absent.sock"), false)
         .await
         .unwrap()
         .is_none());
@@ -219,7 +237,7 @@ async fn a_node_of_many_pods_is_handed_over_whole() {
     let drain = crate::drain::Drain::new();
     let (h, _) = handover(&drain);
     let _running = tokio::spawn(serve(server, sockets, h));
-    let (mut inherited, _takeover) = take_over(&path).await.unwrap().unwrap();
+    let (mut inherited, _takeover) = take_over(&path, false).await.unwrap().unwrap();
     let mut pods = inherited.take_pods();
     assert_eq!(pods.len(), 299);
     pods.sort_by(|a, b| a.pod.uid.cmp(&b.pod.uid));
@@ -248,11 +266,11 @@ try:
     s.connect(sys.argv[1])
 except OSError as e:
     print('refused', e.errno); sys.exit(0)
-s.send(b'{"type":"hello","protocol":1,"version":"x","pid":1}')
 s.settimeout(5)
 try:
+    s.send(b'{"type":"hello","protocol":1,"version":"x","pid":1}')
     print('closed' if s.recv(65536) == b'' else 'answered')
-except ConnectionResetError:
+except (ConnectionResetError, BrokenPipeError):
     print('closed')
 "#;
     let out = std::process::Command::new("setpriv")
@@ -262,7 +280,11 @@ except ConnectionResetError:
         .arg(path)
         .output()
         .ok()?;
-    Some(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    Some(format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout).trim(),
+        String::from_utf8_lossy(&out.stderr).trim()
+    ))
 }
 
 #[tokio::test]
@@ -293,5 +315,5 @@ async fn only_this_user_or_root_may_take_the_sockets() {
         .unwrap();
     assert_eq!(seen.as_deref(), Some("closed"));
     // And the running side still serves its own user.
-    assert!(take_over(&path).await.unwrap().is_some());
+    assert!(take_over(&path, false).await.unwrap().is_some());
 }

@@ -141,7 +141,7 @@ impl PodsView {
 struct PodProxy {
     drain: Drain,
     listeners: tokio::task::JoinHandle<()>,
-    /// Its DNS proxy: stopped with the listeners (queries are not drained).
+    /// Its DNS proxy: stops receiving with the listeners, answers what it received.
     dns: Option<tokio::task::JoinHandle<()>>,
     identity: SpiffeId,
 }
@@ -187,7 +187,7 @@ impl PodManager {
         let all: Vec<String> = self.pods.keys().cloned().collect();
         let mut set = tokio::task::JoinSet::new();
         for uid in all {
-            if let Some(task) = self.remove(&uid, "the node drains") {
+            if let Some(task) = self.remove(&uid, "the node drains", true) {
                 set.spawn(task);
             }
         }
@@ -301,34 +301,6 @@ impl PodManager {
     ) -> Result<(), String> {
         use crate::handoff::wire::{pod_socket, Kind, PodOffer};
         use std::os::fd::AsFd;
-        let held = &self.node.held;
-        held.forget_pod(&uid);
-        held.keep(
-            &pod_socket(&uid, "netns"),
-            Kind::Netns,
-            None,
-            netns_fd.as_fd(),
-        );
-        drop(netns_fd);
-        for (l, what) in bound.iter().zip(["outbound", "inbound-plaintext", "hbone"]) {
-            held.keep(
-                &pod_socket(&uid, what),
-                Kind::Tcp,
-                l.local_addr().ok(),
-                l.as_fd(),
-            );
-        }
-        if let Some((server, _)) = &dns {
-            server.keep_sockets(|what, kind, addr, fd| {
-                held.keep(&pod_socket(&uid, &what), kind, Some(addr), fd)
-            });
-        }
-        held.keep_pod(PodOffer {
-            uid: uid.clone(),
-            name: scope.info.name.clone(),
-            namespace: scope.info.namespace.clone(),
-            service_account: scope.info.service_account.clone(),
-        });
         let identity = SpiffeId::new(
             &self.node.trust_domain,
             &scope.info.namespace,
@@ -341,12 +313,20 @@ impl PodManager {
             netns.clone(),
             drain.signal(),
         ));
+        let held = &self.node.held;
         let mut serve = Vec::new();
+        let mut kept = Vec::new();
         for ((l, role), limiter) in bound
             .into_iter()
             .zip([Role::Outbound, Role::InboundPlaintext, Role::InboundHbone])
             .zip(&self.listeners.limiters)
         {
+            let what = match role {
+                Role::Outbound => "outbound",
+                Role::InboundPlaintext => "inbound-plaintext",
+                _ => "hbone",
+            };
+            kept.push((what, l.local_addr().ok(), l.try_clone()));
             let l = tokio::net::TcpListener::from_std(l).map_err(|e| {
                 format!(
                     "the {} listener of {} could not join the runtime: {e}",
@@ -356,8 +336,46 @@ impl PodManager {
             })?;
             serve.push(Listener::new(l, ctx.clone(), role, limiter.clone()));
         }
-        // Started once nothing can fail any more (a failed add leaves no task behind).
-        let dns = dns.map(|(server, ctx)| tokio::spawn(server.run(ctx)));
+        // Kept for a successor once nothing can fail any more (a failed add keeps nothing).
+        held.forget_pod(&uid);
+        held.keep(
+            &pod_socket(&uid, "netns"),
+            Kind::Netns,
+            None,
+            netns_fd.as_fd(),
+        );
+        drop(netns_fd);
+        for (what, addr, l) in kept {
+            match l {
+                Ok(l) => held.keep(&pod_socket(&uid, what), Kind::Tcp, addr, l.as_fd()),
+                Err(e) => {
+                    tracing::warn!(pod = %scope.name, socket = what, error = %e, "cannot keep this socket for a successor")
+                }
+            }
+        }
+        if let Some((server, _)) = &dns {
+            server.keep_sockets(|what, kind, addr, fd| {
+                held.keep(&pod_socket(&uid, &what), kind, Some(addr), fd)
+            });
+        }
+        held.keep_pod(PodOffer {
+            uid: uid.clone(),
+            name: scope.info.name.clone(),
+            namespace: scope.info.namespace.clone(),
+            service_account: scope.info.service_account.clone(),
+        });
+        // Started once nothing can fail any more (a failed add leaves no task behind). It answers
+        // from readiness on (before, the store may not hold the mesh names yet; after an
+        // upgrade, the predecessor answers meanwhile) and stops with the pod's listeners.
+        let dns = dns.map(|(server, ctx)| {
+            let (ready, stop) = (self.node.readiness.clone(), drain.signal());
+            tokio::spawn(async move {
+                tokio::select! {
+                    () = ready.wait() => server.run(ctx, stop).await,
+                    () = stop.draining() => {}
+                }
+            })
+        });
         let (gate, signal) = (self.node.readiness.clone(), drain.signal());
         let listeners = tokio::spawn(crate::proxy::serve_when_ready(serve, gate, signal));
         if adopted {
@@ -434,18 +452,24 @@ impl PodManager {
         }
     }
 
-    /// Stops serving `uid`: its listeners (and DNS proxy) close at once; the returned task lets its connections
-    /// finish until the deadline, closes the rest, then forgets the pod (dropping its namespace).
+    /// Stops serving `uid`: its listeners (and DNS proxy) close at once; the returned task lets its
+    /// connections finish until the deadline, closes the rest, then forgets the pod (dropping its
+    /// namespace). `dns_grace`: the DNS proxy answers the queries it received first.
     fn remove(
         &mut self,
         uid: &str,
         why: &'static str,
+        dns_grace: bool,
     ) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
         let pod = self.pods.remove(uid)?;
         self.node.held.forget_pod(uid);
+        // Its listeners and DNS proxy stop receiving. The node draining (an upgrade's successor
+        // answers next), the DNS proxy answers what it received; a pod deleted, it stops now.
         pod.drain.start();
-        if let Some(dns) = &pod.dns {
-            dns.abort();
+        if !dns_grace {
+            if let Some(dns) = &pod.dns {
+                dns.abort();
+            }
         }
         // Its established connections keep their TLS sessions; no new one needs its certificate.
         self.sync_certificates();
@@ -459,6 +483,14 @@ impl PodManager {
         Some(async move {
             let report = pod.drain.drain(deadline, FORCE_GRACE).await;
             pod.listeners.abort();
+            // The DNS proxy ends by itself once what it received is answered (bounded).
+            if let Some(dns) = pod.dns {
+                let abort = dns.abort_handle();
+                let grace = crate::dns::server::STOP_GRACE + Duration::from_secs(1);
+                if tokio::time::timeout(grace, dns).await.is_err() {
+                    abort.abort();
+                }
+            }
             // Unless the pod was added again meanwhile (its new entry is listening).
             let mut pods = view.lock();
             if pods.get(&uid).is_some_and(|e| e.state == "draining") {
@@ -472,7 +504,7 @@ impl PodManager {
     }
 
     fn del(&mut self, uid: &str, why: &'static str) {
-        if let Some(task) = self.remove(uid, why) {
+        if let Some(task) = self.remove(uid, why, false) {
             tokio::spawn(task);
         }
     }
