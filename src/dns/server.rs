@@ -193,20 +193,6 @@ impl DnsServer {
         Ok((DnsServer { udp, tcp }, bound))
     }
 
-    /// A server on sockets made elsewhere (handed over by a predecessor in an upgrade).
-    pub fn from_std(
-        pairs: Vec<(std::net::UdpSocket, std::net::TcpListener)>,
-    ) -> std::io::Result<DnsServer> {
-        let (mut udp, mut tcp) = (Vec::new(), Vec::new());
-        for (u, t) in pairs {
-            u.set_nonblocking(true)?;
-            t.set_nonblocking(true)?;
-            udp.push(UdpSocket::from_std(u)?);
-            tcp.push(TcpListener::from_std(t)?);
-        }
-        Ok(DnsServer { udp, tcp })
-    }
-
     /// Shows `keep` each socket (`dns-udp <addr>`, `dns-tcp <addr>`) to be kept for a successor.
     pub fn keep_sockets(
         &self,

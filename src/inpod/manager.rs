@@ -226,19 +226,44 @@ impl PodManager {
         }
         let dns = match &self.listeners.dns {
             Some(d) => {
-                let mut pairs = Vec::new();
+                // Per address, the predecessor's sockets where it handed them, else new ones.
+                let mut inherited = HashMap::new();
                 for a in &d.addrs {
                     let u = pod.take(&format!("dns-udp {a}"), Kind::Udp, a.port());
                     let t = pod.take(&format!("dns-tcp {a}"), Kind::Tcp, a.port());
-                    if let (Some(u), Some(t)) = (u, t) {
-                        pairs.push((std::net::UdpSocket::from(u), std::net::TcpListener::from(t)));
-                    }
+                    inherited.insert(*a, (u, t));
                 }
-                let server = if pairs.is_empty() {
-                    bind_dns(&netns, d, self.listeners.port_reuse).await
-                } else {
-                    DnsServer::from_std(pairs)
-                };
+                let inherited = Mutex::new(inherited);
+                let reuse = self.listeners.port_reuse;
+                let server = DnsServer::bind_with(&d.addrs, netns.pod(), |addr| {
+                    let (u, t) = inherited
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .remove(&addr)
+                        .unwrap_or((None, None));
+                    let netns = &netns;
+                    async move {
+                        let udp = match u {
+                            Some(fd) => std::net::UdpSocket::from(fd),
+                            None => netns
+                                .bind_udp(addr, reuse)
+                                .await
+                                .map_err(std::io::Error::other)?,
+                        };
+                        let tcp = match t {
+                            Some(fd) => std::net::TcpListener::from(fd),
+                            None => netns
+                                .listen(addr, reuse)
+                                .await
+                                .map_err(std::io::Error::other)?,
+                        };
+                        udp.set_nonblocking(true)?;
+                        tcp.set_nonblocking(true)?;
+                        Ok((udp, tcp))
+                    }
+                })
+                .await
+                .map(|(server, _)| server);
                 match server {
                     Ok(server) => Some((server, d.for_pod(&scope.info, &netns))),
                     Err(e) => {

@@ -17,6 +17,7 @@ const C1: &str = "10.240.1.10";
 const S1: &str = "10.240.1.11";
 const C2: &str = "10.240.1.12";
 const S2: &str = "10.240.2.10";
+const VIP: &str = "10.240.200.7";
 
 /// A streaming echo server on argv[1]:argv[2] (what comes in goes back, until EOF).
 const STREAM_ECHO_PY: &str = r#"
@@ -116,13 +117,31 @@ fn state() -> String {
     s += &workload_yaml("c1", "client", C1, "node-1", "");
     s += &workload_yaml("c2", "client2", C2, "node-1", "");
     s += &workload_yaml("s1", "server", S1, "node-1", "");
-    s += &workload_yaml("s2", "server", S2, "node-2", "");
+    s += &workload_yaml(
+        "s2",
+        "server",
+        S2,
+        "node-2",
+        "  services:\n    \"default/echo.default.svc.cluster.local\": { 80: 8080 }\n",
+    );
+    s += &format!(
+        r#"services:
+- name: echo
+  namespace: default
+  hostname: echo.default.svc.cluster.local
+  vips: ["/{VIP}"]
+  ports: {{ 80: 8080 }}
+"#
+    );
     s
 }
 
 #[test]
 fn shared_mode_upgrade_under_load_loses_nothing() {
-    if !privileged("shared_mode_upgrade_under_load_loses_nothing", &["ss"]) {
+    if !privileged(
+        "shared_mode_upgrade_under_load_loses_nothing",
+        &["ss", "dig"],
+    ) {
         return;
     }
     let pods = vec![
@@ -207,6 +226,26 @@ fn shared_mode_upgrade_under_load_loses_nothing() {
         let logs = node.logs(i);
         assert_eq!(exited.and_then(|s| s.code()), Some(0), "{logs}");
         assert!(logs.contains("closed_at_deadline=0"), "{logs}");
+    }
+
+    // The pods' DNS proxies now answer from the new process, on the adopted sockets (the old
+    // one has exited), over UDP and TCP.
+    for tcp in [false, true] {
+        let mut args = vec![
+            "dig",
+            "+time=3",
+            "+tries=1",
+            "+short",
+            "@127.0.0.1",
+            "-p",
+            "15053",
+            "echo.default.svc.cluster.local",
+        ];
+        if tcp {
+            args.push("+tcp");
+        }
+        let (_, out, _) = c.pod("c1").run(&args);
+        assert_eq!(out.trim(), VIP, "tcp={tcp}\n{}", c.shared[&1].logs(1));
     }
 
     // The new processes adopted the pods (the agent's replay added none again).
