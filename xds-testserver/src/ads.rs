@@ -117,7 +117,12 @@ async fn run_stream(
                     let state = state_rx.borrow_and_update().clone();
                     let out = stream.on_request(&req, &state, now_unix_ms());
                     report(&shared, id, peer, &stream, &req, out.events);
-                    out.responses
+                    // The state just marked seen may be newer than what the other types were
+                    // synced to: a change landing while a request of one type is handled must
+                    // reach every type now, not at the next change.
+                    let mut responses = out.responses;
+                    responses.extend(stream.on_state(&state));
+                    responses
                 }
                 Ok(None) => break "the client closed the stream".to_owned(),
                 Err(status) => break format!("receive error: {status}"),

@@ -9,6 +9,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use super::super::harness::{endpoint_of_yaml, service_yaml};
 use super::netns::privileged;
 use super::topology::{within, Cluster, PodSpec, OUTSIDE_IP};
 use super::workload_yaml;
@@ -122,17 +123,10 @@ fn state() -> String {
         "server",
         S2,
         "node-2",
-        "  services:\n    \"default/echo.default.svc.cluster.local\": { 80: 8080 }\n",
+        &endpoint_of_yaml("echo", 8080),
     );
-    s += &format!(
-        r#"services:
-- name: echo
-  namespace: default
-  hostname: echo.default.svc.cluster.local
-  vips: ["/{VIP}"]
-  ports: {{ 80: 8080 }}
-"#
-    );
+    s += "services:\n";
+    s += &service_yaml("echo", VIP, 8080, "");
     s
 }
 
