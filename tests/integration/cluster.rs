@@ -6,6 +6,7 @@
 //! server saw. One topology serves every scenario (it takes a few seconds to build).
 
 mod control_plane;
+mod protocols;
 mod self_call;
 mod shared;
 mod shared_dns;
