@@ -533,11 +533,28 @@ fn postgres_redis_and_raw_protocols_through_hbone_and_plain_paths() {
         std::os::unix::fs::PermissionsExt::from_mode(0o755),
     )
     .unwrap();
+    let mut held = None;
     for (pod, ip) in [("sm", MESH), ("sp", PLAIN)] {
         let pg = dir.path().join(format!("pg-{pod}"));
         std::fs::create_dir(&pg).unwrap();
         postgres(&mut c, pod, &bin, &pg);
         redis(&mut c, pod, dir.path());
+        if held.is_none() {
+            // A subscription to the mesh server held through everything below.
+            held = Some(c.pod("pc").ns.spawn_owned(
+                &[
+                    "redis-cli",
+                    "-h",
+                    MESH,
+                    "-p",
+                    "6379",
+                    "SUBSCRIBE",
+                    "all-along",
+                ],
+                &[],
+                "all-along",
+            ));
+        }
         check_postgres(&c, ip, dir.path());
         check_redis(&c, ip, dir.path());
         c.pod_mut(pod).ns.spawn(
@@ -547,6 +564,25 @@ fn postgres_redis_and_raw_protocols_through_hbone_and_plain_paths() {
         );
         check_banner(&c, ip);
     }
+    // The subscription held since the start still receives, in order.
+    let (mut sub, sub_out) = held.expect("held subscription");
+    for i in 0..3 {
+        let n = client(
+            &c,
+            &format!("redis-cli -h {MESH} -p 6379 PUBLISH all-along late{i}"),
+        );
+        assert_eq!(n.trim(), "1", "the held subscriber received late{i}");
+    }
+    let got = super::topology::within(std::time::Duration::from_secs(5), || {
+        let all = sub_out.all();
+        all.contains("late2").then_some(all)
+    })
+    .unwrap_or_else(|| sub_out.all());
+    let late: Vec<&str> = got.lines().filter(|l| l.starts_with("late")).collect();
+    assert_eq!(late, ["late0", "late1", "late2"], "{got}");
+    assert!(matches!(sub.try_wait(), Ok(None)), "{got}");
+    let _ = sub.kill();
+    let _ = sub.wait();
     check_policy_changes(&c, dir.path());
     // Last: it drains the client's l4mesh.
     check_grpc_under_drain(&mut c, std::time::Duration::from_secs(30), 3.0);
