@@ -144,7 +144,6 @@ impl Load {
         let kept = self
             .streams
             .into_iter()
-            .filter(|_| true)
             .map(|t| t.join().unwrap())
             .filter(|ok| *ok)
             .count();

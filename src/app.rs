@@ -111,10 +111,7 @@ impl Running {
     /// The deadline of this process's drain: an upgrade's (`UPGRADE_DRAIN_DEADLINE`) once a
     /// successor took over, else `connection_termination_deadline`.
     pub fn drain_deadline(&self) -> Duration {
-        match self.released.successor() {
-            Some(_) => self.upgrade_deadline,
-            None => self.deadline,
-        }
+        self.released.deadline(self.deadline, self.upgrade_deadline)
     }
 
     /// The successor's pid, once one took over this process's sockets.
@@ -410,20 +407,9 @@ async fn build(
                 d.addrs.first().copied().unwrap_or_else(|| {
                     SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), 15053)
                 });
-            // Made now (an upgrade takes the predecessor's), handed to the server as made.
-            let pairs: std::sync::Mutex<std::collections::HashMap<_, _>> = std::sync::Mutex::new(
-                d.addrs
-                    .iter()
-                    .map(|a| (*a, dns_pair(&mut sockets, *a)))
-                    .collect(),
-            );
+            // An upgrade takes the predecessor's sockets.
             let (server, bound) = crate::dns::DnsServer::bind_with(&d.addrs, "this node", |a| {
-                let made = pairs
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .remove(&a)
-                    .unwrap_or_else(|| Err(std::io::Error::other("address listed twice")));
-                std::future::ready(made)
+                std::future::ready(dns_pair(&mut sockets, a))
             })
             .await
             .map_err(|source| AppError::DnsBind {
@@ -638,6 +624,7 @@ async fn build(
             config.connection_termination_deadline,
             config.upgrade_drain_deadline,
         );
+        let deadline = move || released.deadline(deadlines.0, deadlines.1);
         tracing::info!(path = %uds.display(), "shared mode: following the CNI node agent (INPOD_UDS) for pods");
         tasks.push(tokio::spawn(async move {
             // The node's drain waits until every pod is drained.
@@ -653,11 +640,7 @@ async fn build(
                 () = follow => {}
                 () = signal.draining() => {}
             }
-            let deadline = match released.successor() {
-                Some(_) => deadlines.1,
-                None => deadlines.0,
-            };
-            manager.drain_all(deadline).await;
+            manager.drain_all(deadline()).await;
         }));
     }
     let mut operators = Vec::new();
@@ -694,10 +677,10 @@ async fn build(
         let handover = crate::handoff::Handover {
             drain: drain.clone(),
             released: released.clone(),
-            metrics: Some({
+            metrics: {
                 let m = metrics.clone();
                 Box::new(move |om| m.encode_own(om).ok())
-            }),
+            },
         };
         let (readiness, drain, failed) = (readiness.clone(), drain.clone(), failed.clone());
         let signal = drain.signal();
@@ -907,13 +890,13 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         let operator_rt = OperatorRuntime::start()?;
         let (running, operators) = build(&config, Some(operator_rt.handle())).await?;
         operator_rt.spawn(operators);
-        let why = tokio::select! {
-            s = signals.recv() => s,
-            () = running.drain_requested() => match (running.failure(), running.successor()) {
+        let (why, by_signal) = tokio::select! {
+            s = signals.recv() => (s, true),
+            () = running.drain_requested() => (match (running.failure(), running.successor()) {
                 (Some(_), _) => "the take-over failed",
                 (None, Some(_)) => "a successor took over (upgrade)",
                 (None, None) => "POST /quitquitquit",
-            },
+            }, false),
         };
         if let Some(e) = running.failure() {
             // The predecessor serves on; the connections this process accepted meanwhile (if
@@ -933,7 +916,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         tokio::pin!(drained);
         // A drain for an upgrade ignores one signal: Kubernetes sends SIGTERM to the replaced
         // pod after its successor took over, and its connections must not end for that.
-        let mut spare = running.successor().is_some() && why != "SIGTERM" && why != "SIGINT";
+        let mut spare = running.successor().is_some() && !by_signal;
         let hurried = loop {
             tokio::select! {
                 r = &mut drained => {

@@ -683,8 +683,8 @@ impl Follow {
                         buf.push_str(&text);
                         if !more {
                             let whole: Arc<str> = Arc::from(std::mem::take(buf));
-                            state.metrics.lock().unwrap_or_else(PoisonError::into_inner)
-                                [usize::from(openmetrics)] = Some(whole);
+                            state.metrics.lock().unwrap_or_else(PoisonError::into_inner)[i] =
+                                Some(whole);
                         }
                     }
                     other => {
@@ -726,7 +726,7 @@ pub struct Handover {
     pub released: Released,
     /// This process's metrics exposition (OpenMetrics text when `true`), relayed to the
     /// successor while it drains.
-    pub metrics: Option<Box<dyn Fn(bool) -> Option<String> + Send + Sync>>,
+    pub metrics: Box<dyn Fn(bool) -> Option<String> + Send + Sync>,
 }
 
 /// Set once a successor took over: the process drains as an upgrade, and its servers that
@@ -746,6 +746,14 @@ impl Default for Released {
 }
 
 impl Released {
+    /// The drain deadline: `upgrade` once a successor took over, else `normal`.
+    pub fn deadline(&self, normal: Duration, upgrade: Duration) -> Duration {
+        match self.successor() {
+            Some(_) => upgrade,
+            None => normal,
+        }
+    }
+
     /// The successor's pid, once it took over.
     pub fn successor(&self) -> Option<u32> {
         *self.tx.borrow()
@@ -892,11 +900,9 @@ pub async fn serve(server: Server, sockets: Sockets, handover: Handover) {
             open_connections: handover.drain.live() as u64,
         };
         let mut report = vec![status];
-        if let Some(metrics) = &handover.metrics {
-            for om in [false, true] {
-                if let Some(text) = metrics(om) {
-                    report.extend(wire::metrics_pieces(&text, om));
-                }
+        for om in [false, true] {
+            if let Some(text) = (handover.metrics)(om) {
+                report.extend(wire::metrics_pieces(&text, om));
             }
         }
         for msg in &report {

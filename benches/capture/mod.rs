@@ -25,9 +25,7 @@ pub const TCP_DST: &str = "10.77.0.2";
 pub const HBONE_DST: &str = "10.77.0.3";
 /// Not captured: the direct path.
 pub const DIRECT: &str = "10.77.1.1";
-pub const SINK_PORT: u16 = 19000;
-pub const ECHO_PORT: u16 = 19001;
-pub const CHUNK: usize = 256 * 1024;
+pub use super::pod_paths::{CHUNK, ECHO_PORT, SINK_PORT};
 
 pub const MESH: &str = r#"
 workloads:
@@ -257,10 +255,7 @@ impl Capture {
     }
 
     pub fn connect(&self, ip: &str, port: u16) -> TcpStream {
-        let addr = format!("{ip}:{port}");
-        let s = in_ns(&self.ns.name, move || TcpStream::connect(addr).unwrap());
-        s.set_nodelay(true).unwrap();
-        s
+        super::pod_paths::connect(&self.ns.name, ip, port)
     }
 }
 

@@ -149,29 +149,17 @@ impl InFlight {
 }
 
 impl DnsServer {
-    /// Binds UDP and TCP on the first of `addrs` (an error if it cannot) and on the others
-    /// where it can (the IPv6 loopback of the default pair is absent where IPv6 is off).
-    pub async fn bind(addrs: &[SocketAddr]) -> std::io::Result<(DnsServer, Vec<SocketAddr>)> {
-        Self::bind_with(addrs, "this node", |a| async move {
-            let u = std::net::UdpSocket::bind(a)?;
-            // The same port for TCP, also when the configured one was 0.
-            let t = std::net::TcpListener::bind(u.local_addr()?)?;
-            u.set_nonblocking(true)?;
-            t.set_nonblocking(true)?;
-            Ok((u, t))
-        })
-        .await
-    }
-
-    /// [`DnsServer::bind`] with `pair` making each address's sockets (non-blocking; a pod's are
-    /// made in its namespace); `owner` names whose they are in the line of a skipped address.
+    /// A server on UDP and TCP on the first of `addrs` (an error if it cannot) and on the others
+    /// where it can (the IPv6 loopback of the default pair is absent where IPv6 is off); `pair`
+    /// makes each address's sockets, in turn (bound now, a pod's in its namespace, or handed over
+    /// by a predecessor); `owner` names whose they are in the line of a skipped address.
     pub async fn bind_with<F, Fut>(
         addrs: &[SocketAddr],
         owner: &str,
-        pair: F,
+        mut pair: F,
     ) -> std::io::Result<(DnsServer, Vec<SocketAddr>)>
     where
-        F: Fn(SocketAddr) -> Fut,
+        F: FnMut(SocketAddr) -> Fut,
         Fut: std::future::Future<
             Output = std::io::Result<(std::net::UdpSocket, std::net::TcpListener)>,
         >,

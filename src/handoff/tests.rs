@@ -19,13 +19,13 @@ fn handover(drain: &crate::drain::Drain) -> (Handover, Released) {
     let h = Handover {
         drain: drain.clone(),
         released: released.clone(),
-        metrics: Some(Box::new(|om| {
+        metrics: Box::new(|om| {
             Some(if om {
                 "# TYPE up gauge\nup 1\n# EOF\n".into()
             } else {
                 "up 1\n".into()
             })
-        })),
+        }),
     };
     (h, released)
 }

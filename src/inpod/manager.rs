@@ -198,15 +198,50 @@ impl PodManager {
     /// are the predecessor's (their queues never closed); what was not handed over, or does not
     /// match this configuration, is bound afresh in the pod's namespace.
     pub async fn adopt(&mut self, mut pod: crate::handoff::InheritedPod) -> Result<(), String> {
-        use crate::handoff::wire::Kind;
         let info = WorkloadInfo {
             name: pod.pod.name.clone(),
             namespace: pod.pod.namespace.clone(),
             service_account: pod.pod.service_account.clone(),
         };
-        let uid = pod.pod.uid.clone();
+        let (uid, netns) = (
+            pod.pod.uid.clone(),
+            pod.netns.try_clone().map_err(|e| e.to_string())?,
+        );
+        self.start_pod(uid, info, netns, Some(&mut pod)).await
+    }
+
+    async fn add(
+        &mut self,
+        uid: String,
+        info: Option<WorkloadInfo>,
+        netns: std::os::fd::OwnedFd,
+    ) -> Result<(), String> {
+        self.replay.saw(&uid);
+        if self.pods.contains_key(&uid) {
+            // A replay after a reconnect: the pod keeps what it has; the new descriptor closes.
+            tracing::debug!(%uid, "add of a pod already served (replay): kept as it is");
+            return Ok(());
+        }
+        let info = info.ok_or_else(|| {
+            format!("add for {uid} carries no workload_info; expected the pod's name, namespace and service account (its identity)")
+        })?;
+        self.start_pod(uid, info, netns, None).await
+    }
+
+    /// Serves a pod: its three listeners (on the wildcard address of its namespace, `[::]` or
+    /// `0.0.0.0` where it has no IPv6) and its DNS proxy, each socket the predecessor's where
+    /// `inherited` holds it (an upgrade), else bound now in the pod's namespace.
+    async fn start_pod(
+        &mut self,
+        uid: String,
+        info: WorkloadInfo,
+        netns_fd: std::os::fd::OwnedFd,
+        mut inherited: Option<&mut crate::handoff::InheritedPod>,
+    ) -> Result<(), String> {
+        use crate::handoff::wire::Kind;
+        let adopted = inherited.is_some();
         let scope = Arc::new(PodScope::new(&uid, info));
-        let netns_copy = pod.netns.try_clone().map_err(|e| e.to_string())?;
+        let netns_copy = netns_fd.try_clone().map_err(|e| e.to_string())?;
         let netns = Arc::new(PodNetns::enter(netns_copy, &scope.name).map_err(|e| e.to_string())?);
         let l = &self.listeners;
         let mut bound = Vec::with_capacity(3);
@@ -215,32 +250,29 @@ impl PodManager {
             ("inbound-plaintext", l.inbound_plaintext),
             ("hbone", l.hbone),
         ] {
-            match pod.take(what, Kind::Tcp, port) {
-                Some(fd) => bound.push(std::net::TcpListener::from(fd)),
-                None => bound.push(
-                    self.bind_one(&netns, port)
-                        .await
-                        .map_err(|e| e.to_string())?,
-                ),
-            }
+            let handed = inherited
+                .as_deref_mut()
+                .and_then(|p| p.take(what, Kind::Tcp, port));
+            bound.push(match handed {
+                Some(fd) => std::net::TcpListener::from(fd),
+                None => self
+                    .bind_one(&netns, port)
+                    .await
+                    .map_err(|e| e.to_string())?,
+            });
         }
+        // A pod whose DNS port is taken (by its application) is still served, without DNS.
         let dns = match &self.listeners.dns {
             Some(d) => {
-                // Per address, the predecessor's sockets where it handed them, else new ones.
-                let mut inherited = HashMap::new();
-                for a in &d.addrs {
-                    let u = pod.take(&format!("dns-udp {a}"), Kind::Udp, a.port());
-                    let t = pod.take(&format!("dns-tcp {a}"), Kind::Tcp, a.port());
-                    inherited.insert(*a, (u, t));
-                }
-                let inherited = Mutex::new(inherited);
                 let reuse = self.listeners.port_reuse;
                 let server = DnsServer::bind_with(&d.addrs, netns.pod(), |addr| {
-                    let (u, t) = inherited
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .remove(&addr)
-                        .unwrap_or((None, None));
+                    let mut take = |kind, name: String| {
+                        inherited
+                            .as_deref_mut()
+                            .and_then(|p| p.take(&name, kind, addr.port()))
+                    };
+                    let u = take(Kind::Udp, format!("dns-udp {addr}"));
+                    let t = take(Kind::Tcp, format!("dns-tcp {addr}"));
                     let netns = &netns;
                     async move {
                         let udp = match u {
@@ -262,10 +294,9 @@ impl PodManager {
                         Ok((udp, tcp))
                     }
                 })
-                .await
-                .map(|(server, _)| server);
+                .await;
                 match server {
-                    Ok(server) => Some((server, d.for_pod(&scope.info, &netns))),
+                    Ok((server, _)) => Some((server, d.for_pod(&scope.info, &netns))),
                     Err(e) => {
                         tracing::warn!(pod = %scope.name, error = %e, "pod DNS proxy not started: its DNS queries are not answered by l4mesh");
                         None
@@ -274,41 +305,7 @@ impl PodManager {
             }
             None => None,
         };
-        self.serve_pod(uid, scope, netns, pod.netns, bound, dns, true)?;
-        Ok(())
-    }
-
-    async fn add(
-        &mut self,
-        uid: String,
-        info: Option<WorkloadInfo>,
-        netns: std::os::fd::OwnedFd,
-    ) -> Result<(), String> {
-        self.replay.saw(&uid);
-        if self.pods.contains_key(&uid) {
-            // A replay after a reconnect: the pod keeps what it has; the new descriptor closes.
-            tracing::debug!(%uid, "add of a pod already served (replay): kept as it is");
-            return Ok(());
-        }
-        let info = info.ok_or_else(|| {
-            format!("add for {uid} carries no workload_info; expected the pod's name, namespace and service account (its identity)")
-        })?;
-        let scope = Arc::new(PodScope::new(&uid, info));
-        let netns_copy = netns.try_clone().map_err(|e| e.to_string())?;
-        let netns = Arc::new(PodNetns::enter(netns, &scope.name).map_err(|e| e.to_string())?);
-        let bound = self.bind(&netns).await.map_err(|e| e.to_string())?;
-        // A pod whose DNS port is taken (by its application) is still served, without DNS.
-        let dns = match &self.listeners.dns {
-            Some(d) => match bind_dns(&netns, d, self.listeners.port_reuse).await {
-                Ok(server) => Some((server, d.for_pod(&scope.info, &netns))),
-                Err(e) => {
-                    tracing::warn!(pod = %scope.name, error = %e, "pod DNS proxy not started: its DNS queries are not answered by l4mesh");
-                    None
-                }
-            },
-            None => None,
-        };
-        self.serve_pod(uid, scope, netns, netns_copy, bound, dns, false)
+        self.serve_pod(uid, scope, netns, netns_fd, bound, dns, adopted)
     }
 
     /// Serves a pod on its bound listeners (and DNS server), keeping copies of them and of its
@@ -449,17 +446,7 @@ impl PodManager {
         self.node.base.secrets.retain(&ids);
     }
 
-    /// The pod's three listeners, on the wildcard address of its namespace (`[::]`, dual stack;
-    /// `0.0.0.0` where the namespace has no IPv6).
-    async fn bind(&self, netns: &PodNetns) -> Result<Vec<std::net::TcpListener>, NetnsError> {
-        let l = &self.listeners;
-        let mut out = Vec::with_capacity(3);
-        for port in [l.outbound, l.inbound_plaintext, l.hbone] {
-            out.push(self.bind_one(netns, port).await?);
-        }
-        Ok(out)
-    }
-
+    /// A pod listener on `port`, dual stack where the namespace has IPv6.
     async fn bind_one(
         &self,
         netns: &PodNetns,
@@ -572,16 +559,4 @@ impl PodHandler for PodManager {
             }
         }
     }
-}
-
-/// The pod's DNS sockets (UDP and TCP on each address) inside its namespace.
-async fn bind_dns(netns: &PodNetns, dns: &PodDns, port_reuse: bool) -> std::io::Result<DnsServer> {
-    let (server, _) = DnsServer::bind_with(&dns.addrs, netns.pod(), |addr| async move {
-        let udp = netns.bind_udp(addr, port_reuse).await;
-        let udp = udp.map_err(std::io::Error::other)?;
-        let tcp = netns.listen(addr, port_reuse).await;
-        Ok((udp, tcp.map_err(std::io::Error::other)?))
-    })
-    .await?;
-    Ok(server)
 }

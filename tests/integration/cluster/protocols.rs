@@ -52,7 +52,7 @@ fn uid_of(user: &str) -> (u32, u32) {
 
 /// A throwaway PostgreSQL cluster in `dir` (owned by `postgres`: the server refuses root),
 /// trusting every client, served from `pod`'s namespace on port 5432.
-fn postgres(c: &mut Cluster, pod: &str, bin: &Path, dir: &Path) -> Output {
+fn postgres(c: &mut Cluster, pod: &str, bin: &Path, dir: &Path) {
     let (uid, gid) = uid_of("postgres");
     chown(dir, Some(uid), Some(gid)).unwrap();
     let data = dir.join("data");
@@ -90,10 +90,10 @@ fn postgres(c: &mut Cluster, pod: &str, bin: &Path, dir: &Path) -> Output {
         ],
         &[],
         "ready to accept connections",
-    )
+    );
 }
 
-fn redis(c: &mut Cluster, pod: &str, dir: &Path) -> Output {
+fn redis(c: &mut Cluster, pod: &str, dir: &Path) {
     c.pod_mut(pod).ns.spawn(
         &[
             "redis-server",
@@ -114,7 +114,7 @@ fn redis(c: &mut Cluster, pod: &str, dir: &Path) -> Output {
         ],
         &[],
         "Ready to accept connections",
-    )
+    );
 }
 
 /// Runs `sh -c script` in the client pod; its stdout, or a panic with everything seen.
