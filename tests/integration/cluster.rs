@@ -16,6 +16,7 @@ pub mod topology;
 
 use std::time::Duration;
 
+use super::app_servers;
 /// Where `topology` finds it (the bench includes `topology` next to its own `netns`).
 use super::harness::workload_yaml;
 use super::netns;

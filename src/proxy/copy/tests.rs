@@ -21,13 +21,13 @@ async fn exchange(
     down: Vec<u8>,
     splice_after: Option<u64>,
 ) -> (Vec<u8>, Vec<u8>, Transferred) {
-    let (mut client, proxy_down) = pair().await;
-    let (proxy_up, mut server) = pair().await;
+    let (mut client, mut proxy_down) = pair().await;
+    let (mut proxy_up, mut server) = pair().await;
     let copy = tokio::spawn(async move {
         let meter = Meter::default();
         let (t, r) = tcp_until(
-            &proxy_down,
-            &proxy_up,
+            &mut proxy_down,
+            &mut proxy_up,
             splice_after,
             &meter,
             std::future::pending(),

@@ -143,7 +143,7 @@ async fn tunnelled_copy_moves_every_byte_and_the_half_close() {
     let mut app = tokio::net::TcpStream::connect(l.local_addr().unwrap())
         .await
         .unwrap();
-    let (tcp, _) = l.accept().await.unwrap();
+    let (mut tcp, _) = l.accept().await.unwrap();
     let sent = data.clone();
     let app_side = tokio::spawn(async move {
         let (mut r, mut w) = app.split();
@@ -159,7 +159,7 @@ async fn tunnelled_copy_moves_every_byte_and_the_half_close() {
     });
     let meter = crate::metrics::Meter::default();
     let (t, r) = tcp_tunnel_until(
-        &tcp,
+        &mut tcp,
         &mut recv,
         &mut send,
         TcpEnd::Downstream,
@@ -174,7 +174,7 @@ async fn tunnelled_copy_moves_every_byte_and_the_half_close() {
     // Upstream end: the tunnel's client sends and half-closes; the workload echoes until FIN.
     let (mut tunnel_r, mut tunnel_w, mut recv, mut send) = tunnel_pair().await;
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let tcp = tokio::net::TcpStream::connect(l.local_addr().unwrap())
+    let mut tcp = tokio::net::TcpStream::connect(l.local_addr().unwrap())
         .await
         .unwrap();
     let (mut workload, _) = l.accept().await.unwrap();
@@ -196,7 +196,7 @@ async fn tunnelled_copy_moves_every_byte_and_the_half_close() {
         got
     });
     let (t, r) = tcp_tunnel_until(
-        &tcp,
+        &mut tcp,
         &mut recv,
         &mut send,
         TcpEnd::Upstream,

@@ -9,10 +9,10 @@
 //! allows it commits; a DENY of Redis closes its held subscription and leaves PostgreSQL alone.
 
 use std::fmt::Write as _;
-use std::os::unix::fs::chown;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
+use super::app_servers::{pg_bin, postgres, redis};
 use super::netns::{privileged, Output};
 use super::topology::{Cluster, PodSpec};
 use super::workload_yaml;
@@ -29,92 +29,6 @@ fn state() -> String {
     s += &workload_yaml("pc", "client", CLIENT, "node-1", "");
     s += &workload_yaml("sm", "server", MESH, "node-2", "");
     s
-}
-
-/// Debian's PostgreSQL binaries (`/usr/lib/postgresql/<version>/bin`).
-fn pg_bin() -> Option<PathBuf> {
-    let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .ok()?
-        .filter_map(|e| Some(e.ok()?.path().join("bin")))
-        .filter(|b| b.join("postgres").exists())
-        .collect();
-    found.sort();
-    found.pop()
-}
-
-fn uid_of(user: &str) -> (u32, u32) {
-    let out = |flag: &str| {
-        let o = Command::new("id").args([flag, user]).output().unwrap();
-        String::from_utf8_lossy(&o.stdout).trim().parse().unwrap()
-    };
-    (out("-u"), out("-g"))
-}
-
-/// A throwaway PostgreSQL cluster in `dir` (owned by `postgres`: the server refuses root),
-/// trusting every client, served from `pod`'s namespace on port 5432.
-fn postgres(c: &mut Cluster, pod: &str, bin: &Path, dir: &Path) {
-    let (uid, gid) = uid_of("postgres");
-    chown(dir, Some(uid), Some(gid)).unwrap();
-    let data = dir.join("data");
-    let ok = Command::new("runuser")
-        .args(["-u", "postgres", "--"])
-        .arg(bin.join("initdb"))
-        .arg("-D")
-        .arg(&data)
-        .args(["-U", "postgres", "--auth=trust", "--no-sync", "-E", "UTF8"])
-        .output()
-        .unwrap();
-    assert!(ok.status.success(), "initdb: {ok:?}");
-    let hba = data.join("pg_hba.conf");
-    let mut conf = std::fs::read_to_string(&hba).unwrap();
-    conf.push_str("host all all 0.0.0.0/0 trust\n");
-    std::fs::write(&hba, conf).unwrap();
-    let postgres = bin.join("postgres");
-    c.pod_mut(pod).ns.spawn(
-        &[
-            "setpriv",
-            "--reuid=postgres",
-            "--regid=postgres",
-            "--init-groups",
-            postgres.to_str().unwrap(),
-            "-D",
-            data.to_str().unwrap(),
-            "-p",
-            "5432",
-            "-k",
-            dir.to_str().unwrap(),
-            "-c",
-            "listen_addresses=*",
-            "-c",
-            "fsync=off",
-        ],
-        &[],
-        "ready to accept connections",
-    );
-}
-
-fn redis(c: &mut Cluster, pod: &str, dir: &Path) {
-    c.pod_mut(pod).ns.spawn(
-        &[
-            "redis-server",
-            "--port",
-            "6379",
-            "--bind",
-            "0.0.0.0",
-            "--protected-mode",
-            "no",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--daemonize",
-            "no",
-            "--dir",
-            dir.to_str().unwrap(),
-        ],
-        &[],
-        "Ready to accept connections",
-    );
 }
 
 /// Runs `sh -c script` in the client pod; its stdout, or a panic with everything seen.
@@ -537,8 +451,8 @@ fn postgres_redis_and_raw_protocols_through_hbone_and_plain_paths() {
     for (pod, ip) in [("sm", MESH), ("sp", PLAIN)] {
         let pg = dir.path().join(format!("pg-{pod}"));
         std::fs::create_dir(&pg).unwrap();
-        postgres(&mut c, pod, &bin, &pg);
-        redis(&mut c, pod, dir.path());
+        postgres(&mut c.pod_mut(pod).ns, &bin, &pg);
+        redis(&mut c.pod_mut(pod).ns, dir.path());
         if held.is_none() {
             // A subscription to the mesh server held through everything below.
             held = Some(c.pod("pc").ns.spawn_owned(
