@@ -46,6 +46,8 @@ fn read_size(moved: u64) -> usize {
 /// for the next readiness event instead of calling `recv` again only to see `EAGAIN` (one
 /// syscall in two on a request/response connection, measured with `benches/protocols.rs`).
 async fn read_chunk(r: &mut ReadHalf<'_>, moved: u64) -> io::Result<Option<BytesMut>> {
+    // The buffer is made once the socket has something to read: an idle connection holds none.
+    r.as_ref().readable().await?;
     let mut buf = BytesMut::with_capacity(read_size(moved));
     match r.read_buf(&mut buf).await? {
         0 => Ok(None),
