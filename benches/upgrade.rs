@@ -194,16 +194,8 @@ fn until(ns: &str, path: &'static str, needle: &'static str) {
     let seen = pod_paths::in_ns(ns, move || {
         let t0 = Instant::now();
         while t0.elapsed() < Duration::from_secs(30) {
-            if let Ok(mut s) = TcpStream::connect("127.0.0.1:15000") {
-                let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-                let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-                let mut body = String::new();
-                if s.write_all(req.as_bytes()).is_ok()
-                    && s.read_to_string(&mut body).is_ok()
-                    && body.contains(needle)
-                {
-                    return true;
-                }
+            if capture::http_get("127.0.0.1:15000", path).is_some_and(|b| b.contains(needle)) {
+                return true;
             }
             std::thread::sleep(Duration::from_millis(10));
         }

@@ -328,17 +328,23 @@ pub fn echo_server(ns: &str) {
 
 /// Whether `GET path` on `addr` answers 200.
 pub fn http_ok(addr: &str, path: &str) -> bool {
-    let Ok(mut s) = TcpStream::connect(addr) else {
-        return false;
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-    if s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .is_err()
-    {
-        return false;
-    }
     let mut head = [0u8; 12];
-    s.read_exact(&mut head).is_ok() && head.ends_with(b"200")
+    get(addr, path).is_some_and(|mut s| s.read_exact(&mut head).is_ok() && head.ends_with(b"200"))
+}
+
+/// The whole response (status line, headers, body) to `GET path` on `addr`, or `None` if it
+/// could not be had within 2 s.
+pub fn http_get(addr: &str, path: &str) -> Option<String> {
+    let mut response = String::new();
+    get(addr, path)?.read_to_string(&mut response).ok()?;
+    Some(response)
+}
+
+/// A connection to `addr` on which `GET path` was sent, reads bounded to 2 s.
+fn get(addr: &str, path: &str) -> Option<TcpStream> {
+    let mut s = TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).ok()?;
+    Some(s)
 }

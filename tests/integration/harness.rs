@@ -55,7 +55,9 @@ impl Backend {
 /// Opens a SOCKS5 CONNECT through `proxy` to `dst` (an IP:port or a host name); returns the stream
 /// on success or the SOCKS5 reply code on refusal.
 pub async fn socks5_connect(proxy: SocketAddr, host: &str, port: u16) -> Result<TcpStream, u8> {
-    socks5_handshake(TcpStream::connect(proxy).await.unwrap(), host, port).await
+    socks5_handshake(TcpStream::connect(proxy).await.unwrap(), host, port)
+        .await
+        .unwrap()
 }
 
 /// [`socks5_connect`] from the source address `src` (so that l4mesh sees the client as the
@@ -68,14 +70,26 @@ pub async fn socks5_connect_from(
 ) -> Result<TcpStream, u8> {
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.bind(SocketAddr::new(src, 0)).unwrap();
-    socks5_handshake(socket.connect(proxy).await.unwrap(), host, port).await
+    socks5_handshake(socket.connect(proxy).await.unwrap(), host, port)
+        .await
+        .unwrap()
 }
 
-async fn socks5_handshake(mut s: TcpStream, host: &str, port: u16) -> Result<TcpStream, u8> {
-    s.write_all(&[5, 1, 0]).await.unwrap();
+/// The SOCKS5 exchange on `s` for `host:port`: `Ok(Err(code))` when the proxy refused, and every
+/// I/O failure an error (a load generator counts them rather than panicking).
+pub async fn socks5_handshake(
+    mut s: TcpStream,
+    host: &str,
+    port: u16,
+) -> std::io::Result<Result<TcpStream, u8>> {
+    s.write_all(&[5, 1, 0]).await?;
     let mut r = [0u8; 2];
-    s.read_exact(&mut r).await.unwrap();
-    assert_eq!(r, [5, 0], "SOCKS5 method selection");
+    s.read_exact(&mut r).await?;
+    if r != [5, 0] {
+        return Err(std::io::Error::other(format!(
+            "SOCKS5 method selection: expected [5, 0], got {r:?}"
+        )));
+    }
     let mut req = vec![5, 1, 0];
     match host.parse::<IpAddr>() {
         Ok(IpAddr::V4(a)) => {
@@ -93,14 +107,10 @@ async fn socks5_handshake(mut s: TcpStream, host: &str, port: u16) -> Result<Tcp
         }
     }
     req.extend_from_slice(&port.to_be_bytes());
-    s.write_all(&req).await.unwrap();
+    s.write_all(&req).await?;
     let mut rep = [0u8; 10];
-    s.read_exact(&mut rep).await.unwrap();
-    if rep[1] == 0 {
-        Ok(s)
-    } else {
-        Err(rep[1])
-    }
+    s.read_exact(&mut rep).await?;
+    Ok(if rep[1] == 0 { Ok(s) } else { Err(rep[1]) })
 }
 
 /// Reads `s` until the peer closes it (EOF or an error); how long that took, or `None` if it was

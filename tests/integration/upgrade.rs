@@ -18,7 +18,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::binary::{http, L4mesh};
-use super::harness::{testserver, two_workloads_yaml};
+use super::harness::{self, testserver, two_workloads_yaml};
 
 /// An echo server: every connection gets back what it sends, until it half-closes.
 async fn echo_server(addr: &str) -> tokio::task::JoinHandle<()> {
@@ -42,23 +42,10 @@ async fn echo_server(addr: &str) -> tokio::task::JoinHandle<()> {
 async fn socks5(src: IpAddr, proxy: SocketAddr, dst: SocketAddr) -> std::io::Result<TcpStream> {
     let socket = tokio::net::TcpSocket::new_v4()?;
     socket.bind(SocketAddr::new(src, 0))?;
-    let mut s = socket.connect(proxy).await?;
-    s.write_all(&[5, 1, 0]).await?;
-    let mut r = [0u8; 2];
-    s.read_exact(&mut r).await?;
-    let IpAddr::V4(ip) = dst.ip() else {
-        return Err(std::io::Error::other("IPv4 only"));
-    };
-    let mut req = vec![5, 1, 0, 1];
-    req.extend_from_slice(&ip.octets());
-    req.extend_from_slice(&dst.port().to_be_bytes());
-    s.write_all(&req).await?;
-    let mut rep = [0u8; 10];
-    s.read_exact(&mut rep).await?;
-    if rep[1] != 0 {
-        return Err(std::io::Error::other(format!("SOCKS5 reply {}", rep[1])));
-    }
-    Ok(s)
+    let s = socket.connect(proxy).await?;
+    harness::socks5_handshake(s, &dst.ip().to_string(), dst.port())
+        .await?
+        .map_err(|code| std::io::Error::other(format!("SOCKS5 reply {code}")))
 }
 
 #[derive(Default)]

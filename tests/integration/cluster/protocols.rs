@@ -105,30 +105,41 @@ fn check_redis(c: &Cluster, ip: &str, dir: &Path) {
         value(9999)
     );
     // A subscriber held open while another connection publishes.
-    let sub = c.pod("pc").ns.spawn_owned(
-        &["redis-cli", "-h", ip, "-p", "6379", "SUBSCRIBE", "news"],
-        &[],
-        "news",
-    );
-    let (mut child, out) = sub;
+    let (mut child, out) = subscribe(c, ip, "news");
     std::thread::sleep(std::time::Duration::from_millis(200));
-    for i in 0..5 {
-        let n = client(c, &format!("{cli} PUBLISH news m{i}"));
-        assert_eq!(n.trim(), "1", "one subscriber received m{i}");
-    }
-    let all = super::topology::within(std::time::Duration::from_secs(5), || {
-        let all = out.all();
-        all.contains("m4").then_some(all)
-    })
-    .unwrap_or_else(|| out.all());
+    publish_in_order(c, ip, "news", &["m0", "m1", "m2", "m3", "m4"], &out);
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// `redis-cli SUBSCRIBE channel` to `ip` from the client pod, held until the caller kills it.
+fn subscribe(c: &Cluster, ip: &str, channel: &str) -> (std::process::Child, Output) {
+    c.pod("pc").ns.spawn_owned(
+        &["redis-cli", "-h", ip, "-p", "6379", "SUBSCRIBE", channel],
+        &[],
+        channel,
+    )
+}
+
+/// Publishes `msgs` on `channel` at `ip`, each received by exactly one subscriber, and asserts
+/// that the subscriber whose output is `sub` printed them all, in order.
+fn publish_in_order(c: &Cluster, ip: &str, channel: &str, msgs: &[&str], sub: &Output) {
+    for m in msgs {
+        let n = client(
+            c,
+            &format!("redis-cli -h {ip} -p 6379 PUBLISH {channel} {m}"),
+        );
+        assert_eq!(n.trim(), "1", "one subscriber received {m}");
+    }
+    let last = msgs.last().copied().unwrap_or_default();
+    let all = super::topology::within(std::time::Duration::from_secs(5), || {
+        let all = sub.all();
+        all.contains(last).then_some(all)
+    })
+    .unwrap_or_else(|| sub.all());
     // redis-cli prints each message as three lines: `message`, the channel, the payload.
-    let got: Vec<&str> = all
-        .lines()
-        .filter(|l| l.len() == 2 && l.starts_with('m'))
-        .collect();
-    assert_eq!(got, ["m0", "m1", "m2", "m3", "m4"], "{all}");
+    let got: Vec<&str> = all.lines().filter(|l| msgs.contains(l)).collect();
+    assert_eq!(got, msgs, "{all}");
 }
 
 /// A server that speaks first (a banner before reading, as SMTP and MySQL do), answers a line,
@@ -334,11 +345,7 @@ fn check_policy_changes(c: &Cluster, dir: &Path) {
         .is_some()
     };
     assert!(seen(&session_out, "in-tx-1"), "{}", session_out.all());
-    let (mut sub, sub_out) = c.pod("pc").ns.spawn_owned(
-        &["redis-cli", "-h", MESH, "-p", "6379", "SUBSCRIBE", "held"],
-        &[],
-        "held",
-    );
+    let (mut sub, sub_out) = subscribe(c, MESH, "held");
     // A change that still allows both: only the client's identity, to these two ports.
     let allow = r#"policies:
 - name: allow-client
@@ -455,19 +462,7 @@ fn postgres_redis_and_raw_protocols_through_hbone_and_plain_paths() {
         redis(&mut c.pod_mut(pod).ns, dir.path());
         if held.is_none() {
             // A subscription to the mesh server held through everything below.
-            held = Some(c.pod("pc").ns.spawn_owned(
-                &[
-                    "redis-cli",
-                    "-h",
-                    MESH,
-                    "-p",
-                    "6379",
-                    "SUBSCRIBE",
-                    "all-along",
-                ],
-                &[],
-                "all-along",
-            ));
+            held = Some(subscribe(&c, MESH, "all-along"));
         }
         check_postgres(&c, ip, dir.path());
         check_redis(&c, ip, dir.path());
@@ -480,21 +475,14 @@ fn postgres_redis_and_raw_protocols_through_hbone_and_plain_paths() {
     }
     // The subscription held since the start still receives, in order.
     let (mut sub, sub_out) = held.expect("held subscription");
-    for i in 0..3 {
-        let n = client(
-            &c,
-            &format!("redis-cli -h {MESH} -p 6379 PUBLISH all-along late{i}"),
-        );
-        assert_eq!(n.trim(), "1", "the held subscriber received late{i}");
-    }
-    let got = super::topology::within(std::time::Duration::from_secs(5), || {
-        let all = sub_out.all();
-        all.contains("late2").then_some(all)
-    })
-    .unwrap_or_else(|| sub_out.all());
-    let late: Vec<&str> = got.lines().filter(|l| l.starts_with("late")).collect();
-    assert_eq!(late, ["late0", "late1", "late2"], "{got}");
-    assert!(matches!(sub.try_wait(), Ok(None)), "{got}");
+    publish_in_order(
+        &c,
+        MESH,
+        "all-along",
+        &["late0", "late1", "late2"],
+        &sub_out,
+    );
+    assert!(matches!(sub.try_wait(), Ok(None)), "{}", sub_out.all());
     let _ = sub.kill();
     let _ = sub.wait();
     check_policy_changes(&c, dir.path());
