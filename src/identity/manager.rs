@@ -66,10 +66,27 @@ pub struct NoCertificate {
     pub reason: String,
 }
 
+/// Keeps one identity's certificate while it lives ([`SecretManager::hold`]).
+#[derive(Debug)]
+pub struct CertHold {
+    manager: Arc<SecretManager>,
+    id: SpiffeId,
+}
+
+impl Drop for CertHold {
+    fn drop(&mut self) {
+        self.manager.release(&self.id);
+    }
+}
+
 #[derive(Debug)]
 struct Entry {
     state: watch::Receiver<CertState>,
     worker: JoinHandle<()>,
+    /// Whether the last [`SecretManager::retain`] (or a fetch since) wanted it.
+    wanted: bool,
+    /// Live [`CertHold`]s: while any remains, the identity is kept even when no longer wanted.
+    holds: usize,
 }
 
 impl Drop for Entry {
@@ -125,9 +142,30 @@ impl SecretManager {
             Entry {
                 state: rx.clone(),
                 worker,
+                wanted: true,
+                holds: 0,
             },
         );
         rx
+    }
+
+    /// Keeps `id`'s certificate (fetching it if needed) for as long as the returned hold lives,
+    /// even once [`retain`](Self::retain) no longer names it: a draining pod's connections that
+    /// were accepted but have not yet made their TLS handshake still present it.
+    pub fn hold(self: &Arc<Self>, id: &SpiffeId) -> CertHold {
+        let mut entries = self.lock();
+        if !entries.contains_key(id) {
+            drop(entries);
+            self.prefetch(id);
+            entries = self.lock();
+        }
+        if let Some(e) = entries.get_mut(id) {
+            e.holds += 1;
+        }
+        CertHold {
+            manager: self.clone(),
+            id: id.clone(),
+        }
     }
 
     /// The current certificate for `id`, waiting for the first fetch if needed. Fails when the CA
@@ -196,25 +234,38 @@ impl SecretManager {
         );
     }
 
-    /// Stops keeping `id` (its workloads left the node).
-    pub fn forget(&self, id: &SpiffeId) {
-        self.lock().remove(id);
-    }
-
-    /// Keeps exactly `ids`: prefetches new ones, forgets the others.
+    /// Keeps exactly `ids` (and those held): prefetches new ones, forgets the others.
     pub fn retain(&self, ids: &[SpiffeId]) {
-        let stale: Vec<SpiffeId> = self
-            .lock()
-            .keys()
-            .filter(|k| !ids.contains(k))
-            .cloned()
-            .collect();
-        for id in stale {
+        let mut entries = self.lock();
+        entries.retain(|id, e| {
+            if ids.contains(id) {
+                return true;
+            }
+            e.wanted = false;
+            if e.holds > 0 {
+                return true;
+            }
             tracing::info!(identity = %id, "dropping the certificate of an identity no longer on this node");
-            self.forget(&id);
-        }
+            false
+        });
+        drop(entries);
         for id in ids {
             self.prefetch(id);
+            if let Some(e) = self.lock().get_mut(id) {
+                e.wanted = true;
+            }
+        }
+    }
+
+    fn release(&self, id: &SpiffeId) {
+        let mut entries = self.lock();
+        let Some(e) = entries.get_mut(id) else {
+            return;
+        };
+        e.holds = e.holds.saturating_sub(1);
+        if e.holds == 0 && !e.wanted {
+            tracing::info!(identity = %id, "dropping the certificate of an identity no longer on this node (its last draining holder ended)");
+            entries.remove(id);
         }
     }
 
@@ -326,5 +377,32 @@ mod tests {
         m.retain(&[]);
         assert!(m.current(&id).is_none());
         assert!(m.status().is_empty());
+    }
+
+    /// A draining pod's hold keeps its certificate through a `retain` that no longer names it,
+    /// until the hold ends; a fetch meanwhile does not make it wanted again.
+    #[tokio::test]
+    async fn a_hold_keeps_a_certificate_until_it_ends() {
+        let m = manager(Duration::from_secs(3600));
+        let id: SpiffeId = "spiffe://cluster.local/ns/a/sa/b".parse().unwrap();
+        m.retain(std::slice::from_ref(&id));
+        let cert = m.fetch(&id).await.unwrap();
+        let (first, second) = (m.hold(&id), m.hold(&id));
+        m.retain(&[]);
+        assert!(m.fetch(&id).await.is_ok());
+        drop(first);
+        let kept = m.current(&id).expect("kept while one hold remains");
+        assert!(
+            Arc::ptr_eq(&kept, &cert),
+            "the same certificate, not a new fetch"
+        );
+        drop(second);
+        assert!(m.current(&id).is_none(), "forgotten with its last hold");
+        // Named again and held: the hold's end leaves it wanted.
+        let hold = m.hold(&id);
+        m.retain(std::slice::from_ref(&id));
+        drop(hold);
+        assert!(m.fetch(&id).await.is_ok());
+        assert_eq!(m.status().len(), 1);
     }
 }

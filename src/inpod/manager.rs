@@ -483,7 +483,16 @@ impl PodManager {
                 dns.abort();
             }
         }
-        // Its established connections keep their TLS sessions; no new one needs its certificate.
+        // Connections it accepted that have not yet made their TLS handshake (waiting for a
+        // pooled tunnel, say) still present its certificate: it is kept until the pod drained.
+        let cert = {
+            let _on = self
+                .node
+                .control
+                .as_ref()
+                .map(tokio::runtime::Handle::enter);
+            self.node.base.secrets.hold(&pod.identity)
+        };
         self.sync_certificates();
         if let Some(e) = self.view.lock().get_mut(uid) {
             e.state = "draining";
@@ -494,6 +503,7 @@ impl PodManager {
         let hold = self.node.node_drain.hold();
         Some(async move {
             let report = pod.drain.drain(deadline, FORCE_GRACE).await;
+            drop(cert);
             pod.listeners.abort();
             // The DNS proxy ends by itself once what it received is answered (bounded).
             if let Some(dns) = pod.dns {
