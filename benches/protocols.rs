@@ -112,11 +112,7 @@ fn main() {
         println!("SKIPPED protocols bench: no PostgreSQL server under /usr/lib/postgresql");
         return;
     };
-    let runs = std::env::var("BENCH_RUNS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(3usize)
-        .max(1);
+    let runs = common::bench_runs(3);
     // The servers and clients inherit this core; each proxy is moved to the other.
     common::pin_self(0);
     let mut cap = Capture::new("proto");
@@ -260,12 +256,10 @@ impl World {
         tps(&out)
     }
 
-    /// `redis-benchmark`: SET and GET, then GET pipelined.
-    fn redis(&self, pid: Option<u32>, dst: &str) -> Redis {
-        let n = (REDIS_PER_SEC * self.secs) as u64;
+    /// `redis-benchmark` at `dst` with `REDIS_CLIENTS` clients, `n` requests and `args`; its CSV.
+    fn redis_benchmark(&self, dst: &str, n: u64, args: &[&str]) -> String {
         let count = n.to_string();
-        let c0 = pid.map(cpu_secs);
-        let plain = self.client(&[
+        let mut all = vec![
             "redis-benchmark",
             "-h",
             dst,
@@ -275,28 +269,19 @@ impl World {
             REDIS_CLIENTS,
             "-n",
             &count,
-            "-t",
-            "set,get",
             "--csv",
-        ]);
+        ];
+        all.extend_from_slice(args);
+        self.client(&all)
+    }
+
+    /// `redis-benchmark`: SET and GET, then GET pipelined.
+    fn redis(&self, pid: Option<u32>, dst: &str) -> Redis {
+        let n = (REDIS_PER_SEC * self.secs) as u64;
+        let c0 = pid.map(cpu_secs);
+        let plain = self.redis_benchmark(dst, n, &["-t", "set,get"]);
         let cpu = pid.map(cpu_secs).zip(c0).map(|(c1, c0)| c1 - c0);
-        let pipelined_count = (n * 4).to_string();
-        let pipelined = self.client(&[
-            "redis-benchmark",
-            "-h",
-            dst,
-            "-p",
-            "6379",
-            "-c",
-            REDIS_CLIENTS,
-            "-n",
-            &pipelined_count,
-            "-P",
-            "16",
-            "-t",
-            "get",
-            "--csv",
-        ]);
+        let pipelined = self.redis_benchmark(dst, n * 4, &["-P", "16", "-t", "get"]);
         let set = csv_row(&plain, "SET");
         let get = csv_row(&plain, "GET");
         Redis {

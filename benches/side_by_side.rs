@@ -64,11 +64,7 @@ fn main() {
     if !netns::privileged("side_by_side bench", &["taskset"]) {
         return;
     }
-    let runs = std::env::var("BENCH_RUNS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(3usize)
-        .max(1);
+    let runs = common::bench_runs(3);
     common::pin_self(0);
     let world = World {
         cap: Capture::new("sbs"),

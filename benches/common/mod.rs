@@ -30,6 +30,15 @@ pub fn bench_secs(default: f64) -> Option<f64> {
     })
 }
 
+/// `BENCH_RUNS` (else `default`, at least 1): how many runs a figure is the median of.
+pub fn bench_runs(default: usize) -> usize {
+    std::env::var("BENCH_RUNS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+        .max(1)
+}
+
 /// Pins this process (all its threads) to `core`, best effort: the load generator stays off the
 /// proxy's core.
 pub fn pin_self(core: usize) {
