@@ -93,7 +93,7 @@ struct Conn {
 
 impl Conn {
     /// Takes a stream slot if the connection is alive and below the limit.
-    fn take(&self) -> Option<(SendRequest<Bytes>, StreamGuard)> {
+    fn take(&self) -> Option<Taken> {
         if self.dead.load(Ordering::Acquire) {
             return None;
         }
@@ -103,9 +103,13 @@ impl Conn {
         if prev >= self.max {
             return None; // the guard gives the slot back
         }
-        Some((self.send.clone(), guard))
+        Some((self.send.clone(), guard, self.dead.clone()))
     }
 }
+
+/// A stream slot: the connection's request handle, the slot's guard, and the connection's `dead`
+/// flag (set by a tunnel that saw the connection fail, so that no other is handed it).
+type Taken = (SendRequest<Bytes>, StreamGuard, Arc<AtomicBool>);
 
 /// The pool of one l4mesh.
 #[derive(Default)]
@@ -180,20 +184,12 @@ impl Pool {
         });
     }
 
-    /// A stream slot on a live connection for `key`, opening one if needed. `fresh` forces a new
-    /// connection (the last one failed a request).
-    async fn acquire(
-        &self,
-        ctx: &ProxyCtx,
-        key: &PoolKey,
-        fresh: bool,
-    ) -> Result<(SendRequest<Bytes>, StreamGuard), ProxyError> {
+    /// A stream slot on a live connection for `key`, opening one if needed.
+    async fn acquire(&self, ctx: &ProxyCtx, key: &PoolKey) -> Result<Taken, ProxyError> {
         let slot = self.slot(key);
         let mut current = slot.lock().await;
-        if !fresh {
-            if let Some(taken) = current.as_ref().and_then(Conn::take) {
-                return Ok(taken);
-            }
+        if let Some(taken) = current.as_ref().and_then(Conn::take) {
+            return Ok(taken);
         }
         self.prune();
         let conn = connect(ctx, key).await?;
@@ -213,9 +209,9 @@ impl Pool {
         dst: SocketAddr,
         req: http::Request<()>,
     ) -> Result<Tunnel, ProxyError> {
-        let mut fresh = false;
+        let mut retried = false;
         loop {
-            let (send, guard) = self.acquire(ctx, key, fresh).await?;
+            let (send, guard, dead) = self.acquire(ctx, key).await?;
             match request(send, req.clone()).await {
                 Ok((status, recv, send)) if status == 200 => {
                     return Ok(Tunnel {
@@ -233,10 +229,14 @@ impl Pool {
                     })
                 }
                 // A failure at the connection level (closed, GOAWAY, stream refused) on a
-                // pooled connection: retry once on a fresh one.
-                Err(e) if !fresh && retryable(&e) => {
+                // pooled connection: retry once on another. The failed one is handed to no one
+                // again, so of the tunnels it failed at once (a draining peer's GOAWAY fails
+                // every stream it had not started), the first opens a new connection and the
+                // rest share it, instead of each opening its own in turn behind the slot's lock.
+                Err(e) if !retried && retryable(&e) => {
                     tracing::debug!(addr = %key.addr, error = %e, "pooled HBONE connection failed; reconnecting");
-                    fresh = true;
+                    dead.store(true, Ordering::Release);
+                    retried = true;
                 }
                 Err(e) => {
                     return Err(ProxyError::HboneHandshake(format!(
