@@ -568,3 +568,80 @@ async fn a_service_hostname_is_delivered_to_the_dialled_workload() {
         );
     }
 }
+
+/// Tunnels waiting on one pooled connection that fails under them all at once (a draining peer's
+/// GOAWAY, a peer gone) retry on one new connection between them, not on one each in turn
+/// behind the pool's lock (which outlasted the connect timeout during upgrades under load).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tunnels_failed_together_retry_on_one_new_connection() {
+    use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+    use std::sync::Arc;
+    const WAITING: usize = 30;
+    let n = 12;
+    let ts = testserver(state(n), "127.0.0.1", None).await;
+    let (a_ip, b_wl) = (format!("127.43.{n}.1"), format!("127.43.{n}.2"));
+    let a = super::harness::mesh_node(&ts, format!("127.43.{n}.11"), "node-a", &a_ip).await;
+    // A stand-in for B's HBONE listener, with B's certificate: its first connection takes every
+    // CONNECT without answering, then drops them all at once; later ones answer 200.
+    let secrets =
+        l4mesh::identity::SecretManager::new(l4mesh::identity::CaClient::Istio(testserver_ca(&ts)));
+    let cert = secrets.fetch(&id("server")).await.unwrap();
+    let resolver = l4mesh::tls::SourceResolver::new(l4mesh::tls::ManagedCert::new(
+        secrets.clone(),
+        id("server"),
+    ));
+    let cfg = l4mesh::tls::server_config(Arc::new(resolver), cert.roots.clone(), "cluster.local")
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind(format!("{b_wl}:15008"))
+        .await
+        .unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let first = count.fetch_add(1, Relaxed) == 0;
+            let acceptor = tokio_rustls::TlsAcceptor::from(cfg.clone());
+            tokio::spawn(async move {
+                let tls = acceptor.accept(tcp).await.unwrap();
+                let mut conn = h2::server::handshake(tls).await.unwrap();
+                let (mut held, mut streams) = (Vec::new(), Vec::new());
+                while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                    if first {
+                        held.push(respond);
+                        if held.len() == WAITING {
+                            // Every waiting tunnel fails together.
+                            return;
+                        }
+                    } else {
+                        let send = respond
+                            .send_response(http::Response::new(()), false)
+                            .unwrap();
+                        streams.push(send);
+                    }
+                }
+            });
+        }
+    });
+    let socks = a.socks5.unwrap();
+    let tunnels: Vec<_> = (0..WAITING)
+        .map(|_| {
+            let (a_ip, b_wl) = (a_ip.parse().unwrap(), b_wl.clone());
+            tokio::spawn(async move { socks5_connect_from(a_ip, socks, &b_wl, BACKEND_PORT).await })
+        })
+        .collect();
+    for t in tunnels {
+        let r = tokio::time::timeout(Duration::from_secs(20), t).await;
+        assert!(
+            matches!(r, Ok(Ok(Ok(_)))),
+            "every tunnel is accepted on the retry"
+        );
+    }
+    assert_eq!(
+        accepted.load(Relaxed),
+        2,
+        "the failed connection, then one new connection shared by every retry"
+    );
+}
