@@ -9,7 +9,8 @@
 //! Each connection's driver task also sends a keepalive PING every [`Liveness::ping_interval`] (one
 //! left unanswered at the next tick marks the connection dead) and closes it once it carried no
 //! stream for [`Liveness::idle`]. A request that fails on a pooled connection anyway is retried once
-//! on a fresh one.
+//! on another: the failed connection is handed to no one again, so the tunnels it failed together
+//! (a draining peer's GOAWAY) share one replacement rather than each opening its own in turn.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
