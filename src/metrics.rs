@@ -85,6 +85,11 @@ impl Metrics {
             t.closed.clone(),
         );
         istio.register(
+            "tcp_connections_failed",
+            "The total number of TCP connections that failed to establish (unstable)",
+            t.failed.clone(),
+        );
+        istio.register(
             "tcp_sent_bytes",
             "The size of total bytes sent during response in case of a TCP connection (server to client)",
             t.sent.clone(),

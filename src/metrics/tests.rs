@@ -223,6 +223,7 @@ fn one_connection_counts_open_close_and_bytes_once() {
     let istio = r.sub_registry_with_prefix("istio");
     istio.register("tcp_connections_opened", "o", t.opened.clone());
     istio.register("tcp_connections_closed", "c", t.closed.clone());
+    istio.register("tcp_connections_failed", "f", t.failed.clone());
     istio.register("tcp_sent_bytes", "s", t.sent.clone());
     istio.register("tcp_received_bytes", "r", t.received.clone());
     r.register("open_connections", "g", t.open.clone());
@@ -273,6 +274,21 @@ fn one_connection_counts_open_close_and_bytes_once() {
         2
     );
     assert!(!text.contains("response_flags=\"UF\""), "{text}");
+    // A close with a flag other than `-` is also a failure, under the labels of its close; the
+    // clean close of another connection is not.
+    let failed = line("istio_tcp_connections_failed_total");
+    assert!(
+        failed.contains("response_flags=\"CONNECT\"") && failed.ends_with(" 1"),
+        "{failed}"
+    );
+    t.open(&unknown_ends(Reporter::Source, false))
+        .close(1, 1, ResponseFlag::None);
+    let text = encode(&r);
+    assert_eq!(
+        text.matches("istio_tcp_connections_failed_total{").count(),
+        1,
+        "{text}"
+    );
     assert!(line("istio_tcp_connections_opened_total").contains(
         "reporter=\"source\",source_workload=\"unknown\",source_canonical_service=\"unknown\""
     ));

@@ -76,6 +76,9 @@ impl OnDemandDnsLabels {
 pub struct Traffic {
     pub(super) opened: Family<LabelKey, Counter>,
     pub(super) closed: Family<LabelKey, Counter>,
+    /// ztunnel's `istio_tcp_connections_failed`: connections that ended with any flag but `-`
+    /// (also counted closed), under the labels of their close.
+    pub(super) failed: Family<LabelKey, Counter>,
     /// Istio's direction: bytes the server sent back (upstream → downstream).
     pub(super) sent: Family<LabelKey, Counter>,
     /// Istio's direction: bytes the client sent (downstream → upstream).
@@ -111,6 +114,7 @@ impl Default for Traffic {
         Self {
             opened: Family::default(),
             closed: Family::default(),
+            failed: Family::default(),
             sent: Family::default(),
             received: Family::default(),
             open,
@@ -125,6 +129,13 @@ impl Default for Traffic {
     }
 }
 
+/// The counters of a close with a flag other than `-`: closed, and failed.
+#[derive(Debug)]
+struct Failed {
+    closed: Counter,
+    failed: Counter,
+}
+
 /// One label set's counters, fetched from the families once, when the first connection with these
 /// labels opens; later connections with the same labels touch no family (no family lock).
 #[derive(Debug)]
@@ -135,9 +146,9 @@ pub struct Series {
     closed: Counter,
     sent: Counter,
     received: Counter,
-    /// The closed counters with `DENY` / `CONNECT`, fetched at the first such close.
-    deny: OnceLock<Counter>,
-    connect: OnceLock<Counter>,
+    /// The closed and failed counters with `DENY` / `CONNECT`, fetched at the first such close.
+    deny: OnceLock<Failed>,
+    connect: OnceLock<Failed>,
 }
 
 impl Traffic {
@@ -216,20 +227,28 @@ impl Traffic {
         }
     }
 
-    /// The closed counter of `series` with `flag`.
-    fn closed(&self, series: &Series, flag: ResponseFlag) -> Counter {
+    /// Counts a close of `series` with `flag`: closed, and failed unless the flag is `-`.
+    fn count_close(&self, series: &Series, flag: ResponseFlag) {
         let cell = match flag {
-            ResponseFlag::None => return series.closed.clone(),
+            ResponseFlag::None => {
+                series.closed.inc();
+                return;
+            }
             ResponseFlag::Deny => &series.deny,
             ResponseFlag::Connect => &series.connect,
         };
-        cell.get_or_init(|| {
+        let counters = cell.get_or_init(|| {
             // The only clone of a label set, once per (label set, flag).
             let mut l = TrafficLabels::clone(&*series.labels.0);
             l.response_flags = flag;
-            self.closed.get_or_create_owned(&LabelKey(Arc::new(l)))
-        })
-        .clone()
+            let key = LabelKey(Arc::new(l));
+            Failed {
+                closed: self.closed.get_or_create_owned(&key),
+                failed: self.failed.get_or_create_owned(&key),
+            }
+        });
+        counters.closed.inc();
+        counters.failed.inc();
     }
 }
 
@@ -302,7 +321,7 @@ impl ConnMetrics {
         if self.closed.swap(true, Ordering::AcqRel) {
             return;
         }
-        self.traffic.closed(&self.series, flag).inc();
+        self.traffic.count_close(&self.series, flag);
         // Bytes always count under the labels of the open, as the meter's do.
         if !self.metered.load(Ordering::Acquire) {
             self.series.received.inc_by(client_bytes);

@@ -315,6 +315,9 @@ async fn prometheus_counts_what_was_sent() {
         // longer.
         ("istio_tcp_connections_opened_total", &a, mtls_src, 5.0),
         ("istio_tcp_connections_closed_total", &a, mtls_src, 5.0),
+        // ztunnel's failures: the denied tunnel, on each side (also counted closed).
+        ("istio_tcp_connections_failed_total", &a, mtls_src, 1.0),
+        ("istio_tcp_connections_failed_total", &b, mtls_dst, 1.0),
         ("istio_tcp_received_bytes_total", &a, mtls_src, 10000.0),
         ("istio_tcp_sent_bytes_total", &a, mtls_src, 10008.0),
         ("istio_tcp_connections_opened_total", &b, mtls_dst, 5.0),
@@ -357,6 +360,13 @@ async fn prometheus_counts_what_was_sent() {
             "spiffe://cluster.local/ns/default/sa/client"
         );
         assert_eq!(rows[0]["value"][1], "1", "{rows:?}");
+        let failed = prom
+            .query(&format!(
+                "sum by (response_flags) (istio_tcp_connections_failed_total{{instance=\"{instance}\",reporter=\"{reporter}\"}})"
+            ))
+            .await;
+        assert_eq!(failed.len(), 1, "{reporter}: {failed:?}");
+        assert_eq!(failed[0]["metric"]["response_flags"], "DENY", "{failed:?}");
     }
     let deny = format!("sum(l4mesh_rbac_decisions_total{{instance=\"{b}\",result=\"deny\"}})");
     assert_eq!(prom.scalar(&deny).await, Some(1.0), "{deny}");
