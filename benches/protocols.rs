@@ -169,20 +169,19 @@ impl World {
         let pg: Vec<Pgbench> = (0..self.runs).map(|_| self.pgbench(pid, dst)).collect();
         let connect: Vec<f64> = (0..self.runs).map(|_| self.pgbench_connect(dst)).collect();
         let redis: Vec<Redis> = (0..self.runs).map(|_| self.redis(pid, dst)).collect();
-        let m = |v: Vec<f64>| median(v);
-        let cpu = |v: Vec<Option<f64>>| pid.map(|_| m(v.into_iter().flatten().collect()));
+        let cpu = |v: Vec<Option<f64>>| pid.map(|_| median(v.into_iter().flatten().collect()));
         Figures {
-            pg_tps: m(pg.iter().map(|r| r.tps).collect()),
-            pg_p50_ms: m(pg.iter().map(|r| r.p50_ms).collect()),
-            pg_p99_ms: m(pg.iter().map(|r| r.p99_ms).collect()),
+            pg_tps: median(pg.iter().map(|r| r.tps).collect()),
+            pg_p50_ms: median(pg.iter().map(|r| r.p50_ms).collect()),
+            pg_p99_ms: median(pg.iter().map(|r| r.p99_ms).collect()),
             pg_cpu_us: cpu(pg.iter().map(|r| r.cpu_us).collect()),
-            pg_connect_tps: m(connect),
-            set_rps: m(redis.iter().map(|r| r.set_rps).collect()),
-            get_rps: m(redis.iter().map(|r| r.get_rps).collect()),
-            get_p50_ms: m(redis.iter().map(|r| r.get_p50_ms).collect()),
-            get_p99_ms: m(redis.iter().map(|r| r.get_p99_ms).collect()),
+            pg_connect_tps: median(connect),
+            set_rps: median(redis.iter().map(|r| r.set_rps).collect()),
+            get_rps: median(redis.iter().map(|r| r.get_rps).collect()),
+            get_p50_ms: median(redis.iter().map(|r| r.get_p50_ms).collect()),
+            get_p99_ms: median(redis.iter().map(|r| r.get_p99_ms).collect()),
             redis_cpu_us: cpu(redis.iter().map(|r| r.cpu_us).collect()),
-            pipelined_rps: m(redis.iter().map(|r| r.pipelined_rps).collect()),
+            pipelined_rps: median(redis.iter().map(|r| r.pipelined_rps).collect()),
         }
     }
 
@@ -199,32 +198,14 @@ impl World {
             std::fs::remove_file(old.unwrap().path()).unwrap();
         }
         let prefix = self.logs.path().join("tx");
-        let secs = self.secs.ceil().to_string();
         let prefix_arg = format!("--log-prefix={}", prefix.display());
         let c0 = pid.map(cpu_secs);
-        let out = self.client(&[
-            "pgbench",
-            "-n",
-            "-S",
-            "-c",
-            PG_CLIENTS,
-            "-j",
-            "2",
-            "-T",
-            &secs,
-            "-l",
-            &prefix_arg,
-            "-h",
-            dst,
-            "-U",
-            "postgres",
-            "postgres",
-        ]);
+        let out = self.pgbench_run(dst, PG_CLIENTS, &["-l", &prefix_arg]);
         let cpu = pid.map(cpu_secs).zip(c0).map(|(c1, c0)| c1 - c0);
         let mut lat = latencies_us(self.logs.path());
+        assert!(!lat.is_empty(), "pgbench logged no transaction: {out}");
         lat.sort_unstable();
         let at = |q: f64| lat[((lat.len() - 1) as f64 * q) as usize] as f64 / 1000.0;
-        assert!(!lat.is_empty(), "pgbench logged no transaction: {out}");
         Pgbench {
             tps: tps(&out),
             p50_ms: at(0.5),
@@ -235,25 +216,17 @@ impl World {
 
     /// `pgbench -S -C`: a new connection (and server backend) for every transaction.
     fn pgbench_connect(&self, dst: &str) -> f64 {
+        tps(&self.pgbench_run(dst, PG_CONNECT_CLIENTS, &["-C"]))
+    }
+
+    /// `pgbench -S` (select only, no vacuum) at `dst` for `BENCH_SECS` with `clients` clients
+    /// on two threads and `args`; its output.
+    fn pgbench_run(&self, dst: &str, clients: &str, args: &[&str]) -> String {
         let secs = self.secs.ceil().to_string();
-        let out = self.client(&[
-            "pgbench",
-            "-n",
-            "-S",
-            "-C",
-            "-c",
-            PG_CONNECT_CLIENTS,
-            "-j",
-            "2",
-            "-T",
-            &secs,
-            "-h",
-            dst,
-            "-U",
-            "postgres",
-            "postgres",
-        ]);
-        tps(&out)
+        let mut all = vec!["pgbench", "-n", "-S", "-c", clients, "-j", "2", "-T", &secs];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["-h", dst, "-U", "postgres", "postgres"]);
+        self.client(&all)
     }
 
     /// `redis-benchmark` at `dst` with `REDIS_CLIENTS` clients, `n` requests and `args`; its CSV.

