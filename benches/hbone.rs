@@ -374,7 +374,7 @@ fn main() {
 
     let dir = tempfile::tempdir().unwrap();
     let envoys = if which("envoy").is_some() {
-        let ca = CaClient::Istio(IstioCaSettings {
+        let ca = CaClient::istio(IstioCaSettings {
             address: xds.clone(),
             root_ca: None,
             auth_token: None,

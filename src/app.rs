@@ -333,7 +333,7 @@ async fn build(
             ca: Arc::new(LocalCa::generate(&config.trust_domain)?),
             ttl: *ttl,
         },
-        CaSource::Istio(s) => CaClient::Istio(s.clone()),
+        CaSource::Istio(s) => CaClient::istio(s.clone()),
     };
     tracing::info!(ca = ?ca, "certificate authority");
     let secrets = SecretManager::new(ca);
@@ -483,6 +483,11 @@ async fn build(
             .chain(config.dns.iter().flat_map(|d| d.addrs.iter().copied()))
             .map(|a| a.port()),
     );
+    // Read before the first handshake; followed on the operators' runtime.
+    let revocation = config.crl_path.clone().map(crate::tls::Revocation::load);
+    if let Some(rev) = &revocation {
+        tasks.push(spawn_control(operators, rev.clone().follow()));
+    }
     let ctx = Arc::new(ProxyCtx {
         store: store.clone(),
         network: config.network.as_str().into(),
@@ -505,7 +510,7 @@ async fn build(
         splice_after: config.splice_after,
         localhost_app_tunnel: config.localhost_app_tunnel,
         enforce_waypoint: config.enforce_waypoint,
-        hbone: Default::default(),
+        hbone: Arc::new(crate::proxy::HboneState::new(revocation)),
         conns: Default::default(),
         otel: match &config.otel {
             Some(o) => Some(otel(o, &config.node_name, config.packet_mark, operators)?),

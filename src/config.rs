@@ -119,6 +119,9 @@ pub struct Config {
     /// connections it holds.
     #[serde(serialize_with = "crate::model::serialize_duration")]
     pub upgrade_drain_deadline: Duration,
+    /// `CRL_PATH`: certificate revocation lists that HBONE peers are checked against (watched);
+    /// `None`: no revocation checking, as ztunnel without it.
+    pub crl_path: Option<PathBuf>,
 }
 
 /// The DNS proxy's settings, ztunnel's names and defaults.
@@ -186,6 +189,7 @@ impl Config {
             splice_after: None,
             handoff_socket: None,
             upgrade_drain_deadline: DEFAULT_UPGRADE_DRAIN_DEADLINE,
+            crl_path: None,
         }
     }
 }
@@ -445,6 +449,11 @@ pub struct Args {
     /// holds before closing the rest (e.g. 1h, 30m).
     #[arg(long, env = "UPGRADE_DRAIN_DEADLINE", value_parser = parse_duration, default_value = "1h")]
     pub upgrade_drain_deadline: Duration,
+    /// Certificate revocation lists (PEM or DER) that HBONE peers are checked against, watched
+    /// for changes; unset or empty: no revocation checking. Istio's chart mounts them at
+    /// /var/run/secrets/istio/crl/ca-crl.pem.
+    #[arg(long, env = "CRL_PATH")]
+    pub crl_path: Option<PathBuf>,
     /// A workload whose application tunnel speaks PROXY protocol gets its inbound streams on its
     /// loopback address (so that only the proxy can reach its PROXY port), as ztunnel.
     #[arg(long, env = "LOCALHOST_APP_TUNNEL", default_value = "true", value_parser = parse_bool, action = clap::ArgAction::Set)]
@@ -942,6 +951,7 @@ impl Args {
             splice_after: self.splice_after,
             handoff_socket: self.handoff_socket.clone(),
             upgrade_drain_deadline: self.upgrade_drain_deadline,
+            crl_path: self.crl_path.filter(|p| !p.as_os_str().is_empty()),
             inpod: shared.then_some(InpodSettings {
                 uds: self.inpod_uds,
                 port_reuse: self.inpod_port_reuse,

@@ -117,11 +117,46 @@ pub enum ChannelError {
     Connect { address: String, detail: String },
 }
 
-/// Opens a channel to `address` (`https://` with TLS verified against `root_ca`, or `http://`),
-/// its socket carrying the packet `mark` (0 = none).
+/// The control plane's trust root as read now: what a channel is opened with, and what decides
+/// whether a kept channel still fits the configured root (the file may have been rotated).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LoadedRoot {
+    /// The operating system's trust store (also for `http://`, where it is not used).
+    System,
+    /// PEM text, from the configuration or read from the file.
+    Pem(Vec<u8>),
+}
+
+impl LoadedRoot {
+    /// Reads the root file now (a rotated file is seen at the next call).
+    pub fn load(root_ca: Option<&RootCa>) -> Result<LoadedRoot, ChannelError> {
+        Ok(match root_ca {
+            None | Some(RootCa::System) => LoadedRoot::System,
+            Some(RootCa::Pem(pem)) => LoadedRoot::Pem(pem.clone().into_bytes()),
+            Some(RootCa::File(path)) => {
+                LoadedRoot::Pem(std::fs::read(path).map_err(|source| ChannelError::RootCa {
+                    path: path.display().to_string(),
+                    source,
+                })?)
+            }
+        })
+    }
+}
+
+/// Opens a channel to `address` (`https://` with TLS verified against `root_ca`, read now, or
+/// `http://`), its socket carrying the packet `mark` (0 = none).
 pub async fn connect(
     address: &str,
     root_ca: Option<&RootCa>,
+    mark: u32,
+) -> Result<Channel, ChannelError> {
+    connect_loaded(address, &LoadedRoot::load(root_ca)?, mark).await
+}
+
+/// [`connect`] with a root already read.
+pub async fn connect_loaded(
+    address: &str,
+    root: &LoadedRoot,
     mark: u32,
 ) -> Result<Channel, ChannelError> {
     let bad = |reason: String| ChannelError::Address {
@@ -141,17 +176,10 @@ pub async fn connect(
             .unwrap_or_default()
             .trim_matches(['[', ']'])
             .to_owned();
-        let mut tls = ClientTlsConfig::new().domain_name(host);
-        tls = match root_ca {
-            None | Some(RootCa::System) => tls.with_native_roots(),
-            Some(RootCa::Pem(pem)) => tls.ca_certificate(Certificate::from_pem(pem)),
-            Some(RootCa::File(path)) => {
-                let pem = std::fs::read(path).map_err(|source| ChannelError::RootCa {
-                    path: path.display().to_string(),
-                    source,
-                })?;
-                tls.ca_certificate(Certificate::from_pem(pem))
-            }
+        let tls = ClientTlsConfig::new().domain_name(host);
+        let tls = match root {
+            LoadedRoot::System => tls.with_native_roots(),
+            LoadedRoot::Pem(pem) => tls.ca_certificate(Certificate::from_pem(pem)),
         };
         ep = ep.tls_config(tls).map_err(|e| bad(error_chain(&e)))?;
     }

@@ -10,7 +10,7 @@ mod cert;
 mod local_ca;
 mod manager;
 
-pub use ca_client::{CaClient, FetchError, IstioCaSettings, DEFAULT_CA_TIMEOUT};
+pub use ca_client::{CaClient, FetchError, IstioCa, IstioCaSettings, DEFAULT_CA_TIMEOUT};
 pub use cert::{leaf_facts, pem_certs, refresh_at, CertError, WorkloadCert};
 pub use local_ca::{csr_for, der_to_pem, workload_cert_from_chain, CaError, LocalCa};
 pub use manager::{CertHold, CertState, CertStatus, NoCertificate, SecretManager};

@@ -157,6 +157,9 @@ impl Metrics {
                 proxy: sources.proxy.clone(),
             }));
         }
+        if let Some(rev) = &sources.proxy.hbone.revocation {
+            registry.register_collector(Box::new(collect::Revocation(rev.clone())));
+        }
         registry.register_collector(Box::new(collect::Hbone(sources.proxy)));
         registry.register_collector(Box::new(collect::Limits(sources.limits)));
         if let Some(x) = sources.xds {

@@ -143,9 +143,19 @@ pub struct HboneState {
     outbound_tls: AtomicU64,
     /// Per-tunnel counters (opened, failed, bytes, CONNECT statuses).
     pub tunnels: Arc<access::TunnelCounters>,
+    /// `CRL_PATH`'s revocation lists: checked at both ends' handshakes; a live connection whose
+    /// peer a new list revokes is closed.
+    pub revocation: Option<Arc<crate::tls::Revocation>>,
 }
 
 impl HboneState {
+    pub fn new(revocation: Option<Arc<crate::tls::Revocation>>) -> Self {
+        Self {
+            revocation,
+            ..Self::default()
+        }
+    }
+
     /// TLS connections accepted by the inbound HBONE listener (each carries many tunnels).
     pub fn inbound_tls_connections(&self) -> u64 {
         self.inbound_tls.load(Ordering::Relaxed)

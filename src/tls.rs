@@ -17,6 +17,7 @@
 //! Not here: obtaining or renewing certificates (`identity`), choosing which identity to serve for a
 //! destination IP, HTTP/2 and CONNECT (`proxy`), authorization of the peer identity (`rbac`).
 
+pub mod crl;
 mod resolve;
 mod verify;
 
@@ -31,6 +32,7 @@ use rustls_pki_types::CertificateDer;
 use crate::identity::{leaf_facts, CertError, SecretManager, WorkloadCert};
 use crate::model::SpiffeId;
 
+pub use crl::Revocation;
 pub use resolve::{CertifiedKeyCache, SourceResolver};
 
 /// The ALPN protocol HBONE speaks.
@@ -51,7 +53,7 @@ pub enum TlsError {
     #[error("TLS configuration: {0}")]
     Config(#[from] rustls::Error),
     #[error(
-        "no trust root given: expected at least one mesh root certificate (is CA_ROOT_CA set?)"
+        "no trust root given: expected at least one mesh root certificate (the CA's answer ends with them)"
     )]
     NoRoots,
     #[error("trust root #{index} is not a usable certificate: {source}")]
@@ -86,12 +88,14 @@ pub enum TlsError {
     ForeignClient { expected: String, found: SpiffeId },
     #[error(
         "{role} certificate is not issued by the mesh root ({reason}): is the peer in another \
-         mesh, or is the configured root (CA_ROOT_CA) wrong?"
+         mesh, or did the CA send the wrong roots?"
     )]
     Untrusted {
         role: &'static str,
         reason: &'static str,
     },
+    #[error("{role} certificate chain could not be checked against the revocation lists (CRL_PATH): {reason}")]
+    Revocation { role: &'static str, reason: String },
 }
 
 /// The message, not the structure: rustls formats `CertificateError::Other` with `{:?}`, and that
@@ -179,11 +183,13 @@ impl CertSource for ManagedCert {
 
 /// The client side of HBONE: presents `source`'s current certificate, and accepts a server whose
 /// chain verifies against `roots` and whose SPIFFE ID is one of `expected` (the destination
-/// workload's identity, or the service's `subject_alt_names`).
+/// workload's identity, or the service's `subject_alt_names`) and whose chain no revocation list
+/// of `revocation` revokes.
 pub fn client_config(
     source: Arc<dyn CertSource>,
     roots: Vec<CertificateDer<'static>>,
     expected: Vec<SpiffeId>,
+    revocation: Option<Arc<Revocation>>,
 ) -> Result<Arc<ClientConfig>, TlsError> {
     if expected.is_empty() {
         return Err(TlsError::NoExpectedIdentity);
@@ -193,6 +199,7 @@ pub fn client_config(
         root_store(roots)?,
         expected,
         provider.signature_verification_algorithms,
+        revocation,
     );
     let resolver = SourceResolver::new(source);
     let mut config = ClientConfig::builder_with_provider(provider)
@@ -207,17 +214,19 @@ pub fn client_config(
 }
 
 /// The server side of HBONE: presents what `resolver` picks, requires a client certificate that
-/// chains to `roots`, and accepts only SPIFFE IDs of `trust_domain`.
+/// chains to `roots` and that no list of `revocation` revokes, and accepts only SPIFFE IDs of
+/// `trust_domain`.
 pub fn server_config(
     resolver: Arc<dyn ResolvesServerCert>,
     roots: Vec<CertificateDer<'static>>,
     trust_domain: &str,
+    revocation: Option<Arc<Revocation>>,
 ) -> Result<Arc<ServerConfig>, TlsError> {
     let provider = provider();
+    let roots = Arc::new(root_store(roots)?);
     let webpki =
-        WebPkiClientVerifier::builder_with_provider(Arc::new(root_store(roots)?), provider.clone())
-            .build()?;
-    let verifier = verify::ClientIdentity::new(webpki, trust_domain);
+        WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone()).build()?;
+    let verifier = verify::ClientIdentity::new(webpki, trust_domain, roots, revocation);
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(Arc::new(verifier))

@@ -26,6 +26,7 @@ mod integration {
     mod raw_hbone;
     mod rbac;
     mod redirect;
+    mod trust;
     mod upgrade;
     mod waypoint;
     mod xds;

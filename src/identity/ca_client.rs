@@ -6,10 +6,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rustls_pki_types::CertificateDer;
+use tonic::transport::Channel;
 
 use super::cert::{pem_certs, CertError, WorkloadCert};
 use super::local_ca::{csr_for, workload_cert_from_chain, CaError, LocalCa};
-use crate::control_plane::{self, ChannelError, RootCa};
+use crate::control_plane::{self, ChannelError, LoadedRoot, RootCa};
 use crate::model::SpiffeId;
 use crate::proto::istio::ca::istio_certificate_service_client::IstioCertificateServiceClient;
 use crate::proto::istio::ca::IstioCertificateRequest;
@@ -72,7 +73,7 @@ pub enum FetchError {
 /// A certificate authority l4mesh can ask.
 #[derive(Clone)]
 pub enum CaClient {
-    Istio(IstioCaSettings),
+    Istio(Arc<IstioCa>),
     /// Self-signed, in-process (`FAKE_CA`, local mode).
     Local {
         ca: Arc<LocalCa>,
@@ -83,83 +84,134 @@ pub enum CaClient {
 impl std::fmt::Debug for CaClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            CaClient::Istio(s) => write!(f, "IstioCa({})", s.address),
+            CaClient::Istio(ca) => write!(f, "IstioCa({})", ca.settings.address),
             CaClient::Local { ttl, .. } => write!(f, "LocalCa(ttl {ttl:?})"),
         }
     }
 }
 
 impl CaClient {
+    /// Istio's CA at `settings.address`, its channel opened at the first request.
+    pub fn istio(settings: IstioCaSettings) -> CaClient {
+        CaClient::Istio(Arc::new(IstioCa {
+            settings,
+            channel: tokio::sync::Mutex::new(None),
+        }))
+    }
+
     /// Obtains a fresh certificate for `id`.
     pub async fn fetch(&self, id: &SpiffeId) -> Result<WorkloadCert, FetchError> {
         match self {
             CaClient::Local { ca, ttl } => Ok(ca.issue(id, *ttl)?),
-            CaClient::Istio(s) => match tokio::time::timeout(s.timeout, fetch_istio(s, id)).await {
-                Ok(r) => r,
-                Err(_) => Err(FetchError::Timeout {
-                    address: s.address.clone(),
-                    identity: id.clone(),
-                    after: s.timeout,
-                }),
-            },
+            CaClient::Istio(ca) => {
+                let s = &ca.settings;
+                let answer = match tokio::time::timeout(s.timeout, ca.fetch(id)).await {
+                    Ok(answer) => answer,
+                    Err(_) => Err(FetchError::Timeout {
+                        address: s.address.clone(),
+                        identity: id.clone(),
+                        after: s.timeout,
+                    }),
+                };
+                if answer.as_ref().is_err_and(FetchError::unreachable) {
+                    // The next request reconnects (and resolves the address) afresh.
+                    *ca.channel.lock().await = None;
+                }
+                answer
+            }
         }
     }
 }
 
-async fn fetch_istio(s: &IstioCaSettings, id: &SpiffeId) -> Result<WorkloadCert, FetchError> {
-    let channel = control_plane::connect(&s.address, s.root_ca.as_ref(), s.packet_mark).await?;
-    let (csr, key) = csr_for(id)?;
-    let metadata = (s.own_identity.as_ref() != Some(id)).then(|| {
-        use prost_types::{value::Kind, Struct, Value};
-        let mut fields = std::collections::BTreeMap::new();
-        fields.insert(
-            "ImpersonatedIdentity".to_owned(),
-            Value {
-                kind: Some(Kind::StringValue(id.to_string())),
-            },
-        );
-        Struct { fields }
-    });
-    let mut req = tonic::Request::new(IstioCertificateRequest {
-        csr,
-        validity_duration: i64::try_from(s.ttl.as_secs()).unwrap_or(i64::MAX),
-        metadata,
-    });
-    control_plane::add_credentials(&mut req, s.auth_token.as_deref(), &s.cluster_id);
-    let resp = IstioCertificateServiceClient::new(channel)
-        .create_certificate(req)
-        .await
-        .map_err(|status| FetchError::Refused {
-            address: s.address.clone(),
-            identity: id.clone(),
-            status: Box::new(status),
-        })?
-        .into_inner();
-    let bad = |source| FetchError::BadCertificate {
-        address: s.address.clone(),
-        identity: id.clone(),
-        source,
-    };
-    let roots = mesh_roots(s.root_ca.as_ref(), &resp.cert_chain).map_err(bad)?;
-    workload_cert_from_chain(id, &resp.cert_chain, key, roots).map_err(bad)
+/// Istio's CA with the one gRPC channel every request shares: renewals of many identities at once
+/// ride one HTTP/2 connection instead of a TCP and TLS handshake each.
+pub struct IstioCa {
+    settings: IstioCaSettings,
+    /// The channel and the root it verifies the CA with; reopened when the root file's content
+    /// changes (the CA's serving certificate follows a root rotation) or the CA was unreachable.
+    channel: tokio::sync::Mutex<Option<(LoadedRoot, Channel)>>,
 }
 
-/// The roots a returned chain must verify against: the configured root when it is a PEM we hold,
-/// else the last certificate of the chain (Istio sends its root last).
-fn mesh_roots(
-    configured: Option<&RootCa>,
-    chain: &[String],
-) -> Result<Vec<CertificateDer<'static>>, CertError> {
-    match configured {
-        Some(RootCa::Pem(pem)) => pem_certs(pem),
-        Some(RootCa::File(path)) => {
-            let pem = std::fs::read_to_string(path)
-                .map_err(|e| CertError::Parse(format!("{}: {e}", path.display())))?;
-            pem_certs(&pem)
+impl FetchError {
+    /// Whether the channel itself failed (connect, TLS, a dead connection, no answer), as opposed
+    /// to the CA answering: then it is opened anew for the next request.
+    fn unreachable(&self) -> bool {
+        match self {
+            FetchError::Channel(_) | FetchError::Timeout { .. } => true,
+            FetchError::Refused { status, .. } => matches!(
+                status.code(),
+                tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Internal
+            ),
+            FetchError::BadCertificate { .. } | FetchError::Local(_) => false,
         }
-        None | Some(RootCa::System) => {
-            let last = chain.last().ok_or(CertError::EmptyChain)?;
-            pem_certs(last)
+    }
+}
+
+impl IstioCa {
+    /// The shared channel, opened (again) if there is none or the root it was opened with is no
+    /// longer the configured one.
+    async fn channel(&self) -> Result<Channel, ChannelError> {
+        let s = &self.settings;
+        let root = LoadedRoot::load(s.root_ca.as_ref())?;
+        let mut cached = self.channel.lock().await;
+        if let Some((used, channel)) = cached.as_ref() {
+            if *used == root {
+                return Ok(channel.clone());
+            }
+            tracing::info!(address = %s.address, "the CA's root certificate changed; reconnecting with the new one");
         }
+        let channel = control_plane::connect_loaded(&s.address, &root, s.packet_mark).await?;
+        *cached = Some((root, channel.clone()));
+        Ok(channel)
+    }
+
+    async fn fetch(&self, id: &SpiffeId) -> Result<WorkloadCert, FetchError> {
+        let s = &self.settings;
+        let channel = self.channel().await?;
+        let (csr, key) = csr_for(id)?;
+        let metadata = (s.own_identity.as_ref() != Some(id)).then(|| {
+            use prost_types::{value::Kind, Struct, Value};
+            let mut fields = std::collections::BTreeMap::new();
+            fields.insert(
+                "ImpersonatedIdentity".to_owned(),
+                Value {
+                    kind: Some(Kind::StringValue(id.to_string())),
+                },
+            );
+            Struct { fields }
+        });
+        let mut req = tonic::Request::new(IstioCertificateRequest {
+            csr,
+            validity_duration: i64::try_from(s.ttl.as_secs()).unwrap_or(i64::MAX),
+            metadata,
+        });
+        control_plane::add_credentials(&mut req, s.auth_token.as_deref(), &s.cluster_id);
+        let resp = IstioCertificateServiceClient::new(channel)
+            .create_certificate(req)
+            .await
+            .map_err(|status| FetchError::Refused {
+                address: s.address.clone(),
+                identity: id.clone(),
+                status: Box::new(status),
+            })?
+            .into_inner();
+        let bad = |source| FetchError::BadCertificate {
+            address: s.address.clone(),
+            identity: id.clone(),
+            source,
+        };
+        let roots = mesh_roots(&resp.cert_chain).map_err(bad)?;
+        workload_cert_from_chain(id, &resp.cert_chain, key, roots).map_err(bad)
+    }
+}
+
+/// The mesh roots, as ztunnel takes them: every certificate of the chain's last element (Istio
+/// sends its root last, and while a root rotates that element holds the old and the new root).
+/// The CA's own root (`CA_ROOT_CA`) only verifies the CA's serving certificate.
+fn mesh_roots(chain: &[String]) -> Result<Vec<CertificateDer<'static>>, CertError> {
+    match chain {
+        [] => Err(CertError::EmptyChain),
+        [_leaf] => Err(CertError::NoRoot),
+        [.., roots] => pem_certs(roots),
     }
 }

@@ -14,6 +14,10 @@ pub enum CertError {
     Parse(String),
     #[error("certificate chain is empty: expected the leaf first, then intermediates, root last")]
     EmptyChain,
+    #[error(
+        "certificate chain holds only the leaf: expected the mesh root(s) as its last element"
+    )]
+    NoRoot,
     #[error("certificate has no spiffe:// URI SAN: expected exactly one SPIFFE identity")]
     NoSpiffeId,
     #[error("certificate carries {found}, expected {expected}")]

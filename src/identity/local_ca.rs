@@ -267,6 +267,37 @@ impl LocalCa {
         Ok(chain)
     }
 
+    /// A revocation list signed by this CA (PEM `X509 CRL`) that revokes the certificates it
+    /// issued with these serial numbers (DER `INTEGER` contents), valid from a minute ago for a
+    /// day: what `CRL_PATH` reads.
+    pub fn revocation_list(&self, serials: &[Vec<u8>]) -> Result<String, CaError> {
+        let now = SystemTime::now();
+        let epoch = rcgen::date_time_ymd(1970, 1, 1);
+        let at = |t: SystemTime| {
+            t.duration_since(UNIX_EPOCH)
+                .map(|d| epoch + Duration::from_secs(d.as_secs()))
+                .map_err(|_| CaError::Validity(format!("{t:?}")))
+        };
+        let this_update = at(earlier(now, CLOCK_SKEW))?;
+        let params = rcgen::CertificateRevocationListParams {
+            this_update,
+            next_update: at(later(now, Duration::from_secs(86_400))?)?,
+            crl_number: random_serial(),
+            issuing_distribution_point: None,
+            revoked_certs: serials
+                .iter()
+                .map(|serial| rcgen::RevokedCertParams {
+                    serial_number: SerialNumber::from_slice(serial),
+                    revocation_time: this_update,
+                    reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        };
+        Ok(params.signed_by(&self.issuer)?.pem()?)
+    }
+
     /// Issues a throw-away certificate and verifies it against the root: catches a plug-in CA
     /// whose names, key or validity would make every workload certificate fail at handshake time.
     fn self_test(&self) -> Result<(), CaError> {

@@ -214,30 +214,108 @@ impl Collector for Limits {
     }
 }
 
-/// The data-plane runtime's stable figures.
+/// The data-plane runtime's figures, under ztunnel's names (its `tokio_` collector): a dashboard
+/// built for ztunnel reads them. As in ztunnel, the park counts are counters whose samples carry
+/// no `_total` suffix.
 #[derive(Debug)]
 pub struct Runtime(pub tokio::runtime::Handle);
 
 impl Collector for Runtime {
     fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
         let m = self.0.metrics();
+        let workers = m.num_workers();
         gauges(
             &mut enc,
-            "l4mesh_tokio_workers",
-            "Worker threads of the data-plane runtime",
-            one(m.num_workers() as i64),
+            "tokio_num_workers",
+            "the number of worker threads used by the runtime",
+            one(workers as i64),
         )?;
         gauges(
             &mut enc,
-            "l4mesh_tokio_alive_tasks",
-            "Tasks alive on the data-plane runtime (about one per open connection, plus listeners)",
+            "tokio_global_queue_depth",
+            "the number of tasks currently scheduled in the runtime's global queue",
+            one(m.global_queue_depth() as i64),
+        )?;
+        gauges(
+            &mut enc,
+            "tokio_num_alive_tasks",
+            "the number of alive tasks in the runtime",
             one(m.num_alive_tasks() as i64),
         )?;
+        let per_worker = |f: &dyn Fn(usize) -> f64| {
+            (0..workers)
+                .map(|w| (label("worker", w.to_string()), f(w)))
+                .collect::<Vec<_>>()
+        };
+        counters(
+            &mut enc,
+            "tokio_worker_total_busy_duration_seconds",
+            "the amount of time worker threads have been busy",
+            per_worker(&|w| m.worker_total_busy_duration(w).as_secs_f64()),
+        )?;
+        let counts = |f: &dyn Fn(usize) -> u64| {
+            (0..workers)
+                .map(|w| {
+                    (
+                        label("worker", w.to_string()),
+                        i64::try_from(f(w)).unwrap_or(i64::MAX),
+                    )
+                })
+                .collect::<Vec<_>>()
+        };
+        family(
+            &mut enc,
+            "tokio_worker_park_count",
+            "the total number of times the given worker thread has parked",
+            MetricType::Counter,
+            counts(&|w| m.worker_park_count(w)),
+            ConstGauge::new,
+        )?;
+        family(
+            &mut enc,
+            "tokio_worker_park_unpark_count",
+            "the total number of times the given worker thread has parked and unparked",
+            MetricType::Counter,
+            counts(&|w| m.worker_park_unpark_count(w)),
+            ConstGauge::new,
+        )
+    }
+}
+
+/// Certificate revocation (`CRL_PATH`), as ztunnel counts it; absent without revocation lists.
+#[derive(Debug)]
+pub struct Revocation(pub Arc<crate::tls::Revocation>);
+
+impl Collector for Revocation {
+    fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
+        use crate::tls::crl::Checker;
+        let c = &self.0.counts;
+        let by_reporter = |f: &dyn Fn(Checker) -> u64| {
+            [Checker::Client, Checker::Server].map(|k| (label("reporter", k.reporter()), f(k)))
+        };
+        counters(
+            &mut enc,
+            "istio_crl_policy_rejections",
+            "The total number of connections rejected due to CRL certificate revocation (unstable)",
+            by_reporter(&|k| c.rejections(k)),
+        )?;
+        counters(
+            &mut enc,
+            "istio_crl_untracked_connections",
+            "The total number of connections not tracked for CRL existing-connection enforcement because a peer certificate failed to parse (unstable)",
+            by_reporter(&|k| c.untracked(k)),
+        )?;
         gauges(
             &mut enc,
-            "l4mesh_tokio_global_queue_depth",
-            "Tasks waiting in the data-plane runtime's global queue (a high value means it is overloaded)",
-            one(m.global_queue_depth() as i64),
+            "l4mesh_crl_lists",
+            "Certificate revocation lists loaded from CRL_PATH",
+            one(self.0.lists() as i64),
+        )?;
+        gauges(
+            &mut enc,
+            "l4mesh_crl_tracked_connections",
+            "Live HBONE connections that a new revocation list would close if it revoked their peer",
+            one(self.0.tracked() as i64),
         )
     }
 }

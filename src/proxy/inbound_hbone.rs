@@ -26,6 +26,7 @@ use super::{ProxyCtx, ProxyError};
 use crate::model::{SpiffeId, Workload};
 use crate::rbac::ConnCtx;
 use crate::store::Snapshot;
+use crate::tls::crl::{Checker, Tracking};
 use crate::tls::{self, ManagedCert, SourceResolver};
 
 /// How long a client has to complete the TLS and HTTP/2 handshakes.
@@ -39,10 +40,11 @@ pub struct ServerConfigs {
 }
 
 /// A server config and the roots it was built with.
-type Built = (Vec<CertificateDer<'static>>, Arc<ServerConfig>);
+type Built = (Arc<Vec<CertificateDer<'static>>>, Arc<ServerConfig>);
 
 impl ServerConfigs {
-    async fn get(&self, ctx: &ProxyCtx, wl: &Workload) -> Result<Arc<ServerConfig>, ProxyError> {
+    /// The config for `wl`'s identity and the roots it verifies clients with.
+    async fn get(&self, ctx: &ProxyCtx, wl: &Workload) -> Result<Built, ProxyError> {
         let id = wl.identity();
         let cert = ctx.secrets.fetch(&id).await?;
         let lock = || {
@@ -51,14 +53,20 @@ impl ServerConfigs {
                 .unwrap_or_else(PoisonError::into_inner)
         };
         if let Some((roots, cfg)) = lock().get(&id) {
-            if *roots == cert.roots {
-                return Ok(cfg.clone());
+            if **roots == cert.roots {
+                return Ok((roots.clone(), cfg.clone()));
             }
         }
         let resolver = SourceResolver::new(ManagedCert::new(ctx.secrets.clone(), id.clone()));
-        let cfg = tls::server_config(Arc::new(resolver), cert.roots.clone(), &wl.trust_domain)?;
-        lock().insert(id, (cert.roots.clone(), cfg.clone()));
-        Ok(cfg)
+        let cfg = tls::server_config(
+            Arc::new(resolver),
+            cert.roots.clone(),
+            &wl.trust_domain,
+            ctx.hbone.revocation.clone(),
+        )?;
+        let built = (Arc::new(cert.roots.clone()), cfg);
+        lock().insert(id, built.clone());
+        Ok(built)
     }
 }
 
@@ -88,9 +96,9 @@ pub(super) async fn serve(
         }
     };
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&ctx, tcp, dialled)).await {
-        Ok(Ok((conn, peer))) => {
+        Ok(Ok((conn, peer, tracking))) => {
             watcher.uncount();
-            serve_h2(ctx, conn, src, dialled, peer).await
+            serve_h2(ctx, conn, src, dialled, peer, tracking).await
         }
         Ok(Err(e)) => ConnLog::new("inbound", "inbound_hbone", src, dialled)
             .in_pod(ctx.pod_name())
@@ -108,20 +116,21 @@ pub(super) async fn serve(
 
 type ServerConn = h2::server::Connection<tokio_rustls::server::TlsStream<TcpStream>, Bytes>;
 
-/// TLS with the dialled workload's certificate, then HTTP/2; returns the connection and the
-/// client's proven identity.
+/// TLS with the dialled workload's certificate, then HTTP/2; returns the connection, the
+/// client's proven identity, and (with `CRL_PATH`) the connection's tracking for revocation.
 async fn handshake(
     ctx: &ProxyCtx,
     tcp: TcpStream,
     dialled: SocketAddr,
-) -> Result<(ServerConn, SpiffeId), ProxyError> {
+) -> Result<(ServerConn, SpiffeId, Option<Tracking>), ProxyError> {
     let wl = ctx
         .local_workload(&ctx.store.load(), dialled.ip())
         .ok_or_else(|| ProxyError::NotLocalWorkload {
             dst: dialled,
             node: ctx.node_name.clone(),
         })?;
-    let cfg = ctx.hbone.server_configs.get(ctx, &wl).await?;
+    let (roots, cfg) = ctx.hbone.server_configs.get(ctx, &wl).await?;
+    let since = ctx.hbone.revocation.as_ref().map(|r| r.generation());
     let tls = tokio_rustls::TlsAcceptor::from(cfg)
         .accept(tcp)
         .await
@@ -131,23 +140,29 @@ async fn handshake(
             source: e,
         })?;
     let peer = tls::peer_identity(tls.get_ref().1)?;
+    let tracking = match (&ctx.hbone.revocation, since) {
+        (Some(rev), Some(since)) => Some(rev.track(tls.get_ref().1, roots, Checker::Server, since)),
+        _ => None,
+    };
     ctx.hbone.count_inbound();
     let conn = h2io::server_builder(&ctx.h2)
         .handshake(tls)
         .await
         .map_err(|e| ProxyError::HboneHandshake(e.to_string()))?;
-    Ok((conn, peer))
+    Ok((conn, peer, tracking))
 }
 
 /// Accepts CONNECT streams until the connection ends. When a drain starts, the peer gets a
 /// GOAWAY (it opens new tunnels elsewhere) while the streams already open continue; at the drain
-/// deadline the connection is dropped.
+/// deadline the connection is dropped. When a revocation list revokes the client's certificate,
+/// the connection ends at once (a GOAWAY, then it is dropped with its streams).
 async fn serve_h2(
     ctx: Arc<ProxyCtx>,
     mut conn: ServerConn,
     src: SocketAddr,
     dialled: SocketAddr,
     peer: SpiffeId,
+    mut tracking: Option<Tracking>,
 ) {
     let peer = Arc::new(peer);
     let drain = ctx.drain.clone();
@@ -171,11 +186,24 @@ async fn serve_h2(
             Some(p) if ping_sent => p.poll_pong(cx),
             _ => std::task::Poll::Pending,
         });
+        let revoked = async {
+            match tracking.as_mut() {
+                Some(t) => t.revoked().await,
+                None => std::future::pending().await,
+            }
+        };
         // Biased: a pong that arrived is seen before the tick that would call it missing.
         let next = tokio::select! {
             biased;
             () = &mut forced => {
                 tracing::debug!(%src, %dialled, "HBONE connection closed at the drain deadline");
+                return;
+            }
+            () = revoked => {
+                tracing::warn!(%src, %dialled, peer = %peer, "the HBONE client's certificate is now revoked (CRL_PATH): closing its connection and its tunnels");
+                conn.abrupt_shutdown(h2::Reason::NO_ERROR);
+                // Flush the GOAWAY, briefly: the streams are not waited for.
+                let _ = tokio::time::timeout(Duration::from_millis(100), conn.accept()).await;
                 return;
             }
             r = pong => {

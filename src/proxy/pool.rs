@@ -26,6 +26,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use super::h2io::{self, H2Recv, H2Send};
 use super::{ProxyCtx, ProxyError};
 use crate::model::SpiffeId;
+use crate::tls::crl::{Checker, Tracking};
 use crate::tls::{self, ManagedCert};
 
 /// What a pooled connection is for.
@@ -147,6 +148,7 @@ impl Pool {
             ManagedCert::new(ctx.secrets.clone(), key.src.clone()),
             roots.to_vec(),
             key.expected.clone(),
+            ctx.hbone.revocation.clone(),
         )?;
         configs.insert(id, (roots.to_vec(), cfg.clone()));
         Ok(cfg)
@@ -270,6 +272,7 @@ async fn request(
 async fn connect(ctx: &ProxyCtx, key: &PoolKey) -> Result<Conn, ProxyError> {
     let cert = ctx.secrets.fetch(&key.src).await?;
     let cfg = ctx.hbone.pool.client_config(ctx, key, &cert.roots)?;
+    let since = ctx.hbone.revocation.as_ref().map(|r| r.generation());
     let tcp = crate::socket::connect(key.addr, &ctx.upstream)
         .await
         .map_err(|source| ProxyError::Connect {
@@ -284,6 +287,15 @@ async fn connect(ctx: &ProxyCtx, key: &PoolKey) -> Result<Conn, ProxyError> {
             inbound: false,
             source,
         })?;
+    let tracking = match (&ctx.hbone.revocation, since) {
+        (Some(rev), Some(since)) => Some(rev.track(
+            tls.get_ref().1,
+            Arc::new(cert.roots.clone()),
+            Checker::Client,
+            since,
+        )),
+        _ => None,
+    };
     let (send, conn) = h2io::client_builder(&ctx.h2)
         .handshake(tls)
         .await
@@ -305,6 +317,7 @@ async fn connect(ctx: &ProxyCtx, key: &PoolKey) -> Result<Conn, ProxyError> {
             ping_interval: ctx.h2.ping_interval,
         },
         key.addr,
+        tracking,
     );
     tokio::spawn(async move {
         let _live = live;
@@ -339,14 +352,16 @@ impl Default for Liveness {
     }
 }
 
-/// Drives `conn` until it ends, misses a PING, or stays idle too long; then marks it `dead` so
-/// the pool never hands it out again.
+/// Drives `conn` until it ends, misses a PING, stays idle too long, or a revocation list revokes
+/// the server's certificate (then it is dropped at once: its streams are reset); then marks it
+/// `dead` so the pool never hands it out again.
 async fn keep<T>(
     mut conn: h2::client::Connection<T, Bytes>,
     active: Arc<AtomicUsize>,
     dead: Arc<AtomicBool>,
     live: Liveness,
     addr: SocketAddr,
+    mut tracking: Option<Tracking>,
 ) where
     T: AsyncRead + AsyncWrite + Unpin,
 {
@@ -364,8 +379,18 @@ async fn keep<T>(
             _ => std::task::Poll::Pending,
         });
         // Biased: a pong that arrived is seen before the tick that would call it missing.
+        let revoked = async {
+            match tracking.as_mut() {
+                Some(t) => t.revoked().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             biased;
+            () = revoked => {
+                tracing::warn!(%addr, "the HBONE server's certificate is now revoked (CRL_PATH): closing the connection and its tunnels");
+                break "peer certificate revoked".to_string();
+            }
             r = &mut conn => break match r {
                 Ok(()) => "closed".to_string(),
                 Err(e) => e.to_string(),

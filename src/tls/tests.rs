@@ -13,33 +13,33 @@ use tokio_rustls::{client, server, TlsAcceptor, TlsConnector};
 use super::*;
 use crate::identity::LocalCa;
 
-const TD: &str = "cluster.local";
+pub(super) const TD: &str = "cluster.local";
 const HOUR: Duration = Duration::from_secs(3600);
 
 fn id(td: &str, ns: &str, sa: &str) -> SpiffeId {
     SpiffeId::new(td, ns, sa)
 }
 
-fn client_id() -> SpiffeId {
+pub(super) fn client_id() -> SpiffeId {
     id(TD, "a", "x")
 }
 
-fn server_id() -> SpiffeId {
+pub(super) fn server_id() -> SpiffeId {
     id(TD, "b", "y")
 }
 
 /// A certificate source whose certificate the test swaps.
 #[derive(Debug, Default)]
-struct Swappable(Mutex<Option<Arc<WorkloadCert>>>);
+pub(super) struct Swappable(Mutex<Option<Arc<WorkloadCert>>>);
 
 impl Swappable {
-    fn with(cert: WorkloadCert) -> Arc<Self> {
+    pub(super) fn with(cert: WorkloadCert) -> Arc<Self> {
         let source = Arc::new(Self::default());
         source.set(cert);
         source
     }
 
-    fn set(&self, cert: WorkloadCert) {
+    pub(super) fn set(&self, cert: WorkloadCert) {
         *self.0.lock().unwrap() = Some(Arc::new(cert));
     }
 }
@@ -50,20 +50,27 @@ impl CertSource for Swappable {
     }
 }
 
-fn client_cfg(source: Arc<dyn CertSource>, ca: &LocalCa, expected: SpiffeId) -> Arc<ClientConfig> {
-    client_config(source, ca.roots(), vec![expected]).unwrap()
+pub(super) fn client_cfg(
+    source: Arc<dyn CertSource>,
+    ca: &LocalCa,
+    expected: SpiffeId,
+) -> Arc<ClientConfig> {
+    client_config(source, ca.roots(), vec![expected], None).unwrap()
 }
 
-fn server_cfg(source: Arc<dyn CertSource>, ca: &LocalCa) -> Arc<ServerConfig> {
-    server_config(Arc::new(SourceResolver::new(source)), ca.roots(), TD).unwrap()
+pub(super) fn server_cfg(source: Arc<dyn CertSource>, ca: &LocalCa) -> Arc<ServerConfig> {
+    server_config(Arc::new(SourceResolver::new(source)), ca.roots(), TD, None).unwrap()
 }
 
-type Client = io::Result<client::TlsStream<TcpStream>>;
-type Server = io::Result<server::TlsStream<TcpStream>>;
+pub(super) type Client = io::Result<client::TlsStream<TcpStream>>;
+pub(super) type Server = io::Result<server::TlsStream<TcpStream>>;
 
 /// One connection: handshake, then "ping" from the client and "pong" back, so that a refusal of
 /// the client's certificate (which a TLS 1.3 client learns only after its handshake) surfaces.
-async fn connect(client: Arc<ClientConfig>, server: Arc<ServerConfig>) -> (Client, Server) {
+pub(super) async fn connect(
+    client: Arc<ClientConfig>,
+    server: Arc<ServerConfig>,
+) -> (Client, Server) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let server = tokio::spawn(async move {
@@ -93,7 +100,7 @@ async fn connect(client: Arc<ClientConfig>, server: Arc<ServerConfig>) -> (Clien
         .expect("handshake timed out")
 }
 
-fn err_text<T>(r: io::Result<T>) -> String {
+pub(super) fn err_text<T>(r: io::Result<T>) -> String {
     match r {
         Ok(_) => panic!("expected a failure"),
         Err(e) => e.to_string(),
@@ -320,12 +327,18 @@ fn provider_follows_the_wire_facts() {
 fn config_errors() {
     let ca = LocalCa::generate(TD).unwrap();
     let s: Arc<Swappable> = Arc::default();
-    let err = client_config(s.clone(), vec![], vec![server_id()]).unwrap_err();
+    let err = client_config(s.clone(), vec![], vec![server_id()], None).unwrap_err();
     assert!(matches!(err, TlsError::NoRoots), "{err}");
-    let err = client_config(s.clone(), ca.roots(), vec![]).unwrap_err();
+    let err = client_config(s.clone(), ca.roots(), vec![], None).unwrap_err();
     assert!(matches!(err, TlsError::NoExpectedIdentity), "{err}");
     let resolver = Arc::new(SourceResolver::new(s));
-    let err = server_config(resolver, vec![CertificateDer::from(vec![1, 2, 3])], TD).unwrap_err();
+    let err = server_config(
+        resolver,
+        vec![CertificateDer::from(vec![1, 2, 3])],
+        TD,
+        None,
+    )
+    .unwrap_err();
     assert!(matches!(err, TlsError::BadRoot { index: 0, .. }), "{err}");
 }
 

@@ -15,16 +15,19 @@ use rustls::{
 };
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 
+use super::crl::{Checker, Revocation};
 use super::TlsError;
 use crate::identity::leaf_facts;
 use crate::model::SpiffeId;
 
-/// Client side: the server must chain to the roots (usage serverAuth) and carry an expected ID.
+/// Client side: the server must chain to the roots (usage serverAuth), not be revoked, and carry
+/// an expected ID.
 #[derive(Debug)]
 pub(super) struct ServerIdentity {
     roots: RootCertStore,
     expected: Vec<SpiffeId>,
     algs: WebPkiSupportedAlgorithms,
+    revocation: Option<Arc<Revocation>>,
 }
 
 impl ServerIdentity {
@@ -32,11 +35,13 @@ impl ServerIdentity {
         roots: RootCertStore,
         expected: Vec<SpiffeId>,
         algs: WebPkiSupportedAlgorithms,
+        revocation: Option<Arc<Revocation>>,
     ) -> Self {
         Self {
             roots,
             expected,
             algs,
+            revocation,
         }
     }
 }
@@ -59,6 +64,14 @@ impl ServerCertVerifier for ServerIdentity {
             self.algs.all,
         )
         .map_err(|e| clarify(e, "server"))?;
+        not_revoked(
+            self.revocation.as_deref(),
+            end_entity,
+            intermediates,
+            &self.roots,
+            now,
+            Checker::Client,
+        )?;
         let found = identity_of(end_entity)?;
         if !self.expected.contains(&found) {
             return Err(refuse(TlsError::UnexpectedServer {
@@ -92,20 +105,30 @@ impl ServerCertVerifier for ServerIdentity {
     }
 }
 
-/// Server side: rustls's WebPKI client verifier (chain, usage clientAuth, validity), then the
-/// trust-domain rule. Client certificates are mandatory; no CA names are hinted (a workload has
-/// exactly one certificate to offer).
+/// Server side: rustls's WebPKI client verifier (chain, usage clientAuth, validity), the
+/// revocation lists, then the trust-domain rule. Client certificates are mandatory; no CA names
+/// are hinted (a workload has exactly one certificate to offer).
 #[derive(Debug)]
 pub(super) struct ClientIdentity {
     webpki: Arc<dyn ClientCertVerifier>,
     trust_domain: String,
+    /// The roots `webpki` verifies with, for the revocation check.
+    roots: Arc<RootCertStore>,
+    revocation: Option<Arc<Revocation>>,
 }
 
 impl ClientIdentity {
-    pub(super) fn new(webpki: Arc<dyn ClientCertVerifier>, trust_domain: &str) -> Self {
+    pub(super) fn new(
+        webpki: Arc<dyn ClientCertVerifier>,
+        trust_domain: &str,
+        roots: Arc<RootCertStore>,
+        revocation: Option<Arc<Revocation>>,
+    ) -> Self {
         Self {
             webpki,
             trust_domain: trust_domain.to_owned(),
+            roots,
+            revocation,
         }
     }
 }
@@ -132,6 +155,14 @@ impl ClientCertVerifier for ClientIdentity {
         self.webpki
             .verify_client_cert(end_entity, intermediates, now)
             .map_err(|e| clarify(e, "client"))?;
+        not_revoked(
+            self.revocation.as_deref(),
+            end_entity,
+            intermediates,
+            &self.roots,
+            now,
+            Checker::Server,
+        )?;
         let found = identity_of(end_entity)?;
         if found.trust_domain != self.trust_domain {
             return Err(refuse(TlsError::ForeignClient {
@@ -162,6 +193,37 @@ impl ClientCertVerifier for ClientIdentity {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.webpki.supported_verify_schemes()
+    }
+}
+
+/// The revocation check of a chain the handshake has verified: a revoked certificate is refused
+/// as rustls's `Revoked` (the peer gets a `certificate_revoked` alert).
+fn not_revoked(
+    revocation: Option<&Revocation>,
+    end_entity: &CertificateDer<'_>,
+    intermediates: &[CertificateDer<'_>],
+    roots: &RootCertStore,
+    now: UnixTime,
+    checker: Checker,
+) -> Result<(), Error> {
+    let Some(revocation) = revocation else {
+        return Ok(());
+    };
+    let mut chain = Vec::with_capacity(intermediates.len() + 1);
+    chain.push(end_entity.clone());
+    chain.extend(intermediates.iter().cloned());
+    match revocation.check(&chain, roots, now, checker) {
+        Ok(()) => Ok(()),
+        Err(webpki::Error::CertRevoked) => {
+            Err(Error::InvalidCertificate(CertificateError::Revoked))
+        }
+        Err(e) => Err(refuse(TlsError::Revocation {
+            role: match checker {
+                Checker::Client => "server",
+                Checker::Server => "client",
+            },
+            reason: format!("{e:?}"),
+        })),
     }
 }
 

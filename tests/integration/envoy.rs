@@ -80,7 +80,7 @@ struct Pems {
 /// Asks the mesh CA for a certificate for `sa` and writes it, its key and the root to `dir`.
 async fn issue_pems(ts: &Handle, sa: &str, dir: &Path) -> Pems {
     let id = spiffe(sa).parse().unwrap();
-    let cert: WorkloadCert = CaClient::Istio(testserver_ca(ts))
+    let cert: WorkloadCert = CaClient::istio(testserver_ca(ts))
         .fetch(&id)
         .await
         .expect("the mesh CA issues Envoy's certificate");

@@ -180,7 +180,7 @@ async fn raw_tls(
     server: &str,
 ) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, std::io::Error> {
     use std::sync::Arc;
-    let secrets = l4mesh::identity::SecretManager::new(l4mesh::identity::CaClient::Istio(
+    let secrets = l4mesh::identity::SecretManager::new(l4mesh::identity::CaClient::istio(
         testserver_ca(&m._ts),
     ));
     let cert = secrets.fetch(&id(client)).await.unwrap();
@@ -188,6 +188,7 @@ async fn raw_tls(
         l4mesh::tls::ManagedCert::new(secrets.clone(), id(client)),
         cert.roots.clone(),
         vec![id(server)],
+        None,
     )
     .unwrap();
     let addr = m.b.hbone;
@@ -364,6 +365,7 @@ async fn client_from_another_trust_domain_is_refused() {
             cert_pem: cert_pem.clone(),
             key_pem: key_pem.clone(),
             chain_pem: String::new(),
+            roots_pem: String::new(),
         }),
     )
     .await;
@@ -386,6 +388,7 @@ async fn client_from_another_trust_domain_is_refused() {
         Arc::new(Fixed(cert.clone())),
         ca.roots(),
         vec![id("server")],
+        None,
     )
     .unwrap();
     let addr = m.b.hbone;
@@ -584,14 +587,19 @@ async fn tunnels_failed_together_retry_on_one_new_connection() {
     // A stand-in for B's HBONE listener, with B's certificate: its first connection takes every
     // CONNECT without answering, then drops them all at once; later ones answer 200.
     let secrets =
-        l4mesh::identity::SecretManager::new(l4mesh::identity::CaClient::Istio(testserver_ca(&ts)));
+        l4mesh::identity::SecretManager::new(l4mesh::identity::CaClient::istio(testserver_ca(&ts)));
     let cert = secrets.fetch(&id("server")).await.unwrap();
     let resolver = l4mesh::tls::SourceResolver::new(l4mesh::tls::ManagedCert::new(
         secrets.clone(),
         id("server"),
     ));
-    let cfg = l4mesh::tls::server_config(Arc::new(resolver), cert.roots.clone(), "cluster.local")
-        .unwrap();
+    let cfg = l4mesh::tls::server_config(
+        Arc::new(resolver),
+        cert.roots.clone(),
+        "cluster.local",
+        None,
+    )
+    .unwrap();
     let listener = tokio::net::TcpListener::bind(format!("{b_wl}:15008"))
         .await
         .unwrap();

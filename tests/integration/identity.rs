@@ -45,7 +45,7 @@ async fn ca_server(listen: SocketAddr, max_ttl: Duration) -> Handle {
 }
 
 fn istio_ca(addr: SocketAddr) -> CaClient {
-    CaClient::Istio(super::harness::istio_ca_at(addr))
+    CaClient::istio(super::harness::istio_ca_at(addr))
 }
 
 /// A TLS echo server presenting `source`'s certificate; returns its address.
@@ -105,12 +105,14 @@ async fn three_second_certificates_rotate_under_live_tls() {
         ))),
         roots.clone(),
         "cluster.local",
+        None,
     )
     .unwrap();
     let client_cfg = tls::client_config(
         ManagedCert::new(secrets.clone(), id("client")),
         roots,
         vec![id("server")],
+        None,
     )
     .unwrap();
     let addr = tls_echo(server_cfg).await;
@@ -314,7 +316,7 @@ async fn a_hanging_ca_never_leaves_an_expired_certificate_in_use() {
     let mut settings = super::harness::istio_ca_at(gate.addr);
     settings.ttl = Duration::from_secs(6);
     settings.timeout = Duration::from_secs(1);
-    let secrets = SecretManager::new(CaClient::Istio(settings));
+    let secrets = SecretManager::new(CaClient::istio(settings));
     let server = id("server");
     let first = secrets.fetch(&server).await.unwrap();
     gate.set(false);
@@ -354,6 +356,7 @@ async fn a_hanging_ca_never_leaves_an_expired_certificate_in_use() {
         ))),
         roots.clone(),
         "cluster.local",
+        None,
     )
     .unwrap();
     let addr = tls_echo(srv).await;
@@ -363,6 +366,7 @@ async fn a_hanging_ca_never_leaves_an_expired_certificate_in_use() {
         ManagedCert::new(client_secrets.clone(), id("client")),
         roots,
         vec![server.clone()],
+        None,
     )
     .unwrap();
     let tcp = TcpStream::connect(addr).await.unwrap();

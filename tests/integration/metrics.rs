@@ -552,9 +552,11 @@ async fn scrape_serves_both_paths_in_both_formats() {
         "process_open_fds ",
         "process_max_fds ",
         "process_start_time_seconds ",
-        "l4mesh_tokio_workers 2",
-        "l4mesh_tokio_alive_tasks ",
-        "l4mesh_tokio_global_queue_depth ",
+        // ztunnel's runtime figures, under its names (the OpenMetrics text below has its types).
+        "tokio_num_workers 2",
+        "tokio_num_alive_tasks ",
+        "tokio_global_queue_depth ",
+        "tokio_worker_total_busy_duration_seconds_total{worker=\"1\"} ",
         "l4mesh_hbone_pool_connections 0",
         "l4mesh_xds_resources{url=\"type.googleapis.com/istio.workload.Address\"} 4",
     ] {
@@ -579,6 +581,17 @@ async fn scrape_serves_both_paths_in_both_formats() {
         .to_ascii_lowercase()
         .contains("content-type: application/openmetrics-text; version=1.0.0; charset=utf-8"));
     assert!(raw.ends_with("# EOF\n"), "OpenMetrics ends with # EOF");
+    // The runtime figures exactly as ztunnel's OpenMetrics text has them: the park counts are
+    // counters whose samples have no `_total`.
+    for want in [
+        "# TYPE tokio_num_workers gauge\ntokio_num_workers 2\n",
+        "# TYPE tokio_worker_total_busy_duration_seconds counter\n",
+        "\ntokio_worker_total_busy_duration_seconds_total{worker=\"0\"} ",
+        "# TYPE tokio_worker_park_count counter\ntokio_worker_park_count{worker=\"0\"} ",
+        "# TYPE tokio_worker_park_unpark_count counter\ntokio_worker_park_unpark_count{worker=\"0\"} ",
+    ] {
+        assert!(raw.contains(want), "{want:?} missing from:\n{raw}");
+    }
 
     let (status, _, body) = http_get(addr, "/stats").await;
     assert_eq!(status, 404);

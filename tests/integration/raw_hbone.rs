@@ -22,12 +22,13 @@ pub fn spiffe(sa: &str) -> SpiffeId {
 /// Opens HTTP/2 over TLS on `tcp` (already connected to an HBONE listener), presenting `sa`'s
 /// certificate from the Istio CA `ca` and expecting the peer to be the service account `server`.
 pub async fn client(ca: IstioCaSettings, sa: &str, tcp: TcpStream) -> SendRequest<Bytes> {
-    let secrets = SecretManager::new(CaClient::Istio(ca));
+    let secrets = SecretManager::new(CaClient::istio(ca));
     let cert = secrets.fetch(&spiffe(sa)).await.unwrap();
     let cfg = l4mesh::tls::client_config(
         l4mesh::tls::ManagedCert::new(secrets.clone(), spiffe(sa)),
         cert.roots.clone(),
         vec![spiffe("server")],
+        None,
     )
     .unwrap();
     let name = rustls_pki_types::ServerName::IpAddress(tcp.peer_addr().unwrap().ip().into());

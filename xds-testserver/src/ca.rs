@@ -76,6 +76,8 @@ pub(crate) struct CaInfo {
 /// The CA, its policy settings and its counters.
 pub(crate) struct MeshCa {
     ca: LocalCa,
+    /// What every answer ends with: the CA's root, or the configured roots (which include it).
+    roots_pem: String,
     max_ttl: Duration,
     allowed: BTreeSet<SpiffeId>,
     plugged_in: bool,
@@ -101,19 +103,21 @@ impl MeshCa {
             None => tls::generate_root(td)?,
         };
         let ca = LocalCa::from_pem(&pem.cert_pem, &pem.key_pem, &pem.chain_pem, td)?;
+        let roots_pem = mesh_roots(&ca, &pem.roots_pem)?;
         let allowed = config
             .allowed_identities
             .iter()
             .map(|s| allowed_identity(s, td))
             .collect::<Result<_, _>>()?;
         if let Some(path) = &config.root_cert_out {
-            std::fs::write(path, ca.root_pem()).map_err(|source| Error::WriteRootCert {
+            std::fs::write(path, &roots_pem).map_err(|source| Error::WriteRootCert {
                 path: path.clone(),
                 source,
             })?;
         }
         let mesh = MeshCa {
             ca,
+            roots_pem,
             max_ttl: config.max_cert_ttl,
             allowed,
             plugged_in: config.ca.is_some(),
@@ -123,9 +127,10 @@ impl MeshCa {
         Ok((mesh, pem))
     }
 
-    /// The root every certificate of this CA chains to (PEM).
+    /// The mesh roots (PEM): the root every certificate of this CA chains to, and any other root
+    /// configured beside it.
     pub fn root_pem(&self) -> String {
-        self.ca.root_pem()
+        self.roots_pem.clone()
     }
 
     /// The root, DER.
@@ -206,14 +211,18 @@ impl MeshCa {
         Ok((id, validity(req.validity_duration, self.max_ttl)))
     }
 
-    /// Signs an authorized CSR: the PEM chain, leaf first, root last.
+    /// Signs an authorized CSR: the PEM chain, leaf first, the mesh roots last.
     pub fn sign(&self, csr: &str, id: &SpiffeId, ttl: Duration) -> Result<Vec<String>, Status> {
-        self.ca.sign_csr(csr, id, ttl).map_err(|e| match e {
+        let mut chain = self.ca.sign_csr(csr, id, ttl).map_err(|e| match e {
             CaError::Csr(_) | CaError::CsrIdentity { .. } => {
                 Status::invalid_argument(e.to_string())
             }
             e => Status::internal(format!("signing a certificate for {id} failed: {e}")),
-        })
+        })?;
+        if let Some(root) = chain.last_mut() {
+            root.clone_from(&self.roots_pem);
+        }
+        Ok(chain)
     }
 
     fn record_issue(&self) {
@@ -225,6 +234,24 @@ impl MeshCa {
         stats.refused += 1;
         stats.last_refusal = Some(format!("{:?}: {}", status.code(), status.message()));
     }
+}
+
+/// The configured mesh roots (PEM), checked to hold only certificates and the CA's own root; or
+/// that root alone when none are configured.
+fn mesh_roots(ca: &LocalCa, configured: &str) -> Result<String, Error> {
+    if configured.trim().is_empty() {
+        return Ok(ca.root_pem());
+    }
+    let roots = l4mesh::identity::pem_certs(configured)
+        .map_err(|e| Error::CaSetup(format!("the mesh roots (root-cert.pem): {e}")))?;
+    if !ca.roots().iter().all(|r| roots.contains(r)) {
+        return Err(Error::CaSetup(format!(
+            "the mesh roots (root-cert.pem, {} certificate(s)) do not include the root of the CA's \
+             chain: every certificate the CA signs would be untrusted",
+            roots.len()
+        )));
+    }
+    Ok(configured.trim().to_owned() + "\n")
 }
 
 /// An `allowed_identities` entry: a SPIFFE ID in the trust domain.

@@ -86,6 +86,10 @@ pub struct CaPem {
     /// with `cert_pem` itself); empty for a root. The root is what clients must trust
     /// ([`Handle::root_cert_pem`]).
     pub chain_pem: String,
+    /// The mesh roots (istiod's `root-cert.pem`), sent as the last element of every certificate
+    /// answer: while a root rotates it holds the old and the new root, and a node proxy trusts
+    /// both. Empty: the root of the chain alone. It must include that root.
+    pub roots_pem: String,
 }
 
 impl fmt::Debug for CaPem {
@@ -94,6 +98,7 @@ impl fmt::Debug for CaPem {
             .field("cert_pem", &self.cert_pem)
             .field("key_pem", &"<redacted>")
             .field("chain_pem", &self.chain_pem)
+            .field("roots_pem", &self.roots_pem)
             .finish()
     }
 }

@@ -55,6 +55,12 @@ struct Args {
     #[arg(long, value_name = "FILE", requires = "ca_cert")]
     ca_chain: Option<PathBuf>,
 
+    /// PEM mesh roots sent at the end of every certificate answer (istiod's root-cert.pem): during
+    /// a root rotation, the old and the new root, so that node proxies trust both. Must include
+    /// the root of the --ca-cert chain. Default: that root alone.
+    #[arg(long, value_name = "FILE", requires = "ca_cert")]
+    root_cert: Option<PathBuf>,
+
     /// An extra subject alternative name (DNS name or IP) for the serving certificate; repeatable.
     #[arg(long = "san", value_name = "NAME_OR_IP", requires = "tls")]
     sans: Vec<String>,
@@ -101,6 +107,10 @@ fn config(args: Args) -> anyhow::Result<Config> {
             key_pem: read(key, "--ca-key")?,
             chain_pem: match &args.ca_chain {
                 Some(chain) => read(chain, "--ca-chain")?,
+                None => String::new(),
+            },
+            roots_pem: match &args.root_cert {
+                Some(roots) => read(roots, "--root-cert")?,
                 None => String::new(),
             },
         }),

@@ -46,6 +46,7 @@ pub(crate) fn generate_root(trust_domain: &str) -> Result<CaPem, Error> {
         cert_pem: cert.pem(),
         key_pem: key.serialize_pem(),
         chain_pem: String::new(),
+        roots_pem: String::new(),
     })
 }
 
@@ -179,6 +180,7 @@ mod tests {
             cert_pem: inter.pem(),
             key_pem: key.serialize_pem(),
             // Starting with the intermediate itself, as istiod's cert-chain.pem may.
+            roots_pem: String::new(),
             chain_pem: format!("{}\n{}", inter.pem(), root.cert_pem),
         };
         let root_der = root_der(&ca);
@@ -235,6 +237,7 @@ cRFyXzKIkettF4t/YbjC/BAwoa5JGoNDLA==
             cert_pem: OPENSSL_CA_CERT.into(),
             key_pem: OPENSSL_CA_SEC1_KEY.into(),
             chain_pem: String::new(),
+            roots_pem: String::new(),
         };
         let root = root_der(&ca);
         assert!(intermediates(&ca, &root).unwrap().is_empty());

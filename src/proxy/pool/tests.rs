@@ -41,7 +41,7 @@ async fn kept(
     let active = Arc::new(AtomicUsize::new(usize::from(busy)));
     let dead = Arc::new(AtomicBool::new(false));
     let addr = "127.0.0.1:15008".parse().unwrap();
-    tokio::spawn(keep(conn, active, dead.clone(), live, addr));
+    tokio::spawn(keep(conn, active, dead.clone(), live, addr, None));
     (dead, server, send)
 }
 

@@ -240,6 +240,7 @@ fn setup_checks_the_settings_and_writes_the_root() {
                 cert_pem: "nope".into(),
                 key_pem: "nope".into(),
                 chain_pem: String::new(),
+                roots_pem: String::new(),
             })
         },
         "CA certificate",

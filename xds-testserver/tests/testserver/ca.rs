@@ -275,7 +275,7 @@ async fn l4mesh_fetches_a_certificate_over_tls() {
         std::fs::write(&token_file, TOKEN).unwrap();
         let server = server(|c| c.tls = Some(TlsConfig::default())).await;
         let root = server.root_cert_pem().unwrap();
-        let client = CaClient::Istio(IstioCaSettings {
+        let client = CaClient::istio(IstioCaSettings {
             address: format!("https://localhost:{}", server.addr().port()),
             root_ca: Some(RootCa::Pem(root)),
             auth_token: Some(token_file),
