@@ -108,6 +108,32 @@ pub struct TrafficLabels {
     pub response_flags: ResponseFlag,
     /// `mutual_tls` on HBONE, else `unknown`.
     pub connection_security_policy: &'static str,
+    /// After the others, as ztunnel: present when either end is a known workload (or a proven
+    /// client), each value `unknown` when empty; absent entirely otherwise.
+    #[prometheus(flatten)]
+    pub locality: OptionalLocality,
+}
+
+/// The four locality labels of ztunnel's `istio_tcp_*` (its `LocalityLabels`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct LocalityLabels {
+    pub source_region: String,
+    pub source_zone: String,
+    pub destination_region: String,
+    pub destination_zone: String,
+}
+
+/// The locality labels or none at all (not four `unknown`s): ztunnel's `OptionallyEncode`.
+#[derive(Clone, Debug, Default, Hash, PartialEq, Eq)]
+pub struct OptionalLocality(pub Option<LocalityLabels>);
+
+impl EncodeLabelSet for OptionalLocality {
+    fn encode(&self, encoder: &mut LabelSetEncoder) -> std::fmt::Result {
+        match &self.0 {
+            Some(l) => l.encode(encoder),
+            None => Ok(()),
+        }
+    }
 }
 
 /// What one end of a connection is known as.
@@ -241,6 +267,26 @@ impl<'a> ConnLabels<'a> {
         ]
     }
 
+    /// `source_region`, `source_zone`, `destination_region`, `destination_zone`, when ztunnel
+    /// would have them: a known source or destination workload, or a client proven over mutual
+    /// TLS (ztunnel's "derived source" on inbound).
+    fn locality(&self) -> Option<[Val<'a>; 4]> {
+        let (s, d) = (self.src.workload, self.dst);
+        let proven = self.reporter == Reporter::Destination && self.src.principal.is_some();
+        if s.is_none() && d.is_none() && !proven {
+            return None;
+        }
+        let l = |w: Option<&'a Workload>, f: fn(&'a Workload) -> &'a str| {
+            Val::name(w.map(f).unwrap_or_default())
+        };
+        Some([
+            l(s, |w| &w.locality.region),
+            l(s, |w| &w.locality.zone),
+            l(d, |w| &w.locality.region),
+            l(d, |w| &w.locality.zone),
+        ])
+    }
+
     fn security_policy(&self) -> &'static str {
         if self.mtls {
             "mutual_tls"
@@ -257,6 +303,10 @@ impl<'a> ConnLabels<'a> {
         for v in self.values() {
             v.hash(&mut h);
         }
+        match self.locality() {
+            Some(l) => l.iter().for_each(|v| v.hash(&mut h)),
+            None => 0u8.hash(&mut h),
+        }
         h.finish()
     }
 
@@ -266,6 +316,11 @@ impl<'a> ConnLabels<'a> {
             && l.connection_security_policy == self.security_policy()
             && l.response_flags == ResponseFlag::None
             && self.values().iter().zip(l.strings()).all(|(v, s)| v.is(s))
+            && match (self.locality(), &l.locality.0) {
+                (None, None) => true,
+                (Some(v), Some(l)) => v.iter().zip(l.strings()).all(|(v, s)| v.is(s)),
+                _ => false,
+            }
     }
 }
 
@@ -297,6 +352,16 @@ impl From<&ConnLabels<'_>> for TrafficLabels {
             request_protocol: "tcp",
             response_flags: ResponseFlag::None,
             connection_security_policy: c.security_policy(),
+            locality: OptionalLocality(c.locality().map(|l| {
+                let [source_region, source_zone, destination_region, destination_zone] =
+                    l.map(Val::owned);
+                LocalityLabels {
+                    source_region,
+                    source_zone,
+                    destination_region,
+                    destination_zone,
+                }
+            })),
         }
     }
 }
@@ -341,6 +406,17 @@ impl TrafficLabels {
             &self.destination_app,
             &self.destination_version,
             &self.destination_cluster,
+        ]
+    }
+}
+
+impl LocalityLabels {
+    fn strings(&self) -> [&String; 4] {
+        [
+            &self.source_region,
+            &self.source_zone,
+            &self.destination_region,
+            &self.destination_zone,
         ]
     }
 }

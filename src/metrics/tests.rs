@@ -38,6 +38,7 @@ workloads:
   canonicalName: server-app
   canonicalRevision: v2
   clusterId: east
+  locality: { region: eu-west1, zone: eu-west1-b }
   services:
     "shop/api.shop.svc.cluster.local": { 80: 8080 }
 - uid: c1//v1/Pod/shop/bare
@@ -152,6 +153,57 @@ fn missing_values_are_unknown() {
     let l = TrafficLabels::new(Reporter::Source, Peer::default(), None, None, false);
     assert_eq!(l.destination_principal, UNKNOWN);
     assert_eq!(l.destination_workload_namespace, UNKNOWN);
+}
+
+#[test]
+fn locality_labels_follow_ztunnel() {
+    let s = snapshot();
+    let (client, server) = (wl(&s, "10.0.0.1"), wl(&s, "10.0.0.2"));
+    let src = Peer {
+        workload: Some(&client),
+        principal: None,
+        workload_principal: true,
+    };
+    let l = TrafficLabels::new(Reporter::Source, src, Some(&server), None, true);
+    let loc = l
+        .locality
+        .0
+        .as_ref()
+        .expect("known workloads carry locality");
+    assert_eq!(
+        (
+            loc.source_region.as_str(),
+            loc.source_zone.as_str(),
+            loc.destination_region.as_str(),
+            loc.destination_zone.as_str()
+        ),
+        (UNKNOWN, UNKNOWN, "eu-west1", "eu-west1-b")
+    );
+    // After the 23 others, in ztunnel's order.
+    let mut r = Registry::default();
+    let f = prometheus_client::metrics::family::Family::<
+        TrafficLabels,
+        prometheus_client::metrics::counter::Counter,
+    >::default();
+    f.get_or_create(&l).inc();
+    r.register("x", "x", f);
+    let text = encode(&r);
+    assert!(
+        text.contains("connection_security_policy=\"mutual_tls\",source_region=\"unknown\",source_zone=\"unknown\",destination_region=\"eu-west1\",destination_zone=\"eu-west1-b\"}"),
+        "{text}"
+    );
+    // Nothing known of either end: no locality labels at all.
+    let l = TrafficLabels::new(Reporter::Source, Peer::default(), None, None, false);
+    assert_eq!(l.locality.0, None);
+    // A client proven over mutual TLS counts as known on the destination's side.
+    let id = client.identity();
+    let proven = Peer {
+        workload: None,
+        principal: Some(&id),
+        workload_principal: false,
+    };
+    let l = TrafficLabels::new(Reporter::Destination, proven, None, None, true);
+    assert!(l.locality.0.is_some());
 }
 
 #[test]
@@ -590,6 +642,15 @@ fn interned_labels_are_found_by_their_values() {
     let mut flagged = built.clone();
     flagged.response_flags = ResponseFlag::Deny;
     assert!(!full.matches(&flagged));
+    // The locality labels count: another zone, or none at all.
+    let mut moved = built.clone();
+    if let Some(l) = moved.locality.0.as_mut() {
+        l.destination_zone = "eu-west1-c".into();
+    }
+    assert!(!full.matches(&moved));
+    let mut absent = built.clone();
+    absent.locality.0 = None;
+    assert!(!full.matches(&absent));
     // The client workload's own identity, read from its fields, is the same principal.
     let mut own = conn(Some(&client), None, Some(&server), true);
     own.src.workload_principal = true;
