@@ -5,7 +5,8 @@
 //!   snapshot, the certificates with their state and expiry, the effective configuration, and the
 //!   xDS client's status;
 //! - `GET /logging` shows the log filter; `POST /logging?level=…` changes it at runtime;
-//! - `POST /quitquitquit`: drain, then exit (the same path as SIGTERM).
+//! - `POST /quitquitquit`: drain, then exit (the same path as SIGTERM);
+//! - `GET /debug/pprof/profile`, `GET /debug/pprof/heap`: CPU and heap profiles ([`pprof`]).
 //!
 //! Loopback is its first guard; in dedicated mode the workload shares that loopback, so the
 //! mutating endpoints (`POST /logging`, `POST /quitquitquit`) can also require a token
@@ -18,6 +19,7 @@
 
 mod config_dump;
 mod logging;
+mod pprof;
 mod ztunnel_shape;
 
 use std::sync::Arc;
@@ -117,6 +119,8 @@ GET  /upgrade                     the hand-off socket, and the replaced l4mesh s
 GET  /logging                     the log filter in force
 POST /logging?level=<filter>      change it: a level (debug) or target=level items (access=debug,info); &reset starts from the startup filter
 POST /quitquitquit                drain (readiness fails, listeners close, HBONE peers get GOAWAY), then exit
+GET  /debug/pprof/profile         CPU profile, pprof protobuf: 1000 Hz for 10 s (?seconds=1..60)
+GET  /debug/pprof/heap            heap profile, gzipped pprof protobuf (needs _RJEM_MALLOC_CONF=prof:true,prof_active:true)
 ";
 
 /// Serves the admin API on `listener` until the task is dropped.
@@ -127,9 +131,26 @@ pub async fn serve(
     header_timeout: std::time::Duration,
 ) {
     crate::http_server::serve(listener, limiter, header_timeout, move |req| {
-        route(req, &state)
+        answer(req, &state)
     })
     .await
+}
+
+type Answer = std::pin::Pin<Box<dyn std::future::Future<Output = Response<Full<Bytes>>> + Send>>;
+
+/// Profiles take seconds: their answers are futures. Every other endpoint answers at once.
+fn answer<B>(req: &Request<B>, state: &AdminState) -> Answer {
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/debug/pprof/profile") => match pprof::seconds(req.uri().query()) {
+            Ok(duration) => Box::pin(pprof::cpu(duration)),
+            Err(e) => Box::pin(std::future::ready(text(
+                StatusCode::BAD_REQUEST,
+                format!("{e}\n"),
+            ))),
+        },
+        (&Method::GET, "/debug/pprof/heap") => Box::pin(pprof::heap()),
+        _ => Box::pin(std::future::ready(route(req, state))),
+    }
 }
 
 /// Answers one request; every handler is synchronous (they read snapshots and counters).
@@ -157,7 +178,12 @@ fn route<B>(req: &Request<B>, state: &AdminState) -> Response<Full<Bytes>> {
             logging::answer(method, req.uri().query())
         }
         "/quitquitquit" if method == Method::POST => quit(state),
-        "/config_dump" | "/logging" | "/quitquitquit" | "/upgrade" => text(
+        "/config_dump"
+        | "/logging"
+        | "/quitquitquit"
+        | "/upgrade"
+        | "/debug/pprof/profile"
+        | "/debug/pprof/heap" => text(
             StatusCode::METHOD_NOT_ALLOWED,
             format!("{method} is not allowed on {path}; expected one of:\n{ENDPOINTS}"),
         ),

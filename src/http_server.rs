@@ -49,13 +49,14 @@ impl Default for HttpLimits {
 /// there), and one that sends no complete request head within `header_timeout` (after
 /// connecting, or idle after an answer) is closed. The limiter's name names the server in log
 /// lines.
-pub async fn serve<F>(
+pub async fn serve<F, R>(
     listener: TcpListener,
     limiter: Arc<crate::limits::Limiter>,
     header_timeout: Duration,
     answer: F,
 ) where
-    F: Fn(&Request<Incoming>) -> Response<Full<Bytes>> + Clone + Send + Sync + 'static,
+    F: Fn(&Request<Incoming>) -> R + Clone + Send + Sync + 'static,
+    R: std::future::Future<Output = Response<Full<Bytes>>> + Send + 'static,
 {
     let what = limiter.name();
     loop {
@@ -76,7 +77,7 @@ pub async fn serve<F>(
             let _permit = permit;
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let resp = answer(&req);
-                async move { Ok::<_, Infallible>(resp) }
+                async move { Ok::<_, Infallible>(resp.await) }
             });
             let io = hyper_util::rt::TokioIo::new(stream);
             let _ = hyper::server::conn::http1::Builder::new()

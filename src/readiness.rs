@@ -100,7 +100,7 @@ pub async fn serve(
     header_timeout: std::time::Duration,
 ) {
     crate::http_server::serve(listener, limiter, header_timeout, move |req| {
-        answer(req, &readiness, drain.is_draining())
+        std::future::ready(answer(req, &readiness, drain.is_draining()))
     })
     .await
 }

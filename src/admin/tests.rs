@@ -79,6 +79,32 @@ fn unknown_paths_and_methods_list_the_endpoints() {
 }
 
 #[test]
+fn profile_durations_and_methods() {
+    use std::time::Duration;
+    assert_eq!(pprof::seconds(None), Ok(Duration::from_secs(10)));
+    assert_eq!(
+        pprof::seconds(Some("seconds=3")),
+        Ok(Duration::from_secs(3))
+    );
+    for bad in [
+        "seconds=0",
+        "seconds=61",
+        "seconds=-1",
+        "seconds=1.5",
+        "seconds=",
+    ] {
+        let e = pprof::seconds(Some(bad)).unwrap_err();
+        assert!(e.contains("from 1 to 60"), "{bad}: {e}");
+    }
+    let s = state();
+    for path in ["/debug/pprof/profile", "/debug/pprof/heap"] {
+        let (status, b) = body(route(&req(Method::POST, path), &s));
+        assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED, "{path}");
+        assert!(b.contains("/debug/pprof/heap"), "{b}");
+    }
+}
+
+#[test]
 fn quitquitquit_starts_the_drain_once() {
     let s = state();
     let (status, b) = body(route(&req(Method::POST, "/quitquitquit"), &s));

@@ -31,7 +31,7 @@ pub async fn serve(
     header_timeout: std::time::Duration,
 ) {
     crate::http_server::serve(listener, limiter, header_timeout, move |req| {
-        answer(req, &metrics)
+        std::future::ready(answer(req, &metrics))
     })
     .await
 }

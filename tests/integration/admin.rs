@@ -196,3 +196,95 @@ async fn log_level_changes_at_runtime() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(node.count(&["outbound route"]), seen, "{}", node.log());
 }
+
+/// One GET with a binary body (a profile takes seconds): the status and the body.
+async fn get_bytes(addr: std::net::SocketAddr, path: &str) -> (u16, Vec<u8>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut out))
+        .await
+        .expect("answered within 30 s")
+        .unwrap();
+    let split = out.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let head = String::from_utf8_lossy(&out[..split]).into_owned();
+    let code = head.split(' ').nth(1).unwrap().parse().unwrap();
+    (code, out[split + 4..].to_vec())
+}
+
+fn strings(p: &pprof::protos::Profile) -> Vec<&str> {
+    p.string_table.iter().map(String::as_str).collect()
+}
+
+/// `/debug/pprof/profile` and `/debug/pprof/heap` of the real binary, read back as pprof
+/// protobufs (the format `go tool pprof` reads): CPU samples taken while the process serves
+/// requests, one profile at a time; jemalloc's heap profile when the binary starts with jemalloc
+/// profiling on, and a 500 that says how to turn it on otherwise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn profiles_are_pprof_protobufs() {
+    use pprof::protos::Message;
+    let conf = "prof:true,prof_active:true,lg_prof_sample:19";
+    let profiled = L4mesh::spawn("127.53.3.1", &[("_RJEM_MALLOC_CONF", conf.into())]);
+    let plain = L4mesh::spawn("127.53.3.2", &[]);
+    profiled.ready().await;
+    plain.ready().await;
+
+    // Heap: gzipped pprof, in jemalloc_pprof's sample type, with samples.
+    let (code, body) = get_bytes(profiled.admin, "/debug/pprof/heap").await;
+    assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
+    let mut raw = Vec::new();
+    std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&body[..]), &mut raw).unwrap();
+    let heap = pprof::protos::Profile::decode(&raw[..]).unwrap();
+    let st = &heap.sample_type[0];
+    let names = strings(&heap);
+    assert_eq!(
+        (names[st.ty as usize], names[st.unit as usize]),
+        ("inuse_space", "bytes")
+    );
+    assert!(
+        !heap.sample.is_empty(),
+        "a running l4mesh has sampled allocations"
+    );
+    let (code, body) = get_bytes(plain.admin, "/debug/pprof/heap").await;
+    assert_eq!(code, 500);
+    assert!(String::from_utf8_lossy(&body).contains("_RJEM_MALLOC_CONF="));
+
+    // CPU: two seconds while readiness is polled hard; a second profile meanwhile is refused.
+    let busy = tokio::spawn({
+        let addr = plain.readiness;
+        async move {
+            let until = std::time::Instant::now() + Duration::from_millis(2500);
+            while std::time::Instant::now() < until {
+                let _ = http(addr, "GET", "/healthz/ready").await;
+            }
+        }
+    });
+    let first = tokio::spawn(get_bytes(plain.admin, "/debug/pprof/profile?seconds=2"));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (code, body) = get_bytes(plain.admin, "/debug/pprof/profile?seconds=1").await;
+    assert_eq!(code, 409, "{}", String::from_utf8_lossy(&body));
+    let (code, body) = first.await.unwrap();
+    busy.await.unwrap();
+    assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
+    let cpu = pprof::protos::Profile::decode(&body[..]).unwrap();
+    let names = strings(&cpu);
+    let period = cpu.period_type.as_ref().unwrap();
+    assert_eq!(names[period.ty as usize], "cpu");
+    assert_eq!(cpu.period, 1_000_000, "1000 Hz");
+    assert!(
+        (1_900_000_000..4_000_000_000).contains(&cpu.duration_nanos),
+        "{}",
+        cpu.duration_nanos
+    );
+    assert!(!cpu.sample.is_empty(), "a busy l4mesh was sampled");
+    assert!(
+        names.iter().any(|n| n.contains("l4mesh")),
+        "its own functions are named"
+    );
+    let (code, body) = get_bytes(plain.admin, "/debug/pprof/profile?seconds=99").await;
+    assert_eq!(code, 400);
+    assert!(String::from_utf8_lossy(&body).contains("from 1 to 60"));
+}
