@@ -181,6 +181,8 @@ impl ConnLog {
                     dst.workload = fields.dst_workload,
                     dst.namespace = fields.dst_namespace,
                     dst.waypoint = fields.waypoint.as_deref(),
+                    dst.gateway = fields.gateway.as_deref(),
+                    dst.hbone_addr = fields.hbone_addr,
                     hbone.status = self.status,
                     bytes_sent = t.sent,
                     bytes_recv = t.received,

@@ -13,6 +13,11 @@ pub(super) struct AccessFields<'a> {
     pub upstream: Option<String>,
     /// `namespace/name@ip:port` of the waypoint the connection went through.
     pub waypoint: Option<String>,
+    /// `namespace/name@ip:port` of the network gateway a double-HBONE connection went through.
+    pub gateway: Option<String>,
+    /// The CONNECT authority through a network gateway (`<service hostname>:<port>`), ztunnel's
+    /// `dst.hbone_addr`.
+    pub hbone_addr: Option<&'a str>,
     pub service: Option<&'a str>,
     pub dst_workload: Option<&'a str>,
     pub dst_namespace: Option<&'a str>,
@@ -40,6 +45,16 @@ impl<'a> AccessFields<'a> {
             waypoint: up
                 .and_then(|u| u.waypoint.as_ref())
                 .map(|w| format!("{}/{}@{}", w.workload.namespace, w.workload.name, w.addr)),
+            gateway: up.and_then(|u| {
+                let g = u.gateway.as_ref()?;
+                Some(format!(
+                    "{}/{}@{}",
+                    g.workload.namespace, g.workload.name, u.addr
+                ))
+            }),
+            hbone_addr: up
+                .and_then(|u| u.gateway.as_ref())
+                .map(|g| g.authority.as_str()),
             service: up
                 .and_then(|u| u.service.as_ref())
                 .map(|s| s.hostname.as_str()),

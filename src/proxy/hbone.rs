@@ -123,6 +123,38 @@ pub fn connect_request(
     b.body(())
 }
 
+/// The `x-forwarded-network` header: the network a double-HBONE client is on, sent on the inner
+/// CONNECT only (ztunnel's), so that the destination knows the TCP peer is a gateway.
+pub const X_FORWARDED_NETWORK: &str = "x-forwarded-network";
+
+/// A CONNECT through a network gateway (double HBONE): `authority` is `<service hostname>:<port>`,
+/// `forwarded` also names that host (ztunnel's); the inner request carries the client's
+/// `network`, the outer none.
+pub fn connect_request_via_gateway(
+    authority: &str,
+    client: SocketAddr,
+    src: Option<&Workload>,
+    network: Option<&str>,
+    rng: &mut impl rand::Rng,
+) -> Result<Request<()>, http::Error> {
+    let host = authority.rsplit_once(':').map_or(authority, |(h, _)| h);
+    let mut b = Request::builder()
+        .method(Method::CONNECT)
+        .uri(authority)
+        .header("forwarded", format!("{};host={host}", forwarded(client)))
+        .header("traceparent", traceparent(rng));
+    if let Some(wl) = src {
+        let bag = baggage(wl);
+        if !bag.is_empty() {
+            b = b.header("baggage", bag);
+        }
+    }
+    if let Some(network) = network {
+        b = b.header(X_FORWARDED_NETWORK, network);
+    }
+    b.body(())
+}
+
 /// Checks a request a server received: CONNECT with an `ip:port` authority. Returns the target.
 pub fn validate<B>(req: &Request<B>) -> Result<Authority, Outcome> {
     if req.method() != Method::CONNECT {

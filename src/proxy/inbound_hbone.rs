@@ -422,9 +422,21 @@ async fn open(
     log.dst_identity = Some(wl.identity().to_string());
     // The source workload is the one at the `forwarded` client address, else at the TCP peer,
     // that carries the identity the peer proved.
+    // Through a network gateway (double HBONE, the client says its network): the TCP peer is
+    // the gateway and the client's address is on another network, so neither names the source
+    // (ztunnel's rule); the identity it proved still does.
+    let from_gateway = req
+        .headers()
+        .get(super::hbone::X_FORWARDED_NETWORK)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|n| !n.eq_ignore_ascii_case(&ctx.network));
     let forwarded = crate::metrics::peers::forwarded_for(req.headers());
     let addrs = [forwarded.unwrap_or(log.src.ip()), log.src.ip()];
-    let client_addrs = &addrs[usize::from(forwarded.is_none())..];
+    let client_addrs = if from_gateway {
+        &[][..]
+    } else {
+        &addrs[usize::from(forwarded.is_none())..]
+    };
     // The service the client addressed (waypoint path), else guessed from the target port.
     log.metrics = Some(super::metering::inbound(
         ctx,
@@ -442,6 +454,7 @@ async fn open(
         kind: UpstreamKind::Tcp,
         waypoint: None,
         hostname: None,
+        gateway: None,
     });
     // Without L4MESH_ENFORCE_WAYPOINT (ztunnel's default), policies alone decide.
     let waypoint = if ctx.enforce_waypoint {
@@ -620,6 +633,7 @@ fn service_endpoint(
         |wl: &Workload, ip: Option<std::net::IpAddr>| ip.is_some_and(|ip| ctx.serves(wl, ip));
     let up = super::route::service_endpoint(
         snapshot,
+        &ctx.network,
         &svc,
         Some(&waypoint),
         target,

@@ -84,6 +84,7 @@ async fn open(ctx: &ProxyCtx, log: &mut ConnLog) -> Result<(TcpStream, Registrat
         kind: UpstreamKind::Tcp,
         waypoint: None,
         hostname: None,
+        gateway: None,
     });
     let conn = ConnCtx {
         peer: None,

@@ -62,6 +62,9 @@ pub(super) async fn open(ctx: &ProxyCtx, log: &mut ConnLog) -> Result<UpConn, Pr
     if let Some(key) = tunnel {
         let key = key?;
         log.count_tunnel(&ctx.hbone.tunnels);
+        if let Some(gw) = log.upstream.as_ref().and_then(|u| u.gateway.clone()) {
+            return via_gateway(ctx, log, &key.src, &gw, addr, src_wl.as_deref()).await;
+        }
         log.src_identity = Some(key.src.to_string());
         log.dst_identity = Some(
             key.expected
@@ -99,6 +102,57 @@ pub(super) async fn open(ctx: &ProxyCtx, log: &mut ConnLog) -> Result<UpConn, Pr
         .await
         .map(UpConn::Tcp)
         .map_err(|source| ProxyError::Connect { addr, source })
+}
+
+/// Double HBONE through the network gateway `gw` at `addr` (ztunnel's headers: the inner CONNECT
+/// alone says which network the client is on).
+async fn via_gateway(
+    ctx: &ProxyCtx,
+    log: &mut ConnLog,
+    src_id: &SpiffeId,
+    gw: &route::NetworkGateway,
+    addr: SocketAddr,
+    src_wl: Option<&Workload>,
+) -> Result<UpConn, ProxyError> {
+    log.src_identity = Some(src_id.to_string());
+    log.dst_identity = Some(
+        gw.inner
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(","),
+    );
+    let build = |network| {
+        hbone::connect_request_via_gateway(
+            &gw.authority,
+            log.src,
+            src_wl,
+            network,
+            &mut rand::rng(),
+        )
+        .map_err(|e| ProxyError::HboneHandshake(format!("building the CONNECT: {e}")))
+    };
+    let outer = build(None)?;
+    let mut inner = build(Some(&ctx.network))?;
+    super::trace::hbone_connect(log, addr, &mut inner);
+    let limit = ctx.upstream.connect_timeout;
+    let t = tokio::time::timeout(
+        limit,
+        super::double_hbone::tunnel(ctx, src_id, gw, addr, outer, inner),
+    )
+    .await
+    .unwrap_or_else(|_| {
+        Err(ProxyError::HboneHandshake(format!(
+            "no tunnel to {} through the network gateway {addr} within {limit:?}",
+            gw.authority
+        )))
+    });
+    log.status = match &t {
+        Ok(t) => Some(t.status),
+        Err(ProxyError::HboneStatus { status, .. }) => Some(*status),
+        Err(_) => None,
+    };
+    Ok(UpConn::Tunnel(Box::new(t?)))
 }
 
 /// The address of an endpoint known by `host` only (on-demand DNS), with the target port the
@@ -143,8 +197,20 @@ fn open_metrics(
             .filter(|_| hbone && src_wl.is_none()),
         workload_principal: hbone,
     };
-    let (dst, service) = (up.workload.as_deref(), up.service.as_deref());
-    super::metering::open(ctx, Reporter::Source, src, dst, service, hbone)
+    // Through a network gateway the destination is the gateway until the inner tunnel answers,
+    // as ztunnel counts it: the endpoint the route saw is not necessarily the one it reaches.
+    let dst = match &up.gateway {
+        Some(gw) => Some(&*gw.workload),
+        None => up.workload.as_deref(),
+    };
+    super::metering::open(
+        ctx,
+        Reporter::Source,
+        src,
+        dst,
+        up.service.as_deref(),
+        hbone,
+    )
 }
 
 /// The pool key of a tunnel to `up`: the source identity (the client's workload, else this

@@ -43,12 +43,73 @@ pub struct PoolKey {
     pub pod: Option<Arc<str>>,
 }
 
-/// An open tunnel: both halves, and the pool slot it holds until dropped.
+/// An open tunnel: both halves, and the pool slot it holds until dropped (none for a tunnel
+/// that is not pooled: double HBONE's inner one).
 pub struct Tunnel {
     pub recv: H2Recv,
     pub send: H2Send,
     pub status: u16,
-    _guard: StreamGuard,
+    _guard: Option<StreamGuard>,
+}
+
+impl Tunnel {
+    /// A tunnel on a connection of its own, outside the pool.
+    pub fn unpooled(recv: H2Recv, send: H2Send, status: u16) -> Tunnel {
+        Tunnel {
+            recv,
+            send,
+            status,
+            _guard: None,
+        }
+    }
+
+    /// The tunnel as one byte stream (for a TLS session inside it), still holding its slot.
+    pub fn into_io(self) -> TunnelIo {
+        TunnelIo {
+            io: tokio::io::join(self.recv, self.send),
+            _guard: self._guard,
+        }
+    }
+}
+
+/// A tunnel read and written as one stream: double HBONE runs the inner TLS over it.
+pub struct TunnelIo {
+    io: tokio::io::Join<H2Recv, H2Send>,
+    _guard: Option<StreamGuard>,
+}
+
+impl AsyncRead for TunnelIo {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TunnelIo {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
 }
 
 /// Counts a stream against its connection's limit (and in the pool's total) until dropped.
@@ -131,7 +192,7 @@ type ClientConfigFor = (Vec<CertificateDer<'static>>, Arc<rustls::ClientConfig>)
 impl Pool {
     /// The client configuration of `key`, built only when none exists for its identities or the
     /// roots changed (CA rotation).
-    fn client_config(
+    pub(super) fn client_config(
         &self,
         ctx: &ProxyCtx,
         key: &PoolKey,
@@ -221,7 +282,7 @@ impl Pool {
                         recv: H2Recv::new(recv),
                         send: H2Send::new(send),
                         status,
-                        _guard: guard,
+                        _guard: Some(guard),
                     })
                 }
                 Ok((status, ..)) => {
@@ -257,7 +318,7 @@ fn retryable(e: &h2::Error) -> bool {
     e.is_io() || e.is_go_away() || !e.is_remote() || e.reason() == Some(h2::Reason::REFUSED_STREAM)
 }
 
-async fn request(
+pub(super) async fn request(
     send: SendRequest<Bytes>,
     req: http::Request<()>,
 ) -> Result<(u16, h2::RecvStream, h2::SendStream<Bytes>), h2::Error> {

@@ -4,6 +4,7 @@
 //! waypoint goes to the waypoint instead ([`waypoint`]). Pure: the caller passes the snapshot and
 //! the RNG.
 
+pub mod gateway;
 pub mod waypoint;
 
 use std::net::{IpAddr, SocketAddr};
@@ -16,6 +17,7 @@ use crate::model::{
     Service, ServiceKey, TunnelProtocol, Workload, WorkloadStatus,
 };
 use crate::store::Snapshot;
+pub use gateway::NetworkGateway;
 pub use waypoint::Waypoint;
 
 /// Where an outbound connection goes.
@@ -35,6 +37,9 @@ pub struct Upstream {
     /// IP of `addr` is unspecified until the outbound path resolves it (on-demand DNS); its
     /// port is the target port.
     pub hostname: Option<Arc<str>>,
+    /// Set when the chosen endpoint is on another network: the connection is a double HBONE
+    /// tunnel through that network's gateway ([`gateway`]), `addr` the gateway's HBONE address.
+    pub gateway: Option<NetworkGateway>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -64,6 +69,28 @@ pub enum RouteError {
     WaypointNoEndpoint { owner: String, waypoint: String },
     #[error("the endpoint of {service} is known by hostname only, and on-demand DNS found no address: {reason}")]
     HostnameUnresolved { service: ServiceKey, reason: String },
+    #[error("endpoint {workload} of {service} is on network {network:?}, not this node's {local:?}, and has no network gateway: cross-network traffic needs one")]
+    NoNetworkGateway {
+        service: ServiceKey,
+        workload: String,
+        network: String,
+        local: String,
+    },
+    #[error("the network gateway {gateway} of {workload} is not in the mesh state (is the east-west gateway deployed, and has the control plane sent it?)")]
+    GatewayUnknown { workload: String, gateway: String },
+    #[error(
+        "the network gateway {gateway} of {workload} has no healthy endpoint on its port {port}"
+    )]
+    GatewayNoEndpoint {
+        workload: String,
+        gateway: String,
+        port: u16,
+    },
+    #[error("service {service} has no subject_alt_names: its endpoints on network {network:?} are reached through a gateway, and the tunnel inside must verify the service's identity")]
+    NoServiceSans {
+        service: ServiceKey,
+        network: String,
+    },
 }
 
 /// Resolves the upstream for a connection from `src` (the client workload, if known) to `dst`.
@@ -77,7 +104,7 @@ pub fn route(
     let key = NetworkAddr::new(network.clone(), dst.ip());
     let client_ns = src.map(|w| w.namespace.as_str());
     if let Some(svc) = snapshot.service_by_vip(&key, client_ns) {
-        return to_service(snapshot, svc, src, dst, rng);
+        return to_service(snapshot, network, svc, src, dst, rng);
     }
     if let Some(wl) = snapshot.workload_by_addr(&key) {
         if let Some(gw) = &wl.waypoint {
@@ -93,11 +120,12 @@ pub fn route(
             service: None,
             waypoint: None,
             hostname: None,
+            gateway: None,
         });
     }
     // An address range (a ServiceEntry's CIDR) last: a VIP or a workload's own address wins.
     if let Some(svc) = snapshot.service_by_range(&key, client_ns) {
-        return to_service(snapshot, svc, src, dst, rng);
+        return to_service(snapshot, network, svc, src, dst, rng);
     }
     Ok(Upstream {
         addr: dst,
@@ -106,6 +134,7 @@ pub fn route(
         kind: UpstreamKind::Passthrough,
         waypoint: None,
         hostname: None,
+        gateway: None,
     })
 }
 
@@ -113,6 +142,7 @@ pub fn route(
 /// them (its own traffic is not sent back to a waypoint), else to an endpoint.
 fn to_service(
     snapshot: &Snapshot,
+    network: &str,
     svc: &Arc<Service>,
     src: Option<&Workload>,
     dst: SocketAddr,
@@ -131,7 +161,7 @@ fn to_service(
             return Ok(via(wp, dst, None, Some(svc.clone())));
         }
     }
-    service_endpoint(snapshot, svc, src, dst, &|_, _| true, rng)
+    service_endpoint(snapshot, network, svc, src, dst, &|_, _| true, rng)
 }
 
 /// An upstream through waypoint `wp`: the authority stays the original destination `dst` (the
@@ -149,6 +179,7 @@ fn via(
         kind: UpstreamKind::Hbone,
         waypoint: Some(wp),
         hostname: None,
+        gateway: None,
     }
 }
 
@@ -162,9 +193,16 @@ fn kind_of(wl: &Workload) -> UpstreamKind {
 /// Load-balances `dst` (a VIP of `svc`) over the service's endpoints for which `keep(workload, ip)`
 /// holds, ignoring the service's waypoint: what a waypoint does with the traffic sent to it. The
 /// filter runs *before* the choice, so an endpoint this proxy cannot serve is never picked. An
-/// endpoint known by hostname only is a candidate with no IP (`keep(workload, None)`).
+/// endpoint known by hostname only is a candidate with no IP (`keep(workload, None)`), and so is
+/// one on another network that has a gateway (the gateway finds it).
+///
+/// An endpoint on another network than the client's (`network` when the client is unknown) is
+/// reached through its `network_gateway` (ztunnel's rule: no gateway is an error, not a skip).
+/// Endpoints of every network are candidates alike unless the service prefers its own
+/// (`routingPreference` with `NETWORK`, FAILOVER or STRICT): "network first".
 pub fn service_endpoint(
     snapshot: &Snapshot,
+    network: &str,
     svc: &Arc<Service>,
     src: Option<&Workload>,
     dst: SocketAddr,
@@ -180,6 +218,7 @@ pub fn service_endpoint(
             kind: UpstreamKind::Passthrough,
             waypoint: None,
             hostname: None,
+            gateway: None,
         });
     }
     let svc_target = svc.ports.get(&port).copied();
@@ -196,7 +235,8 @@ pub fn service_endpoint(
             continue;
         };
         let ip = pick_ip(wl, dst.ip());
-        if ip.is_none() && wl.hostname.is_empty() {
+        let remote = *wl.network != *src.map_or(network, |s| &*s.network);
+        if ip.is_none() && wl.hostname.is_empty() && !(remote && wl.network_gateway.is_some()) {
             continue;
         }
         if !keep(wl, ip) {
@@ -214,6 +254,10 @@ pub fn service_endpoint(
     let chosen = select(&candidates, &svc.load_balancing, src, rng)
         .ok_or(RouteError::NoHealthyEndpoint { service: key, port })?;
     let c = &candidates[chosen];
+    let local = src.map_or(network, |s| &*s.network);
+    if *c.wl.network != *local {
+        return gateway::through(snapshot, svc, c.wl, local, dst, rng);
+    }
     let unspecified = match dst.ip() {
         IpAddr::V4(_) => IpAddr::from(std::net::Ipv4Addr::UNSPECIFIED),
         IpAddr::V6(_) => IpAddr::from(std::net::Ipv6Addr::UNSPECIFIED),
@@ -225,6 +269,7 @@ pub fn service_endpoint(
         service: Some(svc.clone()),
         waypoint: None,
         hostname: c.ip.is_none().then(|| c.wl.hostname.as_str().into()),
+        gateway: None,
     })
 }
 

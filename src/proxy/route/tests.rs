@@ -16,13 +16,13 @@ use crate::model::{
 use crate::proto::istio::workload as pw;
 use crate::store::{Batch, Store, Upsert};
 
-const SVC: &str = "default/echo.default.svc.cluster.local";
+pub(super) const SVC: &str = "default/echo.default.svc.cluster.local";
 
-fn ip(s: &str) -> IpAddr {
+pub(super) fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
 
-fn workload(name: &str, addr: &str) -> Workload {
+pub(super) fn workload(name: &str, addr: &str) -> Workload {
     let p = pw::Workload {
         uid: format!("cluster1//v1/Pod/default/{name}"),
         name: name.into(),
@@ -36,7 +36,7 @@ fn workload(name: &str, addr: &str) -> Workload {
     Workload::try_from(p).unwrap()
 }
 
-fn endpoint(name: &str, addr: &str, ports: &[(u16, u16)]) -> Workload {
+pub(super) fn endpoint(name: &str, addr: &str, ports: &[(u16, u16)]) -> Workload {
     let mut w = workload(name, addr);
     w.services.insert(
         ServiceKey::parse(SVC).unwrap(),
@@ -45,7 +45,7 @@ fn endpoint(name: &str, addr: &str, ports: &[(u16, u16)]) -> Workload {
     w
 }
 
-fn service(ports: &[(u16, u16)], lb: LoadBalancing) -> Service {
+pub(super) fn service(ports: &[(u16, u16)], lb: LoadBalancing) -> Service {
     Service {
         name: "echo".into(),
         namespace: "default".into(),
@@ -63,7 +63,7 @@ fn service(ports: &[(u16, u16)], lb: LoadBalancing) -> Service {
     }
 }
 
-fn store_with(svc: Service, wls: Vec<Workload>) -> Store {
+pub(super) fn store_with(svc: Service, wls: Vec<Workload>) -> Store {
     let store = Store::new();
     let mut upserts = vec![Upsert::Service(svc)];
     upserts.extend(wls.into_iter().map(Upsert::Workload));
@@ -78,7 +78,7 @@ fn net() -> Arc<str> {
     Arc::from("")
 }
 
-fn vip(port: u16) -> SocketAddr {
+pub(super) fn vip(port: u16) -> SocketAddr {
     SocketAddr::new(ip("10.0.0.1"), port)
 }
 
@@ -172,6 +172,7 @@ fn an_endpoint_known_by_hostname_is_chosen_unresolved() {
     assert!(matches!(
         service_endpoint(
             &store.load(),
+            "",
             &svc,
             None,
             vip(80),
@@ -500,13 +501,13 @@ fn service_endpoint_filters_before_choosing() {
     let mut rng = SmallRng::seed_from_u64(7);
     let only_b = |_: &Workload, a: Option<IpAddr>| a == Some(ip("10.0.1.2"));
     for _ in 0..200 {
-        let up = service_endpoint(&snap, &svc, None, vip(80), &only_b, &mut rng).unwrap();
+        let up = service_endpoint(&snap, "", &svc, None, vip(80), &only_b, &mut rng).unwrap();
         assert_eq!(up.addr, SocketAddr::new(ip("10.0.1.2"), 8080));
         assert!(up.service.is_some());
     }
     let none = |_: &Workload, _: Option<IpAddr>| false;
     assert!(matches!(
-        service_endpoint(&snap, &svc, None, vip(80), &none, &mut rng),
+        service_endpoint(&snap, "", &svc, None, vip(80), &none, &mut rng),
         Err(RouteError::NoHealthyEndpoint { .. })
     ));
 }

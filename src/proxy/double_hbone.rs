@@ -1,0 +1,105 @@
+//! Double HBONE (Istio multi-network): a tunnel to a service endpoint on another network, through
+//! that network's gateway ([`super::route::gateway`] chose it). As ztunnel:
+//! - the outer tunnel is an ordinary pooled HBONE tunnel to the gateway, proving the gateway's
+//!   identity, whose CONNECT names `<service hostname>:<port>`; the gateway picks an endpoint of
+//!   that service and relays the stream's bytes to its node's HBONE port;
+//! - inside that stream, a TLS session of its own with the destination (end to end: the gateway
+//!   sees ciphertext), proving the service's SANs, then HTTP/2 and the inner CONNECT with the same
+//!   authority plus `x-forwarded-network`;
+//! - the inner connection carries this one tunnel only (pooling it would pin every connection to
+//!   the one remote endpoint the gateway chose first), and ends with it.
+
+use std::net::SocketAddr;
+
+use rustls_pki_types::ServerName;
+
+use super::h2io::{self, H2Recv, H2Send};
+use super::pool::{PoolKey, Tunnel};
+use super::route::NetworkGateway;
+use super::{ProxyCtx, ProxyError};
+use crate::model::SpiffeId;
+use crate::tls::crl::Checker;
+
+/// Opens the outer tunnel to `gw` at `addr` (`outer` its CONNECT), then the inner one to the
+/// destination (`inner` its CONNECT), presenting `src`'s certificate on both.
+pub(super) async fn tunnel(
+    ctx: &ProxyCtx,
+    src: &SpiffeId,
+    gw: &NetworkGateway,
+    addr: SocketAddr,
+    outer: http::Request<()>,
+    inner: http::Request<()>,
+) -> Result<Tunnel, ProxyError> {
+    let pod = ctx.pod.as_ref().map(|p| p.uid.clone());
+    let outer_key = PoolKey {
+        src: src.clone(),
+        expected: gw.identities.clone(),
+        addr,
+        pod: pod.clone(),
+    };
+    let outer = ctx.hbone.pool.tunnel(ctx, &outer_key, addr, outer).await?;
+
+    // The inner session: the same source certificate, the destination service's identities.
+    let inner_key = PoolKey {
+        src: src.clone(),
+        expected: gw.inner.clone(),
+        addr,
+        pod,
+    };
+    let cert = ctx.secrets.fetch(src).await?;
+    let cfg = ctx.hbone.pool.client_config(ctx, &inner_key, &cert.roots)?;
+    let since = ctx.hbone.revocation.as_ref().map(|r| r.generation());
+    let tls = tokio_rustls::TlsConnector::from(cfg)
+        .connect(ServerName::IpAddress(addr.ip().into()), outer.into_io())
+        .await
+        .map_err(|source| ProxyError::Tls {
+            addr,
+            inbound: false,
+            source,
+        })?;
+    let mut tracking = match (&ctx.hbone.revocation, since) {
+        (Some(rev), Some(since)) => Some(rev.track(
+            tls.get_ref().1,
+            std::sync::Arc::new(cert.roots.clone()),
+            Checker::Client,
+            since,
+        )),
+        _ => None,
+    };
+    let (send, conn) = h2io::client_builder(&ctx.h2)
+        .handshake(tls)
+        .await
+        .map_err(|e| {
+            ProxyError::HboneHandshake(format!("inner HTTP/2 through the gateway {addr}: {e}"))
+        })?;
+    // The inner connection's driver: it ends when its one stream does (or the destination's
+    // certificate is revoked).
+    tokio::spawn(async move {
+        let revoked = async {
+            match tracking.as_mut() {
+                Some(t) => t.revoked().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = conn => {}
+            () = revoked => tracing::warn!(gateway = %addr, "the destination's certificate is now revoked (CRL_PATH): closing the tunnel through the gateway"),
+        }
+    });
+    let authority = inner.uri().to_string();
+    let (status, recv, send) = super::pool::request(send, inner).await.map_err(|e| {
+        ProxyError::HboneHandshake(format!("inner CONNECT to {authority} via {addr}: {e}"))
+    })?;
+    if status != 200 {
+        return Err(ProxyError::HboneStatus {
+            peer: addr,
+            dst: addr,
+            status,
+        });
+    }
+    Ok(Tunnel::unpooled(
+        H2Recv::new(recv),
+        H2Send::new(send),
+        status,
+    ))
+}

@@ -1,0 +1,145 @@
+//! Network gateways (Istio multi-network): a service endpoint on another network is not dialled
+//! (its address is not routable from here); the connection goes to that endpoint's
+//! `network_gateway` as double HBONE, the gateway picks the endpoint by service hostname. As
+//! ztunnel:
+//! - the outer tunnel goes to the gateway (its workload's address, or an endpoint of its service,
+//!   on its `hbone_mtls_port` mapped to the target port), proving the gateway's identities;
+//! - both CONNECTs name `<service hostname>:<service port>`;
+//! - the inner tunnel proves the service's `subject_alt_names` (none is an error).
+//!
+//! Pure, like the rest of routing.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use rand::Rng;
+
+use super::{pick_ip, select, Candidate, RouteError, Upstream, UpstreamKind};
+use crate::model::{GatewayDestination, Service, SpiffeId, Workload};
+use crate::store::Snapshot;
+
+/// The way to a service endpoint on another network.
+#[derive(Clone, Debug)]
+pub struct NetworkGateway {
+    /// The gateway workload (the access log and the metrics' destination until the inner tunnel
+    /// answers, as ztunnel).
+    pub workload: Arc<Workload>,
+    /// Identities the gateway may prove: its workload's, and its service's `subject_alt_names`
+    /// when it is named by hostname.
+    pub identities: Vec<SpiffeId>,
+    /// Identities the destination may prove through the inner tunnel: the service's SANs.
+    pub inner: Vec<SpiffeId>,
+    /// `<service hostname>:<port the client dialled>`, both CONNECTs' authority.
+    pub authority: String,
+    /// The endpoint's network (sent nowhere; for logs).
+    pub network: Arc<str>,
+}
+
+/// The upstream for endpoint `wl` of `svc`, which is on another network than `local`.
+pub(super) fn through(
+    snapshot: &Snapshot,
+    svc: &Arc<Service>,
+    wl: &Arc<Workload>,
+    local: &str,
+    dst: SocketAddr,
+    rng: &mut impl Rng,
+) -> Result<Upstream, RouteError> {
+    let name = || format!("{}/{}", wl.namespace, wl.name);
+    let gw = wl
+        .network_gateway
+        .as_ref()
+        .ok_or_else(|| RouteError::NoNetworkGateway {
+            service: svc.key(),
+            workload: name(),
+            network: wl.network.to_string(),
+            local: local.to_owned(),
+        })?;
+    let inner: Vec<SpiffeId> = svc
+        .subject_alt_names
+        .iter()
+        .filter_map(|s| s.parse().ok())
+        .collect();
+    if inner.is_empty() {
+        return Err(RouteError::NoServiceSans {
+            service: svc.key(),
+            network: wl.network.to_string(),
+        });
+    }
+    let (gw_wl, addr, mut identities) = match &gw.destination {
+        GatewayDestination::Address(na) => {
+            let gw_wl =
+                snapshot
+                    .workload_by_addr(na)
+                    .ok_or_else(|| RouteError::GatewayUnknown {
+                        workload: name(),
+                        gateway: na.to_string(),
+                    })?;
+            let addr = SocketAddr::new(na.ip, gw.hbone_mtls_port);
+            (gw_wl.clone(), addr, vec![gw_wl.identity()])
+        }
+        GatewayDestination::Hostname(key) => {
+            let gw_svc = snapshot
+                .service(key)
+                .ok_or_else(|| RouteError::GatewayUnknown {
+                    workload: name(),
+                    gateway: key.to_string(),
+                })?;
+            // The gateway service's port `hbone_mtls_port`, mapped to each endpoint's target.
+            let port = gw.hbone_mtls_port;
+            let svc_target = gw_svc.ports.get(&port).copied().filter(|t| *t != 0);
+            let candidates: Vec<Candidate<'_>> = snapshot
+                .endpoints(key)
+                .filter_map(|(w, ep)| {
+                    let target = ep
+                        .ports
+                        .get(&port)
+                        .copied()
+                        .filter(|t| *t != 0)
+                        .or(svc_target)
+                        .unwrap_or(port);
+                    Some(Candidate {
+                        wl: w,
+                        ip: Some(pick_ip(w, dst.ip())?),
+                        target,
+                    })
+                })
+                .collect();
+            let none = || RouteError::GatewayNoEndpoint {
+                workload: name(),
+                gateway: key.to_string(),
+                port,
+            };
+            let i = select(&candidates, &gw_svc.load_balancing, None, rng).ok_or_else(none)?;
+            let c = &candidates[i];
+            let ip = c.ip.ok_or_else(none)?;
+            let mut ids = vec![c.wl.identity()];
+            ids.extend(
+                gw_svc
+                    .subject_alt_names
+                    .iter()
+                    .filter_map(|s| s.parse::<SpiffeId>().ok()),
+            );
+            (c.wl.clone(), SocketAddr::new(ip, c.target), ids)
+        }
+    };
+    identities.dedup();
+    Ok(Upstream {
+        addr,
+        workload: Some(wl.clone()),
+        service: Some(svc.clone()),
+        kind: UpstreamKind::Hbone,
+        waypoint: None,
+        hostname: None,
+        gateway: Some(NetworkGateway {
+            workload: gw_wl,
+            identities,
+            inner,
+            authority: format!("{}:{}", svc.hostname, dst.port()),
+            network: wl.network.clone(),
+        }),
+    })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests;
