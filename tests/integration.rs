@@ -21,6 +21,7 @@ mod integration {
     mod limits;
     mod local_mode;
     mod metrics;
+    mod multinetwork;
     pub mod netns;
     mod otel;
     mod raw_hbone;

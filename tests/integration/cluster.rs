@@ -6,6 +6,7 @@
 //! server saw. One topology serves every scenario (it takes a few seconds to build).
 
 mod control_plane;
+mod multinetwork;
 mod protocols;
 mod self_call;
 mod shared;
@@ -474,6 +475,7 @@ fn cluster_cleans_up_after_a_panic() {
             mesh: true,
             service_account: "client",
             backend: "iptables",
+            network: "",
         };
         let state = "workloads:\n- uid: cluster1//v1/Pod/default/x1\n  name: x1\n  namespace: default\n  serviceAccount: client\n  workloadIps: [\"10.240.1.10\"]\n  protocol: HBONE\n  node: node-1\n";
         let c = Cluster::start("z", 1, &[pod], state, &[]);

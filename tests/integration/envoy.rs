@@ -71,16 +71,21 @@ async fn xds(n: u8) -> Handle {
 // Certificates as PEM files for Envoy.
 
 /// Paths of the PEM files Envoy reads.
-struct Pems {
+pub(super) struct Pems {
     chain: PathBuf,
     key: PathBuf,
     root: PathBuf,
 }
 
-/// Asks the mesh CA for a certificate for `sa` and writes it, its key and the root to `dir`.
-async fn issue_pems(ts: &Handle, sa: &str, dir: &Path) -> Pems {
+/// Asks the test's xds-testserver for a certificate for `sa` and writes the PEM files to `dir`.
+pub(super) async fn issue_pems(ts: &Handle, sa: &str, dir: &Path) -> Pems {
+    write_pems(CaClient::istio(testserver_ca(ts)), sa, dir).await
+}
+
+/// Asks `ca` for a certificate for `sa` and writes it, its key and the root to `dir`.
+pub(super) async fn write_pems(ca: CaClient, sa: &str, dir: &Path) -> Pems {
     let id = spiffe(sa).parse().unwrap();
-    let cert: WorkloadCert = CaClient::istio(testserver_ca(ts))
+    let cert: WorkloadCert = ca
         .fetch(&id)
         .await
         .expect("the mesh CA issues Envoy's certificate");
@@ -110,7 +115,7 @@ async fn issue_pems(ts: &Handle, sa: &str, dir: &Path) -> Pems {
 // Running Envoy.
 
 /// A running Envoy, killed (and its files removed) on drop; prints its log when the test fails.
-struct Envoy {
+pub(super) struct Envoy {
     child: Child,
     dir: tempfile::TempDir,
     log: PathBuf,
@@ -133,7 +138,7 @@ impl Drop for Envoy {
     }
 }
 
-fn envoy_binary() -> PathBuf {
+pub(super) fn envoy_binary() -> PathBuf {
     let found = std::env::var_os("PATH").and_then(|paths| {
         std::env::split_paths(&paths)
             .map(|p| p.join("envoy"))
@@ -151,7 +156,7 @@ impl Envoy {
     /// Starts Envoy on `config` (where `{DIR}`, `{ADMIN}` and `{ACCESS_LOG}` are substituted) and
     /// waits until it is LIVE and `probe` (if any) accepts TCP connections. (A TCP listener is not
     /// probed: its `tcp_proxy` would open a tunnel for the probe.)
-    async fn start(
+    pub(super) async fn start(
         n: u8,
         dir: tempfile::TempDir,
         config: &str,
@@ -218,7 +223,7 @@ impl Envoy {
     }
 
     /// Waits (bounded) until the access log has a line containing every one of `needles`.
-    async fn access_line(&self, needles: &[&str]) -> String {
+    pub(super) async fn access_line(&self, needles: &[&str]) -> String {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let log = std::fs::read_to_string(&self.access_log).unwrap_or_default();
@@ -264,7 +269,7 @@ impl Envoy {
     }
 }
 
-const TLS_COMMON: &str = r#"
+pub(super) const TLS_COMMON: &str = r#"
           tls_params: {tls_minimum_protocol_version: TLSv1_3, tls_maximum_protocol_version: TLSv1_3}
           alpn_protocols: [h2]
           tls_certificates:
@@ -276,7 +281,7 @@ const TLS_COMMON: &str = r#"
             - san_type: URI
               matcher: {exact: "{PEER_SAN}"}"#;
 
-const ADMIN: &str = r#"
+pub(super) const ADMIN: &str = r#"
 admin:
   address: {socket_address: {address: "{ADMIN_IP}", port_value: {ADMIN_PORT}}}
 "#;

@@ -52,6 +52,8 @@ pub struct PodSpec {
     pub service_account: &'static str,
     /// `iptables` or `nftables`: which backend `l4mesh redirect install` uses.
     pub backend: &'static str,
+    /// The pod's l4mesh's `NETWORK` (empty: none, the default network).
+    pub network: &'static str,
 }
 
 impl PodSpec {
@@ -66,6 +68,7 @@ impl PodSpec {
             mesh,
             service_account: sa,
             backend: "iptables",
+            network: "",
         }
     }
 
@@ -332,6 +335,9 @@ impl Cluster {
             ("PROXY_WORKLOAD_INFO".to_owned(), info),
             ("POD_NAME".to_owned(), name.to_owned()),
         ]);
+        if !p.spec.network.is_empty() {
+            envs.push(("NETWORK".to_owned(), p.spec.network.to_owned()));
+        }
         let envs: Vec<(&str, &str)> = envs.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         let started = Instant::now();
         let (child, out) = p.ns.spawn_owned(&[bin], &envs, "listening");
