@@ -619,6 +619,11 @@ pub struct Args {
     /// clients' POOL_UNUSED_RELEASE_TIMEOUT, so that they normally close first).
     #[arg(long, env = "L4MESH_HBONE_IDLE_TIMEOUT", default_value = "15m", value_parser = parse_duration)]
     pub hbone_idle_timeout: Duration,
+    /// Pool double HBONE's inner connections (to workloads on other networks, through a network
+    /// gateway) instead of one per connection as ztunnel: new connections cost a stream instead
+    /// of a TLS and an HTTP/2 handshake, but each inner connection reaches one remote endpoint.
+    #[arg(long, env = "L4MESH_POOL_INNER_TUNNELS", default_value = "false", value_parser = parse_bool, action = clap::ArgAction::Set)]
+    pub pool_inner_tunnels: bool,
     /// TCP keepalive on accepted and upstream sockets (ztunnel's setting).
     #[arg(long, env = "KEEPALIVE_ENABLED", default_value = "true", value_parser = parse_bool, action = clap::ArgAction::Set)]
     pub keepalive_enabled: bool,
@@ -819,6 +824,7 @@ impl Args {
             frame_size: self.http2_frame_size,
             ping_interval: self.hbone_ping_interval,
             server_idle_timeout: self.hbone_idle_timeout,
+            pool_inner_tunnels: self.pool_inner_tunnels,
         };
         validate_h2(&h2)?;
         let otel_endpoint = self.otel_exporter_otlp_endpoint.trim();

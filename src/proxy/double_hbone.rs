@@ -6,22 +6,30 @@
 //! - inside that stream, a TLS session of its own with the destination (end to end: the gateway
 //!   sees ciphertext), proving the service's SANs, then HTTP/2 and the inner CONNECT with the same
 //!   authority plus `x-forwarded-network`;
-//! - the inner connection carries this one tunnel only (pooling it would pin every connection to
-//!   the one remote endpoint the gateway chose first), and ends with it.
+//! - the inner connection carries this one tunnel only, and ends with it: the gateway picks an
+//!   endpoint per outer tunnel, so each connection may reach another one.
+//!
+//! `L4MESH_POOL_INNER_TUNNELS=true` pools the inner connections instead (beyond ztunnel): a new
+//! connection then costs one HTTP/2 stream instead of a stream, a TLS handshake and an HTTP/2
+//! handshake, but the streams of one inner connection all reach the endpoint the gateway chose
+//! for it (up to `POOL_MAX_STREAMS_PER_CONNECTION` of them).
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use rustls_pki_types::ServerName;
 
 use super::h2io::{self, H2Recv, H2Send};
-use super::pool::{PoolKey, Tunnel};
+use super::pool::{PoolKey, Tunnel, Via};
 use super::route::NetworkGateway;
 use super::{ProxyCtx, ProxyError};
 use crate::model::SpiffeId;
 use crate::tls::crl::Checker;
 
 /// Opens the outer tunnel to `gw` at `addr` (`outer` its CONNECT), then the inner one to the
-/// destination (`inner` its CONNECT), presenting `src`'s certificate on both.
+/// destination (`inner` its CONNECT), presenting `src`'s certificate on both. With
+/// `L4MESH_POOL_INNER_TUNNELS` the inner connection is pooled instead (per source, service and
+/// gateway), and `outer` is not used: the pooled connection's own outer tunnel names no client.
 pub(super) async fn tunnel(
     ctx: &ProxyCtx,
     src: &SpiffeId,
@@ -31,11 +39,25 @@ pub(super) async fn tunnel(
     inner: http::Request<()>,
 ) -> Result<Tunnel, ProxyError> {
     let pod = ctx.pod.as_ref().map(|p| p.uid.clone());
+    if ctx.h2.pool_inner_tunnels {
+        let key = PoolKey {
+            src: src.clone(),
+            expected: gw.inner.clone(),
+            addr,
+            pod,
+            via: Some(Arc::new(Via {
+                gateway: gw.identities.clone(),
+                authority: gw.authority.clone(),
+            })),
+        };
+        return ctx.hbone.pool.tunnel(ctx, &key, addr, inner).await;
+    }
     let outer_key = PoolKey {
         src: src.clone(),
         expected: gw.identities.clone(),
         addr,
         pod: pod.clone(),
+        via: None,
     };
     let outer = ctx.hbone.pool.tunnel(ctx, &outer_key, addr, outer).await?;
 
@@ -45,6 +67,7 @@ pub(super) async fn tunnel(
         expected: gw.inner.clone(),
         addr,
         pod,
+        via: None,
     };
     let cert = ctx.secrets.fetch(src).await?;
     let cfg = ctx.hbone.pool.client_config(ctx, &inner_key, &cert.roots)?;

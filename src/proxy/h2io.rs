@@ -45,6 +45,9 @@ pub struct Tuning {
     /// normally closes first.
     #[serde(serialize_with = "crate::model::serialize_duration")]
     pub server_idle_timeout: std::time::Duration,
+    /// `L4MESH_POOL_INNER_TUNNELS`: double HBONE's inner connections are pooled (off: one per
+    /// connection, as ztunnel).
+    pub pool_inner_tunnels: bool,
 }
 
 impl Default for Tuning {
@@ -57,6 +60,7 @@ impl Default for Tuning {
             frame_size: 1024 * 1024,
             ping_interval: std::time::Duration::from_secs(10),
             server_idle_timeout: std::time::Duration::from_secs(15 * 60),
+            pool_inner_tunnels: false,
         }
     }
 }

@@ -232,6 +232,7 @@ fn tunnel_key(
             expected: vec![wp.workload.identity()],
             addr: wp.addr,
             pod: ctx.pod.as_ref().map(|p| p.uid.clone()),
+            via: None,
         });
     }
     let mut expected: Vec<SpiffeId> = up.workload.iter().map(|w| w.identity()).collect();
@@ -251,6 +252,7 @@ fn tunnel_key(
         expected,
         addr: SocketAddr::new(up.addr.ip(), hbone::HBONE_PORT),
         pod: ctx.pod.as_ref().map(|p| p.uid.clone()),
+        via: None,
     })
 }
 

@@ -41,6 +41,18 @@ pub struct PoolKey {
     /// Shared mode: the pod (uid) whose namespace the connection is made in. Pods never share
     /// a connection: it would carry one pod's traffic from another's address, and outlive it.
     pub pod: Option<Arc<str>>,
+    /// Set for a pooled inner connection of double HBONE (`L4MESH_POOL_INNER_TUNNELS`): it runs
+    /// inside a tunnel to the gateway at `addr` instead of over TCP.
+    pub via: Option<Arc<Via>>,
+}
+
+/// How an inner connection reaches its destination: a tunnel through a network gateway.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub struct Via {
+    /// The gateway's identities.
+    pub gateway: Vec<SpiffeId>,
+    /// The outer CONNECT's authority (`<service hostname>:<port>`).
+    pub authority: String,
 }
 
 /// An open tunnel: both halves, and the pool slot it holds until dropped (none for a tunnel
@@ -331,17 +343,47 @@ pub(super) async fn request(
 
 /// Opens a TLS+HTTP/2 connection for `key` and spawns its driver.
 async fn connect(ctx: &ProxyCtx, key: &PoolKey) -> Result<Conn, ProxyError> {
+    match &key.via {
+        None => {
+            let tcp = crate::socket::connect(key.addr, &ctx.upstream)
+                .await
+                .map_err(|source| ProxyError::Connect {
+                    addr: key.addr,
+                    source,
+                })?;
+            establish(ctx, key, tcp).await
+        }
+        Some(via) => {
+            // The outer tunnel, itself pooled; its CONNECT serves every stream of this inner
+            // connection, so it names no client.
+            let outer = PoolKey {
+                src: key.src.clone(),
+                expected: via.gateway.clone(),
+                addr: key.addr,
+                pod: key.pod.clone(),
+                via: None,
+            };
+            let req = http::Request::builder()
+                .method(http::Method::CONNECT)
+                .uri(via.authority.as_str())
+                .body(())
+                .map_err(|e| ProxyError::HboneHandshake(format!("building the CONNECT: {e}")))?;
+            let tunnel = Box::pin(ctx.hbone.pool.tunnel(ctx, &outer, key.addr, req)).await?;
+            establish(ctx, key, tunnel.into_io()).await
+        }
+    }
+}
+
+/// TLS (verifying `key.expected`) and HTTP/2 over `io`, and the connection's driver spawned.
+async fn establish<T>(ctx: &ProxyCtx, key: &PoolKey, io: T) -> Result<Conn, ProxyError>
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let cert = ctx.secrets.fetch(&key.src).await?;
     let cfg = ctx.hbone.pool.client_config(ctx, key, &cert.roots)?;
     let since = ctx.hbone.revocation.as_ref().map(|r| r.generation());
-    let tcp = crate::socket::connect(key.addr, &ctx.upstream)
-        .await
-        .map_err(|source| ProxyError::Connect {
-            addr: key.addr,
-            source,
-        })?;
     let tls = tokio_rustls::TlsConnector::from(cfg)
-        .connect(ServerName::IpAddress(key.addr.ip().into()), tcp)
+        .connect(ServerName::IpAddress(key.addr.ip().into()), io)
         .await
         .map_err(|source| ProxyError::Tls {
             addr: key.addr,

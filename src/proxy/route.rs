@@ -158,7 +158,25 @@ fn to_service(
     if let Some(gw) = pick_waypoint(svc, rng).filter(|_| !from_a_waypoint()) {
         let owner = format!("service {}", svc.key());
         if let Some(wp) = waypoint::resolve(snapshot, gw, &owner, src, dst, rng)? {
-            return Ok(via(wp, dst, None, Some(svc.clone())));
+            let local = src.map_or(network, |s| &*s.network);
+            if *wp.workload.network == *local {
+                return Ok(via(wp, dst, None, Some(svc.clone())));
+            }
+            // A waypoint on another network: through its gateway, proving the waypoint
+            // service's SANs (a waypoint named by address has none).
+            let wp_svc = match &gw.destination {
+                crate::model::GatewayDestination::Hostname(key) => snapshot.service(key),
+                crate::model::GatewayDestination::Address(_) => None,
+            };
+            return match wp_svc {
+                Some(wp_svc) => {
+                    gateway::to_waypoint(snapshot, svc, &wp.workload, wp_svc, local, dst, rng)
+                }
+                None => Err(RouteError::NoServiceSans {
+                    service: svc.key(),
+                    network: wp.workload.network.to_string(),
+                }),
+            };
         }
     }
     service_endpoint(snapshot, network, svc, src, dst, &|_, _| true, rng)

@@ -144,14 +144,27 @@ fn sample(node: &l4mesh::app::Running, name: &str, parts: &[&str]) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn double_hbone_through_an_envoy_east_west_gateway() {
+    through_the_gateway(NET, 30, false).await;
+}
+
+/// `L4MESH_POOL_INNER_TUNNELS`: the inner connection is pooled too, so three connections make
+/// two TLS connections from node a (the outer to the gateway, one inner) and one at node b.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pooled_inner_tunnels_through_the_gateway() {
+    through_the_gateway("127.63.2", 31, true).await;
+}
+
+async fn through_the_gateway(net: &str, envoy_n: u8, pooled: bool) {
     envoy_binary();
-    let (a_ip, b_ip, gw_ip) = (format!("{NET}.1"), format!("{NET}.2"), format!("{NET}.3"));
-    let ts = testserver(state(), "127.0.0.1", None).await;
-    let a = mesh_node_with(&ts, format!("{NET}.11"), "node-a", &a_ip, |c| {
-        c.network = "net-a".into()
+    let state = state().replace(NET, net);
+    let (a_ip, b_ip, gw_ip) = (format!("{net}.1"), format!("{net}.2"), format!("{net}.3"));
+    let ts = testserver(state, "127.0.0.1", None).await;
+    let a = mesh_node_with(&ts, format!("{net}.11"), "node-a", &a_ip, |c| {
+        c.network = "net-a".into();
+        c.h2.pool_inner_tunnels = pooled;
     })
     .await;
-    let b = mesh_node_with(&ts, format!("{NET}.12"), "node-b", &b_ip, |c| {
+    let b = mesh_node_with(&ts, format!("{net}.12"), "node-b", &b_ip, |c| {
         c.network = "net-b".into()
     })
     .await;
@@ -159,27 +172,30 @@ async fn double_hbone_through_an_envoy_east_west_gateway() {
     issue_pems(&ts, "eastwest", dir.path()).await;
     let config = eastwest_config(&gw_ip, &spiffe("client"), &b_ip);
     let gw_hbone = format!("{gw_ip}:15008").parse().unwrap();
-    let envoy = Envoy::start(30, dir, &config, Some(gw_hbone)).await;
+    let envoy = Envoy::start(envoy_n, dir, &config, Some(gw_hbone)).await;
     let _backend = Backend::start(&format!("{b_ip}:{BACKEND_PORT}"), "b").await;
 
     let src: IpAddr = a_ip.parse().unwrap();
     for i in 0..3 {
-        let s = socks5_connect_from(src, a.socks5.unwrap(), &format!("{NET}.100"), 80)
+        let s = socks5_connect_from(src, a.socks5.unwrap(), &format!("{net}.100"), 80)
             .await
             .expect("a tunnel through the gateway");
         let msg = format!("hello across networks {i}");
         assert_eq!(exchange(s, &msg).await, format!("b:{msg}"));
     }
 
-    // The gateway saw the outer CONNECT by service hostname, from the client's identity.
-    let line = envoy
-        .access_line(&[
-            &format!("CONNECT {HOST}:80 200"),
-            &spiffe("client"),
-            &format!("up={b_ip}:15008"),
-        ])
-        .await;
-    assert!(line.contains("rx="), "{line}");
+    // The gateway saw the outer CONNECT by service hostname, from the client's identity (logged
+    // when the tunnel ends: a pooled inner connection keeps its outer tunnel open).
+    if !pooled {
+        let line = envoy
+            .access_line(&[
+                &format!("CONNECT {HOST}:80 200"),
+                &spiffe("client"),
+                &format!("up={b_ip}:15008"),
+            ])
+            .await;
+        assert!(line.contains("rx="), "{line}");
+    }
 
     // Node a counts the connections to the service through the gateway (ztunnel's destination
     // until the inner tunnel answers); node b counts them from the client's proven identity,
@@ -211,13 +227,18 @@ async fn double_hbone_through_an_envoy_east_west_gateway() {
         ),
         3
     );
-    // One pooled outer connection to the gateway; each client connection its own inner one.
-    assert_eq!(a.proxy.hbone.outbound_tls_connections(), 1);
-    assert_eq!(b.proxy.hbone.inbound_tls_connections(), 3);
+    // One pooled outer connection to the gateway; each client connection its own inner one
+    // (ztunnel's way), or one pooled inner connection for the three.
+    let inner = if pooled { 1 } else { 3 };
+    assert_eq!(
+        a.proxy.hbone.outbound_tls_connections(),
+        1 + if pooled { 1 } else { 0 }
+    );
+    assert_eq!(b.proxy.hbone.inbound_tls_connections(), inner);
 
     // With the gateway gone there is no way to b: the connection fails (nothing dials b itself).
     drop(envoy);
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let refused = socks5_connect_from(src, a.socks5.unwrap(), &format!("{NET}.100"), 80).await;
+    let refused = socks5_connect_from(src, a.socks5.unwrap(), &format!("{net}.100"), 80).await;
     assert!(refused.is_err(), "no gateway, no tunnel");
 }

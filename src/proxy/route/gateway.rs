@@ -35,7 +35,8 @@ pub struct NetworkGateway {
     pub network: Arc<str>,
 }
 
-/// The upstream for endpoint `wl` of `svc`, which is on another network than `local`.
+/// The upstream for endpoint `wl` of `svc`, which is on another network than `local`: the inner
+/// tunnel proves `svc`'s SANs.
 pub(super) fn through(
     snapshot: &Snapshot,
     svc: &Arc<Service>,
@@ -44,6 +45,38 @@ pub(super) fn through(
     dst: SocketAddr,
     rng: &mut impl Rng,
 ) -> Result<Upstream, RouteError> {
+    via(snapshot, svc, wl, svc, local, dst, rng)
+}
+
+/// The upstream for a connection to `svc` through its waypoint `wp` (an endpoint of the waypoint
+/// service `wp_svc`), which is on another network than `local`: as ztunnel, the authority still
+/// names `svc`, and the inner tunnel proves the waypoint service's SANs.
+pub(super) fn to_waypoint(
+    snapshot: &Snapshot,
+    svc: &Arc<Service>,
+    wp: &Arc<Workload>,
+    wp_svc: &Arc<Service>,
+    local: &str,
+    dst: SocketAddr,
+    rng: &mut impl Rng,
+) -> Result<Upstream, RouteError> {
+    let mut up = via(snapshot, svc, wp, wp_svc, local, dst, rng)?;
+    up.workload = None;
+    Ok(up)
+}
+
+/// Through `hop`'s network gateway to `svc` (the authority), the inner tunnel proving `proves`'s
+/// SANs.
+fn via(
+    snapshot: &Snapshot,
+    svc: &Arc<Service>,
+    hop: &Arc<Workload>,
+    proves: &Service,
+    local: &str,
+    dst: SocketAddr,
+    rng: &mut impl Rng,
+) -> Result<Upstream, RouteError> {
+    let wl = hop;
     let name = || format!("{}/{}", wl.namespace, wl.name);
     let gw = wl
         .network_gateway
@@ -54,14 +87,14 @@ pub(super) fn through(
             network: wl.network.to_string(),
             local: local.to_owned(),
         })?;
-    let inner: Vec<SpiffeId> = svc
+    let inner: Vec<SpiffeId> = proves
         .subject_alt_names
         .iter()
         .filter_map(|s| s.parse().ok())
         .collect();
     if inner.is_empty() {
         return Err(RouteError::NoServiceSans {
-            service: svc.key(),
+            service: proves.key(),
             network: wl.network.to_string(),
         });
     }

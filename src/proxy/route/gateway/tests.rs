@@ -206,3 +206,44 @@ fn network_first_with_failover_and_every_network_alike_in_standard() {
         "{through} of 200 through the gateway"
     );
 }
+
+#[test]
+fn a_waypoint_on_another_network_is_reached_through_its_gateway() {
+    let wp_key = ServiceKey::parse("default/wp.default.svc.cluster.local").unwrap();
+    let mut svc = sans(LoadBalancing::default());
+    svc.waypoint = Some(GatewayAddress {
+        destination: GatewayDestination::Hostname(wp_key.clone()),
+        hbone_mtls_port: 15008,
+    });
+    let mut wp_svc = service(&[(15008, 15008)], LoadBalancing::default());
+    wp_svc.name = "wp".into();
+    wp_svc.hostname = "wp.default.svc.cluster.local".into();
+    wp_svc.vips = vec![];
+    wp_svc.subject_alt_names = vec!["spiffe://cluster.local/ns/default/sa/wp".into()];
+    let mut wp = remote("wp-0", "10.9.0.7", Some(by_address()));
+    wp.services.clear();
+    wp.services.insert(wp_key, Default::default());
+    let store = Store::new();
+    store.apply(Batch {
+        upserts: vec![
+            Upsert::Service(svc),
+            Upsert::Service(wp_svc),
+            Upsert::Workload(wp),
+            Upsert::Workload(gateway_workload()),
+            Upsert::Workload(endpoint("near", "10.0.1.1", &[(80, 8080)])),
+        ],
+        ..Default::default()
+    });
+    let up = route_one(&store).unwrap();
+    let gw = up.gateway.expect("through the gateway");
+    assert_eq!(up.addr, SocketAddr::new(ip("192.168.9.9"), 15008));
+    // The authority names the service the client dialled; the inner tunnel proves the waypoint.
+    assert_eq!(gw.authority, "echo.default.svc.cluster.local:80");
+    assert_eq!(
+        gw.inner,
+        vec!["spiffe://cluster.local/ns/default/sa/wp"
+            .parse::<SpiffeId>()
+            .unwrap()]
+    );
+    assert!(up.workload.is_none() && up.waypoint.is_none());
+}
