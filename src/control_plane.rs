@@ -129,14 +129,16 @@ pub enum LoadedRoot {
 
 impl LoadedRoot {
     /// Reads the root file now (a rotated file is seen at the next call).
-    pub fn load(root_ca: Option<&RootCa>) -> Result<LoadedRoot, ChannelError> {
+    pub async fn read(root_ca: Option<&RootCa>) -> Result<LoadedRoot, ChannelError> {
         Ok(match root_ca {
             None | Some(RootCa::System) => LoadedRoot::System,
             Some(RootCa::Pem(pem)) => LoadedRoot::Pem(pem.clone().into_bytes()),
             Some(RootCa::File(path)) => {
-                LoadedRoot::Pem(std::fs::read(path).map_err(|source| ChannelError::RootCa {
-                    path: path.display().to_string(),
-                    source,
+                LoadedRoot::Pem(tokio::fs::read(path).await.map_err(|source| {
+                    ChannelError::RootCa {
+                        path: path.display().to_string(),
+                        source,
+                    }
                 })?)
             }
         })
@@ -150,7 +152,7 @@ pub async fn connect(
     root_ca: Option<&RootCa>,
     mark: u32,
 ) -> Result<Channel, ChannelError> {
-    connect_loaded(address, &LoadedRoot::load(root_ca)?, mark).await
+    connect_loaded(address, &LoadedRoot::read(root_ca).await?, mark).await
 }
 
 /// [`connect`] with a root already read.

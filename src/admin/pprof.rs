@@ -5,8 +5,8 @@
 //!   jemalloc profiling is on (`_RJEM_MALLOC_CONF=prof:true,prof_active:true,lg_prof_sample:19`;
 //!   off by default, where ztunnel builds it in: it costs memory); otherwise a 500 that says so.
 //!
-//! Both run off the admin server's threads (a blocking thread, jemalloc's dump on its own), and
-//! leave the data plane alone apart from the sampling itself.
+//! Both run on blocking threads, off the admin server's runtime, and leave the data plane alone
+//! apart from the sampling itself.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -25,6 +25,16 @@ const MAX_SECONDS: u64 = 60;
 
 /// Set while a CPU profile runs: the sampler is process-wide.
 static PROFILING: AtomicBool = AtomicBool::new(false);
+
+/// Holds [`PROFILING`] until the sampling ends, even when the client leaves before (hyper then
+/// drops the request's future, not the blocking thread that owns this).
+struct Profiling;
+
+impl Drop for Profiling {
+    fn drop(&mut self) {
+        PROFILING.store(false, Ordering::Release);
+    }
+}
 
 /// The duration asked for by `seconds=N`, within 1..=60; the default without it.
 pub(super) fn seconds(query: Option<&str>) -> Result<Duration, String> {
@@ -50,14 +60,16 @@ pub(super) async fn cpu(duration: Duration) -> Response<Full<Bytes>> {
             "a CPU profile is already being taken; try again when it ends\n".into(),
         );
     }
-    let taken = tokio::task::spawn_blocking(move || profile(duration)).await;
-    PROFILING.store(false, Ordering::Release);
+    let running = Profiling;
+    let taken = tokio::task::spawn_blocking(move || {
+        let _running = running;
+        profile(duration).map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|e| e.to_string())
+    .and_then(|r| r);
     match taken {
-        Ok(Ok(body)) => protobuf(body),
-        Ok(Err(e)) => text(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("CPU profile failed: {e}\n"),
-        ),
+        Ok(body) => protobuf(body),
         Err(e) => text(
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("CPU profile failed: {e}\n"),
@@ -87,14 +99,19 @@ pub(super) async fn heap() -> Response<Full<Bytes>> {
                 .into(),
         );
     };
-    let mut ctl = ctl.lock().await;
+    let mut ctl = ctl.clone().lock_owned().await;
     if !ctl.activated() {
         return text(
             StatusCode::INTERNAL_SERVER_ERROR,
             "jemalloc profiling is built in but not active (prof_active:false)\n".into(),
         );
     }
-    match ctl.dump_pprof() {
+    // A dump writes, reads back and compresses the whole profile: seconds on a big heap.
+    let dumped = tokio::task::spawn_blocking(move || ctl.dump_pprof().map_err(|e| e.to_string()))
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r);
+    match dumped {
         Ok(body) => protobuf(body),
         Err(e) => text(
             StatusCode::INTERNAL_SERVER_ERROR,

@@ -96,6 +96,7 @@ impl CaClient {
         CaClient::Istio(Arc::new(IstioCa {
             settings,
             channel: tokio::sync::Mutex::new(None),
+            opened: std::sync::atomic::AtomicU64::new(0),
         }))
     }
 
@@ -105,7 +106,8 @@ impl CaClient {
             CaClient::Local { ca, ttl } => Ok(ca.issue(id, *ttl)?),
             CaClient::Istio(ca) => {
                 let s = &ca.settings;
-                let answer = match tokio::time::timeout(s.timeout, ca.fetch(id)).await {
+                let mut used = None;
+                let answer = match tokio::time::timeout(s.timeout, ca.fetch(id, &mut used)).await {
                     Ok(answer) => answer,
                     Err(_) => Err(FetchError::Timeout {
                         address: s.address.clone(),
@@ -114,8 +116,12 @@ impl CaClient {
                     }),
                 };
                 if answer.as_ref().is_err_and(FetchError::unreachable) {
-                    // The next request reconnects (and resolves the address) afresh.
-                    *ca.channel.lock().await = None;
+                    // The next request reconnects (and resolves the address) afresh, unless
+                    // another one already did.
+                    let mut cached = ca.channel.lock().await;
+                    if used.is_some() && cached.as_ref().map(|c| c.2) == used {
+                        *cached = None;
+                    }
                 }
                 answer
             }
@@ -127,9 +133,12 @@ impl CaClient {
 /// ride one HTTP/2 connection instead of a TCP and TLS handshake each.
 pub struct IstioCa {
     settings: IstioCaSettings,
-    /// The channel and the root it verifies the CA with; reopened when the root file's content
-    /// changes (the CA's serving certificate follows a root rotation) or the CA was unreachable.
-    channel: tokio::sync::Mutex<Option<(LoadedRoot, Channel)>>,
+    /// The channel, the root it verifies the CA with, and which opening it is; reopened when
+    /// the root file's content changes (the CA's serving certificate follows a root rotation) or
+    /// the CA was unreachable through it.
+    channel: tokio::sync::Mutex<Option<(LoadedRoot, Channel, u64)>>,
+    /// Channels opened so far.
+    opened: std::sync::atomic::AtomicU64,
 }
 
 impl FetchError {
@@ -148,26 +157,36 @@ impl FetchError {
 }
 
 impl IstioCa {
-    /// The shared channel, opened (again) if there is none or the root it was opened with is no
-    /// longer the configured one.
-    async fn channel(&self) -> Result<Channel, ChannelError> {
+    /// The shared channel and which opening it is, opened (again) if there is none or the root
+    /// it was opened with is no longer the configured one.
+    async fn channel(&self) -> Result<(Channel, u64), ChannelError> {
         let s = &self.settings;
-        let root = LoadedRoot::load(s.root_ca.as_ref())?;
+        let root = LoadedRoot::read(s.root_ca.as_ref()).await?;
         let mut cached = self.channel.lock().await;
-        if let Some((used, channel)) = cached.as_ref() {
+        if let Some((used, channel, n)) = cached.as_ref() {
             if *used == root {
-                return Ok(channel.clone());
+                return Ok((channel.clone(), *n));
             }
             tracing::info!(address = %s.address, "the CA's root certificate changed; reconnecting with the new one");
         }
         let channel = control_plane::connect_loaded(&s.address, &root, s.packet_mark).await?;
-        *cached = Some((root, channel.clone()));
-        Ok(channel)
+        let n = self
+            .opened
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        *cached = Some((root, channel.clone(), n));
+        Ok((channel, n))
     }
 
-    async fn fetch(&self, id: &SpiffeId) -> Result<WorkloadCert, FetchError> {
+    /// One request; `used` says which channel opening carried it.
+    async fn fetch(
+        &self,
+        id: &SpiffeId,
+        used: &mut Option<u64>,
+    ) -> Result<WorkloadCert, FetchError> {
         let s = &self.settings;
-        let channel = self.channel().await?;
+        let (channel, n) = self.channel().await?;
+        *used = Some(n);
         let (csr, key) = csr_for(id)?;
         let metadata = (s.own_identity.as_ref() != Some(id)).then(|| {
             use prost_types::{value::Kind, Struct, Value};

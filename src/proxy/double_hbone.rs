@@ -17,14 +17,12 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use rustls_pki_types::ServerName;
-
 use super::h2io::{self, H2Recv, H2Send};
 use super::pool::{PoolKey, Tunnel, Via};
 use super::route::NetworkGateway;
 use super::{ProxyCtx, ProxyError};
 use crate::model::SpiffeId;
-use crate::tls::crl::Checker;
+use crate::tls::crl::Tracking;
 
 /// Opens the outer tunnel to `gw` at `addr` (`outer` its CONNECT), then the inner one to the
 /// destination (`inner` its CONNECT), presenting `src`'s certificate on both. With
@@ -69,26 +67,7 @@ pub(super) async fn tunnel(
         pod,
         via: None,
     };
-    let cert = ctx.secrets.fetch(src).await?;
-    let cfg = ctx.hbone.pool.client_config(ctx, &inner_key, &cert.roots)?;
-    let since = ctx.hbone.revocation.as_ref().map(|r| r.generation());
-    let tls = tokio_rustls::TlsConnector::from(cfg)
-        .connect(ServerName::IpAddress(addr.ip().into()), outer.into_io())
-        .await
-        .map_err(|source| ProxyError::Tls {
-            addr,
-            inbound: false,
-            source,
-        })?;
-    let mut tracking = match (&ctx.hbone.revocation, since) {
-        (Some(rev), Some(since)) => Some(rev.track(
-            tls.get_ref().1,
-            std::sync::Arc::new(cert.roots.clone()),
-            Checker::Client,
-            since,
-        )),
-        _ => None,
-    };
+    let (tls, mut tracking) = super::pool::client_tls(ctx, &inner_key, outer.into_io()).await?;
     let (send, conn) = h2io::client_builder(&ctx.h2)
         .handshake(tls)
         .await
@@ -98,12 +77,7 @@ pub(super) async fn tunnel(
     // The inner connection's driver: it ends when its one stream does (or the destination's
     // certificate is revoked).
     tokio::spawn(async move {
-        let revoked = async {
-            match tracking.as_mut() {
-                Some(t) => t.revoked().await,
-                None => std::future::pending().await,
-            }
-        };
+        let revoked = Tracking::revoked_if_any(tracking.as_mut());
         tokio::select! {
             _ = conn => {}
             () = revoked => tracing::warn!(gateway = %addr, "the destination's certificate is now revoked (CRL_PATH): closing the tunnel through the gateway"),

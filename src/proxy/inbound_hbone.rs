@@ -186,12 +186,7 @@ async fn serve_h2(
             Some(p) if ping_sent => p.poll_pong(cx),
             _ => std::task::Poll::Pending,
         });
-        let revoked = async {
-            match tracking.as_mut() {
-                Some(t) => t.revoked().await,
-                None => std::future::pending().await,
-            }
-        };
+        let revoked = Tracking::revoked_if_any(tracking.as_mut());
         // Biased: a pong that arrived is seen before the tick that would call it missing.
         let next = tokio::select! {
             biased;

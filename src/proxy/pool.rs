@@ -379,31 +379,11 @@ async fn establish<T>(ctx: &ProxyCtx, key: &PoolKey, io: T) -> Result<Conn, Prox
 where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let cert = ctx.secrets.fetch(&key.src).await?;
-    let cfg = ctx.hbone.pool.client_config(ctx, key, &cert.roots)?;
-    let since = ctx.hbone.revocation.as_ref().map(|r| r.generation());
-    let tls = tokio_rustls::TlsConnector::from(cfg)
-        .connect(ServerName::IpAddress(key.addr.ip().into()), io)
-        .await
-        .map_err(|source| ProxyError::Tls {
-            addr: key.addr,
-            inbound: false,
-            source,
-        })?;
-    let tracking = match (&ctx.hbone.revocation, since) {
-        (Some(rev), Some(since)) => Some(rev.track(
-            tls.get_ref().1,
-            Arc::new(cert.roots.clone()),
-            Checker::Client,
-            since,
-        )),
-        _ => None,
-    };
+    let (tls, tracking) = client_tls(ctx, key, io).await?;
     let (send, conn) = h2io::client_builder(&ctx.h2)
         .handshake(tls)
         .await
         .map_err(|e| ProxyError::HboneHandshake(format!("HTTP/2 with {}: {e}", key.addr)))?;
-    ctx.hbone.count_outbound();
     let (active, dead) = (
         Arc::new(AtomicUsize::new(0)),
         Arc::new(AtomicBool::new(false)),
@@ -434,6 +414,40 @@ where
         max,
         streams: pool.streams.clone(),
     })
+}
+
+/// The client side of an HBONE TLS session over `io`: `key.src`'s certificate, the server must
+/// prove one of `key.expected`; with `CRL_PATH`, tracked so that a later list can close it.
+pub(super) async fn client_tls<T>(
+    ctx: &ProxyCtx,
+    key: &PoolKey,
+    io: T,
+) -> Result<(tokio_rustls::client::TlsStream<T>, Option<Tracking>), ProxyError>
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    let cert = ctx.secrets.fetch(&key.src).await?;
+    let cfg = ctx.hbone.pool.client_config(ctx, key, &cert.roots)?;
+    let since = ctx.hbone.revocation.as_ref().map(|r| r.generation());
+    let tls = tokio_rustls::TlsConnector::from(cfg)
+        .connect(ServerName::IpAddress(key.addr.ip().into()), io)
+        .await
+        .map_err(|source| ProxyError::Tls {
+            addr: key.addr,
+            inbound: false,
+            source,
+        })?;
+    let tracking = match (&ctx.hbone.revocation, since) {
+        (Some(rev), Some(since)) => Some(rev.track(
+            tls.get_ref().1,
+            Arc::new(cert.roots.clone()),
+            Checker::Client,
+            since,
+        )),
+        _ => None,
+    };
+    ctx.hbone.count_outbound();
+    Ok((tls, tracking))
 }
 
 /// When a pooled connection is given up (wire-facts §3: ztunnel's defaults; `idle` comes from
@@ -482,12 +496,7 @@ async fn keep<T>(
             _ => std::task::Poll::Pending,
         });
         // Biased: a pong that arrived is seen before the tick that would call it missing.
-        let revoked = async {
-            match tracking.as_mut() {
-                Some(t) => t.revoked().await,
-                None => std::future::pending().await,
-            }
-        };
+        let revoked = Tracking::revoked_if_any(tracking.as_mut());
         tokio::select! {
             biased;
             () = revoked => {

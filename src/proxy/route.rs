@@ -91,6 +91,8 @@ pub enum RouteError {
         service: ServiceKey,
         network: String,
     },
+    #[error("the waypoint of {owner} is on network {network:?} and named by address: through a network gateway it must be a waypoint service (named by hostname), whose subject_alt_names the tunnel inside verifies")]
+    RemoteWaypointByAddress { owner: String, network: String },
 }
 
 /// Resolves the upstream for a connection from `src` (the client workload, if known) to `dst`.
@@ -109,7 +111,8 @@ pub fn route(
     if let Some(wl) = snapshot.workload_by_addr(&key) {
         if let Some(gw) = &wl.waypoint {
             let owner = format!("workload {}/{}", wl.namespace, wl.name);
-            if let Some(wp) = waypoint::resolve(snapshot, gw, &owner, src, dst, rng)? {
+            let local = src.map_or(&**network, |s| &*s.network);
+            if let Some(wp) = waypoint::resolve(snapshot, gw, &owner, src, local, dst, rng)? {
                 return Ok(via(wp, dst, Some(wl.clone()), None));
             }
         }
@@ -157,8 +160,8 @@ fn to_service(
     };
     if let Some(gw) = pick_waypoint(svc, rng).filter(|_| !from_a_waypoint()) {
         let owner = format!("service {}", svc.key());
-        if let Some(wp) = waypoint::resolve(snapshot, gw, &owner, src, dst, rng)? {
-            let local = src.map_or(network, |s| &*s.network);
+        let local = src.map_or(network, |s| &*s.network);
+        if let Some(wp) = waypoint::resolve(snapshot, gw, &owner, src, local, dst, rng)? {
             if *wp.workload.network == *local {
                 return Ok(via(wp, dst, None, Some(svc.clone())));
             }
@@ -170,10 +173,10 @@ fn to_service(
             };
             return match wp_svc {
                 Some(wp_svc) => {
-                    gateway::to_waypoint(snapshot, svc, &wp.workload, wp_svc, local, dst, rng)
+                    gateway::to_waypoint(snapshot, svc, &wp.workload, wp_svc, src, local, dst, rng)
                 }
-                None => Err(RouteError::NoServiceSans {
-                    service: svc.key(),
+                None => Err(RouteError::RemoteWaypointByAddress {
+                    owner,
                     network: wp.workload.network.to_string(),
                 }),
             };
@@ -241,6 +244,7 @@ pub fn service_endpoint(
     }
     let svc_target = svc.ports.get(&port).copied();
     let key = svc.key();
+    let local = src.map_or(network, |s| &*s.network);
     let mut candidates: Vec<Candidate<'_>> = Vec::new();
     let mut any_port_mapping = svc_target.is_some();
     for (wl, ep) in snapshot.endpoints(&key) {
@@ -253,7 +257,7 @@ pub fn service_endpoint(
             continue;
         };
         let ip = pick_ip(wl, dst.ip());
-        let remote = *wl.network != *src.map_or(network, |s| &*s.network);
+        let remote = *wl.network != *local;
         if ip.is_none() && wl.hostname.is_empty() && !(remote && wl.network_gateway.is_some()) {
             continue;
         }
@@ -272,9 +276,8 @@ pub fn service_endpoint(
     let chosen = select(&candidates, &svc.load_balancing, src, rng)
         .ok_or(RouteError::NoHealthyEndpoint { service: key, port })?;
     let c = &candidates[chosen];
-    let local = src.map_or(network, |s| &*s.network);
     if *c.wl.network != *local {
-        return gateway::through(snapshot, svc, c.wl, local, dst, rng);
+        return gateway::through(snapshot, svc, c.wl, src, local, dst, rng);
     }
     let unspecified = match dst.ip() {
         IpAddr::V4(_) => IpAddr::from(std::net::Ipv4Addr::UNSPECIFIED),

@@ -38,11 +38,11 @@ const POLL: Duration = Duration::from_secs(30);
 /// Why the revocation lists could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum CrlError {
-    #[error("reading the revocation lists {path}: {source}")]
+    #[error("reading the revocation lists {path}: {error}")]
     Read {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        // In the message, not a source: said once.
+        error: std::io::Error,
     },
     #[error("{path}: expected PEM blocks of type X509 CRL (or one DER list), found {found}")]
     Pem { path: PathBuf, found: String },
@@ -92,8 +92,8 @@ impl Checker {
 pub struct CrlCounts {
     /// Handshakes refused and live connections closed because a list revokes the peer's chain.
     pub rejections: [AtomicU64; 2],
-    /// Live connections that could not be tracked for later revocation (their chain did not
-    /// verify again at registration).
+    /// Live connections that could not be tracked for later revocation: the peer presented no
+    /// certificate (which mutual TLS does not let through; counted should it ever happen).
     pub untracked: [AtomicU64; 2],
 }
 
@@ -105,6 +105,14 @@ impl CrlCounts {
     pub fn untracked(&self, c: Checker) -> u64 {
         self.untracked[c.index()].load(Ordering::Relaxed)
     }
+}
+
+/// What a reload saw of the file.
+#[derive(Debug, PartialEq, Eq)]
+enum Seen {
+    Nothing,
+    Missing,
+    Content(Vec<u8>),
 }
 
 /// One live HBONE connection, re-checked when the lists change.
@@ -125,6 +133,9 @@ pub struct Revocation {
     generation: AtomicU64,
     live: Mutex<HashMap<u64, Arc<Tracked>>>,
     next_id: AtomicU64,
+    /// What the last reload saw: a reload that sees the same changes nothing (and says
+    /// nothing).
+    seen: Mutex<Seen>,
     pub counts: CrlCounts,
 }
 
@@ -140,7 +151,7 @@ impl std::fmt::Debug for Revocation {
 /// A live connection's registration: `revoked` turns true when a new list revokes its peer. Dropping
 /// it ends the tracking.
 pub struct Tracking {
-    pub revoked: watch::Receiver<bool>,
+    revoked: watch::Receiver<bool>,
     owner: Option<(Arc<Revocation>, u64)>,
 }
 
@@ -149,6 +160,14 @@ impl Tracking {
     pub async fn revoked(&mut self) {
         if self.revoked.wait_for(|r| *r).await.is_err() {
             std::future::pending::<()>().await;
+        }
+    }
+
+    /// [`Tracking::revoked`] of a connection that may not be tracked (no `CRL_PATH`): never then.
+    pub async fn revoked_if_any(tracking: Option<&mut Tracking>) {
+        match tracking {
+            Some(t) => t.revoked().await,
+            None => std::future::pending().await,
         }
     }
 }
@@ -168,34 +187,17 @@ impl Revocation {
     /// Reads `path` once (a missing or malformed file is logged: nothing is revoked until a good
     /// one appears). [`Revocation::follow`] keeps it current.
     pub fn load(path: PathBuf) -> Arc<Revocation> {
-        let lists = match read(&path) {
-            Ok(l) => {
-                tracing::info!(path = %path.display(), lists = l.len(), "certificate revocation lists loaded");
-                l
-            }
-            Err(CrlError::Read { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
-                tracing::warn!(path = %path.display(), "no certificate revocation list file yet; waiting for it");
-                Vec::new()
-            }
-            Err(e) => {
-                tracing::error!(
-                    "{e}; no certificate is considered revoked until the file is fixed"
-                );
-                Vec::new()
-            }
-        };
-        Arc::new(Revocation {
+        let rev = Arc::new(Revocation {
             path,
-            lists: ArcSwap::from_pointee(lists),
+            lists: ArcSwap::from_pointee(Vec::new()),
             generation: AtomicU64::new(0),
             live: Mutex::default(),
             next_id: AtomicU64::new(0),
+            seen: Mutex::new(Seen::Nothing),
             counts: CrlCounts::default(),
-        })
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
+        });
+        rev.reload();
+        rev
     }
 
     /// How many lists are loaded.
@@ -219,8 +221,11 @@ impl Revocation {
                 None
             }
         };
-        let mut last = std::fs::read(&self.path).ok();
         loop {
+            // First once the watch is set up: a change since `load` is not missed.
+            let rev = self.clone();
+            // The file read, webpki and the re-check are blocking work; a reload is rare.
+            let _ = tokio::task::spawn_blocking(move || rev.reload()).await;
             let changed = async {
                 match watch.as_mut() {
                     Some(w) => w.changed().await,
@@ -231,28 +236,53 @@ impl Revocation {
                 c = changed => if c.is_none() { watch = None; },
                 () = tokio::time::sleep(POLL) => {}
             }
-            let now = std::fs::read(&self.path).ok();
-            if now == last {
-                continue;
-            }
-            last = now;
-            let rev = self.clone();
-            // webpki and the file read are blocking work; a reload is rare.
-            let _ = tokio::task::spawn_blocking(move || rev.reload()).await;
         }
     }
 
-    /// Reads the file and, when it parses, applies it and re-checks live connections.
+    /// Reads the file and, when its content changed and parses, applies it and re-checks live
+    /// connections. A missing or malformed file keeps the lists in force (none at start).
     pub fn reload(&self) {
-        match read(&self.path) {
+        let read = std::fs::read(&self.path);
+        let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
+        let data = match read {
+            Ok(d) => d,
+            Err(error) => {
+                let missing = error.kind() == std::io::ErrorKind::NotFound;
+                if !(missing && *seen == Seen::Missing) {
+                    let e = CrlError::Read {
+                        path: self.path.clone(),
+                        error,
+                    };
+                    tracing::warn!("{e}; the revocation lists in force stay");
+                }
+                *seen = if missing {
+                    Seen::Missing
+                } else {
+                    Seen::Nothing
+                };
+                return;
+            }
+        };
+        if matches!(&*seen, Seen::Content(c) if *c == data) {
+            return;
+        }
+        let parsed = parse(&self.path, &data);
+        *seen = Seen::Content(data);
+        drop(seen);
+        match parsed {
             Ok(lists) => {
-                tracing::info!(path = %self.path.display(), lists = lists.len(), "certificate revocation lists reloaded");
+                tracing::info!(path = %self.path.display(), lists = lists.len(), "certificate revocation lists loaded");
                 self.lists.store(Arc::new(lists));
                 self.generation.fetch_add(1, Ordering::AcqRel);
                 self.recheck();
             }
-            Err(e) => tracing::warn!("{e}; keeping the previous revocation lists"),
+            Err(e) => tracing::error!("{e}; the lists in force stay until the file is fixed"),
         }
+    }
+
+    /// Whether no list is loaded (the handshake check is then skipped).
+    pub fn is_empty(&self) -> bool {
+        self.lists.load().is_empty()
     }
 
     /// Refuses `chain` (leaf first, as presented) if a loaded list revokes one of its
@@ -406,15 +436,6 @@ fn verify(
             None,
         )
         .map(|_| ())
-}
-
-/// Reads and parses the lists at `path`.
-pub fn read(path: &Path) -> Result<Vec<CertRevocationList<'static>>, CrlError> {
-    let data = std::fs::read(path).map_err(|source| CrlError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
-    parse(path, &data)
 }
 
 /// PEM (every block must be an `X509 CRL`; none at all means no lists) or one DER list.

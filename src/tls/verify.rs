@@ -206,7 +206,7 @@ fn not_revoked(
     now: UnixTime,
     checker: Checker,
 ) -> Result<(), Error> {
-    let Some(revocation) = revocation else {
+    let Some(revocation) = revocation.filter(|r| !r.is_empty()) else {
         return Ok(());
     };
     let mut chain = Vec::with_capacity(intermediates.len() + 1);

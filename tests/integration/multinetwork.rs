@@ -230,10 +230,7 @@ async fn through_the_gateway(net: &str, envoy_n: u8, pooled: bool) {
     // One pooled outer connection to the gateway; each client connection its own inner one
     // (ztunnel's way), or one pooled inner connection for the three.
     let inner = if pooled { 1 } else { 3 };
-    assert_eq!(
-        a.proxy.hbone.outbound_tls_connections(),
-        1 + if pooled { 1 } else { 0 }
-    );
+    assert_eq!(a.proxy.hbone.outbound_tls_connections(), 1 + inner);
     assert_eq!(b.proxy.hbone.inbound_tls_connections(), inner);
 
     // With the gateway gone there is no way to b: the connection fails (nothing dials b itself).

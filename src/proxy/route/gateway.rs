@@ -41,42 +41,46 @@ pub(super) fn through(
     snapshot: &Snapshot,
     svc: &Arc<Service>,
     wl: &Arc<Workload>,
+    src: Option<&Workload>,
     local: &str,
     dst: SocketAddr,
     rng: &mut impl Rng,
 ) -> Result<Upstream, RouteError> {
-    via(snapshot, svc, wl, svc, local, dst, rng)
+    via(snapshot, svc, wl, svc, src, local, dst, rng)
 }
 
 /// The upstream for a connection to `svc` through its waypoint `wp` (an endpoint of the waypoint
 /// service `wp_svc`), which is on another network than `local`: as ztunnel, the authority still
 /// names `svc`, and the inner tunnel proves the waypoint service's SANs.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn to_waypoint(
     snapshot: &Snapshot,
     svc: &Arc<Service>,
     wp: &Arc<Workload>,
     wp_svc: &Arc<Service>,
+    src: Option<&Workload>,
     local: &str,
     dst: SocketAddr,
     rng: &mut impl Rng,
 ) -> Result<Upstream, RouteError> {
-    let mut up = via(snapshot, svc, wp, wp_svc, local, dst, rng)?;
+    let mut up = via(snapshot, svc, wp, wp_svc, src, local, dst, rng)?;
     up.workload = None;
     Ok(up)
 }
 
-/// Through `hop`'s network gateway to `svc` (the authority), the inner tunnel proving `proves`'s
-/// SANs.
+/// Through `wl`'s network gateway to `svc` (the authority), the inner tunnel proving `proves`'s
+/// SANs; a gateway service's endpoint is chosen for the client `src`, as a VIP's would be.
+#[allow(clippy::too_many_arguments)]
 fn via(
     snapshot: &Snapshot,
     svc: &Arc<Service>,
-    hop: &Arc<Workload>,
+    wl: &Arc<Workload>,
     proves: &Service,
+    src: Option<&Workload>,
     local: &str,
     dst: SocketAddr,
     rng: &mut impl Rng,
 ) -> Result<Upstream, RouteError> {
-    let wl = hop;
     let name = || format!("{}/{}", wl.namespace, wl.name);
     let gw = wl
         .network_gateway
@@ -98,7 +102,7 @@ fn via(
             network: wl.network.to_string(),
         });
     }
-    let (gw_wl, addr, mut identities) = match &gw.destination {
+    let (gw_wl, addr, identities) = match &gw.destination {
         GatewayDestination::Address(na) => {
             let gw_wl =
                 snapshot
@@ -142,20 +146,22 @@ fn via(
                 gateway: key.to_string(),
                 port,
             };
-            let i = select(&candidates, &gw_svc.load_balancing, None, rng).ok_or_else(none)?;
+            let i = select(&candidates, &gw_svc.load_balancing, src, rng).ok_or_else(none)?;
             let c = &candidates[i];
             let ip = c.ip.ok_or_else(none)?;
             let mut ids = vec![c.wl.identity()];
-            ids.extend(
-                gw_svc
-                    .subject_alt_names
-                    .iter()
-                    .filter_map(|s| s.parse::<SpiffeId>().ok()),
-            );
+            for id in gw_svc
+                .subject_alt_names
+                .iter()
+                .filter_map(|s| s.parse().ok())
+            {
+                if !ids.contains(&id) {
+                    ids.push(id);
+                }
+            }
             (c.wl.clone(), SocketAddr::new(ip, c.target), ids)
         }
     };
-    identities.dedup();
     Ok(Upstream {
         addr,
         workload: Some(wl.clone()),

@@ -16,21 +16,25 @@ use crate::store::Snapshot;
 pub struct Waypoint {
     /// The waypoint workload: the tunnel must prove its identity.
     pub workload: Arc<Workload>,
-    /// `<waypoint ip>:<hbone_mtls_port>`, where the tunnel is opened.
+    /// `<waypoint ip>:<hbone_mtls_port>`, where the tunnel is opened. Unspecified for a waypoint
+    /// on another network that has no address here: it is reached through its network gateway.
     pub addr: SocketAddr,
 }
 
-/// Resolves `gw` (the waypoint of `owner`, named in errors) for a connection from `src` to `dst`.
-/// `None` when the client is the waypoint itself: its own traffic to the destination must not be
-/// sent back to it.
+/// Resolves `gw` (the waypoint of `owner`, named in errors) for a connection from `src` (on
+/// network `local`) to `dst`. `None` when the client is the waypoint itself: its own traffic to
+/// the destination must not be sent back to it. A waypoint endpoint on another network may have
+/// no address (it is reached through its gateway, as ztunnel keeps such endpoints).
 pub(super) fn resolve(
     snapshot: &Snapshot,
     gw: &GatewayAddress,
     owner: &str,
     src: Option<&Workload>,
+    local: &str,
     dst: SocketAddr,
     rng: &mut impl Rng,
 ) -> Result<Option<Waypoint>, RouteError> {
+    let through_gateway = |wl: &Workload| *wl.network != *local && wl.network_gateway.is_some();
     let wl = match &gw.destination {
         GatewayDestination::Address(na) => {
             snapshot
@@ -53,9 +57,10 @@ pub(super) fn resolve(
             let candidates: Vec<Candidate<'_>> = snapshot
                 .endpoints(key)
                 .filter_map(|(wl, _)| {
-                    Some(Candidate {
+                    let ip = pick_ip(wl, dst.ip());
+                    (ip.is_some() || through_gateway(wl)).then_some(Candidate {
                         wl,
-                        ip: Some(pick_ip(wl, dst.ip())?),
+                        ip,
                         target: gw.hbone_mtls_port,
                     })
                 })
@@ -76,6 +81,12 @@ pub(super) fn resolve(
         GatewayDestination::Address(na) => Some(na.ip),
         GatewayDestination::Hostname(_) => pick_ip(&wl, dst.ip()),
     }
+    .or_else(|| {
+        through_gateway(&wl).then_some(match dst.ip() {
+            std::net::IpAddr::V4(_) => std::net::Ipv4Addr::UNSPECIFIED.into(),
+            std::net::IpAddr::V6(_) => std::net::Ipv6Addr::UNSPECIFIED.into(),
+        })
+    })
     .ok_or_else(|| RouteError::WaypointNoEndpoint {
         owner: owner.to_owned(),
         waypoint: format!("{}/{}", wl.namespace, wl.name),
