@@ -11,16 +11,18 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
-use common::{rss_kib, wait_port, which, Proc};
+use common::{
+    envoy_files, hbone_terminator_yaml, l4mesh_node, ready, rss_kib, start_envoy, tls_context,
+    which, Proc,
+};
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::process::{Command, Stdio};
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use l4mesh::identity::{der_to_pem, CaClient, IstioCaSettings, WorkloadCert};
+use l4mesh::identity::{CaClient, IstioCaSettings};
 use xds_testserver::{Handle, StateSource};
 
 const A_IP: &str = "127.45.1.1";
@@ -52,141 +54,16 @@ workloads:
     )
 }
 
-fn l4mesh(xds: &str, node: &str, ip: &str, port_base: u16) -> Proc {
-    let child = Command::new("taskset")
-        .args(["-c", "1", env!("CARGO_BIN_EXE_l4mesh")])
-        .env("XDS_ADDRESS", xds)
-        .env("NODE_NAME", node)
-        .env("ZTUNNEL_WORKER_THREADS", "1")
-        .env("RUST_LOG", "error")
-        .env("L4MESH_OUTBOUND_ADDR", format!("{ip}:{}", port_base + 1))
-        .env(
-            "L4MESH_INBOUND_PLAINTEXT_ADDR",
-            format!("{ip}:{}", port_base + 6),
-        )
-        .env("L4MESH_SOCKS5_ADDR", format!("{ip}:{}", port_base + 80))
-        .env("L4MESH_READINESS_ADDR", format!("{ip}:{}", port_base + 21))
-        .env("L4MESH_METRICS_ADDR", format!("{ip}:{}", port_base + 20))
-        .env("L4MESH_ADMIN_ADDR", format!("{ip}:{}", port_base))
-        .env("L4MESH_HBONE_ADDR", format!("{ip}:15008"))
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("start l4mesh");
-    Proc(child)
-}
-
-fn ready(addr: &str) -> bool {
-    let Ok(mut s) = TcpStream::connect(addr) else {
-        return false;
-    };
-    let _ = s.write_all(b"GET /healthz/ready HTTP/1.0\r\n\r\n");
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    out.contains(" 200 ")
-}
-
-/// Writes cert chain, key and root PEM files for an Envoy; returns their paths.
-fn envoy_files(dir: &std::path::Path, name: &str, cert: &WorkloadCert) -> [String; 3] {
-    let chain: String = cert
-        .chain
-        .iter()
-        .map(|c| der_to_pem("CERTIFICATE", c))
-        .collect();
-    let root: String = cert
-        .roots
-        .iter()
-        .map(|c| der_to_pem("CERTIFICATE", c))
-        .collect();
-    let key = der_to_pem("PRIVATE KEY", cert.key.secret_pkcs8_der());
-    let p = |f: &str| dir.join(format!("{name}-{f}")).display().to_string();
-    std::fs::write(p("chain.pem"), chain).unwrap();
-    std::fs::write(p("key.pem"), key).unwrap();
-    std::fs::write(p("root.pem"), root).unwrap();
-    [p("chain.pem"), p("key.pem"), p("root.pem")]
-}
-
-/// `common_tls_context: …` for a TLS context whose keys sit at `indent` spaces.
-fn tls_context(files: &[String; 3], san: &str, indent: usize) -> String {
-    let i2 = " ".repeat(indent + 2);
-    let i4 = " ".repeat(indent + 4);
-    format!(
-        "common_tls_context:\n\
-         {i2}tls_params: {{ tls_minimum_protocol_version: TLSv1_3, tls_maximum_protocol_version: TLSv1_3 }}\n\
-         {i2}alpn_protocols: [\"h2\"]\n\
-         {i2}tls_certificates: [{{ certificate_chain: {{ filename: \"{}\" }}, private_key: {{ filename: \"{}\" }} }}]\n\
-         {i2}validation_context:\n\
-         {i4}trusted_ca: {{ filename: \"{}\" }}\n\
-         {i4}match_typed_subject_alt_names: [{{ san_type: URI, matcher: {{ prefix: \"{san}\" }} }}]",
-        files[0], files[1], files[2]
-    )
-}
-
-fn start_envoy(
-    dir: &std::path::Path,
-    name: &str,
-    yaml: String,
-    base_id: u32,
-    port: SocketAddr,
-) -> Proc {
-    let path = dir.join(format!("{name}.yaml"));
-    std::fs::write(&path, yaml).unwrap();
-    let child = Command::new("taskset")
-        .args(["-c", "1", "envoy", "-c"])
-        .arg(&path)
-        .args([
-            "--concurrency",
-            "1",
-            "--disable-hot-restart",
-            "-l",
-            "error",
-            "--base-id",
-        ])
-        .arg(base_id.to_string())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start envoy");
-    let p = Proc(child);
-    wait_port(port);
-    p
-}
-
 /// Envoy terminating HBONE on ENVOY_T_IP:15008, forwarding each tunnel to its `:authority`.
 fn envoy_terminating(dir: &std::path::Path, files: &[String; 3]) -> Proc {
-    let yaml = format!(
-        r#"admin: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: 0 }} }} }}
-static_resources:
-  listeners:
-  - address: {{ socket_address: {{ address: {ENVOY_T_IP}, port_value: 15008 }} }}
-    filter_chains:
-    - transport_socket:
-        name: envoy.transport_sockets.tls
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
-          require_client_certificate: true
-          {}
-      filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: hbone
-          codec_type: HTTP2
-          upgrade_configs: [{{ upgrade_type: CONNECT }}]
-          http_filters: [{{ name: envoy.filters.http.router, typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }} }}]
-          route_config:
-            virtual_hosts:
-            - name: all
-              domains: ["*"]
-              routes:
-              - match: {{ connect_matcher: {{}} }}
-                route: {{ cluster: original_dst, timeout: 0s, upgrade_configs: [{{ upgrade_type: CONNECT, connect_config: {{}} }}] }}
-  clusters:
-  - name: original_dst
+    let yaml = hbone_terminator_yaml(
+        ENVOY_T_IP,
+        files,
+        r#"  - name: upstream
     type: ORIGINAL_DST
     lb_policy: CLUSTER_PROVIDED
-    original_dst_lb_config: {{ use_http_header: true, http_header_name: ":authority" }}
+    original_dst_lb_config: { use_http_header: true, http_header_name: ":authority" }
 "#,
-        tls_context(files, "spiffe://cluster.local/", 10)
     );
     start_envoy(
         dir,
@@ -356,8 +233,8 @@ fn main() {
     let count = sink();
     rt.block_on(echo());
 
-    let a = l4mesh(&xds, "node-a", A_IP, 25000);
-    let b = l4mesh(&xds, "node-b", B_IP, 26000);
+    let a = l4mesh_node(&xds, "node-a", A_IP, 25000, &[]);
+    let b = l4mesh_node(&xds, "node-b", B_IP, 26000, &[]);
     for r in [format!("{A_IP}:25021"), format!("{B_IP}:26021")] {
         let t = Instant::now();
         while !ready(&r) {

@@ -14,14 +14,16 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
-use common::{cpu_secs, median, wait_port, which, Proc};
+use common::{
+    cpu_secs, envoy_files, hbone_terminator_yaml, l4mesh_node, median, ready, start_envoy, which,
+    Proc,
+};
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use l4mesh::identity::{der_to_pem, CaClient, IstioCaSettings};
+use l4mesh::identity::{CaClient, IstioCaSettings};
 use xds_testserver::{Handle, StateSource};
 
 const A_IP: &str = "127.46.1.1";
@@ -72,106 +74,40 @@ services:
     )
 }
 
+/// An l4mesh on `network`, inner tunnels `pooled` or not, once it is ready.
 fn l4mesh(xds: &str, node: &str, network: &str, ip: &str, base: u16, pooled: bool) -> Proc {
-    let child = Command::new("taskset")
-        .args(["-c", "1", env!("CARGO_BIN_EXE_l4mesh")])
-        .env("XDS_ADDRESS", xds)
-        .env("NODE_NAME", node)
-        .env("NETWORK", network)
-        .env("ZTUNNEL_WORKER_THREADS", "1")
-        .env("RUST_LOG", "error")
-        .env("L4MESH_POOL_INNER_TUNNELS", pooled.to_string())
-        .env("L4MESH_OUTBOUND_ADDR", format!("{ip}:{}", base + 1))
-        .env(
-            "L4MESH_INBOUND_PLAINTEXT_ADDR",
-            format!("{ip}:{}", base + 6),
-        )
-        .env("L4MESH_SOCKS5_ADDR", format!("{ip}:{}", base + 80))
-        .env("L4MESH_READINESS_ADDR", format!("{ip}:{}", base + 21))
-        .env("L4MESH_METRICS_ADDR", format!("{ip}:{}", base + 20))
-        .env("L4MESH_ADMIN_ADDR", format!("{ip}:{base}"))
-        .env("L4MESH_HBONE_ADDR", format!("{ip}:15008"))
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("start l4mesh");
-    let p = Proc(child);
-    let ready = format!("{ip}:{}", base + 21);
+    let pooled = pooled.to_string();
+    let env = [
+        ("NETWORK", network),
+        ("L4MESH_POOL_INNER_TUNNELS", pooled.as_str()),
+    ];
+    let p = l4mesh_node(xds, node, ip, base, &env);
+    let addr = format!("{ip}:{}", base + 21);
     let t = Instant::now();
-    while !is_ready(&ready) {
-        assert!(t.elapsed() < Duration::from_secs(30), "{ready} never ready");
+    while !ready(&addr) {
+        assert!(t.elapsed() < Duration::from_secs(30), "{addr} never ready");
         std::thread::sleep(Duration::from_millis(20));
     }
     p
 }
 
-fn is_ready(addr: &str) -> bool {
-    let Ok(mut s) = TcpStream::connect(addr) else {
-        return false;
-    };
-    let _ = s.write_all(b"GET /healthz/ready HTTP/1.0\r\n\r\n");
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    out.contains(" 200 ")
-}
-
-/// The gateway: Envoy on GW_IP:15008 proving `eastwest`, relaying CONNECTs for HOST to B.
-fn gateway(dir: &std::path::Path, files: [String; 3]) -> Proc {
-    let yaml = format!(
-        r#"admin: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: 0 }} }} }}
-static_resources:
-  listeners:
-  - address: {{ socket_address: {{ address: {GW_IP}, port_value: 15008 }} }}
-    filter_chains:
-    - transport_socket:
-        name: envoy.transport_sockets.tls
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
-          require_client_certificate: true
-          common_tls_context:
-            tls_params: {{ tls_minimum_protocol_version: TLSv1_3, tls_maximum_protocol_version: TLSv1_3 }}
-            alpn_protocols: ["h2"]
-            tls_certificates: [{{ certificate_chain: {{ filename: "{}" }}, private_key: {{ filename: "{}" }} }}]
-            validation_context:
-              trusted_ca: {{ filename: "{}" }}
-              match_typed_subject_alt_names: [{{ san_type: URI, matcher: {{ prefix: "spiffe://cluster.local/" }} }}]
-      filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: eastwest
-          codec_type: HTTP2
-          upgrade_configs: [{{ upgrade_type: CONNECT }}]
-          http_filters: [{{ name: envoy.filters.http.router, typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }} }}]
-          route_config:
-            virtual_hosts:
-            - name: all
-              domains: ["*"]
-              routes:
-              - match: {{ connect_matcher: {{}} }}
-                route: {{ cluster: net_b, timeout: 0s, upgrade_configs: [{{ upgrade_type: CONNECT, connect_config: {{}} }}] }}
-  clusters:
-  - name: net_b
+fn gateway(dir: &std::path::Path, files: &[String; 3]) -> Proc {
+    let cluster = format!(
+        r#"  - name: upstream
     type: STATIC
     load_assignment:
-      cluster_name: net_b
+      cluster_name: upstream
       endpoints: [{{ lb_endpoints: [{{ endpoint: {{ address: {{ socket_address: {{ address: {B_IP}, port_value: 15008 }} }} }} }}] }}]
-"#,
-        files[0], files[1], files[2]
+"#
     );
-    let path = dir.join("gateway.yaml");
-    std::fs::write(&path, yaml).unwrap();
-    let child = Command::new("taskset")
-        .args(["-c", "1", "envoy", "-c"])
-        .arg(&path)
-        .args(["--concurrency", "1", "--disable-hot-restart", "-l", "error"])
-        .args(["--base-id", "93"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start envoy");
-    let p = Proc(child);
-    wait_port(format!("{GW_IP}:15008").parse().unwrap());
-    p
+    let yaml = hbone_terminator_yaml(GW_IP, files, &cluster);
+    start_envoy(
+        dir,
+        "gateway",
+        yaml,
+        93,
+        format!("{GW_IP}:15008").parse().unwrap(),
+    )
 }
 
 /// A connection to the service's VIP through A's SOCKS5, from the client workload's address.
@@ -287,29 +223,7 @@ fn main() {
             ),
         )
         .unwrap();
-    let p = |f: &str| dir.path().join(f).display().to_string();
-    std::fs::write(
-        p("chain.pem"),
-        cert.chain
-            .iter()
-            .map(|c| der_to_pem("CERTIFICATE", c))
-            .collect::<String>(),
-    )
-    .unwrap();
-    std::fs::write(
-        p("key.pem"),
-        der_to_pem("PRIVATE KEY", cert.key.secret_pkcs8_der()),
-    )
-    .unwrap();
-    std::fs::write(
-        p("root.pem"),
-        cert.roots
-            .iter()
-            .map(|c| der_to_pem("CERTIFICATE", c))
-            .collect::<String>(),
-    )
-    .unwrap();
-    let gw = gateway(dir.path(), [p("chain.pem"), p("key.pem"), p("root.pem")]);
+    let gw = gateway(dir.path(), &envoy_files(dir.path(), "eastwest", &cert));
     let b = l4mesh(&xds, "node-b", "net-b", B_IP, 28000, false);
 
     let modes = [("per connection (ztunnel)", false), ("pooled inner", true)];

@@ -570,7 +570,11 @@ async fn build(
     let pods_view = pods.as_ref().map(|(m, _)| m.view());
     let metrics = Arc::new(Metrics::new(crate::metrics::Sources {
         limits: limits.clone(),
-        proxy: ctx.clone(),
+        traffic: ctx.metrics.clone(),
+        hbone: ctx.hbone.clone(),
+        orig_src_fallbacks: ctx.upstream.orig_src_fallbacks.clone(),
+        store: ctx.store.clone(),
+        node_name: ctx.node_name.clone(),
         xds: xds_metrics.clone(),
         secrets: secrets.clone(),
         // `start` runs on the data-plane runtime: its figures are the ones exported.

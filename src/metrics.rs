@@ -12,7 +12,9 @@
 //! process and each counts alone. [`serve`] is a plain future, so the caller picks the runtime.
 //!
 //! Layering: [`traffic`] and [`peers`] depend only on `model`/`store` and are used by `proxy`; this
-//! module's registry and collectors read `proxy`, `xds` and `identity`, so it sits above them.
+//! module's registry and collectors read figures that `proxy`, `xds` and `identity` keep (the
+//! proxy's [`Sources`] are its counters and HBONE state, never the whole `ProxyCtx`), so it sits
+//! above them.
 
 mod collect;
 mod labels;
@@ -28,7 +30,6 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 use crate::identity::SecretManager;
-use crate::proxy::ProxyCtx;
 use crate::xds::XdsMetrics;
 
 pub use server::{serve, OPENMETRICS_CONTENT_TYPE, PROMETHEUS_CONTENT_TYPE};
@@ -39,10 +40,18 @@ pub use traffic::{
 /// The `component` of `istio_build`: dashboards select the node proxy by this name.
 pub const BUILD_COMPONENT: &str = "ztunnel";
 
-/// What the metrics read: the proxy (its [`Traffic`], HBONE pool and counters), the xDS client's
+/// What the metrics read: the proxy's figures (never the proxy itself), the xDS client's
 /// counters when there is a control plane, the certificates, and the data-plane runtime.
 pub struct Sources {
-    pub proxy: Arc<ProxyCtx>,
+    /// The Istio TCP metrics and the rest the data path counts.
+    pub traffic: Arc<Traffic>,
+    /// HBONE: tunnel counters, TLS connections, the pool, the revocation lists.
+    pub hbone: Arc<crate::proxy::HboneState>,
+    /// Inbound connections that could not keep the client's address (`ENABLE_ORIG_SRC`).
+    pub orig_src_fallbacks: Arc<std::sync::atomic::AtomicU64>,
+    /// The store and this node's name: shared mode's pods are checked against them.
+    pub store: Arc<crate::store::Store>,
+    pub node_name: String,
     /// Every listener's connection caps and refusals.
     pub limits: Arc<crate::limits::Registry>,
     pub xds: Option<Arc<XdsMetrics>>,
@@ -73,7 +82,7 @@ impl Metrics {
     pub fn new(sources: Sources) -> Self {
         let mut registry = Registry::default();
         let istio = registry.sub_registry_with_prefix("istio");
-        let t = &sources.proxy.metrics;
+        let t = &sources.traffic;
         istio.register(
             "tcp_connections_opened",
             "The total number of TCP connections opened",
@@ -154,13 +163,17 @@ impl Metrics {
         if let Some(view) = sources.pods {
             registry.register_collector(Box::new(collect::Pods {
                 view,
-                proxy: sources.proxy.clone(),
+                store: sources.store,
+                node_name: sources.node_name,
             }));
         }
-        if let Some(rev) = &sources.proxy.hbone.revocation {
+        if let Some(rev) = &sources.hbone.revocation {
             registry.register_collector(Box::new(collect::Revocation(rev.clone())));
         }
-        registry.register_collector(Box::new(collect::Hbone(sources.proxy)));
+        registry.register_collector(Box::new(collect::Hbone {
+            hbone: sources.hbone,
+            orig_src_fallbacks: sources.orig_src_fallbacks,
+        }));
         registry.register_collector(Box::new(collect::Limits(sources.limits)));
         if let Some(x) = sources.xds {
             registry.register_collector(Box::new(collect::Xds(x)));

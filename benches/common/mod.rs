@@ -263,3 +263,145 @@ pub fn print_table<F>(title: &str, cols: &[(String, F)], rows: &[(&str, Figure<F
         println!("{line}");
     }
 }
+
+/// A release l4mesh on core 1 with one worker thread, following `xds` as `node`, its listeners
+/// on `ip` from `port_base` (admin `+0`, outbound `+1`, inbound `+6`, metrics `+20`, readiness
+/// `+21`, SOCKS5 `+80`; HBONE on `ip:15008`), with `env` added. Not waited for: see [`ready`].
+pub fn l4mesh_node(xds: &str, node: &str, ip: &str, port_base: u16, env: &[(&str, &str)]) -> Proc {
+    let mut cmd = std::process::Command::new("taskset");
+    cmd.args(["-c", "1", env!("CARGO_BIN_EXE_l4mesh")])
+        .env("XDS_ADDRESS", xds)
+        .env("NODE_NAME", node)
+        .env("ZTUNNEL_WORKER_THREADS", "1")
+        .env("RUST_LOG", "error")
+        .env("L4MESH_OUTBOUND_ADDR", format!("{ip}:{}", port_base + 1))
+        .env(
+            "L4MESH_INBOUND_PLAINTEXT_ADDR",
+            format!("{ip}:{}", port_base + 6),
+        )
+        .env("L4MESH_SOCKS5_ADDR", format!("{ip}:{}", port_base + 80))
+        .env("L4MESH_READINESS_ADDR", format!("{ip}:{}", port_base + 21))
+        .env("L4MESH_METRICS_ADDR", format!("{ip}:{}", port_base + 20))
+        .env("L4MESH_ADMIN_ADDR", format!("{ip}:{port_base}"))
+        .env("L4MESH_HBONE_ADDR", format!("{ip}:15008"))
+        .envs(env.iter().copied())
+        .stdout(std::process::Stdio::null());
+    Proc(cmd.spawn().expect("start l4mesh"))
+}
+
+/// Whether `GET /healthz/ready` at `addr` answers 200.
+pub fn ready(addr: &str) -> bool {
+    let Ok(mut s) = TcpStream::connect(addr) else {
+        return false;
+    };
+    let _ = s.write_all(b"GET /healthz/ready HTTP/1.0\r\n\r\n");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out.contains(" 200 ")
+}
+
+/// Writes cert chain, key and root PEM files for an Envoy; returns their paths.
+pub fn envoy_files(
+    dir: &std::path::Path,
+    name: &str,
+    cert: &l4mesh::identity::WorkloadCert,
+) -> [String; 3] {
+    let chain: String = cert
+        .chain
+        .iter()
+        .map(|c| l4mesh::identity::der_to_pem("CERTIFICATE", c))
+        .collect();
+    let root: String = cert
+        .roots
+        .iter()
+        .map(|c| l4mesh::identity::der_to_pem("CERTIFICATE", c))
+        .collect();
+    let key = l4mesh::identity::der_to_pem("PRIVATE KEY", cert.key.secret_pkcs8_der());
+    let p = |f: &str| dir.join(format!("{name}-{f}")).display().to_string();
+    std::fs::write(p("chain.pem"), chain).unwrap();
+    std::fs::write(p("key.pem"), key).unwrap();
+    std::fs::write(p("root.pem"), root).unwrap();
+    [p("chain.pem"), p("key.pem"), p("root.pem")]
+}
+
+/// `common_tls_context: …` for a TLS context whose keys sit at `indent` spaces.
+pub fn tls_context(files: &[String; 3], san: &str, indent: usize) -> String {
+    let i2 = " ".repeat(indent + 2);
+    let i4 = " ".repeat(indent + 4);
+    format!(
+        "common_tls_context:\n\
+         {i2}tls_params: {{ tls_minimum_protocol_version: TLSv1_3, tls_maximum_protocol_version: TLSv1_3 }}\n\
+         {i2}alpn_protocols: [\"h2\"]\n\
+         {i2}tls_certificates: [{{ certificate_chain: {{ filename: \"{}\" }}, private_key: {{ filename: \"{}\" }} }}]\n\
+         {i2}validation_context:\n\
+         {i4}trusted_ca: {{ filename: \"{}\" }}\n\
+         {i4}match_typed_subject_alt_names: [{{ san_type: URI, matcher: {{ prefix: \"{san}\" }} }}]",
+        files[0], files[1], files[2]
+    )
+}
+
+pub fn start_envoy(
+    dir: &std::path::Path,
+    name: &str,
+    yaml: String,
+    base_id: u32,
+    port: SocketAddr,
+) -> Proc {
+    let path = dir.join(format!("{name}.yaml"));
+    std::fs::write(&path, yaml).unwrap();
+    let child = std::process::Command::new("taskset")
+        .args(["-c", "1", "envoy", "-c"])
+        .arg(&path)
+        .args([
+            "--concurrency",
+            "1",
+            "--disable-hot-restart",
+            "-l",
+            "error",
+            "--base-id",
+        ])
+        .arg(base_id.to_string())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start envoy");
+    let p = Proc(child);
+    wait_port(port);
+    p
+}
+
+/// Envoy terminating HBONE on `ip`:15008 (mutual TLS with `files`, any mesh client), every
+/// CONNECT relayed to the cluster `cluster` (its YAML: one cluster named `upstream`).
+pub fn hbone_terminator_yaml(ip: &str, files: &[String; 3], cluster: &str) -> String {
+    format!(
+        r#"admin: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: 0 }} }} }}
+static_resources:
+  listeners:
+  - address: {{ socket_address: {{ address: {ip}, port_value: 15008 }} }}
+    filter_chains:
+    - transport_socket:
+        name: envoy.transport_sockets.tls
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
+          require_client_certificate: true
+          {}
+      filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: hbone
+          codec_type: HTTP2
+          upgrade_configs: [{{ upgrade_type: CONNECT }}]
+          http_filters: [{{ name: envoy.filters.http.router, typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }} }}]
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - match: {{ connect_matcher: {{}} }}
+                route: {{ cluster: upstream, timeout: 0s, upgrade_configs: [{{ upgrade_type: CONNECT, connect_config: {{}} }}] }}
+  clusters:
+{cluster}"#,
+        tls_context(files, "spiffe://cluster.local/", 10)
+    )
+}

@@ -11,7 +11,6 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 
 use crate::identity::SecretManager;
-use crate::proxy::ProxyCtx;
 use crate::xds::XdsMetrics;
 
 type Labels = Vec<(&'static str, String)>;
@@ -360,7 +359,10 @@ impl Collector for Certificates {
 }
 
 /// HBONE: tunnel counters, TLS connections and the outbound pool.
-pub struct Hbone(pub Arc<ProxyCtx>);
+pub struct Hbone {
+    pub hbone: Arc<crate::proxy::HboneState>,
+    pub orig_src_fallbacks: Arc<std::sync::atomic::AtomicU64>,
+}
 
 impl std::fmt::Debug for Hbone {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -370,7 +372,7 @@ impl std::fmt::Debug for Hbone {
 
 impl Collector for Hbone {
     fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
-        let h = &self.0.hbone;
+        let h = &self.hbone;
         let c = &h.tunnels;
         let dir = |d: &'static str| label("direction", d);
         counters(
@@ -466,7 +468,7 @@ impl Collector for Hbone {
             &mut enc,
             "l4mesh_orig_src_fallbacks",
             "Inbound connections that could not keep the client's source IP (ENABLE_ORIG_SRC) and connected from l4mesh's own address",
-            one(self.0.upstream.orig_src_fallbacks.load(Relaxed)),
+            one(self.orig_src_fallbacks.load(Relaxed)),
         )
     }
 }
@@ -475,7 +477,8 @@ impl Collector for Hbone {
 /// ztunnel registers them).
 pub struct Pods {
     pub view: Arc<crate::inpod::manager::PodsView>,
-    pub proxy: Arc<ProxyCtx>,
+    pub store: Arc<crate::store::Store>,
+    pub node_name: String,
 }
 
 impl std::fmt::Debug for Pods {
@@ -486,11 +489,10 @@ impl std::fmt::Debug for Pods {
 
 impl Collector for Pods {
     fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
-        let p = &self.proxy;
-        let snapshot = p.store.load();
+        let snapshot = self.store.load();
         let stats = self.view.stats(|pod| {
             snapshot
-                .workloads_on_node(&p.node_name)
+                .workloads_on_node(&self.node_name)
                 .any(|wl| wl.name == pod.name && wl.namespace == pod.namespace)
         });
         gauges(

@@ -1,30 +1,12 @@
 //! Who the ends of an inbound connection are, for its metric labels: lookups in the snapshot the
-//! connection was decided on. Pure functions (no I/O), used by the proxy's inbound paths.
+//! connection was decided on. Pure functions (no I/O), used by the proxy's inbound paths, which
+//! read the addresses from the wire (`proxy::hbone::forwarded_for`).
 
 use std::net::IpAddr;
 use std::sync::Arc;
 
 use crate::model::{NetworkAddr, Service, SpiffeId, Workload};
 use crate::store::Snapshot;
-
-/// The client address an HBONE CONNECT names in its `forwarded: for="<ip>:<port>"` header (RFC
-/// 7239; IPv6 in brackets), if any.
-pub fn forwarded_for(headers: &http::HeaderMap) -> Option<IpAddr> {
-    let v = headers.get("forwarded")?.to_str().ok()?;
-    v.split([';', ',']).find_map(|part| {
-        let (k, val) = part.trim().split_once('=')?;
-        if !k.trim().eq_ignore_ascii_case("for") {
-            return None;
-        }
-        let val = val.trim().trim_matches('"');
-        if let Some(rest) = val.strip_prefix('[') {
-            return rest.split_once(']')?.0.parse().ok();
-        }
-        val.parse::<IpAddr>()
-            .ok()
-            .or_else(|| val.rsplit_once(':')?.0.parse().ok())
-    })
-}
 
 /// The source workload of an inbound connection: the first of `candidates` (the forwarded client
 /// address, then the TCP peer) that is a workload. With a proven `peer` identity the workload must

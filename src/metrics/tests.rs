@@ -6,7 +6,7 @@ use std::sync::Arc;
 use prometheus_client::registry::Registry;
 
 use super::collect::{parse_btime, parse_proc_stat, ProcStat};
-use super::peers::{forwarded_for, inbound_service, inbound_source};
+use super::peers::{inbound_service, inbound_source};
 use super::traffic::{
     ConnLabels, ConnMetrics, Peer, Reporter, ResponseFlag, Traffic, TrafficLabels, UNKNOWN,
 };
@@ -204,29 +204,6 @@ fn locality_labels_follow_ztunnel() {
     };
     let l = TrafficLabels::new(Reporter::Destination, proven, None, None, true);
     assert!(l.locality.0.is_some());
-}
-
-#[test]
-fn forwarded_header_names_the_client() {
-    let h = |v: &str| {
-        let mut m = http::HeaderMap::new();
-        m.insert("forwarded", v.parse().unwrap());
-        m
-    };
-    assert_eq!(
-        forwarded_for(&h("for=\"10.0.0.1:34567\"")),
-        Some("10.0.0.1".parse().unwrap())
-    );
-    assert_eq!(
-        forwarded_for(&h("for=\"[fd00::1]:80\"")),
-        Some("fd00::1".parse().unwrap())
-    );
-    assert_eq!(
-        forwarded_for(&h("proto=https;For=10.0.0.9")),
-        Some("10.0.0.9".parse().unwrap())
-    );
-    assert_eq!(forwarded_for(&h("for=unknown")), None);
-    assert_eq!(forwarded_for(&http::HeaderMap::new()), None);
 }
 
 #[test]

@@ -2,7 +2,7 @@
 //! server applies to a request, and the status each outcome maps to. No I/O here; the listeners and
 //! the pool use these so that both ends agree on every header.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use http::{Method, Request, StatusCode};
 
@@ -90,6 +90,25 @@ pub fn baggage(wl: &Workload) -> String {
 pub fn forwarded(client: SocketAddr) -> String {
     // `SocketAddr`'s Display already brackets IPv6 (`[::1]:80`).
     format!("for=\"{client}\"")
+}
+
+/// The client address an HBONE CONNECT names in its `forwarded: for="<ip>:<port>"` header (RFC
+/// 7239; IPv6 in brackets), if any.
+pub fn forwarded_for(headers: &http::HeaderMap) -> Option<IpAddr> {
+    let v = headers.get("forwarded")?.to_str().ok()?;
+    v.split([';', ',']).find_map(|part| {
+        let (k, val) = part.trim().split_once('=')?;
+        if !k.trim().eq_ignore_ascii_case("for") {
+            return None;
+        }
+        let val = val.trim().trim_matches('"');
+        if let Some(rest) = val.strip_prefix('[') {
+            return rest.split_once(']')?.0.parse().ok();
+        }
+        val.parse::<IpAddr>()
+            .ok()
+            .or_else(|| val.rsplit_once(':')?.0.parse().ok())
+    })
 }
 
 /// A fresh W3C `traceparent` (version 00, random trace and span ids, not sampled). With OTel on,
@@ -248,6 +267,34 @@ workloads:
             forwarded("[fd00::1]:80".parse().unwrap()),
             "for=\"[fd00::1]:80\""
         );
+    }
+
+    #[test]
+    fn forwarded_header_names_the_client() {
+        let h = |v: &str| {
+            let mut m = http::HeaderMap::new();
+            m.insert("forwarded", v.parse().unwrap());
+            m
+        };
+        assert_eq!(
+            forwarded_for(&h("for=\"10.0.0.1:34567\"")),
+            Some("10.0.0.1".parse().unwrap())
+        );
+        assert_eq!(
+            forwarded_for(&h("for=\"[fd00::1]:80\"")),
+            Some("fd00::1".parse().unwrap())
+        );
+        assert_eq!(
+            forwarded_for(&h("proto=https;For=10.0.0.9")),
+            Some("10.0.0.9".parse().unwrap())
+        );
+        // What a double-HBONE client sends: the host is not the address.
+        assert_eq!(
+            forwarded_for(&h("for=\"10.0.0.1:1\";host=echo.default.svc.cluster.local")),
+            Some("10.0.0.1".parse().unwrap())
+        );
+        assert_eq!(forwarded_for(&h("for=unknown")), None);
+        assert_eq!(forwarded_for(&http::HeaderMap::new()), None);
     }
 
     #[test]

@@ -425,7 +425,7 @@ async fn open(
         .get(super::hbone::X_FORWARDED_NETWORK)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|n| !n.eq_ignore_ascii_case(&ctx.network));
-    let forwarded = crate::metrics::peers::forwarded_for(req.headers());
+    let forwarded = super::hbone::forwarded_for(req.headers());
     let addrs = [forwarded.unwrap_or(log.src.ip()), log.src.ip()];
     let client_addrs = if from_gateway {
         &[][..]
@@ -688,8 +688,8 @@ fn waypoint_rule(
 
 #[cfg(test)]
 mod tests {
+    use super::super::hbone::forwarded_for;
     use super::*;
-    use crate::metrics::peers::forwarded_for;
     use crate::model::{GatewayAddress, GatewayDestination, NetworkAddr};
     use crate::proto::istio::workload as pw;
     use crate::store::{Batch, Store, Upsert};

@@ -139,8 +139,7 @@ async fn mutual_tls_success() {
 
 #[tokio::test]
 async fn intermediate_ca_chain_is_sent_and_verified() {
-    let (root_pem, inter_pem, inter_key) = root_and_intermediate();
-    let ca = LocalCa::from_pem(&inter_pem, &inter_key, &root_pem, TD).unwrap();
+    let (_, ca, _) = root_and_intermediate();
     let server_cert = ca.issue(&server_id(), HOUR).unwrap();
     assert_eq!(server_cert.chain.len(), 2);
     let c = Swappable::with(ca.issue(&client_id(), HOUR).unwrap());
@@ -342,8 +341,8 @@ fn config_errors() {
     assert!(matches!(err, TlsError::BadRoot { index: 0, .. }), "{err}");
 }
 
-/// A root and an intermediate made with rcgen: (root PEM, intermediate PEM, intermediate key PEM).
-fn root_and_intermediate() -> (String, String, String) {
+/// A root CA and an intermediate CA under it (both with their keys), and the intermediate's serial.
+pub(super) fn root_and_intermediate() -> (LocalCa, LocalCa, Vec<u8>) {
     use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, KeyUsagePurpose};
     let ca_params = |cn: &str| {
         let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
@@ -357,8 +356,16 @@ fn root_and_intermediate() -> (String, String, String) {
     let root_params = ca_params("test root");
     let root = root_params.self_signed(&root_key).unwrap();
     let inter_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let root_pem = root.pem();
+    let root_key_pem = root_key.serialize_pem();
     let inter = ca_params("test intermediate")
         .signed_by(&inter_key, &Issuer::new(root_params, root_key))
         .unwrap();
-    (root.pem(), inter.pem(), inter_key.serialize_pem())
+    let (_, x) = x509_parser::parse_x509_certificate(inter.der()).unwrap();
+    let serial = x.raw_serial().to_vec();
+    (
+        LocalCa::from_pem(&root_pem, &root_key_pem, "", TD).unwrap(),
+        LocalCa::from_pem(&inter.pem(), &inter_key.serialize_pem(), &root_pem, TD).unwrap(),
+        serial,
+    )
 }

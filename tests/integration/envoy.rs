@@ -289,6 +289,23 @@ admin:
 /// Envoy terminating HBONE on `ip`:15008 for the workload at `ip`, accepting `client` peers.
 fn terminating_config(ip: &str, client: &str) -> String {
     let authority = format!("{}:[0-9]+", ip.replace('.', "\\\\."));
+    terminator_config(
+        ip,
+        client,
+        &authority,
+        r#"  - name: upstream
+    type: ORIGINAL_DST
+    lb_policy: CLUSTER_PROVIDED
+    connect_timeout: 5s
+    original_dst_lb_config: {use_http_header: true, http_header_name: ":authority"}
+"#,
+    )
+}
+
+/// Envoy terminating HBONE on `ip`:15008 with the certificate in `{DIR}`, accepting `client`
+/// peers, for CONNECTs whose `:authority` matches the regex `authority` (others get a 404),
+/// relayed to `cluster` (the YAML of one cluster named `upstream`).
+pub(super) fn terminator_config(ip: &str, client: &str, authority: &str, cluster: &str) -> String {
     // Two levels deeper than in an upstream context.
     let tls = TLS_COMMON
         .replace("{PEER_SAN}", client)
@@ -321,7 +338,7 @@ static_resources:
               path: "{{ACCESS_LOG}}"
               log_format:
                 text_format_source:
-                  inline_string: "%REQ(:METHOD)% %REQ(:AUTHORITY)% %RESPONSE_CODE% %DOWNSTREAM_PEER_URI_SAN% rx=%BYTES_RECEIVED% tx=%BYTES_SENT%\n"
+                  inline_string: "%REQ(:METHOD)% %REQ(:AUTHORITY)% %RESPONSE_CODE% %DOWNSTREAM_PEER_URI_SAN% up=%UPSTREAM_HOST% rx=%BYTES_RECEIVED% tx=%BYTES_SENT%\n"
           http_filters:
           - name: envoy.filters.http.router
             typed_config:
@@ -337,16 +354,11 @@ static_resources:
                   - name: ":authority"
                     string_match: {{safe_regex: {{regex: "{authority}"}}}}
                 route:
-                  cluster: original_dst
+                  cluster: upstream
                   timeout: 0s
                   upgrade_configs: [{{upgrade_type: CONNECT, connect_config: {{}}}}]
   clusters:
-  - name: original_dst
-    type: ORIGINAL_DST
-    lb_policy: CLUSTER_PROVIDED
-    connect_timeout: 5s
-    original_dst_lb_config: {{use_http_header: true, http_header_name: ":authority"}}
-"#
+{cluster}"#
     )
 }
 

@@ -347,3 +347,27 @@ pub fn deny_yaml(sa: &str, port: u16) -> String {
 "#
     )
 }
+
+/// A root CA the test holds the key of, for an xds-testserver to sign with (Istio's "plug in your
+/// own CA"), and the same CA in-process (to mint certificates or revocation lists of its own).
+pub fn plug_in_root(cn: &str) -> (xds_testserver::CaPem, l4mesh::identity::LocalCa) {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+    ];
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, cn);
+    let cert = params.self_signed(&key).unwrap();
+    let pem = xds_testserver::CaPem {
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+        ..Default::default()
+    };
+    let ca = l4mesh::identity::LocalCa::from_pem(&pem.cert_pem, &pem.key_pem, "", "cluster.local")
+        .unwrap();
+    (pem, ca)
+}

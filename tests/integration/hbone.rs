@@ -347,31 +347,10 @@ async fn client_from_another_trust_domain_is_refused() {
     use std::sync::Arc;
     // A CA whose key the test holds, plugged into the testserver, so that it can mint a foreign
     // identity under the same root.
-    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    params.key_usages = vec![
-        rcgen::KeyUsagePurpose::KeyCertSign,
-        rcgen::KeyUsagePurpose::CrlSign,
-    ];
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "test mesh root");
-    let root = params.self_signed(&key).unwrap();
-    let (cert_pem, key_pem) = (root.pem(), key.serialize_pem());
-    let m = mesh_with_ca(
-        7,
-        Some(xds_testserver::CaPem {
-            cert_pem: cert_pem.clone(),
-            key_pem: key_pem.clone(),
-            chain_pem: String::new(),
-            roots_pem: String::new(),
-        }),
-    )
-    .await;
+    let (pem, ca) = super::harness::plug_in_root("test mesh root");
+    let m = mesh_with_ca(7, Some(pem)).await;
     // A live backend: without it a 503 would also count as "refused", whatever the handshake did.
     let _backend = Backend::start(&format!("{}:{BACKEND_PORT}", m.b_wl), "b").await;
-    let ca = l4mesh::identity::LocalCa::from_pem(&cert_pem, &key_pem, "", "cluster.local").unwrap();
     let foreign: l4mesh::model::SpiffeId = "spiffe://other.domain/ns/default/sa/client"
         .parse()
         .unwrap();

@@ -8,7 +8,7 @@
 use std::net::IpAddr;
 use std::time::Duration;
 
-use super::envoy::{envoy_binary, issue_pems, Envoy, ADMIN, TLS_COMMON};
+use super::envoy::{envoy_binary, issue_pems, terminator_config, Envoy};
 use super::harness::{exchange, mesh_node_with, socks5_connect_from, testserver, Backend};
 
 const NET: &str = "127.63.1";
@@ -68,67 +68,18 @@ services:
 /// accepted), CONNECTs for `HOST` relayed as raw bytes to `upstream` (b's node).
 pub(super) fn eastwest_config(ip: &str, client: &str, upstream: &str) -> String {
     let authority = format!("{}:[0-9]+", HOST.replace('.', "\\\\."));
-    let tls = TLS_COMMON
-        .replace("{PEER_SAN}", client)
-        .replace('\n', "\n  ");
-    format!(
-        r#"{ADMIN}
-static_resources:
-  listeners:
-  - name: eastwest
-    address: {{socket_address: {{address: "{ip}", port_value: 15008}}}}
-    filter_chains:
-    - transport_socket:
-        name: envoy.transport_sockets.tls
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
-          require_client_certificate: true
-          common_tls_context:{tls}
-      filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: eastwest
-          codec_type: HTTP2
-          http2_protocol_options: {{allow_connect: true}}
-          upgrade_configs: [{{upgrade_type: CONNECT}}]
-          access_log:
-          - name: envoy.access_loggers.file
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog
-              path: "{{ACCESS_LOG}}"
-              log_format:
-                text_format_source:
-                  inline_string: "%REQ(:METHOD)% %REQ(:AUTHORITY)% %RESPONSE_CODE% %DOWNSTREAM_PEER_URI_SAN% up=%UPSTREAM_HOST% rx=%BYTES_RECEIVED% tx=%BYTES_SENT%\n"
-          http_filters:
-          - name: envoy.filters.http.router
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
-          route_config:
-            virtual_hosts:
-            - name: eastwest
-              domains: ["*"]
-              routes:
-              - match:
-                  connect_matcher: {{}}
-                  headers:
-                  - name: ":authority"
-                    string_match: {{safe_regex: {{regex: "{authority}"}}}}
-                route:
-                  cluster: net_b
-                  timeout: 0s
-                  upgrade_configs: [{{upgrade_type: CONNECT, connect_config: {{}}}}]
-  clusters:
-  - name: net_b
+    let cluster = format!(
+        r#"  - name: upstream
     type: STATIC
     connect_timeout: 5s
     load_assignment:
-      cluster_name: net_b
+      cluster_name: upstream
       endpoints:
       - lb_endpoints:
         - endpoint: {{address: {{socket_address: {{address: "{upstream}", port_value: 15008}}}}}}
 "#
-    )
+    );
+    terminator_config(ip, client, &authority, &cluster)
 }
 
 /// The value of the first sample of `name` whose line has every one of `parts` (0 when none).

@@ -14,12 +14,13 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use l4mesh::identity::{CaClient, LocalCa, WorkloadCert};
+use l4mesh::identity::{CaClient, WorkloadCert};
 use l4mesh::model::SpiffeId;
 use xds_testserver::CaPem;
 
 use super::harness::{
-    closed_within, istio_ca_at, mesh_node_with, socks5_connect_from, testserver, two_workloads_yaml,
+    closed_within, istio_ca_at, mesh_node_with, plug_in_root, socks5_connect_from, testserver,
+    two_workloads_yaml,
 };
 
 const PORT: u16 = 18470;
@@ -28,29 +29,6 @@ fn id(sa: &str) -> SpiffeId {
     format!("spiffe://cluster.local/ns/default/sa/{sa}")
         .parse()
         .unwrap()
-}
-
-/// A root CA the test holds the key of: its PEM for a testserver, and the same CA in-process
-/// (to sign revocation lists).
-fn root(cn: &str) -> (CaPem, LocalCa) {
-    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    params.key_usages = vec![
-        rcgen::KeyUsagePurpose::KeyCertSign,
-        rcgen::KeyUsagePurpose::CrlSign,
-    ];
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, cn);
-    let cert = params.self_signed(&key).unwrap();
-    let pem = CaPem {
-        cert_pem: cert.pem(),
-        key_pem: key.serialize_pem(),
-        ..CaPem::default()
-    };
-    let ca = LocalCa::from_pem(&pem.cert_pem, &pem.key_pem, "", "cluster.local").unwrap();
-    (pem, ca)
 }
 
 /// An echo server that keeps each connection open until the client closes it.
@@ -100,10 +78,39 @@ fn sample(node: &l4mesh::app::Running, name: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// Node a on `<net>.1` with its certificates from a CA signing with `ca_a`, node b on `<net>.2`
+/// from one signing with `ca_b` (each xds-testserver serving both workloads), an echo server at
+/// each workload.
+struct Pair {
+    a: l4mesh::app::Running,
+    b: l4mesh::app::Running,
+    _servers: [xds_testserver::Handle; 2],
+    _echoes: [tokio::task::JoinHandle<()>; 2],
+}
+
+async fn pair(net: &str, ca_a: CaPem, ca_b: CaPem) -> Pair {
+    let (a_ip, b_ip) = (format!("{net}.1"), format!("{net}.2"));
+    let state = two_workloads_yaml(&a_ip, &b_ip, "", "");
+    let ts_a = testserver(state.clone(), "127.0.0.1", Some(ca_a)).await;
+    let ts_b = testserver(state, "127.0.0.1", Some(ca_b)).await;
+    let a = mesh_node_with(&ts_a, format!("{net}.11"), "node-a", &a_ip, |_| {}).await;
+    let b = mesh_node_with(&ts_b, format!("{net}.12"), "node-b", &b_ip, |_| {}).await;
+    let echoes = [
+        echo(&format!("{a_ip}:{PORT}")).await,
+        echo(&format!("{b_ip}:{PORT}")).await,
+    ];
+    Pair {
+        a,
+        b,
+        _servers: [ts_a, ts_b],
+        _echoes: echoes,
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn both_roots_of_a_rotation_are_trusted_from_the_ca_answer() {
-    let (old, _) = root("old mesh root");
-    let (new, _) = root("new mesh root");
+    let (old, _) = plug_in_root("old mesh root");
+    let (new, _) = plug_in_root("new mesh root");
     let both = format!("{}{}", old.cert_pem, new.cert_pem);
     let issuing = |ca: &CaPem, roots: &str| CaPem {
         roots_pem: roots.to_owned(),
@@ -112,66 +119,24 @@ async fn both_roots_of_a_rotation_are_trusted_from_the_ca_answer() {
     // Node a renewed before the rotation (old root), node b after it (new root); each CA's answer
     // ends with both roots.
     let net = "127.61.1";
-    let state = two_workloads_yaml(&format!("{net}.1"), &format!("{net}.2"), "", "");
-    let ts_old = testserver(state.clone(), "127.0.0.1", Some(issuing(&old, &both))).await;
-    let ts_new = testserver(state.clone(), "127.0.0.1", Some(issuing(&new, &both))).await;
-    let a = mesh_node_with(
-        &ts_old,
-        format!("{net}.11"),
-        "node-a",
-        format!("{net}.1"),
-        |_| {},
-    )
-    .await;
-    let b = mesh_node_with(
-        &ts_new,
-        format!("{net}.12"),
-        "node-b",
-        format!("{net}.2"),
-        |_| {},
-    )
-    .await;
-    let _echo_a = echo(&format!("{net}.1:{PORT}")).await;
-    let _echo_b = echo(&format!("{net}.2:{PORT}")).await;
+    let p = pair(net, issuing(&old, &both), issuing(&new, &both)).await;
+    let (a_ip, b_ip) = (format!("{net}.1"), format!("{net}.2"));
     assert!(
-        open(&a, &format!("{net}.1"), &format!("{net}.2"))
-            .await
-            .is_some(),
+        open(&p.a, &a_ip, &b_ip).await.is_some(),
         "old-root client to new-root server"
     );
     assert!(
-        open(&b, &format!("{net}.2"), &format!("{net}.1"))
-            .await
-            .is_some(),
+        open(&p.b, &b_ip, &a_ip).await.is_some(),
         "new-root client to old-root server"
     );
-    let roots = b.secrets.fetch(&id("server")).await.unwrap().roots.len();
+    let roots = p.b.secrets.fetch(&id("server")).await.unwrap().roots.len();
     assert_eq!(roots, 2, "the answer's last element holds both roots");
 
     // Control: a CA answering with the new root alone leaves its node distrusting the old one.
     let net = "127.61.2";
-    let state = two_workloads_yaml(&format!("{net}.1"), &format!("{net}.2"), "", "");
-    let ts_old = testserver(state.clone(), "127.0.0.1", Some(issuing(&old, &both))).await;
-    let ts_alone = testserver(state, "127.0.0.1", Some(new.clone())).await;
-    let a = mesh_node_with(
-        &ts_old,
-        format!("{net}.11"),
-        "node-a",
-        format!("{net}.1"),
-        |_| {},
-    )
-    .await;
-    let _b = mesh_node_with(
-        &ts_alone,
-        format!("{net}.12"),
-        "node-b",
-        format!("{net}.2"),
-        |_| {},
-    )
-    .await;
-    let _echo_b = echo(&format!("{net}.2:{PORT}")).await;
+    let p = pair(net, issuing(&old, &both), new.clone()).await;
     assert!(
-        open(&a, &format!("{net}.1"), &format!("{net}.2"))
+        open(&p.a, &format!("{net}.1"), &format!("{net}.2"))
             .await
             .is_none(),
         "a server that trusts only the new root refuses an old-root client"
@@ -274,7 +239,7 @@ async fn the_ca_channel_is_shared_and_follows_a_rotated_root_file() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoked_peers_are_refused_and_their_live_connections_closed() {
-    let (pem, ca) = root("mesh root");
+    let (pem, ca) = plug_in_root("mesh root");
     let net = "127.61.4";
     let (a_ip, b_ip) = (format!("{net}.1"), format!("{net}.2"));
     let state = two_workloads_yaml(&a_ip, &b_ip, "", "");

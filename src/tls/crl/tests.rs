@@ -4,7 +4,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::super::tests::{client_id, connect, err_text, server_id, Swappable, TD};
+use super::super::tests::{
+    client_id, connect, err_text, root_and_intermediate, server_id, Swappable, TD,
+};
 use super::*;
 use crate::identity::{LocalCa, WorkloadCert};
 use crate::tls::{client_config, server_config, SourceResolver};
@@ -164,35 +166,6 @@ async fn a_revoked_intermediate_revokes_every_certificate_under_it() {
     let (c, _s) = connect(client, server).await;
     let text = err_text(c);
     assert!(text.contains("Revoked"), "{text}");
-}
-
-/// A root CA and an intermediate CA under it (both with their keys), and the intermediate's serial.
-fn root_and_intermediate() -> (LocalCa, LocalCa, Vec<u8>) {
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, KeyUsagePurpose};
-    let ca_params = |cn: &str| {
-        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-        p.distinguished_name
-            .push(rcgen::DnType::CommonName, cn.to_owned());
-        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        p
-    };
-    let root_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-    let root_params = ca_params("test root");
-    let root = root_params.self_signed(&root_key).unwrap();
-    let inter_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-    let root_pem = root.pem();
-    let root_key_pem = root_key.serialize_pem();
-    let inter = ca_params("test intermediate")
-        .signed_by(&inter_key, &Issuer::new(root_params, root_key))
-        .unwrap();
-    let (_, x) = x509_parser::parse_x509_certificate(inter.der()).unwrap();
-    let serial = x.raw_serial().to_vec();
-    (
-        LocalCa::from_pem(&root_pem, &root_key_pem, "", TD).unwrap(),
-        LocalCa::from_pem(&inter.pem(), &inter_key.serialize_pem(), &root_pem, TD).unwrap(),
-        serial,
-    )
 }
 
 #[tokio::test]
