@@ -418,12 +418,27 @@ pub enum Role {
 }
 
 impl Role {
+    /// The `listener` of the access log and of spans.
     pub fn name(self) -> &'static str {
         match self {
             Role::Outbound => "outbound",
             Role::InboundPlaintext => "inbound_plaintext",
             Role::Socks5 => "socks5",
             Role::InboundHbone => "inbound_hbone",
+        }
+    }
+
+    /// Whether the connections come to this node's workloads (else from them).
+    pub fn inbound(self) -> bool {
+        matches!(self, Role::InboundPlaintext | Role::InboundHbone)
+    }
+
+    /// The `direction` of the access log and of spans.
+    pub fn direction(self) -> &'static str {
+        if self.inbound() {
+            "inbound"
+        } else {
+            "outbound"
         }
     }
 }

@@ -8,6 +8,7 @@ use std::time::Instant;
 use super::copy::Transferred;
 use super::route::Upstream;
 use super::ProxyError;
+use super::Role;
 
 /// Counters of HBONE tunnels, per direction, kept until the metrics endpoint exports them. Plain
 /// atomics: a tunnel's open and close each cost a few relaxed adds, never a lock.
@@ -80,8 +81,8 @@ impl TunnelCounters {
 
 /// What is known of a connection, filled in as it progresses.
 pub(crate) struct ConnLog {
-    pub direction: &'static str,
-    pub listener: &'static str,
+    /// The listener the connection came through (and so its direction).
+    pub role: Role,
     pub src: SocketAddr,
     pub dst: SocketAddr,
     pub start: Instant,
@@ -105,15 +106,9 @@ pub(crate) struct ConnLog {
 }
 
 impl ConnLog {
-    pub fn new(
-        direction: &'static str,
-        listener: &'static str,
-        src: SocketAddr,
-        dst: SocketAddr,
-    ) -> Self {
+    pub fn new(role: Role, src: SocketAddr, dst: SocketAddr) -> Self {
         Self {
-            direction,
-            listener,
+            role,
             src,
             dst,
             start: Instant::now(),
@@ -137,7 +132,7 @@ impl ConnLog {
 
     /// Marks the connection an HBONE tunnel: counts it opened now, and its end at `finish`.
     pub fn count_tunnel(&mut self, counters: &Arc<TunnelCounters>) {
-        counters.opened(self.direction == "inbound");
+        counters.opened(self.role.inbound());
         self.counters = Some(counters.clone());
     }
 
@@ -152,7 +147,7 @@ impl ConnLog {
 
     pub fn finish(&self, t: Transferred, err: Option<&ProxyError>) {
         if let Some(c) = &self.counters {
-            c.record(self.direction == "inbound", t, self.status, err.is_none());
+            c.record(self.role.inbound(), t, self.status, err.is_none());
         }
         // Computed once, for this line and for the span.
         let fields = super::access_fields::AccessFields::new(self, t, err);
@@ -168,8 +163,8 @@ impl ConnLog {
                 tracing::event!(
                     target: "access",
                     $level,
-                    direction = self.direction,
-                    listener = self.listener,
+                    direction = self.role.direction(),
+                    listener = self.role.name(),
                     pod = self.pod.as_deref(),
                     src.addr = %self.src,
                     src.workload = self.src_workload.as_deref(),
@@ -212,7 +207,7 @@ mod tests {
         let c = Arc::new(TunnelCounters::default());
         let src: SocketAddr = "127.51.0.1:40000".parse().unwrap();
         let dst: SocketAddr = "127.51.0.2:15008".parse().unwrap();
-        let mut log = ConnLog::new("inbound", "inbound_hbone", src, dst);
+        let mut log = ConnLog::new(Role::InboundHbone, src, dst);
         log.count_tunnel(&c);
         // Opened as soon as the tunnel starts, before it ends.
         assert_eq!(c.inbound_opened.load(Ordering::Relaxed), 1);

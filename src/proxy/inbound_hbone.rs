@@ -22,7 +22,7 @@ use super::copy::{self, Transferred};
 use super::h2io::{self, H2Recv, H2Send};
 use super::hbone::{self, Outcome};
 use super::route::{waypoint, Upstream, UpstreamKind};
-use super::{ProxyCtx, ProxyError};
+use super::{ProxyCtx, ProxyError, Role};
 use crate::model::{SpiffeId, Workload};
 use crate::rbac::ConnCtx;
 use crate::store::Snapshot;
@@ -89,7 +89,7 @@ pub(super) async fn serve(
         Ok(d) => d,
         Err(e) => {
             let local = tcp.local_addr().unwrap_or(src);
-            ConnLog::new("inbound", "inbound_hbone", src, local)
+            ConnLog::new(Role::InboundHbone, src, local)
                 .in_pod(ctx.pod_name())
                 .finish(Transferred::default(), Some(&ProxyError::OrigDst(e)));
             return;
@@ -100,10 +100,10 @@ pub(super) async fn serve(
             watcher.uncount();
             serve_h2(ctx, conn, src, dialled, peer, tracking).await
         }
-        Ok(Err(e)) => ConnLog::new("inbound", "inbound_hbone", src, dialled)
+        Ok(Err(e)) => ConnLog::new(Role::InboundHbone, src, dialled)
             .in_pod(ctx.pod_name())
             .finish(Transferred::default(), Some(&e)),
-        Err(_) => ConnLog::new("inbound", "inbound_hbone", src, dialled)
+        Err(_) => ConnLog::new(Role::InboundHbone, src, dialled)
             .in_pod(ctx.pod_name())
             .finish(
                 Transferred::default(),
@@ -284,7 +284,7 @@ async fn stream(
     _held: (crate::drain::Watcher, OpenStream),
 ) {
     let (ctx, peer) = (&*ctx, &*peer);
-    let mut log = ConnLog::new("inbound", "inbound_hbone", src, dialled).in_pod(ctx.pod_name());
+    let mut log = ConnLog::new(Role::InboundHbone, src, dialled).in_pod(ctx.pod_name());
     super::trace::start(ctx, &mut log, Some(req.headers()));
     log.src_identity = Some(peer.to_string());
     log.count_tunnel(&ctx.hbone.tunnels);

@@ -11,7 +11,7 @@ use super::access::ConnLog;
 use super::conn_tracker::Registration;
 use super::copy::{self, Transferred};
 use super::route::{Upstream, UpstreamKind};
-use super::{ProxyCtx, ProxyError};
+use super::{ProxyCtx, ProxyError, Role};
 use crate::rbac::ConnCtx;
 
 pub(super) async fn serve(ctx: &ProxyCtx, down: TcpStream, src: SocketAddr) {
@@ -19,13 +19,13 @@ pub(super) async fn serve(ctx: &ProxyCtx, down: TcpStream, src: SocketAddr) {
         Ok(d) => d,
         Err(e) => {
             let (local, e) = *e;
-            ConnLog::new("inbound", "inbound_plaintext", src, local)
+            ConnLog::new(Role::InboundPlaintext, src, local)
                 .in_pod(ctx.pod_name())
                 .finish(Transferred::default(), Some(&e));
             return;
         }
     };
-    let mut log = ConnLog::new("inbound", "inbound_plaintext", src, dst).in_pod(ctx.pod_name());
+    let mut log = ConnLog::new(Role::InboundPlaintext, src, dst).in_pod(ctx.pod_name());
     super::trace::start(ctx, &mut log, None);
     let (mut down, (mut up, mut reg)) = match open(ctx, &mut log).await {
         Ok(up) => (down, up),

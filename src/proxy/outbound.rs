@@ -10,7 +10,7 @@ use super::copy::{self, Transferred};
 use super::hbone;
 use super::pool::{PoolKey, Tunnel};
 use super::route::{self, Upstream, UpstreamKind};
-use super::{ProxyCtx, ProxyError};
+use super::{ProxyCtx, ProxyError, Role};
 use crate::model::{NetworkAddr, SpiffeId, Workload};
 
 /// An opened upstream: a TCP connection, or an HBONE tunnel to the destination's node.
@@ -24,13 +24,13 @@ pub(super) async fn serve(ctx: &ProxyCtx, down: TcpStream, src: SocketAddr) {
         Ok(d) => d,
         Err(e) => {
             let (local, e) = *e;
-            ConnLog::new("outbound", "outbound", src, local)
+            ConnLog::new(Role::Outbound, src, local)
                 .in_pod(ctx.pod_name())
                 .finish(Transferred::default(), Some(&e));
             return;
         }
     };
-    let mut log = ConnLog::new("outbound", "outbound", src, dst).in_pod(ctx.pod_name());
+    let mut log = ConnLog::new(Role::Outbound, src, dst).in_pod(ctx.pod_name());
     // Boxed: connecting needs more state than copying does, and only for a moment; inline, a
     // held connection's task would keep that room for its whole life.
     match Box::pin(open(ctx, &mut log)).await {

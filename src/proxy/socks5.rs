@@ -11,7 +11,7 @@ use tokio::net::TcpStream;
 
 use super::access::ConnLog;
 use super::copy::Transferred;
-use super::{outbound, ProxyCtx, ProxyError};
+use super::{outbound, ProxyCtx, ProxyError, Role};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -31,7 +31,7 @@ pub(super) async fn serve(ctx: &ProxyCtx, mut down: TcpStream, src: SocketAddr) 
                 let _ = reply(&mut down, rep).await;
             }
             let local = down.local_addr().unwrap_or(src);
-            ConnLog::new("outbound", "socks5", src, local).finish(Transferred::default(), Some(&e));
+            ConnLog::new(Role::Socks5, src, local).finish(Transferred::default(), Some(&e));
             return;
         }
         Err(_) => {
@@ -39,11 +39,11 @@ pub(super) async fn serve(ctx: &ProxyCtx, mut down: TcpStream, src: SocketAddr) 
             let e = ProxyError::Socks5(format!(
                 "client sent no complete request within {HANDSHAKE_TIMEOUT:?}"
             ));
-            ConnLog::new("outbound", "socks5", src, local).finish(Transferred::default(), Some(&e));
+            ConnLog::new(Role::Socks5, src, local).finish(Transferred::default(), Some(&e));
             return;
         }
     };
-    let mut log = ConnLog::new("outbound", "socks5", src, dst);
+    let mut log = ConnLog::new(Role::Socks5, src, dst);
     match outbound::open(ctx, &mut log).await {
         Ok(up) => {
             if reply(&mut down, REP_OK).await.is_ok() {

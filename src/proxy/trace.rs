@@ -8,13 +8,13 @@ use opentelemetry::KeyValue;
 
 use super::access::ConnLog;
 use super::access_fields::AccessFields;
-use super::ProxyCtx;
+use super::{ProxyCtx, Role};
 
 /// Starts the connection's span. Inbound HBONE passes the CONNECT's headers: the span continues
 /// the trace of their `traceparent` (the caller's outbound span is its parent).
 pub(super) fn start(ctx: &ProxyCtx, log: &mut ConnLog, parent: Option<&http::HeaderMap>) {
     let Some(otel) = &ctx.otel else { return };
-    let kind = if log.direction == "inbound" {
+    let kind = if log.role.inbound() {
         SpanKind::Server
     } else {
         SpanKind::Client
@@ -22,8 +22,8 @@ pub(super) fn start(ctx: &ProxyCtx, log: &mut ConnLog, parent: Option<&http::Hea
     // What never changes; the rest is known at the end (inbound HBONE learns `dst.addr` from
     // the CONNECT).
     let attrs = vec![
-        KeyValue::new("direction", log.direction),
-        KeyValue::new("listener", log.listener),
+        KeyValue::new("direction", log.role.direction()),
+        KeyValue::new("listener", log.role.name()),
         KeyValue::new("src.addr", log.src.to_string()),
     ];
     log.trace = Some(otel.start(span_name(log), kind, parent, attrs));
@@ -31,11 +31,11 @@ pub(super) fn start(ctx: &ProxyCtx, log: &mut ConnLog, parent: Option<&http::Hea
 
 /// Names are low-cardinality: the path, not the addresses.
 fn span_name(log: &ConnLog) -> &'static str {
-    match log.listener {
-        "socks5" => "l4mesh socks5",
-        "inbound_hbone" => "l4mesh inbound_hbone",
-        "inbound_plaintext" => "l4mesh inbound_plaintext",
-        _ => "l4mesh outbound",
+    match log.role {
+        Role::Socks5 => "l4mesh socks5",
+        Role::InboundHbone => "l4mesh inbound_hbone",
+        Role::InboundPlaintext => "l4mesh inbound_plaintext",
+        Role::Outbound => "l4mesh outbound",
     }
 }
 
