@@ -29,5 +29,5 @@ fuzz_target!(|data: &[u8]| {
     {
         assert!(port != 0 && hickory_proto::rr::Name::from_ascii(&host).is_ok());
     }
-    let _ = l4mesh::metrics::peers::forwarded_for(req.headers());
+    let _ = l4mesh::proxy::hbone::forwarded_for(req.headers());
 });
