@@ -32,13 +32,12 @@ use crate::xds::{XdsClient, XdsMetrics};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
-    #[error("binding the {name} listener on {addr}: {source} (is another l4mesh or ztunnel already running? choose another address with --{flag})")]
+    #[error("binding the {name} listener on {addr}: {error} (is another l4mesh or ztunnel already running? choose another address with --{flag})")]
     Bind {
         name: &'static str,
         flag: &'static str,
         addr: SocketAddr,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("creating the local CA: {0}")]
     LocalCa(#[from] crate::identity::CaError),
@@ -52,11 +51,10 @@ pub enum AppError {
     AdminToken(#[from] crate::admin::AdminTokenError),
     #[error(transparent)]
     Handoff(#[from] crate::handoff::HandoffError),
-    #[error("binding the DNS proxy on {addr}: {source} (is another DNS proxy running? choose another address with DNS_PROXY_ADDR)")]
+    #[error("binding the DNS proxy on {addr}: {error} (is another DNS proxy running? choose another address with DNS_PROXY_ADDR)")]
     DnsBind {
         addr: SocketAddr,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
 
@@ -176,7 +174,7 @@ fn listen_tcp(
         name,
         flag,
         addr,
-        source,
+        error: source,
     };
     let key = flag.trim_end_matches("-addr");
     let l = match sockets.take(key, Kind::Tcp, addr)? {
@@ -213,7 +211,7 @@ fn listen_tokio(
         name,
         flag,
         addr,
-        source,
+        error: source,
     })?;
     Ok((l, local))
 }
@@ -414,7 +412,7 @@ async fn build(
             .await
             .map_err(|source| AppError::DnsBind {
                 addr: first,
-                source,
+                error: source,
             })?;
             Some((server, bound))
         }

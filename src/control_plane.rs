@@ -107,12 +107,8 @@ impl RootCa {
 pub enum ChannelError {
     #[error("invalid control-plane address {address:?}: {reason}")]
     Address { address: String, reason: String },
-    #[error("reading the control plane's root certificate {path}: {source}")]
-    RootCa {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("reading the control plane's root certificate {path}: {error}")]
+    RootCa { path: String, error: std::io::Error },
     #[error("connecting to the control plane at {address} failed: {detail} (is it running and reachable? for https, is the configured root the one that signed its certificate?)")]
     Connect { address: String, detail: String },
 }
@@ -137,7 +133,7 @@ impl LoadedRoot {
                 LoadedRoot::Pem(tokio::fs::read(path).await.map_err(|source| {
                     ChannelError::RootCa {
                         path: path.display().to_string(),
-                        source,
+                        error: source,
                     }
                 })?)
             }

@@ -140,11 +140,10 @@ pub enum SettingsError {
 pub enum OtelError {
     #[error("invalid OTel settings: {0}")]
     Settings(#[from] SettingsError),
-    #[error("reading OTEL_EXPORTER_OTLP_CERTIFICATE {path:?} (expected a PEM file of CA certificates): {source}")]
+    #[error("reading OTEL_EXPORTER_OTLP_CERTIFICATE {path:?} (expected a PEM file of CA certificates): {error}")]
     Certificate {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("building the OTLP {signal} exporter for {endpoint}: {reason}")]
     Exporter {
@@ -416,7 +415,7 @@ fn endpoint(settings: &OtelSettings) -> Result<Endpoint, OtelError> {
         Some(path) => {
             let pem = std::fs::read(path).map_err(|source| OtelError::Certificate {
                 path: path.clone(),
-                source,
+                error: source,
             })?;
             cfg.ca_certificate(tonic::transport::Certificate::from_pem(pem))
         }

@@ -330,8 +330,15 @@ fn captured_dst(
 ) -> Result<SocketAddr, Box<(SocketAddr, ProxyError)>> {
     // Asked only on the refusal paths: `original_dst` already read the local address once.
     let local = || crate::socket::canonical(stream.local_addr().unwrap_or(src));
-    let not_redirected =
-        |local, source| Box::new((local, ProxyError::NotRedirected { local, source }));
+    let not_redirected = |local, source| {
+        Box::new((
+            local,
+            ProxyError::NotRedirected {
+                local,
+                error: source,
+            },
+        ))
+    };
     match crate::socket::original_dst(stream) {
         Ok(dst) if ctx.own_ports.contains(dst.port()) && dst == local() => Err(not_redirected(
             dst,

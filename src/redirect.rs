@@ -433,10 +433,10 @@ pub fn default_backend() -> Backend {
 /// A command that could not be run or failed.
 #[derive(Debug, thiserror::Error)]
 pub enum RedirectError {
-    #[error("could not run `{cmd}`: {source} (hint: {hint})")]
+    #[error("could not run `{cmd}`: {error} (hint: {hint})")]
     Spawn {
         cmd: String,
-        source: std::io::Error,
+        error: std::io::Error,
         hint: String,
     },
     #[error("`{cmd}` failed with {status}: {stderr} (hint: {hint})")]
@@ -474,7 +474,7 @@ fn exec(cmd: &Cmd) -> Result<String, RedirectError> {
     let spawn_err = |e: std::io::Error| RedirectError::Spawn {
         cmd: cmd.to_string(),
         hint: hint(cmd, "", Some(&e)),
-        source: e,
+        error: e,
     };
     let mut child = Command::new(&cmd.program)
         .args(&cmd.args)

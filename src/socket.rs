@@ -167,10 +167,9 @@ fn serialize_secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::
 
 /// Why `ENABLE_ORIG_SRC` cannot be honoured.
 #[derive(Debug, thiserror::Error)]
-#[error("ENABLE_ORIG_SRC=true needs the capability CAP_NET_ADMIN (or CAP_NET_RAW) to set IP_TRANSPARENT, and this process does not have it ({source}); grant the capability (securityContext.capabilities.add: [NET_ADMIN]) or unset ENABLE_ORIG_SRC / set it to false")]
+#[error("ENABLE_ORIG_SRC=true needs the capability CAP_NET_ADMIN (or CAP_NET_RAW) to set IP_TRANSPARENT, and this process does not have it ({error}); grant the capability (securityContext.capabilities.add: [NET_ADMIN]) or unset ENABLE_ORIG_SRC / set it to false")]
 pub struct OrigSrcError {
-    #[source]
-    source: io::Error,
+    error: io::Error,
 }
 
 /// Decides whether upstream connections use the client's address, as ztunnel's
@@ -180,7 +179,7 @@ pub struct OrigSrcError {
 pub fn orig_src_mode(configured: Option<bool>) -> Result<bool, OrigSrcError> {
     let probe = transparent_probe();
     match (configured, probe) {
-        (Some(true), Err(source)) => Err(OrigSrcError { source }),
+        (Some(true), Err(source)) => Err(OrigSrcError { error: source }),
         (Some(true), Ok(())) => {
             tracing::info!("ENABLE_ORIG_SRC=true: workloads see their callers' addresses");
             Ok(true)

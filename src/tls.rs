@@ -56,21 +56,16 @@ pub enum TlsError {
         "no trust root given: expected at least one mesh root certificate (the CA's answer ends with them)"
     )]
     NoRoots,
-    #[error("trust root #{index} is not a usable certificate: {source}")]
-    BadRoot {
-        index: usize,
-        #[source]
-        source: rustls::Error,
-    },
+    #[error("trust root #{index} is not a usable certificate: {error}")]
+    BadRoot { index: usize, error: rustls::Error },
     #[error("client certificate verifier: {0}")]
     Verifier(#[from] rustls::server::VerifierBuilderError),
     #[error("no expected server identity: a client must say which SPIFFE IDs it accepts")]
     NoExpectedIdentity,
-    #[error("certificate of {identity} cannot be used by TLS: {source}")]
+    #[error("certificate of {identity} cannot be used by TLS: {error}")]
     Key {
         identity: SpiffeId,
-        #[source]
-        source: Box<rustls::Error>,
+        error: Box<rustls::Error>,
     },
     #[error("the peer presented no certificate")]
     NoPeerCertificate,
@@ -253,9 +248,10 @@ fn root_store(roots: Vec<CertificateDer<'static>>) -> Result<RootCertStore, TlsE
     }
     let mut store = RootCertStore::empty();
     for (index, root) in roots.into_iter().enumerate() {
-        store
-            .add(root)
-            .map_err(|source| TlsError::BadRoot { index, source })?;
+        store.add(root).map_err(|source| TlsError::BadRoot {
+            index,
+            error: source,
+        })?;
     }
     Ok(store)
 }

@@ -53,12 +53,11 @@ pub enum FetchError {
         identity: SpiffeId,
         status: Box<tonic::Status>,
     },
-    #[error("the CA at {address} returned an unusable certificate for {identity}: {source}")]
+    #[error("the CA at {address} returned an unusable certificate for {identity}: {error}")]
     BadCertificate {
         address: String,
         identity: SpiffeId,
-        #[source]
-        source: CertError,
+        error: CertError,
     },
     #[error("the CA at {address} did not answer the request for {identity} within {after:?} (is istiod overloaded or unreachable?)")]
     Timeout {
@@ -217,7 +216,7 @@ impl IstioCa {
         let bad = |source| FetchError::BadCertificate {
             address: s.address.clone(),
             identity: id.clone(),
-            source,
+            error: source,
         };
         let roots = mesh_roots(&resp.cert_chain).map_err(bad)?;
         workload_cert_from_chain(id, &resp.cert_chain, key, roots).map_err(bad)

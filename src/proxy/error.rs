@@ -21,33 +21,24 @@ pub enum Blame {
 pub enum ProxyError {
     #[error("could not read the original destination of the connection: {0}")]
     OrigDst(#[source] io::Error),
-    #[error("connection to {local} was not redirected by the capture rules ({source}); capture listeners only take redirected traffic (is l4mesh's own traffic unmarked, or is a client dialling the port directly?)")]
-    NotRedirected {
-        local: SocketAddr,
-        #[source]
-        source: io::Error,
-    },
+    #[error("connection to {local} was not redirected by the capture rules ({error}); capture listeners only take redirected traffic (is l4mesh's own traffic unmarked, or is a client dialling the port directly?)")]
+    NotRedirected { local: SocketAddr, error: io::Error },
     #[error("destination {dst} is l4mesh itself (port {} is one of its listeners); refusing the connection so that it does not loop (was the traffic redirected twice, or is a client dialling l4mesh's ports?)", dst.port())]
     SelfCall { dst: SocketAddr },
     #[error(transparent)]
     Route(#[from] RouteError),
-    #[error("connecting to {addr} failed: {source} (is the destination listening? is a firewall or NetworkPolicy blocking it?)")]
-    Connect {
-        addr: SocketAddr,
-        #[source]
-        source: io::Error,
-    },
+    #[error("connecting to {addr} failed: {error} (is the destination listening? is a firewall or NetworkPolicy blocking it?)")]
+    Connect { addr: SocketAddr, error: io::Error },
     #[error("inbound connection to {dst}: no workload on this node (NODE_NAME {node:?}) has that address; expected the address of a local workload")]
     NotLocalWorkload { dst: SocketAddr, node: String },
     #[error(transparent)]
     Refused(#[from] super::hbone::Outcome),
-    #[error("TLS handshake with {addr}: {source} (do both sides trust the same mesh root? is the peer's identity the expected one?)")]
+    #[error("TLS handshake with {addr}: {error} (do both sides trust the same mesh root? is the peer's identity the expected one?)")]
     Tls {
         addr: SocketAddr,
         /// Whether we were the server (the client is to blame) or the client.
         inbound: bool,
-        #[source]
-        source: io::Error,
+        error: io::Error,
     },
     #[error(transparent)]
     TlsSetup(#[from] crate::tls::TlsError),
@@ -187,7 +178,7 @@ mod tests {
                 ResponseFlag::Deny,
             ),
             (
-                ProxyError::Connect { addr, source: io() },
+                ProxyError::Connect { addr, error: io() },
                 "UF",
                 ResponseFlag::Connect,
             ),

@@ -137,7 +137,7 @@ async fn handshake(
         .map_err(|e| ProxyError::Tls {
             addr: dialled,
             inbound: true,
-            source: e,
+            error: e,
         })?;
     let peer = tls::peer_identity(tls.get_ref().1)?;
     let tracking = match (&ctx.hbone.revocation, since) {
@@ -492,13 +492,16 @@ async fn open(
             .await
             .map_err(|source| ProxyError::Connect {
                 addr: delivery,
-                source,
+                error: source,
             })?
     } else {
         // The workload sees the client's IP rather than l4mesh's when ENABLE_ORIG_SRC allows it.
         crate::socket::connect_from(addr, Some(client), &ctx.upstream)
             .await
-            .map_err(|source| ProxyError::Connect { addr, source })?
+            .map_err(|source| ProxyError::Connect {
+                addr,
+                error: source,
+            })?
     };
     if proxy_protocol {
         use tokio::io::AsyncWriteExt;
@@ -508,7 +511,7 @@ async fn open(
             .await
             .map_err(|source| ProxyError::Connect {
                 addr: delivery,
-                source,
+                error: source,
             })?;
     }
     Ok((up, reg))

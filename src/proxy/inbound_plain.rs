@@ -102,6 +102,9 @@ async fn open(ctx: &ProxyCtx, log: &mut ConnLog) -> Result<(TcpStream, Registrat
     // The workload sees the caller's IP, not l4mesh's, when ENABLE_ORIG_SRC allows it.
     let up = crate::socket::connect_from(dst, Some(log.src.ip()), &ctx.upstream)
         .await
-        .map_err(|source| ProxyError::Connect { addr: dst, source })?;
+        .map_err(|source| ProxyError::Connect {
+            addr: dst,
+            error: source,
+        })?;
     Ok((up, reg))
 }

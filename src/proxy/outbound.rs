@@ -101,7 +101,10 @@ pub(super) async fn open(ctx: &ProxyCtx, log: &mut ConnLog) -> Result<UpConn, Pr
     crate::socket::connect(addr, &ctx.upstream)
         .await
         .map(UpConn::Tcp)
-        .map_err(|source| ProxyError::Connect { addr, source })
+        .map_err(|source| ProxyError::Connect {
+            addr,
+            error: source,
+        })
 }
 
 /// Double HBONE through the network gateway `gw` at `addr` (ztunnel's headers: the inner CONNECT

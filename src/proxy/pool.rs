@@ -349,7 +349,7 @@ async fn connect(ctx: &ProxyCtx, key: &PoolKey) -> Result<Conn, ProxyError> {
                 .await
                 .map_err(|source| ProxyError::Connect {
                     addr: key.addr,
-                    source,
+                    error: source,
                 })?;
             establish(ctx, key, tcp).await
         }
@@ -435,7 +435,7 @@ where
         .map_err(|source| ProxyError::Tls {
             addr: key.addr,
             inbound: false,
-            source,
+            error: source,
         })?;
     let tracking = match (&ctx.hbone.revocation, since) {
         (Some(rev), Some(since)) => Some(rev.track(

@@ -49,7 +49,7 @@ impl CertifiedKeyCache {
         let key = CertifiedKey::from_der(cert.chain.clone(), cert.key_der(), &self.provider)
             .map_err(|source| TlsError::Key {
                 identity: cert.identity.clone(),
-                source: Box::new(source),
+                error: Box::new(source),
             })?;
         let key = Arc::new(key);
         *self.lock() = Some((cert.clone(), key.clone()));

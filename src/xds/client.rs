@@ -31,12 +31,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(15);
 pub enum XdsError {
     #[error("invalid XDS_ADDRESS {address:?}: {reason}")]
     Address { address: String, reason: String },
-    #[error("reading the control plane's root certificate (XDS_ROOT_CA) {path}: {source}")]
-    RootCa {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("reading the control plane's root certificate (XDS_ROOT_CA) {path}: {error}")]
+    RootCa { path: String, error: std::io::Error },
     #[error("connecting to the control plane at {address} failed: {detail} (is it running and reachable? for https, is XDS_ROOT_CA the root that signed its certificate?)")]
     Connect { address: String, detail: String },
     #[error("the control plane at {address} refused our credentials: {message} (is AUTH_TOKEN a valid service-account token for this control plane?)")]
@@ -54,7 +50,13 @@ impl From<ChannelError> for XdsError {
     fn from(e: ChannelError) -> Self {
         match e {
             ChannelError::Address { address, reason } => XdsError::Address { address, reason },
-            ChannelError::RootCa { path, source } => XdsError::RootCa { path, source },
+            ChannelError::RootCa {
+                path,
+                error: source,
+            } => XdsError::RootCa {
+                path,
+                error: source,
+            },
             ChannelError::Connect { address, detail } => XdsError::Connect { address, detail },
         }
     }

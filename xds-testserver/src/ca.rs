@@ -112,7 +112,7 @@ impl MeshCa {
         if let Some(path) = &config.root_cert_out {
             std::fs::write(path, &roots_pem).map_err(|source| Error::WriteRootCert {
                 path: path.clone(),
-                source,
+                error: source,
             })?;
         }
         let mesh = MeshCa {

@@ -239,14 +239,14 @@ pub enum Error {
     #[error("{0}")]
     Config(#[from] LocalConfigError),
     /// A listener could not be bound.
-    #[error("cannot listen for {what} on {addr}: {source} (is another process using the port?)")]
+    #[error("cannot listen for {what} on {addr}: {error} (is another process using the port?)")]
     Bind {
         /// `gRPC` or `admin`.
         what: &'static str,
         /// The address asked for.
         addr: SocketAddr,
         /// The socket error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The serving certificate could not be made.
     #[error("TLS setup: {0}")]
@@ -258,12 +258,12 @@ pub enum Error {
     #[error("mesh CA setup: {0}")]
     CaSetup(String),
     /// The root certificate could not be written to `--root-cert-out`.
-    #[error("cannot write the root certificate to {}: {source}", .path.display())]
+    #[error("cannot write the root certificate to {}: {error}", .path.display())]
     WriteRootCert {
         /// Where it was to be written.
         path: PathBuf,
         /// The I/O error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The state file cannot be watched.
     #[error("cannot watch {}: {reason}", .path.display())]

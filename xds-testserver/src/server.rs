@@ -185,12 +185,12 @@ impl Handle {
             .map_err(|source| Error::Bind {
                 what: "gRPC",
                 addr: config.listen,
-                source,
+                error: source,
             })?;
         let addr = listener.local_addr().map_err(|source| Error::Bind {
             what: "gRPC",
             addr: config.listen,
-            source,
+            error: source,
         })?;
         let admin_listener = match config.admin_listen {
             Some(admin) => {
@@ -199,12 +199,12 @@ impl Handle {
                     .map_err(|source| Error::Bind {
                         what: "admin",
                         addr: admin,
-                        source,
+                        error: source,
                     })?;
                 let a = l.local_addr().map_err(|source| Error::Bind {
                     what: "admin",
                     addr: admin,
-                    source,
+                    error: source,
                 })?;
                 Some((l, a))
             }
