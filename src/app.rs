@@ -170,11 +170,11 @@ fn listen_tcp(
     flag: &'static str,
     addr: SocketAddr,
 ) -> Result<(std::net::TcpListener, SocketAddr), AppError> {
-    let err = |source| AppError::Bind {
+    let err = |error| AppError::Bind {
         name,
         flag,
         addr,
-        error: source,
+        error,
     };
     let key = flag.trim_end_matches("-addr");
     let l = match sockets.take(key, Kind::Tcp, addr)? {
@@ -207,11 +207,11 @@ fn listen_tokio(
     addr: SocketAddr,
 ) -> Result<(TcpListener, SocketAddr), AppError> {
     let (l, local) = listen_tcp(sockets, name, flag, addr)?;
-    let l = TcpListener::from_std(l).map_err(|source| AppError::Bind {
+    let l = TcpListener::from_std(l).map_err(|error| AppError::Bind {
         name,
         flag,
         addr,
-        error: source,
+        error,
     })?;
     Ok((l, local))
 }
@@ -410,10 +410,7 @@ async fn build(
                 std::future::ready(dns_pair(&mut sockets, a))
             })
             .await
-            .map_err(|source| AppError::DnsBind {
-                addr: first,
-                error: source,
-            })?;
+            .map_err(|error| AppError::DnsBind { addr: first, error })?;
             Some((server, bound))
         }
         _ => None,

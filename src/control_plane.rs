@@ -130,10 +130,10 @@ impl LoadedRoot {
             None | Some(RootCa::System) => LoadedRoot::System,
             Some(RootCa::Pem(pem)) => LoadedRoot::Pem(pem.clone().into_bytes()),
             Some(RootCa::File(path)) => {
-                LoadedRoot::Pem(tokio::fs::read(path).await.map_err(|source| {
+                LoadedRoot::Pem(tokio::fs::read(path).await.map_err(|error| {
                     ChannelError::RootCa {
                         path: path.display().to_string(),
-                        error: source,
+                        error,
                     }
                 })?)
             }

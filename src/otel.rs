@@ -413,9 +413,9 @@ fn endpoint(settings: &OtelSettings) -> Result<Endpoint, OtelError> {
     let cfg = tonic::transport::ClientTlsConfig::new();
     let cfg = match &settings.certificate {
         Some(path) => {
-            let pem = std::fs::read(path).map_err(|source| OtelError::Certificate {
+            let pem = std::fs::read(path).map_err(|error| OtelError::Certificate {
                 path: path.clone(),
-                error: source,
+                error,
             })?;
             cfg.ca_certificate(tonic::transport::Certificate::from_pem(pem))
         }

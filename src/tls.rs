@@ -248,10 +248,9 @@ fn root_store(roots: Vec<CertificateDer<'static>>) -> Result<RootCertStore, TlsE
     }
     let mut store = RootCertStore::empty();
     for (index, root) in roots.into_iter().enumerate() {
-        store.add(root).map_err(|source| TlsError::BadRoot {
-            index,
-            error: source,
-        })?;
+        store
+            .add(root)
+            .map_err(|error| TlsError::BadRoot { index, error })?;
     }
     Ok(store)
 }

@@ -213,10 +213,10 @@ impl IstioCa {
                 status: Box::new(status),
             })?
             .into_inner();
-        let bad = |source| FetchError::BadCertificate {
+        let bad = |error| FetchError::BadCertificate {
             address: s.address.clone(),
             identity: id.clone(),
-            error: source,
+            error,
         };
         let roots = mesh_roots(&resp.cert_chain).map_err(bad)?;
         workload_cert_from_chain(id, &resp.cert_chain, key, roots).map_err(bad)

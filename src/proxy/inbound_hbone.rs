@@ -490,18 +490,15 @@ async fn open(
     let mut up = if on_loopback {
         crate::socket::connect(delivery, &ctx.upstream)
             .await
-            .map_err(|source| ProxyError::Connect {
+            .map_err(|error| ProxyError::Connect {
                 addr: delivery,
-                error: source,
+                error,
             })?
     } else {
         // The workload sees the client's IP rather than l4mesh's when ENABLE_ORIG_SRC allows it.
         crate::socket::connect_from(addr, Some(client), &ctx.upstream)
             .await
-            .map_err(|source| ProxyError::Connect {
-                addr,
-                error: source,
-            })?
+            .map_err(|error| ProxyError::Connect { addr, error })?
     };
     if proxy_protocol {
         use tokio::io::AsyncWriteExt;
@@ -509,9 +506,9 @@ async fn open(
         let header = super::proxy_protocol::header(log.src, header_dst, Some(&peer.to_string()));
         up.write_all(&header)
             .await
-            .map_err(|source| ProxyError::Connect {
+            .map_err(|error| ProxyError::Connect {
                 addr: delivery,
-                error: source,
+                error,
             })?;
     }
     Ok((up, reg))

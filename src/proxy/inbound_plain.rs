@@ -102,9 +102,6 @@ async fn open(ctx: &ProxyCtx, log: &mut ConnLog) -> Result<(TcpStream, Registrat
     // The workload sees the caller's IP, not l4mesh's, when ENABLE_ORIG_SRC allows it.
     let up = crate::socket::connect_from(dst, Some(log.src.ip()), &ctx.upstream)
         .await
-        .map_err(|source| ProxyError::Connect {
-            addr: dst,
-            error: source,
-        })?;
+        .map_err(|error| ProxyError::Connect { addr: dst, error })?;
     Ok((up, reg))
 }

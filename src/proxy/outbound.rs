@@ -56,15 +56,18 @@ pub(super) async fn open(ctx: &ProxyCtx, log: &mut ConnLog) -> Result<UpConn, Pr
     let addr = upstream.addr;
     let kind = upstream.kind;
     log.metrics = Some(open_metrics(ctx, &upstream, src_wl.as_deref()));
+    if let Some(gw) = upstream.gateway.clone() {
+        let src_id = source_identity(ctx, log.src, src_wl.as_deref())?;
+        log.upstream = Some(upstream);
+        log.count_tunnel(&ctx.hbone.tunnels);
+        return via_gateway(ctx, log, &src_id, &gw, addr, src_wl.as_deref()).await;
+    }
     let tunnel = (kind == UpstreamKind::Hbone)
         .then(|| tunnel_key(ctx, log.src, &upstream, src_wl.as_deref()));
     log.upstream = Some(upstream);
     if let Some(key) = tunnel {
         let key = key?;
         log.count_tunnel(&ctx.hbone.tunnels);
-        if let Some(gw) = log.upstream.as_ref().and_then(|u| u.gateway.clone()) {
-            return via_gateway(ctx, log, &key.src, &gw, addr, src_wl.as_deref()).await;
-        }
         log.src_identity = Some(key.src.to_string());
         log.dst_identity = Some(
             key.expected
@@ -101,10 +104,7 @@ pub(super) async fn open(ctx: &ProxyCtx, log: &mut ConnLog) -> Result<UpConn, Pr
     crate::socket::connect(addr, &ctx.upstream)
         .await
         .map(UpConn::Tcp)
-        .map_err(|source| ProxyError::Connect {
-            addr,
-            error: source,
-        })
+        .map_err(|error| ProxyError::Connect { addr, error })
 }
 
 /// Double HBONE through the network gateway `gw` at `addr` (ztunnel's headers: the inner CONNECT
@@ -216,6 +216,18 @@ fn open_metrics(
     )
 }
 
+/// The identity a tunnel from `src` presents: the client workload's, else this l4mesh's own.
+fn source_identity(
+    ctx: &ProxyCtx,
+    src: SocketAddr,
+    src_wl: Option<&Workload>,
+) -> Result<SpiffeId, ProxyError> {
+    src_wl
+        .map(Workload::identity)
+        .or_else(|| ctx.own_identity.clone())
+        .ok_or(ProxyError::NoSourceIdentity { src })
+}
+
 /// The pool key of a tunnel to `up`: the source identity (the client's workload, else this
 /// l4mesh's own), the identities the server may prove, and `<workload ip>:15008`. Through a
 /// waypoint: the waypoint's identity only, and `<waypoint ip>:<its HBONE port>`.
@@ -225,10 +237,7 @@ fn tunnel_key(
     up: &Upstream,
     src_wl: Option<&Workload>,
 ) -> Result<PoolKey, ProxyError> {
-    let src_id = src_wl
-        .map(Workload::identity)
-        .or_else(|| ctx.own_identity.clone())
-        .ok_or(ProxyError::NoSourceIdentity { src })?;
+    let src_id = source_identity(ctx, src, src_wl)?;
     if let Some(wp) = &up.waypoint {
         return Ok(PoolKey {
             src: src_id,

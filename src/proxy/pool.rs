@@ -347,9 +347,9 @@ async fn connect(ctx: &ProxyCtx, key: &PoolKey) -> Result<Conn, ProxyError> {
         None => {
             let tcp = crate::socket::connect(key.addr, &ctx.upstream)
                 .await
-                .map_err(|source| ProxyError::Connect {
+                .map_err(|error| ProxyError::Connect {
                     addr: key.addr,
-                    error: source,
+                    error,
                 })?;
             establish(ctx, key, tcp).await
         }
@@ -432,10 +432,10 @@ where
     let tls = tokio_rustls::TlsConnector::from(cfg)
         .connect(ServerName::IpAddress(key.addr.ip().into()), io)
         .await
-        .map_err(|source| ProxyError::Tls {
+        .map_err(|error| ProxyError::Tls {
             addr: key.addr,
             inbound: false,
-            error: source,
+            error,
         })?;
     let tracking = match (&ctx.hbone.revocation, since) {
         (Some(rev), Some(since)) => Some(rev.track(

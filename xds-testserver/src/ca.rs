@@ -110,9 +110,9 @@ impl MeshCa {
             .map(|s| allowed_identity(s, td))
             .collect::<Result<_, _>>()?;
         if let Some(path) = &config.root_cert_out {
-            std::fs::write(path, &roots_pem).map_err(|source| Error::WriteRootCert {
+            std::fs::write(path, &roots_pem).map_err(|error| Error::WriteRootCert {
                 path: path.clone(),
-                error: source,
+                error,
             })?;
         }
         let mesh = MeshCa {

@@ -182,29 +182,29 @@ impl Handle {
         };
         let listener = TcpListener::bind(config.listen)
             .await
-            .map_err(|source| Error::Bind {
+            .map_err(|error| Error::Bind {
                 what: "gRPC",
                 addr: config.listen,
-                error: source,
+                error,
             })?;
-        let addr = listener.local_addr().map_err(|source| Error::Bind {
+        let addr = listener.local_addr().map_err(|error| Error::Bind {
             what: "gRPC",
             addr: config.listen,
-            error: source,
+            error,
         })?;
         let admin_listener = match config.admin_listen {
             Some(admin) => {
                 let l = TcpListener::bind(admin)
                     .await
-                    .map_err(|source| Error::Bind {
+                    .map_err(|error| Error::Bind {
                         what: "admin",
                         addr: admin,
-                        error: source,
+                        error,
                     })?;
-                let a = l.local_addr().map_err(|source| Error::Bind {
+                let a = l.local_addr().map_err(|error| Error::Bind {
                     what: "admin",
                     addr: admin,
-                    error: source,
+                    error,
                 })?;
                 Some((l, a))
             }

@@ -31,8 +31,6 @@ pub struct NetworkGateway {
     pub inner: Vec<SpiffeId>,
     /// `<service hostname>:<port the client dialled>`, both CONNECTs' authority.
     pub authority: String,
-    /// The endpoint's network (sent nowhere; for logs).
-    pub network: Arc<str>,
 }
 
 /// The upstream for endpoint `wl` of `svc`, which is on another network than `local`: the inner
@@ -174,7 +172,6 @@ fn via(
             identities,
             inner,
             authority: format!("{}:{}", svc.hostname, dst.port()),
-            network: wl.network.clone(),
         }),
     })
 }
