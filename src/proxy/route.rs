@@ -303,6 +303,34 @@ fn pick_ip(wl: &Workload, like: IpAddr) -> Option<IpAddr> {
         .copied()
 }
 
+/// One endpoint of a hop's service (a waypoint's or a network gateway's), chosen as the service's
+/// VIP would be for `src`: `target` gives each endpoint's port from its port map, and
+/// `addressless` says which endpoints without an address of `dst`'s family still count (they
+/// are reached through their own gateway). `None` when no endpoint qualifies.
+pub(super) fn hop_endpoint(
+    snapshot: &Snapshot,
+    svc: &Service,
+    src: Option<&Workload>,
+    dst: IpAddr,
+    target: impl Fn(&crate::model::PortMap) -> u16,
+    addressless: impl Fn(&Workload) -> bool,
+    rng: &mut impl Rng,
+) -> Option<(Arc<Workload>, Option<IpAddr>, u16)> {
+    let candidates: Vec<Candidate<'_>> = snapshot
+        .endpoints(&svc.key())
+        .filter_map(|(wl, ep)| {
+            let ip = pick_ip(wl, dst);
+            (ip.is_some() || addressless(wl)).then(|| Candidate {
+                wl,
+                ip,
+                target: target(&ep.ports),
+            })
+        })
+        .collect();
+    let c = &candidates[select(&candidates, &svc.load_balancing, src, rng)?];
+    Some((c.wl.clone(), c.ip, c.target))
+}
+
 /// An endpoint eligible for a connection: its workload, address (`None`: known by hostname
 /// only) and target port.
 pub struct Candidate<'a> {

@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use rand::Rng;
 
-use super::{pick_ip, select, Candidate, RouteError, Upstream, UpstreamKind};
+use super::{hop_endpoint, RouteError, Upstream, UpstreamKind};
 use crate::model::{GatewayDestination, Service, SpiffeId, Workload};
 use crate::store::Snapshot;
 
@@ -122,32 +122,23 @@ fn via(
             // The gateway service's port `hbone_mtls_port`, mapped to each endpoint's target.
             let port = gw.hbone_mtls_port;
             let svc_target = gw_svc.ports.get(&port).copied().filter(|t| *t != 0);
-            let candidates: Vec<Candidate<'_>> = snapshot
-                .endpoints(key)
-                .filter_map(|(w, ep)| {
-                    let target = ep
-                        .ports
-                        .get(&port)
-                        .copied()
-                        .filter(|t| *t != 0)
-                        .or(svc_target)
-                        .unwrap_or(port);
-                    Some(Candidate {
-                        wl: w,
-                        ip: Some(pick_ip(w, dst.ip())?),
-                        target,
-                    })
-                })
-                .collect();
-            let none = || RouteError::GatewayNoEndpoint {
-                workload: name(),
-                gateway: key.to_string(),
-                port,
+            let target = |ports: &crate::model::PortMap| {
+                ports
+                    .get(&port)
+                    .copied()
+                    .filter(|t| *t != 0)
+                    .or(svc_target)
+                    .unwrap_or(port)
             };
-            let i = select(&candidates, &gw_svc.load_balancing, src, rng).ok_or_else(none)?;
-            let c = &candidates[i];
-            let ip = c.ip.ok_or_else(none)?;
-            let mut ids = vec![c.wl.identity()];
+            let (ep, ip, target) =
+                hop_endpoint(snapshot, gw_svc, src, dst.ip(), target, |_| false, rng)
+                    .and_then(|(ep, ip, target)| Some((ep, ip?, target)))
+                    .ok_or_else(|| RouteError::GatewayNoEndpoint {
+                        workload: name(),
+                        gateway: key.to_string(),
+                        port,
+                    })?;
+            let mut ids = vec![ep.identity()];
             for id in gw_svc
                 .subject_alt_names
                 .iter()
@@ -157,7 +148,7 @@ fn via(
                     ids.push(id);
                 }
             }
-            (c.wl.clone(), SocketAddr::new(ip, c.target), ids)
+            (ep, SocketAddr::new(ip, target), ids)
         }
     };
     Ok(Upstream {

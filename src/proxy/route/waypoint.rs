@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use rand::Rng;
 
-use super::{pick_ip, select, Candidate, RouteError};
+use super::{hop_endpoint, pick_ip, RouteError};
 use crate::model::{GatewayAddress, GatewayDestination, SpiffeId, Workload};
 use crate::store::Snapshot;
 
@@ -54,24 +54,13 @@ pub(super) fn resolve(
                 })?;
             // The waypoint service's VIP stands for its endpoints: pick one the way a VIP is
             // load-balanced (the port is the HBONE port, so every endpoint qualifies).
-            let candidates: Vec<Candidate<'_>> = snapshot
-                .endpoints(key)
-                .filter_map(|(wl, _)| {
-                    let ip = pick_ip(wl, dst.ip());
-                    (ip.is_some() || through_gateway(wl)).then_some(Candidate {
-                        wl,
-                        ip,
-                        target: gw.hbone_mtls_port,
-                    })
-                })
-                .collect();
-            let i = select(&candidates, &svc.load_balancing, src, rng).ok_or_else(|| {
-                RouteError::WaypointNoEndpoint {
+            let port = gw.hbone_mtls_port;
+            hop_endpoint(snapshot, svc, src, dst.ip(), |_| port, through_gateway, rng)
+                .ok_or_else(|| RouteError::WaypointNoEndpoint {
                     owner: owner.to_owned(),
                     waypoint: key.to_string(),
-                }
-            })?;
-            candidates[i].wl.clone()
+                })?
+                .0
         }
     };
     if src.is_some_and(|s| s.uid == wl.uid) {
