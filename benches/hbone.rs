@@ -17,7 +17,7 @@ use common::{
 };
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -126,27 +126,11 @@ static_resources:
 
 /// A TCP connection through l4mesh A's SOCKS5, from the client workload's IP.
 fn via_l4mesh(port: u16) -> TcpStream {
-    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    sock.bind(&SocketAddr::new(A_IP.parse().unwrap(), 0).into())
-        .unwrap();
-    sock.connect(
-        &format!("{A_IP}:25080")
-            .parse::<SocketAddr>()
-            .unwrap()
-            .into(),
-    )
-    .unwrap();
-    let mut s: TcpStream = sock.into();
-    s.write_all(&[5, 1, 0]).unwrap();
-    let mut r = [0u8; 2];
-    s.read_exact(&mut r).unwrap();
-    let mut req = vec![5, 1, 0, 1];
-    req.extend_from_slice(&B_IP.parse::<std::net::Ipv4Addr>().unwrap().octets());
-    req.extend_from_slice(&port.to_be_bytes());
-    s.write_all(&req).unwrap();
-    let mut rep = [0u8; 10];
-    s.read_exact(&mut rep).unwrap();
-    assert_eq!(rep[1], 0, "SOCKS5 refused");
+    let s = common::socks5_connect(
+        Some(A_IP.parse().unwrap()),
+        format!("{A_IP}:25080").parse().unwrap(),
+        std::net::SocketAddrV4::new(B_IP.parse().unwrap(), port),
+    );
     s.set_nodelay(true).unwrap();
     s
 }

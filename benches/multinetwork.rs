@@ -20,7 +20,7 @@ use common::{
 };
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use l4mesh::identity::{CaClient, IstioCaSettings};
@@ -112,27 +112,11 @@ fn gateway(dir: &std::path::Path, files: &[String; 3]) -> Proc {
 
 /// A connection to the service's VIP through A's SOCKS5, from the client workload's address.
 fn through_a() -> TcpStream {
-    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    sock.bind(&SocketAddr::new(A_IP.parse().unwrap(), 0).into())
-        .unwrap();
-    sock.connect(
-        &format!("{A_IP}:27080")
-            .parse::<SocketAddr>()
-            .unwrap()
-            .into(),
-    )
-    .unwrap();
-    let mut s: TcpStream = sock.into();
-    s.write_all(&[5, 1, 0]).unwrap();
-    let mut r = [0u8; 2];
-    s.read_exact(&mut r).unwrap();
-    let mut req = vec![5, 1, 0, 1];
-    req.extend_from_slice(&VIP.parse::<std::net::Ipv4Addr>().unwrap().octets());
-    req.extend_from_slice(&80u16.to_be_bytes());
-    s.write_all(&req).unwrap();
-    let mut rep = [0u8; 10];
-    s.read_exact(&mut rep).unwrap();
-    assert_eq!(rep[1], 0, "SOCKS5 refused");
+    let s = common::socks5_connect(
+        Some(A_IP.parse().unwrap()),
+        format!("{A_IP}:27080").parse().unwrap(),
+        std::net::SocketAddrV4::new(VIP.parse().unwrap(), 80),
+    );
     s.set_nodelay(true).unwrap();
     s
 }

@@ -9,7 +9,6 @@
 mod common;
 use common::{cpu_secs, pin_self, wait_port, which, Proc};
 
-use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Command, Stdio};
 use std::sync::atomic::AtomicU64;
@@ -29,21 +28,10 @@ fn sink() -> (SocketAddr, Arc<AtomicU64>) {
 }
 
 fn socks5(proxy: SocketAddr, dst: SocketAddr) -> TcpStream {
-    let mut s = TcpStream::connect(proxy).unwrap();
-    s.write_all(&[5, 1, 0]).unwrap();
-    let mut r = [0u8; 2];
-    s.read_exact(&mut r).unwrap();
     let SocketAddr::V4(v4) = dst else {
         panic!("v4 only")
     };
-    let mut req = vec![5, 1, 0, 1];
-    req.extend_from_slice(&v4.ip().octets());
-    req.extend_from_slice(&v4.port().to_be_bytes());
-    s.write_all(&req).unwrap();
-    let mut rep = [0u8; 10];
-    s.read_exact(&mut rep).unwrap();
-    assert_eq!(rep[1], 0, "SOCKS5 refused");
-    s
+    common::socks5_connect(None, proxy, v4)
 }
 
 /// Runs a case and returns (Gbit/s, proxy CPU utilisation in % of one core).

@@ -405,3 +405,29 @@ static_resources:
         tls_context(files, "spiffe://cluster.local/", 10)
     )
 }
+
+/// A SOCKS5 CONNECT through `proxy` to `dst` (IPv4), from `src` when given (so that the proxy
+/// sees the client as the workload at that address); panics on a refusal.
+pub fn socks5_connect(
+    src: Option<std::net::IpAddr>,
+    proxy: SocketAddr,
+    dst: std::net::SocketAddrV4,
+) -> TcpStream {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    if let Some(src) = src {
+        sock.bind(&SocketAddr::new(src, 0).into()).unwrap();
+    }
+    sock.connect(&proxy.into()).unwrap();
+    let mut s: TcpStream = sock.into();
+    s.write_all(&[5, 1, 0]).unwrap();
+    let mut r = [0u8; 2];
+    s.read_exact(&mut r).unwrap();
+    let mut req = vec![5, 1, 0, 1];
+    req.extend_from_slice(&dst.ip().octets());
+    req.extend_from_slice(&dst.port().to_be_bytes());
+    s.write_all(&req).unwrap();
+    let mut rep = [0u8; 10];
+    s.read_exact(&mut rep).unwrap();
+    assert_eq!(rep[1], 0, "SOCKS5 refused");
+    s
+}
